@@ -1,0 +1,28 @@
+"""Restore Flax Linen checkpoints into Flax NNX states (and back) with Orbax.
+
+    import orbax.checkpoint as ocp
+    from orbax_linen_nnx import LinenCompatRestore   # importing registers the handler
+
+    restored = mngr.restore(step, args=LinenCompatRestore(abstract_nnx_state))
+"""
+
+from orbax_linen_nnx.args import LinenCompatRestore
+from orbax_linen_nnx.handler import LinenCompatHandler, plan
+from orbax_linen_nnx.plan import Cast, LeafRead, PlanError, RestorePlan, SourceArray, Target
+from orbax_linen_nnx.source import CheckpointNotFoundError
+from orbax_linen_nnx.target import default_sharding
+
+__all__ = [
+    'Cast',
+    'CheckpointNotFoundError',
+    'LeafRead',
+    'LinenCompatHandler',
+    'LinenCompatRestore',
+    'PlanError',
+    'RestorePlan',
+    'SourceArray',
+    'Target',
+    'default_sharding',
+    'plan',
+]
+__version__ = '0.1.0'

@@ -1,0 +1,49 @@
+"""`LinenCompatRestore`: the Orbax restore argument this package adds."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import orbax.checkpoint as ocp
+
+from orbax_linen_nnx import rules as rules_lib
+from orbax_linen_nnx.handler import LinenCompatHandler
+
+
+@ocp.args.register_with_handler(LinenCompatHandler, for_save=True, for_restore=True)
+@dataclasses.dataclass
+class LinenCompatRestore(ocp.args.CheckpointArgs):
+  """Restore a Linen checkpoint into an NNX state (or an NNX one into Linen).
+
+  Every array is read straight into the sharding its abstract leaf asks for;
+  the layout is converted while the read is planned.
+
+      state = mngr.restore(step, args=LinenCompatRestore(abstract_nnx_state))
+
+  Attributes:
+    abstract_state: what to restore into: an `nnx.State`, an abstract
+      `nnx.Module`, or a pytree (dict, Linen `TrainState`) of
+      `jax.ShapeDtypeStruct`/`jax.Array`. The result has the same type.
+    rules: renames between the layouts: `{'Dense_0': 'fc1'}` (Linen name ->
+      NNX name, used in both directions) or a callable on source model paths.
+    partial: restore what has a source; leave other targets as given and ignore
+      unused sources (all reported in the plan) instead of raising.
+    dry_run: return the `RestorePlan` instead of reading anything.
+    source_layout: 'linen' or 'nnx' to override the layout detected from the
+      checkpoint's metadata.
+    target_layout: 'linen' or 'nnx' to override the layout detected from the
+      abstract state (an `nnx.State` or `nnx.Module` is 'nnx').
+    fill_nnx_only: `fn(path, jax.ShapeDtypeStruct) -> jax.Array` giving values
+      for NNX-only leaves (RNG keys and counts) that no Linen checkpoint holds;
+      without it they are kept as given in `abstract_state`.
+  """
+
+  abstract_state: Any
+  rules: rules_lib.Rules = None
+  partial: bool = False
+  dry_run: bool = False
+  source_layout: str | None = None
+  target_layout: str | None = None
+  fill_nnx_only: Callable[[str, jax.ShapeDtypeStruct], Any] | None = None

@@ -1,0 +1,200 @@
+"""What a training-state tree looks like, and what each of its leaves *means*.
+
+Linen and NNX store the same training state under different paths (see README):
+
+    linen  params/params/Dense_0/kernel          nnx  model/Dense_0/kernel/value
+    linen  opt_state/0/mu/params/Dense_0/kernel  nnx  optimizer/opt_state/0/mu/Dense_0/kernel/value
+    linen  step                                  nnx  optimizer/step/value
+
+This module turns a list of leaf paths into `Leaf` records that name the leaf in
+a layout-free way (its `Meaning`), so that a Linen leaf and an NNX leaf that hold
+the same thing compare equal. It is pure: paths in, records out, no IO.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Iterable, Sequence
+
+Path = tuple[str, ...]
+
+LINEN = 'linen'
+NNX = 'nnx'
+LAYOUTS = (LINEN, NNX)
+
+# Linen collections whose name may sit right under `params` when a TrainState was
+# created with `params=variables` (the 'params' level seen twice on disk).
+_KNOWN_COLLECTIONS = frozenset(
+    {'params', 'batch_stats', 'cache', 'intermediates', 'losses', 'spectral'}
+)
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Meaning:
+  """Layout-free name of a leaf.
+
+  `section` says which part of the training state the leaf belongs to:
+  `('model',)` for model variables, `('opt_state', '0', 'count')` for an
+  optimizer leaf, `('opt_state', '0', 'mu')` for an optimizer subtree that
+  mirrors the model, `('step',)` for the step counter. `param` is the path of
+  the model variable the leaf holds or mirrors (`('Dense_0', 'kernel')`), and
+  is empty for leaves that mirror nothing.
+  """
+
+  section: Path
+  param: Path = ()
+
+  def __str__(self) -> str:
+    return '/'.join(self.section + self.param)
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+  """One leaf of a tree in some layout, with what it means.
+
+  `collection` is the Linen collection the leaf came from ('params',
+  'batch_stats', ...) when the layout says so, else None.
+  """
+
+  path: Path
+  meaning: Meaning
+  collection: str | None = None
+
+
+def render(path: Sequence[str]) -> str:
+  """'params/params/Dense_0/kernel' for ('params', 'params', 'Dense_0', 'kernel')."""
+  return '/'.join(path) if path else '<root>'
+
+
+def key_path(keys) -> Path:
+  """A JAX key path (DictKey, SequenceKey, GetAttrKey, ...) as a tuple of strings."""
+  out = []
+  for key in keys:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(key, attr):
+        out.append(str(getattr(key, attr)))
+        break
+    else:
+      out.append(str(key))
+  return tuple(out)
+
+
+def is_rng_path(path: Sequence[str]) -> bool:
+  """Whether a path holds NNX RNG state (`rngs/...`, `to_nnx__rngs/...`)."""
+  return any(p == 'rngs' or p.endswith('__rngs') for p in path)
+
+
+def detect(paths: Iterable[Path]) -> str:
+  """Guesses the layout ('linen' or 'nnx') of a tree from its leaf paths.
+
+  NNX train states are {'model': ..., 'optimizer': ...}; NNX checkpoints wrap
+  every variable in a {'value': ...} node. Anything else is read as Linen.
+
+  >>> detect([('model', 'fc1', 'kernel', 'value')])
+  'nnx'
+  """
+  paths = list(paths)
+  if not paths:
+    return LINEN
+  top = {p[0] for p in paths if p}
+  if 'model' in top and top <= {'model', 'optimizer'}:
+    return NNX
+  if all(p and p[-1] == 'value' for p in paths):
+    return NNX
+  return LINEN
+
+
+def _strip_value(path: Path) -> Path:
+  return path[:-1] if path and path[-1] == 'value' else path
+
+
+def _has_collection_level(rel_paths: Sequence[Path]) -> bool:
+  """Whether the first level under a Linen model root is a collection name."""
+  firsts = {p[0] for p in rel_paths if p}
+  inner = all(len(p) >= 2 for p in rel_paths)
+  return inner and 'params' in firsts and firsts <= _KNOWN_COLLECTIONS
+
+
+def _mirror_roots(rel_paths: Sequence[Path], model: set[Path]) -> dict[Path, int]:
+  """For each optimizer leaf, the length of its shortest prefix that mirrors the model.
+
+  A prefix node mirrors the model when every leaf under it, relative to the
+  node, is a path of a model variable (optax's mu/nu, trace, ...). Leaves under
+  no such node (counts, hyperparameters) are absent from the result.
+  """
+  under: dict[Path, list[Path]] = collections.defaultdict(list)
+  for p in rel_paths:
+    for k in range(1, len(p)):
+      under[p[:k]].append(p[k:])
+  mirrors = {node for node, rels in under.items() if all(r in model for r in rels)}
+  result = {}
+  for p in rel_paths:
+    for k in range(1, len(p)):
+      if p[:k] in mirrors:
+        result[p] = k
+        break
+  return result
+
+
+def describe(paths: Iterable[Path], layout: str) -> list[Leaf]:
+  """Names every leaf of a tree given in `layout` by what it means.
+
+  >>> [str(l.meaning) for l in describe([('params', 'params', 'Dense_0', 'kernel'),
+  ...                                   ('step',)], 'linen')]
+  ['model/Dense_0/kernel', 'step']
+  """
+  if layout not in LAYOUTS:
+    raise ValueError(f'layout must be one of {LAYOUTS}, got {layout!r}')
+  paths = list(paths)
+  clean = {p: (_strip_value(p) if layout == NNX else p) for p in paths}
+  top = {c[0] for c in clean.values() if c}
+
+  # Where the model, the optimizer state and the step live in this layout.
+  if layout == LINEN and 'params' in top and top & {'opt_state', 'step'}:
+    model_root, opt_root, step_path = ('params',), ('opt_state',), ('step',)
+    extra_collections = top - {'params', 'opt_state', 'step'}
+  elif layout == NNX and 'model' in top and top <= {'model', 'optimizer'}:
+    model_root, opt_root = ('model',), ('optimizer', 'opt_state')
+    step_path = ('optimizer', 'step')
+    extra_collections = set()
+  else:
+    model_root, opt_root, step_path = (), None, None
+    extra_collections = set()
+
+  def rel(c: Path, root: Path) -> Path | None:
+    return c[len(root):] if c[: len(root)] == root and len(c) > len(root) else None
+
+  model_rel = [r for c in clean.values() if (r := rel(c, model_root)) is not None]
+  model_rel = [r for r in model_rel if not (model_root == () and r[0] in extra_collections)]
+  collection_level = layout == LINEN and _has_collection_level(model_rel)
+  opt_rel = [r for c in clean.values() if opt_root and (r := rel(c, opt_root)) is not None]
+  mirror_len = _mirror_roots(opt_rel, set(model_rel))
+
+  leaves = []
+  for path, c in clean.items():
+    collection = None
+    if step_path is not None and c == step_path:
+      meaning = Meaning(('step',))
+    elif c and c[0] in extra_collections:
+      # A Linen TrainState field beside `params` (e.g. batch_stats) is a collection.
+      meaning, collection = Meaning(('model',), c[1:]), c[0]
+    elif opt_root and (r := rel(c, opt_root)) is not None:
+      k = mirror_len.get(r)
+      if k is None:
+        meaning = Meaning(('opt_state',) + r)
+      else:
+        param = r[k:]
+        if collection_level:
+          collection, param = param[0], param[1:]
+        meaning = Meaning(('opt_state',) + r[:k], param)
+    elif (r := rel(c, model_root)) is not None:
+      if collection_level:
+        collection, r = r[0], r[1:]
+      elif layout == LINEN:
+        collection = 'params'
+      meaning = Meaning(('model',), r)
+    else:
+      meaning = Meaning(('unrecognised',) + c)
+    leaves.append(Leaf(path, meaning, collection))
+  return leaves

@@ -1,0 +1,297 @@
+"""The restore plan: every target leaf and the on-disk array(s) it is read from.
+
+A `RestorePlan` is computed from checkpoint metadata and the abstract target
+alone, before any array byte is read. It is plain data: print it to see what a
+restore will do, compare it in tests, hand it to `read.execute` to run it.
+
+    >>> print(plan)                                     # doctest: +SKIP
+    linen -> nnx: 11 arrays to read, 2 kept as given, 0 unused sources
+      model/fc1/kernel (3, 8) float32  <-  params.params.Dense_0.kernel
+      optimizer/step () uint32  <-  step  [cast int32 -> uint32]
+      kept  model/rngs/default/key  (NNX-only state)
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+from orbax_linen_nnx import layout
+from orbax_linen_nnx import rules as rules_lib
+
+Path = layout.Path
+
+
+def _fmt(shape, dtype) -> str:
+  return f'{tuple(shape)} {np.dtype(dtype).name if _is_numpy_dtype(dtype) else dtype}'
+
+
+def _is_numpy_dtype(dtype) -> bool:
+  try:
+    np.dtype(dtype)
+    return True
+  except TypeError:
+    return False
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceArray:
+  """An array in the checkpoint: its tree path, on-disk name, shape and dtype."""
+
+  path: Path
+  name: str
+  shape: tuple[int, ...]
+  dtype: Any
+  chunk_shape: tuple[int, ...] | None = None
+
+  def __str__(self) -> str:
+    return f"source '{layout.render(self.path)}' {_fmt(self.shape, self.dtype)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """A leaf of the abstract state: what the restore must produce there.
+
+  `variable_type` is the NNX Variable class name when the target is an NNX
+  state ('Param', 'BatchStat', 'RngKey', ...), else None.
+  """
+
+  path: Path
+  shape: tuple[int, ...]
+  dtype: Any
+  sharding: Any
+  variable_type: str | None = None
+
+  @property
+  def nnx_only(self) -> bool:
+    """State Linen never saves (RNG keys and counts)."""
+    return self.variable_type in ('RngKey', 'RngCount', 'RngState') or layout.is_rng_path(self.path)
+
+  def __str__(self) -> str:
+    return f"target '{layout.render(self.path)}' {_fmt(self.shape, self.dtype)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Cast:
+  """Convert on read (e.g. Linen's int32 step into NNX's uint32 step)."""
+
+  source_dtype: Any
+  dtype: Any
+
+  def __str__(self) -> str:
+    return f'cast {np.dtype(self.source_dtype).name} -> {np.dtype(self.dtype).name}'
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafRead:
+  """One target leaf, the source array(s) it comes from and how it is transformed.
+
+  `transform` is applied in order to a lazy TensorStore view of the sources;
+  empty means the target is the source as stored.
+  """
+
+  target: Target
+  sources: tuple[SourceArray, ...]
+  transform: tuple[Any, ...] = ()
+  meaning: str = ''
+
+  def __str__(self) -> str:
+    names = ', '.join(s.name for s in self.sources)
+    ops = f"  [{'; '.join(str(t) for t in self.transform)}]" if self.transform else ''
+    return (
+        f'{layout.render(self.target.path)} {_fmt(self.target.shape, self.target.dtype)}'
+        f'  <-  {names}{ops}'
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class RestorePlan:
+  """What a restore will read, keep and leave out, decided before any read.
+
+  Attributes:
+    source_layout: 'linen' or 'nnx', the checkpoint's layout.
+    target_layout: 'linen' or 'nnx', the abstract state's layout.
+    reads: one `LeafRead` per target leaf that is restored from the checkpoint.
+    kept: target leaves left as given in the abstract state (NNX-only state such
+      as RNG keys; with `partial=True`, also targets with no source).
+    unused: source arrays nothing reads (only possible with `partial=True`).
+    skipped: NNX-only source arrays (RNG state) that a Linen target has no place
+      for; reported, never an error.
+  """
+
+  source_layout: str
+  target_layout: str
+  reads: tuple[LeafRead, ...]
+  kept: tuple[Target, ...] = ()
+  unused: tuple[SourceArray, ...] = ()
+  skipped: tuple[SourceArray, ...] = ()
+
+  def __str__(self) -> str:
+    lines = [
+        f'{self.source_layout} -> {self.target_layout}: {len(self.reads)} arrays to'
+        f' read, {len(self.kept)} kept as given, {len(self.unused)} unused sources,'
+        f' {len(self.skipped)} NNX-only sources skipped'
+    ]
+    lines += [f'  {r}' for r in self.reads]
+    lines += [
+        f"  kept    {layout.render(t.path)} {_fmt(t.shape, t.dtype)}"
+        f"  ({'NNX-only state' if t.nnx_only else 'no source'})"
+        for t in self.kept
+    ]
+    lines += [f'  unused  {s.name} {_fmt(s.shape, s.dtype)}' for s in self.unused]
+    lines += [f'  skipped {s.name} {_fmt(s.shape, s.dtype)} (NNX-only)' for s in self.skipped]
+    return '\n'.join(lines)
+
+  def read_for(self, path: str | Path) -> LeafRead:
+    """The `LeafRead` of a target path ('model/fc1/kernel' or a tuple)."""
+    if isinstance(path, str):
+      path = tuple(p for p in path.split('/') if p)
+    for r in self.reads:
+      if r.target.path == tuple(path):
+        return r
+    raise KeyError(f'no read planned for target {layout.render(path)!r}')
+
+
+class PlanError(ValueError):
+  """A restore that cannot be planned; lists every problem found. Nothing was read."""
+
+
+# Which Linen collection each NNX variable type lives in.
+_COLLECTION_OF_TYPE = {'Param': 'params', 'BatchStat': 'batch_stats', 'Cache': 'cache',
+                       'Intermediate': 'intermediates'}
+
+
+def _suggest_renames(missing: Sequence[tuple[Path, Target]],
+                     unused: Sequence[tuple[Path, SourceArray]],
+                     linen_to_nnx: bool) -> dict[str, str]:
+  """Guesses module renames from missing targets and unused sources of equal shape."""
+  pool = collections.defaultdict(list)
+  for param, s in unused:
+    if param:
+      pool[(param[-1], tuple(s.shape))].append(param)
+  suggestion: dict[str, str] = {}
+  for param, t in missing:
+    candidates = pool.get((param[-1], tuple(t.shape))) if param else None
+    if not candidates:
+      continue
+    src = candidates.pop(0)
+    # Drop the common suffix: ('Dense_0', 'kernel') vs ('fc1', 'kernel') -> Dense_0 -> fc1.
+    n = 0
+    while n < min(len(src), len(param)) - 1 and src[-1 - n] == param[-1 - n]:
+      n += 1
+    a, b = layout.render(src[: len(src) - n]), layout.render(param[: len(param) - n])
+    linen, nnx_name = (a, b) if linen_to_nnx else (b, a)
+    suggestion.setdefault(linen, nnx_name)
+  return suggestion
+
+
+def build(
+    sources: Sequence[SourceArray],
+    targets: Sequence[Target],
+    *,
+    source_layout: str,
+    target_layout: str,
+    rules: rules_lib.Rules = None,
+    partial: bool = False,
+    where: str = 'the checkpoint',
+) -> RestorePlan:
+  """Pairs every target leaf with its source array(s), from metadata alone.
+
+  Raises `PlanError` listing every problem (targets with no source, sources
+  nothing uses, shapes that differ, ambiguous sources) before any read.
+
+  >>> src = [SourceArray(('params', 'Dense_0', 'kernel'), 'params.Dense_0.kernel', (3, 8), 'float32')]
+  >>> tgt = [Target(('fc1', 'kernel'), (3, 8), 'float32', None)]
+  >>> build(src, tgt, source_layout='linen', target_layout='nnx', rules={'Dense_0': 'fc1'}).reads[0].sources[0].name
+  'params.Dense_0.kernel'
+  """
+  linen_to_nnx = not (source_layout == layout.NNX and target_layout == layout.LINEN)
+  rename = rules_lib.Renamer(rules, linen_to_nnx=linen_to_nnx)
+  problems: list[str] = []
+
+  src_leaves = layout.describe([s.path for s in sources], source_layout)
+  by_meaning: dict[layout.Meaning, list[tuple[SourceArray, layout.Leaf]]] = collections.defaultdict(list)
+  skipped = []
+  for s, leaf in zip(sources, src_leaves):
+    if layout.is_rng_path(s.path) and target_layout == layout.LINEN:
+      skipped.append(s)
+      continue
+    m = leaf.meaning
+    if m.param:
+      m = layout.Meaning(m.section, rename(m.param))
+    by_meaning[m].append((s, leaf))
+  for m, found in by_meaning.items():
+    if len(found) > 1:
+      names = ', '.join(f"'{layout.render(s.path)}'" for s, _ in found)
+      problems.append(f"sources {names} all map to '{m}'; rename one of them with rules=")
+
+  reads, kept = [], []
+  used: set[Path] = set()
+  missing: list[tuple[Path, Target]] = []
+  tgt_leaves = layout.describe([t.path for t in targets], target_layout)
+  for t, leaf in zip(targets, tgt_leaves):
+    found = by_meaning.get(leaf.meaning)
+    if not found:
+      if t.nnx_only:
+        kept.append(t)
+      elif partial:
+        kept.append(t)
+      else:
+        missing.append((leaf.meaning.param, t))
+        problems.append(f"{t} has no source (looked for '{leaf.meaning}')")
+      continue
+    s, src_leaf = found[0]
+    used.add(s.path)
+    if tuple(s.shape) != tuple(t.shape):
+      problems.append(f'{t} cannot be read from {s}: shapes differ')
+      continue
+    want = _COLLECTION_OF_TYPE.get(t.variable_type or '')
+    if want and src_leaf.collection and src_leaf.collection != want:
+      problems.append(
+          f"{t} is an nnx.{t.variable_type} but {s} is in Linen collection"
+          f" '{src_leaf.collection}' (expected '{want}')"
+      )
+      continue
+    transform = ()
+    if _is_numpy_dtype(t.dtype) and np.dtype(s.dtype) != np.dtype(t.dtype):
+      transform = (Cast(np.dtype(s.dtype), np.dtype(t.dtype)),)
+    reads.append(LeafRead(t, (s,), transform, str(leaf.meaning)))
+
+  unused_pairs = []
+  for s, leaf in zip(sources, src_leaves):
+    if s.path in used or s in skipped:
+      continue
+    m = leaf.meaning
+    unused_pairs.append((rename(m.param) if m.param else m.param, s))
+  if unused_pairs and not partial:
+    for _, s in unused_pairs:
+      problems.append(f'{s} is not used by any target')
+  for name in rename.unused():
+    problems.append(f"rule '{name}' matched no source leaf")
+
+  if problems:
+    fixes = []
+    suggestion = _suggest_renames(missing, unused_pairs, linen_to_nnx)
+    if suggestion:
+      fixes.append(f'rename modules with rules={suggestion!r}')
+    if missing or unused_pairs:
+      fixes.append('pass partial=True to restore only the leaves that match')
+    head = (
+        f'LinenCompatRestore cannot restore from {where} ({source_layout} layout)'
+        f' into the given {target_layout} state: {len(problems)} problem(s);'
+        ' nothing was read.'
+    )
+    tail = f"Fix: {'; or '.join(fixes)}." if fixes else ''
+    raise PlanError('\n'.join([head] + [f'  {p}' for p in problems] + ([tail] if tail else [])))
+
+  return RestorePlan(
+      source_layout=source_layout,
+      target_layout=target_layout,
+      reads=tuple(reads),
+      kept=tuple(kept),
+      unused=tuple(s for _, s in unused_pairs),
+      skipped=tuple(skipped),
+  )
