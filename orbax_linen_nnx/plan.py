@@ -260,14 +260,17 @@ def build(
       transform = (Cast(np.dtype(s.dtype), np.dtype(t.dtype)),)
     reads.append(LeafRead(t, (s,), transform, str(leaf.meaning)))
 
+  # A target that holds only the model leaves the optimizer state and step
+  # unread on purpose: report them as unused, but they are no error.
+  model_only = all(l.meaning.section == ('model',) for l in tgt_leaves)
+  skipped_paths = {s.path for s in skipped}
   unused_pairs = []
   for s, leaf in zip(sources, src_leaves):
-    if s.path in used or s in skipped:
+    if s.path in used or s.path in skipped_paths:
       continue
     m = leaf.meaning
     unused_pairs.append((rename(m.param) if m.param else m.param, s))
-  if unused_pairs and not partial:
-    for _, s in unused_pairs:
+    if not partial and not (model_only and m.section != ('model',)):
       problems.append(f'{s} is not used by any target')
   for name in rename.unused():
     problems.append(f"rule '{name}' matched no source leaf")

@@ -1,0 +1,218 @@
+"""Real Linen and NNX models used across the tests, and the helpers that train them."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from flax.training import train_state
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+D_IN, D_HID, D_OUT = 16, 32, 8
+MLP_RULES = {'Dense_0': 'fc1', 'Dense_1': 'fc2'}
+BN_RULES = {'Dense_0': 'fc1', 'BatchNorm_0': 'bn', 'Dense_1': 'fc2'}
+
+
+class LinenMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(D_HID)(x))  # built first, so named Dense_0
+    return nn.Dense(D_OUT)(x)
+
+
+class NnxMLP(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.fc1 = nnx.Linear(D_IN, D_HID, rngs=rngs)
+    self.fc2 = nnx.Linear(D_HID, D_OUT, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc2(nnx.relu(self.fc1(x)))
+
+
+class LinenBN(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    x = nn.Dense(D_HID)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+    return nn.Dense(D_OUT)(nn.relu(x))
+
+
+class NnxBN(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.fc1 = nnx.Linear(D_IN, D_HID, rngs=rngs)
+    self.bn = nnx.BatchNorm(D_HID, momentum=0.9, rngs=rngs)
+    self.fc2 = nnx.Linear(D_HID, D_OUT, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc2(nnx.relu(self.bn(self.fc1(x))))
+
+
+class NnxMLPWithDropout(NnxMLP):
+  """NNX-only RNG state (Dropout's rngs) that no Linen checkpoint holds."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    super().__init__(rngs)
+    self.drop = nnx.Dropout(0.1, rngs=rngs)
+
+
+class BNTrainState(train_state.TrainState):
+  batch_stats: dict
+
+
+def batch(seed: int = 0, n: int = 32):
+  kx, ky = jax.random.split(jax.random.key(seed))
+  return jax.random.normal(kx, (n, D_IN)), jax.random.normal(ky, (n, D_OUT))
+
+
+def mse(pred, y):
+  return jnp.mean((pred - y) ** 2)
+
+
+def linen_mlp_state(tx, steps: int = 2, *, variables_as_params: bool = True):
+  """A Linen TrainState trained `steps` steps (the usual Linen training loop)."""
+  model = LinenMLP()
+  variables = model.init(jax.random.key(1), jnp.ones((1, D_IN)))
+  params = variables if variables_as_params else variables['params']
+  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  for _ in range(steps):
+    state, _ = linen_mlp_step(state, variables_as_params)
+  return state
+
+
+def linen_mlp_step(state, variables_as_params: bool = True):
+  x, y = batch()
+
+  def loss_fn(params):
+    v = params if variables_as_params else {'params': params}
+    return mse(state.apply_fn(v, x), y)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  return state.apply_gradients(grads=grads), loss
+
+
+linen_mlp_step = jax.jit(linen_mlp_step, static_argnums=1)
+
+
+def linen_bn_state(tx, steps: int = 2):
+  model = LinenBN()
+  variables = model.init(jax.random.key(2), jnp.ones((4, D_IN)))
+  state = BNTrainState.create(
+      apply_fn=model.apply, params=variables['params'], tx=tx,
+      batch_stats=variables['batch_stats'],
+  )
+  for _ in range(steps):
+    state, _ = linen_bn_step(state)
+  return state
+
+
+@jax.jit
+def linen_bn_step(state):
+  x, y = batch()
+
+  def loss_fn(params):
+    pred, updates = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats}, x, mutable=['batch_stats']
+    )
+    return mse(pred, y), updates
+
+  (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  state = state.apply_gradients(grads=grads).replace(batch_stats=updates['batch_stats'])
+  return state, loss
+
+
+def nnx_train_state(module_cls, tx):
+  model = module_cls(nnx.Rngs(0))
+  return {'model': model, 'optimizer': nnx.Optimizer(model, tx, wrt=nnx.Param)}
+
+
+def nnx_step(model, optimizer):
+  x, y = batch()
+
+  def loss_fn(m):
+    return mse(m(x), y)
+
+  loss, grads = nnx.value_and_grad(loss_fn)(model)
+  optimizer.update(model, grads)
+  return loss
+
+
+# Sharding policies over the (4, 2) ('data', 'model') mesh.
+def _spec(shape, policy: str) -> P:
+  if policy == 'replicated' or len(shape) == 0:
+    return P()
+  if policy == 'one_axis':
+    return P('data') if shape[0] % 4 == 0 else P()
+  if policy == 'two_axes':
+    if len(shape) >= 2 and shape[0] % 4 == 0 and shape[1] % 2 == 0:
+      return P('data', 'model')
+    return P('model') if shape[0] % 2 == 0 else P()
+  raise ValueError(policy)
+
+
+def sharding_for(shape, mesh, policy: str) -> NamedSharding:
+  return NamedSharding(mesh, _spec(shape, policy))
+
+
+def shard_abstract(tree, mesh, policy: str):
+  """Gives every abstract leaf (Variable or ShapeDtypeStruct) a NamedSharding."""
+
+  def put(leaf):
+    if isinstance(leaf, nnx.Variable):
+      v = leaf.get_raw_value()
+      return leaf.copy(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding_for(v.shape, mesh, policy)))
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding_for(leaf.shape, mesh, policy))
+
+  return jax.tree_util.tree_map(put, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def flat(tree) -> dict[str, object]:
+  """{'a/b/c': leaf} over a pytree, Variables unwrapped to their values."""
+  from orbax_linen_nnx import layout
+
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  out = {}
+  for keys, leaf in leaves:
+    out['/'.join(layout.key_path(keys))] = leaf.get_raw_value() if isinstance(leaf, nnx.Variable) else leaf
+  return out
+
+
+def assert_same(restored, expected: dict[str, object], pairs: dict[str, str]):
+  """Every restored[target] equals expected[source] exactly (values and dtype-cast)."""
+  got = flat(restored)
+  for tgt, src in pairs.items():
+    a = got[tgt]
+    want = np.asarray(expected[src])
+    np.testing.assert_array_equal(np.asarray(a), want.astype(np.asarray(a).dtype), err_msg=tgt)
+
+
+def assert_sharded_as(restored, abstract):
+  """Every restored array has exactly the sharding its abstract leaf asked for."""
+  got, want = flat(restored), flat(abstract)
+  for path, w in want.items():
+    a = got[path]
+    if isinstance(a, jax.ShapeDtypeStruct):
+      continue
+    assert isinstance(a, jax.Array), path
+    assert a.sharding == w.sharding, (path, a.sharding, w.sharding)
+    assert a.dtype == w.dtype, (path, a.dtype, w.dtype)
+    for shard in a.addressable_shards:
+      assert shard.data.shape == w.sharding.shard_shape(w.shape), path
+
+
+def tree_hash(directory) -> str:
+  """Hash of every file name and content under a directory."""
+  h = hashlib.sha256()
+  for root, dirs, files in sorted(os.walk(directory)):
+    dirs.sort()
+    for name in sorted(files):
+      p = os.path.join(root, name)
+      h.update(p.encode())
+      with open(p, 'rb') as f:
+        h.update(f.read())
+  return h.hexdigest()

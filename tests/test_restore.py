@@ -1,0 +1,296 @@
+"""Restore real Linen checkpoints into sharded NNX states (and back) through CheckpointManager."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+from flax.training import train_state
+
+import models
+from models import MLP_RULES, BN_RULES
+from orbax_linen_nnx import LinenCompatHandler, LinenCompatRestore, RestorePlan, default_sharding
+
+# (optimizer, where optax puts ScaleByAdamState inside opt_state)
+OPTIMIZERS = {
+    'adam': (lambda: optax.adam(1e-2), '0'),
+    'adamw': (lambda: optax.adamw(1e-2, weight_decay=0.1), '0'),
+    'chained_adamw': (lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2)), '1/0'),
+}
+
+
+def mlp_pairs(adam_at: str, *, variables_as_params: bool = True, nnx_target: bool = True):
+  """{target path: source path} for the MLP, written out by hand from LAYOUTS.md."""
+  lin = 'params/params' if variables_as_params else 'params'
+  lin_mirror = '/params' if variables_as_params else ''
+  pairs = {}
+  for new, old in (('fc1', 'Dense_0'), ('fc2', 'Dense_1')):
+    for leaf in ('kernel', 'bias'):
+      pairs[f'model/{new}/{leaf}'] = f'{lin}/{old}/{leaf}'
+      for m in ('mu', 'nu'):
+        pairs[f'optimizer/opt_state/{adam_at}/{m}/{new}/{leaf}'] = f'opt_state/{adam_at}/{m}{lin_mirror}/{old}/{leaf}'
+  pairs[f'optimizer/opt_state/{adam_at}/count'] = f'opt_state/{adam_at}/count'
+  pairs['optimizer/step'] = 'step'
+  return pairs if nnx_target else {v: k for k, v in pairs.items()}
+
+
+def save(directory, step, tree, **items):
+  mngr = ocp.CheckpointManager(directory)
+  if items:
+    mngr.save(step, args=ocp.args.Composite(**items))
+  else:
+    mngr.save(step, args=ocp.args.StandardSave(tree))
+  mngr.wait_until_finished()
+  mngr.close()
+
+
+def nnx_abstract(module_cls, tx, mesh, policy):
+  abstract = nnx.state(nnx.eval_shape(lambda: models.nnx_train_state(module_cls, tx)))
+  return models.shard_abstract(abstract, mesh, policy)
+
+
+@pytest.mark.parametrize('opt', sorted(OPTIMIZERS))
+@pytest.mark.parametrize('policy', ['replicated', 'one_axis', 'two_axes'])
+def test_linen_mlp_into_sharded_nnx(tmp_path, mesh, opt, policy):
+  make_tx, adam_at = OPTIMIZERS[opt]
+  linen = models.linen_mlp_state(make_tx())
+  save(tmp_path, 2, linen)
+
+  abstract = nnx_abstract(models.NnxMLP, make_tx(), mesh, policy)
+  restored = ocp.CheckpointManager(tmp_path).restore(
+      2, args=LinenCompatRestore(abstract, rules=MLP_RULES)
+  )
+
+  assert isinstance(restored, nnx.State)
+  pairs = mlp_pairs(adam_at)
+  assert set(models.flat(restored)) == set(pairs)
+  models.assert_same(restored, models.flat(linen), pairs)
+  models.assert_sharded_as(restored, abstract)
+  assert restored['optimizer']['step'].get_raw_value().dtype == jnp.uint32
+  assert int(restored['optimizer']['step'].get_raw_value()) == 2
+
+
+def test_resume_linen_run_with_nnx(tmp_path, mesh):
+  """Loss after restore + one NNX step equals the Linen run's loss one step later."""
+  tx = lambda: optax.adam(1e-2)
+  linen = models.linen_mlp_state(tx(), steps=3)
+  save(tmp_path, 3, linen)
+  linen_losses = []
+  for _ in range(3):
+    linen, loss = models.linen_mlp_step(linen, True)
+    linen_losses.append(float(loss))
+
+  abstract = nnx_abstract(models.NnxMLP, tx(), mesh, 'two_axes')
+  restored = ocp.CheckpointManager(tmp_path).restore(3, args=LinenCompatRestore(abstract, rules=MLP_RULES))
+  ts = models.nnx_train_state(models.NnxMLP, tx())
+  nnx.update(ts, restored)
+  assert ts['model'].fc1.kernel.get_value().sharding == abstract['model']['fc1']['kernel'].get_raw_value().sharding
+  step = nnx.jit(models.nnx_step)
+  nnx_losses = [float(step(ts['model'], ts['optimizer'])) for _ in range(3)]
+  np.testing.assert_allclose(nnx_losses, linen_losses, rtol=1e-6, atol=0)
+  assert int(ts['optimizer'].step.get_value()) == 6
+
+
+def test_batch_stats_and_resume(tmp_path, mesh):
+  """A TrainState with a batch_stats field restores into nnx.BatchNorm's BatchStat variables."""
+  tx = lambda: optax.adam(1e-2)
+  linen = models.linen_bn_state(tx(), steps=2)
+  save(tmp_path, 2, linen)
+  abstract = nnx_abstract(models.NnxBN, tx(), mesh, 'one_axis')
+  restored = ocp.CheckpointManager(tmp_path).restore(2, args=LinenCompatRestore(abstract, rules=BN_RULES))
+
+  pairs = {'model/bn/mean': 'batch_stats/BatchNorm_0/mean', 'model/bn/var': 'batch_stats/BatchNorm_0/var',
+           'model/bn/scale': 'params/BatchNorm_0/scale', 'model/fc1/kernel': 'params/Dense_0/kernel',
+           'optimizer/opt_state/0/mu/bn/scale': 'opt_state/0/mu/BatchNorm_0/scale',
+           'optimizer/opt_state/0/nu/fc2/bias': 'opt_state/0/nu/Dense_1/bias'}
+  models.assert_same(restored, models.flat(linen), pairs)
+  models.assert_sharded_as(restored, abstract)
+  assert type(restored['model']['bn']['mean']) is nnx.BatchStat
+
+  ts = models.nnx_train_state(models.NnxBN, tx())
+  nnx.update(ts, restored)
+  linen_next, linen_loss = models.linen_bn_step(linen)
+  nnx_loss = nnx.jit(models.nnx_step)(ts['model'], ts['optimizer'])
+  np.testing.assert_allclose(float(nnx_loss), float(linen_loss), rtol=1e-6, atol=0)
+  np.testing.assert_allclose(
+      np.asarray(ts['model'].bn.mean.get_value()), np.asarray(linen_next.batch_stats['BatchNorm_0']['mean']),
+      rtol=1e-6)
+
+
+def test_model_only_targets(tmp_path, mesh):
+  """An abstract nnx.Module, or a plain pytree of ShapeDtypeStruct, holding only the model."""
+  linen = models.linen_mlp_state(optax.adam(1e-2), variables_as_params=False)
+  save(tmp_path, 2, linen)
+  mngr = ocp.CheckpointManager(tmp_path)
+  pairs = {'fc1/kernel': 'params/Dense_0/kernel', 'fc2/bias': 'params/Dense_1/bias'}
+
+  module = nnx.eval_shape(lambda: models.NnxMLP(nnx.Rngs(0)))
+  restored = mngr.restore(2, args=LinenCompatRestore(module, rules=MLP_RULES))
+  assert isinstance(restored, models.NnxMLP)
+  models.assert_same(nnx.state(restored), models.flat(linen), pairs)
+  # Leaves that ask for no sharding get the documented default: replicated on all devices.
+  assert restored.fc1.kernel.get_value().sharding == default_sharding()
+  assert restored.fc1.kernel.get_value().sharding.is_fully_replicated
+
+  pure = nnx.to_pure_dict(nnx.state(module))
+  pure = models.shard_abstract(pure, mesh, 'two_axes')
+  restored = mngr.restore(2, args=LinenCompatRestore(pure, rules=MLP_RULES))
+  assert type(restored) is dict and set(restored) == {'fc1', 'fc2'}
+  models.assert_same(restored, models.flat(linen), pairs)
+  models.assert_sharded_as(restored, pure)
+
+  plan = mngr.restore(2, args=LinenCompatRestore(pure, rules=MLP_RULES, dry_run=True))
+  assert {s.name for s in plan.unused} >= {'step', 'opt_state.0.count'}
+
+
+def test_params_only_checkpoint(tmp_path, mesh):
+  """A checkpoint of Linen `variables` alone (no TrainState) restores into the NNX model."""
+  variables = models.LinenMLP().init(jax.random.key(3), jnp.ones((1, models.D_IN)))
+  save(tmp_path, 0, variables)
+  abstract = models.shard_abstract(nnx.state(nnx.eval_shape(lambda: models.NnxMLP(nnx.Rngs(0)))), mesh, 'one_axis')
+  restored = ocp.CheckpointManager(tmp_path).restore(0, args=LinenCompatRestore(abstract, rules=MLP_RULES))
+  models.assert_same(restored, models.flat(variables), {'fc1/kernel': 'params/Dense_0/kernel', 'fc2/kernel': 'params/Dense_1/kernel'})
+  models.assert_sharded_as(restored, abstract)
+
+
+def test_nnx_checkpoint_into_linen_train_state(tmp_path, mesh):
+  """The reverse direction: an NNX run's checkpoint restored into a Linen TrainState."""
+  tx = lambda: optax.adam(1e-2)
+  ts = models.nnx_train_state(models.NnxMLPWithDropout, tx())
+  step = nnx.jit(models.nnx_step)
+  for _ in range(2):
+    step(ts['model'], ts['optimizer'])
+  save(tmp_path, 2, nnx.state(ts))
+
+  abstract = jax.eval_shape(lambda: models.linen_mlp_state(tx(), steps=0))
+  abstract = models.shard_abstract(abstract, mesh, 'two_axes')
+  mngr = ocp.CheckpointManager(tmp_path)
+  plan = mngr.restore(2, args=LinenCompatRestore(abstract, rules=MLP_RULES, dry_run=True))
+  assert (plan.source_layout, plan.target_layout) == ('nnx', 'linen')
+  assert {s.name for s in plan.skipped} == {'model.drop.rngs.key.value', 'model.drop.rngs.count.value'}
+
+  restored = mngr.restore(2, args=LinenCompatRestore(abstract, rules=MLP_RULES))
+  assert isinstance(restored, train_state.TrainState)
+  pairs = {k: v + '' for k, v in mlp_pairs('0', nnx_target=False).items()}
+  models.assert_same(restored, models.flat(nnx.state(ts)), pairs)
+  models.assert_sharded_as(restored, abstract)
+  assert restored.step.dtype == jnp.int32 and int(restored.step) == 2
+
+  # The Linen run resumed from the NNX checkpoint takes the same next step.
+  restored = restored.replace(apply_fn=models.LinenMLP().apply)
+  _, linen_loss = models.linen_mlp_step(restored, True)
+  nnx_loss = step(ts['model'], ts['optimizer'])
+  np.testing.assert_allclose(float(linen_loss), float(nnx_loss), rtol=1e-6, atol=0)
+
+
+def test_forced_layouts(tmp_path):
+  linen = models.linen_mlp_state(optax.adam(1e-2))
+  save(tmp_path, 2, linen)
+  mngr = ocp.CheckpointManager(tmp_path)
+  abstract = nnx.state(nnx.eval_shape(lambda: models.nnx_train_state(models.NnxMLP, optax.adam(1e-2))))
+  pure = nnx.to_pure_dict(abstract)  # a plain dict in the NNX layout
+  plan = mngr.restore(2, args=LinenCompatRestore(pure, rules=MLP_RULES, source_layout='linen', target_layout='nnx', dry_run=True))
+  assert (plan.source_layout, plan.target_layout) == ('linen', 'nnx')
+  assert plan.read_for('optimizer/step').sources[0].name == 'step'
+  # Forcing the wrong source layout is honoured, so nothing matches.
+  with pytest.raises(ValueError, match='has no source'):
+    mngr.restore(2, args=LinenCompatRestore(pure, rules=MLP_RULES, source_layout='nnx', dry_run=True))
+  with pytest.raises(ValueError, match="source_layout must be one of"):
+    mngr.restore(2, args=LinenCompatRestore(pure, source_layout='flax'))
+
+
+def test_nnx_only_state_is_kept_or_filled(tmp_path, mesh):
+  tx = lambda: optax.adam(1e-2)
+  save(tmp_path, 2, models.linen_mlp_state(tx()))
+  abstract = nnx_abstract(models.NnxMLPWithDropout, tx(), mesh, 'replicated')
+  mngr = ocp.CheckpointManager(tmp_path)
+
+  plan = mngr.restore(2, args=LinenCompatRestore(abstract, rules=MLP_RULES, dry_run=True))
+  assert {'/'.join(t.path) for t in plan.kept} == {'model/drop/rngs/key', 'model/drop/rngs/count'}
+  assert all(t.nnx_only for t in plan.kept)
+  assert 'NNX-only state' in str(plan)
+
+  restored = mngr.restore(2, args=LinenCompatRestore(abstract, rules=MLP_RULES))
+  assert isinstance(restored['model']['drop']['rngs']['key'].get_raw_value(), jax.ShapeDtypeStruct)
+
+  seen = []
+
+  def fill(path, abstract_leaf):
+    seen.append(path)
+    if jax.dtypes.issubdtype(abstract_leaf.dtype, jax.dtypes.prng_key):
+      return jax.random.key(7)
+    return jnp.zeros(abstract_leaf.shape, abstract_leaf.dtype)
+
+  restored = mngr.restore(2, args=LinenCompatRestore(abstract, rules=MLP_RULES, fill_nnx_only=fill))
+  assert sorted(seen) == ['model/drop/rngs/count', 'model/drop/rngs/key']
+  ts = models.nnx_train_state(models.NnxMLPWithDropout, tx())
+  nnx.update(ts, restored)
+  assert int(ts['model'].drop.rngs.count.get_value()) == 0
+
+
+def test_to_nnx_bridge_rngs(tmp_path, mesh):
+  """nnx.bridge.ToNNX keeps Linen names; its to_nnx__rngs state is NNX-only."""
+  linen = models.linen_mlp_state(optax.adam(1e-2), variables_as_params=False)
+  save(tmp_path, 2, linen)
+
+  def make():
+    m = nnx.bridge.ToNNX(models.LinenMLP(), rngs=nnx.Rngs(0))
+    nnx.bridge.lazy_init(m, jnp.ones((1, models.D_IN)))
+    return m
+
+  abstract = models.shard_abstract(nnx.state(nnx.eval_shape(make)), mesh, 'one_axis')
+  plan = ocp.CheckpointManager(tmp_path).restore(2, args=LinenCompatRestore(abstract, dry_run=True))
+  assert plan.kept and all('to_nnx__rngs' in t.path for t in plan.kept)
+  restored = ocp.CheckpointManager(tmp_path).restore(2, args=LinenCompatRestore(abstract))
+  models.assert_same(restored, models.flat(linen), {'Dense_0/kernel': 'params/Dense_0/kernel'})
+  models.assert_sharded_as(restored, abstract)
+
+
+def test_composite_named_items(tmp_path, mesh):
+  tx = lambda: optax.adam(1e-2)
+  linen = models.linen_mlp_state(tx())
+  save(tmp_path, 2, None, state=ocp.args.StandardSave(linen), meta=ocp.args.JsonSave({'run': 'linen'}))
+  abstract = nnx_abstract(models.NnxMLP, tx(), mesh, 'two_axes')
+  out = ocp.CheckpointManager(tmp_path).restore(
+      2, args=ocp.args.Composite(state=LinenCompatRestore(abstract, rules=MLP_RULES), meta=ocp.args.JsonRestore())
+  )
+  assert out.meta == {'run': 'linen'}
+  models.assert_same(out.state, models.flat(linen), mlp_pairs('0'))
+  models.assert_sharded_as(out.state, abstract)
+
+
+def test_handler_registry_route_for_managers_that_also_save(tmp_path, mesh):
+  """One manager that saves with StandardSave and restores with LinenCompatRestore."""
+  tx = lambda: optax.adam(1e-2)
+  linen = models.linen_mlp_state(tx())
+  abstract = nnx_abstract(models.NnxMLP, tx(), mesh, 'one_axis')
+
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  registry.add('default', ocp.args.StandardSave, ocp.StandardCheckpointHandler())
+  registry.add('default', LinenCompatRestore, LinenCompatHandler())
+  mngr = ocp.CheckpointManager(tmp_path / 'with_registry', handler_registry=registry)
+  mngr.save(2, args=ocp.args.StandardSave(linen))
+  mngr.wait_until_finished()
+  restored = mngr.restore(2, args=LinenCompatRestore(abstract, rules=MLP_RULES))
+  models.assert_same(restored, models.flat(linen), mlp_pairs('0'))
+  models.assert_sharded_as(restored, abstract)
+
+  # Without the registry, Orbax binds the item to StandardSave's handler and refuses.
+  plain = ocp.CheckpointManager(tmp_path / 'plain')
+  plain.save(2, args=ocp.args.StandardSave(linen))
+  plain.wait_until_finished()
+  with pytest.raises(Exception, match='registered'):
+    plain.restore(2, args=LinenCompatRestore(abstract, rules=MLP_RULES))
+
+
+def test_dry_run_returns_printable_plan(tmp_path):
+  save(tmp_path, 2, models.linen_mlp_state(optax.adam(1e-2)))
+  abstract = nnx.state(nnx.eval_shape(lambda: models.nnx_train_state(models.NnxMLP, optax.adam(1e-2))))
+  plan = ocp.CheckpointManager(tmp_path).restore(2, args=LinenCompatRestore(abstract, rules=MLP_RULES, dry_run=True))
+  assert isinstance(plan, RestorePlan)
+  text = str(plan)
+  assert 'linen -> nnx: 14 arrays to read' in text
+  assert 'model/fc1/kernel (16, 32) float32  <-  params.params.Dense_0.kernel' in text
+  assert 'optimizer/step () uint32  <-  step  [cast int32 -> uint32]' in text
