@@ -90,7 +90,7 @@ def test_missing_item(tmp_path):
   mngr = ocp.CheckpointManager(tmp_path)
   mngr.save(2, args=ocp.args.Composite(train=ocp.args.StandardSave(models.linen_mlp_state(optax.adam(1e-2)))))
   mngr.wait_until_finished()
-  with pytest.raises(Exception, match='state'):
+  with pytest.raises(KeyError, match='Item "state" was not found'):
     ocp.CheckpointManager(tmp_path).restore(
         2, args=ocp.args.Composite(state=LinenCompatRestore(abstract_of(), rules=MLP_RULES)))
 

@@ -1,0 +1,136 @@
+"""The plan, from paths and shapes alone: no checkpoint, no IO."""
+
+import jax
+import numpy as np
+import pytest
+
+from orbax_linen_nnx import PlanError, SourceArray, Target, layout
+from orbax_linen_nnx.plan import build
+
+F32 = np.dtype('float32')
+
+
+def src(path, shape=(3, 8), dtype=F32):
+  p = tuple(path.split('/'))
+  return SourceArray(p, '.'.join(p), shape, np.dtype(dtype))
+
+
+def tgt(path, shape=(3, 8), dtype=F32, variable_type=None):
+  return Target(tuple(path.split('/')), shape, np.dtype(dtype), None, variable_type)
+
+
+def meanings(paths, kind):
+  return {'/'.join(l.path): str(l.meaning) for l in layout.describe([tuple(p.split('/')) for p in paths], kind)}
+
+
+def test_linen_train_state_with_variables_as_params():
+  m = meanings(['params/params/Dense_0/kernel', 'params/batch_stats/BN_0/mean',
+                'opt_state/0/count', 'opt_state/0/mu/params/Dense_0/kernel', 'step'], 'linen')
+  assert m == {'params/params/Dense_0/kernel': 'model/Dense_0/kernel',
+               'params/batch_stats/BN_0/mean': 'model/BN_0/mean',
+               'opt_state/0/count': 'opt_state/0/count',
+               'opt_state/0/mu/params/Dense_0/kernel': 'opt_state/0/mu/Dense_0/kernel',
+               'step': 'step'}
+
+
+def test_linen_train_state_with_batch_stats_field():
+  leaves = layout.describe([('params', 'Dense_0', 'kernel'), ('batch_stats', 'BN_0', 'mean'),
+                            ('opt_state', '0', 'nu', 'Dense_0', 'kernel'), ('step',)], 'linen')
+  assert [(str(l.meaning), l.collection) for l in leaves] == [
+      ('model/Dense_0/kernel', 'params'), ('model/BN_0/mean', 'batch_stats'),
+      ('opt_state/0/nu/Dense_0/kernel', None), ('step', None)]
+
+
+def test_nnx_checkpoint_paths():
+  m = meanings(['model/fc1/kernel/value', 'optimizer/opt_state/0/mu/fc1/kernel/value',
+                'optimizer/opt_state/0/count/value', 'optimizer/step/value'], 'nnx')
+  assert list(m.values()) == ['model/fc1/kernel', 'opt_state/0/mu/fc1/kernel', 'opt_state/0/count', 'step']
+
+
+def test_optimizer_subtrees_that_mirror_params_anywhere():
+  """inject_hyperparams and chains nest the moments deeper; hyperparameters mirror nothing."""
+  m = meanings(['params/Dense_0/kernel', 'params/Dense_0/bias', 'step',
+                'opt_state/hyperparams/learning_rate', 'opt_state/inner_state/1/0/mu/Dense_0/kernel',
+                'opt_state/inner_state/1/0/mu/Dense_0/bias', 'opt_state/inner_state/1/0/count'], 'linen')
+  assert m['opt_state/inner_state/1/0/mu/Dense_0/kernel'] == 'opt_state/inner_state/1/0/mu/Dense_0/kernel'
+  leaves = layout.describe([tuple(p.split('/')) for p in m], 'linen')
+  mu = [l for l in leaves if 'mu' in l.path]
+  assert all(l.meaning.section == ('opt_state', 'inner_state', '1', '0', 'mu') for l in mu)
+  hyper = [l for l in leaves if 'hyperparams' in l.path][0]
+  assert hyper.meaning.param == ()
+
+
+def test_detect():
+  assert layout.detect([('model', 'fc1', 'kernel', 'value')]) == 'nnx'
+  assert layout.detect([('model', 'fc1', 'kernel'), ('optimizer', 'step')]) == 'nnx'
+  assert layout.detect([('params', 'params', 'Dense_0', 'kernel'), ('step',)]) == 'linen'
+  assert layout.detect([('fc1', 'kernel', 'value')]) == 'nnx'
+
+
+def test_build_pairs_and_casts_step():
+  sources = [src('params/params/Dense_0/kernel'), src('step', (), 'int32'),
+             src('opt_state/0/mu/params/Dense_0/kernel'), src('opt_state/0/count', (), 'int32')]
+  targets = [tgt('model/fc1/kernel', variable_type='Param'), tgt('optimizer/step', (), 'uint32'),
+             tgt('optimizer/opt_state/0/mu/fc1/kernel'), tgt('optimizer/opt_state/0/count', (), 'int32')]
+  p = build(sources, targets, source_layout='linen', target_layout='nnx', rules={'Dense_0': 'fc1'})
+  assert len(p.reads) == 4 and not p.kept and not p.unused
+  assert p.read_for('model/fc1/kernel').sources[0].name == 'params.params.Dense_0.kernel'
+  assert p.read_for('optimizer/opt_state/0/mu/fc1/kernel').sources[0].name == 'opt_state.0.mu.params.Dense_0.kernel'
+  assert str(p.read_for('optimizer/step').transform[0]) == 'cast int32 -> uint32'
+  assert p.read_for('optimizer/opt_state/0/count').transform == ()
+
+
+def test_same_rules_serve_the_reverse_direction():
+  sources = [src('model/fc1/kernel/value'), src('optimizer/step/value', (), 'uint32')]
+  targets = [tgt('params/Dense_0/kernel'), tgt('step', (), 'int32')]
+  p = build(sources, targets, source_layout='nnx', target_layout='linen', rules={'Dense_0': 'fc1'})
+  assert p.read_for('params/Dense_0/kernel').sources[0].name == 'model.fc1.kernel.value'
+
+
+def test_callable_rules():
+  rename = lambda path: (f'fc{int(path[0].split("_")[1]) + 1}',) + path[1:]
+  p = build([src('params/Dense_0/kernel'), src('params/Dense_1/kernel')],
+                     [tgt('fc1/kernel'), tgt('fc2/kernel')], source_layout='linen', target_layout='nnx', rules=rename)
+  assert p.read_for('fc2/kernel').sources[0].name == 'params.Dense_1.kernel'
+
+
+def test_rules_that_cannot_be_inverted():
+  with pytest.raises(ValueError, match='cannot be inverted'):
+    build([src('model/fc/kernel/value')], [tgt('params/Dense_0/kernel')],
+                   source_layout='nnx', target_layout='linen', rules={'Dense_0': 'fc', 'Dense_1': 'fc'})
+
+
+def test_collection_must_match_variable_type():
+  sources = [src('params/Dense_0/kernel'), src('batch_stats/BN_0/mean', (8,)), src('step', (), 'int32')]
+  targets = [tgt('model/fc1/kernel', variable_type='Param'), tgt('model/bn/mean', (8,), variable_type='Param'),
+             tgt('optimizer/step', (), 'uint32')]
+  with pytest.raises(PlanError, match=r"target 'model/bn/mean' \(8,\) float32 is an nnx.Param but source"
+                     r" 'batch_stats/BN_0/mean' \(8,\) float32 is in Linen collection 'batch_stats'"):
+    build(sources, targets, source_layout='linen', target_layout='nnx',
+                   rules={'Dense_0': 'fc1', 'BN_0': 'bn'})
+
+
+def test_two_sources_for_one_meaning_is_an_error():
+  with pytest.raises(PlanError, match="all map to 'model/fc1/kernel'"):
+    build([src('params/Dense_0/kernel'), src('params/fc1/kernel')], [tgt('fc1/kernel')],
+                   source_layout='linen', target_layout='nnx', rules={'Dense_0': 'fc1'})
+
+
+def test_nnx_only_targets_are_kept_and_nnx_only_sources_skipped():
+  p = build([src('params/Dense_0/kernel')],
+                     [tgt('Dense_0/kernel'), tgt('to_nnx__rngs/params/key', (), 'uint32', 'RngKey'),
+                      tgt('drop/rngs/count', (), 'uint32')], source_layout='linen', target_layout='nnx')
+  assert [layout.render(t.path) for t in p.kept] == ['to_nnx__rngs/params/key', 'drop/rngs/count']
+  p = build([src('fc/kernel/value'), src('drop/rngs/key/value', (2,), 'uint32')], [tgt('params/fc/kernel')],
+                     source_layout='nnx', target_layout='linen')
+  assert [s.name for s in p.skipped] == ['drop.rngs.key.value']
+
+
+def test_plan_is_deterministic_and_printable():
+  args = dict(source_layout='linen', target_layout='nnx', rules={'Dense_0': 'fc1'})
+  sources = [src('params/Dense_0/kernel'), src('params/Dense_0/bias', (8,))]
+  targets = [tgt('fc1/bias', (8,)), tgt('fc1/kernel')]
+  a = build(sources, targets, **args)
+  b = build(list(reversed(sources)), targets, **args)
+  assert a == b
+  assert str(a).splitlines()[1] == '  fc1/bias (8,) float32  <-  params.Dense_0.bias'
