@@ -13,11 +13,19 @@ import models
 from models import MLP_RULES, BN_RULES
 from orbax_linen_nnx import LinenCompatHandler, LinenCompatRestore, RestorePlan, default_sharding
 
-# (optimizer, where optax puts ScaleByAdamState inside opt_state)
+# optimizer -> (factory, where optax puts ScaleByAdamState in opt_state, other leaves {nnx: linen})
 OPTIMIZERS = {
-    'adam': (lambda: optax.adam(1e-2), '0'),
-    'adamw': (lambda: optax.adamw(1e-2, weight_decay=0.1), '0'),
-    'chained_adamw': (lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2)), '1/0'),
+    'adam': (lambda: optax.adam(1e-2), '0', {}),
+    'adamw': (lambda: optax.adamw(1e-2, weight_decay=0.1), '0', {}),
+    'chained_adamw': (lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2)), '1/0', {}),
+    'inject_hyperparams': (
+        lambda: optax.inject_hyperparams(optax.adam)(learning_rate=1e-2), 'inner_state/0',
+        {'optimizer/opt_state/count': 'opt_state/count'}
+        | {f'optimizer/opt_state/hyperparams/{h}': f'opt_state/hyperparams/{h}'
+           for h in ('learning_rate', 'b1', 'b2', 'eps', 'eps_root')}),
+    'scale_by_schedule': (
+        lambda: optax.chain(optax.scale_by_adam(), optax.scale_by_schedule(optax.linear_schedule(1e-2, 0.0, 10))),
+        '0', {'optimizer/opt_state/1/count': 'opt_state/1/count'}),
 }
 
 
@@ -54,7 +62,7 @@ def nnx_abstract(module_cls, tx, mesh, policy):
 @pytest.mark.parametrize('opt', sorted(OPTIMIZERS))
 @pytest.mark.parametrize('policy', ['replicated', 'one_axis', 'two_axes'])
 def test_linen_mlp_into_sharded_nnx(tmp_path, mesh, opt, policy):
-  make_tx, adam_at = OPTIMIZERS[opt]
+  make_tx, adam_at, extra = OPTIMIZERS[opt]
   linen = models.linen_mlp_state(make_tx())
   save(tmp_path, 2, linen)
 
@@ -64,7 +72,7 @@ def test_linen_mlp_into_sharded_nnx(tmp_path, mesh, opt, policy):
   )
 
   assert isinstance(restored, nnx.State)
-  pairs = mlp_pairs(adam_at)
+  pairs = mlp_pairs(adam_at) | extra
   assert set(models.flat(restored)) == set(pairs)
   models.assert_same(restored, models.flat(linen), pairs)
   models.assert_sharded_as(restored, abstract)
@@ -294,3 +302,20 @@ def test_dry_run_returns_printable_plan(tmp_path):
   assert 'linen -> nnx: 14 arrays to read' in text
   assert 'model/fc1/kernel (16, 32) float32  <-  params.params.Dense_0.kernel' in text
   assert 'optimizer/step () uint32  <-  step  [cast int32 -> uint32]' in text
+
+
+def test_dtype_cast_on_read(tmp_path, mesh):
+  """A bfloat16 target reads the float32 checkpoint and casts it shard by shard."""
+  linen = models.linen_mlp_state(optax.adam(1e-2))
+  save(tmp_path, 2, linen)
+  module = nnx.eval_shape(lambda: models.NnxMLP(nnx.Rngs(0)))
+  state = nnx.state(module)
+  state = jax.tree.map(lambda v: v.copy(jax.ShapeDtypeStruct(v.shape, jnp.bfloat16)), state,
+                       is_leaf=lambda x: isinstance(x, nnx.Variable))
+  state = models.shard_abstract(state, mesh, 'two_axes')
+  restored = ocp.CheckpointManager(tmp_path).restore(2, args=LinenCompatRestore(state, rules=MLP_RULES))
+  kernel = restored['fc1']['kernel'].get_raw_value()
+  assert kernel.dtype == jnp.bfloat16
+  want = np.asarray(linen.params['params']['Dense_0']['kernel']).astype(jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(kernel), want)
+  models.assert_sharded_as(restored, state)
