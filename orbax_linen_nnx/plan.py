@@ -215,6 +215,7 @@ def build(
   src_leaves = layout.describe([s.path for s in sources], source_layout)
   by_meaning: dict[layout.Meaning, list[tuple[SourceArray, layout.Leaf]]] = collections.defaultdict(list)
   skipped = []
+  renamed: dict[Path, layout.Meaning] = {}  # source path -> meaning on the target side
   for s, leaf in zip(sources, src_leaves):
     if layout.is_rng_path(s.path) and target_layout == layout.LINEN:
       skipped.append(s)
@@ -222,6 +223,7 @@ def build(
     m = leaf.meaning
     if m.param:
       m = layout.Meaning(m.section, rename(m.param))
+    renamed[s.path] = m
     by_meaning[m].append((s, leaf))
   for m, found in by_meaning.items():
     if len(found) > 1:
@@ -263,13 +265,12 @@ def build(
   # A target that holds only the model leaves the optimizer state and step
   # unread on purpose: report them as unused, but they are no error.
   model_only = all(l.meaning.section == ('model',) for l in tgt_leaves)
-  skipped_paths = {s.path for s in skipped}
   unused_pairs = []
-  for s, leaf in zip(sources, src_leaves):
-    if s.path in used or s.path in skipped_paths:
+  for s in sources:
+    if s.path in used or s.path not in renamed:
       continue
-    m = leaf.meaning
-    unused_pairs.append((rename(m.param) if m.param else m.param, s))
+    m = renamed[s.path]
+    unused_pairs.append((m.param, s))
     if not partial and not (model_only and m.section != ('model',)):
       problems.append(f'{s} is not used by any target')
   for name in rename.unused():

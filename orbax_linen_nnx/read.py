@@ -84,7 +84,8 @@ async def _read_leaf(leaf: plan_lib.LeafRead, stores: _Stores) -> jax.Array:
   shape, sharding = tuple(target.shape), target.sharding
   by_slice: dict[tuple, list[jax.Device]] = collections.defaultdict(list)
   index_of: dict[tuple, tuple[slice, ...]] = {}
-  for device, index in sharding.addressable_devices_indices_map(shape).items():
+  device_indices = sharding.addressable_devices_indices_map(shape)
+  for device, index in device_indices.items():
     key = _hashable(index, shape)
     by_slice[key].append(device)
     index_of[key] = index
@@ -95,7 +96,7 @@ async def _read_leaf(leaf: plan_lib.LeafRead, stores: _Stores) -> jax.Array:
 
   placed = await asyncio.gather(*(read_slice(k) for k in by_slice))
   per_device = dict(pair for group in placed for pair in group)
-  arrays = [per_device[d] for d in sharding.addressable_devices_indices_map(shape)]
+  arrays = [per_device[d] for d in device_indices]
   return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
