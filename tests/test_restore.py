@@ -319,3 +319,31 @@ def test_dtype_cast_on_read(tmp_path, mesh):
   want = np.asarray(linen.params['params']['Dense_0']['kernel']).astype(jnp.bfloat16)
   np.testing.assert_array_equal(np.asarray(kernel), want)
   models.assert_sharded_as(restored, state)
+
+
+class PartitionedMLP(nnx.Module):
+  """Sharding declared the NNX way, with partitioning metadata on the Variables."""
+
+  def __init__(self, rngs):
+    init = nnx.initializers.lecun_normal()
+    self.fc1 = nnx.Linear(models.D_IN, models.D_HID, rngs=rngs,
+                          kernel_init=nnx.with_partitioning(init, ('data', 'model')))
+    self.fc2 = nnx.Linear(models.D_HID, models.D_OUT, rngs=rngs,
+                          kernel_init=nnx.with_partitioning(init, ('model', None)))
+
+
+def test_shardings_from_nnx_partitioning_metadata(tmp_path):
+  """The usual NNX recipe: eval_shape under a mesh, then nnx.get_named_sharding."""
+  linen = models.linen_mlp_state(optax.adam(1e-2))
+  save(tmp_path, 2, linen)
+  mesh = jax.make_mesh((4, 2), ('data', 'model'))
+  with jax.set_mesh(mesh):
+    state = nnx.state(nnx.eval_shape(lambda: PartitionedMLP(nnx.Rngs(0))))
+  shardings = nnx.get_named_sharding(state, mesh)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
+  restored = ocp.CheckpointManager(tmp_path).restore(2, args=LinenCompatRestore(abstract, rules=MLP_RULES))
+  assert restored['fc1']['kernel'].get_value().sharding.spec == jax.sharding.PartitionSpec('data', 'model')
+  assert restored['fc2']['kernel'].get_value().sharding.spec == jax.sharding.PartitionSpec('model', None)
+  models.assert_sharded_as(restored, abstract)
+  models.assert_same(restored, models.flat(linen), {'fc1/kernel': 'params/params/Dense_0/kernel',
+                                                    'fc2/kernel': 'params/params/Dense_1/kernel'})
