@@ -9,6 +9,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from orbax_linen_nnx import rules as rules_lib
+from orbax_linen_nnx import stacks as stacks_lib
 from orbax_linen_nnx.handler import LinenCompatHandler
 
 
@@ -38,6 +39,9 @@ class LinenCompatRestore(ocp.args.CheckpointArgs):
     fill_nnx_only: `fn(path, jax.ShapeDtypeStruct) -> jax.Array` giving values
       for NNX-only leaves (RNG keys and counts) that no Linen checkpoint holds;
       without it they are kept as given in `abstract_state`.
+    stacks: the layer axis of layer stacks, per layout, where it cannot be
+      inferred from shapes: `{'layers': {'linen': 1, 'nnx': 0}}` (stack root as
+      a model path; Linen `nn.scan` axis 1, NNX `nnx.vmap` axis 0).
   """
 
   abstract_state: Any
@@ -47,3 +51,4 @@ class LinenCompatRestore(ocp.args.CheckpointArgs):
   source_layout: str | None = None
   target_layout: str | None = None
   fill_nnx_only: Callable[[str, jax.ShapeDtypeStruct], Any] | None = None
+  stacks: stacks_lib.StackAxes | None = None

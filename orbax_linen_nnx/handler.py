@@ -28,6 +28,7 @@ def _prepare(directory: epath.PathLike, args) -> tuple[source.Checkpoint, target
       target_layout=state.layout,
       rules=args.rules,
       partial=args.partial,
+      stacks=args.stacks,
       where=str(ckpt.directory),
   )
   return ckpt, state, restore_plan

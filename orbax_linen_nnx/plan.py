@@ -21,6 +21,7 @@ import numpy as np
 
 from orbax_linen_nnx import layout
 from orbax_linen_nnx import rules as rules_lib
+from orbax_linen_nnx import stacks as stacks_lib
 
 Path = layout.Path
 
@@ -96,7 +97,6 @@ class LeafRead:
   target: Target
   sources: tuple[SourceArray, ...]
   transform: tuple[Any, ...] = ()
-  meaning: str = ''
 
   def __str__(self) -> str:
     names = ', '.join(s.name for s in self.sources)
@@ -188,6 +188,118 @@ def _suggest_renames(missing: Sequence[tuple[Path, Target]],
   return suggestion
 
 
+def _choose(root: Path, entries, candidates: list[set], explicit, hint: str, problems: list[str]):
+  """The one layer-axis choice that fits every leaf of a stack, or None (problem noted)."""
+  if explicit is not None:
+    return explicit
+  common = set.intersection(*candidates) if candidates else set()
+  if len(common) == 1:
+    return common.pop()
+  name = layout.render(root)
+  if common:
+    problems.append(f"cannot tell the layer axis of stack '{name}': {sorted(common)} all fit"
+                    f' every leaf (a dimension equals the layer count); {hint}')
+  else:
+    fits = '; '.join(f'{t} fits {sorted(c) or "none"}' for (t, *_), c in zip(entries, candidates))
+    problems.append(f"no layer axis fits every leaf of stack '{name}' ({fits}); {hint}")
+  return None
+
+
+def _stack(entries, stacks, source_layout, target_layout, problems) -> dict:
+  """Per-layer sources -> one stacked target, grouped by stack root."""
+  groups = collections.defaultdict(list)
+  for t, root, layers in entries:
+    groups[root].append((t, layers))
+  out = {}
+  for root, group in groups.items():
+    n = max(max(layers) for _, layers in group) + 1
+    ok = []
+    for t, layers in group:
+      gaps = sorted(set(range(n)) - set(layers))
+      srcs = [layers[i] for i in sorted(layers)]
+      odd = [x for x in srcs if (tuple(x.shape), x.dtype) != (tuple(srcs[0].shape), srcs[0].dtype)]
+      if gaps:
+        problems.append(f"{t} stacks layers 0..{n - 1} of '{layout.render(root)}' but layer(s)"
+                        f' {gaps} have no source (next to {srcs[0]})')
+      elif odd:
+        problems.append(f'{t}: the layers to stack differ: {srcs[0]} but {odd[0]}')
+      else:
+        wanted = [t.shape[a] for a in range(len(t.shape)) if stacks_lib.insert_axis(srcs[0].shape, a, t.shape[a]) == tuple(t.shape)]
+        if wanted and n not in wanted:
+          problems.append(f"{t} holds {wanted[0]} layers of '{layout.render(root)}' but the"
+                          f' checkpoint has layers 0..{n - 1} only; layer(s)'
+                          f' {list(range(n, wanted[0]))} are missing')
+        else:
+          ok.append((t, srcs))
+    if not ok:
+      continue
+    axis = _choose(root, ok, [stacks_lib.stack_axes(srcs[0].shape, t.shape, n) for t, srcs in ok],
+                   stacks_lib.explicit_axis(stacks, root, target_layout),
+                   stacks_lib.hint(root, source_layout, target_layout), problems)
+    for t, srcs in ok if axis is not None else ():
+      if stacks_lib.insert_axis(srcs[0].shape, axis, n) != tuple(t.shape):
+        problems.append(f'{t} cannot be stacked from {n} x {srcs[0]} at axis {axis}')
+      else:
+        out[t.path] = (tuple(srcs), (stacks_lib.Stack(axis),))
+  return out
+
+
+def _unstack(entries, stacks, source_layout, target_layout, problems) -> dict:
+  """One stacked source -> per-layer targets, grouped by stack root."""
+  groups = collections.defaultdict(list)
+  for t, root, src, index in entries:
+    groups[root].append((t, src, index))
+  out = {}
+  for root, group in groups.items():
+    n = max(i for _, _, i in group) + 1
+    cands = [{a for a in range(len(s.shape)) if stacks_lib.drop_axis(s.shape, a) == tuple(t.shape)
+              and s.shape[a] == n} for t, s, _ in group]
+    axis = _choose(root, group, cands, stacks_lib.explicit_axis(stacks, root, source_layout),
+                   stacks_lib.hint(root, source_layout, target_layout), problems)
+    for t, s, i in group if axis is not None else ():
+      if stacks_lib.drop_axis(s.shape, axis) != tuple(t.shape) or i >= s.shape[axis]:
+        problems.append(f'{t} cannot be layer {i} of {s} along axis {axis}')
+      else:
+        out[t.path] = ((s,), (stacks_lib.Take(axis, i),))
+  return out
+
+
+def _move(direct, stacks, source_layout, target_layout, problems) -> dict:
+  """Stacked source -> stacked target with the layer axis elsewhere."""
+  out = {}
+  for t, s, param in direct:  # stacks the user declared: every leaf under them moves
+    for name in stacks or {}:
+      root = stacks_lib.normalize(tuple(p for p in name.split('/') if p))
+      a = stacks_lib.explicit_axis(stacks, root, source_layout)
+      b = stacks_lib.explicit_axis(stacks, root, target_layout)
+      if param[: len(root)] == root and None not in (a, b) and a != b:
+        if stacks_lib.move_axis(s.shape, a, b) == tuple(t.shape):
+          out[t.path] = ((s,), (stacks_lib.MoveAxis(a, b),))
+        else:
+          problems.append(f'{t} cannot be {s} with its layer axis moved {a} -> {b}')
+  groups = collections.defaultdict(list)
+  for t, s, param in direct:
+    if t.path not in out and tuple(s.shape) != tuple(t.shape):
+      groups[param[:1]].append((t, s, param))
+  for group in groups.values():
+    params = [p for _, _, p in group]
+    root = params[0][: min(len(p) for p in params) - 1]
+    while any(p[: len(root)] != root for p in params):
+      root = root[:-1]
+    cands = [stacks_lib.move_candidates(s.shape, t.shape) for t, s, _ in group]
+    if not all(cands):
+      continue  # some leaf is no stack at all: reported as a shape mismatch
+    choice = _choose(root, group, cands, None, stacks_lib.hint(root, source_layout, target_layout), problems)
+    if choice is None:
+      continue
+    a, b, n = choice
+    for t, s, param in direct:  # same-shape leaves of the stack (square dims) move too
+      if (t.path not in out and param[: len(root)] == root and len(s.shape) > a
+          and s.shape[a] == n and stacks_lib.move_axis(s.shape, a, b) == tuple(t.shape)):
+        out[t.path] = ((s,), (stacks_lib.MoveAxis(a, b),))
+  return out
+
+
 def build(
     sources: Sequence[SourceArray],
     targets: Sequence[Target],
@@ -196,6 +308,7 @@ def build(
     target_layout: str,
     rules: rules_lib.Rules = None,
     partial: bool = False,
+    stacks: stacks_lib.StackAxes | None = None,
     where: str = 'the checkpoint',
 ) -> RestorePlan:
   """Pairs every target leaf with its source array(s), from metadata alone.
@@ -216,13 +329,15 @@ def build(
   by_meaning: dict[layout.Meaning, list[tuple[SourceArray, layout.Leaf]]] = collections.defaultdict(list)
   skipped = []
   renamed: dict[Path, layout.Meaning] = {}  # source path -> meaning on the target side
+  written: dict[Path, Path] = {}  # source path -> its renamed param, as written (for messages)
   for s, leaf in zip(sources, src_leaves):
     if layout.is_rng_path(s.path) and target_layout == layout.LINEN:
       skipped.append(s)
       continue
     m = leaf.meaning
     if m.param:
-      m = layout.Meaning(m.section, rename(m.param))
+      written[s.path] = rename(m.param)
+      m = layout.Meaning(m.section, stacks_lib.normalize(written[s.path]))
     renamed[s.path] = m
     by_meaning[m].append((s, leaf))
   for m, found in by_meaning.items():
@@ -230,37 +345,69 @@ def build(
       names = ', '.join(f"'{layout.render(s.path)}'" for s, _ in found)
       problems.append(f"sources {names} all map to '{m}'; rename one of them with rules=")
 
-  reads, kept = [], []
+  kept: list[Target] = []
   used: set[Path] = set()
   missing: list[tuple[Path, Target]] = []
   tgt_leaves = layout.describe([t.path for t in targets], target_layout)
+  # Per-layer sources by (section, param without its layer index, index position).
+  per_layer: dict[tuple, dict[int, SourceArray]] = collections.defaultdict(dict)
+  for m, found in by_meaning.items():
+    for k, seg in enumerate(m.param):
+      if k and seg.isdigit():
+        per_layer[(m.section, m.param[:k] + m.param[k + 1:], k)][int(seg)] = found[0][0]
+
+  direct, to_stack, to_unstack = [], [], []
   for t, leaf in zip(targets, tgt_leaves):
-    found = by_meaning.get(leaf.meaning)
-    if not found:
-      if t.nnx_only:
-        kept.append(t)
-      elif partial:
-        kept.append(t)
+    m = layout.Meaning(leaf.meaning.section, stacks_lib.normalize(leaf.meaning.param))
+    found = by_meaning.get(m)
+    if found:
+      s, src_leaf = found[0]
+      used.add(s.path)
+      want = _COLLECTION_OF_TYPE.get(t.variable_type or '')
+      if want and src_leaf.collection and src_leaf.collection != want:
+        problems.append(
+            f"{t} is an nnx.{t.variable_type} but {s} is in Linen collection"
+            f" '{src_leaf.collection}' (expected '{want}')"
+        )
       else:
-        missing.append((leaf.meaning.param, t))
-        problems.append(f"{t} has no source (looked for '{leaf.meaning}')")
+        direct.append((t, s, m.param))
       continue
-    s, src_leaf = found[0]
-    used.add(s.path)
-    if tuple(s.shape) != tuple(t.shape):
+    layers = next(((k, per_layer[(m.section, m.param, k)]) for k in range(1, len(m.param))
+                   if (m.section, m.param, k) in per_layer), None)
+    if layers:
+      to_stack.append((t, m.param[:layers[0]], layers[1]))
+      used.update(src.path for src in layers[1].values())
+      continue
+    stacked = next(((k, by_meaning[layout.Meaning(m.section, m.param[:k] + m.param[k + 1:])][0][0])
+                    for k in range(1, len(m.param)) if m.param[k].isdigit()
+                    and layout.Meaning(m.section, m.param[:k] + m.param[k + 1:]) in by_meaning), None)
+    if stacked:
+      k, src = stacked
+      to_unstack.append((t, m.param[:k], src, int(m.param[k])))
+      used.add(src.path)
+      continue
+    if t.nnx_only or partial:
+      kept.append(t)
+    else:
+      missing.append((leaf.meaning.param, t))
+      problems.append(f"{t} has no source (looked for '{leaf.meaning}')")
+
+  layer_ops = {}  # target path -> (sources, layer transform)
+  layer_ops.update(_stack(to_stack, stacks, source_layout, target_layout, problems))
+  layer_ops.update(_unstack(to_unstack, stacks, source_layout, target_layout, problems))
+  layer_ops.update(_move(direct, stacks, source_layout, target_layout, problems))
+  reads = []
+  for t, s, _ in direct:
+    if t.path not in layer_ops and tuple(s.shape) != tuple(t.shape):
       problems.append(f'{t} cannot be read from {s}: shapes differ')
-      continue
-    want = _COLLECTION_OF_TYPE.get(t.variable_type or '')
-    if want and src_leaf.collection and src_leaf.collection != want:
-      problems.append(
-          f"{t} is an nnx.{t.variable_type} but {s} is in Linen collection"
-          f" '{src_leaf.collection}' (expected '{want}')"
-      )
-      continue
-    transform = ()
-    if _is_numpy_dtype(t.dtype) and np.dtype(s.dtype) != np.dtype(t.dtype):
-      transform = (Cast(np.dtype(s.dtype), np.dtype(t.dtype)),)
-    reads.append(LeafRead(t, (s,), transform, str(leaf.meaning)))
+    else:
+      layer_ops.setdefault(t.path, ((s,), ()))
+  for t in targets:
+    if t.path in layer_ops:
+      srcs, ops = layer_ops[t.path]
+      if _is_numpy_dtype(t.dtype) and np.dtype(srcs[0].dtype) != np.dtype(t.dtype):
+        ops = ops + (Cast(np.dtype(srcs[0].dtype), np.dtype(t.dtype)),)
+      reads.append(LeafRead(t, tuple(srcs), ops))
 
   # A target that holds only the model leaves the optimizer state and step
   # unread on purpose: report them as unused, but they are no error.
@@ -270,7 +417,7 @@ def build(
     if s.path in used or s.path not in renamed:
       continue
     m = renamed[s.path]
-    unused_pairs.append((m.param, s))
+    unused_pairs.append((written.get(s.path, ()), s))
     if not partial and not (model_only and m.section != ('model',)):
       problems.append(f'{s} is not used by any target')
   for name in rename.unused():

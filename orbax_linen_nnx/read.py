@@ -21,6 +21,7 @@ import tensorstore as ts
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 from orbax_linen_nnx import plan as plan_lib
+from orbax_linen_nnx import stacks
 from orbax_linen_nnx.source import Checkpoint
 
 _T = TypeVar('_T')
@@ -63,10 +64,16 @@ class _Stores:
 
 
 def _view(stores: list[ts.TensorStore], leaf: plan_lib.LeafRead) -> ts.TensorStore:
-  """The lazy TensorStore view of a target leaf over its sources."""
-  (view,) = stores  # one source per target until stacking adds more
+  """The lazy TensorStore view of a target leaf over its sources (no data moves)."""
+  view = stores[0] if len(stores) == 1 else None
   for op in leaf.transform:
-    if isinstance(op, plan_lib.Cast):
+    if isinstance(op, stacks.Stack):
+      view = ts.stack(stores, axis=op.axis)
+    elif isinstance(op, stacks.Take):
+      view = view[ts.d[op.axis][op.index]]
+    elif isinstance(op, stacks.MoveAxis):
+      view = view[ts.d[op.source].transpose[op.destination]]
+    elif isinstance(op, plan_lib.Cast):
       view = ts.cast(view, ts.dtype(np.dtype(op.dtype).name))
     else:
       raise TypeError(f'unknown transform {op!r} in plan for {leaf.target.path}')
