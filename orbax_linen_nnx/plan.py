@@ -188,13 +188,19 @@ def _suggest_renames(missing: Sequence[tuple[Path, Target]],
   return suggestion
 
 
-def _choose(root: Path, entries, candidates: list[set], explicit, hint: str, problems: list[str]):
-  """The one layer-axis choice that fits every leaf of a stack, or None (problem noted)."""
+def _choose(root: Path, entries, candidates: list[set], explicit, hint: str, problems: list[str],
+            conventional=lambda choice: False):
+  """The one layer-axis choice that fits every leaf of a stack, or None (problem noted).
+
+  Shapes decide; where several choices fit, the one that `conventional` accepts
+  (NNX's layer axis 0) settles it if it is the only such one.
+  """
   if explicit is not None:
     return explicit
   common = set.intersection(*candidates) if candidates else set()
-  if len(common) == 1:
-    return common.pop()
+  usual = {c for c in common if conventional(c)}
+  if len(common) == 1 or len(usual) == 1:
+    return (common if len(common) == 1 else usual).pop()
   name = layout.render(root)
   if common:
     problems.append(f"cannot tell the layer axis of stack '{name}': {sorted(common)} all fit"
@@ -234,8 +240,9 @@ def _stack(entries, stacks, source_layout, target_layout, problems) -> dict:
     if not ok:
       continue
     axis = _choose(root, ok, [stacks_lib.stack_axes(srcs[0].shape, t.shape, n) for t, srcs in ok],
-                   stacks_lib.explicit_axis(stacks, root, target_layout),
-                   stacks_lib.hint(root, source_layout, target_layout), problems)
+                   stacks_lib.explicit_axis(stacks, root, target_layout, 'target'),
+                   stacks_lib.hint(root, source_layout, target_layout), problems,
+                   lambda b: target_layout == layout.NNX and b == stacks_lib.NNX_LAYER_AXIS)
     for t, srcs in ok if axis is not None else ():
       if stacks_lib.insert_axis(srcs[0].shape, axis, n) != tuple(t.shape):
         problems.append(f'{t} cannot be stacked from {n} x {srcs[0]} at axis {axis}')
@@ -254,8 +261,9 @@ def _unstack(entries, stacks, source_layout, target_layout, problems) -> dict:
     n = max(i for _, _, i in group) + 1
     cands = [{a for a in range(len(s.shape)) if stacks_lib.drop_axis(s.shape, a) == tuple(t.shape)
               and s.shape[a] == n} for t, s, _ in group]
-    axis = _choose(root, group, cands, stacks_lib.explicit_axis(stacks, root, source_layout),
-                   stacks_lib.hint(root, source_layout, target_layout), problems)
+    axis = _choose(root, group, cands, stacks_lib.explicit_axis(stacks, root, source_layout, 'source'),
+                   stacks_lib.hint(root, source_layout, target_layout), problems,
+                   lambda a: source_layout == layout.NNX and a == stacks_lib.NNX_LAYER_AXIS)
     for t, s, i in group if axis is not None else ():
       if stacks_lib.drop_axis(s.shape, axis) != tuple(t.shape) or i >= s.shape[axis]:
         problems.append(f'{t} cannot be layer {i} of {s} along axis {axis}')
@@ -270,8 +278,8 @@ def _move(direct, stacks, source_layout, target_layout, problems) -> dict:
   for t, s, param in direct:  # stacks the user declared: every leaf under them moves
     for name in stacks or {}:
       root = stacks_lib.normalize(tuple(p for p in name.split('/') if p))
-      a = stacks_lib.explicit_axis(stacks, root, source_layout)
-      b = stacks_lib.explicit_axis(stacks, root, target_layout)
+      a = stacks_lib.explicit_axis(stacks, root, source_layout, 'source')
+      b = stacks_lib.explicit_axis(stacks, root, target_layout, 'target')
       if param[: len(root)] == root and None not in (a, b) and a != b:
         if stacks_lib.move_axis(s.shape, a, b) == tuple(t.shape):
           out[t.path] = ((s,), (stacks_lib.MoveAxis(a, b),))
@@ -289,7 +297,10 @@ def _move(direct, stacks, source_layout, target_layout, problems) -> dict:
     cands = [stacks_lib.move_candidates(s.shape, t.shape) for t, s, _ in group]
     if not all(cands):
       continue  # some leaf is no stack at all: reported as a shape mismatch
-    choice = _choose(root, group, cands, None, stacks_lib.hint(root, source_layout, target_layout), problems)
+    nnx_axis = stacks_lib.NNX_LAYER_AXIS
+    choice = _choose(root, group, cands, None, stacks_lib.hint(root, source_layout, target_layout), problems,
+                     lambda c: (source_layout != layout.NNX or c[0] == nnx_axis)
+                     and (target_layout != layout.NNX or c[1] == nnx_axis))
     if choice is None:
       continue
     a, b, n = choice

@@ -97,17 +97,29 @@ def move_candidates(source: Sequence[int], target: Sequence[int]) -> set[tuple[i
           if a != b and move_axis(source, a, b) == tuple(target)}
 
 
-def explicit_axis(stacks: StackAxes | None, root: Path, layout_name: str) -> int | None:
-  """The layer axis the user stated for the stack at `root` in `layout_name`, if any."""
-  if not stacks:
-    return None
-  for name, axes in stacks.items():
+def explicit_axis(stacks: StackAxes | None, root: Path, layout_name: str, role: str) -> int | None:
+  """The layer axis the user stated for the stack at `root`, by layout or by role.
+
+  `stacks={'layers': {'linen': 1, 'nnx': 0}}` serves both directions;
+  `{'layers': {'source': 1, 'target': 0}}` also works between two stacked
+  layouts of the same library.
+  """
+  for name, axes in (stacks or {}).items():
     if normalize(tuple(p for p in name.split('/') if p)) == root:
-      if layout_name in axes:
-        return int(axes[layout_name])
+      for key in (role, layout_name):
+        if key in axes:
+          return int(axes[key])
   return None
 
 
+# nnx.vmap / nnx.scan put the layer axis first (in_axes=0, out_axes=0). When the
+# shapes alone leave a choice, an NNX side with the layer axis at 0 is preferred.
+NNX_LAYER_AXIS = 0
+
+
 def hint(root: Path, source_layout: str, target_layout: str) -> str:
-  example = {source_layout: 1, target_layout: 0} if source_layout != target_layout else {source_layout: 1}
-  return f'pass stacks={{{layout.render(root)!r}: {example!r}}} (the layer axis in each layout)'
+  if source_layout != target_layout:
+    example = {source_layout: 1, target_layout: 0}
+  else:
+    example = {'source': 1, 'target': 0}
+  return f'pass stacks={{{layout.render(root)!r}: {example!r}}} (the layer axis on each side)'
