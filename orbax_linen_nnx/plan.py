@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -86,6 +87,17 @@ class Cast:
     return f'cast {np.dtype(self.source_dtype).name} -> {np.dtype(self.dtype).name}'
 
 
+def _compact(names: list[str]) -> str:
+  """'a.layers_0.k', ..., 'a.layers_7.k' -> 'a.layers_{0..7}.k' (the plan stays readable)."""
+  parts = [re.split(r'(\d+)', n) for n in names]
+  if len(names) > 2 and len({len(p) for p in parts}) == 1:
+    differ = [i for i in range(len(parts[0])) if len({p[i] for p in parts}) > 1]
+    if len(differ) == 1 and [p[differ[0]] for p in parts] == [str(i) for i in range(len(names))]:
+      head = parts[0][:differ[0]]
+      return ''.join(head) + f'{{0..{len(names) - 1}}}' + ''.join(parts[0][differ[0] + 1:])
+  return ', '.join(names)
+
+
 @dataclasses.dataclass(frozen=True)
 class LeafRead:
   """One target leaf, the source array(s) it comes from and how it is transformed.
@@ -99,7 +111,7 @@ class LeafRead:
   transform: tuple[Any, ...] = ()
 
   def __str__(self) -> str:
-    names = ', '.join(s.name for s in self.sources)
+    names = _compact([s.name for s in self.sources])
     ops = f"  [{'; '.join(str(t) for t in self.transform)}]" if self.transform else ''
     return (
         f'{layout.render(self.target.path)} {_fmt(self.target.shape, self.target.dtype)}'

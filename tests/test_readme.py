@@ -17,6 +17,12 @@ def test_readme_python_snippets_run(tmp_path):
   done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-4000:]
   assert 'linen -> nnx: 14 arrays to read' in done.stdout
+  # The plan outputs the README shows are what the snippets print.
+  shown = re.findall(r'```text\n(.*?)```', text, flags=re.S)
+  for block in shown:
+    for line in block.splitlines():
+      if line.strip() != '...':
+        assert line in done.stdout, line
 
 
 def test_readme_starts_with_the_two_commands():

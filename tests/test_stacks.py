@@ -111,7 +111,7 @@ def test_plan_shows_each_stack_with_its_sources_and_axis(tmp_path):
   p = plan(tmp_path / '2', abstract)
   r = p.read_for('model/layers/mlp/kernel')
   assert [s.name for s in r.sources] == [f'params.params.layers_{i}.mlp.kernel' for i in range(dec.N)]
-  assert str(r).endswith('[stack axis 0]')
+  assert str(r) == 'model/layers/mlp/kernel (4, 8, 8) float32  <-  params.params.layers_{0..3}.mlp.kernel  [stack axis 0]'
   mu = p.read_for('optimizer/opt_state/0/mu/layers/out/bias')
   assert [s.name for s in mu.sources] == [f'opt_state.0.mu.params.layers_{i}.out.bias' for i in range(dec.N)]
   assert str(p.read_for('optimizer/opt_state/0/count')).endswith('<-  opt_state.0.count')
@@ -234,3 +234,50 @@ def test_encoder_and_decoder_stacks_with_different_depths(tmp_path):
   np.testing.assert_array_equal(np.asarray(restored['encoder']['layers']['mlp']['kernel'][:, 1]),
                                 params['encoder']['layers_1']['mlp']['kernel'])
   np.testing.assert_array_equal(np.asarray(restored['embed']['embedding']), params['embed']['embedding'])
+
+
+@pytest.mark.parametrize('source_kind,target_kind', [('vmap', 'unrolled'), ('scan', 'vmap')])
+def test_unstack_and_move_read_only_each_layers_chunks(tmp_path, mesh, source_kind, target_kind):
+  """A stacked source stored one chunk per layer: each target layer/slice reads its own."""
+  if source_kind == 'vmap':
+    ts = dec.nnx_state(dec.NnxStackedDecoder)
+    tree, axis = nnx.state(ts['model']), 0
+  else:
+    tree, axis = dec.LinenScanDecoder().init(jax.random.key(0), np.ones((1, dec.IN))), dec.LINEN_SCAN_AXIS
+  spec = [None] * 3
+  spec[axis] = 'data'  # one layer per shard when saved -> one chunk per layer on disk
+  tree = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P(*spec[: a.ndim])) if a.ndim == 3 else NamedSharding(mesh, P())), tree)
+  save(tmp_path, tree)
+
+  meta = ocp.PyTreeCheckpointHandler().metadata(tmp_path / '2' / 'default').tree
+  stored = meta['layers']['mlp']['kernel']['value'] if source_kind == 'vmap' else meta['params']['layers']['mlp']['kernel']
+  src_shape, chunk = tuple(stored.shape), tuple(stored.storage.chunk_shape)
+  assert chunk[axis] == 1  # one layer per chunk
+
+  def source_region(layer, rows):  # the source slice a target (layer, rows) slice reads
+    index = [slice(None)] * 3
+    index[axis] = slice(layer, layer + 1)
+    index[1 if axis == 0 else 0] = rows
+    return tuple(index)
+
+  sharding = NamedSharding(mesh, P('data'))
+  if target_kind == 'unrolled':
+    layer_shape = (dec.D, dec.D)
+    target = {'layers': {str(i): {'mlp': {'kernel': jax.ShapeDtypeStruct(layer_shape, np.float32, sharding=sharding)}} for i in range(dec.N)}}
+    slices = {idx[0].indices(dec.D)[:2] for idx in sharding.addressable_devices_indices_map(layer_shape).values()}
+    expected = sum(chunks_touched(source_region(i, slice(*r)), src_shape, chunk) for i in range(dec.N) for r in slices)
+  else:
+    target = {'layers': {'mlp': {'kernel': jax.ShapeDtypeStruct((dec.N, dec.D, dec.D), np.float32, sharding=sharding)}}}
+    expected = sum(chunks_touched(source_region(i, slice(None)), src_shape, chunk) for i in range(dec.N))
+  args = dict(partial=True, target_layout='nnx')
+  before = counter('/tensorstore/cache/chunk_cache/reads')
+  restored = ocp.CheckpointManager(tmp_path).restore(2, args=LinenCompatRestore(target, **args))
+  reads = counter('/tensorstore/cache/chunk_cache/reads') - before
+  src = np.asarray(models.flat(tree)['layers/mlp/kernel' if source_kind == 'vmap' else 'params/layers/mlp/kernel'])
+  got = models.flat(restored)
+  for i in range(dec.N):
+    key = f'layers/{i}/mlp/kernel' if target_kind == 'unrolled' else 'layers/mlp/kernel'
+    value = np.asarray(got[key]) if target_kind == 'unrolled' else np.asarray(got[key])[i]
+    np.testing.assert_array_equal(value, np.take(src, i, axis=axis))
+  # Reading whole stacks instead would touch N chunks per slice.
+  assert reads == expected, reads
