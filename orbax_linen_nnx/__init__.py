@@ -8,9 +8,10 @@
 
 from orbax_linen_nnx.args import LinenCompatRestore
 from orbax_linen_nnx.handler import LinenCompatHandler, plan
-from orbax_linen_nnx.plan import Cast, LeafRead, PlanError, RestorePlan, SourceArray, Target
+from orbax_linen_nnx.plan import LeafRead, PlanError, RestorePlan, SourceArray, Target
 from orbax_linen_nnx.source import CheckpointNotFoundError
 from orbax_linen_nnx.target import default_sharding
+from orbax_linen_nnx.transforms import Cast, MoveAxis, Stack, Take
 
 __all__ = [
     'Cast',
@@ -18,9 +19,12 @@ __all__ = [
     'LeafRead',
     'LinenCompatHandler',
     'LinenCompatRestore',
+    'MoveAxis',
     'PlanError',
     'RestorePlan',
     'SourceArray',
+    'Stack',
+    'Take',
     'Target',
     'default_sharding',
     'plan',

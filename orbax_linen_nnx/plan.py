@@ -23,6 +23,7 @@ import numpy as np
 from orbax_linen_nnx import layout
 from orbax_linen_nnx import rules as rules_lib
 from orbax_linen_nnx import stacks as stacks_lib
+from orbax_linen_nnx.transforms import Cast, MoveAxis, Stack, Take
 
 Path = layout.Path
 
@@ -74,17 +75,6 @@ class Target:
 
   def __str__(self) -> str:
     return f"target '{layout.render(self.path)}' {_fmt(self.shape, self.dtype)}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Cast:
-  """Convert on read (e.g. Linen's int32 step into NNX's uint32 step)."""
-
-  source_dtype: Any
-  dtype: Any
-
-  def __str__(self) -> str:
-    return f'cast {np.dtype(self.source_dtype).name} -> {np.dtype(self.dtype).name}'
 
 
 def _compact(names: list[str]) -> str:
@@ -259,7 +249,7 @@ def _stack(entries, stacks, source_layout, target_layout, problems) -> dict:
       if stacks_lib.insert_axis(srcs[0].shape, axis, n) != tuple(t.shape):
         problems.append(f'{t} cannot be stacked from {n} x {srcs[0]} at axis {axis}')
       else:
-        out[t.path] = (tuple(srcs), (stacks_lib.Stack(axis),))
+        out[t.path] = (tuple(srcs), (Stack(axis),))
   return out
 
 
@@ -280,7 +270,7 @@ def _unstack(entries, stacks, source_layout, target_layout, problems) -> dict:
       if stacks_lib.drop_axis(s.shape, axis) != tuple(t.shape) or i >= s.shape[axis]:
         problems.append(f'{t} cannot be layer {i} of {s} along axis {axis}')
       else:
-        out[t.path] = ((s,), (stacks_lib.Take(axis, i),))
+        out[t.path] = ((s,), (Take(axis, i),))
   return out
 
 
@@ -294,7 +284,7 @@ def _move(direct, stacks, source_layout, target_layout, problems) -> dict:
       b = stacks_lib.explicit_axis(stacks, root, target_layout, 'target')
       if param[: len(root)] == root and None not in (a, b) and a != b:
         if stacks_lib.move_axis(s.shape, a, b) == tuple(t.shape):
-          out[t.path] = ((s,), (stacks_lib.MoveAxis(a, b),))
+          out[t.path] = ((s,), (MoveAxis(a, b),))
         else:
           problems.append(f'{t} cannot be {s} with its layer axis moved {a} -> {b}')
   groups = collections.defaultdict(list)
@@ -319,7 +309,7 @@ def _move(direct, stacks, source_layout, target_layout, problems) -> dict:
     for t, s, param in direct:  # same-shape leaves of the stack (square dims) move too
       if (t.path not in out and param[: len(root)] == root and len(s.shape) > a
           and s.shape[a] == n and stacks_lib.move_axis(s.shape, a, b) == tuple(t.shape)):
-        out[t.path] = ((s,), (stacks_lib.MoveAxis(a, b),))
+        out[t.path] = ((s,), (MoveAxis(a, b),))
   return out
 
 

@@ -15,13 +15,12 @@ import concurrent.futures
 from typing import Any, Coroutine, TypeVar
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 from orbax_linen_nnx import plan as plan_lib
-from orbax_linen_nnx import stacks
+from orbax_linen_nnx import transforms
 from orbax_linen_nnx.source import Checkpoint
 
 _T = TypeVar('_T')
@@ -63,23 +62,6 @@ class _Stores:
     return self._opened[name]
 
 
-def _view(stores: list[ts.TensorStore], leaf: plan_lib.LeafRead) -> ts.TensorStore:
-  """The lazy TensorStore view of a target leaf over its sources (no data moves)."""
-  view = stores[0] if len(stores) == 1 else None
-  for op in leaf.transform:
-    if isinstance(op, stacks.Stack):
-      view = ts.stack(stores, axis=op.axis)
-    elif isinstance(op, stacks.Take):
-      view = view[ts.d[op.axis][op.index]]
-    elif isinstance(op, stacks.MoveAxis):
-      view = view[ts.d[op.source].transpose[op.destination]]
-    elif isinstance(op, plan_lib.Cast):
-      view = ts.cast(view, ts.dtype(np.dtype(op.dtype).name))
-    else:
-      raise TypeError(f'unknown transform {op!r} in plan for {leaf.target.path}')
-  return view
-
-
 def _hashable(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple:
   return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
 
@@ -87,7 +69,7 @@ def _hashable(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple:
 async def _read_leaf(leaf: plan_lib.LeafRead, stores: _Stores) -> jax.Array:
   target = leaf.target
   opened = await asyncio.gather(*(stores.open(s.name) for s in leaf.sources))
-  view = _view(list(opened), leaf)
+  view = transforms.apply(leaf.transform, opened)
   shape, sharding = tuple(target.shape), target.sharding
   by_slice: dict[tuple, list[jax.Device]] = collections.defaultdict(list)
   index_of: dict[tuple, tuple[slice, ...]] = {}

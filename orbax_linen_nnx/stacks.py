@@ -19,7 +19,6 @@ Pure: shapes in, decisions out.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import Mapping, Sequence
 
@@ -38,38 +37,6 @@ def normalize(param: Path) -> Path:
     m = _INDEXED.fullmatch(seg)
     out.extend(m.groups() if m else (seg,))
   return tuple(out)
-
-
-@dataclasses.dataclass(frozen=True)
-class Stack:
-  """Stack N sources along `axis` of the target."""
-
-  axis: int
-
-  def __str__(self) -> str:
-    return f'stack axis {self.axis}'
-
-
-@dataclasses.dataclass(frozen=True)
-class Take:
-  """Index `index` of the source's layer axis `axis` (the axis disappears)."""
-
-  axis: int
-  index: int
-
-  def __str__(self) -> str:
-    return f'layer {self.index} of axis {self.axis}'
-
-
-@dataclasses.dataclass(frozen=True)
-class MoveAxis:
-  """Move the source's layer axis `source` to position `destination`."""
-
-  source: int
-  destination: int
-
-  def __str__(self) -> str:
-    return f'layer axis {self.source} -> {self.destination}'
 
 
 def insert_axis(shape: Sequence[int], axis: int, n: int) -> tuple[int, ...]:
