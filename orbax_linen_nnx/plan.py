@@ -92,20 +92,24 @@ def _compact(names: list[str]) -> str:
 class LeafRead:
   """One target leaf, the source array(s) it comes from and how it is transformed.
 
-  `transform` is applied in order to a lazy TensorStore view of the sources;
-  empty means the target is the source as stored.
+  `sources` are stored arrays (`SourceArray`) or arrays rules make from them
+  (`rules.Derived`). `transform` is applied in order to lazy views of the
+  sources; empty means the target is the source as it is. `rules` names the
+  rules that produced the sources.
   """
 
   target: Target
-  sources: tuple[SourceArray, ...]
+  sources: tuple[Any, ...]
   transform: tuple[Any, ...] = ()
+  rules: tuple[str, ...] = ()
 
   def __str__(self) -> str:
     names = _compact([s.name for s in self.sources])
     ops = f"  [{'; '.join(str(t) for t in self.transform)}]" if self.transform else ''
+    made = f"  (by {', '.join(self.rules)})" if self.rules else ''
     return (
         f'{layout.render(self.target.path)} {_fmt(self.target.shape, self.target.dtype)}'
-        f'  <-  {names}{ops}'
+        f'  <-  {names}{ops}{made}'
     )
 
 
@@ -335,24 +339,43 @@ def build(
   'params.Dense_0.kernel'
   """
   linen_to_nnx = not (source_layout == layout.NNX and target_layout == layout.LINEN)
-  rename = rules_lib.Renamer(rules, linen_to_nnx=linen_to_nnx)
   problems: list[str] = []
+  try:
+    rule_list = rules_lib.as_rules(rules, backward=not linen_to_nnx)
+  except rules_lib.RuleError as e:
+    problems.append(str(e))
+    rule_list = []
+  tally = rules_lib.Tally()
 
+  # Rules rewrite each model subtree (the params, and every optimizer subtree
+  # that mirrors them) into arrays named and shaped as on the target side.
   src_leaves = layout.describe([s.path for s in sources], source_layout)
-  by_meaning: dict[layout.Meaning, list[tuple[SourceArray, layout.Leaf]]] = collections.defaultdict(list)
-  skipped = []
-  renamed: dict[Path, layout.Meaning] = {}  # source path -> meaning on the target side
-  written: dict[Path, Path] = {}  # source path -> its renamed param, as written (for messages)
+  skipped, entries = [], []
+  raw: dict[Path, layout.Leaf] = {}  # source path -> what it means, before any rule
+  subtrees: dict[Path, dict[str, Any]] = collections.defaultdict(dict)
   for s, leaf in zip(sources, src_leaves):
     if layout.is_rng_path(s.path) and target_layout == layout.LINEN:
       skipped.append(s)
       continue
-    m = leaf.meaning
-    if m.param:
-      written[s.path] = rename(m.param)
-      m = layout.Meaning(m.section, stacks_lib.normalize(written[s.path]))
-    renamed[s.path] = m
-    by_meaning[m].append((s, leaf))
+    raw[s.path] = leaf
+    if leaf.meaning.param:
+      subtrees[leaf.meaning.section]['/'.join(leaf.meaning.param)] = s
+    else:
+      entries.append((s, leaf.meaning, leaf.collection, ()))
+  for section, leaves in subtrees.items():
+    made_by: dict[str, tuple] = {}
+    for path, expr in rules_lib.apply_all(rule_list, leaves, made_by, tally).items():
+      first = rules_lib.stored_leaves(expr)[0]
+      param = tuple(p for p in path.split('/') if p)
+      entries.append((expr, layout.Meaning(section, param), raw[first.path].collection, made_by.get(path, ())))
+  problems += tally.problems
+  problems += [f"rule '{name}' matched no source leaf" for name in rules_lib.unmatched(rule_list, tally)]
+
+  by_meaning: dict[layout.Meaning, list[tuple]] = collections.defaultdict(list)
+  history: dict[int, tuple] = {}  # id(expr) -> rules that made it
+  for expr, m, collection, made in entries:
+    by_meaning[layout.Meaning(m.section, stacks_lib.normalize(m.param))].append((expr, collection))
+    history[id(expr)] = made
   for m, found in by_meaning.items():
     if len(found) > 1:
       names = ', '.join(f"'{layout.render(s.path)}'" for s, _ in found)
@@ -374,13 +397,13 @@ def build(
     m = layout.Meaning(leaf.meaning.section, stacks_lib.normalize(leaf.meaning.param))
     found = by_meaning.get(m)
     if found:
-      s, src_leaf = found[0]
-      used.add(s.path)
+      s, collection = found[0]
+      used.update(x.path for x in rules_lib.stored_leaves(s))
       want = _COLLECTION_OF_TYPE.get(t.variable_type or '')
-      if want and src_leaf.collection and src_leaf.collection != want:
+      if want and collection and collection != want:
         problems.append(
             f"{t} is an nnx.{t.variable_type} but {s} is in Linen collection"
-            f" '{src_leaf.collection}' (expected '{want}')"
+            f" '{collection}' (expected '{want}')"
         )
       else:
         direct.append((t, s, m.param))
@@ -389,7 +412,7 @@ def build(
                    if (m.section, m.param, k) in per_layer), None)
     if layers:
       to_stack.append((t, m.param[:layers[0]], layers[1]))
-      used.update(src.path for src in layers[1].values())
+      used.update(x.path for src in layers[1].values() for x in rules_lib.stored_leaves(src))
       continue
     stacked = next(((k, by_meaning[layout.Meaning(m.section, m.param[:k] + m.param[k + 1:])][0][0])
                     for k in range(1, len(m.param)) if m.param[k].isdigit()
@@ -397,7 +420,7 @@ def build(
     if stacked:
       k, src = stacked
       to_unstack.append((t, m.param[:k], src, int(m.param[k])))
-      used.add(src.path)
+      used.update(x.path for x in rules_lib.stored_leaves(src))
       continue
     if t.nnx_only or partial:
       kept.append(t)
@@ -420,21 +443,20 @@ def build(
       srcs, ops = layer_ops[t.path]
       if _is_numpy_dtype(t.dtype) and np.dtype(srcs[0].dtype) != np.dtype(t.dtype):
         ops = ops + (Cast(np.dtype(srcs[0].dtype), np.dtype(t.dtype)),)
-      reads.append(LeafRead(t, tuple(srcs), ops))
+      made = tuple(dict.fromkeys(r for x in srcs for r in history.get(id(x), ())))
+      reads.append(LeafRead(t, tuple(srcs), ops, made))
 
   # A target that holds only the model leaves the optimizer state and step
   # unread on purpose: report them as unused, but they are no error.
   model_only = all(l.meaning.section == ('model',) for l in tgt_leaves)
   unused_pairs = []
   for s in sources:
-    if s.path in used or s.path not in renamed:
+    if s.path in used or s.path not in raw:
       continue
-    m = renamed[s.path]
-    unused_pairs.append((written.get(s.path, ()), s))
+    m = raw[s.path].meaning
+    unused_pairs.append((m.param, s))
     if not partial and not (model_only and m.section != ('model',)):
       problems.append(f'{s} is not used by any target')
-  for name in rename.unused():
-    problems.append(f"rule '{name}' matched no source leaf")
 
   if problems:
     fixes = []

@@ -20,6 +20,7 @@ import tensorstore as ts
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 from orbax_linen_nnx import plan as plan_lib
+from orbax_linen_nnx import rules
 from orbax_linen_nnx import transforms
 from orbax_linen_nnx.source import Checkpoint
 
@@ -66,10 +67,20 @@ def _hashable(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple:
   return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
 
 
+async def _lazy(expr, stores: _Stores) -> transforms.Lazy:
+  """A stored array, or what rules make of stored arrays, as a lazy array."""
+  if isinstance(expr, rules.Derived):
+    args = [await _lazy(a, stores) for a in expr.args]
+    return await transforms.build(expr.op, args)
+  return transforms.TsLazy(await stores.open(expr.name))
+
+
 async def _read_leaf(leaf: plan_lib.LeafRead, stores: _Stores) -> jax.Array:
   target = leaf.target
-  opened = await asyncio.gather(*(stores.open(s.name) for s in leaf.sources))
-  view = transforms.apply(leaf.transform, opened)
+  args = [await _lazy(s, stores) for s in leaf.sources]
+  for op in leaf.transform:
+    args = [await transforms.build(op, args)]
+  (view,) = args
   shape, sharding = tuple(target.shape), target.sharding
   by_slice: dict[tuple, list[jax.Device]] = collections.defaultdict(list)
   index_of: dict[tuple, tuple[slice, ...]] = {}
@@ -80,7 +91,7 @@ async def _read_leaf(leaf: plan_lib.LeafRead, stores: _Stores) -> jax.Array:
     index_of[key] = index
 
   async def read_slice(key):
-    data = await view[index_of[key]].read()
+    data = await view.read(index_of[key])
     return [(d, jax.device_put(data, d)) for d in by_slice[key]]
 
   placed = await asyncio.gather(*(read_slice(k) for k in by_slice))

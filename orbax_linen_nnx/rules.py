@@ -1,77 +1,513 @@
-"""User rules that rename model variables between the two layouts.
+"""Mapping rules: what model code changed between the Linen and the NNX version.
 
-Linen `@nn.compact` names submodules `Dense_0`, `Dense_1`; NNX code names them
-by attribute (`fc1`, `fc2`). No rule can guess that pairing, so the user states it:
+Rules are written once, from the Linen side to the NNX side, over paths inside
+the model ('Dense_0/kernel'); they apply to the params and to every optimizer
+subtree that mirrors them (Adam's mu and nu). Restoring NNX -> Linen applies
+their inverses in reverse order. `{name}` in a path matches any text (slashes
+included) and carries over to the other side:
 
-    rules={'Dense_0': 'fc1', 'Dense_1': 'fc2'}     # Linen name -> NNX name
+    rules = [
+        rename({'Dense_0': 'fc1', 'Dense_1': 'fc2'}),
+        split('{blk}/gating_einsum', ['{blk}/gate_proj/kernel', '{blk}/up_proj/kernel'], axis=0),
+        transpose('{blk}/gate_proj/kernel', (1, 0)),
+        transpose('{blk}/up_proj/kernel', (1, 0)),
+        reshape('{blk}/attn/q/kernel', (64, 8, 16), (64, 128)),
+        cast('{blk}/attn/q/kernel', 'float32'),
+    ]
 
-A mapping is written Linen -> NNX once and serves both directions (it is
-inverted when restoring a Linen target from an NNX checkpoint). Keys and values
-are module paths inside the model, '/'-separated ('Encoder_0/Dense_1'); the
-longest matching prefix wins. A callable `rules(path) -> path` receives the
-source-side model path as a tuple of strings ('Dense_0', 'kernel') and returns
-the target-side path; being one-way, it is used as given in either direction.
+Each rule becomes lazy ops on the stored arrays (see transforms.py); no rule
+ever reads more than the slices the target shards need.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Union
+import collections
+import dataclasses
+import re
+from typing import Any, Callable, Iterable, Mapping, Sequence, Union
+
+import numpy as np
 
 from orbax_linen_nnx import layout
+from orbax_linen_nnx import transforms as tf
 
 Path = layout.Path
-Rules = Union[Mapping[str, str], Callable[[Path], Path], None]
 
 
-def _split(name: str) -> Path:
-  return tuple(p for p in name.split('/') if p)
+class RuleError(ValueError):
+  """A rule that cannot be used as written (e.g. one with no inverse, used backwards)."""
 
 
-class Renamer:
-  """Applies `rules` to source model paths, in the direction of the restore.
+# ---------------------------------------------------------------- expressions
 
-  >>> Renamer({'Dense_0': 'fc1'}, linen_to_nnx=True)(('Dense_0', 'kernel'))
-  ('fc1', 'kernel')
+
+@dataclasses.dataclass(frozen=True)
+class Derived:
+  """An array a rule makes from stored ones: `op` over `args` (arrays or Derived)."""
+
+  op: Any
+  args: tuple[Any, ...]
+  path: Path
+  shape: tuple[int, ...]
+  dtype: Any
+
+  @property
+  def name(self) -> str:
+    return f"{self.op}({', '.join(a.name for a in self.args)})"
+
+  def leaves(self) -> list:
+    return [x for a in self.args for x in stored_leaves(a)]
+
+  def __str__(self) -> str:
+    dtype = np.dtype(self.dtype).name
+    return f"'{layout.render(self.path)}' {tuple(self.shape)} {dtype} (= {self.name})"
+
+
+def stored_leaves(expr) -> list:
+  """The stored arrays an expression reads."""
+  return expr.leaves() if isinstance(expr, Derived) else [expr]
+
+
+def _derive(op, args: Sequence[Any], path: Path) -> Derived:
+  shape = op.shape([tuple(a.shape) for a in args])
+  dtype = op.dtype if isinstance(op, tf.Cast) else args[0].dtype
+  return Derived(op, tuple(args), path, tuple(shape), np.dtype(dtype))
+
+
+# ---------------------------------------------------------------- paths
+
+
+class _Pattern:
+  """'{blk}/gating_einsum': `{name}` matches any text and formats back out."""
+
+  def __init__(self, text: str):
+    self.text = text.strip('/')
+    parts = re.split(r'\{(\w+)\}', self.text)
+    self.names = parts[1::2]
+    rx = ''.join(re.escape(p) if i % 2 == 0 else f'(?P<{p}>.+?)' for i, p in enumerate(parts))
+    self._rx = re.compile(rx)
+
+  def match(self, path: str) -> dict[str, str] | None:
+    m = self._rx.fullmatch(path)
+    return m.groupdict() if m else None
+
+  def format(self, bindings: Mapping[str, str]) -> str:
+    missing = set(self.names) - set(bindings)
+    if missing:
+      raise RuleError(f"'{self.text}' uses {sorted(missing)}, which the other side does not bind")
+    return re.sub(r'\{(\w+)\}', lambda m: bindings[m.group(1)], self.text)
+
+
+def _split_path(text: str) -> Path:
+  return tuple(p for p in text.split('/') if p)
+
+
+class Tally:
+  """What rules did while planning: matches per rule, which rules made each path, problems."""
+
+  def __init__(self):
+    self.matches: dict[str, int] = collections.Counter()
+    self.problems: list[str] = []
+
+
+# ---------------------------------------------------------------- rules
+
+
+class Rule:
+  """Base of all rules: `apply` rewrites {path: array} of one model subtree."""
+
+  def names(self) -> list[str]:
+    return [repr(self)]
+
+  def apply(self, leaves: dict[str, Any], made_by: dict[str, tuple], tally: Tally) -> dict[str, Any]:
+    raise NotImplementedError  # every rule defines it
+
+  def inverse(self) -> 'Rule':
+    raise RuleError(f'{self!r} has no inverse, so it cannot restore the Linen side from'
+                    ' the NNX side; pass inverse= to state it')
+
+
+def _put(out: dict, made_by: dict, path: str, expr, rule: str, tally: Tally):
+  if path in out:
+    earlier = made_by.get(path)
+    tally.problems.append(
+        f"{rule} makes '{path}', which {' then '.join(earlier)} already made: two rules claim one target"
+        if earlier else f"{rule} makes '{path}', which the checkpoint already holds under that name")
+  out[path] = expr
+
+
+class _Rename(Rule):
+  def __init__(self, mapping: Mapping[str, str] | None, fn=None, regex=None, repl=None, inverse=None):
+    self.mapping = {_Pattern(k): _Pattern(v) for k, v in (mapping or {}).items()}
+    self.fn, self.regex, self.repl, self._inverse = fn, regex, repl, inverse
+
+  def __repr__(self):
+    if self.fn is not None:
+      return f'rename({getattr(self.fn, "__name__", "fn")})'
+    if self.regex is not None:
+      return f'rename({self.regex.pattern!r}, {self.repl!r})'
+    return 'rename({' + ', '.join(f'{k.text!r}: {v.text!r}' for k, v in self.mapping.items()) + '})'
+
+  def names(self):
+    if self.mapping:
+      return [k.text for k in self.mapping]
+    return [repr(self)]
+
+  def _new(self, path: str) -> tuple[str | None, str]:
+    segs = _split_path(path)
+    if self.fn is not None:
+      new = self.fn(path)
+      return (None if new in (None, path) else new), repr(self)
+    for k in range(len(segs), 0, -1):  # longest prefix of whole segments wins
+      head, rest = '/'.join(segs[:k]), segs[k:]
+      if self.regex is not None:
+        m = self.regex.fullmatch(head)
+        if m:
+          new = self.repl(m) if callable(self.repl) else m.expand(self.repl)
+          return '/'.join((new,) + rest), repr(self)
+        continue
+      for pat, to in sorted(self.mapping.items(), key=lambda kv: -len(kv[0].text)):
+        b = pat.match(head)
+        if b is not None:
+          return '/'.join((to.format(b),) + rest), pat.text
+    return None, ''
+
+  def apply(self, leaves, made_by, tally):
+    out: dict[str, Any] = {}
+    moved = {}
+    for path, expr in leaves.items():
+      new, name = self._new(path)
+      if new is None:
+        continue
+      tally.matches[name] += 1
+      moved[path] = (new.strip('/'), name)
+    for path, expr in leaves.items():
+      if path not in moved:
+        out[path] = expr
+    for path, (new, name) in moved.items():
+      _put(out, made_by, new, leaves[path], f'rename {name!r}', tally)
+      made_by[new] = made_by.pop(path, ()) + (f'rename {name}',)
+    return out
+
+  def inverse(self):
+    if self._inverse is not None:
+      return self._inverse
+    if self.mapping:
+      back = [v.text for v in self.mapping.values()]
+      if len(set(back)) < len(back):
+        raise RuleError(f'{self!r} maps several Linen names to one NNX name, so it cannot be'
+                        ' inverted to restore a Linen target; give inverse=')
+      return _Rename({v.text: k.text for k, v in self.mapping.items()})
+    return super().inverse()
+
+
+def rename(old, new=None, *, inverse: Rule | None = None) -> Rule:
+  """Renames module paths, Linen name -> NNX name, for params and optimizer moments.
+
+  - `rename({'Dense_0': 'fc1', 'Dense_1': 'fc2'})` or `rename('Dense_0', 'fc1')`:
+    whole leading path segments; `{name}` placeholders carry text across
+    (`rename('blocks_{i}/attn', 'layers/{i}/attention')`). Inverted automatically.
+  - `rename(re.compile(r'Dense_(\\d+)'), r'fc\\1')`: a regex over leading
+    segments, with backreferences or a `fn(match) -> str` replacement
+    (`lambda m: f'fc{int(m[1]) + 1}'`). One-way unless `inverse=` is given.
+  - `rename(fn)`: `fn(path) -> new path or None` for anything else; one-way
+    unless `inverse=` is given.
+
+  >>> rename('Dense_0', 'fc1')
+  rename({'Dense_0': 'fc1'})
   """
+  if isinstance(old, Mapping):
+    return _Rename(old, inverse=inverse)
+  if isinstance(old, re.Pattern):
+    return _Rename(None, regex=old, repl=new, inverse=inverse)
+  if callable(old):
+    return _Rename(None, fn=old, inverse=inverse)
+  return _Rename({old: new}, inverse=inverse)
 
-  def __init__(self, rules: Rules, *, linen_to_nnx: bool):
-    self._fn = None
-    self._pairs: list[tuple[Path, Path]] = []
-    self.used: set[str] = set()
-    if rules is None:
-      return
-    if callable(rules):
-      self._fn = rules
-      return
-    if not isinstance(rules, Mapping):
-      raise TypeError(
-          'rules must be a mapping {linen_name: nnx_name} or a callable'
-          f' path -> path, got {type(rules).__name__}'
-      )
-    pairs = [(_split(k), _split(v)) for k, v in rules.items()]
-    if not linen_to_nnx:
-      targets = [v for _, v in pairs]
-      dupes = {layout.render(v) for v in targets if targets.count(v) > 1}
-      if dupes:
-        raise ValueError(
-            f'rules map several Linen names to {sorted(dupes)}, so they cannot be'
-            ' inverted to restore a Linen target; give a callable instead.'
-        )
-      pairs = [(v, k) for k, v in pairs]
-    self._pairs = sorted(pairs, key=lambda kv: -len(kv[0]))
 
-  def __call__(self, path: Path) -> Path:
-    if self._fn is not None:
-      out = self._fn(tuple(path))
-      if isinstance(out, str):
-        out = _split(out)
-      return tuple(str(p) for p in out)
-    for src, dst in self._pairs:
-      if path[: len(src)] == src:
-        self.used.add(layout.render(src))
-        return dst + path[len(src):]
-    return path
+class _OneToMany(Rule):
+  """Shared matching of rules that turn each matching leaf into derived leaves."""
 
-  def unused(self) -> list[str]:
-    """Source names of mapping rules that matched no leaf."""
-    return sorted(layout.render(s) for s, _ in self._pairs if layout.render(s) not in self.used)
+  def __init__(self, source: str):
+    self.source = _Pattern(source)
+
+  def outputs(self, path: str, bindings: dict, expr) -> list[tuple[str, Any]] | None:
+    raise NotImplementedError  # every rule defines it
+
+  def apply(self, leaves, made_by, tally):
+    out = {}
+    for path, expr in leaves.items():
+      b = self.source.match(path)
+      made = self.outputs(path, b, expr, tally) if b is not None else None
+      if made is None:
+        _put(out, made_by, path, expr, repr(self), tally)
+        continue
+      tally.matches[repr(self)] += 1
+      history = made_by.pop(path, ())
+      for new, derived in made:
+        _put(out, made_by, new, derived, repr(self), tally)
+        made_by[new] = history + (repr(self),)
+    return out
+
+
+class _Split(_OneToMany):
+  def __init__(self, source, targets, axis, sizes):
+    super().__init__(source)
+    self.targets = [_Pattern(t) for t in targets]
+    self.axis, self.sizes = axis, sizes
+
+  def __repr__(self):
+    sizes = '' if self.sizes is None else f', sizes={self.sizes!r}'
+    return f'split({self.source.text!r}, {[t.text for t in self.targets]!r}, axis={self.axis}{sizes})'
+
+  def outputs(self, path, b, expr, tally):
+    shape, n = tuple(expr.shape), len(self.targets)
+    if not -len(shape) <= self.axis < len(shape):
+      tally.problems.append(f"{self!r}: '{path}' {shape} has no axis {self.axis}")
+      return []
+    axis = self.axis % len(shape)
+    sizes = self.sizes
+    if sizes == 'equal':
+      if shape[axis] % n:
+        tally.problems.append(f"{self!r}: '{path}' {shape} axis {axis} ({shape[axis]}) does not split into {n} equal parts")
+        return []
+      sizes = [shape[axis] // n] * n
+    if sizes is None:
+      if shape[axis] != n:
+        tally.problems.append(f"{self!r}: '{path}' {shape} has {shape[axis]} entries on axis {axis}, not one per"
+                              f' target ({n}); give sizes= to split it into slices')
+        return []
+      return [(t.format(b), _derive(tf.Take(axis, i), [expr], _split_path(t.format(b))))
+              for i, t in enumerate(self.targets)]
+    if len(sizes) != n or sum(sizes) != shape[axis]:
+      tally.problems.append(f"{self!r}: parts {list(sizes)} do not add up to '{path}' {shape} axis {axis} ({shape[axis]})")
+      return []
+    made, start = [], 0
+    for t, size in zip(self.targets, sizes):
+      made.append((t.format(b), _derive(tf.Slice(axis, start, start + size), [expr], _split_path(t.format(b)))))
+      start += size
+    return made
+
+  def inverse(self):
+    return _Merge([t.text for t in self.targets], self.source.text, self.axis,
+                  stack=self.sizes is None, sizes=self.sizes)
+
+
+def split(source: str, targets: Sequence[str], axis: int, sizes: Sequence[int] | str | None = None) -> Rule:
+  """One stored array -> several targets along `axis`.
+
+  `sizes=None`: one target per entry of `axis`, which disappears (a fused
+  (2, F, D) kernel -> two (F, D) kernels). `sizes=[a, b]` or `'equal'`: slices
+  that keep the axis. Inverse: `merge`.
+
+  >>> split('{b}/gating_einsum', ['{b}/gate', '{b}/up'], axis=0)
+  split('{b}/gating_einsum', ['{b}/gate', '{b}/up'], axis=0)
+  """
+  return _Split(source, targets, axis, None if sizes is None else (sizes if sizes == 'equal' else list(sizes)))
+
+
+class _Merge(Rule):
+  def __init__(self, sources, target, axis, stack=False, sizes=None):
+    self.sources = [_Pattern(s) for s in sources]
+    self.target = _Pattern(target)
+    self.axis, self.stack, self.sizes = axis, stack, sizes
+
+  def __repr__(self):
+    kind = ', stack=True' if self.stack else ''
+    return f'merge({[s.text for s in self.sources]!r}, {self.target.text!r}, axis={self.axis}{kind})'
+
+  def apply(self, leaves, made_by, tally):
+    out = dict(leaves)
+    for path in list(leaves):
+      b = self.sources[0].match(path)
+      if b is None or path not in out:
+        continue
+      names = [s.format(b) for s in self.sources]
+      absent = [n for n in names if n not in leaves]
+      if absent:
+        tally.problems.append(f"{self!r}: '{path}' has no partner {absent}")
+        continue
+      parts = [leaves[n] for n in names]
+      shapes = {tuple(p.shape) for p in parts}
+      if self.stack and len(shapes) > 1:
+        tally.problems.append(f'{self!r}: cannot stack {[str(p) for p in parts]}: shapes differ')
+        continue
+      op = tf.Stack(self.axis) if self.stack else tf.Concat(self.axis)
+      new = self.target.format(b)
+      history = ()
+      for n in names:
+        del out[n]
+        history += made_by.pop(n, ())
+      tally.matches[repr(self)] += 1
+      _put(out, made_by, new, _derive(op, parts, _split_path(new)), repr(self), tally)
+      made_by[new] = history + (repr(self),)
+    return out
+
+  def inverse(self):
+    sizes = None if self.stack else (self.sizes or 'equal')
+    return _Split(self.target.text, [s.text for s in self.sources], self.axis, sizes)
+
+
+def merge(sources: Sequence[str], target: str, axis: int, *, stack: bool = False,
+          sizes: Sequence[int] | None = None) -> Rule:
+  """Several stored arrays -> one target, concatenated along `axis` (or stacked).
+
+  `sizes` tells the inverse split where the parts end (default: equal parts).
+
+  >>> merge(['{b}/q', '{b}/k', '{b}/v'], '{b}/qkv', axis=1)
+  merge(['{b}/q', '{b}/k', '{b}/v'], '{b}/qkv', axis=1)
+  """
+  return _Merge(sources, target, axis, stack, None if sizes is None else list(sizes))
+
+
+class _PerLeaf(_OneToMany):
+  """A rule that replaces each matching leaf by one op over it, keeping its path."""
+
+  def op_for(self, path, expr, tally):
+    raise NotImplementedError  # every rule defines it
+
+  def outputs(self, path, b, expr, tally):
+    op = self.op_for(path, expr, tally)
+    if op is None:
+      return []
+    return [(path, _derive(op, [expr], _split_path(path)) if op is not _SAME else expr)]
+
+
+_SAME = object()
+
+
+class _Transpose(_PerLeaf):
+  def __init__(self, path, perm):
+    super().__init__(path)
+    self.perm = tuple(perm)
+
+  def __repr__(self):
+    return f'transpose({self.source.text!r}, {self.perm})'
+
+  def op_for(self, path, expr, tally):
+    if sorted(self.perm) != list(range(len(expr.shape))):
+      tally.problems.append(f"{self!r}: {self.perm} is no permutation of the axes of '{path}' {tuple(expr.shape)}")
+      return None
+    return tf.Transpose(self.perm)
+
+  def inverse(self):
+    return _Transpose(self.source.text, tuple(int(i) for i in np.argsort(self.perm)))
+
+
+def transpose(path: str, perm: Sequence[int]) -> Rule:
+  """Permute a leaf's axes like `numpy.transpose` (Linen (F, D) -> NNX (D, F))."""
+  return _Transpose(path, perm)
+
+
+class _Reshape(_PerLeaf):
+  def __init__(self, path, from_shape, to_shape):
+    super().__init__(path)
+    self.from_shape, self.to_shape = tuple(from_shape), tuple(to_shape)
+
+  def __repr__(self):
+    return f'reshape({self.source.text!r}, {self.from_shape}, {self.to_shape})'
+
+  def op_for(self, path, expr, tally):
+    if int(np.prod(self.from_shape)) != int(np.prod(self.to_shape)):
+      tally.problems.append(f'{self!r}: {self.from_shape} and {self.to_shape} hold different numbers of elements')
+      return None
+    if tuple(expr.shape) != self.from_shape:
+      tally.problems.append(f"{self!r}: '{path}' is {tuple(expr.shape)}, not {self.from_shape}")
+      return None
+    return tf.Reshape(self.from_shape, self.to_shape)
+
+  def inverse(self):
+    return _Reshape(self.source.text, self.to_shape, self.from_shape)
+
+
+def reshape(path: str, from_shape: Sequence[int], to_shape: Sequence[int]) -> Rule:
+  """Merge or split axes: `reshape('{b}/q/kernel', (D, H, K), (D, H * K))`.
+
+  Both shapes are stated so the rule inverts. Each target slice reads only the
+  source rows that cover it, and is reshaped on the host.
+  """
+  return _Reshape(path, from_shape, to_shape)
+
+
+class _Cast(_PerLeaf):
+  def __init__(self, path, dtype):
+    super().__init__(path)
+    self.dtype = None if dtype is None else np.dtype(dtype)
+
+  def __repr__(self):
+    return f"cast({self.source.text!r}, {self.dtype.name if self.dtype is not None else None!r})"
+
+  def op_for(self, path, expr, tally):
+    if self.dtype is None or np.dtype(expr.dtype) == self.dtype:
+      return _SAME
+    return tf.Cast(np.dtype(expr.dtype), self.dtype)
+
+  def inverse(self):
+    # Restoring the other way, the target's own dtype decides (every read casts to it).
+    return _Cast(self.source.text, None)
+
+
+def cast(path: str, dtype) -> Rule:
+  """Read a leaf as `dtype` (bfloat16 -> float32). Every target leaf is also cast
+  to its abstract dtype anyway; this rule makes a conversion explicit in the plan."""
+  return _Cast(path, dtype)
+
+
+Rules = Union[Sequence[Rule], Mapping[str, str], Callable[[Path], Path], None]
+
+
+class _OneWay(Rule):
+  """A bare callable `path tuple -> path tuple`, used as given in either direction."""
+
+  def __init__(self, fn):
+    self.fn = fn
+
+  def __repr__(self):
+    return f'rules={getattr(self.fn, "__name__", "fn")}'
+
+  def apply(self, leaves, made_by, tally):
+    out = {}
+    for path, expr in leaves.items():
+      new = self.fn(_split_path(path))
+      new = '/'.join(_split_path(new) if isinstance(new, str) else tuple(str(p) for p in new))
+      if new != path:
+        tally.matches[repr(self)] += 1
+        made_by[new] = made_by.pop(path, ()) + (repr(self),)
+      _put(out, made_by, new, expr, repr(self), tally)
+    return out
+
+  def inverse(self):
+    return self
+
+
+def as_rules(rules: Rules, *, backward: bool) -> list[Rule]:
+  """The rules to apply to source model paths, in the direction of the restore."""
+  if rules is None:
+    return []
+  if isinstance(rules, Mapping):
+    rules = [rename(dict(rules))]
+  elif callable(rules) and not isinstance(rules, Rule):
+    return [_OneWay(rules)]
+  elif isinstance(rules, Rule):
+    rules = [rules]
+  rules = list(rules)
+  for r in rules:
+    if not isinstance(r, Rule):
+      raise TypeError(f'rules must be rename/split/merge/transpose/reshape/cast rules, a dict'
+                      f' {{linen_name: nnx_name}} or a callable; got {r!r}')
+  if backward:
+    return [r.inverse() for r in reversed(rules)]
+  return rules
+
+
+def apply_all(rules: Sequence[Rule], leaves: dict[str, Any], made_by: dict[str, tuple],
+              tally: Tally) -> dict[str, Any]:
+  """Runs every rule, in order, over one model subtree ({path: array})."""
+  for r in rules:
+    leaves = r.apply(leaves, made_by, tally)
+  return leaves
+
+
+def unmatched(rules: Iterable[Rule], tally: Tally) -> list[str]:
+  """Rules (or entries of a rename mapping) that matched no leaf anywhere."""
+  return [n for r in rules for n in r.names() if not tally.matches.get(n)]
