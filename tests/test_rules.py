@@ -1,0 +1,293 @@
+"""Mapping rules (rename, split, merge, transpose, reshape, cast), both directions, real models."""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+from flax.training import train_state
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import models
+from orbax_linen_nnx import (LinenCompatRestore, PlanError, cast, merge, plan, rename, reshape, split,
+                             transpose)
+from test_reads import chunks_touched, counter
+
+D, H, K, F = 8, 2, 4, 16
+
+
+class LinenGemmaBlock(nn.Module):
+  """Upstream Gemma style: a (D, H, K) query kernel and a fused (2, F, D) gating einsum."""
+
+  @nn.compact
+  def __call__(self, x):
+    q = nn.DenseGeneral((H, K), use_bias=False, name='q_einsum', param_dtype=jnp.bfloat16)(x)
+    x = x + nn.Dense(D, use_bias=False, name='o', param_dtype=jnp.bfloat16)(q.reshape(q.shape[:-2] + (H * K,)))
+    w = self.param('gating_einsum', nn.initializers.normal(0.5), (2, F, D), jnp.bfloat16)
+    h = nn.gelu(jnp.einsum('bd,fd->bf', x, w[0])) * jnp.einsum('bd,fd->bf', x, w[1])
+    return x + h @ self.param('linear', nn.initializers.normal(0.5), (F, D), jnp.bfloat16)
+
+
+class NnxGemmaBlock(nnx.Module):
+  """The NNX port: float32, split projections, a flat (D, H*K) query kernel."""
+
+  def __init__(self, rngs):
+    self.q = nnx.Linear(D, H * K, use_bias=False, rngs=rngs)
+    self.o = nnx.Linear(H * K, D, use_bias=False, rngs=rngs)
+    self.gate_proj = nnx.Linear(D, F, use_bias=False, rngs=rngs)
+    self.up_proj = nnx.Linear(D, F, use_bias=False, rngs=rngs)
+    self.down_proj = nnx.Linear(F, D, use_bias=False, rngs=rngs)
+
+  def __call__(self, x):
+    x = x + self.o(self.q(x))
+    return x + self.down_proj(nnx.gelu(self.gate_proj(x)) * self.up_proj(x))
+
+
+GEMMA_RULES = [
+    rename({'q_einsum': 'q', 'linear': 'down_proj/kernel'}),
+    split('gating_einsum', ['gate_proj/kernel', 'up_proj/kernel'], axis=0),
+    transpose('{proj}_proj/kernel', (1, 0)),
+    reshape('q/kernel', (D, H, K), (D, H * K)),
+    cast('{any}', 'float32'),
+]
+
+
+def linen_gemma_state():
+  model = LinenGemmaBlock()
+  variables = model.init(jax.random.key(0), jnp.ones((1, D)))
+  state = train_state.TrainState.create(apply_fn=model.apply, params=variables, tx=optax.adam(1e-2))
+  x = jax.random.normal(jax.random.key(1), (4, D))
+  grads = jax.grad(lambda p: jnp.sum(model.apply(p, x) ** 2))(state.params)
+  return state.apply_gradients(grads=grads), x
+
+
+def expected_nnx(linen_params):
+  """The NNX values, computed independently with numpy from the Linen tree."""
+  p = {k: np.asarray(v, np.float32) for k, v in models.flat(linen_params).items()}
+  pre = 'params/' if any(k.startswith('params/') for k in p) else ''
+  return {
+      'q/kernel': p[f'{pre}q_einsum/kernel'].reshape(D, H * K),
+      'o/kernel': p[f'{pre}o/kernel'],
+      'gate_proj/kernel': p[f'{pre}gating_einsum'][0].T,
+      'up_proj/kernel': p[f'{pre}gating_einsum'][1].T,
+      'down_proj/kernel': p[f'{pre}linear'],
+  }
+
+
+def save(directory, tree, step=1):
+  with ocp.CheckpointManager(directory) as m:
+    m.save(step, args=ocp.args.StandardSave(tree))
+
+
+def sharded_nnx_abstract(mesh, make):
+  state = nnx.state(nnx.eval_shape(make))
+  return models.shard_abstract(state, mesh, 'two_axes')
+
+
+def test_gemma_block_linen_to_nnx(tmp_path, mesh):
+  linen, x = linen_gemma_state()
+  save(tmp_path, linen)
+
+  def make():
+    m = NnxGemmaBlock(nnx.Rngs(0))
+    return {'model': m, 'optimizer': nnx.Optimizer(m, optax.adam(1e-2), wrt=nnx.Param)}
+
+  abstract = sharded_nnx_abstract(mesh, make)
+  mngr = ocp.CheckpointManager(tmp_path)
+  p = mngr.restore(1, args=LinenCompatRestore(abstract, rules=GEMMA_RULES, dry_run=True))
+  line = str(p.read_for('model/gate_proj/kernel'))
+  assert "transpose (1, 0)" in line and "layer 0 of axis 0" in line and 'split(' in line, line
+
+  restored = mngr.restore(1, args=LinenCompatRestore(abstract, rules=GEMMA_RULES))
+  got = models.flat(restored)
+  for path, want in expected_nnx(linen.params['params']).items():
+    np.testing.assert_array_equal(np.asarray(got[f'model/{path}']), want, err_msg=path)
+    # The optimizer's moments went through the same rules.
+    mu_want = expected_nnx(linen.opt_state[0].mu['params'])[path]
+    np.testing.assert_array_equal(np.asarray(got[f'optimizer/opt_state/0/mu/{path}']), mu_want, err_msg=path)
+  models.assert_sharded_as(restored, abstract)
+
+  ts = make()
+  nnx.update(ts, restored)
+  np.testing.assert_allclose(np.asarray(ts['model'](x)), np.asarray(linen.apply_fn(linen.params, x), np.float32),
+                             rtol=2e-2, atol=2e-2)  # Linen computes in bf16 here, NNX in float32
+  np.testing.assert_allclose(np.asarray(ts['model'](x)),
+                             np.asarray(LinenGemmaBlock().apply(jax.tree.map(lambda a: a.astype(jnp.float32), linen.params), x)),
+                             rtol=1e-5, atol=1e-5)  # same math on the same (upcast) weights
+
+
+def test_gemma_block_nnx_to_linen_with_the_same_rules(tmp_path, mesh):
+  model = NnxGemmaBlock(nnx.Rngs(3))
+  save(tmp_path, nnx.state(model))
+  abstract = jax.eval_shape(lambda: LinenGemmaBlock().init(jax.random.key(0), jnp.ones((1, D))))
+  abstract = models.shard_abstract(abstract, mesh, 'one_axis')
+  restored = ocp.CheckpointManager(tmp_path).restore(1, args=LinenCompatRestore(abstract, rules=GEMMA_RULES))
+  got = {k: np.asarray(v) for k, v in models.flat(restored).items()}
+  assert got['params/gating_einsum'].dtype == jnp.bfloat16
+  src = {k: np.asarray(v) for k, v in models.flat(nnx.state(model)).items()}
+  bf16 = lambda a: np.asarray(a).astype(jnp.bfloat16)
+  np.testing.assert_array_equal(got['params/gating_einsum'], bf16(np.stack([src['gate_proj/kernel'].T, src['up_proj/kernel'].T])))
+  np.testing.assert_array_equal(got['params/q_einsum/kernel'], bf16(src['q/kernel'].reshape(D, H, K)))
+  np.testing.assert_array_equal(got['params/linear'], bf16(src['down_proj/kernel']))
+  models.assert_sharded_as(restored, abstract)
+  # Round trip: Linen -> NNX again gives back the NNX values (up to bf16 rounding).
+  want = expected_nnx(restored['params'])
+  np.testing.assert_array_equal(want['gate_proj/kernel'], bf16(src['gate_proj/kernel']).astype(np.float32))
+
+
+def test_merge_concat_and_its_inverse(tmp_path):
+  rng = np.random.default_rng(0)
+  linen = {'params': {'attn': {n: {'kernel': rng.normal(size=(D, 4)).astype(np.float32)} for n in 'qkv'}}}
+  save(tmp_path / 'linen', linen)
+  rules = [merge(['{b}/q/kernel', '{b}/k/kernel', '{b}/v/kernel'], '{b}/qkv/kernel', axis=1)]
+  target = {'attn': {'qkv': {'kernel': jax.ShapeDtypeStruct((D, 12), np.float32)}}}
+  restored = ocp.CheckpointManager(tmp_path / 'linen').restore(1, args=LinenCompatRestore(target, rules=rules))
+  want = np.concatenate([linen['params']['attn'][n]['kernel'] for n in 'qkv'], axis=1)
+  np.testing.assert_array_equal(np.asarray(restored['attn']['qkv']['kernel']), want)
+
+  # Backwards: the fused NNX kernel splits into three equal parts.
+  save(tmp_path / 'nnx', {'model': {'attn': {'qkv': {'kernel': {'value': want}}}}})
+  linen_target = {'params': {'attn': {n: {'kernel': jax.ShapeDtypeStruct((D, 4), np.float32)} for n in 'qkv'}}}
+  back = ocp.CheckpointManager(tmp_path / 'nnx').restore(1, args=LinenCompatRestore(linen_target, rules=rules))
+  for n in 'qkv':
+    np.testing.assert_array_equal(np.asarray(back['params']['attn'][n]['kernel']), linen['params']['attn'][n]['kernel'])
+
+
+def test_split_with_sizes_and_stack_merge(tmp_path):
+  rng = np.random.default_rng(1)
+  w = rng.normal(size=(D, 12)).astype(np.float32)
+  save(tmp_path, {'params': {'fused': w}})
+  target = {'a': jax.ShapeDtypeStruct((D, 4), np.float32), 'b': jax.ShapeDtypeStruct((D, 8), np.float32)}
+  out = ocp.CheckpointManager(tmp_path).restore(1, args=LinenCompatRestore(target, rules=[split('fused', ['a', 'b'], axis=1, sizes=[4, 8])]))
+  np.testing.assert_array_equal(np.asarray(out['a']), w[:, :4])
+  np.testing.assert_array_equal(np.asarray(out['b']), w[:, 4:])
+
+  save(tmp_path / 'two', {'params': {'a': w[:, :6], 'b': w[:, 6:]}})
+  target = {'ab': jax.ShapeDtypeStruct((2, D, 6), np.float32)}
+  out = ocp.CheckpointManager(tmp_path / 'two').restore(1, args=LinenCompatRestore(target, rules=[merge(['a', 'b'], 'ab', axis=0, stack=True)]))
+  np.testing.assert_array_equal(np.asarray(out['ab']), np.stack([w[:, :6], w[:, 6:]]))
+
+
+def test_regex_and_callable_renames(tmp_path):
+  linen = models.linen_mlp_state(optax.adam(1e-2), variables_as_params=False)
+  save(tmp_path, linen)
+  abstract = nnx.state(nnx.eval_shape(lambda: models.nnx_train_state(models.NnxMLP, optax.adam(1e-2))))
+  mngr = ocp.CheckpointManager(tmp_path)
+  by_regex = rename(re.compile(r'Dense_(\d+)'), lambda m: f'fc{int(m[1]) + 1}')
+  by_fn = rename(lambda path: re.sub(r'^Dense_(\d+)', lambda m: f'fc{int(m[1]) + 1}', path))
+  for rule in (by_regex, by_fn):
+    restored = mngr.restore(1, args=LinenCompatRestore(abstract, rules=[rule]))
+    models.assert_same(restored, models.flat(linen), {'model/fc1/kernel': 'params/Dense_0/kernel',
+                                                      'optimizer/opt_state/0/nu/fc2/bias': 'opt_state/0/nu/Dense_1/bias'})
+  # Placeholders carry text across: Dense_0 -> fc_0 style names, and back.
+  p = plan(tmp_path / '1', {'fc_0': {'kernel': jax.ShapeDtypeStruct((16, 32), np.float32)}},
+           rules=[rename('Dense_{i}', 'fc_{i}')], partial=True)
+  assert p.read_for('fc_0/kernel').sources[0].name == 'params.Dense_0.kernel'
+
+
+def test_one_way_rules_say_so_backwards(tmp_path):
+  save(tmp_path, {'model': {'fc0': {'kernel': {'value': np.zeros((3, 4), np.float32)}}}})
+  target = {'params': {'Dense_0': {'kernel': jax.ShapeDtypeStruct((3, 4), np.float32)}}}
+  with pytest.raises(PlanError, match=r"rename\('Dense_\(\\\\d\+\)', 'fc\\\\1'\) has no inverse.*pass inverse="):
+    plan(tmp_path / '1', target, rules=[rename(re.compile(r'Dense_(\d+)'), r'fc\1')])
+  ok = plan(tmp_path / '1', target, rules=[rename(re.compile(r'Dense_(\d+)'), r'fc\1',
+                                                  inverse=rename(re.compile(r'fc(\d+)'), r'Dense_\1'))])
+  assert ok.read_for('params/Dense_0/kernel').sources[0].name == 'model.fc0.kernel.value'
+
+
+def test_rule_errors_name_the_rule(tmp_path):
+  w = np.zeros((2, F, D), np.float32)
+  save(tmp_path, {'params': {'gating_einsum': w, 'q': np.zeros((D, H, K), np.float32)}})
+  target = {'gate': jax.ShapeDtypeStruct((F, D), np.float32), 'up': jax.ShapeDtypeStruct((F, D), np.float32),
+            'q': jax.ShapeDtypeStruct((D, H * K), np.float32)}
+  ok = [split('gating_einsum', ['gate', 'up'], axis=0), reshape('q', (D, H, K), (D, H * K))]
+  assert len(plan(tmp_path / '1', target, rules=ok).reads) == 3
+
+  with pytest.raises(PlanError, match=r"rule 'transpose\('nothing', \(1, 0\)\)' matched no source leaf"):
+    plan(tmp_path / '1', target, rules=ok + [transpose('nothing', (1, 0))])
+  with pytest.raises(PlanError, match=r"split\('gating_einsum', \['gate', 'up'\], axis=0, sizes=\[1, 2\]\): parts \[1, 2\] do not add up to 'gating_einsum' \(2, 16, 8\) axis 0 \(2\)"):
+    plan(tmp_path / '1', target, rules=[split('gating_einsum', ['gate', 'up'], axis=0, sizes=[1, 2]), ok[1]])
+  with pytest.raises(PlanError, match=r"reshape\('q', \(8, 2, 4\), \(8, 9\)\): \(8, 2, 4\) and \(8, 9\) hold different numbers of elements"):
+    plan(tmp_path / '1', target, rules=[ok[0], reshape('q', (D, H, K), (D, 9))])
+  with pytest.raises(PlanError, match=r"makes 'up', which split\(.*\) already made: two rules claim one target"):
+    plan(tmp_path / '1', target, rules=ok + [rename('q', 'up')])
+
+
+def test_rules_combined_with_layer_stacking(tmp_path, mesh):
+  """Per-layer fused Linen weights -> split, transposed and stacked into one NNX tensor per projection."""
+  rng = np.random.default_rng(2)
+  n = 4
+  params = {f'layers_{i}': {'mlp': {'gating_einsum': rng.normal(size=(2, F, D)).astype(np.float32)}} for i in range(n)}
+  save(tmp_path, {'params': params})
+  sharding = NamedSharding(mesh, P('data', None, 'model'))
+  target = {'layers': {'mlp': {name: {'kernel': jax.ShapeDtypeStruct((n, D, F), np.float32, sharding=sharding)}
+                               for name in ('gate_proj', 'up_proj')}}}
+  rules = [split('{b}/gating_einsum', ['{b}/gate_proj/kernel', '{b}/up_proj/kernel'], axis=0),
+           transpose('{b}/{p}_proj/kernel', (1, 0))]
+  p = plan(tmp_path / '1', target, rules=rules)
+  assert str(p.read_for('layers/mlp/up_proj/kernel').transform[0]) == 'stack axis 0'
+  restored = ocp.CheckpointManager(tmp_path).restore(1, args=LinenCompatRestore(target, rules=rules))
+  want = np.stack([params[f'layers_{i}']['mlp']['gating_einsum'][1].T for i in range(n)])
+  np.testing.assert_array_equal(np.asarray(restored['layers']['mlp']['up_proj']['kernel']), want)
+  assert restored['layers']['mlp']['up_proj']['kernel'].sharding == sharding
+
+  # And back: NNX unrolled blocks -> Linen loop, with the same rules inverted.
+  nnx_tree = {'model': {'layers': {str(i): {'mlp': {'gate_proj': {'kernel': {'value': params[f'layers_{i}']['mlp']['gating_einsum'][0].T}},
+                                                    'up_proj': {'kernel': {'value': params[f'layers_{i}']['mlp']['gating_einsum'][1].T}}}}
+                                   for i in range(n)}}}
+  save(tmp_path / 'nnx', nnx_tree)
+  linen_target = {'params': {f'layers_{i}': {'mlp': {'gating_einsum': jax.ShapeDtypeStruct((2, F, D), np.float32)}} for i in range(n)}}
+  back = ocp.CheckpointManager(tmp_path / 'nnx').restore(1, args=LinenCompatRestore(linen_target, rules=rules))
+  for i in range(n):
+    np.testing.assert_array_equal(np.asarray(back['params'][f'layers_{i}']['mlp']['gating_einsum']),
+                                  params[f'layers_{i}']['mlp']['gating_einsum'])
+
+
+def test_split_and_transpose_read_only_what_each_shard_needs(tmp_path, mesh):
+  """gating_einsum (2, F, D) stored in chunks along F; gate_proj (D, F) sharded along F reads only its half and rows."""
+  w = np.random.default_rng(3).normal(size=(2, 64, D)).astype(np.float32)
+  stored = jax.device_put(w, NamedSharding(mesh, P(None, 'data')))
+  save(tmp_path, {'params': {'gating_einsum': stored}})
+  meta = ocp.PyTreeCheckpointHandler().metadata(tmp_path / '1' / 'default').tree
+  chunk = tuple(meta['params']['gating_einsum'].storage.chunk_shape)
+  assert chunk[0] == 2 or chunk[0] == 1
+  sharding = NamedSharding(mesh, P(None, 'data'))
+  target = {'gate_proj': {'kernel': jax.ShapeDtypeStruct((D, 64), np.float32, sharding=sharding)}}
+  rules = [split('gating_einsum', ['gate_proj/kernel', 'up_proj/kernel'], axis=0), transpose('{p}_proj/kernel', (1, 0))]
+
+  slices = {idx[1].indices(64)[:2] for idx in sharding.addressable_devices_indices_map((D, 64)).values()}
+  # gate_proj[:, f0:f1] = gating_einsum[0, f0:f1, :]
+  expected = sum(chunks_touched((slice(0, 1), slice(*f), slice(None)), w.shape, chunk) for f in slices)
+  before = counter('/tensorstore/cache/chunk_cache/reads')
+  restored = ocp.CheckpointManager(tmp_path).restore(1, args=LinenCompatRestore(target, rules=rules, partial=True))
+  reads = counter('/tensorstore/cache/chunk_cache/reads') - before
+  np.testing.assert_array_equal(np.asarray(restored['gate_proj']['kernel']), w[0].T)
+  assert restored['gate_proj']['kernel'].sharding == sharding
+  print(f'{len(slices)} slices, {reads} chunk reads, expected {expected}; whole array {np.prod([-(-a // c) for a, c in zip(w.shape, chunk)])} chunks')
+  assert reads == expected
+
+
+def test_reshape_reads_only_the_rows_a_shard_covers(tmp_path, mesh):
+  """(D, H, K) -> (D, H*K), target sharded on D: each slice reads its own rows of the source."""
+  w = np.random.default_rng(4).normal(size=(D, H, K)).astype(np.float32)
+  save(tmp_path, {'params': {'q': jax.device_put(w, NamedSharding(mesh, P('data')))}})
+  chunk = tuple(ocp.PyTreeCheckpointHandler().metadata(tmp_path / '1' / 'default').tree['params']['q'].storage.chunk_shape)
+  sharding = NamedSharding(mesh, P('data', 'model'))
+  target = {'q': jax.ShapeDtypeStruct((D, H * K), np.float32, sharding=sharding)}
+  before = counter('/tensorstore/cache/chunk_cache/reads')
+  out = ocp.CheckpointManager(tmp_path).restore(1, args=LinenCompatRestore(target, rules=[reshape('q', (D, H, K), (D, H * K))]))
+  reads = counter('/tensorstore/cache/chunk_cache/reads') - before
+  np.testing.assert_array_equal(np.asarray(out['q']), w.reshape(D, H * K))
+  assert out['q'].sharding == sharding
+  # (D/4 rows, H*K/2 cols) per slice: rows come from the slice's own D range; the H*K/2
+  # columns are whole H rows here, so each slice reads only the chunks under (rows, h-range).
+  expected = 0
+  for idx in sharding.addressable_devices_indices_map((D, H * K)).values():
+    r, c = idx[0].indices(D)[:2], idx[1].indices(H * K)[:2]
+    expected += chunks_touched((slice(*r), slice(c[0] // K, (c[1] - 1) // K + 1), slice(None)), w.shape, chunk)
+  assert reads == expected, (reads, expected)
