@@ -231,7 +231,8 @@ class _OneToMany(Rule):
   def __init__(self, source: str):
     self.source = _Pattern(source)
 
-  def outputs(self, path: str, bindings: dict, expr) -> list[tuple[str, Any]] | None:
+  def outputs(self, path: str, bindings: dict, expr, tally: Tally) -> list[tuple[str, Any]]:
+    """The (new path, array) pairs a matching leaf becomes; [] when the rule cannot apply."""
     raise NotImplementedError  # every rule defines it
 
   def apply(self, leaves, made_by, tally):
@@ -360,6 +361,9 @@ def merge(sources: Sequence[str], target: str, axis: int, *, stack: bool = False
   return _Merge(sources, target, axis, stack, None if sizes is None else list(sizes))
 
 
+_SAME = object()  # op_for's answer when a leaf passes through unchanged
+
+
 class _PerLeaf(_OneToMany):
   """A rule that replaces each matching leaf by one op over it, keeping its path."""
 
@@ -371,9 +375,6 @@ class _PerLeaf(_OneToMany):
     if op is None:
       return []
     return [(path, _derive(op, [expr], _split_path(path)) if op is not _SAME else expr)]
-
-
-_SAME = object()
 
 
 class _Transpose(_PerLeaf):
