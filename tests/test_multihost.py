@@ -1,0 +1,204 @@
+"""`LinenCompatRestore` on a real multi-controller JAX runtime: N local CPU processes.
+
+Each configuration starts N processes of `multihost_worker.py` (K CPU devices
+each, one (4, 2) mesh over all 8), which save one Linen `TrainState` together
+with Orbax and restore it into a sharded NNX train state (see the worker's
+docstring for the stages). Every process reports to a JSON file; the tests
+here compare what the processes report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name('multihost_worker.py')
+REPO = WORKER.parent.parent
+TIMEOUT_S = 120  # hard limit for one configuration's processes, all together
+CONFIGS = [(2, 4), (4, 2)]  # (processes, CPU devices per process)
+EXPECTED_ERRORS = {
+    'no_rules': ["target 'model/fc1/kernel' (128, 512) float32 has no source",
+                 "source 'params/params/Dense_0/kernel' (128, 512) float32 is not used by any target",
+                 "rules={'Dense_0': 'fc1', 'Dense_1': 'fc2'}"],
+    'shape_mismatch': ["target 'model/fc1/kernel' (128, 384) float32 cannot be read from source"
+                       " 'params/params/Dense_0/kernel' (128, 512) float32: shapes differ"],
+}
+
+
+def free_port() -> int:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def worker_env(process_id: int) -> dict[str, str]:
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(('XLA_', 'JAX_', 'TPU_', 'CUDA_', 'TF_'))}
+  env.update(
+      JAX_PLATFORMS='cpu',
+      # A different hash seed in each process: any decision that depends on
+      # set or dict-of-set iteration order would differ between them.
+      PYTHONHASHSEED=str(101 + process_id),
+      OMP_NUM_THREADS='1',
+      TF_CPP_MIN_LOG_LEVEL='1',
+  )
+  return env
+
+
+def tail(path: Path, n: int = 3000) -> str:
+  try:
+    return path.read_text(errors='replace')[-n:]
+  except FileNotFoundError:
+    return '<none>'
+
+
+def launch(num_processes: int, local_devices: int, workdir: Path, timeout_s: float = TIMEOUT_S,
+           extra_args: dict[int, list[str]] | None = None):
+  """Runs the worker in N processes; returns their JSON results, or fails with their output tails.
+
+  Every process is killed when the time is up or when anything goes wrong here:
+  none outlives this call.
+  """
+  run_dir, port = workdir / 'run', free_port()
+  procs, logs, outs = [], [], []
+  start = time.monotonic()
+  try:
+    for i in range(num_processes):
+      out, log = workdir / f'result_{i}.json', workdir / f'worker_{i}'
+      stdout, stderr = open(f'{log}.out', 'wb'), open(f'{log}.err', 'wb')
+      logs.append((Path(f'{log}.out'), Path(f'{log}.err')))
+      outs.append(out)
+      cmd = [sys.executable, str(WORKER), '--port', str(port), '--num-processes', str(num_processes),
+             '--process-id', str(i), '--local-devices', str(local_devices),
+             '--dir', str(run_dir), '--out', str(out), *(extra_args or {}).get(i, [])]
+      with stdout, stderr:  # the child keeps its own copies of the descriptors
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=worker_env(i), stdin=subprocess.DEVNULL,
+                                      stdout=stdout, stderr=stderr))
+    while any(p.poll() is None for p in procs) and time.monotonic() - start < timeout_s:
+      # One failed process leaves the others waiting on it: stop them all.
+      if any(p.poll() not in (None, 0) for p in procs):
+        time.sleep(5)  # let the others fail on their own and report, if they do
+        break
+      time.sleep(0.2)
+  finally:
+    hung = [i for i, p in enumerate(procs) if p.poll() is None]
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+    for p in procs:
+      p.wait()
+  wall = time.monotonic() - start
+
+  results = []
+  for out in outs:
+    try:
+      results.append(json.loads(out.read_text()))
+    except (FileNotFoundError, json.JSONDecodeError):
+      results.append(None)
+  codes = [p.returncode for p in procs]
+  if hung or any(codes) or not all(r and r['ok'] for r in results):
+    report = [f'{num_processes} processes x {local_devices} devices (time limit {timeout_s}s):'
+              f' exit codes {codes}; still running after {wall:.1f}s, so killed: {hung}']
+    for i, ((o, e), r) in enumerate(zip(logs, results)):
+      stage = r['stage'] if r else 'no result file'
+      report.append(f'--- process {i}: stage {stage!r}\n'
+                    f'{(r or {}).get("error", "")}\nstdout tail:\n{tail(o)}\nstderr tail:\n{tail(e)}')
+    pytest.fail('\n'.join(report), pytrace=False)
+  return results, wall, run_dir
+
+
+def running_workers(marker: Path) -> list[int]:
+  """Pids of live processes whose command line names `marker` (a test's own directory)."""
+  pids = []
+  for cmdline in Path('/proc').glob('[0-9]*/cmdline'):
+    try:
+      if str(marker).encode() in cmdline.read_bytes():
+        pids.append(int(cmdline.parent.name))
+    except OSError:
+      pass
+  return pids
+
+
+def test_a_hung_process_fails_the_run_with_every_process_output_and_none_survives(tmp_path):
+  # Process 1 never starts, so process 0 waits for it in jax.distributed.initialize.
+  with pytest.raises(pytest.fail.Exception) as failed:
+    launch(2, 1, tmp_path, timeout_s=4, extra_args={1: ['--hang']})
+  message = str(failed.value)
+  assert 'exit codes [-9, -9]; still running after 4' in message and 'so killed: [0, 1]' in message, message
+  assert "--- process 0: stage 'start'" in message and "--- process 1: stage 'start'" in message, message
+  assert 'stderr tail:' in message
+  assert running_workers(tmp_path) == []
+
+
+@pytest.fixture(scope='module', params=CONFIGS, ids=[f'{n}procs_x_{k}devs' for n, k in CONFIGS])
+def multihost(request, tmp_path_factory):
+  n, k = request.param
+  workdir = tmp_path_factory.mktemp(f'multihost_{n}x{k}')
+  results, wall, run_dir = launch(n, k, workdir)
+  print(f'\n{n} processes x {k} devices: {wall:.1f}s wall;'
+        f' per-process stage times {[r["timings"] for r in results]}')
+  return n, k, results, run_dir
+
+
+def test_save_together_then_restore_every_addressable_shard(multihost):
+  n, k, results, run_dir = multihost
+  # A real multi-process Orbax save: one OCDBT store per process, one step.
+  item = run_dir / '1' / 'default'
+  assert sorted(p.name for p in item.glob('ocdbt.process_*')) == [f'ocdbt.process_{i}' for i in range(n)]
+  print('full restore, per process: ' + ', '.join(
+      f'{r["restored"]["chunk_reads"]} chunk reads (expected {r["restored"]["expected_chunk_reads"]}),'
+      f' {r["restored"]["file_bytes"]} bytes' for r in results))
+  for r in results:
+    restored = r['restored']
+    # 2 kernels + 2 biases for the model, mu and nu; count; step.
+    assert restored['leaves'] == 14, restored['paths']
+    assert restored['addressable_shards_checked'] == 14 * k  # every local device, every leaf
+    assert restored['chunk_reads'] == restored['expected_chunk_reads'], restored
+
+
+def test_each_process_reads_only_the_chunks_under_its_own_shards(multihost):
+  n, k, results, _ = multihost
+  kernel = results[0]['kernel']
+  shape, chunk, nbytes = kernel['shape'], kernel['chunk_shape'], kernel['nbytes']
+  total_chunks = (shape[0] // chunk[0]) * (shape[1] // chunk[1])
+  assert total_chunks >= 8, chunk  # stored as several chunks: one per device shard at save time
+  for spec in results[0]['reads']:
+    per_process = [r['reads'][spec] for r in results]
+    lines = [f'  process {r["process_id"]}: {m["chunk_reads"]} chunk reads (expected'
+             f' {m["expected_chunk_reads"]}, {m["distinct_slices"]} distinct slices),'
+             f' {m["file_bytes"]} bytes from disk' for r, m in zip(results, per_process)]
+    print(f'{spec}: kernel {shape} in {total_chunks} chunks of {chunk}, {nbytes} bytes\n' + '\n'.join(lines))
+    for m in per_process:
+      assert m['chunk_reads'] == m['expected_chunk_reads'], (spec, m)
+      # The kernel is sharded across processes: each holds 1/N of it.
+      assert m['addressable_elements'] * n == shape[0] * shape[1], (spec, m)
+      assert m['file_bytes'] < nbytes / n * 1.3 + 16 * 1024, (spec, m)
+    # Together the processes read every chunk exactly once.
+    assert sum(m['chunk_reads'] for m in per_process) == total_chunks, spec
+
+
+@pytest.mark.parametrize('case', sorted(EXPECTED_ERRORS))
+def test_bad_restore_fails_alike_everywhere_before_any_read(multihost, case):
+  # The workers went on to restore successfully after these errors, so no
+  # process was left waiting at a barrier either.
+  _, _, results, run_dir = multihost
+  # TensorStore reads the checkpoint's metadata files; none of the OCDBT data
+  # files (under d/) may be touched, and no chunk read.
+  metadata_bytes = sum(f.stat().st_size for f in run_dir.rglob('*') if f.is_file() and f.parent.name != 'd')
+  errors = [r['errors'][case] for r in results]
+  print(f'{case}: bytes read per process {[e["file_bytes"] for e in errors]}'
+        f' (metadata files: {metadata_bytes} bytes)')
+  for e in errors:
+    assert e['raised'] == 'PlanError' and e['is_plan_error'], e
+    assert e['chunk_reads'] == 0 and e['file_bytes'] <= metadata_bytes, e
+    for text in EXPECTED_ERRORS[case]:
+      assert text in e['message'], (text, e['message'])
+  assert len({e['message'] for e in errors}) == 1, '\n\n'.join(
+      f'process {i}:\n{e["message"]}' for i, e in enumerate(errors))
