@@ -39,6 +39,9 @@ class LinenCompatRestore(ocp.args.CheckpointArgs):
     fill_nnx_only: `fn(path, jax.ShapeDtypeStruct) -> jax.Array` giving values
       for NNX-only leaves (RNG keys and counts) that no Linen checkpoint holds;
       without it they are kept as given in `abstract_state`.
+    timeout_s: on many processes, how long each waits for the others to report
+      that their reads succeeded; a failure anywhere (or a process that never
+      reports) then raises on every process instead of leaving it at a barrier.
     stacks: the layer axis of layer stacks, per layout, where it cannot be
       inferred from shapes: `{'layers': {'linen': 1, 'nnx': 0}}` (stack root as
       a model path; Linen `nn.scan` axis 1, NNX `nnx.vmap` axis 0).
@@ -52,3 +55,4 @@ class LinenCompatRestore(ocp.args.CheckpointArgs):
   target_layout: str | None = None
   fill_nnx_only: Callable[[str, jax.ShapeDtypeStruct], Any] | None = None
   stacks: stacks_lib.StackAxes | None = None
+  timeout_s: float = 300.0

@@ -9,6 +9,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from orbax_linen_nnx import layout
+from orbax_linen_nnx import outcome
 from orbax_linen_nnx import plan as plan_lib
 from orbax_linen_nnx import read
 from orbax_linen_nnx import source
@@ -64,10 +65,11 @@ class LinenCompatHandler(ocp.CheckpointHandler):
   def restore(self, directory: epath.Path, args=None) -> Any:
     if args is None:
       raise ValueError('LinenCompatHandler.restore needs args=LinenCompatRestore(abstract_state)')
-    ckpt, state, restore_plan = _prepare(directory, args)
-    if args.dry_run:
-      return restore_plan
-    values = read.execute(restore_plan, ckpt)
+    with outcome.shared(timeout_s=args.timeout_s):
+      ckpt, state, restore_plan = _prepare(directory, args)
+      if args.dry_run:
+        return restore_plan
+      values = read.execute(restore_plan, ckpt)
     if args.fill_nnx_only is not None:
       for t in restore_plan.kept:
         if t.nnx_only:

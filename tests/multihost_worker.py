@@ -28,6 +28,7 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 
 # Run as a script from tests/, so the suite's own helpers import directly.
 from models import flat
@@ -49,6 +50,8 @@ def parse_args(argv):
   p.add_argument('--dir', required=True)
   p.add_argument('--out', required=True)
   p.add_argument('--hang', action='store_true', help='never start (tests the harness timeout)')
+  p.add_argument('--fault', choices=['die', 'corrupt'],
+                 help='after the save: process 1 dies before restoring, or its stored data is garbled')
   return p.parse_args(argv)
 
 
@@ -77,6 +80,8 @@ def main(argv) -> int:
     run(args, result, stage)
     result['ok'] = True
     stage('done')
+    if args.fault:
+      os._exit(0)  # a peer is dead or failed: skip the runtime's shutdown handshake with it
     return 0
   except BaseException:  # noqa: BLE001 - every failure goes to the JSON
     result['error'] = traceback.format_exc()
@@ -220,6 +225,8 @@ def run(args, result, stage):
     errors[name].update(delta(before))
   result['errors'] = errors
   stage('errors')
+  if args.fault:
+    return inject_fault(args, result, stage, lambda: LinenCompatRestore(abstract_train_state(), rules=RULES, timeout_s=10))
 
   # --- 2. The full restore, checked shard by shard against this process's Linen state.
   abstract = abstract_train_state()
@@ -277,6 +284,37 @@ def run(args, result, stage):
     }
   result['reads'] = reads
   stage('read')
+
+
+def inject_fault(args, result, stage, make_args):
+  """A restore during which process 1 is dead, or reads garbled data: every process must fail fast."""
+  import orbax.checkpoint as ocp
+
+  if args.fault == 'corrupt':
+    data = sorted((Path(args.dir) / '1' / 'default' / 'ocdbt.process_1' / 'd').glob('*'))
+    if args.process_id == 0:
+      assert data, 'process 1 wrote no OCDBT data files'
+      for f in data:  # same size, garbage content
+        f.write_bytes(bytes(range(256)) * (f.stat().st_size // 256) + b'\0' * (f.stat().st_size % 256))
+    ocp.multihost.sync_global_processes('orbax_linen_nnx_test_corrupted')
+  if args.fault == 'die' and args.process_id == 1:
+    # Die in the middle of the restore: after Orbax's own collectives, when the
+    # handler starts reading this process's shards.
+    from orbax_linen_nnx import read
+
+    def die(*_):
+      stage('dying')
+      os._exit(7)
+
+    read.execute = die
+  start = time.perf_counter()
+  try:
+    ocp.CheckpointManager(args.dir).restore(1, args=make_args())
+    result['fault'] = {'raised': None}
+  except Exception as e:  # noqa: BLE001 - recorded, and checked by the test
+    result['fault'] = {'raised': type(e).__name__, 'message': str(e)[:2000]}
+  result['fault']['seconds'] = round(time.perf_counter() - start, 2)
+  stage('fault')
 
 
 def loopback_gloo():
