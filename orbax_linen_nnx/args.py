@@ -39,6 +39,11 @@ class LinenCompatRestore(ocp.args.CheckpointArgs):
     fill_nnx_only: `fn(path, jax.ShapeDtypeStruct) -> jax.Array` giving values
       for NNX-only leaves (RNG keys and counts) that no Linen checkpoint holds;
       without it they are kept as given in `abstract_state`.
+    replica_axis: a mesh axis along which targets are replicated (data
+      parallelism): only the devices at index 0 of it read those targets from
+      storage, and one collective copies them to the other replicas. Saves
+      storage reads (each byte is read once, not once per replica) at the cost
+      of a broadcast. None (default): every process reads what it holds.
     timeout_s: on many processes, how long each waits for the others to report
       that their reads succeeded; a failure anywhere (or a process that never
       reports) then raises on every process instead of leaving it at a barrier.
@@ -55,4 +60,5 @@ class LinenCompatRestore(ocp.args.CheckpointArgs):
   target_layout: str | None = None
   fill_nnx_only: Callable[[str, jax.ShapeDtypeStruct], Any] | None = None
   stacks: stacks_lib.StackAxes | None = None
+  replica_axis: str | None = None
   timeout_s: float = 300.0

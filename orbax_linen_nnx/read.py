@@ -15,6 +15,8 @@ import concurrent.futures
 from typing import Any, Coroutine, TypeVar
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
@@ -75,13 +77,48 @@ async def _lazy(expr, stores: _Stores) -> transforms.Lazy:
   return transforms.TsLazy(await stores.open(expr.name))
 
 
-async def _read_leaf(leaf: plan_lib.LeafRead, stores: _Stores) -> jax.Array:
+def _primary_devices(sharding, replica_axis: str | None) -> set | None:
+  """Devices at index 0 of `replica_axis`, if the target is replicated along it."""
+  if replica_axis is None or not isinstance(sharding, jax.sharding.NamedSharding):
+    return None
+  mesh = sharding.mesh
+  if replica_axis not in mesh.axis_names or mesh.shape[replica_axis] == 1:
+    return None
+  used = {a for entry in sharding.spec if entry is not None
+          for a in (entry if isinstance(entry, tuple) else (entry,))}
+  if replica_axis in used:
+    return None  # sharded along it: every device holds different data
+  return set(np.take(mesh.devices, 0, axis=mesh.axis_names.index(replica_axis)).flat)
+
+
+def _broadcast(arr: jax.Array, replica_axis: str) -> jax.Array:
+  """Copies the data of replica 0 along `replica_axis` to every replica (the others hold zeros).
+
+  A sum over the axis with zeros everywhere but replica 0, done on the bits (as
+  unsigned integers) so that every value, -0.0 and NaN payloads included, comes
+  through exactly.
+  """
+  sharding = arr.sharding
+  bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[np.dtype(arr.dtype).itemsize]
+
+  def spread(x):
+    as_bits = jax.lax.bitcast_convert_type(x, bits) if x.dtype != jnp.bool_ else x.astype(jnp.uint8)
+    total = jax.lax.psum(as_bits, replica_axis)
+    return total.astype(jnp.bool_) if x.dtype == jnp.bool_ else jax.lax.bitcast_convert_type(total, x.dtype)
+
+  fn = jax.shard_map(spread, mesh=sharding.mesh, in_specs=sharding.spec, out_specs=sharding.spec,
+                     check_vma=False)
+  return jax.jit(fn, out_shardings=sharding)(arr)
+
+
+async def _read_leaf(leaf: plan_lib.LeafRead, stores: _Stores, replica_axis: str | None) -> jax.Array:
   target = leaf.target
   args = [await _lazy(s, stores) for s in leaf.sources]
   for op in leaf.transform:
     args = [await transforms.build(op, args)]
   (view,) = args
   shape, sharding = tuple(target.shape), target.sharding
+  primary = _primary_devices(sharding, replica_axis)
   by_slice: dict[tuple, list[jax.Device]] = collections.defaultdict(list)
   index_of: dict[tuple, tuple[slice, ...]] = {}
   device_indices = sharding.addressable_devices_indices_map(shape)
@@ -91,21 +128,37 @@ async def _read_leaf(leaf: plan_lib.LeafRead, stores: _Stores) -> jax.Array:
     index_of[key] = index
 
   async def read_slice(key):
-    data = await view.read(index_of[key])
-    return [(d, jax.device_put(data, d)) for d in by_slice[key]]
+    devices = by_slice[key]
+    readers = devices if primary is None else [d for d in devices if d in primary]
+    data = await view.read(index_of[key]) if readers else None
+    zeros = None
+    placed = []
+    for d in devices:
+      if d in readers:
+        placed.append((d, jax.device_put(data, d)))
+      else:  # another replica reads this slice; it arrives by broadcast
+        if zeros is None:
+          zeros = np.zeros(sharding.shard_shape(shape), np.dtype(target.dtype))
+        placed.append((d, jax.device_put(zeros, d)))
+    return placed
 
   placed = await asyncio.gather(*(read_slice(k) for k in by_slice))
   per_device = dict(pair for group in placed for pair in group)
   arrays = [per_device[d] for d in device_indices]
-  return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+  arr = jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+  return arr if primary is None else _broadcast(arr, replica_axis)
 
 
-async def _read_all(plan: plan_lib.RestorePlan, ckpt: Checkpoint) -> dict:
+async def _read_all(plan: plan_lib.RestorePlan, ckpt: Checkpoint, replica_axis: str | None) -> dict:
   stores = _Stores(ckpt)
-  arrays = await asyncio.gather(*(_read_leaf(r, stores) for r in plan.reads))
+  arrays = await asyncio.gather(*(_read_leaf(r, stores, replica_axis) for r in plan.reads))
   return {r.target.path: a for r, a in zip(plan.reads, arrays)}
 
 
-def execute(plan: plan_lib.RestorePlan, ckpt: Checkpoint) -> dict:
-  """Reads every planned leaf into its target sharding; {target path: jax.Array}."""
-  return _run(_read_all(plan, ckpt))
+def execute(plan: plan_lib.RestorePlan, ckpt: Checkpoint, *, replica_axis: str | None = None) -> dict:
+  """Reads every planned leaf into its target sharding; {target path: jax.Array}.
+
+  With `replica_axis`, a target replicated along that mesh axis is read from
+  storage only by the devices at index 0 of it, then broadcast to the others.
+  """
+  return _run(_read_all(plan, ckpt, replica_axis))

@@ -285,6 +285,28 @@ def run(args, result, stage):
   result['reads'] = reads
   stage('read')
 
+  # --- 4. A target replicated across processes (data parallel): every process
+  # reads it, or (replica_axis='data') only replica 0 reads and broadcasts.
+  replicated = NamedSharding(mesh, P(None, 'model'))
+  only_kernel = with_shardings(nnx.state(nnx.eval_shape(lambda: NnxMLP(nnx.Rngs(0)))),
+                               lambda shape: replicated if len(shape) == 2 else sharding_for(shape))
+  del only_kernel['fc2']
+  del only_kernel['fc1']['bias']
+  modes = {}
+  for mode, axis in (('every_replica_reads', None), ('replica_0_reads', 'data')):
+    before = counters()
+    out = ocp.CheckpointManager(args.dir).restore(
+        1, args=LinenCompatRestore(only_kernel, rules={'Dense_0': 'fc1'}, partial=True, replica_axis=axis))
+    measured = delta(before)
+    a = out['fc1']['kernel'].get_raw_value()
+    assert a.sharding == replicated
+    for shard in a.addressable_shards:
+      np.testing.assert_array_equal(np.asarray(shard.data), expected['params/params/Dense_0/kernel'][shard.index])
+    modes[mode] = {**measured, 'holds_replica_0': any(
+        d in set(mesh.devices[0].flat) for d in jax.local_devices())}
+  result['replicated'] = modes
+  stage('replicated')
+
 
 def inject_fault(args, result, stage, make_args):
   """A restore during which process 1 is dead, or reads garbled data: every process must fail fast."""

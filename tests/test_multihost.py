@@ -232,3 +232,20 @@ def test_a_corrupt_array_file_fails_every_process_naming_the_cause(tmp_path):
   assert faults[0]['raised'] == 'RestoreFailedElsewhere', faults[0]
   assert 'process 1 failed: ' in faults[0]['message'] and faults[1]['raised'] in faults[0]['message'], faults
   assert all(f['seconds'] < 30 for f in faults), faults
+
+
+def test_replicated_target_read_once_per_replica_group(multihost):
+  """Data parallel: without replica_axis every process reads the whole kernel; with it, only replica 0."""
+  n, _, results, _ = multihost
+  nbytes = results[0]['kernel']['nbytes']
+  for mode in ('every_replica_reads', 'replica_0_reads'):
+    print(f'{mode}: ' + ', '.join(f'process {r["process_id"]} {r["replicated"][mode]["file_bytes"]} bytes'
+                                   f' ({r["replicated"][mode]["chunk_reads"]} chunks)' for r in results))
+  for r in results:
+    every, once = r['replicated']['every_replica_reads'], r['replicated']['replica_0_reads']
+    assert every['file_bytes'] > 0.9 * nbytes, every  # its own full copy
+    if once['holds_replica_0']:
+      assert once['file_bytes'] > 0.9 * nbytes, once
+    else:
+      assert once['chunk_reads'] == 0 and once['file_bytes'] < 32 * 1024, once  # metadata only
+  assert sum(r['replicated']['replica_0_reads']['holds_replica_0'] for r in results) < n

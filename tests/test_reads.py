@@ -97,3 +97,28 @@ def test_each_shard_reads_only_its_chunks(saved, mesh, spec):
   chunk_bytes = int(np.prod(chunk)) * 4
   print(f'{spec}: {len(slices)} slices, {chunk_reads} chunk reads, {file_bytes} bytes from disk')
   assert file_bytes <= chunk_reads * chunk_bytes + 16 * 1024
+
+
+def test_read_once_per_replica_then_broadcast_is_bit_exact(tmp_path, mesh):
+  """replica_axis: replica 0 reads, the others get the same bits by broadcast (-0.0 and NaN payloads too)."""
+  x = np.random.default_rng(0).normal(size=(16, 6)).astype(np.float32)
+  x[0, :3] = [-0.0, np.nan, -np.inf]
+  x.view(np.uint32)[1, 0] = 0x7FC00123  # a NaN with a payload
+  tree = {'w': x, 'step': np.uint32(7), 'mask': np.array([True, False, True]),
+          'h': np.arange(6, dtype=np.float16) - 3}
+  with ocp.CheckpointManager(tmp_path) as m:
+    m.save(0, args=ocp.args.StandardSave(tree))
+  shardings = {'w': NamedSharding(mesh, P(None, 'model')), 'step': NamedSharding(mesh, P()),
+               'mask': NamedSharding(mesh, P()), 'h': NamedSharding(mesh, P('model'))}
+  target = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=shardings[k]) for k, v in tree.items()}
+  before = counter('/tensorstore/cache/chunk_cache/reads')
+  out = ocp.CheckpointManager(tmp_path).restore(0, args=LinenCompatRestore(target, replica_axis='data'))
+  reads = counter('/tensorstore/cache/chunk_cache/reads') - before
+  for k, v in tree.items():
+    a = out[k]
+    assert a.sharding == shardings[k]
+    for shard in a.addressable_shards:  # every replica, bit for bit
+      want = np.asarray(v)[shard.index]
+      assert np.asarray(shard.data).tobytes() == want.tobytes(), (k, shard.device)
+  # Stored unsharded, each array is one chunk: only replica 0 (distinct slices: w 2, step 1, mask 1, h 2) reads.
+  assert reads == 2 + 1 + 1 + 2
