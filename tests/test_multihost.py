@@ -249,3 +249,15 @@ def test_replicated_target_read_once_per_replica_group(multihost):
     else:
       assert once['chunk_reads'] == 0 and once['file_bytes'] < 32 * 1024, once  # metadata only
   assert sum(r['replicated']['replica_0_reads']['holds_replica_0'] for r in results) < n
+
+
+def test_stacked_layers_and_split_rules_read_per_process(multihost):
+  n, _, results, _ = multihost
+  for case in ('stack', 'split'):
+    per = [r['stacks_and_rules'][case] for r in results]
+    print(f'{case}: ' + ', '.join(f'process {r["process_id"]} {m["chunk_reads"]} chunks (expected'
+                                  f' {m["expected_chunk_reads"]}), {m["file_bytes"]} bytes'
+                                  for r, m in zip(results, per)) + f'; target {per[0]["nbytes"]} bytes')
+    for m in per:
+      assert m['chunk_reads'] == m['expected_chunk_reads'], (case, m)
+      assert m['file_bytes'] < m['nbytes'] / n * 1.3 + 32 * 1024, (case, m)
