@@ -374,7 +374,7 @@ def inject_fault(args, result, stage, make_args):
     # handler starts reading this process's shards.
     from orbax_linen_nnx import read
 
-    def die(*_):
+    def die(*_, **__):
       stage('dying')
       os._exit(7)
 

@@ -213,7 +213,7 @@ def test_a_process_that_dies_mid_restore_fails_every_other_process_within_the_ti
   n = 2
   results, wall, _ = launch(n, 4, tmp_path, extra_args={i: ['--fault', 'die'] for i in range(n)}, may_fail=(1,),
                             grace_s=30)
-  assert results[1]['stage'] == 'dying'
+  assert results[1]["stage"] == "dying", results[1].get("fault")
   fault = results[0]['fault']
   print(f'survivor: {fault}; whole run {wall:.1f}s')
   assert fault['raised'] == 'RestoreFailedElsewhere', fault
