@@ -10,7 +10,7 @@ from orbax_linen_nnx.args import LinenCompatRestore
 from orbax_linen_nnx.handler import LinenCompatHandler, plan
 from orbax_linen_nnx.rules import Rule, RuleError, cast, merge, rename, reshape, split, transpose
 from orbax_linen_nnx.outcome import RestoreFailedElsewhere
-from orbax_linen_nnx.plan import LeafRead, PlanError, RestorePlan, SourceArray, Target
+from orbax_linen_nnx.planner import LeafRead, PlanError, RestorePlan, SourceArray, Target
 from orbax_linen_nnx.source import CheckpointNotFoundError
 from orbax_linen_nnx.target import default_sharding
 from orbax_linen_nnx.transforms import Cast, MoveAxis, Stack, Take

@@ -10,7 +10,7 @@ from etils import epath
 
 from orbax_linen_nnx import layout
 from orbax_linen_nnx import outcome
-from orbax_linen_nnx import plan as plan_lib
+from orbax_linen_nnx import planner as plan_lib
 from orbax_linen_nnx import read
 from orbax_linen_nnx import source
 from orbax_linen_nnx import target

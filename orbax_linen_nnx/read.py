@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
-from orbax_linen_nnx import plan as plan_lib
+from orbax_linen_nnx import planner as plan_lib
 from orbax_linen_nnx import rules
 from orbax_linen_nnx import transforms
 from orbax_linen_nnx.source import Checkpoint

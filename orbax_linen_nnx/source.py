@@ -11,7 +11,7 @@ from etils import epath
 from orbax.checkpoint._src.path import format_utils
 
 from orbax_linen_nnx import layout
-from orbax_linen_nnx.plan import SourceArray
+from orbax_linen_nnx.planner import SourceArray
 
 
 class CheckpointNotFoundError(FileNotFoundError):

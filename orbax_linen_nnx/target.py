@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from orbax_linen_nnx import layout
-from orbax_linen_nnx.plan import Target
+from orbax_linen_nnx.planner import Target
 
 Path = layout.Path
 

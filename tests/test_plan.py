@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from orbax_linen_nnx import PlanError, SourceArray, Target, layout
-from orbax_linen_nnx.plan import build
+from orbax_linen_nnx.planner import build
 
 F32 = np.dtype('float32')
 
