@@ -39,6 +39,9 @@ def _run(coro: Coroutine[Any, Any, _T]) -> _T:
     return pool.submit(asyncio.run, coro).result()
 
 
+_SLICES_IN_FLIGHT = 16
+
+
 class _Stores:
   """Opens each on-disk array once, sharing one TensorStore context."""
 
@@ -46,6 +49,8 @@ class _Stores:
     self._ckpt = ckpt
     self._context = ts_utils.get_ts_context(use_ocdbt=ckpt.use_ocdbt)
     self._opened: dict[str, asyncio.Future] = {}
+    # Slices read but not yet on their devices, at most this many at once.
+    self.in_flight = asyncio.Semaphore(_SLICES_IN_FLIGHT)
 
   def _spec(self, name: str) -> dict[str, Any]:
     info = ocp.type_handlers.ParamInfo(
@@ -130,16 +135,10 @@ async def _read_leaf(leaf: plan_lib.LeafRead, stores: _Stores, replica_axis: str
   async def read_slice(key):
     devices = by_slice[key]
     readers = devices if primary is None else [d for d in devices if d in primary]
-    data = await view.read(index_of[key]) if readers else None
-    zeros = None
-    placed = []
-    for d in devices:
-      if d in readers:
-        placed.append((d, jax.device_put(data, d)))
-      else:  # another replica reads this slice; it arrives by broadcast
-        if zeros is None:
-          zeros = np.zeros(sharding.shard_shape(shape), np.dtype(target.dtype))
-        placed.append((d, jax.device_put(zeros, d)))
+    async with stores.in_flight:  # bounds the host copies alive at once
+      data = await view.read(index_of[key]) if readers else None
+      placed = _place(data, devices, readers, sharding.shard_shape(shape), target.dtype)
+      jax.block_until_ready([a for _, a in placed])  # the host copy can go once this returns
     return placed
 
   placed = await asyncio.gather(*(read_slice(k) for k in by_slice))
@@ -147,6 +146,20 @@ async def _read_leaf(leaf: plan_lib.LeafRead, stores: _Stores, replica_axis: str
   arrays = [per_device[d] for d in device_indices]
   arr = jax.make_array_from_single_device_arrays(shape, sharding, arrays)
   return arr if primary is None else _broadcast(arr, replica_axis)
+
+
+def _place(data, devices, readers, shard_shape, dtype) -> list:
+  """Puts a slice on the devices that read it, zeros on those that get it by broadcast."""
+  zeros = None
+  placed = []
+  for d in devices:
+    if d in readers:
+      placed.append((d, jax.device_put(data, d)))
+    else:
+      if zeros is None:
+        zeros = np.zeros(shard_shape, np.dtype(dtype))
+      placed.append((d, jax.device_put(zeros, d)))
+  return placed
 
 
 async def _read_all(plan: plan_lib.RestorePlan, ckpt: Checkpoint, replica_axis: str | None) -> dict:
