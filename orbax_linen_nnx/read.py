@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import math
 import concurrent.futures
 from typing import Any, Coroutine, TypeVar
 
@@ -39,7 +41,29 @@ def _run(coro: Coroutine[Any, Any, _T]) -> _T:
     return pool.submit(asyncio.run, coro).result()
 
 
-_SLICES_IN_FLIGHT = 16
+# Host copies of slices read but not yet on their devices, at most this many
+# bytes at once (a larger slice goes alone). Bounds peak memory above the state.
+_HOST_BYTES_IN_FLIGHT = 32 * 2**20
+
+
+class _ByteBudget:
+  """Admits slices while the bytes in flight stay within `limit` (one oversized slice alone)."""
+
+  def __init__(self, limit: int):
+    self._limit, self._used = limit, 0
+    self._cv = asyncio.Condition()
+
+  @contextlib.asynccontextmanager
+  async def hold(self, nbytes: int):
+    async with self._cv:
+      await self._cv.wait_for(lambda: self._used == 0 or self._used + nbytes <= self._limit)
+      self._used += nbytes
+    try:
+      yield
+    finally:
+      async with self._cv:
+        self._used -= nbytes
+        self._cv.notify_all()
 
 
 class _Stores:
@@ -49,8 +73,7 @@ class _Stores:
     self._ckpt = ckpt
     self._context = ts_utils.get_ts_context(use_ocdbt=ckpt.use_ocdbt)
     self._opened: dict[str, asyncio.Future] = {}
-    # Slices read but not yet on their devices, at most this many at once.
-    self.in_flight = asyncio.Semaphore(_SLICES_IN_FLIGHT)
+    self.in_flight = _ByteBudget(_HOST_BYTES_IN_FLIGHT)
 
   def _spec(self, name: str) -> dict[str, Any]:
     info = ocp.type_handlers.ParamInfo(
@@ -135,7 +158,8 @@ async def _read_leaf(leaf: plan_lib.LeafRead, stores: _Stores, replica_axis: str
   async def read_slice(key):
     devices = by_slice[key]
     readers = devices if primary is None else [d for d in devices if d in primary]
-    async with stores.in_flight:  # bounds the host copies alive at once
+    nbytes = math.prod(sharding.shard_shape(shape)) * np.dtype(target.dtype).itemsize
+    async with stores.in_flight.hold(nbytes if readers else 0):
       data = await view.read(index_of[key]) if readers else None
       placed = _place(data, devices, readers, sharding.shard_shape(shape), target.dtype)
       jax.block_until_ready([a for _, a in placed])  # the host copy can go once this returns
