@@ -21,6 +21,7 @@ ever reads more than the slices the target shards need.
 
 from __future__ import annotations
 
+import abc
 import collections
 import dataclasses
 import re
@@ -113,14 +114,15 @@ class Tally:
 # ---------------------------------------------------------------- rules
 
 
-class Rule:
+class Rule(abc.ABC):
   """Base of all rules: `apply` rewrites {path: array} of one model subtree."""
 
   def names(self) -> list[str]:
     return [repr(self)]
 
+  @abc.abstractmethod
   def apply(self, leaves: dict[str, Any], made_by: dict[str, tuple], tally: Tally) -> dict[str, Any]:
-    raise NotImplementedError  # every rule defines it
+    """The subtree after this rule; `made_by` and `tally` record what it did."""
 
   def inverse(self) -> 'Rule':
     raise RuleError(f'{self!r} has no inverse, so it cannot restore the Linen side from'
@@ -231,9 +233,9 @@ class _OneToMany(Rule):
   def __init__(self, source: str):
     self.source = _Pattern(source)
 
+  @abc.abstractmethod
   def outputs(self, path: str, bindings: dict, expr, tally: Tally) -> list[tuple[str, Any]]:
     """The (new path, array) pairs a matching leaf becomes; [] when the rule cannot apply."""
-    raise NotImplementedError  # every rule defines it
 
   def apply(self, leaves, made_by, tally):
     out = {}
@@ -367,8 +369,9 @@ _SAME = object()  # op_for's answer when a leaf passes through unchanged
 class _PerLeaf(_OneToMany):
   """A rule that replaces each matching leaf by one op over it, keeping its path."""
 
+  @abc.abstractmethod
   def op_for(self, path, expr, tally):
-    raise NotImplementedError  # every rule defines it
+    """The op that replaces a matching leaf, _SAME to keep it, or None if it cannot apply."""
 
   def outputs(self, path, b, expr, tally):
     op = self.op_for(path, expr, tally)

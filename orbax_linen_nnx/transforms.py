@@ -9,6 +9,7 @@ reshapes that box on the host; ops above it then work on host slices too.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from typing import Any, Sequence
@@ -23,14 +24,15 @@ def _bounds(index: Index, shape: Sequence[int]) -> list[tuple[int, int]]:
   return [s.indices(n)[:2] for s, n in zip(index, shape)]
 
 
-class Lazy:
+class Lazy(abc.ABC):
   """An array not read yet: `await lazy.read(index)` reads just that slice."""
 
   shape: tuple[int, ...]
   dtype: Any
 
+  @abc.abstractmethod
   async def read(self, index: Index) -> np.ndarray:
-    raise NotImplementedError  # every subclass defines it
+    """The slice `index` of the array, read now."""
 
 
 class TsLazy(Lazy):
