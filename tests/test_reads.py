@@ -122,3 +122,18 @@ def test_read_once_per_replica_then_broadcast_is_bit_exact(tmp_path, mesh):
       assert np.asarray(shard.data).tobytes() == want.tobytes(), (k, shard.device)
   # Stored unsharded, each array is one chunk: only replica 0 (distinct slices: w 2, step 1, mask 1, h 2) reads.
   assert reads == 2 + 1 + 1 + 2
+
+
+@pytest.mark.parametrize('use_ocdbt', [True, False])
+@pytest.mark.parametrize('use_zarr3', [False, True])
+def test_every_orbax_storage_format(tmp_path, mesh, use_ocdbt, use_zarr3):
+  """OCDBT or one directory per array, zarr2 or zarr3: all read through Orbax's own read spec."""
+  w = np.arange(64 * 8, dtype=np.float32).reshape(64, 8)
+  handler = ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt, use_zarr3=use_zarr3)
+  with ocp.CheckpointManager(tmp_path, item_handlers=handler) as m:
+    m.save(1, args=ocp.args.PyTreeSave({'params': {'Dense_0': {'kernel': jax.device_put(w, NamedSharding(mesh, P('data')))}}}))
+  sharding = NamedSharding(mesh, P('data', 'model'))
+  target = {'fc1': {'kernel': jax.ShapeDtypeStruct((64, 8), np.float32, sharding=sharding)}}
+  out = ocp.CheckpointManager(tmp_path).restore(1, args=LinenCompatRestore(target, rules={'Dense_0': 'fc1'}))
+  np.testing.assert_array_equal(np.asarray(out['fc1']['kernel']), w)
+  assert out['fc1']['kernel'].sharding == sharding
