@@ -77,8 +77,6 @@ def model_tree(dm, values, layout: str):
   elif layout == 'unrolled':
     tree['layers'] = {str(i): p for i, p in enumerate(per)}
   else:
-    import numpy as np
-
     axis = 1 if layout == 'scan' else 0
     tree['layers'] = {mod: {sub: {'kernel': values(('stack', axis, mod, sub), None, [p[mod][sub]['kernel'] for p in per])}
                             for sub in per[0][mod]} for mod in ('attn', 'mlp')}
@@ -183,7 +181,6 @@ def measure(root: Path, mode: str, target: str, profile: bool) -> dict:
 
   import orbax_linen_nnx
 
-  dm = json.loads((root / 'done').read_text())
   mesh = jax.make_mesh((4, 2), ('fsdp', 'tp'))
   nnx_layout = 'unrolled' if target == 'plain' else 'stacked'
   meta = ocp.PyTreeCheckpointHandler().metadata(root / nnx_layout / str(STEP) / 'default').tree

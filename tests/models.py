@@ -9,7 +9,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P

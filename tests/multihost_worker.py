@@ -113,7 +113,6 @@ def run(args, result, stage):
   import numpy as np
   import optax
   import orbax.checkpoint as ocp
-  import tensorstore as ts
   from flax import nnx
   from flax.training import train_state
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P

@@ -1,7 +1,6 @@
 """Bad input gets one clear error before any read, and the checkpoint is never touched."""
 
 import jax
-import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
 import pytest

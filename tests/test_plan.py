@@ -1,6 +1,5 @@
 """The plan, from paths and shapes alone: no checkpoint, no IO."""
 
-import jax
 import numpy as np
 import pytest
 

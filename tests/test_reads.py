@@ -1,6 +1,5 @@
 """Proof, from TensorStore's own counters, that each shard reads only its chunks."""
 
-import itertools
 
 import flax.linen as nn
 import jax
@@ -12,7 +11,6 @@ import tensorstore as ts
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-import models
 from orbax_linen_nnx import LinenCompatRestore
 
 IN, OUT = 256, 64
