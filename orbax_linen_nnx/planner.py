@@ -48,7 +48,6 @@ class SourceArray:
   name: str
   shape: tuple[int, ...]
   dtype: Any
-  chunk_shape: tuple[int, ...] | None = None
 
   def __str__(self) -> str:
     return f"source '{layout.render(self.path)}' {_fmt(self.shape, self.dtype)}"

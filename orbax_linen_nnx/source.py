@@ -59,15 +59,12 @@ def open_checkpoint(directory: epath.PathLike) -> Checkpoint:
   for keys, m in flat:
     if not isinstance(m, ocp.metadata.ArrayMetadata):
       continue  # strings and other non-array values carry no model state
-    storage = getattr(m, 'storage', None)
-    chunk = getattr(storage, 'chunk_shape', None)
     arrays.append(
         SourceArray(
             path=layout.key_path(keys),
             name=m.name,
             shape=tuple(m.shape),
             dtype=np.dtype(m.dtype),
-            chunk_shape=tuple(chunk) if chunk is not None else None,
         )
     )
   return Checkpoint(
