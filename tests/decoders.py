@@ -15,6 +15,10 @@ from flax import nnx
 from flax.training import train_state
 
 N, D, IN, OUT = 4, 8, 6, 2
+BATCH = 16
+# Float32 terms summed in one training step (see models.assert_reductions_close):
+# embed, 2 contractions per layer, head, the loss mean, the gradient sums over the batch.
+STEP_TERMS = IN + 2 * N * D + D + BATCH * OUT + BATCH
 LINEN_SCAN_AXIS = 1
 
 
@@ -91,7 +95,7 @@ class NnxStackedDecoder(nnx.Module):
 
 def batch():
   kx, ky = jax.random.split(jax.random.key(5))
-  return jax.random.normal(kx, (16, IN)), jax.random.normal(ky, (16, OUT))
+  return jax.random.normal(kx, (BATCH, IN)), jax.random.normal(ky, (BATCH, OUT))
 
 
 def loss_of(pred, y):

@@ -181,6 +181,39 @@ def flat(tree) -> dict[str, object]:
   return out
 
 
+# Float32 math run twice in different summation orders (sharded vs unsharded,
+# Linen vs NNX, one XLA CPU backend vs another) is not bit-equal, so results of
+# *computations* are compared with a tolerance; restored *values* never are.
+# Recursive summation of n float32 terms has a relative error of at most about
+# n * eps (eps = 2**-23; Higham, "Accuracy and Stability of Numerical
+# Algorithms", 2nd ed., section 4.2), so two orders differ by at most about
+# 2 * n * eps, relative to the magnitudes summed.
+F32_EPS = float(np.finfo(np.float32).eps)
+
+
+def assert_reductions_close(got, want, *, terms: int, err_msg: str = ''):
+  """`got` and `want` are the same float32 computation summed in different orders.
+
+  `terms` counts the float32 terms summed along the computation (each matmul's
+  inner size, each mean's count, over every training step it spans). Errors
+  relative to each element use the array's largest magnitude as the scale, as
+  elements that cancel to near zero keep the absolute error of their inputs.
+  A wrong restore moves results by orders of magnitude more than this.
+  """
+  tol = 2 * terms * F32_EPS
+  want = np.asarray(want, np.float64)
+  got = np.asarray(got, np.float64)
+  np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(np.max(np.abs(want), initial=0.0)),
+                             err_msg=err_msg)
+
+
+# Terms summed in one training step of the test MLP (batch 32): the two Dense
+# contractions (16, 32), the loss mean (32 x 8), the gradient sums over the batch.
+MLP_STEP_TERMS = D_IN + D_HID + 32 * D_OUT + 32
+# The BatchNorm variant adds the batch mean and variance (32 each).
+BN_STEP_TERMS = MLP_STEP_TERMS + 2 * 32
+
+
 def assert_same(restored, expected: dict[str, object], pairs: dict[str, str]):
   """Every restored[target] equals expected[source] exactly (values and dtype-cast)."""
   got = flat(restored)
