@@ -13,7 +13,7 @@ from orbax_linen_nnx.outcome import RestoreFailedElsewhere
 from orbax_linen_nnx.planner import LeafRead, PlanError, RestorePlan, SourceArray, Target
 from orbax_linen_nnx.source import CheckpointNotFoundError
 from orbax_linen_nnx.target import default_sharding
-from orbax_linen_nnx.transforms import Cast, MoveAxis, Stack, Take
+from orbax_linen_nnx.ops import Cast, MoveAxis, Stack, Take
 
 __all__ = [
     'Rule',

@@ -23,7 +23,7 @@ import numpy as np
 from orbax_linen_nnx import layout
 from orbax_linen_nnx import rules as rules_lib
 from orbax_linen_nnx import stacks as stacks_lib
-from orbax_linen_nnx.transforms import Cast, MoveAxis, Stack, Take
+from orbax_linen_nnx.ops import Cast, MoveAxis, Stack, Take
 
 Path = layout.Path
 

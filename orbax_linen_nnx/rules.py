@@ -15,7 +15,7 @@ included) and carries over to the other side:
         cast('{blk}/attn/q/kernel', 'float32'),
     ]
 
-Each rule becomes lazy ops on the stored arrays (see transforms.py); no rule
+Each rule becomes ops on the stored arrays (see ops.py); no rule
 ever reads more than the slices the target shards need.
 """
 
@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 import numpy as np
 
 from orbax_linen_nnx import layout
-from orbax_linen_nnx import transforms as tf
+from orbax_linen_nnx import ops
 
 Path = layout.Path
 
@@ -71,8 +71,7 @@ def stored_leaves(expr) -> list:
 
 def _derive(op, args: Sequence[Any], path: Path) -> Derived:
   shape = op.shape([tuple(a.shape) for a in args])
-  dtype = op.dtype if isinstance(op, tf.Cast) else args[0].dtype
-  return Derived(op, tuple(args), path, tuple(shape), np.dtype(dtype))
+  return Derived(op, tuple(args), path, tuple(shape), ops.out_dtype(op, [a.dtype for a in args]))
 
 
 # ---------------------------------------------------------------- paths
@@ -280,14 +279,14 @@ class _Split(_OneToMany):
         tally.problems.append(f"{self!r}: '{path}' {shape} has {shape[axis]} entries on axis {axis}, not one per"
                               f' target ({n}); give sizes= to split it into slices')
         return []
-      return [(t.format(b), _derive(tf.Take(axis, i), [expr], _split_path(t.format(b))))
+      return [(t.format(b), _derive(ops.Take(axis, i), [expr], _split_path(t.format(b))))
               for i, t in enumerate(self.targets)]
     if len(sizes) != n or sum(sizes) != shape[axis]:
       tally.problems.append(f"{self!r}: parts {list(sizes)} do not add up to '{path}' {shape} axis {axis} ({shape[axis]})")
       return []
     made, start = [], 0
     for t, size in zip(self.targets, sizes):
-      made.append((t.format(b), _derive(tf.Slice(axis, start, start + size), [expr], _split_path(t.format(b)))))
+      made.append((t.format(b), _derive(ops.Slice(axis, start, start + size), [expr], _split_path(t.format(b)))))
       start += size
     return made
 
@@ -335,7 +334,7 @@ class _Merge(Rule):
       if self.stack and len(shapes) > 1:
         tally.problems.append(f'{self!r}: cannot stack {[str(p) for p in parts]}: shapes differ')
         continue
-      op = tf.Stack(self.axis) if self.stack else tf.Concat(self.axis)
+      op = ops.Stack(self.axis) if self.stack else ops.Concat(self.axis)
       new = self.target.format(b)
       history = ()
       for n in names:
@@ -392,7 +391,7 @@ class _Transpose(_PerLeaf):
     if sorted(self.perm) != list(range(len(expr.shape))):
       tally.problems.append(f"{self!r}: {self.perm} is no permutation of the axes of '{path}' {tuple(expr.shape)}")
       return None
-    return tf.Transpose(self.perm)
+    return ops.Transpose(self.perm)
 
   def inverse(self):
     return _Transpose(self.source.text, tuple(int(i) for i in np.argsort(self.perm)))
@@ -418,7 +417,7 @@ class _Reshape(_PerLeaf):
     if tuple(expr.shape) != self.from_shape:
       tally.problems.append(f"{self!r}: '{path}' is {tuple(expr.shape)}, not {self.from_shape}")
       return None
-    return tf.Reshape(self.from_shape, self.to_shape)
+    return ops.Reshape(self.from_shape, self.to_shape)
 
   def inverse(self):
     return _Reshape(self.source.text, self.to_shape, self.from_shape)
@@ -444,7 +443,7 @@ class _Cast(_PerLeaf):
   def op_for(self, path, expr, tally):
     if self.dtype is None or np.dtype(expr.dtype) == self.dtype:
       return _SAME
-    return tf.Cast(np.dtype(expr.dtype), self.dtype)
+    return ops.Cast(np.dtype(expr.dtype), self.dtype)
 
   def inverse(self):
     # Restoring the other way, the target's own dtype decides (every read casts to it).

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import decoders as dec
 import models
 from orbax_linen_nnx import LinenCompatRestore, PlanError, plan
-from test_reads import chunks_touched, counter
+from test_reads import chunk_ids, chunks_under, counter
 
 LINEN = {'loop': dec.LinenLoopDecoder, 'scan': dec.LinenScanDecoder}
 NNX = {'unrolled': dec.NnxUnrolledDecoder, 'vmap': dec.NnxStackedDecoder}
@@ -124,12 +124,15 @@ def test_plan_shows_each_stack_with_its_sources_and_axis(tmp_path):
   assert str(p.read_for('model/layers/2/mlp/kernel')).endswith('params.params.layers.mlp.kernel  [layer 2 of axis 1]')
 
 
-def _layer_chunks(index, layer_axis, shape, chunk):
-  """Chunks a slice of a stacked target touches in its per-layer sources."""
-  layers = range(*index[layer_axis].indices(shape[layer_axis]))
-  rest = index[:layer_axis] + index[layer_axis + 1:]
+def _layer_chunks(indices, layer_axis, shape, chunk):
+  """Distinct chunks that slices of a stacked target touch in its per-layer sources."""
   rest_shape = shape[:layer_axis] + shape[layer_axis + 1:]
-  return len(layers) * chunks_touched(rest, rest_shape, chunk)
+  per_layer = [set() for _ in range(shape[layer_axis])]
+  for index in indices:
+    rest = index[:layer_axis] + index[layer_axis + 1:]
+    for layer in range(*index[layer_axis].indices(shape[layer_axis])):
+      per_layer[layer] |= chunk_ids(rest, rest_shape, chunk)
+  return sum(len(c) for c in per_layer)
 
 
 @pytest.mark.parametrize('spec', [P('data'), P(None, 'data'), P('model', None, 'data')])
@@ -149,7 +152,7 @@ def test_stacking_reads_only_the_layers_and_rows_each_shard_covers(tmp_path, mes
   only_kernel = {'layers': {'mlp': {'kernel': jax.ShapeDtypeStruct(shape, np.float32, sharding=sharding)}}}
   slices = {tuple(s.indices(n)[:2] for s, n in zip(idx, shape)): idx
             for idx in sharding.addressable_devices_indices_map(shape).values()}
-  expected = sum(_layer_chunks(idx, 0, shape, chunk) for idx in slices.values())
+  expected = _layer_chunks(slices.values(), 0, shape, chunk)  # each chunk once
 
   before = counter('/tensorstore/cache/chunk_cache/reads')
   restored = ocp.CheckpointManager(tmp_path).restore(2, args=LinenCompatRestore(only_kernel, partial=True))
@@ -265,10 +268,10 @@ def test_unstack_and_move_read_only_each_layers_chunks(tmp_path, mesh, source_ki
     layer_shape = (dec.D, dec.D)
     target = {'layers': {str(i): {'mlp': {'kernel': jax.ShapeDtypeStruct(layer_shape, np.float32, sharding=sharding)}} for i in range(dec.N)}}
     slices = {idx[0].indices(dec.D)[:2] for idx in sharding.addressable_devices_indices_map(layer_shape).values()}
-    expected = sum(chunks_touched(source_region(i, slice(*r)), src_shape, chunk) for i in range(dec.N) for r in slices)
+    expected = chunks_under([source_region(i, slice(*r)) for i in range(dec.N) for r in slices], src_shape, chunk)
   else:
     target = {'layers': {'mlp': {'kernel': jax.ShapeDtypeStruct((dec.N, dec.D, dec.D), np.float32, sharding=sharding)}}}
-    expected = sum(chunks_touched(source_region(i, slice(None)), src_shape, chunk) for i in range(dec.N))
+    expected = chunks_under([source_region(i, slice(None)) for i in range(dec.N)], src_shape, chunk)
   args = dict(partial=True, target_layout='nnx')
   before = counter('/tensorstore/cache/chunk_cache/reads')
   restored = ocp.CheckpointManager(tmp_path).restore(2, args=LinenCompatRestore(target, **args))

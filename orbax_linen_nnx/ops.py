@@ -1,0 +1,269 @@
+"""What a plan does to stored arrays on the way to a target: pure op descriptions.
+
+Each op says three things, all without IO:
+
+- `shape(input_shapes)`: the shape it makes;
+- `needs(box, input_shapes)`: for a box of its output (one device's slice), the
+  box of each input it reads, or None for an input it does not touch;
+- `apply(box, parts)`: the output box, computed on the host from those input
+  boxes (`parts`, in input order, the untouched inputs left out); never
+  asked for an empty box.
+
+The reader (read.py) walks these from each device slice down to the stored
+arrays, reads each stored chunk once, and applies the ops to the pieces. A
+box is a tuple of (start, stop) per dimension.
+
+>>> Stack(0).needs(((1, 3), (0, 4)), [(4,), (4,), (4,)])
+[None, ((0, 4),), ((0, 4),)]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+Box = tuple[tuple[int, int], ...]
+Shape = tuple[int, ...]
+
+
+def box_shape(box: Box) -> Shape:
+  return tuple(hi - lo for lo, hi in box)
+
+
+def whole(shape: Sequence[int]) -> Box:
+  return tuple((0, n) for n in shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stack:
+  """Stack N inputs along `axis` (per-layer arrays -> one layer stack)."""
+
+  axis: int
+
+  def shape(self, shapes):
+    return tuple(shapes[0][: self.axis]) + (len(shapes),) + tuple(shapes[0][self.axis:])
+
+  def needs(self, box, shapes):
+    lo, hi = box[self.axis]
+    rest = box[: self.axis] + box[self.axis + 1:]
+    return [rest if lo <= i < hi else None for i in range(len(shapes))]
+
+  def apply(self, box, parts):
+    return np.stack(parts, axis=self.axis)
+
+  def __str__(self):
+    return f'stack axis {self.axis}'
+
+
+@dataclasses.dataclass(frozen=True)
+class Concat:
+  """Concatenate inputs along `axis` (e.g. two projections fused into one)."""
+
+  axis: int
+
+  def shape(self, shapes):
+    s = list(shapes[0])
+    s[self.axis] = sum(x[self.axis] for x in shapes)
+    return tuple(s)
+
+  def needs(self, box, shapes):
+    lo, hi = box[self.axis]
+    out, start = [], 0
+    for shape in shapes:
+      n = shape[self.axis]
+      s, e = max(lo, start), min(hi, start + n)
+      if s < e:
+        b = list(box)
+        b[self.axis] = (s - start, e - start)
+        out.append(tuple(b))
+      else:
+        out.append(None)
+      start += n
+    return out
+
+  def apply(self, box, parts):
+    return np.concatenate(parts, axis=self.axis)
+
+  def __str__(self):
+    return f'concat axis {self.axis}'
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+  """Elements [start, stop) of `axis` (one part of a split)."""
+
+  axis: int
+  start: int
+  stop: int
+
+  def shape(self, shapes):
+    s = list(shapes[0])
+    s[self.axis] = self.stop - self.start
+    return tuple(s)
+
+  def needs(self, box, shapes):
+    b = list(box)
+    lo, hi = box[self.axis]
+    b[self.axis] = (lo + self.start, hi + self.start)
+    return [tuple(b)]
+
+  def apply(self, box, parts):
+    return parts[0]
+
+  def __str__(self):
+    return f'[{self.start}:{self.stop}] of axis {self.axis}'
+
+
+@dataclasses.dataclass(frozen=True)
+class Take:
+  """Index `index` of `axis`; the axis disappears (one layer of a stack)."""
+
+  axis: int
+  index: int
+
+  def shape(self, shapes):
+    return tuple(shapes[0][: self.axis]) + tuple(shapes[0][self.axis + 1:])
+
+  def needs(self, box, shapes):
+    return [box[: self.axis] + ((self.index, self.index + 1),) + box[self.axis:]]
+
+  def apply(self, box, parts):
+    return np.squeeze(parts[0], axis=self.axis)
+
+  def __str__(self):
+    return f'layer {self.index} of axis {self.axis}'
+
+
+@dataclasses.dataclass(frozen=True)
+class Transpose:
+  """Permute axes like `numpy.transpose(x, perm)`."""
+
+  perm: tuple[int, ...]
+
+  def shape(self, shapes):
+    return tuple(shapes[0][p] for p in self.perm)
+
+  def needs(self, box, shapes):
+    b = [None] * len(self.perm)
+    for out_axis, in_axis in enumerate(self.perm):
+      b[in_axis] = box[out_axis]
+    return [tuple(b)]
+
+  def apply(self, box, parts):
+    return np.transpose(parts[0], self.perm)
+
+  def __str__(self):
+    return f'transpose {self.perm}'
+
+
+@dataclasses.dataclass(frozen=True)
+class MoveAxis:
+  """Move axis `source` to position `destination` (a stack's layer axis)."""
+
+  source: int
+  destination: int
+
+  def _transpose(self, ndim: int) -> Transpose:
+    order = [a for a in range(ndim) if a != self.source]
+    order.insert(self.destination, self.source)
+    return Transpose(tuple(order))
+
+  def shape(self, shapes):
+    return self._transpose(len(shapes[0])).shape(shapes)
+
+  def needs(self, box, shapes):
+    return self._transpose(len(box)).needs(box, shapes)
+
+  def apply(self, box, parts):
+    return self._transpose(len(box)).apply(box, parts)
+
+  def __str__(self):
+    return f'layer axis {self.source} -> {self.destination}'
+
+
+@dataclasses.dataclass(frozen=True)
+class Cast:
+  """Convert the dtype on read."""
+
+  source_dtype: Any
+  dtype: Any
+
+  def shape(self, shapes):
+    return tuple(shapes[0])
+
+  def needs(self, box, shapes):
+    return [box]
+
+  def apply(self, box, parts):
+    return parts[0].astype(self.dtype)
+
+  def __str__(self):
+    return f'cast {np.dtype(self.source_dtype).name} -> {np.dtype(self.dtype).name}'
+
+
+def _groups(src: Sequence[int], dst: Sequence[int]) -> list[tuple[range, range]]:
+  """Splits a reshape into blocks of adjacent source and target axes of equal size."""
+  out, i, j = [], 0, 0
+  while i < len(src) and j < len(dst):
+    i0, j0, p, q = i, j, src[i], dst[j]
+    i, j = i + 1, j + 1
+    while p != q:
+      if p < q:
+        p, i = p * src[i], i + 1
+      else:
+        q, j = q * dst[j], j + 1
+    out.append((range(i0, i), range(j0, j)))
+  if out and (i < len(src) or j < len(dst)):  # trailing axes of size 1
+    (a, b) = out[-1]
+    out[-1] = (range(a.start, len(src)), range(b.start, len(dst)))
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Reshape:
+  """Merge or split adjacent axes ((D, H, K) <-> (D, H*K)).
+
+  A target box needs the smallest source box that covers it: whole inner axes
+  of each merged block, the rows its elements fall in on the outer one.
+  """
+
+  source_shape: tuple[int, ...]
+  target_shape: tuple[int, ...]
+
+  def shape(self, shapes):
+    return tuple(self.target_shape)
+
+  def _blocks(self, box):
+    """Per block of axes: source rows (lo, hi), the flat picks, the block's box shape."""
+    for src_axes, dst_axes in _groups(self.source_shape, self.target_shape):
+      dst_shape = [self.target_shape[j] for j in dst_axes]
+      grid = np.meshgrid(*[np.arange(*box[j]) for j in dst_axes], indexing='ij')
+      flat = np.ravel_multi_index([g.ravel() for g in grid], dst_shape)
+      inner = math.prod(self.source_shape[i] for i in src_axes[1:])
+      lo, hi = (int(flat.min()) // inner, int(flat.max()) // inner + 1) if flat.size else (0, 0)
+      yield src_axes, (lo, hi), flat - lo * inner, (hi - lo) * inner, [box[j][1] - box[j][0] for j in dst_axes]
+
+  def needs(self, box, shapes):
+    b = []
+    for src_axes, rows, _, _, _ in self._blocks(box):
+      b += [rows] + [(0, self.source_shape[i]) for i in src_axes[1:]]
+    return [tuple(b)]
+
+  def apply(self, box, parts):
+    blocks = list(self._blocks(box))
+    # Collapse each block to one axis, pick the asked-for elements, restore the target axes.
+    data = parts[0].reshape([size for *_, size, _ in blocks])
+    for axis, (_, _, flat, _, _) in enumerate(blocks):
+      data = np.take(data, flat, axis=axis)
+    return data.reshape([n for *_, dims in blocks for n in dims])
+
+  def __str__(self):
+    return f'reshape {tuple(self.source_shape)} -> {tuple(self.target_shape)}'
+
+
+def out_dtype(op, dtypes: Sequence[Any]):
+  """The dtype `op` makes from inputs of `dtypes`."""
+  return np.dtype(op.dtype) if isinstance(op, Cast) else np.dtype(dtypes[0])

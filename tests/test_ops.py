@@ -1,0 +1,73 @@
+"""Each op against numpy: the boxes it needs, and what it computes from them, on every kind of slice."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from orbax_linen_nnx import ops
+
+X = np.arange(4 * 3 * 5, dtype=np.float32).reshape(4, 3, 5)
+
+
+def boxes(shape):
+  """A few boxes per axis: whole, leading part, trailing part, one element, empty."""
+  per_axis = [[(0, n), (0, max(1, n // 2)), (n // 2, n), (n - 1, n), (1, 1)] for n in shape]
+  return list(itertools.product(*per_axis))
+
+
+def run(op, inputs, box):
+  """What the reader does: read only the boxes `op` needs, then apply it."""
+  needs = op.needs(box, [x.shape for x in inputs])
+  assert len(needs) == len(inputs)
+  parts = []
+  for x, b in zip(inputs, needs):
+    if b is None:
+      continue
+    assert all(0 <= lo <= hi <= n for (lo, hi), n in zip(b, x.shape)), (b, x.shape)
+    parts.append(x[tuple(slice(*r) for r in b)])
+  return op.apply(box, parts), needs
+
+
+CASES = [
+    (ops.Reshape((4, 3, 5), (4, 15)), lambda x: x.reshape(4, 15)),
+    (ops.Reshape((4, 3, 5), (12, 5)), lambda x: x.reshape(12, 5)),
+    (ops.Reshape((4, 3, 5), (2, 2, 15)), lambda x: x.reshape(2, 2, 15)),
+    (ops.Reshape((4, 3, 5), (60,)), lambda x: x.reshape(60)),
+    (ops.Transpose((2, 0, 1)), lambda x: x.transpose(2, 0, 1)),
+    (ops.MoveAxis(2, 0), lambda x: np.moveaxis(x, 2, 0)),
+    (ops.Take(1, 2), lambda x: x[:, 2]),
+    (ops.Slice(2, 1, 4), lambda x: x[:, :, 1:4]),
+    (ops.Cast(np.float32, np.float16), lambda x: x.astype(np.float16)),
+]
+
+
+@pytest.mark.parametrize('case', range(len(CASES)))
+def test_single_input_ops(case):
+  op, reference = CASES[case]
+  want = reference(X)
+  assert op.shape([X.shape]) == want.shape
+  assert ops.out_dtype(op, [X.dtype]) == want.dtype
+  for box in boxes(want.shape):
+    got, _ = run(op, [X], box)
+    np.testing.assert_array_equal(got, want[tuple(slice(*r) for r in box)])
+    assert got.dtype == want.dtype
+
+
+def test_multi_input_ops_read_only_the_inputs_they_need():
+  y = X + 100
+  for op, want in ((ops.Stack(1), np.stack([X, y], 1)), (ops.Concat(2), np.concatenate([X, y], 2))):
+    assert op.shape([X.shape, y.shape]) == want.shape
+    for box in boxes(want.shape):
+      if any(lo == hi for lo, hi in box):
+        continue  # the reader makes empty slices without ops
+      got, needs = run(op, [X, y], box)
+      np.testing.assert_array_equal(got, want[tuple(slice(*r) for r in box)])
+  # A box inside the first input never touches the second.
+  assert ops.Concat(2).needs(((0, 4), (0, 3), (0, 5)), [X.shape, y.shape])[1] is None
+  assert ops.Stack(0).needs(((1, 2), (0, 4), (0, 3), (0, 5)), [X.shape, y.shape])[0] is None
+
+
+def test_reshape_needs_the_smallest_covering_rows():
+  # (D, H, K) = (4, 3, 5) -> (4, 15): columns 5..9 are head 1 only.
+  assert ops.Reshape((4, 3, 5), (4, 15)).needs(((0, 2), (5, 10)), [(4, 3, 5)]) == [((0, 2), (1, 2), (0, 5))]
