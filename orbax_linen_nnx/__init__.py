@@ -10,6 +10,7 @@ from orbax_linen_nnx.args import LinenCompatRestore
 from orbax_linen_nnx.handler import LinenCompatHandler, plan
 from orbax_linen_nnx.rules import Rule, RuleError, cast, merge, rename, reshape, split, transpose
 from orbax_linen_nnx.outcome import RestoreFailedElsewhere
+from orbax_linen_nnx.read import DEFAULT_READ_BUDGET_BYTES
 from orbax_linen_nnx.planner import LeafRead, PlanError, RestorePlan, SourceArray, Target
 from orbax_linen_nnx.source import CheckpointNotFoundError
 from orbax_linen_nnx.target import default_sharding
@@ -26,6 +27,7 @@ __all__ = [
     'transpose',
     'Cast',
     'CheckpointNotFoundError',
+    'DEFAULT_READ_BUDGET_BYTES',
     'LeafRead',
     'LinenCompatHandler',
     'LinenCompatRestore',

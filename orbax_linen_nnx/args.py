@@ -50,6 +50,11 @@ class LinenCompatRestore(ocp.args.CheckpointArgs):
     stacks: the layer axis of layer stacks, per layout, where it cannot be
       inferred from shapes: `{'layers': {'linen': 1, 'nnx': 0}}` (stack root as
       a model path; Linen `nn.scan` axis 1, NNX `nnx.vmap` axis 0).
+    read_budget_bytes: at most this many decoded bytes are held on the host
+      between their read from storage and their copy into device shards (one
+      larger stored chunk goes alone). More overlaps more reads; it never
+      changes what is read: each stored chunk is decoded once per process
+      whatever the budget. None: `orbax_linen_nnx.DEFAULT_READ_BUDGET_BYTES`.
   """
 
   abstract_state: Any
@@ -62,3 +67,4 @@ class LinenCompatRestore(ocp.args.CheckpointArgs):
   stacks: stacks_lib.StackAxes | None = None
   replica_axis: str | None = None
   timeout_s: float = 300.0
+  read_budget_bytes: int | None = None

@@ -69,7 +69,8 @@ class LinenCompatHandler(ocp.CheckpointHandler):
       ckpt, state, restore_plan = _prepare(directory, args)
       if args.dry_run:
         return restore_plan
-      values = read.execute(restore_plan, ckpt, replica_axis=args.replica_axis)
+      values = read.execute(restore_plan, ckpt, replica_axis=args.replica_axis,
+                            budget_bytes=args.read_budget_bytes)
     if args.fill_nnx_only is not None:
       for t in restore_plan.kept:
         if t.nnx_only:

@@ -45,7 +45,7 @@ Box = ops.Box
 # Decoded bytes read from storage but not yet cut into shards, at most this
 # many at once (a larger read goes alone). Chosen from the benchmark's sweep;
 # see benchmarks/README.md.
-DEFAULT_BUDGET_BYTES = 256 * 2**20
+DEFAULT_READ_BUDGET_BYTES = 256 * 2**20
 
 
 @dataclasses.dataclass
@@ -365,11 +365,11 @@ def execute(plan: plan_lib.RestorePlan, ckpt: Checkpoint, *, replica_axis: str |
 
   Each stored chunk under this process's slices is read and decoded once.
   `budget_bytes` bounds the decoded bytes held between read and copy
-  (default `DEFAULT_BUDGET_BYTES`). With `replica_axis`, a target replicated
+  (default `DEFAULT_READ_BUDGET_BYTES`). With `replica_axis`, a target replicated
   along that mesh axis is read from storage only by the devices at index 0 of
   it, then broadcast to the others.
   """
-  engine = _Engine(plan, ckpt, replica_axis, budget_bytes or DEFAULT_BUDGET_BYTES)
+  engine = _Engine(plan, ckpt, replica_axis, budget_bytes or DEFAULT_READ_BUDGET_BYTES)
   values = engine.run()
   if replica_axis is not None:
     for leaf in engine.leaves:

@@ -146,3 +146,108 @@ def test_every_orbax_storage_format(tmp_path, mesh, use_ocdbt, use_zarr3):
   out = ocp.CheckpointManager(tmp_path).restore(1, args=LinenCompatRestore(target, rules={'Dense_0': 'fc1'}))
   np.testing.assert_array_equal(np.asarray(out['fc1']['kernel']), w)
   assert out['fc1']['kernel'].sharding == sharding
+
+
+# ---------------------------------------------------------------- one decode per stored chunk
+# Whatever the chunk layout on disk and however many slices, targets or layers
+# share a stored chunk, each process decodes it once per restore.
+
+EIGHT_WAYS = P('data', 'model')  # 8 distinct slices of a 2-D array on the (4, 2) mesh
+
+
+def host_saved(directory, tree):
+  """Saved from host numpy, as single-host runs and published checkpoints are: one chunk per array."""
+  with ocp.CheckpointManager(directory) as m:
+    m.save(0, args=ocp.args.StandardSave(jax.device_get(tree)))
+  stored = jax.tree.leaves(stored_metadata(directory))
+  assert stored and all(tuple(m.storage.chunk_shape) == tuple(m.shape) for m in stored), 'one chunk per array'
+
+
+def stored_metadata(directory):
+  """Orbax's own metadata of step 0's arrays (shapes, chunk shapes); reads no array data."""
+  return ocp.PyTreeCheckpointHandler().metadata(directory / '0' / 'default').tree
+
+
+def reads_during(fn):
+  before = counter('/tensorstore/cache/chunk_cache/reads')
+  out = fn()
+  return out, counter('/tensorstore/cache/chunk_cache/reads') - before
+
+
+@pytest.mark.parametrize('budget', [1, None])
+def test_single_chunk_array_into_eight_slices_decodes_once(tmp_path, mesh, budget):
+  """A host-saved (one chunk) kernel restored 8 ways decodes 1 chunk, even with a 1-byte budget."""
+  variables = Wide().init(jax.random.key(0), jnp.ones((1, IN)))
+  host_saved(tmp_path, variables)
+  sharding = NamedSharding(mesh, EIGHT_WAYS)
+  target = {'fc': {'kernel': jax.ShapeDtypeStruct((IN, OUT), jnp.float32, sharding=sharding),
+                   'bias': jax.ShapeDtypeStruct((OUT,), jnp.float32, sharding=NamedSharding(mesh, P('data')))}}
+  assert len({str(i) for i in sharding.addressable_devices_indices_map((IN, OUT)).values()}) == 8
+  out, reads = reads_during(lambda: ocp.CheckpointManager(tmp_path).restore(
+      0, args=LinenCompatRestore(target, rules={'Dense_0': 'fc'}, read_budget_bytes=budget)))
+  np.testing.assert_array_equal(np.asarray(out['fc']['kernel']), variables['params']['Dense_0']['kernel'])
+  np.testing.assert_array_equal(np.asarray(out['fc']['bias']), variables['params']['Dense_0']['bias'])
+  assert out['fc']['kernel'].sharding == sharding
+  assert reads == 2  # one chunk each for the kernel and the bias
+
+
+def test_row_chunks_into_column_shards_decode_each_chunk_once(tmp_path, mesh):
+  """Saved as row shards, restored as (IN, OUT/8) column shards: every slice needs every chunk."""
+  variables = Wide().init(jax.random.key(0), jnp.ones((1, IN)))
+  rows = NamedSharding(mesh, P('data'))
+  with ocp.CheckpointManager(tmp_path) as m:
+    m.save(0, args=ocp.args.StandardSave(jax.tree.map(
+        lambda a: jax.device_put(a, rows if a.ndim == 2 else NamedSharding(mesh, P())), variables)))
+  chunk = stored_metadata(tmp_path)['params']['Dense_0']['kernel'].storage.chunk_shape
+  assert chunk[1] == OUT and chunk[0] <= IN // 4  # row chunks (Orbax may cut a shard into several)
+  columns = NamedSharding(mesh, P(None, ('data', 'model')))
+  target = {'fc': {'kernel': jax.ShapeDtypeStruct((IN, OUT), jnp.float32, sharding=columns)}}
+  out, reads = reads_during(lambda: ocp.CheckpointManager(tmp_path).restore(
+      0, args=LinenCompatRestore(target, rules={'Dense_0': 'fc'}, partial=True)))
+  np.testing.assert_array_equal(np.asarray(out['fc']['kernel']), variables['params']['Dense_0']['kernel'])
+  for shard in out['fc']['kernel'].addressable_shards:
+    assert shard.data.shape == (IN, OUT // 8)
+  row_chunks = IN // chunk[0]
+  assert reads == row_chunks  # each row chunk once (8 slices x row_chunks if read per slice)
+
+
+def test_stack_of_single_chunk_layers_decodes_each_layer_once(tmp_path, mesh):
+  """A Linen loop saved from host, stacked into an NNX vmap stack sharded 8 ways within each layer."""
+  import decoders as dec
+
+  state = dec.linen_state(dec.LinenLoopDecoder)
+  host_saved(tmp_path, state)
+  abstract = nnx.state(nnx.eval_shape(lambda: dec.nnx_state(dec.NnxStackedDecoder)))
+  kernel_sharding = NamedSharding(mesh, P(None, 'data', 'model'))
+
+  def shard(v):
+    value = v.get_raw_value()
+    spec = P(None, 'data', 'model') if value.ndim == 3 else P()
+    return v.copy(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=NamedSharding(mesh, spec)))
+
+  abstract = jax.tree.map(shard, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  out, reads = reads_during(lambda: ocp.CheckpointManager(tmp_path).restore(0, args=LinenCompatRestore(abstract)))
+  kernel = out['model']['layers']['mlp']['kernel'].get_raw_value()
+  want = np.stack([np.asarray(state.params['params'][f'layers_{i}']['mlp']['kernel']) for i in range(dec.N)])
+  np.testing.assert_array_equal(np.asarray(kernel), want)
+  assert kernel.sharding == kernel_sharding
+  stored = len(jax.tree.leaves(stored_metadata(tmp_path)))
+  assert stored > 3 * dec.N and reads == stored  # every stored array, layers included, decoded exactly once
+
+
+def test_fused_array_split_into_two_targets_decodes_once(tmp_path, mesh):
+  """A host-saved (2, F, D) gating einsum split (and transposed) into gate_proj and up_proj, both sharded."""
+  from orbax_linen_nnx import split, transpose
+
+  w = np.random.default_rng(0).normal(size=(2, 64, 16)).astype(np.float32)
+  host_saved(tmp_path, {'params': {'mlp': {'gating_einsum': w}}})
+  sharding = NamedSharding(mesh, EIGHT_WAYS)
+  target = {'mlp': {p: {'kernel': jax.ShapeDtypeStruct((16, 64), np.float32, sharding=sharding)}
+                    for p in ('gate_proj', 'up_proj')}}
+  rules = [split('{b}/gating_einsum', ['{b}/gate_proj/kernel', '{b}/up_proj/kernel'], axis=0),
+           transpose('{b}/{p}_proj/kernel', (1, 0))]
+  out, reads = reads_during(lambda: ocp.CheckpointManager(tmp_path).restore(
+      0, args=LinenCompatRestore(target, rules=rules)))
+  np.testing.assert_array_equal(np.asarray(out['mlp']['gate_proj']['kernel']), w[0].T)
+  np.testing.assert_array_equal(np.asarray(out['mlp']['up_proj']['kernel']), w[1].T)
+  assert reads == 1  # 16 slices of two targets, one stored chunk
