@@ -6,19 +6,22 @@ The one place where stored chunks become device shards, in four steps:
    devices hold under the target sharding is walked down the plan's ops
    (`ops.needs`) to the box of each stored array it reads.
 2. *Chunks.* Each box is laid on its stored array's chunk grid (TensorStore's
-   chunk layout). A box whose chunks no other box needs is read as it is: one
-   TensorStore read, which decodes each chunk under it once. A chunk that
-   several boxes need (eight device slices of a single-chunk array, two
-   targets split from one fused array, the layers of a stack cut along
-   another axis) is read alone, once, and every box that needs it copies its
-   part from it.
+   chunk layout). A slice whose chunks no other slice needs is read with one
+   TensorStore read of the leaf's view (stack, concat, take, transpose, cast
+   as TensorStore index transforms and virtual drivers), which decodes each
+   chunk once and copies straight into the slice; a small leaf whose slices
+   together cover exactly its own chunks is read with one request for all of
+   them. A chunk that several boxes need (eight device slices of a
+   single-chunk array, two targets split from one fused array, the layers of
+   a stack cut along another axis) is read alone, once, and every box that
+   needs it copies its part; the ops then run on the host (`ops.apply`), as
+   a reshape always does.
 3. *Reads.* Reads are issued in slice order and consumed in the same order,
    while the decoded bytes in flight stay within `budget_bytes` (one larger
    read goes alone). A decoded chunk is released as soon as its pieces are
    copied, so nothing waits on anything but the next read in line.
-4. *Placement.* A slice whose inputs are complete is computed on the host
-   (`ops.apply`: stack, concat, transpose, cast, reshape) and put on the
-   devices that hold it; small leaves go to all their devices in one call.
+4. *Placement.* A complete slice is put on the devices that hold it; a small
+   leaf goes to all its devices in one call.
 
 No process reads a chunk that its own devices' slices do not cover, and no
 array is assembled whole on the host unless one stored chunk is the whole array.
@@ -35,6 +38,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorstore as ts
 
 from orbax_linen_nnx import ops
 from orbax_linen_nnx import planner as plan_lib
@@ -55,6 +59,7 @@ class _Input:
   name: str
   box: Box
   owner: '_Slice'
+  chunks: list = dataclasses.field(default_factory=list)
   buf: np.ndarray | None = None
   waiting: int = 0  # reads still to arrive
 
@@ -69,29 +74,39 @@ class _Slice:
   readers: list  # the devices that get it from storage (the rest: by broadcast)
   recipe: Any = None  # the op tree over `inputs`, see _walk
   inputs: list[_Input] = dataclasses.field(default_factory=list)
-  waiting: int = 0  # inputs not complete yet
+  waiting: int = 0  # reads not consumed yet
 
 
 @dataclasses.dataclass
 class _Leaf:
   read: plan_lib.LeafRead
+  expr: Any
   sharding: Any
   primary: set | None  # replica_axis: the devices that read, or None for all
-  batch: bool  # place every slice in one call at the end (small leaves)
+  small: bool  # read and placed whole (many small leaves cost per call, not per byte)
+  viewable: bool  # every op has a TensorStore view
+  slices: list[_Slice] = dataclasses.field(default_factory=list)
   slices_left: int = 0
-  host: dict = dataclasses.field(default_factory=dict)  # box -> host array (batch leaves)
+  host: dict = dataclasses.field(default_factory=dict)  # box -> host array (small leaves)
   placed: dict = dataclasses.field(default_factory=dict)  # device -> single-device array
+  view: Any = None
   array: jax.Array | None = None
 
 
 @dataclasses.dataclass
 class _Read:
-  """One TensorStore read: a box of a stored array, and the inputs it fills."""
+  """One TensorStore read, and where its data goes.
 
-  name: str
+  Either a box of a stored array (`name`) whose sinks are slice inputs that
+  copy their part, or a box of a leaf's TensorStore view (`leaf`) whose sinks
+  are whole slices inside it.
+  """
+
   box: Box
   nbytes: int
-  consumers: list[_Input]
+  sinks: list
+  name: str | None = None
+  leaf: _Leaf | None = None
   future: Any = None
 
 
@@ -130,12 +145,65 @@ def _evaluate(recipe, inputs: Sequence[_Input]) -> np.ndarray:
   return op.apply(box, [_evaluate(p, inputs) for p in parts])
 
 
+# How each op is a TensorStore view: reading a box of the view reads only the
+# chunks under it, and TensorStore does the copy, in C++, into the result.
+_VIEWS = {
+    ops.Stack: lambda op, v: ts.stack(v, axis=op.axis),
+    ops.Concat: lambda op, v: ts.concat(v, axis=op.axis),
+    ops.Slice: lambda op, v: v[0][ts.d[op.axis][op.start:op.stop].translate_to[0]],
+    ops.Take: lambda op, v: v[0][ts.d[op.axis][op.index]],
+    ops.Transpose: lambda op, v: v[0][ts.d[list(op.perm)].transpose[:]],
+    ops.MoveAxis: lambda op, v: v[0][ts.d[op.source].transpose[op.destination]],
+    ops.Cast: lambda op, v: ts.cast(v[0], ts.dtype(np.dtype(op.dtype).name)),
+}
+
+
+def _viewable(expr) -> bool:
+  op = getattr(expr, 'op', None)
+  return op is None or (type(op) in _VIEWS and all(_viewable(a) for a in expr.args))
+
+
+def _view(expr, stores):
+  op = getattr(expr, 'op', None)
+  if op is None:
+    return stores[expr.name]
+  return _VIEWS[type(op)](op, [_view(a, stores) for a in expr.args])
+
+
 def _box_of(index: tuple[slice, ...], shape: Sequence[int]) -> Box:
   return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
 
 
 def _slices(box: Box) -> tuple[slice, ...]:
   return tuple(slice(lo, hi) for lo, hi in box)
+
+
+def _within(inner: Box, outer: Box) -> tuple[slice, ...]:
+  """`inner` in the coordinates of `outer`, which holds it."""
+  return tuple(slice(ilo - olo, ihi - olo) for (ilo, ihi), (olo, _) in zip(inner, outer))
+
+
+def _size(box: Box) -> int:
+  return math.prod(hi - lo for lo, hi in box)
+
+
+_count = _size  # chunks in a box of chunk indices
+
+
+def _meet(a: Box, b: Box) -> bool:
+  """Whether two boxes share an element."""
+  for (alo, ahi), (blo, bhi) in zip(a, b):
+    if alo >= bhi or blo >= ahi:
+      return False
+  return True
+
+
+def _union_count(grid, boxes: set) -> int:
+  """How many distinct chunks some boxes of chunk indices cover together."""
+  boxes = [b for b in boxes if _count(b)]
+  if all(not _meet(a, b) for a, b in itertools.combinations(boxes, 2)):
+    return sum(_count(b) for b in boxes)
+  return len({c for b in boxes for c in grid.chunks(b)})
 
 
 class _Grid:
@@ -148,23 +216,26 @@ class _Grid:
     self.chunk = tuple((c or max(n, 1)) for c, n in zip(chunk or self.shape, self.shape))
     self.origin = tuple(origin) if origin is not None else (0,) * len(self.shape)
     self.itemsize = store.dtype.numpy_dtype.itemsize
-    self.dtype = store.dtype.numpy_dtype
 
-  def chunks(self, box: Box) -> list[tuple[int, ...]]:
-    """Grid indices of the chunks under `box` ([] for an empty box)."""
-    ranges = []
+  def chunk_box(self, box: Box) -> Box:
+    """The grid indices [lo, hi) per dimension of the chunks under `box` (empty for an empty box)."""
+    out = []
     for (lo, hi), c, o in zip(box, self.chunk, self.origin):
       if hi <= lo:
-        return []
-      ranges.append(range((lo - o) // c, (hi - 1 - o) // c + 1))
-    return list(itertools.product(*ranges))
+        return tuple((0, 0) for _ in box)
+      out.append(((lo - o) // c, (hi - 1 - o) // c + 1))
+    return tuple(out)
+
+  @staticmethod
+  def chunks(chunk_box: Box) -> list[tuple[int, ...]]:
+    return list(itertools.product(*(range(lo, hi) for lo, hi in chunk_box)))
 
   def box(self, chunk: tuple[int, ...]) -> Box:
     return tuple((max(i * c + o, 0), min((i + 1) * c + o, n))
                  for i, c, o, n in zip(chunk, self.chunk, self.origin, self.shape))
 
   def nbytes(self, box: Box) -> int:
-    return math.prod(ops.box_shape(box)) * self.itemsize
+    return _size(box) * self.itemsize
 
 
 def _copy_in(inp: _Input, box: Box, data: np.ndarray) -> None:
@@ -179,10 +250,11 @@ def _copy_in(inp: _Input, box: Box, data: np.ndarray) -> None:
   inp.buf[tuple(dst)] = data[tuple(src)]
 
 
-# A leaf whose slices on this process total at most this many bytes is placed on
-# all its devices in one call once every slice is read: far cheaper per buffer
-# than one transfer per slice, for the many small leaves of a large model.
-_BATCH_LEAF_BYTES = 8 * 2**20
+# A leaf whose slices on this process total at most this many bytes is read
+# with one request (when that decodes no chunk its slices do not need) and put
+# on all its devices with one call: the many small leaves of a large model
+# then cost per leaf, not per device slice.
+_SMALL_LEAF_BYTES = 8 * 2**20
 
 
 class _Engine:
@@ -190,10 +262,7 @@ class _Engine:
     self.stores = ckpt.stores
     self.budget = budget
     self.grids: dict[str, _Grid] = {}
-    self.leaves: list[_Leaf] = []
-    self.slices: list[_Slice] = []
-    for r in plan.reads:
-      self._add_leaf(r, replica_axis)
+    self.leaves = [self._leaf(r, replica_axis) for r in plan.reads]
     self.reads = self._schedule()
 
   def grid(self, name: str) -> _Grid:
@@ -201,66 +270,109 @@ class _Engine:
       self.grids[name] = _Grid(self.stores[name])
     return self.grids[name]
 
-  def _add_leaf(self, read: plan_lib.LeafRead, replica_axis):
+  def _leaf(self, read: plan_lib.LeafRead, replica_axis) -> _Leaf:
     t = read.target
     shape, sharding = tuple(t.shape), t.sharding
     primary = _primary_devices(sharding, replica_axis)
     by_box: dict[Box, list] = collections.defaultdict(list)
     for device, index in sharding.addressable_devices_indices_map(shape).items():
       by_box[_box_of(index, shape)].append(device)
-    local = sum(math.prod(ops.box_shape(b)) for b in by_box) * np.dtype(t.dtype).itemsize
-    leaf = _Leaf(read, sharding, primary, batch=primary is None and local <= _BATCH_LEAF_BYTES,
-                 slices_left=len(by_box))
-    self.leaves.append(leaf)
+    local = sum(_size(b) for b in by_box) * np.dtype(t.dtype).itemsize
     expr = _expression(read)
+    leaf = _Leaf(read, expr, sharding, primary, small=primary is None and local <= _SMALL_LEAF_BYTES,
+                 viewable=_viewable(expr), slices_left=len(by_box))
     for box, devices in by_box.items():
       readers = devices if primary is None else [d for d in devices if d in primary]
       s = _Slice(leaf, box, devices, readers)
-      if readers and math.prod(ops.box_shape(box)):
+      if readers and _size(box):
         s.recipe = _walk(expr, box, s)
-      self.slices.append(s)
+      leaf.slices.append(s)
+    return leaf
 
   def _schedule(self) -> list[_Read]:
-    """The reads, in slice order: whole boxes where no other box shares their chunks."""
-    users = collections.Counter()
-    chunks_of = {}
-    for s in self.slices:
-      for inp in s.inputs:
-        chunks_of[id(inp)] = chunks = self.grid(inp.name).chunks(inp.box)
-        users.update((inp.name, c) for c in chunks)
+    """The reads, in leaf and slice order, each stored chunk decoded by exactly one of them."""
+    by_array = collections.defaultdict(list)  # stored array -> the inputs that read it
+    for leaf in self.leaves:
+      for s in leaf.slices:
+        for inp in s.inputs:
+          inp.chunks = self.grid(inp.name).chunk_box(inp.box)
+          by_array[inp.name].append(inp)
+    shared = set()  # ids of inputs that share a chunk with another input
+    alone = set()  # names of arrays that only one leaf reads
+    for name, inputs in by_array.items():
+      if len({id(i.owner.leaf) for i in inputs}) == 1:
+        alone.add(name)
+      for a, b in itertools.combinations(inputs, 2):
+        if _meet(a.chunks, b.chunks):
+          shared.update((id(a), id(b)))
     reads, by_chunk = [], {}
-    for s in self.slices:
-      for inp in s.inputs:
-        grid, chunks = self.grid(inp.name), chunks_of[id(inp)]
-        if all(users[(inp.name, c)] == 1 for c in chunks):
-          if chunks:
-            inp.waiting = 1
-            reads.append(_Read(inp.name, inp.box, grid.nbytes(inp.box), [inp]))
+    for leaf in self.leaves:
+      reading = [s for s in leaf.slices if s.inputs]
+      whole = self._whole_leaf_read(leaf, reading, alone)
+      if whole is not None:
+        reads.append(whole)
+        for s in reading:
+          s.waiting = 1
+        continue
+      for s in reading:
+        if leaf.viewable and not any(id(i) in shared for i in s.inputs):
+          # No other slice needs these chunks: one read of the view decodes each once.
+          reads.append(_Read(s.box, sum(self.grid(i.name).nbytes(i.box) for i in s.inputs), [s], leaf=leaf))
+          s.waiting = 1
           continue
-        inp.waiting = len(chunks)
-        for c in chunks:
-          r = by_chunk.get((inp.name, c))
-          if r is None:
-            box = grid.box(c)
-            r = by_chunk[(inp.name, c)] = _Read(inp.name, box, grid.nbytes(box), [])
-            reads.append(r)
-          r.consumers.append(inp)
-      s.waiting = sum(1 for inp in s.inputs if inp.waiting)
-      for inp in s.inputs:
-        if not inp.waiting:  # an empty box: nothing to read
-          inp.buf = np.empty(ops.box_shape(inp.box), self.grid(inp.name).dtype)
+        for inp in s.inputs:
+          grid = self.grid(inp.name)
+          if id(inp) not in shared:
+            inp.waiting = 1 if inp.chunks else 0
+            if inp.chunks:
+              reads.append(_Read(inp.box, grid.nbytes(inp.box), [inp], name=inp.name))
+            continue
+          chunks = grid.chunks(inp.chunks)
+          inp.waiting = len(chunks)
+          for c in chunks:  # shared chunks: each read once, every input copies its part
+            r = by_chunk.get((inp.name, c))
+            if r is None:
+              box = grid.box(c)
+              r = by_chunk[(inp.name, c)] = _Read(box, grid.nbytes(box), [], name=inp.name)
+              reads.append(r)
+            r.sinks.append(inp)
+        for inp in s.inputs:
+          if not inp.waiting:  # an empty box: nothing to read
+            inp.buf = np.empty(ops.box_shape(inp.box), self.stores[inp.name].dtype.numpy_dtype)
+        s.waiting = sum(1 for inp in s.inputs if inp.waiting)
     return reads
 
+  def _whole_leaf_read(self, leaf: _Leaf, reading: list[_Slice], alone: set) -> _Read | None:
+    """One view read of the box around all of a small leaf's slices, if it decodes only their chunks."""
+    if not (leaf.small and leaf.viewable and len(reading) > 1):
+      return None
+    box = tuple((min(s.box[d][0] for s in reading), max(s.box[d][1] for s in reading))
+                for d in range(len(reading[0].box)))
+    around = _Slice(leaf, box, [], [])
+    _walk(leaf.expr, box, around)
+    parts = collections.defaultdict(set)  # stored array -> chunk boxes the slices need
+    for s in reading:
+      for j in s.inputs:
+        parts[j.name].add(j.chunks)
+    for i in around.inputs:
+      if i.name not in alone:
+        return None  # another leaf reads this array too: its chunks are read once, for both
+      grid = self.grid(i.name)
+      if _count(grid.chunk_box(i.box)) != _union_count(grid, parts[i.name]):
+        return None  # the box around the slices holds chunks that none of them needs
+    return _Read(box, sum(self.grid(i.name).nbytes(i.box) for i in around.inputs), reading, leaf=leaf)
+
   def run(self) -> dict:
-    for s in self.slices:  # slices that read nothing (zeros of a replica, empty arrays)
-      if not s.waiting:
-        self._finish(s)
+    for leaf in self.leaves:  # slices that read nothing (zeros of a replica, empty arrays)
+      for s in leaf.slices:
+        if not s.waiting:
+          self._finish(s)
     in_flight: collections.deque[_Read] = collections.deque()
     held, pending = 0, iter(self.reads)
     nxt = next(pending, None)
     while nxt is not None or in_flight:
       while nxt is not None and (not in_flight or held + nxt.nbytes <= self.budget):
-        nxt.future = self.stores[nxt.name][_slices(nxt.box)].read()
+        nxt.future = self._source(nxt)[_slices(nxt.box)].read()
         in_flight.append(nxt)
         held += nxt.nbytes
         nxt = next(pending, None)
@@ -271,42 +383,49 @@ class _Engine:
       self._consume(r, data)
     return {leaf.read.target.path: leaf.array for leaf in self.leaves}
 
-  def _consume(self, r: _Read, data: np.ndarray):
-    for inp in r.consumers:
-      if len(r.consumers) == 1 and inp.box == r.box:
-        inp.buf = data  # the read was exactly this box
-      else:
-        _copy_in(inp, r.box, data)
-      inp.waiting -= 1
-      if inp.waiting == 0:
-        inp.owner.waiting -= 1
-        if inp.owner.waiting == 0:
-          self._finish(inp.owner)
+  def _source(self, r: _Read):
+    if r.leaf is None:
+      return self.stores[r.name]
+    if r.leaf.view is None:
+      r.leaf.view = _view(r.leaf.expr, self.stores)
+    return r.leaf.view
 
-  def _finish(self, s: _Slice):
-    """Computes a complete slice and puts it on its devices."""
+  def _consume(self, r: _Read, data: np.ndarray):
+    for sink in r.sinks:
+      if isinstance(sink, _Slice):  # a whole slice, read through the leaf's view
+        self._finish(sink, data if sink.box == r.box else data[_within(sink.box, r.box)])
+        continue
+      if len(r.sinks) == 1 and sink.box == r.box:
+        sink.buf = data  # the read was exactly this box
+      else:
+        _copy_in(sink, r.box, data)
+      sink.waiting -= 1
+      if sink.waiting == 0:
+        sink.owner.waiting -= 1
+        if sink.owner.waiting == 0:
+          self._finish(sink.owner)
+
+  def _finish(self, s: _Slice, data: np.ndarray | None = None):
+    """Computes a complete slice (unless read whole) and puts it on its devices."""
     leaf, t = s.leaf, s.leaf.read.target
     dtype = np.dtype(t.dtype)
-    if not s.readers:
-      data = None
-    elif s.recipe is None:  # an empty slice
-      data = np.zeros(ops.box_shape(s.box), dtype)
-    else:
-      data = np.asarray(_evaluate(s.recipe, s.inputs), dtype=dtype, order='C')
+    if data is None and s.readers:
+      data = _evaluate(s.recipe, s.inputs) if s.recipe is not None else np.zeros(ops.box_shape(s.box), dtype)
+    if data is not None:
+      data = np.asarray(data, dtype=dtype, order='C')
     s.inputs = []
-    if leaf.batch:
+    if leaf.small:
       leaf.host[s.box] = data
     else:
       zeros = None
-      put, where = [], []
+      put = []
       for d in s.devices:
         if d in s.readers:
           put.append(data)
         else:
           zeros = np.zeros(ops.box_shape(s.box), dtype) if zeros is None else zeros
           put.append(zeros)
-        where.append(d)
-      for d, a in zip(where, jax.device_put(put, where)):
+      for d, a in zip(s.devices, jax.device_put(put, s.devices)):
         leaf.placed[d] = a
     leaf.slices_left -= 1
     if leaf.slices_left == 0:
@@ -315,14 +434,13 @@ class _Engine:
   def _assemble(self, leaf: _Leaf):
     t = leaf.read.target
     shape = tuple(t.shape)
-    if leaf.batch:
+    if leaf.small:
       host = leaf.host
       leaf.array = jax.make_array_from_callback(shape, leaf.sharding, lambda index: host[_box_of(index, shape)])
-      leaf.host = {}
     else:
       devices = leaf.sharding.addressable_devices_indices_map(shape)
       leaf.array = jax.make_array_from_single_device_arrays(shape, leaf.sharding, [leaf.placed[d] for d in devices])
-      leaf.placed = {}
+    leaf.host, leaf.placed, leaf.slices, leaf.view = {}, {}, [], None
 
 
 def _primary_devices(sharding, replica_axis: str | None) -> set | None:
