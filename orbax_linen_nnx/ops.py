@@ -7,7 +7,12 @@ Each op says three things, all without IO:
   box of each input it reads, or None for an input it does not touch;
 - `apply(box, parts)`: the output box, computed on the host from those input
   boxes (`parts`, in input order, the untouched inputs left out); never
-  asked for an empty box.
+  asked for an empty box;
+- `regions(box, input_shapes)`: where each needed input box lands in the
+  output box, as a function from the output array to a numpy *view* of it
+  shaped like that input box (None where the op moves no element as it is:
+  a reshape). The reader copies each decoded chunk straight into place
+  through these views, so a slice is assembled without intermediate copies.
 
 The reader (read.py) walks these from each device slice down to the stored
 arrays, reads each stored chunk once, and applies the ops to the pieces. A
@@ -37,6 +42,11 @@ def whole(shape: Sequence[int]) -> Box:
   return tuple((0, n) for n in shape)
 
 
+def identity(out):
+  """The region of an input that fills the whole output as it is."""
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Stack:
   """Stack N inputs along `axis` (per-layer arrays -> one layer stack)."""
@@ -53,6 +63,12 @@ class Stack:
 
   def apply(self, box, parts):
     return np.stack(parts, axis=self.axis)
+
+  def regions(self, box, shapes):
+    lo = box[self.axis][0]
+    at = (slice(None),) * self.axis
+    return [(lambda out, i=i: out[at + (i - lo,)]) if b is not None else None
+            for i, b in enumerate(self.needs(box, shapes))]
 
   def __str__(self):
     return f'stack axis {self.axis}'
@@ -87,6 +103,18 @@ class Concat:
   def apply(self, box, parts):
     return np.concatenate(parts, axis=self.axis)
 
+  def regions(self, box, shapes):
+    lo, out, start = box[self.axis][0], [], 0
+    at = (slice(None),) * self.axis
+    for shape, b in zip(shapes, self.needs(box, shapes)):
+      if b is None:
+        out.append(None)
+      else:
+        s, e = b[self.axis][0] + start - lo, b[self.axis][1] + start - lo
+        out.append(lambda o, s=s, e=e: o[at + (slice(s, e),)])
+      start += shape[self.axis]
+    return out
+
   def __str__(self):
     return f'concat axis {self.axis}'
 
@@ -113,6 +141,9 @@ class Slice:
   def apply(self, box, parts):
     return parts[0]
 
+  def regions(self, box, shapes):
+    return [identity]
+
   def __str__(self):
     return f'[{self.start}:{self.stop}] of axis {self.axis}'
 
@@ -132,6 +163,9 @@ class Take:
 
   def apply(self, box, parts):
     return np.squeeze(parts[0], axis=self.axis)
+
+  def regions(self, box, shapes):
+    return [lambda out: np.expand_dims(out, self.axis)]
 
   def __str__(self):
     return f'layer {self.index} of axis {self.axis}'
@@ -154,6 +188,10 @@ class Transpose:
 
   def apply(self, box, parts):
     return np.transpose(parts[0], self.perm)
+
+  def regions(self, box, shapes):
+    back = tuple(int(a) for a in np.argsort(self.perm))
+    return [lambda out: np.transpose(out, back)]
 
   def __str__(self):
     return f'transpose {self.perm}'
@@ -180,6 +218,9 @@ class MoveAxis:
   def apply(self, box, parts):
     return self._transpose(len(box)).apply(box, parts)
 
+  def regions(self, box, shapes):
+    return self._transpose(len(box)).regions(box, shapes)
+
   def __str__(self):
     return f'layer axis {self.source} -> {self.destination}'
 
@@ -199,6 +240,9 @@ class Cast:
 
   def apply(self, box, parts):
     return parts[0].astype(self.dtype)
+
+  def regions(self, box, shapes):
+    return [identity]  # numpy casts on assignment
 
   def __str__(self):
     return f'cast {np.dtype(self.source_dtype).name} -> {np.dtype(self.dtype).name}'
@@ -259,6 +303,9 @@ class Reshape:
     for axis, (_, _, flat, _, _) in enumerate(blocks):
       data = np.take(data, flat, axis=axis)
     return data.reshape([n for *_, dims in blocks for n in dims])
+
+  def regions(self, box, shapes):
+    return [None]  # elements move: computed by `apply` on the host
 
   def __str__(self):
     return f'reshape {tuple(self.source_shape)} -> {tuple(self.target_shape)}'

@@ -41,6 +41,7 @@ import numpy as np
 import tensorstore as ts
 
 from orbax_linen_nnx import ops
+
 from orbax_linen_nnx import planner as plan_lib
 from orbax_linen_nnx.source import Checkpoint
 
@@ -49,7 +50,7 @@ Box = ops.Box
 # Decoded bytes read from storage but not yet cut into shards, at most this
 # many at once (a larger read goes alone). Chosen from the benchmark's sweep;
 # see benchmarks/README.md.
-DEFAULT_READ_BUDGET_BYTES = 256 * 2**20
+DEFAULT_READ_BUDGET_BYTES = 64 * 2**20
 
 
 @dataclasses.dataclass
@@ -59,8 +60,9 @@ class _Input:
   name: str
   box: Box
   owner: '_Slice'
-  chunks: list = dataclasses.field(default_factory=list)
-  buf: np.ndarray | None = None
+  place: Any = None  # out -> the view of the slice's output this box fills (None: computed by ops)
+  chunks: Box = ()  # the chunk indices under `box`
+  buf: np.ndarray | None = None  # the box itself, where ops compute the slice
   waiting: int = 0  # reads still to arrive
 
 
@@ -74,6 +76,7 @@ class _Slice:
   readers: list  # the devices that get it from storage (the rest: by broadcast)
   recipe: Any = None  # the op tree over `inputs`, see _walk
   inputs: list[_Input] = dataclasses.field(default_factory=list)
+  out: np.ndarray | None = None  # assembled in place, chunk by chunk
   waiting: int = 0  # reads not consumed yet
 
 
@@ -95,11 +98,13 @@ class _Leaf:
 
 @dataclasses.dataclass
 class _Read:
-  """One TensorStore read, and where its data goes.
+  """TensorStore reads issued together, and where their data goes.
 
   Either a box of a stored array (`name`) whose sinks are slice inputs that
   copy their part, or a box of a leaf's TensorStore view (`leaf`) whose sinks
-  are whole slices inside it.
+  are whole slices inside it, or (`group`) slices that share stored chunks,
+  each read through its own leaf's view, all at once: TensorStore then decodes
+  each shared chunk once and copies every slice out of it.
   """
 
   box: Box
@@ -107,6 +112,7 @@ class _Read:
   sinks: list
   name: str | None = None
   leaf: _Leaf | None = None
+  group: list | None = None
   future: Any = None
 
 
@@ -128,14 +134,27 @@ def _expression(leaf: plan_lib.LeafRead):
   return expr
 
 
-def _walk(expr, box: Box, s: '_Slice'):
-  """The recipe computing `box` of `expr`; adds the stored boxes it reads to `s.inputs`."""
+def _walk(expr, box: Box, s: '_Slice', place=None):
+  """The recipe computing `box` of `expr`; adds the stored boxes it reads to `s.inputs`.
+
+  `place` maps the slice's output to the view that `box` of `expr` fills, where
+  every op above moves elements as they are (then each input gets its own).
+  """
   op = getattr(expr, 'op', None)
   if op is None:  # a stored array
-    s.inputs.append(_Input(expr.name, box, s))
+    s.inputs.append(_Input(expr.name, box, s, place))
     return len(s.inputs) - 1
-  needs = op.needs(box, [tuple(a.shape) for a in expr.args])
-  return (op, box, [_walk(a, b, s) for a, b in zip(expr.args, needs) if b is not None])
+  shapes = [tuple(a.shape) for a in expr.args]
+  needs = op.needs(box, shapes)
+  regions = op.regions(box, shapes) if place is not None else [None] * len(needs)
+  return (op, box, [_walk(a, b, s, _then(place, r)) for a, b, r in zip(expr.args, needs, regions)
+                    if b is not None])
+
+
+def _then(place, region):
+  if place is None or region is None:
+    return None
+  return lambda out: region(place(out))
 
 
 def _evaluate(recipe, inputs: Sequence[_Input]) -> np.ndarray:
@@ -237,16 +256,31 @@ class _Grid:
   def nbytes(self, box: Box) -> int:
     return _size(box) * self.itemsize
 
+  @property
+  def chunk_nbytes(self) -> int:
+    return math.prod(self.chunk) * self.itemsize
+
 
 def _copy_in(inp: _Input, box: Box, data: np.ndarray) -> None:
-  """Copies the part of `data` (stored `box`) that lies inside `inp.box`."""
-  if inp.buf is None:
-    inp.buf = np.empty(ops.box_shape(inp.box), data.dtype)
+  """Copies the part of `data` (stored `box`) that lies inside `inp.box` to where it goes.
+
+  Straight into the slice's output (through the input's view of it: an index,
+  a transposed view, a cast on assignment) where the ops allow, else into the
+  input's own buffer for the ops to compute from.
+  """
   dst, src = [], []
   for (ilo, ihi), (clo, chi) in zip(inp.box, box):
     lo, hi = max(ilo, clo), min(ihi, chi)
     dst.append(slice(lo - ilo, hi - ilo))
     src.append(slice(lo - clo, hi - clo))
+  if inp.place is not None:
+    s = inp.owner
+    if s.out is None:
+      s.out = np.empty(ops.box_shape(s.box), np.dtype(s.leaf.read.target.dtype))
+    inp.place(s.out)[tuple(dst)] = data[tuple(src)]
+    return
+  if inp.buf is None:
+    inp.buf = np.empty(ops.box_shape(inp.box), data.dtype)
   inp.buf[tuple(dst)] = data[tuple(src)]
 
 
@@ -255,6 +289,33 @@ def _copy_in(inp: _Input, box: Box, data: np.ndarray) -> None:
 # on all its devices with one call: the many small leaves of a large model
 # then cost per leaf, not per device slice.
 _SMALL_LEAF_BYTES = 8 * 2**20
+
+
+class _Groups:
+  """Union-find over slices: those that share a stored chunk end up in one group."""
+
+  def __init__(self):
+    self._parent: dict[int, int] = {}
+    self._slice: dict[int, _Slice] = {}  # every joined slice, by id, in joining order
+
+  def _root(self, k: int) -> int:
+    while self._parent.get(k, k) != k:
+      k = self._parent[k] = self._parent.get(self._parent[k], self._parent[k])
+    return k
+
+  def join(self, a: _Slice, b: _Slice):
+    self._slice[id(a)], self._slice[id(b)] = a, b
+    ra, rb = self._root(id(a)), self._root(id(b))
+    if ra != rb:
+      self._parent[rb] = ra
+
+  def members(self, s: _Slice) -> list[_Slice]:
+    """The slices in `s`'s group, in the order they were first joined."""
+    if not hasattr(self, '_members'):
+      self._members = collections.defaultdict(list)
+      for k, x in self._slice.items():
+        self._members[self._root(k)].append(x)
+    return self._members[self._root(id(s))]
 
 
 class _Engine:
@@ -285,7 +346,7 @@ class _Engine:
       readers = devices if primary is None else [d for d in devices if d in primary]
       s = _Slice(leaf, box, devices, readers)
       if readers and _size(box):
-        s.recipe = _walk(expr, box, s)
+        s.recipe = _walk(expr, box, s, ops.identity if leaf.viewable else None)
       leaf.slices.append(s)
     return leaf
 
@@ -299,13 +360,15 @@ class _Engine:
           by_array[inp.name].append(inp)
     shared = set()  # ids of inputs that share a chunk with another input
     alone = set()  # names of arrays that only one leaf reads
+    groups = _Groups()  # slices joined by the chunks they share
     for name, inputs in by_array.items():
       if len({id(i.owner.leaf) for i in inputs}) == 1:
         alone.add(name)
       for a, b in itertools.combinations(inputs, 2):
         if _meet(a.chunks, b.chunks):
           shared.update((id(a), id(b)))
-    reads, by_chunk = [], {}
+          groups.join(a.owner, b.owner)
+    reads, by_chunk, grouped = [], {}, set()
     for leaf in self.leaves:
       reading = [s for s in leaf.slices if s.inputs]
       whole = self._whole_leaf_read(leaf, reading, alone)
@@ -315,10 +378,26 @@ class _Engine:
           s.waiting = 1
         continue
       for s in reading:
+        if id(s) in grouped:
+          continue  # read with its group
         if leaf.viewable and not any(id(i) in shared for i in s.inputs):
           # No other slice needs these chunks: one read of the view decodes each once.
           reads.append(_Read(s.box, sum(self.grid(i.name).nbytes(i.box) for i in s.inputs), [s], leaf=leaf))
           s.waiting = 1
+          continue
+        group = groups.members(s) if any(id(i) in shared for i in s.inputs) else []
+        if group and all(g.leaf.viewable for g in group):
+          # Slices sharing chunks, read through their views all at once: each shared
+          # chunk is decoded once (TensorStore joins requests for a chunk in flight).
+          chunks = collections.defaultdict(set)
+          for g in group:
+            for i in g.inputs:
+              chunks[i.name].add(i.chunks)
+          nbytes = sum(_union_count(self.grid(n), c) * self.grid(n).chunk_nbytes for n, c in chunks.items())
+          reads.append(_Read((), nbytes, [], group=group))
+          for g in group:
+            g.waiting = 1
+            grouped.add(id(g))
           continue
         for inp in s.inputs:
           grid = self.grid(inp.name)
@@ -368,34 +447,53 @@ class _Engine:
         if not s.waiting:
           self._finish(s)
     in_flight: collections.deque[_Read] = collections.deque()
-    held, pending = 0, iter(self.reads)
-    nxt = next(pending, None)
-    while nxt is not None or in_flight:
+    pending = iter(self.reads)
+    nxt, held = next(pending, None), 0
+
+    def fill():  # issue reads while the decoded bytes in flight fit the budget (one larger read alone)
+      nonlocal nxt, held
       while nxt is not None and (not in_flight or held + nxt.nbytes <= self.budget):
-        nxt.future = self._source(nxt)[_slices(nxt.box)].read()
+        self._issue(nxt)
         in_flight.append(nxt)
         held += nxt.nbytes
         nxt = next(pending, None)
+
+    fill()
+    while in_flight:
       r = in_flight.popleft()
-      data = r.future.result()
+      data = [f.result() for f in r.future] if r.group is not None else r.future.result()
       r.future = None
       held -= r.nbytes
+      fill()  # TensorStore decodes the next reads while this thread cuts this one
       self._consume(r, data)
     return {leaf.read.target.path: leaf.array for leaf in self.leaves}
+
+  def _issue(self, r: _Read):
+    if r.group is not None:
+      r.future = [self._view(g.leaf)[_slices(g.box)].read() for g in r.group]
+    else:
+      r.future = self._source(r)[_slices(r.box)].read()
+
+  def _view(self, leaf: _Leaf):
+    if leaf.view is None:
+      leaf.view = _view(leaf.expr, self.stores)
+    return leaf.view
 
   def _source(self, r: _Read):
     if r.leaf is None:
       return self.stores[r.name]
-    if r.leaf.view is None:
-      r.leaf.view = _view(r.leaf.expr, self.stores)
-    return r.leaf.view
+    return self._view(r.leaf)
 
-  def _consume(self, r: _Read, data: np.ndarray):
+  def _consume(self, r: _Read, data):
+    if r.group is not None:
+      for s, d in zip(r.group, data):
+        self._finish(s, d)
+      return
     for sink in r.sinks:
       if isinstance(sink, _Slice):  # a whole slice, read through the leaf's view
         self._finish(sink, data if sink.box == r.box else data[_within(sink.box, r.box)])
         continue
-      if len(r.sinks) == 1 and sink.box == r.box:
+      if len(r.sinks) == 1 and sink.box == r.box and sink.place is None:
         sink.buf = data  # the read was exactly this box
       else:
         _copy_in(sink, r.box, data)
@@ -410,10 +508,15 @@ class _Engine:
     leaf, t = s.leaf, s.leaf.read.target
     dtype = np.dtype(t.dtype)
     if data is None and s.readers:
-      data = _evaluate(s.recipe, s.inputs) if s.recipe is not None else np.zeros(ops.box_shape(s.box), dtype)
+      if s.out is not None:
+        data = s.out
+      elif s.recipe is not None:
+        data = _evaluate(s.recipe, s.inputs)
+      else:
+        data = np.zeros(ops.box_shape(s.box), dtype)
     if data is not None:
       data = np.asarray(data, dtype=dtype, order='C')
-    s.inputs = []
+    s.inputs, s.out = [], None
     if leaf.small:
       leaf.host[s.box] = data
     else:

@@ -67,6 +67,12 @@ def _item_directory(directory: epath.Path) -> epath.Path:
 
 _NAME = '@orbax_linen_nnx_array@'  # stands for the array name in the spec template
 
+# Decoded chunks TensorStore keeps after use (least recently used first out), on
+# top of Orbax's context: slices that share a chunk are read together, and a
+# request for a chunk decoded a moment ago (a small one can finish before the
+# next request for it is issued) is served from memory instead of decoded again.
+CHUNK_CACHE_BYTES = 32 * 2**20
+
 
 def _spec_template(directory: epath.Path, use_ocdbt: bool, use_zarr3: bool, context: ts.Context) -> dict[str, Any]:
   info = ocp.type_handlers.ParamInfo(name=_NAME, parent_dir=directory, is_ocdbt_checkpoint=use_ocdbt,
@@ -100,7 +106,8 @@ def open_checkpoint(directory: epath.PathLike) -> Checkpoint:
     value = entry.value_metadata
     if value.value_type in _STORED_TYPES and not value.skip_deserialize:
       paths.append(tuple(k.nested_key_name for k in entry.key_metadata.nested_key_metadata_entries))
-  context = ts_utils.get_ts_context(use_ocdbt=use_ocdbt)
+  context = ts.Context(ts.Context.Spec({'cache_pool': {'total_bytes_limit': CHUNK_CACHE_BYTES}}),
+                       parent=ts_utils.get_ts_context(use_ocdbt=use_ocdbt))
   template = _spec_template(directory, use_ocdbt, use_zarr3, context)
   names = ['.'.join(p) for p in paths]  # Orbax names each stored array by its joined key path
   opening = [ts.open(_fill(template, n), context=context, open=True, read=True) for n in names]

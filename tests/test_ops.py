@@ -71,3 +71,30 @@ def test_multi_input_ops_read_only_the_inputs_they_need():
 def test_reshape_needs_the_smallest_covering_rows():
   # (D, H, K) = (4, 3, 5) -> (4, 15): columns 5..9 are head 1 only.
   assert ops.Reshape((4, 3, 5), (4, 15)).needs(((0, 2), (5, 10)), [(4, 3, 5)]) == [((0, 2), (1, 2), (0, 5))]
+
+
+def assemble(op, inputs, box, dtype):
+  """What the reader does for ops that move elements as they are: copy each input box into its region."""
+  out = np.full([hi - lo for lo, hi in box], -1, dtype)
+  shapes = [x.shape for x in inputs]
+  for x, b, region in zip(inputs, op.needs(box, shapes), op.regions(box, shapes)):
+    if b is not None:
+      region(out)[...] = x[tuple(slice(*r) for r in b)]
+  return out
+
+
+@pytest.mark.parametrize('case', [c for c in range(len(CASES)) if not isinstance(CASES[c][0], ops.Reshape)])
+def test_regions_assemble_the_output_in_place(case):
+  op, reference = CASES[case]
+  want = reference(X)
+  for box in boxes(want.shape):
+    got = assemble(op, [X], box, want.dtype)
+    np.testing.assert_array_equal(got, want[tuple(slice(*r) for r in box)])
+
+
+def test_regions_of_multi_input_ops_and_reshape():
+  y = X + 100
+  for op, want in ((ops.Stack(1), np.stack([X, y], 1)), (ops.Concat(2), np.concatenate([X, y], 2))):
+    for box in boxes(want.shape):
+      np.testing.assert_array_equal(assemble(op, [X, y], box, X.dtype), want[tuple(slice(*r) for r in box)])
+  assert ops.Reshape((4, 3, 5), (4, 15)).regions(((0, 4), (0, 15)), [X.shape]) == [None]

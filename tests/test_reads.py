@@ -36,6 +36,33 @@ def counter(name: str) -> int:
   return total
 
 
+# Every key read from a checkpoint's OCDBT store: a restore opens each stored
+# array once (one metadata key each), then loads each stored chunk it decodes.
+# (TensorStore's chunk_cache/reads counts requests: two requests for one chunk
+# in flight together share one load.)
+OCDBT_READS = '/tensorstore/kvstore/ocdbt/read'
+
+
+class ChunkLoads:
+  """Counts the stored chunks loaded (read and decoded) while the block restores from `item_dir`."""
+
+  def __init__(self, item_dir):
+    self.arrays = len(jax.tree.leaves(ocp.PyTreeCheckpointHandler().metadata(item_dir).tree))
+
+  def __enter__(self):
+    self._before = counter(OCDBT_READS)
+    return self
+
+  def __exit__(self, *exc):
+    self.count = counter(OCDBT_READS) - self._before - self.arrays
+
+
+def loads_during(item_dir, fn):
+  with ChunkLoads(item_dir) as loads:
+    out = fn()
+  return out, loads.count
+
+
 def chunk_ids(index, shape, chunk) -> set[tuple[int, ...]]:
   """Grid indices of the stored chunks a slice of the array intersects."""
   ranges = []
@@ -87,10 +114,10 @@ def test_each_shard_reads_only_its_chunks(saved, mesh, spec):
             for idx in sharding.addressable_devices_indices_map((IN, OUT)).values()}
   expected_chunks = chunks_under(slices.values(), (IN, OUT), chunk)
   mngr = ocp.CheckpointManager(directory)
-  before_chunks = counter('/tensorstore/cache/chunk_cache/reads')
   before_bytes = counter('/tensorstore/kvstore/file/bytes_read')
-  restored = mngr.restore(0, args=LinenCompatRestore(abstract, **plan_args))
-  chunk_reads = counter('/tensorstore/cache/chunk_cache/reads') - before_chunks
+  with ChunkLoads(directory / '0' / 'default') as loads:
+    restored = mngr.restore(0, args=LinenCompatRestore(abstract, **plan_args))
+  chunk_reads = loads.count
   file_bytes = counter('/tensorstore/kvstore/file/bytes_read') - before_bytes
 
   kernel = restored['fc']['kernel'].get_raw_value()
@@ -119,9 +146,8 @@ def test_read_once_per_replica_then_broadcast_is_bit_exact(tmp_path, mesh):
   shardings = {'w': NamedSharding(mesh, P(None, 'model')), 'step': NamedSharding(mesh, P()),
                'mask': NamedSharding(mesh, P()), 'h': NamedSharding(mesh, P('model'))}
   target = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=shardings[k]) for k, v in tree.items()}
-  before = counter('/tensorstore/cache/chunk_cache/reads')
-  out = ocp.CheckpointManager(tmp_path).restore(0, args=LinenCompatRestore(target, replica_axis='data'))
-  reads = counter('/tensorstore/cache/chunk_cache/reads') - before
+  out, reads = loads_during(tmp_path / '0' / 'default', lambda: ocp.CheckpointManager(tmp_path).restore(
+      0, args=LinenCompatRestore(target, replica_axis='data')))
   for k, v in tree.items():
     a = out[k]
     assert a.sharding == shardings[k]
@@ -168,12 +194,6 @@ def stored_metadata(directory):
   return ocp.PyTreeCheckpointHandler().metadata(directory / '0' / 'default').tree
 
 
-def reads_during(fn):
-  before = counter('/tensorstore/cache/chunk_cache/reads')
-  out = fn()
-  return out, counter('/tensorstore/cache/chunk_cache/reads') - before
-
-
 @pytest.mark.parametrize('budget', [1, None])
 def test_single_chunk_array_into_eight_slices_decodes_once(tmp_path, mesh, budget):
   """A host-saved (one chunk) kernel restored 8 ways decodes 1 chunk, even with a 1-byte budget."""
@@ -183,7 +203,7 @@ def test_single_chunk_array_into_eight_slices_decodes_once(tmp_path, mesh, budge
   target = {'fc': {'kernel': jax.ShapeDtypeStruct((IN, OUT), jnp.float32, sharding=sharding),
                    'bias': jax.ShapeDtypeStruct((OUT,), jnp.float32, sharding=NamedSharding(mesh, P('data')))}}
   assert len({str(i) for i in sharding.addressable_devices_indices_map((IN, OUT)).values()}) == 8
-  out, reads = reads_during(lambda: ocp.CheckpointManager(tmp_path).restore(
+  out, reads = loads_during(tmp_path / '0' / 'default', lambda: ocp.CheckpointManager(tmp_path).restore(
       0, args=LinenCompatRestore(target, rules={'Dense_0': 'fc'}, read_budget_bytes=budget)))
   np.testing.assert_array_equal(np.asarray(out['fc']['kernel']), variables['params']['Dense_0']['kernel'])
   np.testing.assert_array_equal(np.asarray(out['fc']['bias']), variables['params']['Dense_0']['bias'])
@@ -202,7 +222,7 @@ def test_row_chunks_into_column_shards_decode_each_chunk_once(tmp_path, mesh):
   assert chunk[1] == OUT and chunk[0] <= IN // 4  # row chunks (Orbax may cut a shard into several)
   columns = NamedSharding(mesh, P(None, ('data', 'model')))
   target = {'fc': {'kernel': jax.ShapeDtypeStruct((IN, OUT), jnp.float32, sharding=columns)}}
-  out, reads = reads_during(lambda: ocp.CheckpointManager(tmp_path).restore(
+  out, reads = loads_during(tmp_path / '0' / 'default', lambda: ocp.CheckpointManager(tmp_path).restore(
       0, args=LinenCompatRestore(target, rules={'Dense_0': 'fc'}, partial=True)))
   np.testing.assert_array_equal(np.asarray(out['fc']['kernel']), variables['params']['Dense_0']['kernel'])
   for shard in out['fc']['kernel'].addressable_shards:
@@ -226,7 +246,7 @@ def test_stack_of_single_chunk_layers_decodes_each_layer_once(tmp_path, mesh):
     return v.copy(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=NamedSharding(mesh, spec)))
 
   abstract = jax.tree.map(shard, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  out, reads = reads_during(lambda: ocp.CheckpointManager(tmp_path).restore(0, args=LinenCompatRestore(abstract)))
+  out, reads = loads_during(tmp_path / '0' / 'default', lambda: ocp.CheckpointManager(tmp_path).restore(0, args=LinenCompatRestore(abstract)))
   kernel = out['model']['layers']['mlp']['kernel'].get_raw_value()
   want = np.stack([np.asarray(state.params['params'][f'layers_{i}']['mlp']['kernel']) for i in range(dec.N)])
   np.testing.assert_array_equal(np.asarray(kernel), want)
@@ -246,7 +266,7 @@ def test_fused_array_split_into_two_targets_decodes_once(tmp_path, mesh):
                     for p in ('gate_proj', 'up_proj')}}
   rules = [split('{b}/gating_einsum', ['{b}/gate_proj/kernel', '{b}/up_proj/kernel'], axis=0),
            transpose('{b}/{p}_proj/kernel', (1, 0))]
-  out, reads = reads_during(lambda: ocp.CheckpointManager(tmp_path).restore(
+  out, reads = loads_during(tmp_path / '0' / 'default', lambda: ocp.CheckpointManager(tmp_path).restore(
       0, args=LinenCompatRestore(target, rules=rules)))
   np.testing.assert_array_equal(np.asarray(out['mlp']['gate_proj']['kernel']), w[0].T)
   np.testing.assert_array_equal(np.asarray(out['mlp']['up_proj']['kernel']), w[1].T)

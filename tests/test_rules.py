@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import models
 from orbax_linen_nnx import (LinenCompatRestore, PlanError, cast, merge, plan, rename, reshape, split,
                              transpose)
-from test_reads import chunks_under, counter
+from test_reads import ChunkLoads, chunks_under
 
 D, H, K, F = 8, 2, 4, 16
 
@@ -265,9 +265,9 @@ def test_split_and_transpose_read_only_what_each_shard_needs(tmp_path, mesh):
   slices = {idx[1].indices(64)[:2] for idx in sharding.addressable_devices_indices_map((D, 64)).values()}
   # gate_proj[:, f0:f1] = gating_einsum[0, f0:f1, :]
   expected = chunks_under([(slice(0, 1), slice(*f), slice(None)) for f in slices], w.shape, chunk)
-  before = counter('/tensorstore/cache/chunk_cache/reads')
-  restored = ocp.CheckpointManager(tmp_path).restore(1, args=LinenCompatRestore(target, rules=rules, partial=True))
-  reads = counter('/tensorstore/cache/chunk_cache/reads') - before
+  with ChunkLoads(tmp_path / '1' / 'default') as loads:
+    restored = ocp.CheckpointManager(tmp_path).restore(1, args=LinenCompatRestore(target, rules=rules, partial=True))
+  reads = loads.count
   np.testing.assert_array_equal(np.asarray(restored['gate_proj']['kernel']), w[0].T)
   assert restored['gate_proj']['kernel'].sharding == sharding
   print(f'{len(slices)} slices, {reads} chunk reads, expected {expected}; whole array {np.prod([-(-a // c) for a, c in zip(w.shape, chunk)])} chunks')
@@ -281,9 +281,9 @@ def test_reshape_reads_only_the_rows_a_shard_covers(tmp_path, mesh):
   chunk = tuple(ocp.PyTreeCheckpointHandler().metadata(tmp_path / '1' / 'default').tree['params']['q'].storage.chunk_shape)
   sharding = NamedSharding(mesh, P('data', 'model'))
   target = {'q': jax.ShapeDtypeStruct((D, H * K), np.float32, sharding=sharding)}
-  before = counter('/tensorstore/cache/chunk_cache/reads')
-  out = ocp.CheckpointManager(tmp_path).restore(1, args=LinenCompatRestore(target, rules=[reshape('q', (D, H, K), (D, H * K))]))
-  reads = counter('/tensorstore/cache/chunk_cache/reads') - before
+  with ChunkLoads(tmp_path / '1' / 'default') as loads:
+    out = ocp.CheckpointManager(tmp_path).restore(1, args=LinenCompatRestore(target, rules=[reshape('q', (D, H, K), (D, H * K))]))
+  reads = loads.count
   np.testing.assert_array_equal(np.asarray(out['q']), w.reshape(D, H * K))
   assert out['q'].sharding == sharding
   # (D/4 rows, H*K/2 cols) per slice: rows come from the slice's own D range; the H*K/2

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import decoders as dec
 import models
 from orbax_linen_nnx import LinenCompatRestore, PlanError, plan
-from test_reads import chunk_ids, chunks_under, counter
+from test_reads import ChunkLoads, chunk_ids, chunks_under
 
 LINEN = {'loop': dec.LinenLoopDecoder, 'scan': dec.LinenScanDecoder}
 NNX = {'unrolled': dec.NnxUnrolledDecoder, 'vmap': dec.NnxStackedDecoder}
@@ -154,9 +154,9 @@ def test_stacking_reads_only_the_layers_and_rows_each_shard_covers(tmp_path, mes
             for idx in sharding.addressable_devices_indices_map(shape).values()}
   expected = _layer_chunks(slices.values(), 0, shape, chunk)  # each chunk once
 
-  before = counter('/tensorstore/cache/chunk_cache/reads')
-  restored = ocp.CheckpointManager(tmp_path).restore(2, args=LinenCompatRestore(only_kernel, partial=True))
-  reads = counter('/tensorstore/cache/chunk_cache/reads') - before
+  with ChunkLoads(tmp_path / '2' / 'default') as loads:
+    restored = ocp.CheckpointManager(tmp_path).restore(2, args=LinenCompatRestore(only_kernel, partial=True))
+  reads = loads.count
 
   kernel = restored['layers']['mlp']['kernel']
   want = np.stack([np.asarray(variables['params'][f'layers_{i}']['mlp']['kernel']) for i in range(dec.N)])
@@ -273,9 +273,9 @@ def test_unstack_and_move_read_only_each_layers_chunks(tmp_path, mesh, source_ki
     target = {'layers': {'mlp': {'kernel': jax.ShapeDtypeStruct((dec.N, dec.D, dec.D), np.float32, sharding=sharding)}}}
     expected = chunks_under([source_region(i, slice(None)) for i in range(dec.N)], src_shape, chunk)
   args = dict(partial=True, target_layout='nnx')
-  before = counter('/tensorstore/cache/chunk_cache/reads')
-  restored = ocp.CheckpointManager(tmp_path).restore(2, args=LinenCompatRestore(target, **args))
-  reads = counter('/tensorstore/cache/chunk_cache/reads') - before
+  with ChunkLoads(tmp_path / '2' / 'default') as loads:
+    restored = ocp.CheckpointManager(tmp_path).restore(2, args=LinenCompatRestore(target, **args))
+  reads = loads.count
   src = np.asarray(models.flat(tree)['layers/mlp/kernel' if source_kind == 'vmap' else 'params/layers/mlp/kernel'])
   got = models.flat(restored)
   for i in range(dec.N):
