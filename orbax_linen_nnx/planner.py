@@ -23,7 +23,7 @@ import numpy as np
 from orbax_linen_nnx import layout
 from orbax_linen_nnx import rules as rules_lib
 from orbax_linen_nnx import stacks as stacks_lib
-from orbax_linen_nnx.ops import Cast, MoveAxis, Stack, Take
+from orbax_linen_nnx.ops import Cast
 
 Path = layout.Path
 
@@ -193,129 +193,6 @@ def _suggest_renames(missing: Sequence[tuple[Path, Target]],
   return suggestion
 
 
-def _choose(root: Path, entries, candidates: list[set], explicit, hint: str, problems: list[str],
-            conventional=lambda choice: False):
-  """The one layer-axis choice that fits every leaf of a stack, or None (problem noted).
-
-  Shapes decide; where several choices fit, the one that `conventional` accepts
-  (NNX's layer axis 0) settles it if it is the only such one.
-  """
-  if explicit is not None:
-    return explicit
-  common = set.intersection(*candidates) if candidates else set()
-  usual = {c for c in common if conventional(c)}
-  if len(common) == 1 or len(usual) == 1:
-    return (common if len(common) == 1 else usual).pop()
-  name = layout.render(root)
-  if common:
-    problems.append(f"cannot tell the layer axis of stack '{name}': {sorted(common)} all fit"
-                    f' every leaf (a dimension equals the layer count); {hint}')
-  else:
-    fits = '; '.join(f'{t} fits {sorted(c) or "none"}' for (t, *_), c in zip(entries, candidates))
-    problems.append(f"no layer axis fits every leaf of stack '{name}' ({fits}); {hint}")
-  return None
-
-
-def _stack(entries, stacks, source_layout, target_layout, problems) -> dict:
-  """Per-layer sources -> one stacked target, grouped by stack root."""
-  groups = collections.defaultdict(list)
-  for t, root, layers in entries:
-    groups[root].append((t, layers))
-  out = {}
-  for root, group in groups.items():
-    n = max(max(layers) for _, layers in group) + 1
-    ok = []
-    for t, layers in group:
-      gaps = sorted(set(range(n)) - set(layers))
-      srcs = [layers[i] for i in sorted(layers)]
-      odd = [x for x in srcs if (tuple(x.shape), x.dtype) != (tuple(srcs[0].shape), srcs[0].dtype)]
-      if gaps:
-        problems.append(f"{t} stacks layers 0..{n - 1} of '{layout.render(root)}' but layer(s)"
-                        f' {gaps} have no source (next to {srcs[0]})')
-      elif odd:
-        problems.append(f'{t}: the layers to stack differ: {srcs[0]} but {odd[0]}')
-      else:
-        wanted = [t.shape[a] for a in range(len(t.shape)) if stacks_lib.insert_axis(srcs[0].shape, a, t.shape[a]) == tuple(t.shape)]
-        if wanted and n not in wanted:
-          problems.append(f"{t} holds {wanted[0]} layers of '{layout.render(root)}' but the"
-                          f' checkpoint has layers 0..{n - 1} only; layer(s)'
-                          f' {list(range(n, wanted[0]))} are missing')
-        else:
-          ok.append((t, srcs))
-    if not ok:
-      continue
-    axis = _choose(root, ok, [stacks_lib.stack_axes(srcs[0].shape, t.shape, n) for t, srcs in ok],
-                   stacks_lib.explicit_axis(stacks, root, target_layout, 'target'),
-                   stacks_lib.hint(root, source_layout, target_layout), problems,
-                   lambda b: target_layout == layout.NNX and b == stacks_lib.NNX_LAYER_AXIS)
-    for t, srcs in ok if axis is not None else ():
-      if stacks_lib.insert_axis(srcs[0].shape, axis, n) != tuple(t.shape):
-        problems.append(f'{t} cannot be stacked from {n} x {srcs[0]} at axis {axis}')
-      else:
-        out[t.path] = (tuple(srcs), (Stack(axis),))
-  return out
-
-
-def _unstack(entries, stacks, source_layout, target_layout, problems) -> dict:
-  """One stacked source -> per-layer targets, grouped by stack root."""
-  groups = collections.defaultdict(list)
-  for t, root, src, index in entries:
-    groups[root].append((t, src, index))
-  out = {}
-  for root, group in groups.items():
-    n = max(i for _, _, i in group) + 1
-    cands = [{a for a in range(len(s.shape)) if stacks_lib.drop_axis(s.shape, a) == tuple(t.shape)
-              and s.shape[a] == n} for t, s, _ in group]
-    axis = _choose(root, group, cands, stacks_lib.explicit_axis(stacks, root, source_layout, 'source'),
-                   stacks_lib.hint(root, source_layout, target_layout), problems,
-                   lambda a: source_layout == layout.NNX and a == stacks_lib.NNX_LAYER_AXIS)
-    for t, s, i in group if axis is not None else ():
-      if stacks_lib.drop_axis(s.shape, axis) != tuple(t.shape) or i >= s.shape[axis]:
-        problems.append(f'{t} cannot be layer {i} of {s} along axis {axis}')
-      else:
-        out[t.path] = ((s,), (Take(axis, i),))
-  return out
-
-
-def _move(direct, stacks, source_layout, target_layout, problems) -> dict:
-  """Stacked source -> stacked target with the layer axis elsewhere."""
-  out = {}
-  for t, s, param in direct:  # stacks the user declared: every leaf under them moves
-    for name in stacks or {}:
-      root = stacks_lib.normalize(tuple(p for p in name.split('/') if p))
-      a = stacks_lib.explicit_axis(stacks, root, source_layout, 'source')
-      b = stacks_lib.explicit_axis(stacks, root, target_layout, 'target')
-      if param[: len(root)] == root and None not in (a, b) and a != b:
-        if stacks_lib.move_axis(s.shape, a, b) == tuple(t.shape):
-          out[t.path] = ((s,), (MoveAxis(a, b),))
-        else:
-          problems.append(f'{t} cannot be {s} with its layer axis moved {a} -> {b}')
-  groups = collections.defaultdict(list)
-  for t, s, param in direct:
-    if t.path not in out and tuple(s.shape) != tuple(t.shape):
-      groups[param[:1]].append((t, s, param))
-  for group in groups.values():
-    params = [p for _, _, p in group]
-    root = params[0][: min(len(p) for p in params) - 1]
-    while any(p[: len(root)] != root for p in params):
-      root = root[:-1]
-    cands = [stacks_lib.move_candidates(s.shape, t.shape) for t, s, _ in group]
-    if not all(cands):
-      continue  # some leaf is no stack at all: reported as a shape mismatch
-    nnx_axis = stacks_lib.NNX_LAYER_AXIS
-    choice = _choose(root, group, cands, None, stacks_lib.hint(root, source_layout, target_layout), problems,
-                     lambda c: (source_layout != layout.NNX or c[0] == nnx_axis)
-                     and (target_layout != layout.NNX or c[1] == nnx_axis))
-    if choice is None:
-      continue
-    a, b, n = choice
-    for t, s, param in direct:  # same-shape leaves of the stack (square dims) move too
-      if (t.path not in out and param[: len(root)] == root and len(s.shape) > a
-          and s.shape[a] == n and stacks_lib.move_axis(s.shape, a, b) == tuple(t.shape)):
-        out[t.path] = ((s,), (MoveAxis(a, b),))
-  return out
-
-
 def build(
     sources: Sequence[SourceArray],
     targets: Sequence[Target],
@@ -384,12 +261,7 @@ def build(
   used: set[Path] = set()
   missing: list[tuple[Path, Target]] = []
   tgt_leaves = layout.describe([t.path for t in targets], target_layout)
-  # Per-layer sources by (section, param without its layer index, index position).
-  per_layer: dict[tuple, dict[int, SourceArray]] = collections.defaultdict(dict)
-  for m, found in by_meaning.items():
-    for k, seg in enumerate(m.param):
-      if k and seg.isdigit():
-        per_layer[(m.section, m.param[:k] + m.param[k + 1:], k)][int(seg)] = found[0][0]
+  layers = stacks_lib.LayerSources({m: found[0][0] for m, found in by_meaning.items()})
 
   direct, to_stack, to_unstack = [], [], []
   for t, leaf in zip(targets, tgt_leaves):
@@ -407,18 +279,16 @@ def build(
       else:
         direct.append((t, s, m.param))
       continue
-    layers = next(((k, per_layer[(m.section, m.param, k)]) for k in range(1, len(m.param))
-                   if (m.section, m.param, k) in per_layer), None)
-    if layers:
-      to_stack.append((t, m.param[:layers[0]], layers[1]))
-      used.update(x.path for src in layers[1].values() for x in rules_lib.stored_leaves(src))
+    per_layer = layers.to_stack(m)
+    if per_layer:
+      root, by_index = per_layer
+      to_stack.append((t, root, by_index))
+      used.update(x.path for src in by_index.values() for x in rules_lib.stored_leaves(src))
       continue
-    stacked = next(((k, by_meaning[layout.Meaning(m.section, m.param[:k] + m.param[k + 1:])][0][0])
-                    for k in range(1, len(m.param)) if m.param[k].isdigit()
-                    and layout.Meaning(m.section, m.param[:k] + m.param[k + 1:]) in by_meaning), None)
+    stacked = layers.to_unstack(m)
     if stacked:
-      k, src = stacked
-      to_unstack.append((t, m.param[:k], src, int(m.param[k])))
+      root, src, index = stacked
+      to_unstack.append((t, root, src, index))
       used.update(x.path for x in rules_lib.stored_leaves(src))
       continue
     if t.nnx_only or partial:
@@ -427,10 +297,8 @@ def build(
       missing.append((leaf.meaning.param, t))
       problems.append(f"{t} has no source (looked for '{leaf.meaning}')")
 
-  layer_ops = {}  # target path -> (sources, layer transform)
-  layer_ops.update(_stack(to_stack, stacks, source_layout, target_layout, problems))
-  layer_ops.update(_unstack(to_unstack, stacks, source_layout, target_layout, problems))
-  layer_ops.update(_move(direct, stacks, source_layout, target_layout, problems))
+  # target path -> (sources, layer transform)
+  layer_ops = stacks_lib.plan(direct, to_stack, to_unstack, stacks, source_layout, target_layout, problems)
   reads = []
   for t, s, _ in direct:
     if t.path not in layer_ops and tuple(s.shape) != tuple(t.shape):

@@ -14,15 +14,17 @@ per-layer and a stacked layout a target is *stacked* from N sources or
 is *moved*. The layer axis of each stack is inferred from the shapes of all its
 leaves at once (params and optimizer moments alike) and must come out unique;
 otherwise the user states it with `stacks={'layers': {'linen': 1, 'nnx': 0}}`.
-Pure: shapes in, decisions out.
+Pure: shapes in, plan entries (sources and ops) out; the planner only asks.
 """
 
 from __future__ import annotations
 
+import collections
 import re
 from typing import Mapping, Sequence
 
 from orbax_linen_nnx import layout
+from orbax_linen_nnx import ops
 
 Path = layout.Path
 StackAxes = Mapping[str, Mapping[str, int]]
@@ -90,3 +92,173 @@ def hint(root: Path, source_layout: str, target_layout: str) -> str:
   else:
     example = {'source': 1, 'target': 0}
   return f'pass stacks={{{layout.render(root)!r}: {example!r}}} (the layer axis on each side)'
+
+
+class LayerSources:
+  """Finds, for a target no source matches directly, the layers to stack or the stack to cut.
+
+  `sources` maps each source's layout-free `Meaning` (its per-layer names
+  normalised) to the source.
+  """
+
+  def __init__(self, sources):
+    self._sources = sources
+    # Per-layer sources by (section, param without its layer index, index position).
+    self._per_layer = collections.defaultdict(dict)
+    for m, src in sources.items():
+      for k, seg in enumerate(m.param):
+        if k and seg.isdigit():
+          self._per_layer[(m.section, m.param[:k] + m.param[k + 1:], k)][int(seg)] = src
+
+  def to_stack(self, m):
+    """(stack root, {layer index: source}) of the per-layer sources a stacked target `m` gathers."""
+    for k in range(1, len(m.param)):
+      if (m.section, m.param, k) in self._per_layer:
+        return m.param[:k], self._per_layer[(m.section, m.param, k)]
+    return None
+
+  def to_unstack(self, m):
+    """(stack root, stacked source, layer index) that a per-layer target `m` is one layer of."""
+    for k in range(1, len(m.param)):
+      if m.param[k].isdigit():
+        stacked = self._sources.get(layout.Meaning(m.section, m.param[:k] + m.param[k + 1:]))
+        if stacked is not None:
+          return m.param[:k], stacked, int(m.param[k])
+    return None
+
+
+def plan(direct, to_stack, to_unstack, stacks, source_layout, target_layout, problems) -> dict:
+  """{target path: (sources, layer ops)} for every stack, unstack and layer-axis move.
+
+  `direct` holds (target, source, param) pairs matched by name (the layer axis
+  may still move between them), `to_stack` (target, root, {index: source}),
+  `to_unstack` (target, root, source, index). Problems are added to `problems`.
+  """
+  out = {}
+  out.update(_stack(to_stack, stacks, source_layout, target_layout, problems))
+  out.update(_unstack(to_unstack, stacks, source_layout, target_layout, problems))
+  out.update(_move(direct, stacks, source_layout, target_layout, problems))
+  return out
+
+
+def _choose(root: Path, entries, candidates: list[set], explicit, fix: str, problems: list[str],
+            conventional=lambda choice: False):
+  """The one layer-axis choice that fits every leaf of a stack, or None (problem noted).
+
+  Shapes decide; where several choices fit, the one that `conventional` accepts
+  (NNX's layer axis 0) settles it if it is the only such one.
+  """
+  if explicit is not None:
+    return explicit
+  common = set.intersection(*candidates) if candidates else set()
+  usual = {c for c in common if conventional(c)}
+  if len(common) == 1 or len(usual) == 1:
+    return (common if len(common) == 1 else usual).pop()
+  name = layout.render(root)
+  if common:
+    problems.append(f"cannot tell the layer axis of stack '{name}': {sorted(common)} all fit"
+                    f' every leaf (a dimension equals the layer count); {fix}')
+  else:
+    fits = '; '.join(f'{t} fits {sorted(c) or "none"}' for (t, *_), c in zip(entries, candidates))
+    problems.append(f"no layer axis fits every leaf of stack '{name}' ({fits}); {fix}")
+  return None
+
+
+def _stack(entries, stacks, source_layout, target_layout, problems) -> dict:
+  """Per-layer sources -> one stacked target, grouped by stack root."""
+  groups = collections.defaultdict(list)
+  for t, root, layers in entries:
+    groups[root].append((t, layers))
+  out = {}
+  for root, group in groups.items():
+    n = max(max(layers) for _, layers in group) + 1
+    ok = []
+    for t, layers in group:
+      gaps = sorted(set(range(n)) - set(layers))
+      srcs = [layers[i] for i in sorted(layers)]
+      odd = [x for x in srcs if (tuple(x.shape), x.dtype) != (tuple(srcs[0].shape), srcs[0].dtype)]
+      if gaps:
+        problems.append(f"{t} stacks layers 0..{n - 1} of '{layout.render(root)}' but layer(s)"
+                        f' {gaps} have no source (next to {srcs[0]})')
+      elif odd:
+        problems.append(f'{t}: the layers to stack differ: {srcs[0]} but {odd[0]}')
+      else:
+        wanted = [t.shape[a] for a in range(len(t.shape)) if insert_axis(srcs[0].shape, a, t.shape[a]) == tuple(t.shape)]
+        if wanted and n not in wanted:
+          problems.append(f"{t} holds {wanted[0]} layers of '{layout.render(root)}' but the"
+                          f' checkpoint has layers 0..{n - 1} only; layer(s)'
+                          f' {list(range(n, wanted[0]))} are missing')
+        else:
+          ok.append((t, srcs))
+    if not ok:
+      continue
+    axis = _choose(root, ok, [stack_axes(srcs[0].shape, t.shape, n) for t, srcs in ok],
+                   explicit_axis(stacks, root, target_layout, 'target'),
+                   hint(root, source_layout, target_layout), problems,
+                   lambda b: target_layout == layout.NNX and b == NNX_LAYER_AXIS)
+    for t, srcs in ok if axis is not None else ():
+      if insert_axis(srcs[0].shape, axis, n) != tuple(t.shape):
+        problems.append(f'{t} cannot be stacked from {n} x {srcs[0]} at axis {axis}')
+      else:
+        out[t.path] = (tuple(srcs), (ops.Stack(axis),))
+  return out
+
+
+def _unstack(entries, stacks, source_layout, target_layout, problems) -> dict:
+  """One stacked source -> per-layer targets, grouped by stack root."""
+  groups = collections.defaultdict(list)
+  for t, root, src, index in entries:
+    groups[root].append((t, src, index))
+  out = {}
+  for root, group in groups.items():
+    n = max(i for _, _, i in group) + 1
+    cands = [{a for a in range(len(s.shape)) if drop_axis(s.shape, a) == tuple(t.shape)
+              and s.shape[a] == n} for t, s, _ in group]
+    axis = _choose(root, group, cands, explicit_axis(stacks, root, source_layout, 'source'),
+                   hint(root, source_layout, target_layout), problems,
+                   lambda a: source_layout == layout.NNX and a == NNX_LAYER_AXIS)
+    for t, s, i in group if axis is not None else ():
+      if drop_axis(s.shape, axis) != tuple(t.shape) or i >= s.shape[axis]:
+        problems.append(f'{t} cannot be layer {i} of {s} along axis {axis}')
+      else:
+        out[t.path] = ((s,), (ops.Take(axis, i),))
+  return out
+
+
+def _move(direct, stacks, source_layout, target_layout, problems) -> dict:
+  """Stacked source -> stacked target with the layer axis elsewhere."""
+  out = {}
+  for t, s, param in direct:  # stacks the user declared: every leaf under them moves
+    for name in stacks or {}:
+      root = normalize(tuple(p for p in name.split('/') if p))
+      a = explicit_axis(stacks, root, source_layout, 'source')
+      b = explicit_axis(stacks, root, target_layout, 'target')
+      if param[: len(root)] == root and None not in (a, b) and a != b:
+        if move_axis(s.shape, a, b) == tuple(t.shape):
+          out[t.path] = ((s,), (ops.MoveAxis(a, b),))
+        else:
+          problems.append(f'{t} cannot be {s} with its layer axis moved {a} -> {b}')
+  groups = collections.defaultdict(list)
+  for t, s, param in direct:
+    if t.path not in out and tuple(s.shape) != tuple(t.shape):
+      groups[param[:1]].append((t, s, param))
+  for group in groups.values():
+    params = [p for _, _, p in group]
+    root = params[0][: min(len(p) for p in params) - 1]
+    while any(p[: len(root)] != root for p in params):
+      root = root[:-1]
+    cands = [move_candidates(s.shape, t.shape) for t, s, _ in group]
+    if not all(cands):
+      continue  # some leaf is no stack at all: reported as a shape mismatch
+    nnx_axis = NNX_LAYER_AXIS
+    choice = _choose(root, group, cands, None, hint(root, source_layout, target_layout), problems,
+                     lambda c: (source_layout != layout.NNX or c[0] == nnx_axis)
+                     and (target_layout != layout.NNX or c[1] == nnx_axis))
+    if choice is None:
+      continue
+    a, b, n = choice
+    for t, s, param in direct:  # same-shape leaves of the stack (square dims) move too
+      if (t.path not in out and param[: len(root)] == root and len(s.shape) > a
+          and s.shape[a] == n and move_axis(s.shape, a, b) == tuple(t.shape)):
+        out[t.path] = ((s,), (ops.MoveAxis(a, b),))
+  return out
