@@ -402,8 +402,8 @@ class _Engine:
         for inp in s.inputs:
           grid = self.grid(inp.name)
           if id(inp) not in shared:
-            inp.waiting = 1 if inp.chunks else 0
-            if inp.chunks:
+            inp.waiting = 1 if _count(inp.chunks) else 0  # a 0-d array has one chunk, an empty box none
+            if inp.waiting:
               reads.append(_Read(inp.box, grid.nbytes(inp.box), [inp], name=inp.name))
             continue
           chunks = grid.chunks(inp.chunks)
