@@ -11,15 +11,18 @@ The one place where stored chunks become device shards, in four steps:
    as TensorStore index transforms and virtual drivers), which decodes each
    chunk once and copies straight into the slice; a small leaf whose slices
    together cover exactly its own chunks is read with one request for all of
-   them. A chunk that several boxes need (eight device slices of a
-   single-chunk array, two targets split from one fused array, the layers of
-   a stack cut along another axis) is read alone, once, and every box that
-   needs it copies its part; the ops then run on the host (`ops.apply`), as
-   a reshape always does.
+   them. Slices that share chunks (eight device slices of a single-chunk
+   array, two targets split from one fused array, the layers of a stack cut
+   along another axis) are read together through their views, so that
+   TensorStore decodes each shared chunk once (requests for a chunk in flight
+   are joined; a small chunk cache covers one that finishes first). Where no
+   view exists (a reshape), each chunk is read once and its pieces are copied
+   into place on the host (`ops.regions`), then `ops.apply` computes the rest.
 3. *Reads.* Reads are issued in slice order and consumed in the same order,
    while the decoded bytes in flight stay within `budget_bytes` (one larger
-   read goes alone). A decoded chunk is released as soon as its pieces are
-   copied, so nothing waits on anything but the next read in line.
+   read goes alone); the next reads are issued before the one in hand is cut,
+   so TensorStore decodes while this thread copies. Nothing waits on anything
+   but the next read in line.
 4. *Placement.* A complete slice is put on the devices that hold it; a small
    leaf goes to all its devices in one call.
 
