@@ -38,10 +38,6 @@ def box_shape(box: Box) -> Shape:
   return tuple(hi - lo for lo, hi in box)
 
 
-def whole(shape: Sequence[int]) -> Box:
-  return tuple((0, n) for n in shape)
-
-
 def identity(out):
   """The region of an input that fills the whole output as it is."""
   return out

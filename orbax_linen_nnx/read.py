@@ -44,7 +44,6 @@ import numpy as np
 import tensorstore as ts
 
 from orbax_linen_nnx import ops
-
 from orbax_linen_nnx import planner as plan_lib
 from orbax_linen_nnx.source import Checkpoint
 
@@ -300,6 +299,7 @@ class _Groups:
   def __init__(self):
     self._parent: dict[int, int] = {}
     self._slice: dict[int, _Slice] = {}  # every joined slice, by id, in joining order
+    self._members: dict[int, list[_Slice]] | None = None  # root -> slices, once all are joined
 
   def _root(self, k: int) -> int:
     while self._parent.get(k, k) != k:
@@ -314,7 +314,7 @@ class _Groups:
 
   def members(self, s: _Slice) -> list[_Slice]:
     """The slices in `s`'s group, in the order they were first joined."""
-    if not hasattr(self, '_members'):
+    if self._members is None:
       self._members = collections.defaultdict(list)
       for k, x in self._slice.items():
         self._members[self._root(k)].append(x)
@@ -475,17 +475,13 @@ class _Engine:
     if r.group is not None:
       r.future = [self._view(g.leaf)[_slices(g.box)].read() for g in r.group]
     else:
-      r.future = self._source(r)[_slices(r.box)].read()
+      source = self.stores[r.name] if r.leaf is None else self._view(r.leaf)
+      r.future = source[_slices(r.box)].read()
 
   def _view(self, leaf: _Leaf):
     if leaf.view is None:
       leaf.view = _view(leaf.expr, self.stores)
     return leaf.view
-
-  def _source(self, r: _Read):
-    if r.leaf is None:
-      return self.stores[r.name]
-    return self._view(r.leaf)
 
   def _consume(self, r: _Read, data):
     if r.group is not None:
