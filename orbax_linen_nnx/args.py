@@ -54,7 +54,9 @@ class LinenCompatRestore(ocp.args.CheckpointArgs):
       between their read from storage and their copy into device shards (one
       larger stored chunk goes alone). More overlaps more reads; it never
       changes what is read: each stored chunk is decoded once per process
-      whatever the budget. None: `orbax_linen_nnx.DEFAULT_READ_BUDGET_BYTES`.
+      whatever the budget. None: `orbax_linen_nnx.DEFAULT_READ_BUDGET_BYTES`
+      (64 MiB), or twice the largest stored chunk read where that is more, so
+      that two large chunks decode at once.
   """
 
   abstract_state: Any

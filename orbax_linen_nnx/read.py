@@ -33,6 +33,7 @@ array is assembled whole on the host unless one stored chunk is the whole array.
 from __future__ import annotations
 
 import collections
+import ctypes
 import dataclasses
 import itertools
 import math
@@ -51,8 +52,30 @@ Box = ops.Box
 
 # Decoded bytes read from storage but not yet cut into shards, at most this
 # many at once (a larger read goes alone). Chosen from the benchmark's sweep;
-# see benchmarks/README.md.
+# see benchmarks/README.md. Without a budget from the user, a restore whose
+# largest stored chunk is over half of it gets twice that chunk instead: one
+# chunk decodes on one thread, and two must be in flight to keep two cores
+# decoding (a Linen `nn.scan` saved from host holds 88 MiB single chunks in the
+# benchmark; one at a time took 1.3x native Orbax's time).
 DEFAULT_READ_BUDGET_BYTES = 64 * 2**20
+
+
+
+def _libc_malloc_trim():
+  try:
+    return ctypes.CDLL(None).malloc_trim  # glibc
+  except (OSError, AttributeError):
+    return None  # another C library: nothing to do
+
+
+# glibc keeps freed blocks in the heap arena of the thread that allocated them:
+# TensorStore decodes on its own threads, so the decode buffers it frees stay
+# resident while this thread allocates the shards elsewhere (native Orbax
+# shows the same: 400-600 MiB above the restored state in the benchmark).
+# Handing them back after every so many consumed bytes keeps peak RSS near
+# the state plus the budget; trimming is cheap next to the decodes it follows.
+_MALLOC_TRIM = _libc_malloc_trim()
+_TRIM_EVERY_BYTES = 32 * 2**20
 
 
 @dataclasses.dataclass
@@ -95,6 +118,7 @@ class _Leaf:
   host: dict = dataclasses.field(default_factory=dict)  # box -> host array (small leaves)
   placed: dict = dataclasses.field(default_factory=dict)  # device -> single-device array
   view: Any = None
+  whole: '_Read | None' = None  # one read for all its local slices (small leaves), if that decodes no more
   array: jax.Array | None = None
 
 
@@ -322,12 +346,17 @@ class _Groups:
 
 
 class _Engine:
-  def __init__(self, plan: plan_lib.RestorePlan, ckpt: Checkpoint, replica_axis: str | None, budget: int):
+  def __init__(self, plan: plan_lib.RestorePlan, ckpt: Checkpoint, replica_axis: str | None,
+               budget: int | None):
     self.stores = ckpt.stores
     self.budget = budget
     self.grids: dict[str, _Grid] = {}
+    readers = collections.Counter(a.name for r in plan.reads for a in {a.name: a for a in r.sources}.values())
+    self.alone = {name for name, n in readers.items() if n == 1}  # arrays that only one leaf reads
     self.leaves = [self._leaf(r, replica_axis) for r in plan.reads]
     self.reads = self._schedule()
+    if budget is None:
+      self.budget = max(DEFAULT_READ_BUDGET_BYTES, 2 * max((g.chunk_nbytes for g in self.grids.values()), default=0))
 
   def grid(self, name: str) -> _Grid:
     if name not in self.grids:
@@ -345,13 +374,37 @@ class _Engine:
     expr = _expression(read)
     leaf = _Leaf(read, expr, sharding, primary, small=primary is None and local <= _SMALL_LEAF_BYTES,
                  viewable=_viewable(expr), slices_left=len(by_box))
+    whole = self._whole_leaf_read(leaf, list(by_box))
     for box, devices in by_box.items():
       readers = devices if primary is None else [d for d in devices if d in primary]
       s = _Slice(leaf, box, devices, readers)
-      if readers and _size(box):
+      if whole is not None:
+        whole.sinks.append(s)
+      elif readers and _size(box):
         s.recipe = _walk(expr, box, s, ops.identity if leaf.viewable else None)
       leaf.slices.append(s)
+    leaf.whole = whole
     return leaf
+
+  def _whole_leaf_read(self, leaf: _Leaf, boxes: list[Box]) -> _Read | None:
+    """One view read of a small leaf's local slices together, where that decodes only their chunks.
+
+    It does when the slices tile the box around them (distinct slices of a
+    sharding do not overlap) and no other leaf reads the leaf's stored arrays:
+    every viewable op maps each output element to one input element, so the
+    box around the slices needs exactly the elements, hence the chunks, that
+    the slices need. The slices are not walked one by one at all.
+    """
+    if not (leaf.small and leaf.viewable and len(boxes) > 1):
+      return None
+    box = tuple((min(b[d][0] for b in boxes), max(b[d][1] for b in boxes)) for d in range(len(boxes[0])))
+    if not _size(box) or sum(_size(b) for b in boxes) != _size(box):
+      return None
+    around = _Slice(leaf, box, [], [])
+    _walk(leaf.expr, box, around)
+    if any(i.name not in self.alone for i in around.inputs):
+      return None  # another leaf reads these arrays too: their shared chunks are read once, for both
+    return _Read(box, sum(self.grid(i.name).nbytes(i.box) for i in around.inputs), [], leaf=leaf)
 
   def _schedule(self) -> list[_Read]:
     """The reads, in leaf and slice order, each stored chunk decoded by exactly one of them."""
@@ -362,24 +415,20 @@ class _Engine:
           inp.chunks = self.grid(inp.name).chunk_box(inp.box)
           by_array[inp.name].append(inp)
     shared = set()  # ids of inputs that share a chunk with another input
-    alone = set()  # names of arrays that only one leaf reads
     groups = _Groups()  # slices joined by the chunks they share
     for name, inputs in by_array.items():
-      if len({id(i.owner.leaf) for i in inputs}) == 1:
-        alone.add(name)
       for a, b in itertools.combinations(inputs, 2):
         if _meet(a.chunks, b.chunks):
           shared.update((id(a), id(b)))
           groups.join(a.owner, b.owner)
     reads, by_chunk, grouped = [], {}, set()
     for leaf in self.leaves:
-      reading = [s for s in leaf.slices if s.inputs]
-      whole = self._whole_leaf_read(leaf, reading, alone)
-      if whole is not None:
-        reads.append(whole)
-        for s in reading:
+      if leaf.whole is not None:
+        reads.append(leaf.whole)
+        for s in leaf.whole.sinks:
           s.waiting = 1
         continue
+      reading = [s for s in leaf.slices if s.inputs]
       for s in reading:
         if id(s) in grouped:
           continue  # read with its group
@@ -424,26 +473,6 @@ class _Engine:
         s.waiting = sum(1 for inp in s.inputs if inp.waiting)
     return reads
 
-  def _whole_leaf_read(self, leaf: _Leaf, reading: list[_Slice], alone: set) -> _Read | None:
-    """One view read of the box around all of a small leaf's slices, if it decodes only their chunks."""
-    if not (leaf.small and leaf.viewable and len(reading) > 1):
-      return None
-    box = tuple((min(s.box[d][0] for s in reading), max(s.box[d][1] for s in reading))
-                for d in range(len(reading[0].box)))
-    around = _Slice(leaf, box, [], [])
-    _walk(leaf.expr, box, around)
-    parts = collections.defaultdict(set)  # stored array -> chunk boxes the slices need
-    for s in reading:
-      for j in s.inputs:
-        parts[j.name].add(j.chunks)
-    for i in around.inputs:
-      if i.name not in alone:
-        return None  # another leaf reads this array too: its chunks are read once, for both
-      grid = self.grid(i.name)
-      if _count(grid.chunk_box(i.box)) != _union_count(grid, parts[i.name]):
-        return None  # the box around the slices holds chunks that none of them needs
-    return _Read(box, sum(self.grid(i.name).nbytes(i.box) for i in around.inputs), reading, leaf=leaf)
-
   def run(self) -> dict:
     for leaf in self.leaves:  # slices that read nothing (zeros of a replica, empty arrays)
       for s in leaf.slices:
@@ -462,6 +491,7 @@ class _Engine:
         nxt = next(pending, None)
 
     fill()
+    consumed = 0
     while in_flight:
       r = in_flight.popleft()
       data = [f.result() for f in r.future] if r.group is not None else r.future.result()
@@ -469,6 +499,11 @@ class _Engine:
       held -= r.nbytes
       fill()  # TensorStore decodes the next reads while this thread cuts this one
       self._consume(r, data)
+      del data
+      consumed += r.nbytes
+      if _MALLOC_TRIM is not None and consumed >= _TRIM_EVERY_BYTES:
+        _MALLOC_TRIM(0)
+        consumed = 0
     return {leaf.read.target.path: leaf.array for leaf in self.leaves}
 
   def _issue(self, r: _Read):
@@ -513,8 +548,8 @@ class _Engine:
         data = _evaluate(s.recipe, s.inputs)
       else:
         data = np.zeros(ops.box_shape(s.box), dtype)
-    if data is not None:
-      data = np.asarray(data, dtype=dtype, order='C')
+    if data is not None:  # a small leaf's slices stay views of its read: the placement copies them once
+      data = np.asarray(data, dtype=dtype) if leaf.small else np.asarray(data, dtype=dtype, order='C')
     s.inputs, s.out = [], None
     if leaf.small:
       leaf.host[s.box] = data
@@ -585,11 +620,11 @@ def execute(plan: plan_lib.RestorePlan, ckpt: Checkpoint, *, replica_axis: str |
 
   Each stored chunk under this process's slices is read and decoded once.
   `budget_bytes` bounds the decoded bytes held between read and copy
-  (default `DEFAULT_READ_BUDGET_BYTES`). With `replica_axis`, a target replicated
+  (default: `DEFAULT_READ_BUDGET_BYTES`, or twice the largest stored chunk if more). With `replica_axis`, a target replicated
   along that mesh axis is read from storage only by the devices at index 0 of
   it, then broadcast to the others.
   """
-  engine = _Engine(plan, ckpt, replica_axis, budget_bytes or DEFAULT_READ_BUDGET_BYTES)
+  engine = _Engine(plan, ckpt, replica_axis, budget_bytes)
   values = engine.run()
   if replica_axis is not None:
     for leaf in engine.leaves:

@@ -71,7 +71,9 @@ _NAME = '@orbax_linen_nnx_array@'  # stands for the array name in the spec templ
 # top of Orbax's context: slices that share a chunk are read together, and a
 # request for a chunk decoded a moment ago (a small one can finish before the
 # next request for it is issued) is served from memory instead of decoded again.
-CHUNK_CACHE_BYTES = 32 * 2**20
+# Larger chunks take long enough to decode that the requests join in flight;
+# a bigger cache only holds stale chunks (32 MiB cost as much in peak RSS).
+CHUNK_CACHE_BYTES = 4 * 2**20
 
 
 def _spec_template(directory: epath.Path, use_ocdbt: bool, use_zarr3: bool, context: ts.Context) -> dict[str, Any]:
@@ -80,12 +82,21 @@ def _spec_template(directory: epath.Path, use_ocdbt: bool, use_zarr3: bool, cont
   return ts_utils.build_array_read_spec(info, use_ocdbt=use_ocdbt).json
 
 
-def _fill(spec, name: str):
-  """Orbax's read spec for `name`: the template with the name put in."""
+def _name_sites(spec, at=()) -> list[tuple]:
+  """Where in the spec template the array name goes: key paths to the strings holding it."""
   if isinstance(spec, dict):
-    return {k: _fill(v, name) for k, v in spec.items()}
-  if isinstance(spec, str) and _NAME in spec:
-    return spec.replace(_NAME, name)
+    return [site for k, v in spec.items() for site in _name_sites(v, at + (k,))]
+  return [at] if isinstance(spec, str) and _NAME in spec else []
+
+
+def _fill(template, sites: list[tuple], name: str):
+  """Orbax's read spec for `name`: the template, copied only along the paths that hold the name."""
+  spec = dict(template)
+  for site in sites:
+    node = spec
+    for k in site[:-1]:
+      node[k] = node = dict(node[k])
+    node[site[-1]] = node[site[-1]].replace(_NAME, name)
   return spec
 
 
@@ -110,7 +121,8 @@ def open_checkpoint(directory: epath.PathLike) -> Checkpoint:
                        parent=ts_utils.get_ts_context(use_ocdbt=use_ocdbt))
   template = _spec_template(directory, use_ocdbt, use_zarr3, context)
   names = ['.'.join(p) for p in paths]  # Orbax names each stored array by its joined key path
-  opening = [ts.open(_fill(template, n), context=context, open=True, read=True) for n in names]
+  sites = _name_sites(template)
+  opening = [ts.open(_fill(template, sites, n), context=context, open=True, read=True) for n in names]
   stores = {n: f.result() for n, f in zip(names, opening)}
   arrays = tuple(
       SourceArray(path=p, name=n, shape=tuple(stores[n].shape), dtype=np.dtype(stores[n].dtype.numpy_dtype))
