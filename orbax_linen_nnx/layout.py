@@ -23,6 +23,11 @@ LINEN = 'linen'
 NNX = 'nnx'
 LAYOUTS = (LINEN, NNX)
 
+# Where NNX runs that write the Linen layout (MaxText's pure_nnx) keep the
+# persistent NNX state Linen has no place for (RNG streams, batch stats, custom
+# Variables): the pure dict of that state, `nnx_aux/model/bn/mean`, ...
+NNX_AUX = 'nnx_aux'
+
 # Linen collections whose name may sit right under `params` when a TrainState was
 # created with `params=variables` (the 'params' level seen twice on disk).
 _KNOWN_COLLECTIONS = frozenset(
@@ -176,6 +181,9 @@ def describe(paths: Iterable[Path], layout: str) -> list[Leaf]:
     collection = None
     if step_path is not None and c == step_path:
       meaning = Meaning(('step',))
+    elif layout == LINEN and len(c) > 2 and c[:2] == (NNX_AUX, 'model'):
+      # NNX state of the model that the Linen layout cannot hold, as NNX names it.
+      meaning, collection = Meaning(('model',), c[2:]), NNX_AUX
     elif c and c[0] in extra_collections:
       # A Linen TrainState field beside `params` (e.g. batch_stats) is a collection.
       meaning, collection = Meaning(('model',), c[1:]), c[0]

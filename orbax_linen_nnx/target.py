@@ -41,6 +41,37 @@ def _is_variable(x) -> bool:
   return isinstance(x, nnx.Variable)
 
 
+def _is_key(value) -> bool:
+  return jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key)
+
+
+def key_sharding(data_sharding, ndim: int):
+  """The sharding of keys of rank `ndim` whose key data is sharded by `data_sharding`."""
+  if isinstance(data_sharding, jax.sharding.NamedSharding):
+    spec = jax.sharding.PartitionSpec(*tuple(data_sharding.spec)[:ndim])
+    return jax.sharding.NamedSharding(data_sharding.mesh, spec, memory_kind=data_sharding.memory_kind)
+  return data_sharding
+
+
+def _key_data(value, sharding) -> tuple[tuple[int, ...], np.dtype, Any, str]:
+  """What a typed PRNG key leaf is read as: its key data (shape, dtype, sharding) and implementation.
+
+  Orbax stores a typed key as its key data, the key's shape plus trailing
+  dimensions (threefry: (2,) uint32); the data is sharded as the key is, whole
+  along the trailing dimensions.
+  """
+  data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(value.shape, value.dtype))
+  extra = len(data.shape) - len(value.shape)
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    spec = tuple(sharding.spec) + (None,) * (len(value.shape) - len(sharding.spec))
+    sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec, *(None,) * extra),
+                                          memory_kind=sharding.memory_kind)
+  elif not isinstance(sharding, jax.sharding.SingleDeviceSharding):
+    raise TypeError(f'a PRNG key sharded by {type(sharding).__name__} cannot be restored; use a NamedSharding')
+  impl = value.dtype._impl.name  # the name Orbax records (str(jax.random.key_impl(key)))
+  return tuple(data.shape), np.dtype(data.dtype), sharding, impl
+
+
 @dataclasses.dataclass
 class AbstractState:
   """A flattened abstract state, ready to be planned and rebuilt."""
@@ -56,10 +87,11 @@ class AbstractState:
     for t, leaf in zip(self.targets, self._leaves):
       if t.path not in values:
         new.append(leaf)
-      elif _is_variable(leaf):
-        new.append(leaf.copy(values[t.path]))
       else:
-        new.append(values[t.path])
+        value = values[t.path]
+        if t.key_impl is not None:
+          value = jax.random.wrap_key_data(value, impl=t.key_impl)
+        new.append(leaf.copy(value) if _is_variable(leaf) else value)
     return self._rebuild(new)
 
 
@@ -85,13 +117,17 @@ def flatten(abstract: Any, *, layout_name: str | None = None) -> AbstractState:
           ' jax.ShapeDtypeStruct (nnx.eval_shape / jax.eval_shape) or jax.Array.'
       )
     sharding = getattr(value, 'sharding', None) or default_sharding()
+    shape, dtype, key_impl = tuple(value.shape), value.dtype, None
+    if _is_key(value):
+      shape, dtype, sharding, key_impl = _key_data(value, sharding)
     targets.append(
         Target(
             path=path,
-            shape=tuple(value.shape),
-            dtype=value.dtype,
+            shape=shape,
+            dtype=dtype,
             sharding=sharding,
             variable_type=type(leaf).__name__ if _is_variable(leaf) else None,
+            key_impl=key_impl,
         )
     )
     leaves.append(leaf)
