@@ -22,17 +22,23 @@ D_IN, D_HID, D_OUT, BATCH = 16, 32, 8, 32
 STEP_TERMS = D_IN + D_HID + BATCH * D_OUT + BATCH + 2 * BATCH
 
 
+class Routing(nnx.Variable):
+  """A custom persistent Variable (a frozen routing table, say): saved under nnx_aux."""
+
+
 class Net(nnx.Module):
-  """Dense -> BatchNorm -> dropout (its own RNG stream) -> Dense."""
+  """Dense -> BatchNorm -> dropout (its own RNG stream) -> Dense, and a custom Variable."""
 
   def __init__(self, rngs: nnx.Rngs):
     self.fc1 = nnx.Linear(D_IN, D_HID, rngs=rngs)
     self.bn = nnx.BatchNorm(D_HID, momentum=0.9, rngs=rngs)
     self.drop = nnx.Dropout(0.5, rngs=rngs)
     self.fc2 = nnx.Linear(D_HID, D_OUT, rngs=rngs)
+    self.routing = Routing(jax.random.permutation(rngs.params(), D_HID))
 
   def __call__(self, x):
-    return self.fc2(self.drop(nnx.relu(self.bn(self.fc1(x)))))
+    h = nnx.relu(self.bn(self.fc1(x)))[:, self.routing.get_value()]
+    return self.fc2(self.drop(h))
 
 
 def schedule():

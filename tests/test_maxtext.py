@@ -85,6 +85,7 @@ def test_plan_reads_nnx_aux_into_its_variables(tmp_path, mesh):
   assert [s.name for s in key.sources] == ['nnx_aux.model.drop.rngs.key']
   assert key.sources[0].key_impl == 'threefry2x32' and key.target.key_impl == 'threefry2x32'
   assert [s.name for s in plan.read_for('model/bn/mean').sources] == ['nnx_aux.model.bn.mean']
+  assert [s.name for s in plan.read_for('model/routing').sources] == ['nnx_aux.model.routing']
   assert [s.name for s in plan.read_for('optimizer/step').sources] == ['step']
   assert 'threefry2x32 key data' in str(plan)
 
