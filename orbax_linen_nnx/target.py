@@ -78,14 +78,15 @@ class AbstractState:
 
   layout: str
   targets: list[Target]
+  _slots: list[Target | None]  # per leaf of the flattened state: its target (None: holds no array)
   _leaves: list[Any]
   _rebuild: Callable[[list[Any]], Any]
 
   def rebuild(self, values: Mapping[Path, Any]) -> Any:
     """The abstract state with `values[path]` put in at each restored leaf."""
     new = []
-    for t, leaf in zip(self.targets, self._leaves):
-      if t.path not in values:
+    for t, leaf in zip(self._slots, self._leaves):
+      if t is None or t.path not in values:
         new.append(leaf)
       else:
         value = values[t.path]
@@ -101,15 +102,21 @@ def flatten(abstract: Any, *, layout_name: str | None = None) -> AbstractState:
     graphdef, state = nnx.split(abstract)
     inner = flatten(state, layout_name=layout_name or layout.NNX)
     return AbstractState(
-        inner.layout, inner.targets, inner._leaves,
+        inner.layout, inner.targets, inner._slots, inner._leaves,
         lambda leaves: nnx.merge(graphdef, inner._rebuild(leaves)),
     )
   is_nnx = isinstance(abstract, nnx.State)
   flat, treedef = jax.tree_util.tree_flatten_with_path(abstract, is_leaf=_is_variable)
-  targets, leaves = [], []
+  targets, slots, leaves = [], [], []
   for keys, leaf in flat:
     path = layout.key_path(keys)
     value = leaf.get_raw_value() if _is_variable(leaf) else leaf
+    if _is_variable(leaf) and not jax.tree.leaves(value):
+      # A Variable holding no array (optax's MaskedNode for a masked-out
+      # parameter, an empty state): nothing is stored for it, nothing to read.
+      slots.append(None)
+      leaves.append(leaf)
+      continue
     if not isinstance(value, (jax.ShapeDtypeStruct, jax.Array)):
       raise TypeError(
           f"abstract leaf '{layout.render(path)}' is a {type(value).__name__}, not an"
@@ -120,7 +127,7 @@ def flatten(abstract: Any, *, layout_name: str | None = None) -> AbstractState:
     shape, dtype, key_impl = tuple(value.shape), value.dtype, None
     if _is_key(value):
       shape, dtype, sharding, key_impl = _key_data(value, sharding)
-    targets.append(
+    slots.append(
         Target(
             path=path,
             shape=shape,
@@ -130,7 +137,8 @@ def flatten(abstract: Any, *, layout_name: str | None = None) -> AbstractState:
             key_impl=key_impl,
         )
     )
+    targets.append(slots[-1])
     leaves.append(leaf)
   if layout_name is None:
     layout_name = layout.NNX if is_nnx else layout.detect(t.path for t in targets)
-  return AbstractState(layout_name, targets, leaves, treedef.unflatten)
+  return AbstractState(layout_name, targets, slots, leaves, treedef.unflatten)
