@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import re
 from typing import Iterable, Sequence
 
 Path = tuple[str, ...]
@@ -121,6 +122,29 @@ def _has_collection_level(rel_paths: Sequence[Path]) -> bool:
   return inner and 'params' in firsts and firsts <= _KNOWN_COLLECTIONS
 
 
+_INDEXED = re.compile(r'(.+)_(\d+)')
+
+
+def normalize_layers(param: Path) -> Path:
+  """('layers_3', 'mlp') and ('layers', '3', 'mlp') both -> ('layers', '3', 'mlp')."""
+  out: list[str] = []
+  for seg in param:
+    m = _INDEXED.fullmatch(seg)
+    out.extend(m.groups() if m else (seg,))
+  return tuple(out)
+
+
+def _mirrors_variable(rel: Path, model: set[Path]) -> bool:
+  """Whether `rel` names a model variable, in any per-layer form, or one layer of a stacked one.
+
+  Optimizer mirrors do not always spell layers as the params do (a converter
+  may leave Adam's moments as `layers_3` under params `layers/3`, or per layer
+  under a stacked params tree).
+  """
+  n = normalize_layers(rel)
+  return n in model or any(n[:i] + n[i + 1:] in model for i in range(1, len(n)) if n[i].isdigit())
+
+
 def _mirror_roots(rel_paths: Sequence[Path], model: set[Path]) -> dict[Path, int]:
   """For each optimizer leaf, the length of its shortest prefix that mirrors the model.
 
@@ -128,11 +152,12 @@ def _mirror_roots(rel_paths: Sequence[Path], model: set[Path]) -> dict[Path, int
   node, is a path of a model variable (optax's mu/nu, trace, ...). Leaves under
   no such node (counts, hyperparameters) are absent from the result.
   """
+  model = {normalize_layers(p) for p in model}
   under: dict[Path, list[Path]] = collections.defaultdict(list)
   for p in rel_paths:
     for k in range(1, len(p)):
       under[p[:k]].append(p[k:])
-  mirrors = {node for node, rels in under.items() if all(r in model for r in rels)}
+  mirrors = {node for node, rels in under.items() if all(_mirrors_variable(r, model) for r in rels)}
   result = {}
   for p in rel_paths:
     for k in range(1, len(p)):

@@ -198,6 +198,17 @@ def _suggest_renames(missing: Sequence[tuple[Path, Target]],
   return suggestion
 
 
+def _why_not(source: layout.Meaning, target: layout.Meaning | None) -> str:
+  """Why a source whose path reads like a missing target's was not paired with it."""
+  if target is None or target == source:
+    return ''
+  if target.param and not source.param:
+    return (f"; it reads like '{target}', but is not read as a mirror of model variable"
+            f" '{'/'.join(target.param)}': no optimizer subtree above it holds only paths of model"
+            ' variables')
+  return f"; it reads like '{target}', but as '{'/'.join(source.section)}' + '{'/'.join(source.param)}'"
+
+
 def _key_problem(t: Target, s: Any) -> str | None:
   """Why typed PRNG keys cannot be read from `s` into `t`, if they cannot."""
   held = getattr(s, 'key_impl', None)
@@ -274,6 +285,7 @@ def build(
   kept: list[Target] = []
   used: set[Path] = set()
   missing: list[tuple[Path, Target]] = []
+  looked_for: dict[str, layout.Meaning] = {}  # what missing targets were looked for as
   tgt_leaves = layout.describe([t.path for t in targets], target_layout)
   layers = stacks_lib.LayerSources({m: found[0][0] for m, found in by_meaning.items()})
 
@@ -313,6 +325,7 @@ def build(
       kept.append(t)
     else:
       missing.append((leaf.meaning.param, t))
+      looked_for[str(leaf.meaning)] = leaf.meaning
       problems.append(f"{t} has no source (looked for '{leaf.meaning}')")
 
   # target path -> (sources, layer transform)
@@ -341,7 +354,7 @@ def build(
     m = raw[s.path].meaning
     unused_pairs.append((m.param, s))
     if not partial and not (model_only and m.section != ('model',)):
-      problems.append(f'{s} is not used by any target')
+      problems.append(f'{s} is not used by any target' + _why_not(m, looked_for.get(str(m))))
 
   if problems:
     fixes = []

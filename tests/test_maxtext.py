@@ -135,3 +135,67 @@ def test_published_bare_directory_restores_with_one_call(tmp_path, mesh):
   ocp.PyTreeCheckpointer().save(tmp_path / 'published', mt.to_items(nnx.state(state)))
   restored = orbax_linen_nnx.restore(tmp_path / 'published', abstract)
   assert_resumes(state, restored, abstract)
+
+
+# MaxText's offline converter writes the NNX layout but leaves Adam's moments
+# with Linen's per-layer names (`layers_3` under params `layers/3`), or per
+# layer under params stacked at axis 1; `step` stays int32 and nothing under
+# `optimizer` is wrapped in {'value': ...}.
+
+def _per_layer_names(tree):
+  """{'layers': {0: a, 1: b}} -> {'layers_0': a, 'layers_1': b}, wherever it occurs."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict) and v and all(str(i).isdigit() for i in v):
+      out.update({f'{k}_{i}': _per_layer_names(x) for i, x in v.items()})
+    else:
+      out[k] = _per_layer_names(v)
+  return out
+
+
+def _unstack_layers(tree, axis: int, n: int):
+  """Every array under a 'layers' key cut into n per-layer arrays named layers_i."""
+  out = {}
+  for k, v in tree.items():
+    if k == 'layers':
+      out.update({f'layers_{i}': jax.tree.map(lambda a, i=i: np.take(np.asarray(a), i, axis=axis), v)
+                  for i in range(n)})
+    else:
+      out[k] = _unstack_layers(v, axis, n) if isinstance(v, dict) else v
+  return out
+
+
+def converter_output(state, *, stacked: bool):
+  import decoders as dec
+
+  pure = nnx.state(state).to_pure_dict()
+  model = pure['model']
+  if stacked:  # MaxText's param_scan_axis: the layer axis at 1
+    model = dict(model, layers=jax.tree.map(lambda a: np.moveaxis(np.asarray(a), 0, 1), model['layers']))
+  opt = dict(pure['optimizer']['opt_state'][0])
+  for m in ('mu', 'nu'):
+    opt[m] = _unstack_layers(opt[m], 0, dec.N) if stacked else _per_layer_names(opt[m])
+  return {'model': jax.tree.map(lambda a: {'value': a}, model),
+          'optimizer': {'opt_state': {'0': opt}, 'step': np.asarray(pure['optimizer']['step'], np.int32)}}
+
+
+@pytest.mark.parametrize('stacked', [False, True], ids=['unrolled', 'stacked_axis1'])
+def test_converter_output_with_linen_named_moments(tmp_path, mesh, stacked):
+  import decoders as dec
+
+  make = dec.NnxStackedDecoder if stacked else dec.NnxUnrolledDecoder
+  state = dec.nnx_state(make)
+  for _ in range(2):
+    dec.nnx_step(state['model'], state['optimizer'])
+  with ocp.CheckpointManager(tmp_path) as m:
+    m.save(2, args=ocp.args.StandardSave(converter_output(state, stacked=stacked)))
+
+  abstract = models.shard_abstract(nnx.state(nnx.eval_shape(lambda: dec.nnx_state(make))), mesh, 'one_axis')
+  restored = ocp.CheckpointManager(tmp_path).restore(2, args=LinenCompatRestore(abstract))
+  want, got = models.flat(nnx.state(state)), models.flat(restored)
+  assert set(got) == set(want)
+  for path, value in want.items():
+    np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(value), err_msg=path)
+  models.assert_sharded_as(restored, abstract)
