@@ -7,7 +7,7 @@
 """
 
 from orbax_linen_nnx.args import LinenCompatRestore
-from orbax_linen_nnx.handler import LinenCompatHandler, plan
+from orbax_linen_nnx.handler import LinenCompatHandler, plan, restore
 from orbax_linen_nnx.rules import Rule, RuleError, cast, merge, rename, reshape, split, transpose
 from orbax_linen_nnx.outcome import RestoreFailedElsewhere
 from orbax_linen_nnx.read import DEFAULT_READ_BUDGET_BYTES
@@ -41,5 +41,6 @@ __all__ = [
     'Target',
     'default_sharding',
     'plan',
+    'restore',
 ]
 __version__ = '0.1.0'

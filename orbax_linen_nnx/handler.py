@@ -9,12 +9,13 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from orbax.checkpoint._src.path import format_utils
 
 from orbax_linen_nnx import layout
 from orbax_linen_nnx import outcome
 from orbax_linen_nnx import planner as plan_lib
 from orbax_linen_nnx import read
-from orbax_linen_nnx import source
+from orbax_linen_nnx import source as source_lib
 from orbax_linen_nnx import target
 
 
@@ -36,11 +37,11 @@ def _gc_paused():
       gc.enable()
 
 
-def _prepare(directory: epath.PathLike, args) -> tuple[source.Checkpoint, target.AbstractState, plan_lib.RestorePlan]:
+def _prepare(directory: epath.PathLike, args) -> tuple[source_lib.Checkpoint, target.AbstractState, plan_lib.RestorePlan]:
   for name, value in (('source_layout', args.source_layout), ('target_layout', args.target_layout)):
     if value is not None and value not in layout.LAYOUTS:
       raise ValueError(f'{name} must be one of {layout.LAYOUTS} or None, got {value!r}')
-  ckpt = source.open_checkpoint(directory)
+  ckpt = source_lib.open_checkpoint(directory)
   state = target.flatten(args.abstract_state, layout_name=args.target_layout)
   restore_plan = plan_lib.build(
       ckpt.arrays,
@@ -70,6 +71,58 @@ def plan(directory: epath.PathLike, abstract_state: Any, **options) -> plan_lib.
     return _prepare(directory, LinenCompatRestore(abstract_state, **options))[2]
 
 
+def _item_directory(source: Any, step: int | None, item: str | None) -> epath.Path:
+  """The item directory `restore` reads: of a manager's step, or under a directory."""
+  if isinstance(source, ocp.CheckpointManager):
+    if step is None:
+      step = source.latest_step()
+      if step is None:
+        raise source_lib.CheckpointNotFoundError(f'{source.directory} holds no finished checkpoint step')
+    base = ocp.path.step.find_step_path(source.directory, ocp.path.step.standard_name_format(), step=step)
+  else:
+    base = epath.Path(source)
+    if step is not None:
+      base = ocp.path.step.find_step_path(base, ocp.path.step.standard_name_format(), step=step)
+  if item is not None:
+    return base / item
+  if (base / format_utils.PYTREE_METADATA_FILE).exists():
+    return base  # an item directory itself (a published checkpoint)
+  items = sorted(p.name for p in base.iterdir() if (p / format_utils.PYTREE_METADATA_FILE).exists()) \
+      if base.is_dir() else []
+  if len(items) == 1:
+    return base / items[0]
+  if not items:
+    raise source_lib.CheckpointNotFoundError(
+        f'{base} holds no Orbax PyTree checkpoint item (no {format_utils.PYTREE_METADATA_FILE} in it or in'
+        ' any directory under it)')
+  raise ValueError(f'{base} holds the PyTree items {items}: pass item= to choose one')
+
+
+def restore(source: Any, abstract_state: Any, *, step: int | None = None, item: str | None = None,
+            **options) -> Any:
+  """Restores `abstract_state` from a checkpoint a manager cannot route `LinenCompatRestore` to.
+
+  `source` is either
+  - a `CheckpointManager` built with `item_handlers` for its items (MaxText's:
+    `item_names=('items',)`, `item_handlers={'items': PyTreeCheckpointHandler(...)}`),
+    which accepts no other handler for them: the step (default: the latest)
+    and `item` are read here instead, through the same handler; or
+  - a directory: a bare checkpoint item as published (upstream Gemma), a step
+    directory, or a run directory with `step`.
+  `item` picks the item when a step holds several PyTree items (MaxText's
+  `items` beside its data iterator's `iter` needs none: only one is a
+  PyTree). `options` are those of `LinenCompatRestore`.
+
+  >>> restored = restore(mngr, abstract, step=100, item='items')  # doctest: +SKIP
+  >>> params = restore('/ckpts/gemma3-4b', abstract_model, rules=gemma_rules)  # doctest: +SKIP
+  """
+  from orbax_linen_nnx.args import LinenCompatRestore  # args imports this module
+
+  directory = _item_directory(source, step, item)
+  with ocp.Checkpointer(LinenCompatHandler()) as checkpointer:
+    return checkpointer.restore(directory, args=LinenCompatRestore(abstract_state, **options))
+
+
 class LinenCompatHandler(ocp.CheckpointHandler):
   """Restores a PyTree checkpoint saved in one layout into a state of the other.
 
@@ -96,7 +149,12 @@ class LinenCompatHandler(ocp.CheckpointHandler):
       for t in restore_plan.kept:
         if t.nnx_only:
           abstract = jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=t.sharding)
-          values[t.path] = args.fill_nnx_only(layout.render(t.path), abstract)
+          if t.key_impl is None:
+            values[t.path] = args.fill_nnx_only(layout.render(t.path), abstract)
+            continue
+          keys = jax.eval_shape(lambda d, impl=t.key_impl: jax.random.wrap_key_data(d, impl=impl), abstract)
+          keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=target.key_sharding(t.sharding, keys.ndim))
+          values[t.path] = jax.random.key_data(args.fill_nnx_only(layout.render(t.path), keys))
     return state.rebuild(values)
 
   def metadata(self, directory: epath.Path) -> Any:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import re
 from typing import Iterable, Sequence
 
 Path = tuple[str, ...]
@@ -22,6 +23,11 @@ Path = tuple[str, ...]
 LINEN = 'linen'
 NNX = 'nnx'
 LAYOUTS = (LINEN, NNX)
+
+# Where NNX runs that write the Linen layout (MaxText's pure_nnx) keep the
+# persistent NNX state Linen has no place for (RNG streams, batch stats, custom
+# Variables): the pure dict of that state, `nnx_aux/model/bn/mean`, ...
+NNX_AUX = 'nnx_aux'
 
 # Linen collections whose name may sit right under `params` when a TrainState was
 # created with `params=variables` (the 'params' level seen twice on disk).
@@ -116,6 +122,29 @@ def _has_collection_level(rel_paths: Sequence[Path]) -> bool:
   return inner and 'params' in firsts and firsts <= _KNOWN_COLLECTIONS
 
 
+_INDEXED = re.compile(r'(.+)_(\d+)')
+
+
+def normalize_layers(param: Path) -> Path:
+  """('layers_3', 'mlp') and ('layers', '3', 'mlp') both -> ('layers', '3', 'mlp')."""
+  out: list[str] = []
+  for seg in param:
+    m = _INDEXED.fullmatch(seg)
+    out.extend(m.groups() if m else (seg,))
+  return tuple(out)
+
+
+def _mirrors_variable(rel: Path, model: set[Path]) -> bool:
+  """Whether `rel` names a model variable, in any per-layer form, or one layer of a stacked one.
+
+  Optimizer mirrors do not always spell layers as the params do (a converter
+  may leave Adam's moments as `layers_3` under params `layers/3`, or per layer
+  under a stacked params tree).
+  """
+  n = normalize_layers(rel)
+  return n in model or any(n[:i] + n[i + 1:] in model for i in range(1, len(n)) if n[i].isdigit())
+
+
 def _mirror_roots(rel_paths: Sequence[Path], model: set[Path]) -> dict[Path, int]:
   """For each optimizer leaf, the length of its shortest prefix that mirrors the model.
 
@@ -123,11 +152,12 @@ def _mirror_roots(rel_paths: Sequence[Path], model: set[Path]) -> dict[Path, int
   node, is a path of a model variable (optax's mu/nu, trace, ...). Leaves under
   no such node (counts, hyperparameters) are absent from the result.
   """
+  model = {normalize_layers(p) for p in model}
   under: dict[Path, list[Path]] = collections.defaultdict(list)
   for p in rel_paths:
     for k in range(1, len(p)):
       under[p[:k]].append(p[k:])
-  mirrors = {node for node, rels in under.items() if all(r in model for r in rels)}
+  mirrors = {node for node, rels in under.items() if all(_mirrors_variable(r, model) for r in rels)}
   result = {}
   for p in rel_paths:
     for k in range(1, len(p)):
@@ -176,6 +206,9 @@ def describe(paths: Iterable[Path], layout: str) -> list[Leaf]:
     collection = None
     if step_path is not None and c == step_path:
       meaning = Meaning(('step',))
+    elif layout == LINEN and len(c) > 2 and c[:2] == (NNX_AUX, 'model'):
+      # NNX state of the model that the Linen layout cannot hold, as NNX names it.
+      meaning, collection = Meaning(('model',), c[2:]), NNX_AUX
     elif c and c[0] in extra_collections:
       # A Linen TrainState field beside `params` (e.g. batch_stats) is a collection.
       meaning, collection = Meaning(('model',), c[1:]), c[0]

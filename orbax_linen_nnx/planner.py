@@ -48,9 +48,11 @@ class SourceArray:
   name: str
   shape: tuple[int, ...]
   dtype: Any
+  key_impl: str | None = None  # a typed PRNG key stored as its key data: the key implementation
 
   def __str__(self) -> str:
-    return f"source '{layout.render(self.path)}' {_fmt(self.shape, self.dtype)}"
+    keys = f' ({self.key_impl} key data)' if self.key_impl else ''
+    return f"source '{layout.render(self.path)}' {_fmt(self.shape, self.dtype)}{keys}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +68,7 @@ class Target:
   dtype: Any
   sharding: Any
   variable_type: str | None = None
+  key_impl: str | None = None  # a typed PRNG key: read as its key data (shape, dtype), then wrapped
 
   @property
   def nnx_only(self) -> bool:
@@ -73,7 +76,8 @@ class Target:
     return self.variable_type in ('RngKey', 'RngCount', 'RngState') or layout.is_rng_path(self.path)
 
   def __str__(self) -> str:
-    return f"target '{layout.render(self.path)}' {_fmt(self.shape, self.dtype)}"
+    keys = f' ({self.key_impl} key data)' if self.key_impl else ''
+    return f"target '{layout.render(self.path)}' {_fmt(self.shape, self.dtype)}{keys}"
 
 
 def _compact(names: list[str]) -> str:
@@ -106,9 +110,10 @@ class LeafRead:
     names = _compact([s.name for s in self.sources])
     ops = f"  [{'; '.join(str(t) for t in self.transform)}]" if self.transform else ''
     made = f"  (by {', '.join(self.rules)})" if self.rules else ''
+    keys = f'  (as {self.target.key_impl} key data)' if self.target.key_impl else ''
     return (
         f'{layout.render(self.target.path)} {_fmt(self.target.shape, self.target.dtype)}'
-        f'  <-  {names}{ops}{made}'
+        f'  <-  {names}{ops}{made}{keys}'
     )
 
 
@@ -193,6 +198,26 @@ def _suggest_renames(missing: Sequence[tuple[Path, Target]],
   return suggestion
 
 
+def _why_not(source: layout.Meaning, target: layout.Meaning | None) -> str:
+  """Why a source whose path reads like a missing target's was not paired with it."""
+  if target is None or target == source:
+    return ''
+  if target.param and not source.param:
+    return (f"; it reads like '{target}', but is not read as a mirror of model variable"
+            f" '{'/'.join(target.param)}': no optimizer subtree above it holds only paths of model"
+            ' variables')
+  return f"; it reads like '{target}', but as '{'/'.join(source.section)}' + '{'/'.join(source.param)}'"
+
+
+def _key_problem(t: Target, s: Any) -> str | None:
+  """Why typed PRNG keys cannot be read from `s` into `t`, if they cannot."""
+  held = getattr(s, 'key_impl', None)
+  if t.key_impl and held and held != t.key_impl:
+    return (f"{t} holds {t.key_impl} keys but {s} holds {held} keys; make the target's keys as"
+            f" jax.random.key(seed, impl='{held}') (nnx.Rngs takes keys as well as seeds)")
+  return None
+
+
 def build(
     sources: Sequence[SourceArray],
     targets: Sequence[Target],
@@ -230,7 +255,7 @@ def build(
   raw: dict[Path, layout.Leaf] = {}  # source path -> what it means, before any rule
   subtrees: dict[Path, dict[str, Any]] = collections.defaultdict(dict)
   for s, leaf in zip(sources, src_leaves):
-    if layout.is_rng_path(s.path) and target_layout == layout.LINEN:
+    if (layout.is_rng_path(s.path) or leaf.collection == layout.NNX_AUX) and target_layout == layout.LINEN:
       skipped.append(s)
       continue
     raw[s.path] = leaf
@@ -260,6 +285,7 @@ def build(
   kept: list[Target] = []
   used: set[Path] = set()
   missing: list[tuple[Path, Target]] = []
+  looked_for: dict[str, layout.Meaning] = {}  # what missing targets were looked for as
   tgt_leaves = layout.describe([t.path for t in targets], target_layout)
   layers = stacks_lib.LayerSources({m: found[0][0] for m, found in by_meaning.items()})
 
@@ -271,11 +297,15 @@ def build(
       s, collection = found[0]
       used.update(x.path for x in rules_lib.stored_leaves(s))
       want = _COLLECTION_OF_TYPE.get(t.variable_type or '')
+      if collection == layout.NNX_AUX:
+        want = 'params' if want == 'params' else None  # nnx_aux holds every Variable type but Param
       if want and collection and collection != want:
         problems.append(
             f"{t} is an nnx.{t.variable_type} but {s} is in Linen collection"
             f" '{collection}' (expected '{want}')"
         )
+      elif (k := _key_problem(t, s)) is not None:
+        problems.append(k)
       else:
         direct.append((t, s, m.param))
       continue
@@ -295,6 +325,7 @@ def build(
       kept.append(t)
     else:
       missing.append((leaf.meaning.param, t))
+      looked_for[str(leaf.meaning)] = leaf.meaning
       problems.append(f"{t} has no source (looked for '{leaf.meaning}')")
 
   # target path -> (sources, layer transform)
@@ -323,7 +354,7 @@ def build(
     m = raw[s.path].meaning
     unused_pairs.append((m.param, s))
     if not partial and not (model_only and m.section != ('model',)):
-      problems.append(f'{s} is not used by any target')
+      problems.append(f'{s} is not used by any target' + _why_not(m, looked_for.get(str(m))))
 
   if problems:
     fixes = []

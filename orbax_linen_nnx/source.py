@@ -18,6 +18,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
+from orbax.checkpoint._src import asyncio_utils
+from orbax.checkpoint._src.metadata import array_metadata as array_metadata_lib
+from orbax.checkpoint._src.metadata import array_metadata_store
 from orbax.checkpoint._src.metadata import tree as tree_metadata
 from orbax.checkpoint._src.path import format_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
@@ -100,6 +103,26 @@ def _fill(template, sites: list[tuple], name: str):
   return spec
 
 
+def _key_impls(directory: epath.Path) -> dict[str, str]:
+  """{array name: PRNG key implementation} of the typed keys Orbax stored as key data.
+
+  Orbax records a key's implementation in the array's own metadata (the
+  `array_metadatas/` files of the item); `_METADATA` calls it a plain array.
+  """
+  if not (directory / 'array_metadatas').exists():
+    return {}
+  store = array_metadata_store.Store()
+  found = asyncio_utils.run_sync(store.read(directory, process_index=0))  # every process lists every array
+  if found is None:
+    found = [m for ms in (asyncio_utils.run_sync(store.read(directory)) or {}).values() for m in ms]
+  impls = {}
+  for m in found:
+    impl = (m.ext_metadata or {}).get(array_metadata_lib.RANDOM_KEY_IMPL)
+    if impl:
+      impls[m.param_name] = str(impl)
+  return impls
+
+
 def open_checkpoint(directory: epath.PathLike) -> Checkpoint:
   """Lists the arrays of a checkpoint item (e.g. `run/100/default`) and opens each once.
 
@@ -124,7 +147,9 @@ def open_checkpoint(directory: epath.PathLike) -> Checkpoint:
   sites = _name_sites(template)
   opening = [ts.open(_fill(template, sites, n), context=context, open=True, read=True) for n in names]
   stores = {n: f.result() for n, f in zip(names, opening)}
+  impls = _key_impls(directory)
   arrays = tuple(
-      SourceArray(path=p, name=n, shape=tuple(stores[n].shape), dtype=np.dtype(stores[n].dtype.numpy_dtype))
+      SourceArray(path=p, name=n, shape=tuple(stores[n].shape), dtype=np.dtype(stores[n].dtype.numpy_dtype),
+                  key_impl=impls.get(n))
       for p, n in zip(paths, names))
   return Checkpoint(directory=directory, arrays=arrays, use_ocdbt=use_ocdbt, use_zarr3=use_zarr3, stores=stores)

@@ -20,7 +20,6 @@ Pure: shapes in, plan entries (sources and ops) out; the planner only asks.
 from __future__ import annotations
 
 import collections
-import re
 from typing import Mapping, Sequence
 
 from orbax_linen_nnx import layout
@@ -29,16 +28,7 @@ from orbax_linen_nnx import ops
 Path = layout.Path
 StackAxes = Mapping[str, Mapping[str, int]]
 
-_INDEXED = re.compile(r'(.+)_(\d+)')
-
-
-def normalize(param: Path) -> Path:
-  """('layers_3', 'mlp') and ('layers', '3', 'mlp') both -> ('layers', '3', 'mlp')."""
-  out: list[str] = []
-  for seg in param:
-    m = _INDEXED.fullmatch(seg)
-    out.extend(m.groups() if m else (seg,))
-  return tuple(out)
+normalize = layout.normalize_layers
 
 
 def insert_axis(shape: Sequence[int], axis: int, n: int) -> tuple[int, ...]:
@@ -137,7 +127,14 @@ def plan(direct, to_stack, to_unstack, stacks, source_layout, target_layout, pro
   out = {}
   out.update(_stack(to_stack, stacks, source_layout, target_layout, problems))
   out.update(_unstack(to_unstack, stacks, source_layout, target_layout, problems))
-  out.update(_move(direct, stacks, source_layout, target_layout, problems))
+  # Layer counts that per-layer leaves of a stack tell (a converter's per-layer
+  # moments beside stacked params): a move of that stack's axis must keep them.
+  depth = {}
+  for _, root, layers in to_stack:
+    depth[root] = max(depth.get(root, 0), max(layers) + 1)
+  for _, root, _, index in to_unstack:
+    depth[root] = max(depth.get(root, 0), index + 1)
+  out.update(_move(direct, stacks, source_layout, target_layout, problems, depth))
   return out
 
 
@@ -225,7 +222,7 @@ def _unstack(entries, stacks, source_layout, target_layout, problems) -> dict:
   return out
 
 
-def _move(direct, stacks, source_layout, target_layout, problems) -> dict:
+def _move(direct, stacks, source_layout, target_layout, problems, depth=None) -> dict:
   """Stacked source -> stacked target with the layer axis elsewhere."""
   out = {}
   for t, s, param in direct:  # stacks the user declared: every leaf under them moves
@@ -250,6 +247,9 @@ def _move(direct, stacks, source_layout, target_layout, problems) -> dict:
     cands = [move_candidates(s.shape, t.shape) for t, s, _ in group]
     if not all(cands):
       continue  # some leaf is no stack at all: reported as a shape mismatch
+    known = [n for r, n in (depth or {}).items() if root[: len(r)] == r or r[: len(root)] == root]
+    if len(set(known)) == 1:
+      cands = [{c for c in cs if c[2] == known[0]} for cs in cands]
     nnx_axis = NNX_LAYER_AXIS
     choice = _choose(root, group, cands, None, hint(root, source_layout, target_layout), problems,
                      lambda c: (source_layout != layout.NNX or c[0] == nnx_axis)

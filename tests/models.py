@@ -164,6 +164,8 @@ def shard_abstract(tree, mesh, policy: str):
   def put(leaf):
     if isinstance(leaf, nnx.Variable):
       v = leaf.get_raw_value()
+      if not jax.tree.leaves(v):
+        return leaf  # no array (optax.MaskedNode)
       return leaf.copy(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding_for(v.shape, mesh, policy)))
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding_for(leaf.shape, mesh, policy))
 
@@ -228,8 +230,8 @@ def assert_sharded_as(restored, abstract):
   got, want = flat(restored), flat(abstract)
   for path, w in want.items():
     a = got[path]
-    if isinstance(a, jax.ShapeDtypeStruct):
-      continue
+    if isinstance(a, jax.ShapeDtypeStruct) or not jax.tree.leaves(w):
+      continue  # kept as given; or no array at all (optax.MaskedNode)
     assert isinstance(a, jax.Array), path
     assert a.sharding == w.sharding, (path, a.sharding, w.sharding)
     assert a.dtype == w.dtype, (path, a.dtype, w.dtype)

@@ -133,3 +133,44 @@ def test_plan_is_deterministic_and_printable():
   b = build(list(reversed(sources)), targets, **args)
   assert a == b
   assert str(a).splitlines()[1] == '  fc1/bias (8,) float32  <-  params.Dense_0.bias  (by rename Dense_0)'
+
+
+def test_optimizer_mirrors_in_any_layer_name_form():
+  """Moments named `layers_0` mirror params named `layers/0`; per-layer moments mirror stacked params."""
+  paths = [('model', 'layers', '0', 'mlp', 'kernel', 'value'), ('model', 'stack', 'mlp', 'kernel', 'value'),
+           ('optimizer', 'opt_state', '0', 'mu', 'layers_0', 'mlp', 'kernel'),
+           ('optimizer', 'opt_state', '0', 'mu', 'stack_1', 'mlp', 'kernel'), ('optimizer', 'opt_state', '0', 'count')]
+  leaves = layout.describe(paths, 'nnx')
+  mu = ('opt_state', '0', 'mu')
+  assert [l.meaning for l in leaves[2:]] == [layout.Meaning(mu, ('layers_0', 'mlp', 'kernel')),
+                                             layout.Meaning(mu, ('stack_1', 'mlp', 'kernel')),
+                                             layout.Meaning(('opt_state', '0', 'count'))]
+
+
+def test_a_source_that_reads_like_a_missing_target_says_why_it_is_not_used():
+  sources = [src('model/fc/kernel/value'), src('optimizer/opt_state/0/mu/fc/kernel'),
+             src('optimizer/opt_state/0/mu/extra', ())]
+  targets = [tgt('model/fc/kernel'), tgt('optimizer/opt_state/0/mu/fc/kernel')]
+  with pytest.raises(PlanError) as e:
+    build(sources, targets, source_layout='nnx', target_layout='nnx')
+  msg = str(e.value)
+  assert "looked for 'opt_state/0/mu/fc/kernel'" in msg
+  assert "reads like 'opt_state/0/mu/fc/kernel', but is not read as a mirror of model variable 'fc/kernel'" in msg
+
+
+def test_nnx_aux_holds_nnx_state_of_the_model():
+  leaves = layout.describe([('params', 'params', 'bn', 'scale'), ('nnx_aux', 'model', 'bn', 'mean'),
+                            ('nnx_aux', 'model', 'drop', 'rngs', 'key'), ('step',), ('opt_state', '0', 'count')],
+                           'linen')
+  assert [(str(l.meaning), l.collection) for l in leaves] == [
+      ('model/bn/scale', 'params'), ('model/bn/mean', 'nnx_aux'), ('model/drop/rngs/key', 'nnx_aux'),
+      ('step', None), ('opt_state/0/count', None)]
+  plan = build([src('params/params/bn/scale', (4,)), src('nnx_aux/model/bn/mean', (4,)), src('step', (), 'int32')],
+               [tgt('model/bn/scale', (4,), variable_type='Param'), tgt('model/bn/mean', (4,), variable_type='BatchStat'),
+                tgt('optimizer/step', (), 'uint32', 'OptState')],
+               source_layout='linen', target_layout='nnx', partial=True)
+  assert plan.read_for('model/bn/mean').sources[0].name == 'nnx_aux.model.bn.mean'
+  with pytest.raises(PlanError, match="is an nnx.Param but source 'nnx_aux/model/bn/mean'"):
+    build([src('params/params/bn/scale', (4,)), src('nnx_aux/model/bn/mean', (4,))],
+          [tgt('model/bn/scale', (4,), variable_type='Param'), tgt('model/bn/mean', (4,), variable_type='Param')],
+          source_layout='linen', target_layout='nnx')

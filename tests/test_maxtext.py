@@ -1,0 +1,201 @@
+"""MaxText pure_nnx checkpoints (Linen layout + nnx_aux) resume exactly, RNG streams included."""
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+import maxtext as mt
+import models
+import orbax_linen_nnx
+from orbax_linen_nnx import LinenCompatRestore, PlanError
+
+
+def abstract_state(mesh, seed: int = 0, **kw):
+  abstract = nnx.state(nnx.eval_shape(lambda: mt.train_state(seed, **kw)))
+  return models.shard_abstract(abstract, mesh, 'two_axes')
+
+
+def trained(abstract, steps: int = 2):
+  """A run trained `steps` steps with its state sharded as `abstract` asks."""
+  state = mt.train_state(0)
+  shardings = jax.tree.map(lambda a: a.sharding, abstract)
+  nnx.update(state, jax.device_put(nnx.state(state), shardings))
+  for s in range(steps):
+    mt.train_step(state, *mt.batch(s))
+  return state
+
+
+def assert_resumes(state, restored, abstract):
+  """`restored` holds `state` bit for bit, sharded as asked, and trains on exactly as `state` does."""
+  want, got = mt.leaves(nnx.state(state)), mt.leaves(restored)
+  assert set(got) == set(want)
+  for path, value in want.items():
+    assert got[path].dtype == value.dtype, path
+    np.testing.assert_array_equal(got[path], value, err_msg=path)
+  models.assert_sharded_as(restored, abstract)
+  key = restored['model']['drop']['rngs']['key'].get_raw_value()
+  assert jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+  assert str(jax.random.key_impl(key)) == 'threefry2x32'
+
+  resumed = mt.train_state(seed=7)  # another init: everything must come from the checkpoint
+  nnx.update(resumed, restored)
+  # The same program on the same shardings and inputs: the same bits (dropout
+  # masks from the restored stream, batch stats, Adam moments, the schedule's count).
+  loss_on = mt.train_step(state, *mt.batch(2))
+  loss_resumed = mt.train_step(resumed, *mt.batch(2))
+  assert float(loss_resumed) == float(loss_on)
+  after_on, after_resumed = mt.leaves(nnx.state(state)), mt.leaves(nnx.state(resumed))
+  for path, value in after_on.items():
+    np.testing.assert_array_equal(after_resumed[path], value, err_msg=path)
+
+
+def test_restore_through_maxtexts_item_handlers_manager(tmp_path, mesh):
+  """MaxText's manager (item_handlers) takes no other handler for 'items': `restore` reads its step."""
+  abstract = abstract_state(mesh)
+  state = trained(abstract)
+  mt.save(mt.manager(tmp_path), 2, state)
+
+  mngr = mt.manager(tmp_path)
+  with pytest.raises(ValueError, match='does not match with any registered handler'):
+    mngr.restore(2, args=ocp.args.Composite(items=LinenCompatRestore(abstract)))
+  restored = orbax_linen_nnx.restore(mngr, abstract, step=2, item='items')
+  assert_resumes(state, restored, abstract)
+  assert orbax_linen_nnx.restore(mngr, abstract, item='items').keys() == restored.keys()  # latest step
+
+
+def test_restore_through_maxtexts_handler_registry_manager(tmp_path, mesh):
+  """The same manager configured by a handler registry: the same refusal, the same call."""
+  abstract = abstract_state(mesh)
+  state = trained(abstract)
+  mt.save(mt.manager(tmp_path, registry=True), 2, state)
+  mngr = mt.manager(tmp_path, registry=True)
+  with pytest.raises(ValueError, match='does not match with any registered handler'):
+    mngr.restore(2, args=ocp.args.Composite(items=LinenCompatRestore(abstract)))
+  assert_resumes(state, orbax_linen_nnx.restore(mngr, abstract, step=2, item='items'), abstract)
+
+
+def test_plan_reads_nnx_aux_into_its_variables(tmp_path, mesh):
+  abstract = abstract_state(mesh)
+  mt.save(mt.manager(tmp_path), 2, trained(abstract))
+  plan = orbax_linen_nnx.plan(tmp_path / '2' / 'items', abstract)
+  assert not plan.kept and not plan.unused
+  key = plan.read_for('model/drop/rngs/key')
+  assert [s.name for s in key.sources] == ['nnx_aux.model.drop.rngs.key']
+  assert key.sources[0].key_impl == 'threefry2x32' and key.target.key_impl == 'threefry2x32'
+  assert [s.name for s in plan.read_for('model/bn/mean').sources] == ['nnx_aux.model.bn.mean']
+  assert [s.name for s in plan.read_for('model/routing').sources] == ['nnx_aux.model.routing']
+  assert [s.name for s in plan.read_for('optimizer/step').sources] == ['step']
+  assert 'threefry2x32 key data' in str(plan)
+
+
+def test_a_linen_run_without_nnx_aux_keeps_the_targets_rng_and_says_so(tmp_path, mesh):
+  abstract = abstract_state(mesh)
+  items = mt.to_items(nnx.state(trained(abstract)))
+  del items['nnx_aux']
+  with ocp.CheckpointManager(tmp_path, item_names=('items',)) as m:
+    m.save(2, args=ocp.args.Composite(items=ocp.args.PyTreeSave(items)))
+  plan = orbax_linen_nnx.plan(tmp_path / '2' / 'items', abstract, partial=True)
+  kept = {'/'.join(t.path) for t in plan.kept}
+  assert {'model/drop/rngs/key', 'model/drop/rngs/count'} <= kept
+  assert 'NNX-only state' in str(plan)
+  with pytest.raises(PlanError, match="target 'model/bn/mean'"):  # batch stats are no NNX-only state
+    orbax_linen_nnx.plan(tmp_path / '2' / 'items', abstract)
+
+
+def test_another_key_implementation_is_an_error_naming_both(tmp_path, mesh):
+  mt.save(mt.manager(tmp_path), 2, trained(abstract_state(mesh)))
+
+  def rbg_state():
+    model = mt.Net(nnx.Rngs(jax.random.key(0, impl='rbg'), dropout=jax.random.key(1, impl='rbg')))
+    return {'model': model, 'optimizer': nnx.Optimizer(model, mt.optax.adamw(mt.schedule()), wrt=nnx.Param)}
+
+  abstract = models.shard_abstract(nnx.state(nnx.eval_shape(rbg_state)), mesh, 'two_axes')
+  with pytest.raises(PlanError) as e:
+    orbax_linen_nnx.restore(mt.manager(tmp_path), abstract, item='items')
+  msg = str(e.value)
+  assert "target 'model/drop/rngs/key'" in msg and 'rbg' in msg and 'threefry2x32' in msg
+
+
+def test_nnx_checkpoint_rng_keys_restore_as_typed_keys(tmp_path, mesh):
+  """NNX -> NNX: the keys Orbax stored as key data come back as keys of their implementation."""
+  abstract = abstract_state(mesh)
+  state = trained(abstract)
+  with ocp.CheckpointManager(tmp_path) as m:
+    m.save(2, args=ocp.args.StandardSave(nnx.state(state)))
+  restored = ocp.CheckpointManager(tmp_path).restore(2, args=LinenCompatRestore(abstract))
+  assert_resumes(state, restored, abstract)
+
+
+def test_published_bare_directory_restores_with_one_call(tmp_path, mesh):
+  """A checkpoint published as a bare PyTree directory (no manager, no step)."""
+  abstract = abstract_state(mesh)
+  state = trained(abstract)
+  ocp.PyTreeCheckpointer().save(tmp_path / 'published', mt.to_items(nnx.state(state)))
+  restored = orbax_linen_nnx.restore(tmp_path / 'published', abstract)
+  assert_resumes(state, restored, abstract)
+
+
+# MaxText's offline converter writes the NNX layout but leaves Adam's moments
+# with Linen's per-layer names (`layers_3` under params `layers/3`), or per
+# layer under params stacked at axis 1; `step` stays int32 and nothing under
+# `optimizer` is wrapped in {'value': ...}.
+
+def _per_layer_names(tree):
+  """{'layers': {0: a, 1: b}} -> {'layers_0': a, 'layers_1': b}, wherever it occurs."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict) and v and all(str(i).isdigit() for i in v):
+      out.update({f'{k}_{i}': _per_layer_names(x) for i, x in v.items()})
+    else:
+      out[k] = _per_layer_names(v)
+  return out
+
+
+def _unstack_layers(tree, axis: int, n: int):
+  """Every array under a 'layers' key cut into n per-layer arrays named layers_i."""
+  out = {}
+  for k, v in tree.items():
+    if k == 'layers':
+      out.update({f'layers_{i}': jax.tree.map(lambda a, i=i: np.take(np.asarray(a), i, axis=axis), v)
+                  for i in range(n)})
+    else:
+      out[k] = _unstack_layers(v, axis, n) if isinstance(v, dict) else v
+  return out
+
+
+def converter_output(state, *, stacked: bool):
+  import decoders as dec
+
+  pure = nnx.state(state).to_pure_dict()
+  model = pure['model']
+  if stacked:  # MaxText's param_scan_axis: the layer axis at 1
+    model = dict(model, layers=jax.tree.map(lambda a: np.moveaxis(np.asarray(a), 0, 1), model['layers']))
+  opt = dict(pure['optimizer']['opt_state'][0])
+  for m in ('mu', 'nu'):
+    opt[m] = _unstack_layers(opt[m], 0, dec.N) if stacked else _per_layer_names(opt[m])
+  return {'model': jax.tree.map(lambda a: {'value': a}, model),
+          'optimizer': {'opt_state': {'0': opt}, 'step': np.asarray(pure['optimizer']['step'], np.int32)}}
+
+
+@pytest.mark.parametrize('stacked', [False, True], ids=['unrolled', 'stacked_axis1'])
+def test_converter_output_with_linen_named_moments(tmp_path, mesh, stacked):
+  import decoders as dec
+
+  make = dec.NnxStackedDecoder if stacked else dec.NnxUnrolledDecoder
+  state = dec.nnx_state(make)
+  for _ in range(2):
+    dec.nnx_step(state['model'], state['optimizer'])
+  with ocp.CheckpointManager(tmp_path) as m:
+    m.save(2, args=ocp.args.StandardSave(converter_output(state, stacked=stacked)))
+
+  abstract = models.shard_abstract(nnx.state(nnx.eval_shape(lambda: dec.nnx_state(make))), mesh, 'one_axis')
+  restored = ocp.CheckpointManager(tmp_path).restore(2, args=LinenCompatRestore(abstract))
+  want, got = models.flat(nnx.state(state)), models.flat(restored)
+  assert set(got) == set(want)
+  for path, value in want.items():
+    np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(value), err_msg=path)
+  models.assert_sharded_as(restored, abstract)
