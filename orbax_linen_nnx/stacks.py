@@ -161,13 +161,25 @@ def _choose(root: Path, entries, candidates: list[set], explicit, fix: str, prob
   return None
 
 
+def _kind(t) -> str:
+  """Which leaves of a stack share one layer axis.
+
+  Params and the optimizer state that mirrors them share one; the other model
+  state under the same root (batch stats, RNG streams, custom Variables) may
+  have its own: MaxText's scanned NNX decoders stack params at
+  `param_scan_axis` (1) and that state at 0.
+  """
+  vt = t.variable_type
+  return 'params' if vt is None or vt == 'Param' or vt.startswith('Opt') else 'state'
+
+
 def _stack(entries, stacks, source_layout, target_layout, problems) -> dict:
-  """Per-layer sources -> one stacked target, grouped by stack root."""
+  """Per-layer sources -> one stacked target, grouped by stack root (and kind, see `_kind`)."""
   groups = collections.defaultdict(list)
   for t, root, layers in entries:
-    groups[root].append((t, layers))
+    groups[root, _kind(t)].append((t, layers))
   out = {}
-  for root, group in groups.items():
+  for (root, _), group in groups.items():
     n = max(max(layers) for _, layers in group) + 1
     ok = []
     for t, layers in group:
@@ -202,12 +214,12 @@ def _stack(entries, stacks, source_layout, target_layout, problems) -> dict:
 
 
 def _unstack(entries, stacks, source_layout, target_layout, problems) -> dict:
-  """One stacked source -> per-layer targets, grouped by stack root."""
+  """One stacked source -> per-layer targets, grouped by stack root (and kind, see `_kind`)."""
   groups = collections.defaultdict(list)
   for t, root, src, index in entries:
-    groups[root].append((t, src, index))
+    groups[root, _kind(t)].append((t, src, index))
   out = {}
-  for root, group in groups.items():
+  for (root, _), group in groups.items():
     n = max(i for _, _, i in group) + 1
     cands = [{a for a in range(len(s.shape)) if drop_axis(s.shape, a) == tuple(t.shape)
               and s.shape[a] == n} for t, s, _ in group]

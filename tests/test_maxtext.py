@@ -199,3 +199,106 @@ def test_converter_output_with_linen_named_moments(tmp_path, mesh, stacked):
   for path, value in want.items():
     np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(value), err_msg=path)
   models.assert_sharded_as(restored, abstract)
+
+
+# MaxText's scanned decoders stack params at `param_scan_axis` (1) but the
+# non-param state under the same stack root (batch stats, RNG streams) at 0.
+
+N_SCAN, D_SCAN = 4, 8
+
+
+class BnBlock(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.mlp = nnx.Linear(D_SCAN, D_SCAN, rngs=rngs)
+    self.bn = nnx.BatchNorm(D_SCAN, rngs=rngs)
+
+
+class ScannedNet(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    @nnx.split_rngs(splits=N_SCAN)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def blocks(rngs):
+      return BnBlock(rngs)
+
+    self.layers = blocks(rngs)
+
+
+class UnrolledNet(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.layers = nnx.List([BnBlock(rngs) for _ in range(N_SCAN)])
+
+
+def _scan_state(make):
+  model = make(nnx.Rngs(3))
+  return {'model': model, 'optimizer': nnx.Optimizer(model, mt.optax.adam(1e-2), wrt=nnx.Param)}
+
+
+def maxtext_scanned_items(rng):
+  """What a MaxText pure_nnx run with scan_layers writes: params (and moments) at axis 1, batch stats at 0."""
+  pure = nnx.state(_scan_state(ScannedNet)).to_pure_dict()
+  fill = lambda a: np.asarray(rng.normal(size=a.shape), a.dtype) if np.issubdtype(a.dtype, np.floating) else np.asarray(a)
+  pure = jax.tree.map(fill, pure)
+  to_axis1 = lambda tree: jax.tree.map(lambda a: np.moveaxis(a, 0, 1), tree)
+  layers = pure['model']['layers']
+  params = {'mlp': layers['mlp'], 'bn': {k: layers['bn'][k] for k in ('scale', 'bias')}}
+  opt = pure['optimizer']['opt_state'][0]
+  return {'params': {'params': {'layers': to_axis1(params)}},
+          'opt_state': [{'count': opt['count'], 'mu': {'params': to_axis1(opt['mu'])},
+                         'nu': {'params': to_axis1(opt['nu'])}}],
+          'step': np.asarray(pure['optimizer']['step'], np.int32),
+          'nnx_aux': {'model': {'layers': {'bn': {k: layers['bn'][k] for k in ('mean', 'var')}}}}}
+
+
+@pytest.mark.parametrize('target', ['vmap_stack', 'unrolled'])
+def test_maxtext_scan_layout_params_at_axis_1_state_at_axis_0(tmp_path, mesh, target):
+  items = maxtext_scanned_items(np.random.default_rng(0))
+  with ocp.CheckpointManager(tmp_path, item_names=('items',)) as m:
+    m.save(2, args=ocp.args.Composite(items=ocp.args.PyTreeSave(items)))
+
+  make = ScannedNet if target == 'vmap_stack' else UnrolledNet
+  abstract = models.shard_abstract(nnx.state(nnx.eval_shape(lambda: _scan_state(make))), mesh, 'one_axis')
+  restored = orbax_linen_nnx.restore(tmp_path, abstract, step=2)
+  got = models.flat(restored)
+  p = items['params']['params']['layers']
+  aux = items['nnx_aux']['model']['layers']
+  mu = items['opt_state'][0]['mu']['params']['layers']
+  for i in range(N_SCAN):
+    at = (lambda name: f'model/layers/{name}') if target == 'vmap_stack' else (lambda name: f'model/layers/{i}/{name}')
+    pick = (lambda a, axis: np.take(a, i, axis=axis))
+    layer = (lambda a: a[i]) if target == 'vmap_stack' else (lambda a: a)
+    np.testing.assert_array_equal(layer(np.asarray(got[at('mlp/kernel')])), pick(p['mlp']['kernel'], 1))
+    np.testing.assert_array_equal(layer(np.asarray(got[at('bn/scale')])), pick(p['bn']['scale'], 1))
+    np.testing.assert_array_equal(layer(np.asarray(got[at('bn/mean')])), pick(aux['bn']['mean'], 0))
+    np.testing.assert_array_equal(layer(np.asarray(got['optimizer/opt_state/0/mu/' + at('mlp/bias')[6:]])),
+                                  pick(mu['mlp']['bias'], 1))
+  models.assert_sharded_as(restored, abstract)
+
+
+def test_per_layer_checkpoint_into_maxtext_scan_layout(tmp_path, mesh):
+  """The other way: unrolled NNX blocks stacked into params at axis 1 and batch stats at axis 0."""
+  state = _scan_state(UnrolledNet)
+  rng = np.random.default_rng(1)
+  nnx.update(state['model'], jax.tree.map(lambda a: np.asarray(rng.normal(size=a.shape), a.dtype),
+                                          nnx.state(state['model'])))
+  with ocp.CheckpointManager(tmp_path) as m:
+    m.save(2, args=ocp.args.StandardSave(nnx.state(state)))
+
+  def axis1(v, path):
+    value = v.get_raw_value()
+    if 'layers' not in path or type(v).__name__ == 'BatchStat' or value.ndim == 0:
+      return v
+    return v.copy(jax.ShapeDtypeStruct(value.shape[1:2] + value.shape[:1] + value.shape[2:], value.dtype))
+
+  abstract = nnx.state(nnx.eval_shape(lambda: _scan_state(ScannedNet)))
+  abstract = jax.tree_util.tree_map_with_path(lambda p, v: axis1(v, jax.tree_util.keystr(p)), abstract,
+                                              is_leaf=lambda x: isinstance(x, nnx.Variable))
+  abstract = models.shard_abstract(abstract, mesh, 'replicated')
+  restored = ocp.CheckpointManager(tmp_path).restore(2, args=LinenCompatRestore(abstract))
+  got, want = models.flat(restored), models.flat(nnx.state(state))
+  for i in range(N_SCAN):
+    np.testing.assert_array_equal(np.asarray(got['model/layers/mlp/kernel'])[:, i], want[f'model/layers/{i}/mlp/kernel'])
+    np.testing.assert_array_equal(np.asarray(got['model/layers/bn/scale'])[:, i], want[f'model/layers/{i}/bn/scale'])
+    np.testing.assert_array_equal(np.asarray(got['model/layers/bn/mean'])[i], want[f'model/layers/{i}/bn/mean'])
+    np.testing.assert_array_equal(np.asarray(got['optimizer/opt_state/0/nu/layers/mlp/bias'])[:, i],
+                                  want[f'optimizer/opt_state/0/nu/layers/{i}/mlp/bias'])
+  models.assert_sharded_as(restored, abstract)
