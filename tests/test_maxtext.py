@@ -302,3 +302,26 @@ def test_per_layer_checkpoint_into_maxtext_scan_layout(tmp_path, mesh):
     np.testing.assert_array_equal(np.asarray(got['optimizer/opt_state/0/nu/layers/mlp/bias'])[:, i],
                                   want[f'optimizer/opt_state/0/nu/layers/{i}/mlp/bias'])
   models.assert_sharded_as(restored, abstract)
+
+
+def test_to_nnx_bridge_rng_state_restores_exactly(tmp_path, mesh):
+  """NNX -> NNX through nnx.bridge.ToNNX: its to_nnx__rngs keys and counts come back as they were."""
+  def make(seed):
+    m = nnx.bridge.ToNNX(models.LinenMLP(), rngs=nnx.Rngs(seed, dropout=seed + 1))
+    nnx.bridge.lazy_init(m, np.ones((1, models.D_IN), np.float32))
+    return m
+
+  model = make(0)
+  model.to_nnx__rngs.dropout()  # advance a stream: its count moves on, its key stays
+  with ocp.CheckpointManager(tmp_path) as m:
+    m.save(1, args=ocp.args.StandardSave(nnx.state(model)))
+  abstract = models.shard_abstract(nnx.state(nnx.eval_shape(lambda: make(5))), mesh, 'one_axis')
+  plan = ocp.CheckpointManager(tmp_path).restore(1, args=LinenCompatRestore(abstract, dry_run=True))
+  assert not plan.kept and any('to_nnx__rngs' in r.target.path for r in plan.reads)
+  restored = ocp.CheckpointManager(tmp_path).restore(1, args=LinenCompatRestore(abstract))
+  want, got = mt.leaves(nnx.state(model)), mt.leaves(restored)
+  assert set(got) == set(want) and any('to_nnx__rngs' in p for p in want)
+  for path, value in want.items():
+    np.testing.assert_array_equal(got[path], value, err_msg=path)
+  key = restored['to_nnx__rngs']['dropout']['key'].get_raw_value()
+  assert jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
