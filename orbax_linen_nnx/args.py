@@ -57,6 +57,9 @@ class LinenCompatRestore(ocp.args.CheckpointArgs):
       whatever the budget. None: `orbax_linen_nnx.DEFAULT_READ_BUDGET_BYTES`
       (64 MiB), or twice the largest stored chunk read where that is more, so
       that two large chunks decode at once.
+    mesh: the concrete `jax.sharding.Mesh` for targets sharded over an
+      `AbstractMesh` (`nnx.eval_shape` under `jax.set_mesh`) or by bare
+      `PartitionSpec`s; None: the mesh in context (`with jax.set_mesh(mesh):`).
   """
 
   abstract_state: Any
@@ -70,3 +73,4 @@ class LinenCompatRestore(ocp.args.CheckpointArgs):
   replica_axis: str | None = None
   timeout_s: float = 300.0
   read_budget_bytes: int | None = None
+  mesh: jax.sharding.Mesh | None = None

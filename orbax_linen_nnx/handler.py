@@ -37,12 +37,26 @@ def _gc_paused():
       gc.enable()
 
 
+def _option_problems(args, state: target.AbstractState) -> list[str]:
+  """Options that name what the target does not have."""
+  problems = []
+  if args.replica_axis is not None:
+    axes = sorted({a for t in state.targets if isinstance(t.sharding, jax.sharding.NamedSharding)
+                   for a in t.sharding.mesh.axis_names})
+    if args.replica_axis not in axes:
+      problems.append(f'replica_axis={args.replica_axis!r} is no axis of the target meshes'
+                      f' (axes: {", ".join(map(repr, axes)) or "none: no target has a NamedSharding"})')
+  if args.read_budget_bytes is not None and args.read_budget_bytes <= 0:
+    problems.append(f'read_budget_bytes={args.read_budget_bytes!r} must be a positive number of bytes')
+  return problems
+
+
 def _prepare(directory: epath.PathLike, args) -> tuple[source_lib.Checkpoint, target.AbstractState, plan_lib.RestorePlan]:
   for name, value in (('source_layout', args.source_layout), ('target_layout', args.target_layout)):
     if value is not None and value not in layout.LAYOUTS:
       raise ValueError(f'{name} must be one of {layout.LAYOUTS} or None, got {value!r}')
   ckpt = source_lib.open_checkpoint(directory)
-  state = target.flatten(args.abstract_state, layout_name=args.target_layout)
+  state = target.flatten(args.abstract_state, layout_name=args.target_layout, mesh=args.mesh)
   restore_plan = plan_lib.build(
       ckpt.arrays,
       state.targets,
@@ -52,6 +66,7 @@ def _prepare(directory: epath.PathLike, args) -> tuple[source_lib.Checkpoint, ta
       partial=args.partial,
       stacks=args.stacks,
       where=str(ckpt.directory),
+      problems=state.problems + _option_problems(args, state),
   )
   return ckpt, state, restore_plan
 

@@ -228,6 +228,7 @@ def build(
     partial: bool = False,
     stacks: stacks_lib.StackAxes | None = None,
     where: str = 'the checkpoint',
+    problems: Sequence[str] = (),
 ) -> RestorePlan:
   """Pairs every target leaf with its source array(s), from metadata alone.
 
@@ -240,7 +241,7 @@ def build(
   'params.Dense_0.kernel'
   """
   linen_to_nnx = not (source_layout == layout.NNX and target_layout == layout.LINEN)
-  problems: list[str] = []
+  problems = list(problems)  # found before planning (shardings, options): reported with the plan's
   try:
     rule_list = rules_lib.as_rules(rules, backward=not linen_to_nnx)
   except rules_lib.RuleError as e:

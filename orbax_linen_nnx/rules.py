@@ -493,11 +493,14 @@ def as_rules(rules: Rules, *, backward: bool) -> list[Rule]:
     return [_OneWay(rules)]
   elif isinstance(rules, Rule):
     rules = [rules]
+  if isinstance(rules, (str, bytes)) or not isinstance(rules, Iterable):
+    raise RuleError(f'rules= must be a dict {{linen_name: nnx_name}}, a rule, a list of rules'
+                    f' (rename/split/merge/transpose/reshape/cast) or a callable; got {rules!r}')
   rules = list(rules)
   for r in rules:
     if not isinstance(r, Rule):
-      raise TypeError(f'rules must be rename/split/merge/transpose/reshape/cast rules, a dict'
-                      f' {{linen_name: nnx_name}} or a callable; got {r!r}')
+      raise RuleError(f'rules= must be rename/split/merge/transpose/reshape/cast rules, a dict'
+                      f' {{linen_name: nnx_name}} or a callable; got {r!r} in the list')
   if backward:
     return [r.inverse() for r in reversed(rules)]
   return rules

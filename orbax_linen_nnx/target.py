@@ -7,6 +7,7 @@ any pytree (dict, Linen `TrainState`, ...) of `jax.ShapeDtypeStruct` or
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from typing import Any, Callable, Mapping
@@ -16,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from orbax_linen_nnx import layout
-from orbax_linen_nnx.planner import Target
+from orbax_linen_nnx.planner import PlanError, Target
 
 Path = layout.Path
 
@@ -81,6 +82,7 @@ class AbstractState:
   _slots: list[Target | None]  # per leaf of the flattened state: its target (None: holds no array)
   _leaves: list[Any]
   _rebuild: Callable[[list[Any]], Any]
+  problems: list[str] = dataclasses.field(default_factory=list)  # shardings that do not fit, see flatten
 
   def rebuild(self, values: Mapping[Path, Any]) -> Any:
     """The abstract state with `values[path]` put in at each restored leaf."""
@@ -96,18 +98,108 @@ class AbstractState:
     return self._rebuild(new)
 
 
-def flatten(abstract: Any, *, layout_name: str | None = None) -> AbstractState:
-  """Reads every leaf of `abstract` as a `Target` (path, shape, dtype, sharding)."""
+def _context_mesh() -> jax.sharding.Mesh | None:
+  """The concrete mesh of `with jax.set_mesh(mesh):` / `jax.sharding.use_mesh`, if any."""
+  mesh = jax.sharding.get_mesh()
+  return mesh if isinstance(mesh, jax.sharding.Mesh) and not mesh.empty else None
+
+
+def _fits(mesh: jax.sharding.Mesh | None, abstract_mesh) -> bool:
+  return (mesh is not None and tuple(mesh.axis_names) == tuple(abstract_mesh.axis_names)
+          and tuple(mesh.axis_sizes) == tuple(abstract_mesh.axis_sizes))
+
+
+class _Shardings:
+  """Makes every target's sharding concrete and checks it, collecting problems (nothing raised)."""
+
+  def __init__(self, mesh: jax.sharding.Mesh | None):
+    self.mesh = mesh if mesh is not None else _context_mesh()
+    self.unmeshed: dict[str, list[str]] = collections.defaultdict(list)  # abstract mesh -> leaf paths
+    self.problems: list[str] = []
+    self._world = None
+
+  def resolve(self, path: Path, value) -> Any:
+    sharding = getattr(value, 'sharding', None)
+    if sharding is None:
+      return default_sharding()
+    if isinstance(sharding, jax.sharding.PartitionSpec):
+      if self.mesh is None:
+        self.unmeshed['a PartitionSpec with no mesh'].append(layout.render(path))
+        return None
+      sharding = jax.sharding.NamedSharding(self.mesh, sharding)
+    if isinstance(sharding, jax.sharding.NamedSharding) and isinstance(sharding.mesh, jax.sharding.AbstractMesh):
+      if not _fits(self.mesh, sharding.mesh):
+        axes = ', '.join(f'{a}={n}' for a, n in zip(sharding.mesh.axis_names, sharding.mesh.axis_sizes))
+        self.unmeshed[f'an AbstractMesh ({axes})'].append(layout.render(path))
+        return None
+      sharding = jax.sharding.NamedSharding(self.mesh, sharding.spec, memory_kind=sharding.memory_kind)
+    self._check(path, tuple(value.shape), sharding)
+    return sharding
+
+  def _check(self, path: Path, shape: tuple[int, ...], sharding) -> None:
+    where = f"target '{layout.render(path)}' {shape}"
+    if self._world is None:
+      self._world = set(jax.devices())
+    outside = sorted(d.id for d in sharding.device_set if d not in self._world)
+    if outside:
+      self.problems.append(f'{where}: its sharding uses devices {outside}, which are not among this run\'s'
+                           ' devices (jax.devices()); build the mesh from jax.devices()')
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+      return
+    spec, mesh = tuple(sharding.spec), sharding.mesh
+    if len(spec) > len(shape):
+      self.problems.append(f'{where}: its PartitionSpec {sharding.spec} has {len(spec)} entries for'
+                           f' {len(shape)} dimensions; drop the extra entries')
+      return
+    seen = collections.Counter()
+    for d, entry in enumerate(spec):
+      names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+      seen.update(names)
+      unknown = [a for a in names if a not in mesh.axis_names]
+      if unknown:
+        self.problems.append(f'{where}: its PartitionSpec {sharding.spec} names mesh axis {unknown[0]!r},'
+                             f' which the mesh does not have (axes: {", ".join(map(repr, mesh.axis_names))})')
+        continue
+      size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+      if shape[d] % size:
+        self.problems.append(
+            f'{where}: dimension {d} ({shape[d]}) is not divisible by mesh axes {names} (size {size})'
+            f' of its PartitionSpec {sharding.spec}; shard that dimension along axes whose size divides'
+            f' {shape[d]}, or leave it unsharded (None)')
+    twice = [a for a, n in seen.items() if n > 1]
+    if twice:
+      self.problems.append(f'{where}: its PartitionSpec {sharding.spec} uses mesh axis {twice[0]!r} for more'
+                           ' than one dimension; each mesh axis may shard one dimension')
+
+  def finish(self) -> list[str]:
+    for what, paths in self.unmeshed.items():
+      self.problems.insert(0, (
+          f'{len(paths)} target(s) are sharded over {what}, and no concrete mesh with those axes is'
+          f' in context: {", ".join(repr(p) for p in paths)}. Restore inside `with jax.set_mesh(mesh):`'
+          ' (the mesh the abstract state was made under), or pass LinenCompatRestore(..., mesh=mesh)'))
+    return self.problems
+
+
+def flatten(abstract: Any, *, layout_name: str | None = None, mesh: jax.sharding.Mesh | None = None) -> AbstractState:
+  """Reads every leaf of `abstract` as a `Target` (path, shape, dtype, sharding).
+
+  Shardings over an `AbstractMesh` (or bare `PartitionSpec`s) are made concrete
+  with `mesh`, else the mesh in context; every sharding is checked against its
+  leaf. What does not fit is listed in `AbstractState.problems`, for the plan
+  to report with its own; leaves that are no arrays raise `PlanError` at once.
+  """
   if isinstance(abstract, nnx.Module):
     graphdef, state = nnx.split(abstract)
-    inner = flatten(state, layout_name=layout_name or layout.NNX)
+    inner = flatten(state, layout_name=layout_name or layout.NNX, mesh=mesh)
     return AbstractState(
         inner.layout, inner.targets, inner._slots, inner._leaves,
-        lambda leaves: nnx.merge(graphdef, inner._rebuild(leaves)),
+        lambda leaves: nnx.merge(graphdef, inner._rebuild(leaves)), inner.problems,
     )
   is_nnx = isinstance(abstract, nnx.State)
   flat, treedef = jax.tree_util.tree_flatten_with_path(abstract, is_leaf=_is_variable)
   targets, slots, leaves = [], [], []
+  shardings = _Shardings(mesh)
+  not_arrays = []
   for keys, leaf in flat:
     path = layout.key_path(keys)
     value = leaf.get_raw_value() if _is_variable(leaf) else leaf
@@ -118,12 +210,9 @@ def flatten(abstract: Any, *, layout_name: str | None = None) -> AbstractState:
       leaves.append(leaf)
       continue
     if not isinstance(value, (jax.ShapeDtypeStruct, jax.Array)):
-      raise TypeError(
-          f"abstract leaf '{layout.render(path)}' is a {type(value).__name__}, not an"
-          ' array description. Pass an abstract state whose leaves are'
-          ' jax.ShapeDtypeStruct (nnx.eval_shape / jax.eval_shape) or jax.Array.'
-      )
-    sharding = getattr(value, 'sharding', None) or default_sharding()
+      not_arrays.append(f"'{layout.render(path)}' is a {type(value).__name__}")
+      continue
+    sharding = shardings.resolve(path, value) or default_sharding()
     shape, dtype, key_impl = tuple(value.shape), value.dtype, None
     if _is_key(value):
       shape, dtype, sharding, key_impl = _key_data(value, sharding)
@@ -139,6 +228,11 @@ def flatten(abstract: Any, *, layout_name: str | None = None) -> AbstractState:
     )
     targets.append(slots[-1])
     leaves.append(leaf)
+  if not_arrays:
+    raise PlanError(
+        f'{len(not_arrays)} abstract leaf/leaves are not array descriptions: {"; ".join(not_arrays)}.'
+        ' Fix: pass an abstract state whose leaves are jax.ShapeDtypeStruct (nnx.eval_shape /'
+        ' jax.eval_shape) or jax.Array; nothing was read.')
   if layout_name is None:
     layout_name = layout.NNX if is_nnx else layout.detect(t.path for t in targets)
-  return AbstractState(layout_name, targets, slots, leaves, treedef.unflatten)
+  return AbstractState(layout_name, targets, slots, leaves, treedef.unflatten, shardings.finish())

@@ -1,14 +1,16 @@
 """Bad input gets one clear error before any read, and the checkpoint is never touched."""
 
 import jax
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
 from models import MLP_RULES
-from orbax_linen_nnx import CheckpointNotFoundError, LinenCompatRestore, PlanError, plan
+from orbax_linen_nnx import CheckpointNotFoundError, LinenCompatRestore, PlanError, layout, plan
 
 
 @pytest.fixture
@@ -102,10 +104,14 @@ def test_directory_that_is_not_a_checkpoint(tmp_path):
     plan(tmp_path / 'nowhere', abstract_of())
 
 
-def test_abstract_leaf_that_is_not_an_array(linen_run):
-  bad = {'params': {'Dense_0': {'kernel': 'not an array'}}}
-  with pytest.raises(TypeError, match="abstract leaf 'params/Dense_0/kernel' is a str"):
+def test_abstract_leaves_that_are_not_arrays_are_reported_together(linen_run):
+  bad = {'params': {'Dense_0': {'kernel': 'not an array', 'bias': 3}, 'Dense_1': {'kernel': nnx.Param(1.5)}}}
+  with pytest.raises(PlanError) as e:
     ocp.CheckpointManager(linen_run).restore(2, args=LinenCompatRestore(bad))
+  msg = str(e.value)
+  for leaf in ("'params/Dense_0/kernel' is a str", "'params/Dense_0/bias' is a int", "'params/Dense_1/kernel' is a float"):
+    assert leaf in msg
+  assert 'jax.ShapeDtypeStruct' in msg and 'nothing was read' in msg
 
 
 def test_plan_function_reads_from_item_or_step_directory(linen_run):
@@ -119,3 +125,76 @@ def test_saving_with_restore_args_is_refused(tmp_path):
     mngr = ocp.CheckpointManager(tmp_path)
     mngr.save(1, args=LinenCompatRestore(abstract_of()))
     mngr.wait_until_finished()
+
+
+class PartitionedMLP(nnx.Module):
+  """Initializers carry their partitioning, as NNX 0.12 models do."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    init = nnx.initializers.lecun_normal()
+    self.fc1 = nnx.Linear(models.D_IN, models.D_HID, kernel_init=nnx.with_partitioning(init, ('data', 'model')),
+                          rngs=rngs)
+    self.fc2 = nnx.Linear(models.D_HID, models.D_OUT, kernel_init=nnx.with_partitioning(init, ('model', None)),
+                          rngs=rngs)
+
+
+def partitioned_state():
+  model = PartitionedMLP(nnx.Rngs(0))
+  return {'model': model, 'optimizer': nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)}
+
+
+def test_abstract_mesh_shardings_from_set_mesh(linen_run, mesh):
+  """The NNX 0.12 recipe: nnx.eval_shape under jax.set_mesh gives shardings over an AbstractMesh."""
+  with jax.set_mesh(mesh):
+    abstract = nnx.state(nnx.eval_shape(partitioned_state))
+  kernel = abstract['model']['fc1']['kernel'].get_raw_value()
+  assert isinstance(kernel.sharding.mesh, jax.sharding.AbstractMesh)
+  mngr = ocp.CheckpointManager(linen_run)
+
+  with pytest.raises(PlanError) as e:  # no mesh in context: one error naming every such leaf
+    mngr.restore(2, args=LinenCompatRestore(abstract, rules=MLP_RULES))
+  msg = str(e.value)
+  assert 'AbstractMesh (data=4, model=2)' in msg and 'jax.set_mesh' in msg and 'mesh=' in msg
+  assert "'model/fc1/kernel'" in msg and "'model/fc2/kernel'" in msg and "'optimizer/opt_state/0/mu/fc1/kernel'" in msg
+
+  with jax.set_mesh(mesh):  # the mesh in context
+    in_context = mngr.restore(2, args=LinenCompatRestore(abstract, rules=MLP_RULES))
+  passed = mngr.restore(2, args=LinenCompatRestore(abstract, rules=MLP_RULES, mesh=mesh))  # or passed
+  linen = models.flat(models.linen_mlp_state(optax.adam(1e-2)))
+  for restored in (in_context, passed):
+    kernel = restored['model']['fc1']['kernel'].get_raw_value()
+    assert kernel.sharding == NamedSharding(mesh, P('data', 'model'))
+    np.testing.assert_array_equal(np.asarray(kernel), linen['params/params/Dense_0/kernel'])
+    assert restored['optimizer']['opt_state'][0]['nu']['fc2']['kernel'].get_raw_value().sharding.spec == P('model', None)
+
+
+def test_sharding_problems_are_found_while_planning_all_together(linen_run, mesh, monkeypatch):
+  """The issue's case: (16, 10) and (10, 8) kernels split 4 ways along their 10 rows/columns."""
+  monkeypatch.setattr(models, 'D_HID', 10)
+  specs = {('model', 'fc1', 'kernel'): P(None, 'data'), ('model', 'fc2', 'kernel'): P('data')}
+
+  def put(path, v):
+    value = v.get_raw_value()
+    spec = specs.get(layout.key_path(path), P())
+    return v.copy(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=NamedSharding(mesh, spec)))
+
+  abstract = jax.tree_util.tree_map_with_path(put, abstract_of(), is_leaf=lambda x: isinstance(x, nnx.Variable))
+  before = models.tree_hash(linen_run)
+  for attempt in (lambda: plan(linen_run / '2', abstract, rules=MLP_RULES, replica_axis='dp'),
+                  lambda: ocp.CheckpointManager(linen_run).restore(
+                      2, args=LinenCompatRestore(abstract, rules=MLP_RULES, replica_axis='dp'))):
+    with pytest.raises(PlanError) as e:
+      attempt()
+    msg = str(e.value)
+    assert ("target 'model/fc1/kernel' (16, 10): dimension 1 (10) is not divisible by mesh axes ('data',)"
+            " (size 4)") in msg
+    assert "target 'model/fc2/kernel' (10, 8): dimension 0 (10) is not divisible" in msg
+    assert "replica_axis='dp' is no axis of the target meshes (axes: 'data', 'model')" in msg
+    assert 'shapes differ' in msg  # with the plan's own problems, in one error
+  assert models.tree_hash(linen_run) == before
+
+
+def test_rules_of_the_wrong_type_name_the_option(linen_run):
+  for bad in (42, 'Dense_0', [{'Dense_0': 'fc1'}]):
+    with pytest.raises(PlanError, match='rules= must be'):
+      plan(linen_run / '2', abstract_of(), rules=bad)
