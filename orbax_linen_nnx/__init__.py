@@ -12,7 +12,7 @@ from orbax_linen_nnx.rules import Rule, RuleError, cast, merge, rename, reshape,
 from orbax_linen_nnx.outcome import RestoreFailedElsewhere
 from orbax_linen_nnx.read import DEFAULT_READ_BUDGET_BYTES
 from orbax_linen_nnx.planner import LeafRead, PlanError, RestorePlan, SourceArray, Target
-from orbax_linen_nnx.source import CheckpointNotFoundError
+from orbax_linen_nnx.source import CheckpointNotFoundError, DamagedCheckpointError
 from orbax_linen_nnx.target import default_sharding
 from orbax_linen_nnx.ops import Cast, MoveAxis, Stack, Take
 
@@ -28,6 +28,7 @@ __all__ = [
     'Cast',
     'CheckpointNotFoundError',
     'DEFAULT_READ_BUDGET_BYTES',
+    'DamagedCheckpointError',
     'LeafRead',
     'LinenCompatHandler',
     'LinenCompatRestore',

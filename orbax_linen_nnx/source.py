@@ -23,6 +23,7 @@ from orbax.checkpoint._src.metadata import array_metadata as array_metadata_lib
 from orbax.checkpoint._src.metadata import array_metadata_store
 from orbax.checkpoint._src.metadata import tree as tree_metadata
 from orbax.checkpoint._src.path import format_utils
+from orbax.checkpoint._src.path import step as step_lib
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 from orbax_linen_nnx import layout
@@ -31,6 +32,26 @@ from orbax_linen_nnx.planner import SourceArray
 
 class CheckpointNotFoundError(FileNotFoundError):
   """The directory holds no Orbax PyTree checkpoint item."""
+
+
+class DamagedCheckpointError(ValueError):
+  """The checkpoint is unfinished (a save still running or interrupted) or its files are damaged."""
+
+
+_PICK_ANOTHER = 'restore another step (CheckpointManager.all_steps() lists the finished ones)'
+
+
+def _check_finished(item: epath.Path) -> None:
+  """Refuses a step that Orbax has not committed: its temporary name, or no commit marker."""
+  for d in (item, item.parent):
+    if step_lib.TMP_DIR_SUFFIX in d.name:
+      raise DamagedCheckpointError(
+          f'{d} is a checkpoint Orbax has not finished writing (its temporary name ends in'
+          f' {step_lib.TMP_DIR_SUFFIX}...): the save is still running or was interrupted; {_PICK_ANOTHER}')
+  step = item.parent
+  if step.name.isdigit() and not step_lib.is_path_finalized(step):
+    raise DamagedCheckpointError(
+        f'{step} has no commit marker: its save did not finish; {_PICK_ANOTHER}')
 
 
 # Orbax value types stored as TensorStore arrays (jax.Array, np.ndarray, Python
@@ -112,9 +133,13 @@ def _key_impls(directory: epath.Path) -> dict[str, str]:
   if not (directory / 'array_metadatas').exists():
     return {}
   store = array_metadata_store.Store()
-  found = asyncio_utils.run_sync(store.read(directory, process_index=0))  # every process lists every array
-  if found is None:
-    found = [m for ms in (asyncio_utils.run_sync(store.read(directory)) or {}).values() for m in ms]
+  try:
+    found = asyncio_utils.run_sync(store.read(directory, process_index=0))  # every process lists every array
+    if found is None:
+      found = [m for ms in (asyncio_utils.run_sync(store.read(directory)) or {}).values() for m in ms]
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    raise DamagedCheckpointError(
+        f"{directory / 'array_metadatas'} is damaged ({type(e).__name__}: {e}); {_PICK_ANOTHER}") from e
   impls = {}
   for m in found:
     impl = (m.ext_metadata or {}).get(array_metadata_lib.RANDOM_KEY_IMPL)
@@ -130,8 +155,14 @@ def open_checkpoint(directory: epath.PathLike) -> Checkpoint:
   metadata only: no array data.
   """
   directory = _item_directory(epath.Path(directory))
-  text = (directory / format_utils.PYTREE_METADATA_FILE).read_text()
-  tree = tree_metadata.InternalTreeMetadata.from_json(json.loads(text))
+  _check_finished(directory)
+  metadata_file = directory / format_utils.PYTREE_METADATA_FILE
+  try:
+    tree = tree_metadata.InternalTreeMetadata.from_json(json.loads(metadata_file.read_text()))
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    raise DamagedCheckpointError(
+        f'{metadata_file} is damaged ({type(e).__name__}: {e}): it is not the tree metadata Orbax writes,'
+        f' so the save that wrote it did not finish or the file was changed since; {_PICK_ANOTHER}') from e
   use_ocdbt = tree.use_ocdbt if tree.use_ocdbt is not None else format_utils.is_ocdbt_checkpoint(directory)
   use_zarr3 = bool(tree.use_zarr3)
 
@@ -146,7 +177,17 @@ def open_checkpoint(directory: epath.PathLike) -> Checkpoint:
   names = ['.'.join(p) for p in paths]  # Orbax names each stored array by its joined key path
   sites = _name_sites(template)
   opening = [ts.open(_fill(template, sites, n), context=context, open=True, read=True) for n in names]
-  stores = {n: f.result() for n, f in zip(names, opening)}
+  stores, broken = {}, []
+  for p, n, f in zip(paths, names, opening):
+    try:
+      stores[n] = f.result()
+    except ValueError as e:  # TensorStore: a missing or unreadable array
+      broken.append(f"'{'/'.join(p)}' ({str(e).splitlines()[0]})")
+  if broken:
+    raise DamagedCheckpointError(
+        f'{directory}: {len(broken)} stored array(s) listed in {format_utils.PYTREE_METADATA_FILE} cannot be'
+        f' opened: {"; ".join(broken[:10])}{" ..." if len(broken) > 10 else ""}. The array data is missing or'
+        f' damaged; {_PICK_ANOTHER}')
   impls = _key_impls(directory)
   arrays = tuple(
       SourceArray(path=p, name=n, shape=tuple(stores[n].shape), dtype=np.dtype(stores[n].dtype.numpy_dtype),

@@ -10,7 +10,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
 from models import MLP_RULES
-from orbax_linen_nnx import CheckpointNotFoundError, LinenCompatRestore, PlanError, layout, plan
+import orbax_linen_nnx
+from orbax_linen_nnx import CheckpointNotFoundError, DamagedCheckpointError, LinenCompatRestore, PlanError, layout, plan
 
 
 @pytest.fixture
@@ -198,3 +199,38 @@ def test_rules_of_the_wrong_type_name_the_option(linen_run):
   for bad in (42, 'Dense_0', [{'Dense_0': 'fc1'}]):
     with pytest.raises(PlanError, match='rules= must be'):
       plan(linen_run / '2', abstract_of(), rules=bad)
+
+
+def test_truncated_metadata_names_the_file(linen_run):
+  meta = linen_run / '2' / 'default' / '_METADATA'
+  text = meta.read_text()
+  meta.write_text(text[: len(text) // 2])
+  for attempt in (lambda: plan(linen_run / '2', abstract_of(), rules=MLP_RULES),
+                  lambda: ocp.CheckpointManager(linen_run).restore(2, args=LinenCompatRestore(abstract_of(), rules=MLP_RULES))):
+    with pytest.raises(DamagedCheckpointError) as e:
+      attempt()
+    assert str(meta) in str(e.value) and 'JSONDecodeError' in str(e.value) and 'all_steps()' in str(e.value)
+
+
+def test_a_step_orbax_is_still_writing_is_refused(linen_run):
+  (linen_run / '2').rename(linen_run / '2.orbax-checkpoint-tmp-1700000000')
+  with pytest.raises(DamagedCheckpointError, match='has not finished writing'):
+    plan(linen_run / '2.orbax-checkpoint-tmp-1700000000', abstract_of(), rules=MLP_RULES)
+  with pytest.raises(DamagedCheckpointError, match='save is still running or was interrupted'):
+    orbax_linen_nnx.restore(linen_run / '2.orbax-checkpoint-tmp-1700000000', abstract_of(), rules=MLP_RULES)
+
+
+def test_missing_array_data_names_the_arrays(linen_run):
+  for f in (linen_run / '2' / 'default').rglob('*'):
+    if f.is_file() and f.parent.name == 'd':  # OCDBT data files
+      f.unlink()
+  with pytest.raises(DamagedCheckpointError) as e:
+    plan(linen_run / '2', abstract_of(), rules=MLP_RULES)
+  assert "'params/params/Dense_0/kernel'" in str(e.value) and 'missing or damaged' in str(e.value)
+
+
+def test_unreadable_array_metadata_names_the_file(linen_run):
+  for f in (linen_run / '2' / 'default' / 'array_metadatas').iterdir():
+    f.write_text('{not json')
+  with pytest.raises(DamagedCheckpointError, match='array_metadatas is damaged'):
+    plan(linen_run / '2', abstract_of(), rules=MLP_RULES)
