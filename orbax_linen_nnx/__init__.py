@@ -13,7 +13,7 @@ from orbax_linen_nnx.outcome import RestoreFailedElsewhere
 from orbax_linen_nnx.read import DEFAULT_READ_BUDGET_BYTES
 from orbax_linen_nnx.planner import LeafRead, PlanError, RestorePlan, SourceArray, Target
 from orbax_linen_nnx.source import CheckpointNotFoundError, DamagedCheckpointError
-from orbax_linen_nnx.target import default_sharding
+from orbax_linen_nnx.target import NotRestored, NotRestoredError, default_sharding, not_restored
 from orbax_linen_nnx.ops import Cast, MoveAxis, Stack, Take
 
 __all__ = [
@@ -40,7 +40,10 @@ __all__ = [
     'Stack',
     'Take',
     'Target',
+    'NotRestored',
+    'NotRestoredError',
     'default_sharding',
+    'not_restored',
     'plan',
     'restore',
 ]

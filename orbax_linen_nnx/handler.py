@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 from typing import Any
 
 import jax
@@ -170,7 +171,14 @@ class LinenCompatHandler(ocp.CheckpointHandler):
           keys = jax.eval_shape(lambda d, impl=t.key_impl: jax.random.wrap_key_data(d, impl=impl), abstract)
           keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=target.key_sharding(t.sharding, keys.ndim))
           values[t.path] = jax.random.key_data(args.fill_nnx_only(layout.render(t.path), keys))
-    return state.rebuild(values)
+    restored = state.rebuild(values)
+    if state.placeholders:
+      logging.warning(
+          'orbax_linen_nnx: %d leaves were not restored (no source; the abstract state gave no value) and'
+          ' hold NotRestored placeholders that raise when used: %s. Restore into a state with values there'
+          ' (nnx.state(model) of an initialised model), or fill them before use.',
+          len(state.placeholders), ', '.join(state.placeholders))
+    return restored
 
   def metadata(self, directory: epath.Path) -> Any:
     return ocp.PyTreeCheckpointHandler().metadata(directory)

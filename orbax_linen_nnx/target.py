@@ -42,6 +42,53 @@ def _is_variable(x) -> bool:
   return isinstance(x, nnx.Variable)
 
 
+class NotRestoredError(ValueError):
+  """A leaf the restore kept as an abstract description was used as if it held values."""
+
+
+class NotRestored(jax.ShapeDtypeStruct):
+  """A target leaf that no source filled and the abstract state gave no value for.
+
+  Still a `jax.ShapeDtypeStruct` (shape, dtype, sharding), so a restored tree
+  can be inspected; computing with it, putting it through `jit` or
+  `nnx.update`, or flattening it as a pytree raises `NotRestoredError` naming
+  the leaf, instead of a failure far away at the first forward pass.
+  """
+
+  def __init__(self, path: str, abstract: jax.ShapeDtypeStruct):
+    super().__init__(abstract.shape, abstract.dtype, sharding=getattr(abstract, 'sharding', None))
+    self.path = path
+
+  def fail(self, *_, **__):
+    raise NotRestoredError(
+        f"'{self.path}' {tuple(self.shape)} {self.dtype} was not restored: the checkpoint holds no source for"
+        ' it, so the restore kept it as the abstract description it was given. Give it a value first:'
+        ' restore into a state that holds values there (nnx.state(model) of an initialised model keeps'
+        ' them), use fill_nnx_only= for RNG state, or assign it; orbax_linen_nnx.not_restored(tree)'
+        ' lists every such leaf.')
+
+  __jax_array__ = __array__ = __getitem__ = __iter__ = __len__ = __bool__ = __float__ = __int__ = fail
+  __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __matmul__ = __rmatmul__ = fail
+  __truediv__ = __rtruediv__ = __neg__ = __pow__ = astype = reshape = fail
+
+  def __repr__(self):
+    return f'NotRestored({self.path!r}, shape={tuple(self.shape)}, dtype={self.dtype})'
+
+
+jax.tree_util.register_pytree_node(NotRestored, lambda x: x.fail(), lambda aux, children: None)
+
+
+def not_restored(tree: Any) -> list[str]:
+  """Paths of the leaves of a restored tree that hold no value (`NotRestored`)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: _is_variable(x) or isinstance(x, NotRestored))
+  out = []
+  for keys, leaf in flat:
+    value = leaf.get_raw_value() if _is_variable(leaf) else leaf
+    if isinstance(value, NotRestored):
+      out.append(value.path)
+  return out
+
+
 def _is_key(value) -> bool:
   return jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key)
 
@@ -83,12 +130,28 @@ class AbstractState:
   _leaves: list[Any]
   _rebuild: Callable[[list[Any]], Any]
   problems: list[str] = dataclasses.field(default_factory=list)  # shardings that do not fit, see flatten
+  placeholders: list[str] = dataclasses.field(default_factory=list)  # NotRestored leaves of the last rebuild
 
   def rebuild(self, values: Mapping[Path, Any]) -> Any:
-    """The abstract state with `values[path]` put in at each restored leaf."""
-    new = []
+    """The abstract state with `values[path]` put in at each restored leaf.
+
+    A leaf kept as given that holds only a description becomes `NotRestored`
+    (listed in `placeholders`).
+    """
+    new, self.placeholders = [], []
     for t, leaf in zip(self._slots, self._leaves):
-      if t is None or t.path not in values:
+      if t is None:
+        new.append(leaf)
+      elif t.path not in values:  # kept as given: a description of an array is no value
+        value = leaf.get_raw_value() if _is_variable(leaf) else leaf
+        if isinstance(value, jax.ShapeDtypeStruct) and not isinstance(value, NotRestored):
+          value = NotRestored(layout.render(t.path), value)
+          self.placeholders.append(value.path)
+          if _is_variable(leaf):
+            leaf = leaf.copy()  # Variable.copy(value) would tree-map the placeholder, which raises
+            leaf.set_raw_value(value)
+          else:
+            leaf = value
         new.append(leaf)
       else:
         value = values[t.path]

@@ -70,7 +70,7 @@ def test_partial_restores_what_matches_and_reports_the_rest(linen_run):
   assert 'params.params.Dense_1.kernel' in {s.name for s in p.unused}
   restored = mngr.restore(2, args=LinenCompatRestore(abstract_of(), rules=rules, partial=True))
   assert isinstance(restored['model']['fc1']['kernel'].get_raw_value(), jax.Array)
-  assert isinstance(restored['model']['fc2']['kernel'].get_raw_value(), jax.ShapeDtypeStruct)
+  assert isinstance(restored['model']['fc2']['kernel'].get_raw_value(), orbax_linen_nnx.NotRestored)
 
 
 def test_missing_step(linen_run):
@@ -234,3 +234,42 @@ def test_unreadable_array_metadata_names_the_file(linen_run):
     f.write_text('{not json')
   with pytest.raises(DamagedCheckpointError, match='array_metadatas is damaged'):
     plan(linen_run / '2', abstract_of(), rules=MLP_RULES)
+
+
+class MLPWithExtraLayer(models.NnxMLP):
+  def __init__(self, rngs: nnx.Rngs):
+    super().__init__(rngs)
+    self.fc3 = nnx.Linear(models.D_OUT, models.D_OUT, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc3(super().__call__(x))
+
+
+def test_partial_never_hands_back_a_placeholder_silently(linen_run, caplog):
+  """The issue's case: a model with an extra fc3, restored with partial=True."""
+  mngr = ocp.CheckpointManager(linen_run)
+  abstract = abstract_of(MLPWithExtraLayer)
+  with caplog.at_level('WARNING'):
+    restored = mngr.restore(2, args=LinenCompatRestore(abstract, rules=MLP_RULES, partial=True))
+  assert 'model/fc3/kernel' in caplog.text and 'not restored' in caplog.text
+  missing = orbax_linen_nnx.not_restored(restored)
+  assert {'model/fc3/kernel', 'model/fc3/bias', 'optimizer/opt_state/0/mu/fc3/kernel'} <= set(missing)
+  kernel = restored['model']['fc3']['kernel'].get_raw_value()
+  assert isinstance(kernel, jax.ShapeDtypeStruct) and kernel.shape == (models.D_OUT, models.D_OUT)
+
+  ts = models.nnx_train_state(MLPWithExtraLayer, optax.adam(1e-2))
+  with pytest.raises(orbax_linen_nnx.NotRestoredError, match="'model/fc3/(kernel|bias)' .* was not restored"):
+    nnx.update(ts, restored)
+    ts['model'](np.ones((1, models.D_IN), np.float32))  # if the update let it through, the first use names it
+  with pytest.raises(orbax_linen_nnx.NotRestoredError, match="'model/fc3/kernel'"):
+    np.ones((1, models.D_OUT), np.float32) @ kernel
+
+  # With an initialised model's state as the target, kept leaves keep its values: nothing to fill.
+  concrete = nnx.state(models.nnx_train_state(MLPWithExtraLayer, optax.adam(1e-2)))
+  fresh = concrete['model']['fc3']['kernel'].get_raw_value()
+  restored = mngr.restore(2, args=LinenCompatRestore(concrete, rules=MLP_RULES, partial=True))
+  assert not orbax_linen_nnx.not_restored(restored)
+  np.testing.assert_array_equal(np.asarray(restored['model']['fc3']['kernel'].get_raw_value()), np.asarray(fresh))
+  ts = models.nnx_train_state(MLPWithExtraLayer, optax.adam(1e-2))
+  nnx.update(ts, restored)
+  assert ts['model'](np.ones((1, models.D_IN), np.float32)).shape == (1, models.D_OUT)
