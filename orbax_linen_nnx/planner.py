@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
+import math
 import re
 from typing import Any, Sequence
 
@@ -198,6 +200,31 @@ def _suggest_renames(missing: Sequence[tuple[Path, Target]],
   return suggestion
 
 
+def _shape_fix(t: Target, s: Any, param: Path, linen_to_nnx: bool) -> str:
+  """The rule that makes a source's shape the target's, where one does; else what differs.
+
+  Rules are written Linen -> NNX: a fix is stated from the Linen shape to the
+  NNX one, on the path as named where it goes in the list (after the renames
+  going Linen -> NNX, before them going back).
+  """
+  linen, nnx_shape = (tuple(s.shape), tuple(t.shape)) if linen_to_nnx else (tuple(t.shape), tuple(s.shape))
+  path = '/'.join(param)
+  where = 'at the end of' if linen_to_nnx else 'first in'
+  if sorted(linen) == sorted(nnx_shape) and len(linen) <= 6:
+    perms = [p for p in itertools.permutations(range(len(linen))) if tuple(linen[i] for i in p) == nnx_shape]
+    if len(perms) == 1:
+      return f"; fix: add transpose('{path}', {perms[0]}) {where} rules="
+  if math.prod(linen) == math.prod(nnx_shape):
+    return f"; fix: add reshape('{path}', {linen}, {nnx_shape}) {where} rules="
+  if len(linen) == len(nnx_shape):
+    dims = [i for i, (a, b) in enumerate(zip(t.shape, s.shape)) if a != b]
+    if len(dims) == 1:
+      d = dims[0]
+      return (f'; only dimension {d} differs ({t.shape[d]} in the target, {s.shape[d]} in the checkpoint): the'
+              ' model is configured differently from the run that saved it')
+  return ''
+
+
 def _why_not(source: layout.Meaning, target: layout.Meaning | None) -> str:
   """Why a source whose path reads like a missing target's was not paired with it."""
   if target is None or target == source:
@@ -291,7 +318,9 @@ def build(
   layers = stacks_lib.LayerSources({m: found[0][0] for m, found in by_meaning.items()})
 
   direct, to_stack, to_unstack = [], [], []
+  named = {}  # target path -> its model path as the target names it
   for t, leaf in zip(targets, tgt_leaves):
+    named[t.path] = leaf.meaning.param
     m = layout.Meaning(leaf.meaning.section, stacks_lib.normalize(leaf.meaning.param))
     found = by_meaning.get(m)
     if found:
@@ -330,11 +359,22 @@ def build(
       problems.append(f"{t} has no source (looked for '{leaf.meaning}')")
 
   # target path -> (sources, layer transform)
+  if stacks is not None and not (isinstance(stacks, dict) and all(isinstance(v, dict) for v in stacks.values())):
+    problems.append(f"stacks= must be a dict like {{'layers': {{'linen': 1, 'nnx': 0}}}}; got {stacks!r}")
+    stacks = None
   layer_ops = stacks_lib.plan(direct, to_stack, to_unstack, stacks, source_layout, target_layout, problems)
+  for name in stacks or ():
+    root = stacks_lib.normalize(tuple(p for p in str(name).split('/') if p))
+    params = [m.param for m in by_meaning] + [stacks_lib.normalize(p) for p in named.values()]
+    if not any(p[: len(root)] == root for p in params):
+      roots = sorted({'/'.join(p[: k]) for p in params for k in range(1, len(p)) if p[k].isdigit()})
+      problems.append(f"stacks= names {name!r}, which is no model path of the checkpoint or the target"
+                      f" (layer stacks found: {', '.join(map(repr, roots)) or 'none per layer'})")
   reads = []
   for t, s, _ in direct:
     if t.path not in layer_ops and tuple(s.shape) != tuple(t.shape):
-      problems.append(f'{t} cannot be read from {s}: shapes differ')
+      problems.append(f'{t} cannot be read from {s}: shapes differ'
+                      + _shape_fix(t, s, named[t.path], linen_to_nnx))
     else:
       layer_ops.setdefault(t.path, ((s,), ()))
   for t in targets:

@@ -259,6 +259,8 @@ def _move(direct, stacks, source_layout, target_layout, problems, depth=None) ->
     cands = [move_candidates(s.shape, t.shape) for t, s, _ in group]
     if not all(cands):
       continue  # some leaf is no stack at all: reported as a shape mismatch
+    if all(len(s.shape) < 3 for _, s, _ in group):
+      continue  # 2-D transposes alone are no evidence of a layer stack: a shape mismatch, with its fix
     known = [n for r, n in (depth or {}).items() if root[: len(r)] == r or r[: len(root)] == root]
     if len(set(known)) == 1:
       cands = [{c for c in cs if c[2] == known[0]} for cs in cands]

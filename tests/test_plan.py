@@ -174,3 +174,37 @@ def test_nnx_aux_holds_nnx_state_of_the_model():
     build([src('params/params/bn/scale', (4,)), src('nnx_aux/model/bn/mean', (4,))],
           [tgt('model/bn/scale', (4,), variable_type='Param'), tgt('model/bn/mean', (4,), variable_type='Param')],
           source_layout='linen', target_layout='nnx')
+
+
+@pytest.mark.parametrize('linen_shape, nnx_shape, fix', [
+    ((8, 3), (3, 8), "add transpose('fc/kernel', (1, 0)) at the end of rules="),
+    ((2, 3, 4), (4, 3, 2), "add transpose('fc/kernel', (2, 1, 0)) at the end of rules="),
+    ((4, 6), (4, 2, 3), "add reshape('fc/kernel', (4, 6), (4, 2, 3)) at the end of rules="),
+    ((4, 6), (4, 7), 'only dimension 1 differs (7 in the target, 6 in the checkpoint)'),
+])
+def test_shape_mismatch_proposes_the_rule_that_fits(linen_shape, nnx_shape, fix):
+  with pytest.raises(PlanError) as e:
+    build([src('params/fc/kernel', linen_shape)], [tgt('fc/kernel', nnx_shape)], source_layout='linen',
+          target_layout='nnx')
+  assert 'shapes differ; ' + fix in str(e.value) or fix in str(e.value)
+  if 'add ' in fix:  # the proposed rule, applied, plans
+    import orbax_linen_nnx as oln
+    rule = eval(fix.split('add ')[1].split(' at the end')[0], {'transpose': oln.transpose, 'reshape': oln.reshape})
+    plan = build([src('params/fc/kernel', linen_shape)], [tgt('fc/kernel', nnx_shape)], source_layout='linen',
+                 target_layout='nnx', rules=[rule])
+    assert plan.read_for('fc/kernel').target.shape == nnx_shape
+
+
+def test_shape_fix_going_back_is_stated_linen_to_nnx():
+  with pytest.raises(PlanError, match=r"add transpose\('fc/kernel', \(1, 0\)\) first in rules="):
+    build([src('model/fc/kernel/value', (3, 8))], [tgt('params/fc/kernel', (8, 3))], source_layout='nnx',
+          target_layout='linen')
+
+
+def test_stacks_naming_no_model_path_is_an_error():
+  sources = [src('params/layers_0/k', (2, 2)), src('params/layers_1/k', (2, 2))]
+  targets = [tgt('layers/k', (2, 2, 2))]
+  with pytest.raises(PlanError, match=r"stacks= names 'blocks', which is no model path .* \(layer stacks found: 'layers'\)"):
+    build(sources, targets, source_layout='linen', target_layout='nnx', stacks={'blocks': {'nnx': 0}})
+  with pytest.raises(PlanError, match=r"stacks= must be a dict like"):
+    build(sources, targets, source_layout='linen', target_layout='nnx', stacks=[('layers', 0)])
