@@ -51,7 +51,8 @@ class NnxGemmaBlock(nnx.Module):
 GEMMA_RULES = [
     rename({'q_einsum': 'q', 'linear': 'down_proj/kernel'}),
     split('gating_einsum', ['gate_proj/kernel', 'up_proj/kernel'], axis=0),
-    transpose('{proj}_proj/kernel', (1, 0)),
+    transpose('gate_proj/kernel', (1, 0)),  # not down_proj: Linen's `linear` is already (F, D)
+    transpose('up_proj/kernel', (1, 0)),
     reshape('q/kernel', (D, H, K), (D, H * K)),
     cast('{any}', 'float32'),
 ]
