@@ -134,9 +134,11 @@ def running_workers(marker: Path) -> list[int]:
 def test_a_hung_process_fails_the_run_with_every_process_output_and_none_survives(tmp_path):
   # Process 1 never starts, so process 0 waits for it in jax.distributed.initialize.
   with pytest.raises(pytest.fail.Exception) as failed:
-    launch(2, 1, tmp_path, timeout_s=4, extra_args={1: ['--hang']})
+    # Long enough for both to import JAX and report their first stage on a loaded 2-core machine
+    # (4 s was not: imports alone took longer while another suite ran).
+    launch(2, 1, tmp_path, timeout_s=20, extra_args={1: ['--hang']})
   message = str(failed.value)
-  assert 'exit codes [-9, -9]; still running after 4' in message and 'so killed: [0, 1]' in message, message
+  assert 'exit codes [-9, -9]; still running after 20' in message and 'so killed: [0, 1]' in message, message
   assert "--- process 0: stage 'start'" in message and "--- process 1: stage 'start'" in message, message
   assert 'stderr tail:' in message
   assert running_workers(tmp_path) == []
