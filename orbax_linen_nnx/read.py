@@ -46,6 +46,7 @@ import tensorstore as ts
 
 from orbax_linen_nnx import ops
 from orbax_linen_nnx import planner as plan_lib
+from orbax_linen_nnx import rules as rules_lib
 from orbax_linen_nnx.source import Checkpoint
 
 Box = ops.Box
@@ -349,14 +350,14 @@ class _Engine:
   def __init__(self, plan: plan_lib.RestorePlan, ckpt: Checkpoint, replica_axis: str | None,
                budget: int | None):
     self.stores = ckpt.stores
-    self.budget = budget
     self.grids: dict[str, _Grid] = {}
-    readers = collections.Counter(a.name for r in plan.reads for a in {a.name: a for a in r.sources}.values())
-    self.alone = {name for name, n in readers.items() if n == 1}  # arrays that only one leaf reads
+    readers = collections.Counter(name for r in plan.reads
+                                  for name in {x.name for src in r.sources for x in rules_lib.stored_leaves(src)})
+    self.alone = {name for name, n in readers.items() if n == 1}  # stored arrays that only one leaf reads
     self.leaves = [self._leaf(r, replica_axis) for r in plan.reads]
     self.reads = self._schedule()
-    if budget is None:
-      self.budget = max(DEFAULT_READ_BUDGET_BYTES, 2 * max((g.chunk_nbytes for g in self.grids.values()), default=0))
+    self.budget = budget if budget is not None else max(
+        DEFAULT_READ_BUDGET_BYTES, 2 * max((g.chunk_nbytes for g in self.grids.values()), default=0))
 
   def grid(self, name: str) -> _Grid:
     if name not in self.grids:
