@@ -10,7 +10,6 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
-from orbax.checkpoint._src.path import format_utils
 
 from orbax_linen_nnx import layout
 from orbax_linen_nnx import outcome
@@ -99,19 +98,7 @@ def _item_directory(source: Any, step: int | None, item: str | None) -> epath.Pa
     base = epath.Path(source)
     if step is not None:
       base = ocp.path.step.find_step_path(base, ocp.path.step.standard_name_format(), step=step)
-  if item is not None:
-    return base / item
-  if (base / format_utils.PYTREE_METADATA_FILE).exists():
-    return base  # an item directory itself (a published checkpoint)
-  items = sorted(p.name for p in base.iterdir() if (p / format_utils.PYTREE_METADATA_FILE).exists()) \
-      if base.is_dir() else []
-  if len(items) == 1:
-    return base / items[0]
-  if not items:
-    raise source_lib.CheckpointNotFoundError(
-        f'{base} holds no Orbax PyTree checkpoint item (no {format_utils.PYTREE_METADATA_FILE} in it or in'
-        ' any directory under it)')
-  raise ValueError(f'{base} holds the PyTree items {items}: pass item= to choose one')
+  return base / item if item is not None else source_lib.item_directory(base)
 
 
 def restore(source: Any, abstract_state: Any, *, step: int | None = None, item: str | None = None,

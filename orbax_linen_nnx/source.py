@@ -74,13 +74,18 @@ class Checkpoint:
     return layout.detect(a.path for a in self.arrays)
 
 
-def _item_directory(directory: epath.Path) -> epath.Path:
+def item_directory(directory: epath.Path) -> epath.Path:
+  """The PyTree item to read: `directory` itself, or the one item (or 'default') of a step directory."""
   if not directory.exists():
     raise CheckpointNotFoundError(f'checkpoint directory {directory} does not exist')
   if (directory / format_utils.PYTREE_METADATA_FILE).exists():
     return directory
-  if (directory / 'default' / format_utils.PYTREE_METADATA_FILE).exists():
-    return directory / 'default'
+  items = sorted(p.name for p in directory.iterdir() if (p / format_utils.PYTREE_METADATA_FILE).exists()) \
+      if directory.is_dir() else []
+  if 'default' in items or len(items) == 1:
+    return directory / ('default' if 'default' in items else items[0])
+  if items:
+    raise ValueError(f'{directory} holds the PyTree items {items}: pass item= to choose one')
   raise CheckpointNotFoundError(
       f'{directory} is not an Orbax PyTree checkpoint item: it has no'
       f' {format_utils.PYTREE_METADATA_FILE} file. Pass the item directory'
@@ -151,10 +156,10 @@ def _key_impls(directory: epath.Path) -> dict[str, str]:
 def open_checkpoint(directory: epath.PathLike) -> Checkpoint:
   """Lists the arrays of a checkpoint item (e.g. `run/100/default`) and opens each once.
 
-  A step directory holding a single item 'default' is accepted too. Reads
-  metadata only: no array data.
+  A step directory is accepted too when it holds one PyTree item (or a
+  'default' one). Reads metadata only: no array data.
   """
-  directory = _item_directory(epath.Path(directory))
+  directory = item_directory(epath.Path(directory))
   _check_finished(directory)
   metadata_file = directory / format_utils.PYTREE_METADATA_FILE
   try:

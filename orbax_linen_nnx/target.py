@@ -125,12 +125,15 @@ class AbstractState:
   """A flattened abstract state, ready to be planned and rebuilt."""
 
   layout: str
-  targets: list[Target]
   _slots: list[Target | None]  # per leaf of the flattened state: its target (None: holds no array)
   _leaves: list[Any]
   _rebuild: Callable[[list[Any]], Any]
   problems: list[str] = dataclasses.field(default_factory=list)  # shardings that do not fit, see flatten
   placeholders: list[str] = dataclasses.field(default_factory=list)  # NotRestored leaves of the last rebuild
+
+  @property
+  def targets(self) -> list[Target]:
+    return [t for t in self._slots if t is not None]
 
   def rebuild(self, values: Mapping[Path, Any]) -> Any:
     """The abstract state with `values[path]` put in at each restored leaf.
@@ -255,12 +258,12 @@ def flatten(abstract: Any, *, layout_name: str | None = None, mesh: jax.sharding
     graphdef, state = nnx.split(abstract)
     inner = flatten(state, layout_name=layout_name or layout.NNX, mesh=mesh)
     return AbstractState(
-        inner.layout, inner.targets, inner._slots, inner._leaves,
+        inner.layout, inner._slots, inner._leaves,
         lambda leaves: nnx.merge(graphdef, inner._rebuild(leaves)), inner.problems,
     )
   is_nnx = isinstance(abstract, nnx.State)
   flat, treedef = jax.tree_util.tree_flatten_with_path(abstract, is_leaf=_is_variable)
-  targets, slots, leaves = [], [], []
+  slots, leaves = [], []
   shardings = _Shardings(mesh)
   not_arrays = []
   for keys, leaf in flat:
@@ -289,7 +292,6 @@ def flatten(abstract: Any, *, layout_name: str | None = None, mesh: jax.sharding
             key_impl=key_impl,
         )
     )
-    targets.append(slots[-1])
     leaves.append(leaf)
   if not_arrays:
     raise PlanError(
@@ -297,5 +299,5 @@ def flatten(abstract: Any, *, layout_name: str | None = None, mesh: jax.sharding
         ' Fix: pass an abstract state whose leaves are jax.ShapeDtypeStruct (nnx.eval_shape /'
         ' jax.eval_shape) or jax.Array; nothing was read.')
   if layout_name is None:
-    layout_name = layout.NNX if is_nnx else layout.detect(t.path for t in targets)
-  return AbstractState(layout_name, targets, slots, leaves, treedef.unflatten, shardings.finish())
+    layout_name = layout.NNX if is_nnx else layout.detect(t.path for t in slots if t is not None)
+  return AbstractState(layout_name, slots, leaves, treedef.unflatten, shardings.finish())
