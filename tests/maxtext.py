@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -119,18 +118,3 @@ def save(mngr: ocp.CheckpointManager, step: int, state) -> dict:
       custom_metadata={'scan_layers': False})
   mngr.wait_until_finished()
   return items
-
-
-def leaves(tree) -> dict[str, np.ndarray]:
-  """{'a/b': host value} of a state or pure tree; typed keys as their key data."""
-  from orbax_linen_nnx import layout
-
-  out = {}
-  for keys, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
-    value = leaf.get_raw_value() if isinstance(leaf, nnx.Variable) else leaf
-    if value is None:
-      continue
-    if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
-      value = jax.random.key_data(value)
-    out['/'.join(layout.key_path(keys))] = np.asarray(value)
-  return out

@@ -183,6 +183,28 @@ def flat(tree) -> dict[str, object]:
   return out
 
 
+def host_values(tree) -> dict[str, np.ndarray]:
+  """{'a/b/c': host array} of every value in a tree: typed PRNG keys as their key data; None and
+  abstract leaves (ShapeDtypeStruct) left out."""
+  out = {}
+  for path, v in flat(tree).items():
+    if v is None or isinstance(v, jax.ShapeDtypeStruct):
+      continue
+    if jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key):
+      v = jax.random.key_data(v)
+    out[path] = np.asarray(v)
+  return out
+
+
+def assert_all_equal(got, want):
+  """Two trees hold values at the same paths, each of the same dtype and bit for bit equal."""
+  got, want = host_values(got), host_values(want)
+  assert set(got) == set(want), sorted(set(got) ^ set(want))
+  for path, value in want.items():
+    assert got[path].dtype == value.dtype, path
+    np.testing.assert_array_equal(got[path], value, err_msg=path)
+
+
 # Float32 math run twice in different summation orders (sharded vs unsharded,
 # Linen vs NNX, one XLA CPU backend vs another) is not bit-equal, so results of
 # *computations* are compared with a tolerance; restored *values* never are.

@@ -118,11 +118,6 @@ def _shard(abstract, mesh, draw):
   return jax.tree.map(put, abstract, is_leaf=lambda x: isinstance(x, (nnx.Variable, jax.ShapeDtypeStruct)))
 
 
-def _leaves(tree):
-  return {k: np.asarray(v) for k, v in models.flat(tree).items()
-          if v is not None and not isinstance(v, jax.ShapeDtypeStruct)}
-
-
 block = _tree(0)  # the leaves of one layer of a stack
 
 
@@ -191,8 +186,8 @@ def test_linen_nnx_linen_round_trip(mesh, spec, opt, seed, rename, break_it, lay
     chunks = sum(int(np.prod([-(-n // c) for n, c in zip(s.shape, s.storage.chunk_shape)])) for s in stored)
     assert loads.count == chunks  # every stored chunk loaded once, for every target
     models.assert_sharded_as(restored, abstract)
-    want_model = _leaves(nnx_params)
-    got = _leaves(restored)
+    want_model = models.host_values(nnx_params)
+    got = models.host_values(restored)
     for path, value in want_model.items():
       assert got[f'model/{path}'].dtype == value.dtype
       np.testing.assert_array_equal(got[f'model/{path}'], value, err_msg=path)
@@ -201,9 +196,5 @@ def test_linen_nnx_linen_round_trip(mesh, spec, opt, seed, rename, break_it, lay
       m.save(1, args=ocp.args.StandardSave(restored))
     linen_abstract = _shard(jax.eval_shape(lambda: linen), mesh, data.draw)
     back = ocp.CheckpointManager(tmp / 'nnx').restore(1, args=LinenCompatRestore(linen_abstract, rules=rules, stacks=stacks))
-    want, got = _leaves(linen), _leaves(back)
-    assert set(got) == set(want)
-    for path, value in want.items():
-      assert got[path].dtype == value.dtype, path
-      np.testing.assert_array_equal(got[path], value, err_msg=path)
+    models.assert_all_equal(back, linen)
     models.assert_sharded_as(back, linen_abstract)
