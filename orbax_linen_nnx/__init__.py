@@ -4,9 +4,10 @@
     from orbax_linen_nnx import LinenCompatRestore   # importing registers the handler
 
     restored = mngr.restore(step, args=LinenCompatRestore(abstract_nnx_state))
+    mngr.save(step, args=LinenCompatSave(nnx_train_state))        # Linen's layout, from NNX
 """
 
-from orbax_linen_nnx.args import LinenCompatRestore
+from orbax_linen_nnx.args import LinenCompatRestore, LinenCompatSave
 from orbax_linen_nnx.handler import LinenCompatHandler, plan, restore
 from orbax_linen_nnx.rules import Rule, RuleError, cast, merge, rename, reshape, split, transpose
 from orbax_linen_nnx.outcome import RestoreFailedElsewhere
@@ -15,6 +16,7 @@ from orbax_linen_nnx.planner import LeafRead, PlanError, RestorePlan, SourceArra
 from orbax_linen_nnx.source import CheckpointNotFoundError, DamagedCheckpointError
 from orbax_linen_nnx.target import NotRestored, NotRestoredError, default_sharding, not_restored
 from orbax_linen_nnx.ops import Cast, MoveAxis, Stack, Take
+from orbax_linen_nnx.save import to_linen
 
 __all__ = [
     'Rule',
@@ -32,6 +34,7 @@ __all__ = [
     'LeafRead',
     'LinenCompatHandler',
     'LinenCompatRestore',
+    'LinenCompatSave',
     'MoveAxis',
     'PlanError',
     'RestoreFailedElsewhere',
@@ -46,5 +49,6 @@ __all__ = [
     'not_restored',
     'plan',
     'restore',
+    'to_linen',
 ]
 __version__ = '0.1.0'

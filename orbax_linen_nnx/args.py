@@ -1,4 +1,4 @@
-"""`LinenCompatRestore`: the Orbax restore argument this package adds."""
+"""`LinenCompatRestore` and `LinenCompatSave`: the Orbax arguments this package adds."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 
+from orbax_linen_nnx import layout
 from orbax_linen_nnx import rules as rules_lib
 from orbax_linen_nnx import stacks as stacks_lib
 from orbax_linen_nnx.handler import LinenCompatHandler
@@ -27,6 +28,7 @@ class LinenCompatRestore(ocp.args.CheckpointArgs):
     abstract_state: what to restore into: an `nnx.State`, an abstract
       `nnx.Module`, or a pytree (dict, Linen `TrainState`) of
       `jax.ShapeDtypeStruct`/`jax.Array`. The result has the same type.
+      None: the checkpoint's own tree, as `StandardRestore()` gives it.
     rules: renames between the layouts: `{'Dense_0': 'fc1'}` (Linen name ->
       NNX name, used in both directions) or a callable on source model paths.
     partial: restore what has a source; leave other targets as given and ignore
@@ -62,7 +64,7 @@ class LinenCompatRestore(ocp.args.CheckpointArgs):
       `PartitionSpec`s; None: the mesh in context (`with jax.set_mesh(mesh):`).
   """
 
-  abstract_state: Any
+  abstract_state: Any = None
   rules: rules_lib.Rules = None
   partial: bool = False
   dry_run: bool = False
@@ -74,3 +76,46 @@ class LinenCompatRestore(ocp.args.CheckpointArgs):
   timeout_s: float = 300.0
   read_budget_bytes: int | None = None
   mesh: jax.sharding.Mesh | None = None
+
+
+@ocp.args.register_with_handler(LinenCompatHandler, for_save=True, for_restore=True)
+@dataclasses.dataclass
+class LinenCompatSave(ocp.args.CheckpointArgs):
+  """Save an NNX state as the checkpoint a Linen run of the same model writes.
+
+  The arrays are converted where their shards live (a layer of a stack, a
+  moved layer axis, a transposed weight, the int32 step) and written by
+  Orbax's own PyTree serialisation: async save and atomic commit as with
+  `StandardSave`, each process writing only its own shards. Linen code
+  restores the result with plain `ocp.args.StandardRestore(linen_state)`;
+  `LinenCompatRestore` with the same `rules` and `stacks` restores the NNX
+  state, RNG streams included.
+
+      mngr.save(step, args=LinenCompatSave(nnx.state(train_state)))
+
+  Attributes:
+    state: the NNX train state: an `nnx.State`, or (better) the module or the
+      dict `{'model': model, 'optimizer': nnx.Optimizer(...)}` itself, which
+      also tells which optax states are empty: Linen saves them as None entries
+      (adam's `opt_state/1`), an `nnx.State` no longer holds them.
+    rules: the rules `LinenCompatRestore` restores this checkpoint with (written
+      Linen -> NNX); the save runs them backward.
+    stacks: per NNX layer stack, the Linen side's layer axis:
+      `{'layers': {'nnx': 0, 'linen': 1}}` writes Linen `nn.scan`'s stack,
+      `{'layers': {'linen': None}}` one array per layer (`layers_0`, ...);
+      stacks not named are written as they are.
+    aux: where persistent NNX state that Linen has no place for goes (RNG
+      streams, batch stats, custom Variables): 'nnx_aux' (MaxText's
+      `nnx_aux/model/...`), or None to leave it out (reported in the plan as
+      skipped). Caches and intermediates are never saved.
+    save_args: an `ocp.SaveArgs` applied to every array (`chunk_byte_size`,
+      `dtype`), or None.
+    custom_metadata: JSON-serialisable metadata stored with the item.
+  """
+
+  state: Any
+  rules: rules_lib.Rules = None
+  stacks: stacks_lib.StackAxes | None = None
+  aux: str | None = layout.NNX_AUX
+  save_args: ocp.SaveArgs | None = None
+  custom_metadata: dict[str, Any] | None = None

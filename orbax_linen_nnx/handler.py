@@ -15,6 +15,7 @@ from orbax_linen_nnx import layout
 from orbax_linen_nnx import outcome
 from orbax_linen_nnx import planner as plan_lib
 from orbax_linen_nnx import read
+from orbax_linen_nnx import save as save_lib
 from orbax_linen_nnx import source as source_lib
 from orbax_linen_nnx import target
 
@@ -126,22 +127,63 @@ def restore(source: Any, abstract_state: Any, *, step: int | None = None, item: 
     return checkpointer.restore(directory, args=LinenCompatRestore(abstract_state, **options))
 
 
-class LinenCompatHandler(ocp.CheckpointHandler):
-  """Restores a PyTree checkpoint saved in one layout into a state of the other.
+class _SavedAsStandard:
+  """`typestr`: the class's own name for Orbax's handler registry, Standard's for what a save records.
 
-  Registered with `LinenCompatRestore`, so `CheckpointManager.restore(step,
-  args=LinenCompatRestore(...))` needs no setup. Restore-only: it never writes
-  to the checkpoint; save with `ocp.args.StandardSave`.
+  Orbax records `handler.typestr()` of an instance in the step's metadata as
+  the handler that reads the item back when no args are given. A save writes
+  exactly what `StandardCheckpointHandler` writes, so the record names that
+  handler: Linen tooling restores the item with no args, and without this
+  package installed. The class itself keeps its own unique name, under which
+  `register_with_handler` files it.
   """
 
-  def save(self, directory: epath.Path, *args, **kwargs):
-    raise TypeError(
-        'LinenCompatRestore only restores; save with ocp.args.StandardSave(state).'
-    )
+  def __get__(self, obj, cls):
+    if obj is None:
+      return lambda: f'{cls.__module__}.{cls.__qualname__}'
+    return ocp.StandardCheckpointHandler.typestr
+
+
+class LinenCompatHandler(ocp.AsyncCheckpointHandler):
+  """Restores a PyTree checkpoint saved in one layout into a state of the other; saves NNX as Linen.
+
+  Registered with `LinenCompatRestore` and `LinenCompatSave`, so
+  `CheckpointManager.restore(step, args=LinenCompatRestore(...))` and
+  `CheckpointManager.save(step, args=LinenCompatSave(state))` need no setup.
+  A save converts the state on its devices (`save.to_linen`) and hands the
+  Linen tree to Orbax's `StandardCheckpointHandler`: Orbax's serialisation,
+  async save and atomic commit, each process writing its own shards. The
+  checkpoint it writes is a standard one and names that handler, so Linen code
+  restores it without this package.
+  """
+
+  def __init__(self):
+    self._standard = ocp.StandardCheckpointHandler()
+
+  typestr = _SavedAsStandard()
+
+  def _standard_args(self, args) -> ocp.args.StandardSave:
+    from orbax_linen_nnx.args import LinenCompatSave  # args imports this module
+
+    if not isinstance(args, LinenCompatSave):
+      raise TypeError(f'LinenCompatHandler saves LinenCompatSave(state) args, not {type(args).__name__};'
+                      ' LinenCompatRestore only restores')
+    with _gc_paused():
+      tree = save_lib.to_linen(args.state, rules=args.rules, stacks=args.stacks, aux=args.aux)
+    save_args = None if args.save_args is None else jax.tree.map(lambda _: args.save_args, tree)
+    return ocp.args.StandardSave(tree, save_args=save_args, custom_metadata=args.custom_metadata)
+
+  async def async_save(self, directory: epath.Path, args=None):
+    return await self._standard.async_save(directory, args=self._standard_args(args))
+
+  def save(self, directory: epath.Path, args=None):
+    self._standard.save(directory, args=self._standard_args(args))
 
   def restore(self, directory: epath.Path, args=None) -> Any:
-    if args is None:
-      raise ValueError('LinenCompatHandler.restore needs args=LinenCompatRestore(abstract_state)')
+    if args is None or getattr(args, 'abstract_state', None) is None:
+      if args is not None and not hasattr(args, 'abstract_state'):
+        raise TypeError(f'LinenCompatHandler restores LinenCompatRestore args, not {type(args).__name__}')
+      return self._standard.restore(directory)  # no target: the tree as saved, like StandardRestore()
     with outcome.shared(timeout_s=args.timeout_s), _gc_paused():
       ckpt, state, restore_plan = _prepare(directory, args)
       if args.dry_run:
@@ -171,7 +213,7 @@ class LinenCompatHandler(ocp.CheckpointHandler):
     return ocp.PyTreeCheckpointHandler().metadata(directory)
 
   def finalize(self, directory: epath.Path) -> None:
-    pass
+    self._standard.finalize(directory)
 
   def close(self):
-    pass
+    self._standard.close()

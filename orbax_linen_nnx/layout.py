@@ -134,6 +134,21 @@ def normalize_layers(param: Path) -> Path:
   return tuple(out)
 
 
+def linen_names(param: Path) -> Path:
+  """A model path as Linen names it: per-layer indices joined to their name.
+
+  >>> linen_names(('layers', '3', 'mlp', 'kernel'))
+  ('layers_3', 'mlp', 'kernel')
+  """
+  out: list[str] = []
+  for seg in param:
+    if seg.isdigit() and out:
+      out[-1] = f'{out[-1]}_{seg}'
+    else:
+      out.append(seg)
+  return tuple(out)
+
+
 def _mirrors_variable(rel: Path, model: set[Path]) -> bool:
   """Whether `rel` names a model variable, in any per-layer form, or one layer of a stacked one.
 
@@ -196,7 +211,7 @@ def describe(paths: Iterable[Path], layout: str) -> list[Leaf]:
     return c[len(root):] if c[: len(root)] == root and len(c) > len(root) else None
 
   model_rel = [r for c in clean.values() if (r := rel(c, model_root)) is not None]
-  model_rel = [r for r in model_rel if not (model_root == () and r[0] in extra_collections)]
+  model_rel = [r for r in model_rel if not (model_root == () and (r[0] in extra_collections or r[0] == NNX_AUX))]
   collection_level = layout == LINEN and _has_collection_level(model_rel)
   opt_rel = [r for c in clean.values() if opt_root and (r := rel(c, opt_root)) is not None]
   mirror_len = _mirror_roots(opt_rel, set(model_rel))

@@ -18,7 +18,7 @@ import dataclasses
 import itertools
 import math
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -245,47 +245,28 @@ def _key_problem(t: Target, s: Any) -> str | None:
   return None
 
 
-def build(
-    sources: Sequence[SourceArray],
-    targets: Sequence[Target],
-    *,
-    source_layout: str,
-    target_layout: str,
-    rules: rules_lib.Rules = None,
-    partial: bool = False,
-    stacks: stacks_lib.StackAxes | None = None,
-    where: str = 'the checkpoint',
-    problems: Sequence[str] = (),
-) -> RestorePlan:
-  """Pairs every target leaf with its source array(s), from metadata alone.
-
-  Raises `PlanError` listing every problem (targets with no source, sources
-  nothing uses, shapes that differ, ambiguous sources) before any read.
-
-  >>> src = [SourceArray(('params', 'Dense_0', 'kernel'), 'params.Dense_0.kernel', (3, 8), 'float32')]
-  >>> tgt = [Target(('fc1', 'kernel'), (3, 8), 'float32', None)]
-  >>> build(src, tgt, source_layout='linen', target_layout='nnx', rules={'Dense_0': 'fc1'}).reads[0].sources[0].name
-  'params.Dense_0.kernel'
-  """
-  linen_to_nnx = not (source_layout == layout.NNX and target_layout == layout.LINEN)
-  problems = list(problems)  # found before planning (shardings, options): reported with the plan's
+def _rules(rules: rules_lib.Rules, linen_to_nnx: bool, problems: list[str]) -> tuple[list, rules_lib.Tally]:
   try:
     rule_list = rules_lib.as_rules(rules, backward=not linen_to_nnx)
   except rules_lib.RuleError as e:
     problems.append(str(e))
     rule_list = []
-  tally = rules_lib.Tally()
+  return rule_list, rules_lib.Tally()
 
-  # Rules rewrite each model subtree (the params, and every optimizer subtree
-  # that mirrors them) into arrays named and shaped as on the target side.
-  src_leaves = layout.describe([s.path for s in sources], source_layout)
-  skipped, entries = [], []
+
+def _rewrite(described: Sequence[tuple[SourceArray, layout.Leaf]], rule_list, tally) -> tuple[dict, list]:
+  """What every source means, after the rules rewrote each model subtree into the target's names.
+
+  Rules rewrite each model subtree (the params, and every optimizer subtree
+  that mirrors them) into arrays named and shaped as on the target side.
+  `described` pairs each source with what it means (`layout.describe`).
+  Returns ({source path: its `layout.Leaf`}, [(array or rule-made array,
+  Meaning, collection, rules that made it)]).
+  """
+  entries = []
   raw: dict[Path, layout.Leaf] = {}  # source path -> what it means, before any rule
   subtrees: dict[Path, dict[str, Any]] = collections.defaultdict(dict)
-  for s, leaf in zip(sources, src_leaves):
-    if (layout.is_rng_path(s.path) or leaf.collection == layout.NNX_AUX) and target_layout == layout.LINEN:
-      skipped.append(s)
-      continue
+  for s, leaf in described:
     raw[s.path] = leaf
     if leaf.meaning.param:
       subtrees[leaf.meaning.section]['/'.join(leaf.meaning.param)] = s
@@ -297,6 +278,51 @@ def build(
       first = rules_lib.stored_leaves(expr)[0]
       param = tuple(p for p in path.split('/') if p)
       entries.append((expr, layout.Meaning(section, param), raw[first.path].collection, made_by.get(path, ())))
+  return raw, entries
+
+
+def build(
+    sources: Sequence[SourceArray],
+    targets: Sequence[Target],
+    *,
+    source_layout: str,
+    target_layout: str,
+    rules: rules_lib.Rules = None,
+    partial: bool = False,
+    stacks: stacks_lib.StackAxes | None = None,
+    where: str = 'the checkpoint',
+    problems: Sequence[str] = (),
+    skip: Sequence[Path] = (),
+    action: str | None = None,
+) -> RestorePlan:
+  """Pairs every target leaf with its source array(s), from metadata alone.
+
+  Raises `PlanError` listing every problem (targets with no source, sources
+  nothing uses, shapes that differ, ambiguous sources) before any read.
+  Sources whose paths are in `skip` are reported as skipped and not used;
+  `action` replaces the head of the error ('LinenCompatRestore cannot restore
+  from ...').
+
+  >>> src = [SourceArray(('params', 'Dense_0', 'kernel'), 'params.Dense_0.kernel', (3, 8), 'float32')]
+  >>> tgt = [Target(('fc1', 'kernel'), (3, 8), 'float32', None)]
+  >>> build(src, tgt, source_layout='linen', target_layout='nnx', rules={'Dense_0': 'fc1'}).reads[0].sources[0].name
+  'params.Dense_0.kernel'
+  """
+  linen_to_nnx = not (source_layout == layout.NNX and target_layout == layout.LINEN)
+  problems = list(problems)  # found before planning (shardings, options): reported with the plan's
+  rule_list, tally = _rules(rules, linen_to_nnx, problems)
+  tgt_leaves = layout.describe([t.path for t in targets], target_layout)
+  # A Linen target with an `nnx_aux` subtree has a place for NNX-only state;
+  # without one, such sources are skipped (reported, no error).
+  aux_place = any(l.collection == layout.NNX_AUX for l in tgt_leaves)
+  skip = set(skip)
+  described = list(zip(sources, layout.describe([s.path for s in sources], source_layout)))
+  for s, leaf in described:
+    if (layout.is_rng_path(s.path) or leaf.collection == layout.NNX_AUX) and target_layout == layout.LINEN \
+        and not aux_place:
+      skip.add(s.path)
+  skipped = [s for s in sources if s.path in skip]
+  raw, entries = _rewrite([(s, leaf) for s, leaf in described if s.path not in skip], rule_list, tally)
   problems += tally.problems
   problems += [f"rule '{name}' matched no source leaf" for name in rules_lib.unmatched(rule_list, tally)]
 
@@ -314,10 +340,10 @@ def build(
   used: set[Path] = set()
   missing: list[tuple[Path, Target]] = []
   looked_for: dict[str, layout.Meaning] = {}  # what missing targets were looked for as
-  tgt_leaves = layout.describe([t.path for t in targets], target_layout)
   layers = stacks_lib.LayerSources({m: found[0][0] for m, found in by_meaning.items()})
 
   direct, to_stack, to_unstack = [], [], []
+  as_saved = set()  # nnx_aux holds NNX state as the NNX model holds it: no layer axis to move
   named = {}  # target path -> its model path as the target names it
   for t, leaf in zip(targets, tgt_leaves):
     named[t.path] = leaf.meaning.param
@@ -338,6 +364,8 @@ def build(
         problems.append(k)
       else:
         direct.append((t, s, m.param))
+        if layout.NNX_AUX in (collection, leaf.collection):
+          as_saved.add(t.path)
       continue
     per_layer = layers.to_stack(m)
     if per_layer:
@@ -362,7 +390,8 @@ def build(
   if stacks is not None and not (isinstance(stacks, dict) and all(isinstance(v, dict) for v in stacks.values())):
     problems.append(f"stacks= must be a dict like {{'layers': {{'linen': 1, 'nnx': 0}}}}; got {stacks!r}")
     stacks = None
-  layer_ops = stacks_lib.plan(direct, to_stack, to_unstack, stacks, source_layout, target_layout, problems)
+  layer_ops = stacks_lib.plan([d for d in direct if d[0].path not in as_saved], to_stack, to_unstack, stacks,
+                              source_layout, target_layout, problems)
   for name in stacks or ():
     root = stacks_lib.normalize(tuple(p for p in str(name).split('/') if p))
     params = [m.param for m in by_meaning] + [stacks_lib.normalize(p) for p in named.values()]
@@ -404,11 +433,11 @@ def build(
       fixes.append(f'rename modules with rules={suggestion!r}')
     if missing or unused_pairs:
       fixes.append('pass partial=True to restore only the leaves that match')
-    head = (
+    head = (action or (
         f'LinenCompatRestore cannot restore from {where} ({source_layout} layout)'
-        f' into the given {target_layout} state: {len(problems)} problem(s);'
-        ' nothing was read.'
-    )
+        f' into the given {target_layout} state')) + f': {len(problems)} problem(s); nothing was read.'
+    if action:
+      head = head.replace('nothing was read', 'nothing was written')
     tail = f"Fix: {'; or '.join(fixes)}." if fixes else ''
     raise PlanError('\n'.join([head] + [f'  {p}' for p in problems] + ([tail] if tail else [])))
 
@@ -420,3 +449,106 @@ def build(
       unused=tuple(s for _, s in unused_pairs),
       skipped=tuple(skipped),
   )
+
+
+# NNX state recomputed by every run and never saved (MaxText does not save it either).
+_EPHEMERAL_TYPES = frozenset({'Cache', 'Intermediate'})
+
+
+def _linen_layers(param: Path, shape: tuple[int, ...], stacks, problems: list[str]) -> list[tuple[Path, tuple]]:
+  """Where a model variable (or its mirror) goes in the Linen layout: [(Linen names, shape)].
+
+  Per-layer names join their index (`layers/3` -> `layers_3`, as Linen names a
+  list of submodules); a stack the user declared with a Linen layer axis has its
+  axis moved there, or, with `None`, is cut into one array per layer.
+  """
+  norm = stacks_lib.normalize(param)
+  for name, axes in (stacks or {}).items():
+    root = stacks_lib.normalize(tuple(p for p in str(name).split('/') if p))
+    if norm[: len(root)] != root or not isinstance(axes, dict) or 'linen' not in axes:
+      continue
+    source = axes.get('nnx', stacks_lib.NNX_LAYER_AXIS)
+    if source is None or not 0 <= int(source) < len(shape):
+      problems.append(f"'{layout.render(param)}' {shape} cannot be a layer stack at axis {source} (stacks={{{name!r}:"
+                      f" {axes!r}}}); give its NNX layer axis as stacks={{{name!r}: {{'nnx': axis, 'linen': ...}}}}")
+      return [(layout.linen_names(param), shape)]
+    rest = layout.linen_names(norm[len(root):])
+    if axes['linen'] is None:
+      return [(layout.linen_names(root + (str(i),)) + rest, stacks_lib.drop_axis(shape, source))
+              for i in range(shape[source])]
+    return [(layout.linen_names(param), stacks_lib.move_axis(shape, source, int(axes['linen'])))]
+  return [(layout.linen_names(param), shape)]
+
+
+def build_save(
+    sources: Sequence[SourceArray],
+    variable_types: Mapping[Path, str | None],
+    *,
+    rules: rules_lib.Rules = None,
+    stacks: stacks_lib.StackAxes | None = None,
+    aux: str | None = layout.NNX_AUX,
+) -> RestorePlan:
+  """The plan of writing an NNX state in the Linen layout: `build` with the Linen tree as target.
+
+  The Linen tree is what a Linen run of the same model saves: params under
+  `params/params` (`params` alone for a model without optimizer), the
+  optimizer's subtrees that mirror them under `opt_state/.../params`, an int32
+  `step`; the rules (written Linen -> NNX) name and shape it; `stacks` moves a
+  stack's layer axis (`{'layers': {'nnx': 0, 'linen': 1}}`) or unrolls it
+  (`{'layers': {'linen': None}}` -> `layers_0`, ...). Every other persistent
+  Variable (RNG streams, batch stats, custom Variables) goes under
+  `nnx_aux/model/...` as its NNX path names it (MaxText's layout), or, with
+  `aux=None`, is left out and reported as skipped; caches and intermediates are
+  always left out. The pairing itself is `build`'s, so a plan that `build` can
+  make back (`LinenCompatRestore` with the same rules and stacks) restores it.
+
+  >>> src = [SourceArray(('model', 'fc1', 'kernel'), 'model/fc1/kernel', (3, 8), 'float32')]
+  >>> print(build_save(src, {src[0].path: 'Param'}, rules={'Dense_0': 'fc1'}).reads[0])
+  params/Dense_0/kernel (3, 8) float32  <-  model/fc1/kernel  (by rename fc1)
+  """
+  problems: list[str] = []  # build reports the rules' own problems
+  if aux not in (layout.NNX_AUX, None):
+    problems.append(f'aux={aux!r}: NNX-only state goes under {layout.NNX_AUX!r} (the name MaxText and'
+                    ' LinenCompatRestore read) or, with aux=None, is left out')
+    aux = layout.NNX_AUX
+  if stacks is not None and not (isinstance(stacks, dict) and all(isinstance(v, dict) for v in stacks.values())):
+    problems.append(f"stacks= must be a dict like {{'layers': {{'nnx': 0, 'linen': 1}}}}; got {stacks!r}")
+    stacks = None
+  # NNX's layer axis defaults to nnx.vmap's where the user named only Linen's.
+  stacks = {k: ({'nnx': stacks_lib.NNX_LAYER_AXIS, **v} if 'linen' in v else v) for k, v in (stacks or {}).items()}
+  skip = [s.path for s in sources if variable_types.get(s.path) in _EPHEMERAL_TYPES
+          or (aux is None and variable_types.get(s.path) not in (None, 'Param')
+              and layout.describe([s.path], layout.NNX)[0].meaning.section == ('model',))]
+  kept = [s for s in sources if s.path not in skip]
+  rule_list, tally = _rules(rules, False, [])
+  described = list(zip(kept, layout.describe([s.path for s in kept], layout.NNX)))
+  train_state = any(leaf.meaning.section != ('model',) for _, leaf in described)
+  _, entries = _rewrite(described, rule_list, tally)
+  targets = []
+  for expr, m, _, _ in entries:
+    first = rules_lib.stored_leaves(expr)[0]
+    vtype, key_impl = variable_types.get(first.path), getattr(expr, 'key_impl', None)
+    shape, dtype = tuple(expr.shape), expr.dtype
+    if m.section == ('step',):
+      targets.append(Target(('step',), shape, np.dtype('int32'), None))  # Linen's TrainState.step
+      continue
+    if m.section == ('model',) and vtype not in (None, 'Param'):
+      targets.append(Target((layout.NNX_AUX, 'model') + m.param, shape, dtype, None, key_impl=key_impl))
+      continue
+    if m.section == ('model',):
+      base = ('params', 'params') if train_state else ('params',)
+    elif m.section[0] == 'opt_state':
+      base = m.section + (('params',) if m.param else ())
+    else:
+      problems.append(f"{first} is neither model, optimizer state nor step of an NNX train state"
+                      " ({'model': ..., 'optimizer': nnx.Optimizer}); save it with ocp.args.StandardSave")
+      continue
+    if not m.param:
+      targets.append(Target(base, shape, dtype, None, key_impl=key_impl))
+      continue
+    for param, s in _linen_layers(m.param, shape, stacks, problems):
+      targets.append(Target(base + param, s, dtype, None, key_impl=key_impl))
+  targets.sort(key=lambda t: t.path)
+  return build(sources, targets, source_layout=layout.NNX, target_layout=layout.LINEN, rules=rules,
+               stacks=stacks, where='the NNX state', problems=problems, skip=skip,
+               action='LinenCompatSave cannot write the NNX state in the Linen layout')

@@ -26,7 +26,7 @@ from orbax_linen_nnx import layout
 from orbax_linen_nnx import ops
 
 Path = layout.Path
-StackAxes = Mapping[str, Mapping[str, int]]
+StackAxes = Mapping[str, Mapping[str, 'int | None']]
 
 normalize = layout.normalize_layers
 
@@ -61,12 +61,14 @@ def explicit_axis(stacks: StackAxes | None, root: Path, layout_name: str, role: 
 
   `stacks={'layers': {'linen': 1, 'nnx': 0}}` serves both directions;
   `{'layers': {'source': 1, 'target': 0}}` also works between two stacked
-  layouts of the same library.
+  layouts of the same library. An axis of None says that side holds one array
+  per layer (`layers_0`, ...): what `LinenCompatSave` writes for
+  `{'layers': {'linen': None}}`.
   """
   for name, axes in (stacks or {}).items():
     if normalize(tuple(p for p in name.split('/') if p)) == root:
       for key in (role, layout_name):
-        if key in axes:
+        if axes.get(key) is not None:  # None: that side holds one array per layer
           return int(axes[key])
   return None
 

@@ -1,0 +1,189 @@
+"""The save side: an NNX state's arrays as the Linen layout's tree, still sharded on their devices.
+
+`to_linen(state)` plans with the same planner as a restore (`planner.build_save`:
+the Linen tree as the target, the NNX state as the source, the rules and stack
+conversions run backward), then computes every array that a conversion
+changes (a layer of a stack, a moved layer axis, a transposed or fused weight,
+the int32 step) with one `jax.jit` over the global arrays: each device computes
+its own part, no process gathers anything, and arrays that only change their
+name are passed through untouched. The result is a plain pytree that any
+Orbax save writes (`LinenCompatSave` does, and so does MaxText's own
+`PyTreeSave`), each process writing only its own shards.
+
+    items = to_linen(nnx.state(train_state))
+    mngr.save(step, args=ocp.args.Composite(items=ocp.args.PyTreeSave(items)))
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from orbax_linen_nnx import layout
+from orbax_linen_nnx import ops
+from orbax_linen_nnx import planner as plan_lib
+from orbax_linen_nnx import rules as rules_lib
+from orbax_linen_nnx import stacks as stacks_lib
+from orbax_linen_nnx import target as target_lib
+
+Path = layout.Path
+
+# How each op is computed on device arrays (read.py realises the same ops as
+# TensorStore views).
+_JAX = {
+    ops.Stack: lambda op, v: jnp.stack(v, axis=op.axis),
+    ops.Concat: lambda op, v: jnp.concatenate(v, axis=op.axis),
+    ops.Slice: lambda op, v: jax.lax.slice_in_dim(v[0], op.start, op.stop, axis=op.axis),
+    ops.Take: lambda op, v: jax.lax.index_in_dim(v[0], op.index, axis=op.axis, keepdims=False),
+    ops.Transpose: lambda op, v: jnp.transpose(v[0], op.perm),
+    ops.MoveAxis: lambda op, v: jnp.moveaxis(v[0], op.source, op.destination),
+    ops.Cast: lambda op, v: v[0].astype(op.dtype),
+    ops.Reshape: lambda op, v: jnp.reshape(v[0], op.target_shape),
+}
+
+
+def _evaluate(expr, arrays: Mapping[str, jax.Array]) -> jax.Array:
+  op = getattr(expr, 'op', None)
+  if op is None:
+    return arrays[expr.name]
+  return _JAX[type(op)](op, [_evaluate(a, arrays) for a in expr.args])
+
+
+def _expression(read: plan_lib.LeafRead):
+  """The read's sources with its transform applied, as one tree of ops."""
+  args = list(read.sources)
+  for op in read.transform:
+    args = [rules_lib.Derived(op, tuple(args), read.target.path, tuple(op.shape([tuple(a.shape) for a in args])),
+                              ops.out_dtype(op, [a.dtype for a in args]))]
+  (expr,) = args
+  return expr
+
+
+@functools.lru_cache(maxsize=8)
+def _converter(exprs: tuple) -> Any:
+  """One jitted function computing every converted leaf (cached per plan: a run saves alike each time)."""
+  return jax.jit(lambda arrays: [_evaluate(e, arrays) for e in exprs])
+
+
+class _NnxState:
+  """The NNX state being saved: its leaves as plan sources, their values, its optimizers' empty states."""
+
+  def __init__(self, state: Any):
+    self.empties: list[Path] = []  # opt_state positions of empty optax states (Linen saves None there)
+    if not isinstance(state, nnx.State):
+      self.empties = _empty_states(state)
+      state = nnx.state(state)
+    flat = target_lib.flatten(state, layout_name=layout.NNX)
+    self.sources, self.types, self.values, self.impls = [], {}, {}, {}
+    for t, leaf in zip(flat._slots, flat._leaves):
+      if t is None:
+        continue
+      name = layout.render(t.path)
+      self.sources.append(plan_lib.SourceArray(t.path, name, t.shape, np.dtype(t.dtype), key_impl=t.key_impl))
+      self.types[t.path] = t.variable_type
+      self.values[name] = leaf.get_raw_value() if isinstance(leaf, nnx.Variable) else leaf
+
+
+def _empty_states(obj: Any) -> list[Path]:
+  """Paths, under each `nnx.Optimizer`'s `opt_state`, of optax states that hold no array.
+
+  Linen's TrainState saves them as None entries (`opt_state/1` for adam's
+  EmptyState); `nnx.state` drops them, so they are read from the optimizer
+  itself. Only positions above the subtrees that mirror the params are taken.
+  """
+  out = []
+  for path, node in nnx.iter_graph(obj):
+    if isinstance(node, nnx.Optimizer):
+      out += [tuple(str(p) for p in path) + ('opt_state',) + p for p in _empties(node.opt_state)]
+  return out
+
+
+def _empties(tree: Any, at: Path = ()) -> list[Path]:
+  if isinstance(tree, (nnx.Variable, nnx.State)):
+    return []
+  if isinstance(tree, tuple) and hasattr(tree, '_fields'):
+    items = zip(tree._fields, tree)
+  elif isinstance(tree, (tuple, list)):
+    items = enumerate(tree)
+  elif isinstance(tree, Mapping):
+    items = tree.items()
+  else:
+    return []
+  if not jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    return [at]
+  return [p for k, v in items for p in _empties(v, at + (str(k),))]
+
+
+def _put(tree: dict, path: Path, value: Any) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree.setdefault(path[-1], value)
+
+
+def _as_lists(node: Any, under_opt_state: bool) -> Any:
+  """Optax's chains (tuples: int-keyed in NNX) as the lists Linen's tree holds, None where empty."""
+  if not isinstance(node, dict):
+    return node
+  out = {k: (v if k == 'params' and under_opt_state else _as_lists(v, under_opt_state or k == 'opt_state'))
+         for k, v in node.items()}
+  if under_opt_state and out and all(k.isdigit() for k in out):
+    chain = [None] * (max(int(k) for k in out) + 1)
+    for k, v in out.items():
+      chain[int(k)] = v
+    return chain
+  return out
+
+
+def to_linen(
+    state: Any,
+    *,
+    rules: rules_lib.Rules = None,
+    stacks: stacks_lib.StackAxes | None = None,
+    aux: str | None = layout.NNX_AUX,
+    dry_run: bool = False,
+) -> Any:
+  """An NNX train state's arrays as the pytree a Linen run of the same model saves.
+
+  `state` is an `nnx.State`, a module, or a dict of modules
+  (`{'model': model, 'optimizer': nnx.Optimizer(...)}`); a module or dict also
+  tells which optax states are empty, which Linen saves as None entries
+  (adam's `opt_state/1`); from an `nnx.State` the chain list ends at its last
+  non-empty state, as MaxText writes it. The options are `LinenCompatSave`'s;
+  with `dry_run=True` the plan is returned and nothing is computed (an
+  abstract state is enough). The arrays keep their devices: converted ones are
+  computed where their shards live, the others are the state's own arrays.
+
+  >>> items = to_linen(nnx.state({'model': model, 'optimizer': optimizer}))  # doctest: +SKIP
+  >>> items['params']['params']['fc1']['kernel'].sharding                    # doctest: +SKIP
+  """
+  nnx_state = _NnxState(state)
+  plan = plan_lib.build_save(nnx_state.sources, nnx_state.types, rules=rules, stacks=stacks, aux=aux)
+  if dry_run:
+    return plan
+  values = {}
+  converted = [r for r in plan.reads if r.transform or isinstance(r.sources[0], rules_lib.Derived)]
+  for r in plan.reads:
+    if not (r.transform or isinstance(r.sources[0], rules_lib.Derived)):
+      values[r.target.path] = nnx_state.values[r.sources[0].name]
+  if converted:
+    exprs = tuple(_expression(r) for r in converted)
+    names = {x.name for e in exprs for x in rules_lib.stored_leaves(e)}
+    inputs = {n: (jax.random.key_data(v) if jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key) else v)
+              for n in names for v in (nnx_state.values[n],)}
+    for r, array in zip(converted, _converter(exprs)(inputs)):
+      values[r.target.path] = (jax.random.wrap_key_data(array, impl=r.target.key_impl)
+                               if r.target.key_impl else array)
+  tree: dict = {}
+  for r in plan.reads:
+    _put(tree, r.target.path, values[r.target.path])
+  if 'opt_state' in tree or any(p[:2] == ('optimizer', 'opt_state') for p in nnx_state.empties):
+    for p in nnx_state.empties:
+      if p[:2] == ('optimizer', 'opt_state'):
+        _put(tree, p[1:] or ('opt_state',), None)
+  return _as_lists(tree, False)
