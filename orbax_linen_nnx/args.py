@@ -9,6 +9,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from orbax_linen_nnx import layout
+from orbax_linen_nnx import planner as plan_lib
+from orbax_linen_nnx import save as save_lib
 from orbax_linen_nnx import rules as rules_lib
 from orbax_linen_nnx import stacks as stacks_lib
 from orbax_linen_nnx.handler import LinenCompatHandler
@@ -111,6 +113,9 @@ class LinenCompatSave(ocp.args.CheckpointArgs):
     save_args: an `ocp.SaveArgs` applied to every array (`chunk_byte_size`,
       `dtype`), or None.
     custom_metadata: JSON-serialisable metadata stored with the item.
+    plan: the plan of the save, made (and checked) when the args are made:
+      `print(LinenCompatSave(state).plan)` shows what goes where; a problem
+      raises `PlanError` here, before anything is written.
   """
 
   state: Any
@@ -119,3 +124,9 @@ class LinenCompatSave(ocp.args.CheckpointArgs):
   aux: str | None = layout.NNX_AUX
   save_args: ocp.SaveArgs | None = None
   custom_metadata: dict[str, Any] | None = None
+  plan: plan_lib.RestorePlan = dataclasses.field(init=False, repr=False, compare=False)
+
+  def __post_init__(self):
+    # Planned here, from shapes alone, so that every problem is raised before
+    # the manager creates the step's directory.
+    self.plan = save_lib.to_linen(self.state, rules=self.rules, stacks=self.stacks, aux=self.aux, dry_run=True)

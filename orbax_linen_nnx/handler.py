@@ -166,10 +166,11 @@ class LinenCompatHandler(ocp.AsyncCheckpointHandler):
     from orbax_linen_nnx.args import LinenCompatSave  # args imports this module
 
     if not isinstance(args, LinenCompatSave):
-      raise TypeError(f'LinenCompatHandler saves LinenCompatSave(state) args, not {type(args).__name__};'
-                      ' LinenCompatRestore only restores')
+      raise TypeError(f'LinenCompatHandler saves LinenCompatSave(state) args, not {type(args).__name__}:'
+                      ' LinenCompatRestore only restores. Save with LinenCompatSave(state) (the Linen layout)'
+                      ' or ocp.args.StandardSave(state) (the state as it is)')
     with _gc_paused():
-      tree = save_lib.to_linen(args.state, rules=args.rules, stacks=args.stacks, aux=args.aux)
+      tree = save_lib.to_linen(args.state, rules=args.rules, stacks=args.stacks, aux=args.aux, plan=args.plan)
     save_args = None if args.save_args is None else jax.tree.map(lambda _: args.save_args, tree)
     return ocp.args.StandardSave(tree, save_args=save_args, custom_metadata=args.custom_metadata)
 

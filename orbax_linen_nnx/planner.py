@@ -455,29 +455,60 @@ def build(
 _EPHEMERAL_TYPES = frozenset({'Cache', 'Intermediate'})
 
 
-def _linen_layers(param: Path, shape: tuple[int, ...], stacks, problems: list[str]) -> list[tuple[Path, tuple]]:
-  """Where a model variable (or its mirror) goes in the Linen layout: [(Linen names, shape)].
-
-  Per-layer names join their index (`layers/3` -> `layers_3`, as Linen names a
-  list of submodules); a stack the user declared with a Linen layer axis has its
-  axis moved there, or, with `None`, is cut into one array per layer.
-  """
+def _declared(param: Path, stacks) -> tuple[Path, dict] | None:
+  """The stack root the user declared a Linen layer axis for above `param`, and its axes."""
   norm = stacks_lib.normalize(param)
   for name, axes in (stacks or {}).items():
     root = stacks_lib.normalize(tuple(p for p in str(name).split('/') if p))
-    if norm[: len(root)] != root or not isinstance(axes, dict) or 'linen' not in axes:
-      continue
-    source = axes.get('nnx', stacks_lib.NNX_LAYER_AXIS)
-    if source is None or not 0 <= int(source) < len(shape):
-      problems.append(f"'{layout.render(param)}' {shape} cannot be a layer stack at axis {source} (stacks={{{name!r}:"
-                      f" {axes!r}}}); give its NNX layer axis as stacks={{{name!r}: {{'nnx': axis, 'linen': ...}}}}")
-      return [(layout.linen_names(param), shape)]
-    rest = layout.linen_names(norm[len(root):])
+    if norm[: len(root)] == root and len(norm) > len(root) and isinstance(axes, dict) and 'linen' in axes:
+      return root, axes
+  return None
+
+
+def _depths(entries, stacks) -> dict[Path, int]:
+  """Layers per declared stack root that the NNX side holds one module per layer (`layers/3/...`)."""
+  depth: dict[Path, int] = {}
+  for _, m, _, _ in entries:
+    found = _declared(m.param, stacks) if m.param else None
+    if found:
+      root, _ = found
+      index = stacks_lib.normalize(m.param)[len(root)]
+      if index.isdigit():
+        depth[root] = max(depth.get(root, 0), int(index) + 1)
+  return depth
+
+
+def _linen_layers(param: Path, shape: tuple[int, ...], stacks, depth, problems: list[str]) -> list[tuple[Path, tuple]]:
+  """Where a model variable (or its mirror) goes in the Linen layout: [(Linen names, shape)].
+
+  Per-layer names join their index (`layers/3` -> `layers_3`, as Linen names a
+  list of submodules). Under a stack the user declared a Linen layer axis for,
+  an NNX stack has its layer axis moved there, or, with `None`, is cut into one
+  array per layer; per-layer NNX modules are stacked at that axis (the target
+  is named once, by layer 0; the planner gathers every layer into it).
+  """
+  found = _declared(param, stacks)
+  if found is None:
+    return [(layout.linen_names(param), shape)]
+  root, axes = found
+  norm = stacks_lib.normalize(param)
+  if norm[len(root)].isdigit():  # one NNX module per layer
     if axes['linen'] is None:
-      return [(layout.linen_names(root + (str(i),)) + rest, stacks_lib.drop_axis(shape, source))
-              for i in range(shape[source])]
-    return [(layout.linen_names(param), stacks_lib.move_axis(shape, source, int(axes['linen'])))]
-  return [(layout.linen_names(param), shape)]
+      return [(layout.linen_names(param), shape)]
+    if norm[len(root)] != '0':
+      return []
+    rest = layout.linen_names(norm[len(root) + 1:])
+    return [(layout.linen_names(root) + rest, stacks_lib.insert_axis(shape, int(axes['linen']), depth[root]))]
+  source = axes.get('nnx', stacks_lib.NNX_LAYER_AXIS)
+  if source is None or not 0 <= int(source) < len(shape):
+    problems.append(f"'{layout.render(param)}' {shape} cannot be a layer stack at axis {source}"
+                    f" (stacks={{{str(root[0])!r}: {axes!r}}}); give the NNX layer axis as 'nnx': axis")
+    return [(layout.linen_names(param), shape)]
+  rest = layout.linen_names(norm[len(root):])
+  if axes['linen'] is None:
+    return [(layout.linen_names(root + (str(i),)) + rest, stacks_lib.drop_axis(shape, source))
+            for i in range(shape[source])]
+  return [(layout.linen_names(param), stacks_lib.move_axis(shape, source, int(axes['linen'])))]
 
 
 def build_save(
@@ -516,14 +547,14 @@ def build_save(
     stacks = None
   # NNX's layer axis defaults to nnx.vmap's where the user named only Linen's.
   stacks = {k: ({'nnx': stacks_lib.NNX_LAYER_AXIS, **v} if 'linen' in v else v) for k, v in (stacks or {}).items()}
-  skip = [s.path for s in sources if variable_types.get(s.path) in _EPHEMERAL_TYPES
-          or (aux is None and variable_types.get(s.path) not in (None, 'Param')
-              and layout.describe([s.path], layout.NNX)[0].meaning.section == ('model',))]
-  kept = [s for s in sources if s.path not in skip]
-  rule_list, tally = _rules(rules, False, [])
-  described = list(zip(kept, layout.describe([s.path for s in kept], layout.NNX)))
+  described = list(zip(sources, layout.describe([s.path for s in sources], layout.NNX)))
+  skip = [s.path for s, leaf in described if variable_types.get(s.path) in _EPHEMERAL_TYPES
+          or (aux is None and variable_types.get(s.path) not in (None, 'Param') and leaf.meaning.section == ('model',))]
+  described = [(s, leaf) for s, leaf in described if s.path not in skip]
   train_state = any(leaf.meaning.section != ('model',) for _, leaf in described)
+  rule_list, tally = _rules(rules, False, [])
   _, entries = _rewrite(described, rule_list, tally)
+  depth = _depths(entries, stacks)
   targets = []
   for expr, m, _, _ in entries:
     first = rules_lib.stored_leaves(expr)[0]
@@ -546,7 +577,7 @@ def build_save(
     if not m.param:
       targets.append(Target(base, shape, dtype, None, key_impl=key_impl))
       continue
-    for param, s in _linen_layers(m.param, shape, stacks, problems):
+    for param, s in _linen_layers(m.param, shape, stacks, depth, problems):
       targets.append(Target(base + param, s, dtype, None, key_impl=key_impl))
   targets.sort(key=lambda t: t.path)
   return build(sources, targets, source_layout=layout.NNX, target_layout=layout.LINEN, rules=rules,

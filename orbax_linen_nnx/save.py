@@ -147,6 +147,7 @@ def to_linen(
     stacks: stacks_lib.StackAxes | None = None,
     aux: str | None = layout.NNX_AUX,
     dry_run: bool = False,
+    plan: plan_lib.RestorePlan | None = None,
 ) -> Any:
   """An NNX train state's arrays as the pytree a Linen run of the same model saves.
 
@@ -156,14 +157,15 @@ def to_linen(
   (adam's `opt_state/1`); from an `nnx.State` the chain list ends at its last
   non-empty state, as MaxText writes it. The options are `LinenCompatSave`'s;
   with `dry_run=True` the plan is returned and nothing is computed (an
-  abstract state is enough). The arrays keep their devices: converted ones are
+  abstract state is enough); `plan` is one made so before for this state. The arrays keep their devices: converted ones are
   computed where their shards live, the others are the state's own arrays.
 
   >>> items = to_linen(nnx.state({'model': model, 'optimizer': optimizer}))  # doctest: +SKIP
   >>> items['params']['params']['fc1']['kernel'].sharding                    # doctest: +SKIP
   """
   nnx_state = _NnxState(state)
-  plan = plan_lib.build_save(nnx_state.sources, nnx_state.types, rules=rules, stacks=stacks, aux=aux)
+  if plan is None:
+    plan = plan_lib.build_save(nnx_state.sources, nnx_state.types, rules=rules, stacks=stacks, aux=aux)
   if dry_run:
     return plan
   values = {}

@@ -1,0 +1,215 @@
+"""`LinenCompatSave`: NNX states written as the checkpoint a Linen run of the same model writes.
+
+Every test starts from a real run, saves through a real CheckpointManager, and
+compares what Orbax reads back: the tree Orbax records (paths, list or dict,
+shapes, dtypes, None entries), the values bit for bit, and what Linen code and
+`LinenCompatRestore` make of it.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+from flax.training import train_state
+
+import decoders
+import maxtext
+import models
+from models import MLP_RULES
+from orbax_linen_nnx import LinenCompatRestore, LinenCompatSave, PlanError, to_linen
+from test_rules import GEMMA_RULES, LinenGemmaBlock, NnxGemmaBlock, linen_gemma_state
+
+
+def saved_tree(directory, step, item=None):
+  """{key path: (shape, dtype) or None} of what Orbax recorded; lists and dicts keep their own key syntax."""
+  meta = ocp.PyTreeCheckpointHandler().metadata(directory / str(step) / (item or 'default'))
+  flat, _ = jax.tree_util.tree_flatten_with_path(meta.tree, is_leaf=lambda x: x is None)
+  out = {jax.tree_util.keystr(k): None if v is None else (tuple(v.shape), np.dtype(v.dtype)) for k, v in flat}
+  assert out, f'{directory} step {step} holds no tree'
+  return out
+
+
+def restore_plain(directory, step):
+  with ocp.CheckpointManager(directory) as mngr:
+    return mngr.restore(step, args=ocp.args.StandardRestore())
+
+
+def save(directory, step, args):
+  with ocp.CheckpointManager(directory) as mngr:
+    mngr.save(step, args=args)
+    mngr.wait_until_finished()
+
+
+def nnx_from_linen(linen_dir, step, make, mesh, rules=None, stacks=None):
+  """The NNX train state (real modules) of a Linen run, restored sharded with LinenCompatRestore."""
+  state = make()
+  abstract = models.shard_abstract(nnx.state(nnx.eval_shape(make)), mesh, 'two_axes')
+  with ocp.CheckpointManager(linen_dir) as mngr:
+    nnx.update(state, mngr.restore(step, args=LinenCompatRestore(abstract, rules=rules, stacks=stacks)))
+  return state
+
+
+@pytest.mark.parametrize('tx', ['adam', 'adamw'])
+def test_save_writes_what_linen_writes_and_linen_resumes_it(tmp_path, mesh, tx):
+  make_tx = {'adam': lambda: optax.adam(1e-2), 'adamw': lambda: optax.adamw(1e-2, weight_decay=0.1)}[tx]
+  linen = models.linen_mlp_state(make_tx())
+  save(tmp_path / 'linen', 2, ocp.args.StandardSave(linen))
+  state = nnx_from_linen(tmp_path / 'linen', 2, lambda: models.nnx_train_state(models.NnxMLP, make_tx()), mesh,
+                         rules=MLP_RULES)
+  save(tmp_path / 'nnx', 2, LinenCompatSave(state, rules=MLP_RULES))
+
+  # Same tree as Orbax records it (chain list, None for empty states, shapes, dtypes) and same bits.
+  assert saved_tree(tmp_path / 'nnx', 2) == saved_tree(tmp_path / 'linen', 2)
+  assert saved_tree(tmp_path / 'nnx', 2)["['opt_state'][1]"] is None
+  models.assert_all_equal(restore_plain(tmp_path / 'nnx', 2), restore_plain(tmp_path / 'linen', 2))
+
+  # Linen code restores it with plain StandardRestore, sharded, and trains on with the same losses
+  # (the same Linen computation on the same bits and shardings: equal, not close).
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=models.sharding_for(
+      x.shape, mesh, 'two_axes')), models.linen_mlp_state(make_tx(), steps=1))
+  resumed = {}
+  for name in ('linen', 'nnx'):
+    with ocp.CheckpointManager(tmp_path / name) as mngr:
+      s = mngr.restore(2, args=ocp.args.StandardRestore(abstract))
+    models.assert_sharded_as(s.params, abstract.params)
+    losses = []
+    for _ in range(2):
+      s, loss = models.linen_mlp_step(s)
+      losses.append(np.asarray(loss))
+    resumed[name] = (losses, s)
+  np.testing.assert_array_equal(resumed['nnx'][0], resumed['linen'][0])
+  models.assert_all_equal(resumed['nnx'][1].params, resumed['linen'][1].params)
+
+
+def test_round_trip_is_bit_exact_rng_included(tmp_path, mesh):
+  state = maxtext.train_state(seed=0)
+  for step in range(2):
+    maxtext.train_step(state, *maxtext.batch(step))
+  save(tmp_path, 2, LinenCompatSave(state))
+  abstract = models.shard_abstract(nnx.state(nnx.eval_shape(lambda: maxtext.train_state(seed=7))), mesh, 'two_axes')
+  with ocp.CheckpointManager(tmp_path) as mngr:
+    restored = mngr.restore(2, args=LinenCompatRestore(abstract))
+  models.assert_all_equal(restored, nnx.state(state))
+  models.assert_sharded_as(restored, abstract)
+  # The dropout stream goes on where it stopped: the resumed step draws the same mask (another mask
+  # moves the loss by far more). The restored state is sharded, the original is not, so the losses
+  # agree to float32 summation order (models.assert_reductions_close).
+  fresh = maxtext.train_state(seed=7)
+  nnx.update(fresh, restored)
+  models.assert_reductions_close(maxtext.train_step(fresh, *maxtext.batch(2)),
+                                 maxtext.train_step(state, *maxtext.batch(2)), terms=maxtext.STEP_TERMS)
+
+
+@pytest.mark.parametrize('registry', [False, True])
+def test_maxtext_tree_equals_to_checkpoint_dict(tmp_path, registry):
+  state = maxtext.train_state(seed=0)
+  maxtext.train_step(state, *maxtext.batch(0))
+  with maxtext.manager(tmp_path / 'maxtext', registry=registry) as mngr:
+    maxtext.save(mngr, 1, state)
+  # MaxText's manager takes no other handler for `items`: to_linen gives the tree its PyTreeSave writes.
+  with maxtext.manager(tmp_path / 'ours', registry=registry) as mngr:
+    mngr.save(1, args=ocp.args.Composite(items=ocp.args.PyTreeSave(to_linen(nnx.state(state)))))
+    mngr.wait_until_finished()
+  assert saved_tree(tmp_path / 'ours', 1, 'items') == saved_tree(tmp_path / 'maxtext', 1, 'items')
+  with maxtext.manager(tmp_path / 'ours', registry=registry) as mngr:
+    ours = mngr.restore(1, args=ocp.args.Composite(items=ocp.args.PyTreeRestore()))['items']
+  models.assert_all_equal(ours, maxtext.to_items(state))
+
+
+def test_optimizer_module_keeps_trailing_empty_states(tmp_path):
+  """From the modules, adam's trailing EmptyState is a None entry as in Linen; from an nnx.State the
+  chain ends at its last state holding arrays, as MaxText writes it."""
+  state = models.nnx_train_state(models.NnxMLP, optax.adam(1e-2))
+  assert len(to_linen(state)['opt_state']) == 2
+  assert to_linen(state)['opt_state'][1] is None
+  assert len(to_linen(nnx.state(state))['opt_state']) == 1
+
+
+# Linen run -> NNX (LinenCompatRestore) -> Linen (LinenCompatSave): the checkpoint comes back as it was.
+LAYER_CASES = {
+    'loop <- unrolled': (decoders.LinenLoopDecoder, decoders.NnxUnrolledDecoder, None),
+    'loop <- vmap stack': (decoders.LinenLoopDecoder, decoders.NnxStackedDecoder, {'layers': {'linen': None}}),
+    'scan <- vmap stack': (decoders.LinenScanDecoder, decoders.NnxStackedDecoder,
+                           {'layers': {'linen': decoders.LINEN_SCAN_AXIS, 'nnx': 0}}),
+    'scan <- unrolled': (decoders.LinenScanDecoder, decoders.NnxUnrolledDecoder,
+                         {'layers': {'linen': decoders.LINEN_SCAN_AXIS}}),
+}
+
+
+@pytest.mark.parametrize('case', list(LAYER_CASES))
+def test_layer_layouts_round_trip(tmp_path, mesh, case):
+  linen_cls, nnx_cls, stacks = LAYER_CASES[case]
+  save(tmp_path / 'linen', 2, ocp.args.StandardSave(decoders.linen_state(linen_cls)))
+  state = nnx_from_linen(tmp_path / 'linen', 2, lambda: decoders.nnx_state(nnx_cls), mesh, stacks=stacks)
+  save(tmp_path / 'nnx', 2, LinenCompatSave(state, stacks=stacks))
+  assert saved_tree(tmp_path / 'nnx', 2) == saved_tree(tmp_path / 'linen', 2)
+  models.assert_all_equal(restore_plain(tmp_path / 'nnx', 2), restore_plain(tmp_path / 'linen', 2))
+  # ... and restores into the NNX layout bit for bit.
+  abstract = nnx.state(nnx.eval_shape(lambda: decoders.nnx_state(nnx_cls)))
+  with ocp.CheckpointManager(tmp_path / 'nnx') as mngr:
+    models.assert_all_equal(mngr.restore(2, args=LinenCompatRestore(abstract, stacks=stacks)), nnx.state(state))
+
+
+def test_rules_run_backward(tmp_path, mesh):
+  """Gemma's rules (rename, split, transpose, reshape, cast) inverted: the Linen shapes come back,
+  holding the NNX values (float32: the save writes the state's dtype)."""
+  linen, _ = linen_gemma_state()
+  save(tmp_path / 'linen', 1, ocp.args.StandardSave(linen))
+  make = lambda: {'model': NnxGemmaBlock(nnx.Rngs(0)),
+                  'optimizer': nnx.Optimizer(NnxGemmaBlock(nnx.Rngs(0)), optax.adam(1e-2), wrt=nnx.Param)}
+  state = nnx_from_linen(tmp_path / 'linen', 1, make, mesh, rules=GEMMA_RULES)
+  save(tmp_path / 'nnx', 1, LinenCompatSave(state, rules=GEMMA_RULES))
+  want, got = saved_tree(tmp_path / 'linen', 1), saved_tree(tmp_path / 'nnx', 1)
+  # This Linen run kept `step` a Python int (no jit), which Orbax stores as an int64 scalar; a
+  # TrainState stepped under jit (every other test here) holds the int32 the save writes.
+  assert want.pop("['step']") == ((), np.dtype('int64')) and got.pop("['step']") == ((), np.dtype('int32'))
+  assert set(got) == set(want)
+  for path, w in want.items():
+    assert got[path] == (None if w is None else (w[0], np.dtype('float32') if w[1] == jnp.bfloat16 else w[1])), path
+  linen_values, ours = restore_plain(tmp_path / 'linen', 1), restore_plain(tmp_path / 'nnx', 1)
+  assert int(ours.pop('step')) == linen_values.pop('step') == 1
+  linen_values = models.host_values(linen_values)
+  for path, value in models.host_values(ours).items():
+    np.testing.assert_array_equal(value, linen_values[path].astype(value.dtype), err_msg=path)
+  with ocp.CheckpointManager(tmp_path / 'nnx') as mngr:
+    back = mngr.restore(1, args=LinenCompatRestore(nnx.state(nnx.eval_shape(make)), rules=GEMMA_RULES))
+  models.assert_all_equal(back, nnx.state(state))
+
+
+def test_inside_composite_with_async_save(tmp_path):
+  state = maxtext.train_state(seed=0)
+  options = ocp.CheckpointManagerOptions(enable_async_checkpointing=True)
+  with ocp.CheckpointManager(tmp_path, options=options) as mngr:
+    mngr.save(1, args=ocp.args.Composite(state=LinenCompatSave(state), meta=ocp.args.JsonSave({'run': 'x'})))
+    mngr.wait_until_finished()
+    abstract = nnx.state(nnx.eval_shape(lambda: maxtext.train_state(seed=3)))
+    restored = mngr.restore(1, args=ocp.args.Composite(state=LinenCompatRestore(abstract),
+                                                       meta=ocp.args.JsonRestore()))
+  assert restored['meta'] == {'run': 'x'}
+  models.assert_all_equal(restored['state'], nnx.state(state))
+
+
+def test_plan_is_printed_and_problems_come_before_any_write(tmp_path):
+  state = maxtext.train_state(seed=0)
+  plan = to_linen(nnx.state(nnx.eval_shape(lambda: maxtext.train_state(seed=0))), aux=None, dry_run=True)
+  text = str(plan)
+  assert text.startswith('nnx -> linen: 21 arrays to read, 0 kept as given, 0 unused sources, 5 NNX-only'
+                         ' sources skipped'), text
+  assert '  step () int32  <-  optimizer/step  [cast uint32 -> uint32]' not in text
+  assert '  step () int32  <-  optimizer/step  [cast uint32 -> int32]' in text
+  assert '  skipped model/drop/rngs/key (2,) uint32 (NNX-only)' in text
+  assert '  params/params/fc1/kernel (16, 32) float32  <-  model/fc1/kernel' in text
+
+  assert str(LinenCompatSave(state, aux=None).plan) == text
+  with pytest.raises(PlanError) as e:  # raised by the args, before the manager creates anything
+    with ocp.CheckpointManager(tmp_path) as mngr:
+      mngr.save(1, args=LinenCompatSave(state, rules={'nowhere': 'fc9'}, stacks={'layers': {'linen': 1}}))
+  message = str(e.value)
+  assert message.startswith('LinenCompatSave cannot write the NNX state in the Linen layout: 2 problem(s);'
+                            ' nothing was written.'), message
+  assert "rule 'fc9' matched no source leaf" in message  # the rename run backward looks for the NNX name
+  assert "stacks= names 'layers', which is no model path" in message
+  assert not any(tmp_path.iterdir()), list(tmp_path.iterdir())
