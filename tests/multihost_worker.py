@@ -13,7 +13,10 @@ multi-process Orbax save). Then, all together:
 2. a full restore with `LinenCompatRestore` into a sharded NNX train state,
    every addressable shard checked against the Linen state this process built;
 3. restores of the big kernel alone (`partial=True`), with TensorStore's read
-   counters taken around each.
+   counters taken around each;
+4.-5. replicated targets, layer stacks and a split rule read per process;
+6. the restored NNX state saved back in the Linen layout with
+   `LinenCompatSave`, TensorStore's bytes-written counter taken around it.
 
 The result (per stage) is written to --out as JSON after every stage, so a
 process that hangs still leaves what it got through. The exit status is 0 only
@@ -39,6 +42,7 @@ MESH_SHAPE, MESH_AXES = (4, 2), ('data', 'model')
 RULES = {'Dense_0': 'fc1', 'Dense_1': 'fc2'}
 CHUNK_LOADS = OCDBT_READS  # minus one metadata key per stored array opened: see test_reads.ChunkLoads
 FILE_BYTES = '/tensorstore/kvstore/file/bytes_read'
+FILE_BYTES_WRITTEN = '/tensorstore/kvstore/file/bytes_written'
 
 
 def parse_args(argv):
@@ -360,6 +364,25 @@ def run(args, result, stage):
     stacked_reads[name] = {**measured, 'expected_chunk_reads': exp, 'nbytes': int(want.nbytes)}
   result['stacks_and_rules'] = stacked_reads
   stage('stacks_and_rules')
+
+  # --- 6. The restored NNX state saved back in the Linen layout by every process together
+  # (LinenCompatSave), TensorStore's bytes-written counter taken around the save. Each process
+  # holds half (or a quarter) of every sharded array and should write only that.
+  from orbax_linen_nnx import LinenCompatSave
+
+  nnx_state = nnx_train_state()
+  nnx.update(nnx_state, restored)
+  written = counter(FILE_BYTES_WRITTEN)
+  with ocp.CheckpointManager(Path(args.dir) / 'nnx_saved') as m:
+    m.save(1, args=LinenCompatSave(nnx_state, rules=RULES))
+    m.wait_until_finished()
+  # The bytes of the shards this process is the first holder of (Orbax writes each replica once).
+  own = sum(int(np.prod(sh.data.shape)) * sh.data.dtype.itemsize for leaf in jax.tree.leaves(restored)
+            for sh in leaf.addressable_shards if sh.replica_id == 0)
+  total = sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize for leaf in jax.tree.leaves(restored))
+  result['saved'] = {'bytes_written': counter(FILE_BYTES_WRITTEN) - written, 'own_shard_bytes': own,
+                     'state_bytes': total}
+  stage('saved_back')
 
 
 def inject_fault(args, result, stage, make_args):

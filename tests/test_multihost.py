@@ -263,3 +263,39 @@ def test_stacked_layers_and_split_rules_read_per_process(multihost):
     for m in per:
       assert m['chunk_reads'] == m['expected_chunk_reads'], (case, m)
       assert m['file_bytes'] < m['nbytes'] / n * 1.3 + 32 * 1024, (case, m)
+
+
+def test_save_back_writes_only_own_shards_and_restores_on_another_process_count(multihost):
+  """LinenCompatSave on N processes: each writes its own shards; this one process reads the result."""
+  import jax
+  import numpy as np
+  import orbax.checkpoint as ocp
+
+  n, _, results, run_dir = multihost
+  saved = [r['saved'] for r in results]
+  total_written = sum(s['bytes_written'] for s in saved)
+  print('LinenCompatSave, bytes written per process: ' + ', '.join(
+      f'process {r["process_id"]} {s["bytes_written"]} (own shards {s["own_shard_bytes"]})'
+      for r, s in zip(results, saved)) + f'; state {saved[0]["state_bytes"]} bytes')
+  assert sum(s['own_shard_bytes'] for s in saved) == saved[0]['state_bytes']
+  for s in saved:
+    # Its own shards (1/N of the state: the kernels, biases and moments are sharded across
+    # processes) plus its share of the metadata, never another process's shards.
+    assert s['own_shard_bytes'] <= saved[0]['state_bytes'] / n + 64, s
+    assert s['bytes_written'] < total_written / n * 1.3, (s, total_written)
+    assert s['bytes_written'] < s['own_shard_bytes'] * 1.1 + 32 * 1024, s
+  item = run_dir / 'nnx_saved' / '1' / 'default'
+  assert sorted(p.name for p in item.glob('ocdbt.process_*')) == [f'ocdbt.process_{i}' for i in range(n)]
+
+  # One process (another count than the writers') reads both checkpoints: the same tree, the same bits.
+  def read(step_dir):
+    meta = ocp.PyTreeCheckpointHandler().metadata(step_dir).tree
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(
+        jax.devices()[0])), meta)
+    with ocp.StandardCheckpointer() as c:
+      return jax.tree.map(lambda m: (tuple(m.shape), np.dtype(m.dtype)), meta), c.restore(step_dir, abstract)
+
+  ours, linen = read(item), read(run_dir / '1' / 'default')
+  assert ours[0] == linen[0]
+  for a, b in zip(jax.tree.leaves(ours[1]), jax.tree.leaves(linen[1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
