@@ -17,6 +17,7 @@ from orbax_linen_nnx.source import CheckpointNotFoundError, DamagedCheckpointErr
 from orbax_linen_nnx.target import NotRestored, NotRestoredError, default_sharding, not_restored
 from orbax_linen_nnx.ops import Cast, MoveAxis, Stack, Take
 from orbax_linen_nnx.save import to_linen
+from orbax_linen_nnx.v1 import LinenCompatCheckpointableHandler  # registers it with Orbax v1
 
 __all__ = [
     'Rule',
@@ -32,6 +33,7 @@ __all__ = [
     'DEFAULT_READ_BUDGET_BYTES',
     'DamagedCheckpointError',
     'LeafRead',
+    'LinenCompatCheckpointableHandler',
     'LinenCompatHandler',
     'LinenCompatRestore',
     'LinenCompatSave',

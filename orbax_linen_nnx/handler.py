@@ -162,7 +162,8 @@ class LinenCompatHandler(ocp.AsyncCheckpointHandler):
 
   typestr = _SavedAsStandard()
 
-  def _standard_args(self, args) -> ocp.args.StandardSave:
+  def standard_args(self, args) -> ocp.args.StandardSave:
+    """The `StandardSave` of the Linen tree that `args` (a `LinenCompatSave`) writes."""
     from orbax_linen_nnx.args import LinenCompatSave  # args imports this module
 
     if not isinstance(args, LinenCompatSave):
@@ -175,10 +176,10 @@ class LinenCompatHandler(ocp.AsyncCheckpointHandler):
     return ocp.args.StandardSave(tree, save_args=save_args, custom_metadata=args.custom_metadata)
 
   async def async_save(self, directory: epath.Path, args=None):
-    return await self._standard.async_save(directory, args=self._standard_args(args))
+    return await self._standard.async_save(directory, args=self.standard_args(args))
 
   def save(self, directory: epath.Path, args=None):
-    self._standard.save(directory, args=self._standard_args(args))
+    self._standard.save(directory, args=self.standard_args(args))
 
   def restore(self, directory: epath.Path, args=None) -> Any:
     if args is None or getattr(args, 'abstract_state', None) is None:
