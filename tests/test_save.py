@@ -213,3 +213,17 @@ def test_plan_is_printed_and_problems_come_before_any_write(tmp_path):
   assert "rule 'fc9' matched no source leaf" in message  # the rename run backward looks for the NNX name
   assert "stacks= names 'layers', which is no model path" in message
   assert not any(tmp_path.iterdir()), list(tmp_path.iterdir())
+
+
+def test_a_model_alone_is_written_as_linen_variables(tmp_path, mesh):
+  """No optimizer: the Linen `variables` dict ({'params': ...}), as `model.init` gives it and published
+  checkpoints hold it."""
+  variables = models.LinenMLP().init(jax.random.key(3), jnp.ones((1, models.D_IN)))
+  save(tmp_path / 'linen', 1, ocp.args.StandardSave(variables))
+  model = models.NnxMLP(nnx.Rngs(0))
+  abstract = models.shard_abstract(nnx.state(nnx.eval_shape(lambda: models.NnxMLP(nnx.Rngs(0)))), mesh, 'two_axes')
+  with ocp.CheckpointManager(tmp_path / 'linen') as mngr:
+    nnx.update(model, mngr.restore(1, args=LinenCompatRestore(abstract, rules=MLP_RULES)))
+  save(tmp_path / 'nnx', 1, LinenCompatSave(model, rules=MLP_RULES))
+  assert saved_tree(tmp_path / 'nnx', 1) == saved_tree(tmp_path / 'linen', 1)
+  models.assert_all_equal(restore_plain(tmp_path / 'nnx', 1), restore_plain(tmp_path / 'linen', 1))
