@@ -76,7 +76,7 @@ class _NnxState:
 
   def __init__(self, state: Any):
     self.empties: list[Path] = []  # opt_state positions of empty optax states (Linen saves None there)
-    if not isinstance(state, nnx.State):
+    if not isinstance(state, nnx.State) and _holds_modules(state):
       self.empties = _empty_states(state)
       state = nnx.state(state)
     flat = target_lib.flatten(state, layout_name=layout.NNX)
@@ -88,6 +88,12 @@ class _NnxState:
       self.sources.append(plan_lib.SourceArray(t.path, name, t.shape, np.dtype(t.dtype), key_impl=t.key_impl))
       self.types[t.path] = t.variable_type
       self.values[name] = leaf.get_raw_value() if isinstance(leaf, nnx.Variable) else leaf
+
+
+def _holds_modules(obj: Any) -> bool:
+  """Whether `obj` is an NNX module or a pytree holding some (else: a state or a plain tree of arrays)."""
+  is_module = lambda x: isinstance(x, nnx.Module)
+  return any(is_module(x) for x in jax.tree.leaves(obj, is_leaf=is_module))
 
 
 def _empty_states(obj: Any) -> list[Path]:
@@ -151,8 +157,9 @@ def to_linen(
 ) -> Any:
   """An NNX train state's arrays as the pytree a Linen run of the same model saves.
 
-  `state` is an `nnx.State`, a module, or a dict of modules
-  (`{'model': model, 'optimizer': nnx.Optimizer(...)}`); a module or dict also
+  `state` is an `nnx.State`, a module, a dict of modules
+  (`{'model': model, 'optimizer': nnx.Optimizer(...)}`), or the tree of arrays
+  an NNX checkpoint restores to as saved (`.../value` leaves); a module or dict also
   tells which optax states are empty, which Linen saves as None entries
   (adam's `opt_state/1`); from an `nnx.State` the chain list ends at its last
   non-empty state, as MaxText writes it. The options are `LinenCompatSave`'s;
