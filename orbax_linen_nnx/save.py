@@ -80,14 +80,32 @@ class _NnxState:
       self.empties = _empty_states(state)
       state = nnx.state(state)
     flat = target_lib.flatten(state, layout_name=layout.NNX)
-    self.sources, self.types, self.values, self.impls = [], {}, {}, {}
+    self.sources, self.types, self.values = [], {}, {}
     for t, leaf in zip(flat._slots, flat._leaves):
       if t is None:
         continue
       name = layout.render(t.path)
       self.sources.append(plan_lib.SourceArray(t.path, name, t.shape, np.dtype(t.dtype), key_impl=t.key_impl))
-      self.types[t.path] = t.variable_type
+      self.types[t.path] = _kind_of(leaf)
       self.values[name] = leaf.get_raw_value() if isinstance(leaf, nnx.Variable) else leaf
+
+  def require_values(self) -> None:
+    """Raises unless every leaf holds an array (a save needs values, its plan only shapes)."""
+    abstract = [n for n, v in self.values.items() if not isinstance(v, (jax.Array, np.ndarray))]
+    if abstract:
+      raise ValueError(f'LinenCompatSave needs the state\'s arrays, but {len(abstract)} leaves hold none (abstract'
+                       f' descriptions): {", ".join(abstract[:8])}{" ..." if len(abstract) > 8 else ""}. Save the'
+                       ' state of a real model (nnx.state(model)); to_linen(..., dry_run=True) plans an abstract one.')
+
+
+def _kind_of(leaf: Any) -> str | None:
+  """The Variable type that decides where a leaf goes: subclasses count as their base (nnx.LoRAParam is a Param)."""
+  if not isinstance(leaf, nnx.Variable):
+    return None
+  for base in (nnx.Param, nnx.Cache, nnx.Intermediate):
+    if isinstance(leaf, base):
+      return base.__name__
+  return type(leaf).__name__
 
 
 def _holds_modules(obj: Any) -> bool:
@@ -146,6 +164,15 @@ def _as_lists(node: Any, under_opt_state: bool) -> Any:
   return out
 
 
+def plan_save(state: Any, *, rules: rules_lib.Rules = None, stacks: stacks_lib.StackAxes | None = None,
+              aux: str | None = layout.NNX_AUX) -> plan_lib.RestorePlan:
+  """The plan of saving `state` in the Linen layout; raises unless `state` holds arrays (see `to_linen`)."""
+  nnx_state = _NnxState(state)
+  plan = plan_lib.build_save(nnx_state.sources, nnx_state.types, rules=rules, stacks=stacks, aux=aux)
+  nnx_state.require_values()
+  return plan
+
+
 def to_linen(
     state: Any,
     *,
@@ -175,6 +202,7 @@ def to_linen(
     plan = plan_lib.build_save(nnx_state.sources, nnx_state.types, rules=rules, stacks=stacks, aux=aux)
   if dry_run:
     return plan
+  nnx_state.require_values()
   values = {}
   converted = [r for r in plan.reads if r.transform or isinstance(r.sources[0], rules_lib.Derived)]
   for r in plan.reads:

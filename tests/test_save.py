@@ -214,6 +214,22 @@ def test_plan_is_printed_and_problems_come_before_any_write(tmp_path):
   assert "stacks= names 'layers', which is no model path" in message
   assert not any(tmp_path.iterdir()), list(tmp_path.iterdir())
 
+  with pytest.raises(ValueError, match=r"needs the state's arrays, but 26 leaves hold none .*model/bn/bias"):
+    LinenCompatSave(nnx.state(nnx.eval_shape(lambda: maxtext.train_state(seed=0))))
+
+
+class LoRAStyleParam(nnx.Param):
+  """A Param subclass (as nnx.LoRAParam is): saved with the params, not under nnx_aux."""
+
+
+def test_variable_subclasses_go_where_their_base_goes():
+  model = models.NnxMLP(nnx.Rngs(0))
+  model.fc1.kernel = LoRAStyleParam(model.fc1.kernel.get_value())
+  model.cache = nnx.Cache(jnp.zeros(3))
+  plan = to_linen(model, dry_run=True)
+  assert '  params/fc1/kernel (16, 32) float32  <-  fc1/kernel\n' in str(plan), str(plan)
+  assert [s.name for s in plan.skipped] == ['cache'], plan  # caches are recomputed, never saved
+
 
 def test_a_model_alone_is_written_as_linen_variables(tmp_path, mesh):
   """No optimizer: the Linen `variables` dict ({'params': ...}), as `model.init` gives it and published
