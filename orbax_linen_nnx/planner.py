@@ -132,6 +132,7 @@ class RestorePlan:
     unused: source arrays nothing reads (only possible with `partial=True`).
     skipped: NNX-only source arrays (RNG state) that a Linen target has no place
       for; reported, never an error.
+    dropped: (source array, rule) for every source a `drop` rule left out.
   """
 
   source_layout: str
@@ -140,12 +141,14 @@ class RestorePlan:
   kept: tuple[Target, ...] = ()
   unused: tuple[SourceArray, ...] = ()
   skipped: tuple[SourceArray, ...] = ()
+  dropped: tuple[tuple[SourceArray, str], ...] = ()
 
   def __str__(self) -> str:
     lines = [
         f'{self.source_layout} -> {self.target_layout}: {len(self.reads)} arrays to'
         f' read, {len(self.kept)} kept as given, {len(self.unused)} unused sources,'
         f' {len(self.skipped)} NNX-only sources skipped'
+        + (f', {len(self.dropped)} dropped by rules' if self.dropped else '')
     ]
     lines += [f'  {r}' for r in self.reads]
     lines += [
@@ -155,6 +158,7 @@ class RestorePlan:
     ]
     lines += [f'  unused  {s.name} {_fmt(s.shape, s.dtype)}' for s in self.unused]
     lines += [f'  skipped {s.name} {_fmt(s.shape, s.dtype)} (NNX-only)' for s in self.skipped]
+    lines += [f'  dropped {s.name} {_fmt(s.shape, s.dtype)} (by {rule})' for s, rule in self.dropped]
     return '\n'.join(lines)
 
   def read_for(self, path: str | Path) -> LeafRead:
@@ -419,7 +423,7 @@ def build(
   model_only = all(l.meaning.section == ('model',) for l in tgt_leaves)
   unused_pairs = []
   for s in sources:
-    if s.path in used or s.path not in raw:
+    if s.path in used or s.path not in raw or s.path in tally.dropped:
       continue
     m = raw[s.path].meaning
     unused_pairs.append((m.param, s))
@@ -448,6 +452,7 @@ def build(
       kept=tuple(kept),
       unused=tuple(s for _, s in unused_pairs),
       skipped=tuple(skipped),
+      dropped=tuple((s, tally.dropped[s.path]) for s in sources if s.path in tally.dropped and s.path not in used),
   )
 
 

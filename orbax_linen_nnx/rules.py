@@ -3,8 +3,9 @@
 Rules are written once, from the Linen side to the NNX side, over paths inside
 the model ('Dense_0/kernel'); they apply to the params and to every optimizer
 subtree that mirrors them (Adam's mu and nu). Restoring NNX -> Linen applies
-their inverses in reverse order. `{name}` in a path matches any text (slashes
-included) and carries over to the other side:
+their inverses in reverse order. `{name}` in a path matches text within one
+path segment, `{name...}` one or more whole segments; both carry over to the
+other side:
 
     rules = [
         rename({'Dense_0': 'fc1', 'Dense_1': 'fc2'}),
@@ -12,7 +13,8 @@ included) and carries over to the other side:
         transpose('{blk}/gate_proj/kernel', (1, 0)),
         transpose('{blk}/up_proj/kernel', (1, 0)),
         reshape('{blk}/attn/q/kernel', (64, 8, 16), (64, 128)),
-        cast('{blk}/attn/q/kernel', 'float32'),
+        cast('{path...}', 'float32'),
+        drop('SigLiPFromPatches_0/{path...}'),      # a vision tower the text model has not
     ]
 
 Each rule becomes ops on the stored arrays (see ops.py); no rule
@@ -78,14 +80,26 @@ def _derive(op, args: Sequence[Any], path: Path) -> Derived:
 
 
 class _Pattern:
-  """'{blk}/gating_einsum': `{name}` matches any text and formats back out."""
+  """'{blk}/gating_einsum': placeholders match path text and format back out.
+
+  `{name}` matches text within one path segment ('blocks_{i}' matches
+  'blocks_3'); `{name...}` matches one or more whole segments, slashes
+  included ('{path...}/kernel' matches 'blocks_3/mlp/kernel').
+  """
 
   def __init__(self, text: str):
     self.text = text.strip('/')
-    parts = re.split(r'\{(\w+)\}', self.text)
-    self.names = parts[1::2]
-    rx = ''.join(re.escape(p) if i % 2 == 0 else f'(?P<{p}>.+?)' for i, p in enumerate(parts))
+    parts = re.split(r'\{(\w+)(\.\.\.)?\}', self.text)
+    literals, names, many = parts[0::3], parts[1::3], parts[2::3]
+    self.names = names
+    rx = re.escape(literals[0])
+    for name, dots, literal in zip(names, many, literals[1:]):
+      rx += f'(?P<{name}>.+?)' if dots else f'(?P<{name}>[^/]+?)'
+      rx += re.escape(literal)
     self._rx = re.compile(rx)
+    # How specific the pattern is: its literal text before the first
+    # placeholder, then the fewer placeholders, then all its literal text.
+    self.specificity = (len(literals[0]), -len(names), sum(map(len, literals)))
 
   def match(self, path: str) -> dict[str, str] | None:
     m = self._rx.fullmatch(path)
@@ -95,7 +109,7 @@ class _Pattern:
     missing = set(self.names) - set(bindings)
     if missing:
       raise RuleError(f"'{self.text}' uses {sorted(missing)}, which the other side does not bind")
-    return re.sub(r'\{(\w+)\}', lambda m: bindings[m.group(1)], self.text)
+    return re.sub(r'\{(\w+)(?:\.\.\.)?\}', lambda m: bindings[m.group(1)], self.text)
 
 
 def _split_path(text: str) -> Path:
@@ -108,6 +122,7 @@ class Tally:
   def __init__(self):
     self.matches: dict[str, int] = collections.Counter()
     self.problems: list[str] = []
+    self.dropped: dict[Path, str] = {}  # stored source path -> the drop rule that left it out
 
 
 # ---------------------------------------------------------------- rules
@@ -159,19 +174,30 @@ class _Rename(Rule):
     if self.fn is not None:
       new = self.fn(path)
       return (None if new in (None, path) else new), repr(self)
-    for k in range(len(segs), 0, -1):  # longest prefix of whole segments wins
-      head, rest = '/'.join(segs[:k]), segs[k:]
-      if self.regex is not None:
+    if self.regex is not None:
+      for k in range(len(segs), 0, -1):  # longest prefix of whole segments wins
+        head, rest = '/'.join(segs[:k]), segs[k:]
         m = self.regex.fullmatch(head)
         if m:
           new = self.repl(m) if callable(self.repl) else m.expand(self.repl)
           return '/'.join((new,) + rest), repr(self)
-        continue
-      for pat, to in sorted(self.mapping.items(), key=lambda kv: -len(kv[0].text)):
-        b = pat.match(head)
+      return None, ''
+    # The most specific entry that matches leading whole segments wins: the
+    # longest literal text before its first placeholder, then the fewest
+    # placeholders, then the most literal text; then the longest match.
+    best = None
+    for pat, to in self.mapping.items():
+      for k in range(len(segs), 0, -1):
+        b = pat.match('/'.join(segs[:k]))
         if b is not None:
-          return '/'.join((to.format(b),) + rest), pat.text
-    return None, ''
+          key = pat.specificity + (k,)
+          if best is None or key > best[0]:
+            best = (key, pat, to, b, segs[k:])
+          break
+    if best is None:
+      return None, ''
+    _, pat, to, b, rest = best
+    return '/'.join((to.format(b),) + rest), pat.text
 
   def apply(self, leaves, made_by, tally):
     out: dict[str, Any] = {}
@@ -224,6 +250,63 @@ def rename(old, new=None, *, inverse: Rule | None = None) -> Rule:
   if callable(old):
     return _Rename(None, fn=old, inverse=inverse)
   return _Rename({old: new}, inverse=inverse)
+
+
+class _Drop(Rule):
+  def __init__(self, source: str):
+    self.source = _Pattern(source)
+
+  def __repr__(self):
+    return f'drop({self.source.text!r})'
+
+  def apply(self, leaves, made_by, tally):
+    out = {}
+    for path, expr in leaves.items():
+      segs = _split_path(path)
+      if any(self.source.match('/'.join(segs[:k])) is not None for k in range(len(segs), 0, -1)):
+        tally.matches[repr(self)] += 1
+        for x in stored_leaves(expr):
+          tally.dropped[x.path] = repr(self)
+        made_by.pop(path, None)
+      else:
+        out[path] = expr
+    return out
+
+  def inverse(self):
+    return _Nothing(repr(self))
+
+
+class _Nothing(Rule):
+  """The way back of `drop`: the other side has nothing to write there."""
+
+  def __init__(self, of: str):
+    self.of = of
+
+  def __repr__(self):
+    return f'(nothing: the way back of {self.of})'
+
+  def names(self):
+    return []
+
+  def apply(self, leaves, made_by, tally):
+    return leaves
+
+  def inverse(self):
+    return self
+
+
+def drop(pattern: str) -> Rule:
+  """Sources the target model does not have: left out, and listed in the plan as dropped.
+
+  Matches leading whole path segments like `rename`: `drop('SigLiPFromPatches_0')`
+  leaves out a vision tower a text-only model has no place for (params and
+  optimizer moments alike). Targets without a source stay errors. The other
+  way (NNX -> Linen) there is nothing to write for it.
+
+  >>> drop('SigLiPFromPatches_0')
+  drop('SigLiPFromPatches_0')
+  """
+  return _Drop(pattern)
 
 
 class _OneToMany(Rule):

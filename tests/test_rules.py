@@ -14,7 +14,7 @@ from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
-from orbax_linen_nnx import (LinenCompatRestore, PlanError, cast, merge, plan, rename, reshape, split,
+from orbax_linen_nnx import (LinenCompatRestore, PlanError, cast, drop, merge, plan, rename, reshape, split,
                              transpose)
 from test_reads import ChunkLoads, chunks_under
 
@@ -54,7 +54,7 @@ GEMMA_RULES = [
     transpose('gate_proj/kernel', (1, 0)),  # not down_proj: Linen's `linear` is already (F, D)
     transpose('up_proj/kernel', (1, 0)),
     reshape('q/kernel', (D, H, K), (D, H * K)),
-    cast('{any}', 'float32'),
+    cast('{any...}', 'float32'),
 ]
 
 
@@ -230,8 +230,9 @@ def test_rules_combined_with_layer_stacking(tmp_path, mesh):
   sharding = NamedSharding(mesh, P('data', None, 'model'))
   target = {'layers': {'mlp': {name: {'kernel': jax.ShapeDtypeStruct((n, D, F), np.float32, sharding=sharding)}
                                for name in ('gate_proj', 'up_proj')}}}
-  rules = [split('{b}/gating_einsum', ['{b}/gate_proj/kernel', '{b}/up_proj/kernel'], axis=0),
-           transpose('{b}/{p}_proj/kernel', (1, 0))]
+  # `{b...}` spans 'layers_0/mlp'; `{p}` is one segment's text.
+  rules = [split('{b...}/gating_einsum', ['{b...}/gate_proj/kernel', '{b...}/up_proj/kernel'], axis=0),
+           transpose('{b...}/{p}_proj/kernel', (1, 0))]
   p = plan(tmp_path / '1', target, rules=rules)
   assert str(p.read_for('layers/mlp/up_proj/kernel').transform[0]) == 'stack axis 0'
   restored = ocp.CheckpointManager(tmp_path).restore(1, args=LinenCompatRestore(target, rules=rules))
@@ -296,3 +297,78 @@ def test_reshape_reads_only_the_rows_a_shard_covers(tmp_path, mesh):
     regions.append((slice(*r), slice(c[0] // K, (c[1] - 1) // K + 1), slice(None)))
   expected = chunks_under(regions, w.shape, chunk)
   assert reads == expected, (reads, expected)
+
+
+class LinenWithVision(nn.Module):
+  """A multimodal Linen model: the MLP, plus a vision tower a text-only port has no place for."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(models.D_HID)(x))  # Dense_0
+    x = nn.Dense(models.D_OUT)(x)           # Dense_1
+    v = nn.Dense(4, name='SigLiPFromPatches_0')(x)
+    return x + nn.Dense(models.D_OUT, name='vision_proj')(v)
+
+
+def test_drop_leaves_out_sources_and_keeps_targets_strict(tmp_path, mesh):
+  model = LinenWithVision()
+  variables = model.init(jax.random.key(0), jnp.ones((1, models.D_IN)))
+  linen = train_state.TrainState.create(apply_fn=model.apply, params=variables, tx=optax.adam(1e-2))
+  save(tmp_path, linen)
+  abstract = models.shard_abstract(
+      nnx.state(nnx.eval_shape(lambda: models.nnx_train_state(models.NnxMLP, optax.adam(1e-2)))), mesh, 'two_axes')
+  rules = [rename(models.MLP_RULES), drop('SigLiPFromPatches_0'), drop('vision_proj')]
+  p = plan(tmp_path / '1', abstract, rules=rules)
+  dropped = sorted(s.name for s, _ in p.dropped)
+  assert len(dropped) == 12 and all('SigLiPFromPatches_0' in n or 'vision_proj' in n for n in dropped), dropped
+  assert "  dropped params.params.SigLiPFromPatches_0.kernel (8, 4) float32 (by drop('SigLiPFromPatches_0'))" in str(p), str(p)
+  assert p.unused == () and str(p).splitlines()[0].endswith(', 12 dropped by rules')
+  restored = ocp.CheckpointManager(tmp_path).restore(1, args=LinenCompatRestore(abstract, rules=rules))
+  models.assert_same(restored, models.flat(linen), {'model/fc1/kernel': 'params/params/Dense_0/kernel',
+                                                    'optimizer/opt_state/0/mu/fc2/bias': 'opt_state/0/mu/params/Dense_1/bias'})
+  models.assert_sharded_as(restored, abstract)
+
+  # Strict stays strict: a target with no source is an error, dropped sources or not.
+  bigger = nnx.state(nnx.eval_shape(lambda: models.nnx_train_state(models.NnxMLPWithDropout, optax.adam(1e-2))))
+  bigger['model']['extra'] = nnx.Param(jax.ShapeDtypeStruct((3,), np.float32))
+  with pytest.raises(PlanError, match=r"target 'model/extra' \(3,\) float32 has no source"):
+    plan(tmp_path / '1', bigger, rules=rules)
+  # A drop that matches nothing is a typo, said as for any rule.
+  with pytest.raises(PlanError, match=r"rule 'drop\('SigLip'\)' matched no source leaf"):
+    plan(tmp_path / '1', abstract, rules=rules + [drop('SigLip')])
+
+
+def test_placeholders_one_segment_or_many_and_the_most_specific_entry_wins():
+  from orbax_linen_nnx.planner import build
+  from orbax_linen_nnx import SourceArray, Target
+
+  def src(path, shape=(4,)):
+    return SourceArray(tuple(path.split('/')), path.replace('/', '.'), shape, np.dtype('float32'))
+
+  def tgt(path, shape=(4,)):
+    return Target(tuple(path.split('/')), shape, np.dtype('float32'), None)
+
+  # `{n}` is one segment: 'query/kernel' is not one name, so the kernel keeps its own level.
+  sources = [src('blk/MultiHeadDotProductAttention_0/query/kernel'), src('blk/MultiHeadDotProductAttention_0/key/bias')]
+  targets = [tgt('blk/attn/query_proj/kernel'), tgt('blk/attn/key_proj/bias')]
+  p = build(sources, targets, source_layout='linen', target_layout='nnx',
+            rules=[rename('{b}/MultiHeadDotProductAttention_0/{n}', '{b}/attn/{n}_proj')])
+  assert p.read_for('blk/attn/query_proj/kernel').sources[0].name == 'blk.MultiHeadDotProductAttention_0.query.kernel'
+
+  # `{path...}` spans segments; the entry with the longer literal head wins over it.
+  p = build([src('Dense_0/kernel'), src('enc/blocks/w/kernel')], [tgt('fc1/kernel'), tgt('enc/blocks/w/weight')],
+            source_layout='linen', target_layout='nnx',
+            rules=[rename({'Dense_0': 'fc1', '{path...}/kernel': '{path...}/weight'})])
+  assert p.read_for('enc/blocks/w/weight').sources[0].name == 'enc.blocks.w.kernel'
+  assert p.read_for('fc1/kernel').sources[0].name == 'Dense_0.kernel'
+
+  # Two placeholder entries, one longer: the longer one takes its paths, the other the rest; and back.
+  rules = [rename({'blocks_{i}': 'layers/{i}', 'blocks_{i}/mlp': 'layers/{i}/ffn'})]
+  sources = [src('blocks_0/mlp/kernel'), src('blocks_0/attn/kernel'), src('blocks_1/mlp/kernel')]
+  targets = [tgt('layers/0/ffn/kernel'), tgt('layers/0/attn/kernel'), tgt('layers/1/ffn/kernel')]
+  p = build(sources, targets, source_layout='linen', target_layout='nnx', rules=rules)
+  assert [r.sources[0].name for r in p.reads] == ['blocks_0.mlp.kernel', 'blocks_0.attn.kernel', 'blocks_1.mlp.kernel']
+  back = build([src(t.replace('/', '/')) for t in ('layers/0/ffn/kernel', 'layers/0/attn/kernel')],
+               [tgt('blocks_0/mlp/kernel'), tgt('blocks_0/attn/kernel')], source_layout='nnx', target_layout='linen',
+               rules=rules)
+  assert [r.sources[0].name for r in back.reads] == ['layers.0.ffn.kernel', 'layers.0.attn.kernel']
