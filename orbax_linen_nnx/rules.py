@@ -79,22 +79,30 @@ def _derive(op, args: Sequence[Any], path: Path) -> Derived:
 # ---------------------------------------------------------------- paths
 
 
+_PLACEHOLDER = re.compile(r'\{(\w+)(\.\.\.)?([+-]\d+)?\}')
+
+
 class _Pattern:
   """'{blk}/gating_einsum': placeholders match path text and format back out.
 
   `{name}` matches text within one path segment ('blocks_{i}' matches
   'blocks_3'); `{name...}` matches one or more whole segments, slashes
-  included ('{path...}/kernel' matches 'blocks_3/mlp/kernel').
+  included ('{path...}/kernel' matches 'blocks_3/mlp/kernel'). `{i+1}` (or
+  `{i-2}`) is the number `{i}` bound plus 1: matching 'ln{j+1}' against 'ln2'
+  binds j = 1, formatting it with j = 1 gives 'ln2', so such renames invert.
+  Names in `numeric` match digits only.
   """
 
-  def __init__(self, text: str):
+  def __init__(self, text: str, numeric: Iterable[str] = ()):
     self.text = text.strip('/')
-    parts = re.split(r'\{(\w+)(\.\.\.)?\}', self.text)
-    literals, names, many = parts[0::3], parts[1::3], parts[2::3]
+    parts = _PLACEHOLDER.split(self.text)
+    literals, names, many, offsets = parts[0::4], parts[1::4], parts[2::4], parts[3::4]
     self.names = names
+    self.offsets = {n: int(o) for n, o in zip(names, offsets) if o}
+    numeric = set(numeric) | set(self.offsets)
     rx = re.escape(literals[0])
     for name, dots, literal in zip(names, many, literals[1:]):
-      rx += f'(?P<{name}>.+?)' if dots else f'(?P<{name}>[^/]+?)'
+      rx += f'(?P<{name}>\\d+)' if name in numeric else f'(?P<{name}>.+?)' if dots else f'(?P<{name}>[^/]+?)'
       rx += re.escape(literal)
     self._rx = re.compile(rx)
     # How specific the pattern is: its literal text before the first
@@ -103,13 +111,22 @@ class _Pattern:
 
   def match(self, path: str) -> dict[str, str] | None:
     m = self._rx.fullmatch(path)
-    return m.groupdict() if m else None
+    if not m:
+      return None
+    bound = m.groupdict()
+    for name, offset in self.offsets.items():
+      value = int(bound[name]) - offset
+      if value < 0:
+        return None
+      bound[name] = str(value)
+    return bound
 
   def format(self, bindings: Mapping[str, str]) -> str:
     missing = set(self.names) - set(bindings)
     if missing:
       raise RuleError(f"'{self.text}' uses {sorted(missing)}, which the other side does not bind")
-    return re.sub(r'\{(\w+)(?:\.\.\.)?\}', lambda m: bindings[m.group(1)], self.text)
+    return _PLACEHOLDER.sub(lambda m: str(int(bindings[m.group(1)]) + int(m.group(3))) if m.group(3)
+                            else bindings[m.group(1)], self.text)
 
 
 def _split_path(text: str) -> Path:
@@ -154,7 +171,11 @@ def _put(out: dict, made_by: dict, path: str, expr, rule: str, tally: Tally):
 
 class _Rename(Rule):
   def __init__(self, mapping: Mapping[str, str] | None, fn=None, regex=None, repl=None, inverse=None):
-    self.mapping = {_Pattern(k): _Pattern(v) for k, v in (mapping or {}).items()}
+    self.mapping = {}
+    for k, v in (mapping or {}).items():
+      # A name used with arithmetic on either side is a number on both.
+      numeric = set(_Pattern(k).offsets) | set(_Pattern(v).offsets)
+      self.mapping[_Pattern(k, numeric)] = _Pattern(v, numeric)
     self.fn, self.regex, self.repl, self._inverse = fn, regex, repl, inverse
 
   def __repr__(self):
@@ -233,7 +254,8 @@ def rename(old, new=None, *, inverse: Rule | None = None) -> Rule:
 
   - `rename({'Dense_0': 'fc1', 'Dense_1': 'fc2'})` or `rename('Dense_0', 'fc1')`:
     whole leading path segments; `{name}` placeholders carry text across
-    (`rename('blocks_{i}/attn', 'layers/{i}/attention')`). Inverted automatically.
+    (`rename('blocks_{i}/attn', 'layers/{i}/attention')`), `{name+1}` a number
+    shifted (`rename('LayerNorm_{j}', 'ln{j+1}')`). Inverted automatically.
   - `rename(re.compile(r'Dense_(\\d+)'), r'fc\\1')`: a regex over leading
     segments, with backreferences or a `fn(match) -> str` replacement
     (`lambda m: f'fc{int(m[1]) + 1}'`). One-way unless `inverse=` is given.

@@ -14,7 +14,7 @@ from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
-from orbax_linen_nnx import (LinenCompatRestore, PlanError, cast, drop, merge, plan, rename, reshape, split,
+from orbax_linen_nnx import (LinenCompatRestore, LinenCompatSave, PlanError, cast, drop, merge, plan, rename, reshape, split,
                              transpose)
 from test_reads import ChunkLoads, chunks_under
 
@@ -372,3 +372,43 @@ def test_placeholders_one_segment_or_many_and_the_most_specific_entry_wins():
                [tgt('blocks_0/mlp/kernel'), tgt('blocks_0/attn/kernel')], source_layout='nnx', target_layout='linen',
                rules=rules)
   assert [r.sources[0].name for r in back.reads] == ['layers.0.ffn.kernel', 'layers.0.attn.kernel']
+
+
+class LinenNormed(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.LayerNorm()(nn.relu(nn.Dense(models.D_HID)(x)))  # Dense_0, LayerNorm_0
+    return nn.LayerNorm()(nn.Dense(models.D_OUT)(x))        # Dense_1, LayerNorm_1
+
+
+class NnxNormed(nnx.Module):
+  """Counts from 1 where Linen counts from 0."""
+
+  def __init__(self, rngs):
+    self.layers_1 = nnx.Linear(models.D_IN, models.D_HID, rngs=rngs)
+    self.ln1 = nnx.LayerNorm(models.D_HID, rngs=rngs)
+    self.layers_2 = nnx.Linear(models.D_HID, models.D_OUT, rngs=rngs)
+    self.ln2 = nnx.LayerNorm(models.D_OUT, rngs=rngs)
+
+
+def test_index_arithmetic_is_written_once_and_inverts(tmp_path, mesh):
+  model = LinenNormed()
+  linen = train_state.TrainState.create(apply_fn=model.apply, params=model.init(jax.random.key(0), jnp.ones((1, models.D_IN))),
+                                        tx=optax.adam(1e-2))
+  save(tmp_path / 'linen', linen)
+  rules = {'Dense_{i}': 'layers_{i+1}', 'LayerNorm_{j}': 'ln{j+1}'}
+  make = lambda: models.nnx_train_state(NnxNormed, optax.adam(1e-2))
+  abstract = models.shard_abstract(nnx.state(nnx.eval_shape(make)), mesh, 'two_axes')
+  restored = ocp.CheckpointManager(tmp_path / 'linen').restore(1, args=LinenCompatRestore(abstract, rules=rules))
+  models.assert_same(restored, models.flat(linen), {
+      'model/layers_1/kernel': 'params/params/Dense_0/kernel', 'model/ln2/scale': 'params/params/LayerNorm_1/scale',
+      'optimizer/opt_state/0/nu/layers_2/bias': 'opt_state/0/nu/params/Dense_1/bias'})
+  # The same rules, inverted: the NNX state saved back is the Linen checkpoint.
+  state = make()
+  nnx.update(state, restored)
+  with ocp.CheckpointManager(tmp_path / 'back') as mngr:
+    mngr.save(1, args=LinenCompatSave(state, rules=rules))
+  with ocp.CheckpointManager(tmp_path / 'back') as mngr:
+    back = mngr.restore(1, args=LinenCompatRestore())
+  assert int(back.pop('step')) == linen.step  # never stepped: a Python int there, int32 here
+  models.assert_all_equal(back, {'params': linen.params, 'opt_state': linen.opt_state})
