@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import difflib
 import itertools
 import math
 import re
@@ -133,6 +134,7 @@ class RestorePlan:
     skipped: NNX-only source arrays (RNG state) that a Linen target has no place
       for; reported, never an error.
     dropped: (source array, rule) for every source a `drop` rule left out.
+    rules_matched: (rule, model paths it matched) for every rule that matched.
   """
 
   source_layout: str
@@ -142,6 +144,7 @@ class RestorePlan:
   unused: tuple[SourceArray, ...] = ()
   skipped: tuple[SourceArray, ...] = ()
   dropped: tuple[tuple[SourceArray, str], ...] = ()
+  rules_matched: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
   def __str__(self) -> str:
     lines = [
@@ -159,6 +162,9 @@ class RestorePlan:
     lines += [f'  unused  {s.name} {_fmt(s.shape, s.dtype)}' for s in self.unused]
     lines += [f'  skipped {s.name} {_fmt(s.shape, s.dtype)} (NNX-only)' for s in self.skipped]
     lines += [f'  dropped {s.name} {_fmt(s.shape, s.dtype)} (by {rule})' for s, rule in self.dropped]
+    for rule, paths in self.rules_matched:
+      shown = ', '.join(paths[:3]) + (f', ... ({len(paths)} in all)' if len(paths) > 3 else '')
+      lines.append(f'  rule    {rule} matched {shown}')
     return '\n'.join(lines)
 
   def read_for(self, path: str | Path) -> LeafRead:
@@ -238,6 +244,22 @@ def _why_not(source: layout.Meaning, target: layout.Meaning | None) -> str:
             f" '{'/'.join(target.param)}': no optimizer subtree above it holds only paths of model"
             ' variables')
   return f"; it reads like '{target}', but as '{'/'.join(source.section)}' + '{'/'.join(source.param)}'"
+
+
+def _near_misses(m: layout.Meaning, by_meaning, history) -> str:
+  """The sources, as named after the rules, closest to what a missing target looked for, and who named them.
+
+  A wrong rule shows at once: `{n}_proj` written where `{n}` took two segments
+  makes 'attn/query/kernel_proj', which stands right next to the
+  'attn/query_proj/kernel' looked for.
+  """
+  same = {str(k): found[0][0] for k, found in by_meaning.items() if k.section == m.section}
+  close = difflib.get_close_matches(str(m), list(same), n=3, cutoff=0.75)
+  if not close:
+    return ''
+  named = [f"'{c}' ({'made by ' + ' then '.join(history[id(same[c])]) if history.get(id(same[c])) else 'as stored'})"
+           for c in close]
+  return f"; closest sources after the rules: {', '.join(named)}"
 
 
 def _key_problem(t: Target, s: Any) -> str | None:
@@ -388,7 +410,7 @@ def build(
     else:
       missing.append((leaf.meaning.param, t))
       looked_for[str(leaf.meaning)] = leaf.meaning
-      problems.append(f"{t} has no source (looked for '{leaf.meaning}')")
+      problems.append(f"{t} has no source (looked for '{leaf.meaning}')" + _near_misses(m, by_meaning, history))
 
   # target path -> (sources, layer transform)
   if stacks is not None and not (isinstance(stacks, dict) and all(isinstance(v, dict) for v in stacks.values())):
@@ -453,6 +475,7 @@ def build(
       unused=tuple(s for _, s in unused_pairs),
       skipped=tuple(skipped),
       dropped=tuple((s, tally.dropped[s.path]) for s in sources if s.path in tally.dropped and s.path not in used),
+      rules_matched=tuple((rule, tuple(sorted(paths))) for rule, paths in tally.matched.items()),
   )
 
 

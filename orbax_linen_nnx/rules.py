@@ -140,6 +140,11 @@ class Tally:
     self.matches: dict[str, int] = collections.Counter()
     self.problems: list[str] = []
     self.dropped: dict[Path, str] = {}  # stored source path -> the drop rule that left it out
+    self.matched: dict[str, dict[str, None]] = collections.defaultdict(dict)  # rule -> paths it matched, in order
+
+  def match(self, rule: str, path: str) -> None:
+    self.matches[rule] += 1
+    self.matched[rule][path] = None  # the params and each moment match alike: listed once
 
 
 # ---------------------------------------------------------------- rules
@@ -227,7 +232,7 @@ class _Rename(Rule):
       new, name = self._new(path)
       if new is None:
         continue
-      tally.matches[name] += 1
+      tally.match(name, path)
       moved[path] = (new.strip('/'), name)
     for path, expr in leaves.items():
       if path not in moved:
@@ -286,7 +291,7 @@ class _Drop(Rule):
     for path, expr in leaves.items():
       segs = _split_path(path)
       if any(self.source.match('/'.join(segs[:k])) is not None for k in range(len(segs), 0, -1)):
-        tally.matches[repr(self)] += 1
+        tally.match(repr(self), path)
         for x in stored_leaves(expr):
           tally.dropped[x.path] = repr(self)
         made_by.pop(path, None)
@@ -349,7 +354,7 @@ class _OneToMany(Rule):
       if made is None:
         _put(out, made_by, path, expr, repr(self), tally)
         continue
-      tally.matches[repr(self)] += 1
+      tally.match(repr(self), path)
       history = made_by.pop(path, ())
       for new, derived in made:
         _put(out, made_by, new, derived, repr(self), tally)
@@ -445,7 +450,7 @@ class _Merge(Rule):
       for n in names:
         del out[n]
         history += made_by.pop(n, ())
-      tally.matches[repr(self)] += 1
+      tally.match(repr(self), ', '.join(names))
       _put(out, made_by, new, _derive(op, parts, _split_path(new)), repr(self), tally)
       made_by[new] = history + (repr(self),)
     return out
@@ -579,7 +584,7 @@ class _OneWay(Rule):
       new = self.fn(_split_path(path))
       new = '/'.join(_split_path(new) if isinstance(new, str) else tuple(str(p) for p in new))
       if new != path:
-        tally.matches[repr(self)] += 1
+        tally.match(repr(self), path)
         made_by[new] = made_by.pop(path, ()) + (repr(self),)
       _put(out, made_by, new, expr, repr(self), tally)
     return out

@@ -412,3 +412,23 @@ def test_index_arithmetic_is_written_once_and_inverts(tmp_path, mesh):
     back = mngr.restore(1, args=LinenCompatRestore())
   assert int(back.pop('step')) == linen.step  # never stepped: a Python int there, int32 here
   models.assert_all_equal(back, {'params': linen.params, 'opt_state': linen.opt_state})
+
+
+def test_a_wrong_rule_shows_next_to_the_target_it_missed(tmp_path):
+  """The issue's trap, made visible: `{n}` written for a name that spans two segments."""
+  tree = {'params': {'blk': {'MultiHeadDotProductAttention_0': {
+      'query': {'kernel': np.ones((4, 4), np.float32)}, 'key': {'kernel': np.ones((4, 4), np.float32)}}}}}
+  save(tmp_path, tree)
+  target = {'blk': {'attn': {'query_proj': {'kernel': jax.ShapeDtypeStruct((4, 4), np.float32)},
+                             'key_proj': {'kernel': jax.ShapeDtypeStruct((4, 4), np.float32)}}}}
+  wrong = [rename('{b}/MultiHeadDotProductAttention_0/{n...}', '{b}/attn/{n...}_proj')]
+  with pytest.raises(PlanError) as e:
+    plan(tmp_path / '1', target, rules=wrong)
+  assert ("target 'blk/attn/query_proj/kernel' (4, 4) float32 has no source (looked for"
+          " 'model/blk/attn/query_proj/kernel'); closest sources after the rules:"
+          " 'model/blk/attn/query/kernel_proj' (made by rename {b}/MultiHeadDotProductAttention_0/{n...})") in str(e.value)
+  # Written right, the plan lists what each rule matched.
+  right = [rename('{b}/MultiHeadDotProductAttention_0/{n}', '{b}/attn/{n}_proj')]
+  p = plan(tmp_path / '1', target, rules=right)
+  assert ('  rule    {b}/MultiHeadDotProductAttention_0/{n} matched blk/MultiHeadDotProductAttention_0/key/kernel,'
+          ' blk/MultiHeadDotProductAttention_0/query/kernel') in str(p), str(p)
