@@ -9,7 +9,7 @@
 
 from orbax_linen_nnx.args import LinenCompatRestore, LinenCompatSave
 from orbax_linen_nnx.handler import LinenCompatHandler, plan, restore
-from orbax_linen_nnx.rules import Rule, RuleError, cast, drop, merge, rename, reshape, split, transpose
+from orbax_linen_nnx.rules import Rule, RuleError, cast, drop, merge, rearrange, rename, reshape, split, transpose
 from orbax_linen_nnx.outcome import RestoreFailedElsewhere
 from orbax_linen_nnx.read import DEFAULT_READ_BUDGET_BYTES
 from orbax_linen_nnx.planner import LeafRead, PlanError, RestorePlan, SourceArray, Target
@@ -25,6 +25,7 @@ __all__ = [
     'cast',
     'drop',
     'merge',
+    'rearrange',
     'rename',
     'reshape',
     'split',

@@ -457,7 +457,7 @@ def build(
     suggestion = _suggest_renames(missing, unused_pairs, linen_to_nnx)
     if suggestion:
       fixes.append(f'rename modules with rules={suggestion!r}')
-    if missing or unused_pairs:
+    if (missing or unused_pairs) and not action:  # a save has no partial: it writes the whole state
       fixes.append('pass partial=True to restore only the leaves that match')
     head = (action or (
         f'LinenCompatRestore cannot restore from {where} ({source_layout} layout)'

@@ -26,6 +26,7 @@ from __future__ import annotations
 import abc
 import collections
 import dataclasses
+import math
 import re
 from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
@@ -540,6 +541,91 @@ def reshape(path: str, from_shape: Sequence[int], to_shape: Sequence[int]) -> Ru
   source rows that cover it, and is reshaped on the host.
   """
   return _Reshape(path, from_shape, to_shape)
+
+
+def _axes(side: str) -> list[list[str]]:
+  """'d (h k)' -> [['d'], ['h', 'k']]."""
+  groups = []
+  for grouped, name in re.findall(r'\(([^)]*)\)|(\w+)', side):
+    groups.append(grouped.split() if grouped or not name else [name])
+  return groups
+
+
+class _Rearrange(_OneToMany):
+  def __init__(self, source, pattern, sizes):
+    super().__init__(source)
+    self.pattern, self.sizes = pattern, dict(sizes)
+    left, arrow, right = pattern.partition('->')
+    self.left, self.right = _axes(left), _axes(right)
+    names = [n for g in self.left for n in g]
+    if not arrow or sorted(names) != sorted(n for g in self.right for n in g) or len(set(names)) != len(names):
+      raise RuleError(f"rearrange pattern {pattern!r} must name each axis once on each side of '->'"
+                      " ('d (h k) -> d h k')")
+
+  def __repr__(self):
+    sizes = ''.join(f', {k}={v}' for k, v in self.sizes.items())
+    return f'rearrange({self.source.text!r}, {self.pattern!r}{sizes})'
+
+  def _sizes(self, path, shape, tally) -> dict[str, int] | None:
+    if len(shape) != len(self.left):
+      tally.problems.append(f"{self!r}: '{path}' {shape} has {len(shape)} axes, the pattern's left side"
+                            f" {len(self.left)}")
+      return None
+    sizes = dict(self.sizes)
+    for group, n in zip(self.left, shape):
+      unknown = [a for a in group if a not in sizes]
+      known = math.prod(sizes[a] for a in group if a in sizes)
+      if len(unknown) > 1:
+        tally.problems.append(f"{self!r}: '{path}' {shape} leaves {' and '.join(unknown)} in ({' '.join(group)}) = {n}"
+                              f" open; give all but one of them as sizes ({unknown[0]}=...)")
+        return None
+      if (unknown and n % known) or (not unknown and known != n):
+        tally.problems.append(f"{self!r}: '{path}' {shape}: ({' '.join(group)}) cannot be {n} with sizes {self.sizes}")
+        return None
+      if unknown:
+        sizes[unknown[0]] = n // known
+    return sizes
+
+  def outputs(self, path, b, expr, tally):
+    shape = tuple(expr.shape)
+    sizes = self._sizes(path, shape, tally)
+    if sizes is None:
+      return []
+    order = [a for g in self.left for a in g]
+    flat = tuple(sizes[a] for a in order)
+    wanted = [a for g in self.right for a in g]
+    steps = []
+    if flat != shape:
+      steps.append(ops.Reshape(shape, flat))
+    perm = tuple(order.index(a) for a in wanted)
+    if perm != tuple(range(len(perm))):
+      steps.append(ops.Transpose(perm))
+    out = tuple(math.prod(sizes[a] for a in g) for g in self.right)
+    if tuple(sizes[a] for a in wanted) != out:
+      steps.append(ops.Reshape(tuple(sizes[a] for a in wanted), out))
+    for op in steps:
+      expr = _derive(op, [expr], _split_path(path))
+    return [(path, expr)]
+
+  def inverse(self):
+    left, _, right = self.pattern.partition('->')
+    return _Rearrange(self.source.text, f'{right.strip()} -> {left.strip()}', self.sizes)
+
+
+def rearrange(path: str, pattern: str, **sizes: int) -> Rule:
+  """Reshape and transpose written as an axis pattern, einops-style: one rule for leaves of any size.
+
+  `rearrange('{b}/q_einsum/kernel', 'd h k -> d (h k)', k=256)`: the names on
+  the left bind to the leaf's axes (a parenthesised group is one axis, their
+  product); the right side says the order and grouping wanted. Sizes come from
+  the leaf; where a group leaves more than one open, or on the way back, give
+  them (`k=256` serves heads of any count). Inverted by swapping the sides. A
+  leaf the pattern cannot fit is reported with its shape.
+
+  >>> rearrange('{b}/o/kernel', 'h k d -> (h k) d')
+  rearrange('{b}/o/kernel', 'h k d -> (h k) d')
+  """
+  return _Rearrange(path, pattern, sizes)
 
 
 class _Cast(_PerLeaf):

@@ -14,8 +14,8 @@ from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
-from orbax_linen_nnx import (LinenCompatRestore, LinenCompatSave, PlanError, cast, drop, merge, plan, rename, reshape, split,
-                             transpose)
+from orbax_linen_nnx import (LinenCompatRestore, LinenCompatSave, PlanError, cast, drop, merge, plan, rearrange,
+                             rename, reshape, split, to_linen, transpose)
 from test_reads import ChunkLoads, chunks_under
 
 D, H, K, F = 8, 2, 4, 16
@@ -432,3 +432,36 @@ def test_a_wrong_rule_shows_next_to_the_target_it_missed(tmp_path):
   p = plan(tmp_path / '1', target, rules=right)
   assert ('  rule    {b}/MultiHeadDotProductAttention_0/{n} matched blk/MultiHeadDotProductAttention_0/key/kernel,'
           ' blk/MultiHeadDotProductAttention_0/query/kernel') in str(p), str(p)
+
+
+def test_rearrange_patterns_serve_leaves_of_any_size_both_ways(tmp_path):
+  """Grouped-query attention: q has 4 heads, k 2; one pattern (with the head size) serves both, and back."""
+  D, K, Hq, Hk, F = 8, 4, 4, 2, 16
+  rng = np.random.default_rng(0)
+  linen = {'params': {'blk': {'q_einsum': {'kernel': rng.normal(size=(D, Hq, K)).astype(np.float32)},
+                              'k_einsum': {'kernel': rng.normal(size=(D, Hk, K)).astype(np.float32)},
+                              'out': {'kernel': rng.normal(size=(Hq, K, D)).astype(np.float32)},
+                              'gate': {'kernel': rng.normal(size=(F, D)).astype(np.float32)}}}}
+  save(tmp_path / 'linen', linen)
+  rules = [rearrange('{b}/{n}_einsum/kernel', 'd h k -> d (h k)', k=K), rename('{b}/{n}_einsum', '{b}/{n}_proj'),
+           rearrange('{b}/out/kernel', 'h k d -> (h k) d', k=K), rearrange('{b}/gate/kernel', 'f d -> d f')]
+  sds = lambda *shape: {'kernel': jax.ShapeDtypeStruct(shape, np.float32)}
+  target = {'blk': {'q_proj': sds(D, Hq * K), 'k_proj': sds(D, Hk * K), 'out': sds(Hq * K, D), 'gate': sds(D, F)}}
+  ported = ocp.CheckpointManager(tmp_path / 'linen').restore(1, args=LinenCompatRestore(target, rules=rules))
+  p = linen['params']['blk']
+  want = {'blk': {'q_proj': {'kernel': p['q_einsum']['kernel'].reshape(D, Hq * K)},
+                  'k_proj': {'kernel': p['k_einsum']['kernel'].reshape(D, Hk * K)},
+                  'out': {'kernel': p['out']['kernel'].reshape(Hq * K, D)}, 'gate': {'kernel': p['gate']['kernel'].T}}}
+  models.assert_all_equal(ported, want)
+  # The way back: the same rules, inverted, give the Linen tree (shapes and bits).
+  with ocp.CheckpointManager(tmp_path / 'back') as mngr:
+    mngr.save(1, args=LinenCompatSave(ported, rules=rules))
+  with ocp.CheckpointManager(tmp_path / 'back') as mngr:
+    models.assert_all_equal(mngr.restore(1, args=LinenCompatRestore()), linen)
+  # A pattern that cannot fit a leaf says so with the leaf's shape.
+  with pytest.raises(PlanError, match=r"rearrange\('\{b\}/\{n\}_einsum/kernel', 'd h -> h d'\): 'blk/q_einsum/kernel'"
+                                      r" \(8, 4, 4\) has 3 axes, the pattern's left side 2"):
+    plan(tmp_path / 'linen' / '1', target, rules=[rearrange('{b}/{n}_einsum/kernel', 'd h -> h d')] + rules[1:])
+  # Without the head size, the way back cannot tell it: said, with the fix.
+  with pytest.raises(PlanError, match=r"leaves h and k in \(h k\) = 16 open; give all but one of them as sizes"):
+    to_linen(ported, rules=[rearrange('{b}/{n}_einsum/kernel', 'd h k -> d (h k)')] + rules[1:], dry_run=True)
