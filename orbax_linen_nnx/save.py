@@ -16,7 +16,6 @@ Orbax save writes (`LinenCompatSave` does, and so does MaxText's own
 
 from __future__ import annotations
 
-import collections
 import functools
 from typing import Any, Mapping
 

@@ -13,14 +13,13 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
-from flax.training import train_state
 
 import decoders
 import maxtext
 import models
 from models import MLP_RULES
 from orbax_linen_nnx import LinenCompatRestore, LinenCompatSave, PlanError, to_linen
-from test_rules import GEMMA_RULES, LinenGemmaBlock, NnxGemmaBlock, linen_gemma_state
+from test_rules import GEMMA_RULES, NnxGemmaBlock, linen_gemma_state
 
 
 def saved_tree(directory, step, item=None):

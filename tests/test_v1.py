@@ -1,6 +1,5 @@
 """Orbax v1: the same restore and save as checkpointables of `ocp.v1` (load_checkpointables, training.Checkpointer)."""
 
-import jax
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
