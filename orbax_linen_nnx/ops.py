@@ -310,3 +310,23 @@ class Reshape:
 def out_dtype(op, dtypes: Sequence[Any]):
   """The dtype `op` makes from inputs of `dtypes`."""
   return np.dtype(op.dtype) if isinstance(op, Cast) else np.dtype(dtypes[0])
+
+
+
+def lifted(op, layers: int):
+  """`op` on arrays with one more leading axis of `layers` entries (a layer stack), that axis kept."""
+  if isinstance(op, (Stack, Concat)):
+    return type(op)(op.axis + 1)
+  if isinstance(op, Slice):
+    return Slice(op.axis + 1, op.start, op.stop)
+  if isinstance(op, Take):
+    return Take(op.axis + 1, op.index)
+  if isinstance(op, Transpose):
+    return Transpose((0,) + tuple(p + 1 for p in op.perm))
+  if isinstance(op, MoveAxis):
+    return MoveAxis(op.source + 1, op.destination + 1)
+  if isinstance(op, Cast):
+    return op
+  if isinstance(op, Reshape):
+    return Reshape((layers,) + tuple(op.source_shape), (layers,) + tuple(op.target_shape))
+  raise TypeError(f'no stacked form of {op}')

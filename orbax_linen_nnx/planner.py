@@ -26,6 +26,7 @@ import numpy as np
 from orbax_linen_nnx import layout
 from orbax_linen_nnx import rules as rules_lib
 from orbax_linen_nnx import stacks as stacks_lib
+from orbax_linen_nnx import ops
 from orbax_linen_nnx.ops import Cast
 
 Path = layout.Path
@@ -280,7 +281,51 @@ def _rules(rules: rules_lib.Rules, linen_to_nnx: bool, problems: list[str]) -> t
   return rule_list, rules_lib.Tally()
 
 
-def _rewrite(described: Sequence[tuple[SourceArray, layout.Leaf]], rule_list, tally) -> tuple[dict, list]:
+@dataclasses.dataclass(frozen=True)
+class _OneLayer:
+  """A stacked source as the rules see it: one layer (the layer axis left out)."""
+
+  stacked: SourceArray
+  axis: int
+
+  path = property(lambda self: self.stacked.path)
+  name = property(lambda self: self.stacked.name)
+  dtype = property(lambda self: self.stacked.dtype)
+  key_impl = property(lambda self: self.stacked.key_impl)
+  shape = property(lambda self: stacks_lib.drop_axis(self.stacked.shape, self.axis))
+
+
+def _with_layers(expr):
+  """A rule's expression over `_OneLayer`s as the same ops over the whole stacks.
+
+  The layer axis is moved first (a view), every op runs on one more leading
+  axis, and the layer axis goes back where the source had it, so the planner's
+  stack conversions see a stacked source as before.
+  """
+  def lift(e):
+    if isinstance(e, _OneLayer):
+      return e.stacked if e.axis == 0 else _node(ops.MoveAxis(e.axis, 0), [e.stacked], e.path)
+    if not isinstance(e, rules_lib.Derived):
+      return e
+    return _node(ops.lifted(e.op, n), [lift(a) for a in e.args], e.path)
+
+  layers = [x for x in rules_lib.stored_leaves(expr) if isinstance(x, _OneLayer)]
+  if not layers:
+    return expr
+  n = layers[0].stacked.shape[layers[0].axis]
+  if not isinstance(expr, rules_lib.Derived):  # renamed only: the stack itself
+    return expr.stacked
+  out = lift(expr)
+  return out if layers[0].axis == 0 else _node(ops.MoveAxis(0, layers[0].axis), [out], expr.path)
+
+
+def _node(op, args, path) -> rules_lib.Derived:
+  return rules_lib.Derived(op, tuple(args), path, tuple(op.shape([tuple(a.shape) for a in args])),
+                           ops.out_dtype(op, [a.dtype for a in args]))
+
+
+def _rewrite(described: Sequence[tuple[SourceArray, layout.Leaf]], rule_list, tally, stacks=None,
+             source_layout: str | None = None) -> tuple[dict, list]:
   """What every source means, after the rules rewrote each model subtree into the target's names.
 
   Rules rewrite each model subtree (the params, and every optimizer subtree
@@ -295,12 +340,23 @@ def _rewrite(described: Sequence[tuple[SourceArray, layout.Leaf]], rule_list, ta
   for s, leaf in described:
     raw[s.path] = leaf
     if leaf.meaning.param:
+      # Under a stack whose layer axis is declared for this side, rules see one
+      # layer: a rule written for one layer fits the stack (see _with_layers).
+      for name in stacks or ():
+        root = stacks_lib.normalize(tuple(p for p in str(name).split('/') if p))
+        axis = stacks_lib.explicit_axis(stacks, root, source_layout, 'source') if source_layout else None
+        norm = stacks_lib.normalize(leaf.meaning.param)
+        if (axis is not None and norm[: len(root)] == root and len(norm) > len(root)
+            and not norm[len(root)].isdigit() and 0 <= axis < len(s.shape)):
+          s = _OneLayer(s, axis)
+          break
       subtrees[leaf.meaning.section]['/'.join(leaf.meaning.param)] = s
     else:
       entries.append((s, leaf.meaning, leaf.collection, ()))
   for section, leaves in subtrees.items():
     made_by: dict[str, tuple] = {}
     for path, expr in rules_lib.apply_all(rule_list, leaves, made_by, tally).items():
+      expr = _with_layers(expr)
       first = rules_lib.stored_leaves(expr)[0]
       param = tuple(p for p in path.split('/') if p)
       entries.append((expr, layout.Meaning(section, param), raw[first.path].collection, made_by.get(path, ())))
@@ -348,7 +404,9 @@ def build(
         and not aux_place:
       skip.add(s.path)
   skipped = [s for s in sources if s.path in skip]
-  raw, entries = _rewrite([(s, leaf) for s, leaf in described if s.path not in skip], rule_list, tally)
+  stacks_ok = stacks if isinstance(stacks, dict) and all(isinstance(v, dict) for v in stacks.values()) else None
+  raw, entries = _rewrite([(s, leaf) for s, leaf in described if s.path not in skip], rule_list, tally,
+                          stacks_ok, source_layout)
   problems += tally.problems
   problems += [f"rule '{name}' matched no source leaf" for name in rules_lib.unmatched(rule_list, tally)]
 
@@ -581,7 +639,7 @@ def build_save(
   described = [(s, leaf) for s, leaf in described if s.path not in skip]
   train_state = any(leaf.meaning.section != ('model',) for _, leaf in described)
   rule_list, tally = _rules(rules, False, [])
-  _, entries = _rewrite(described, rule_list, tally)
+  _, entries = _rewrite(described, rule_list, tally, stacks, layout.NNX)
   depth = _depths(entries, stacks)
   targets = []
   for expr, m, _, _ in entries:

@@ -465,3 +465,36 @@ def test_rearrange_patterns_serve_leaves_of_any_size_both_ways(tmp_path):
   # Without the head size, the way back cannot tell it: said, with the fix.
   with pytest.raises(PlanError, match=r"leaves h and k in \(h k\) = 16 open; give all but one of them as sizes"):
     to_linen(ported, rules=[rearrange('{b}/{n}_einsum/kernel', 'd h k -> d (h k)')] + rules[1:], dry_run=True)
+
+
+def test_rules_written_for_one_layer_apply_to_declared_stacks(tmp_path, mesh):
+  """Linen nn.scan (layer axis 1) with a fused gating kernel -> an NNX vmap stack, split and transposed by
+  rules written for one layer; and back. Each device slice reads only the chunks under it."""
+  rng = np.random.default_rng(5)
+  n = 4
+  fused = rng.normal(size=(2, n, F, D)).astype(np.float32)  # nn.scan: per-layer (2, F, D), layer axis 1
+  q = rng.normal(size=(D, n, H, K)).astype(np.float32)      # per-layer (D, H, K)
+  save(tmp_path / 'scan', {'params': {'layers': {'mlp': {'gating_einsum': fused}, 'q': {'kernel': q}}}})
+  sharding = NamedSharding(mesh, P('data', None, 'model'))
+  sds = lambda shape: {'kernel': jax.ShapeDtypeStruct(shape, np.float32, sharding=sharding)}
+  target = {'layers': {'mlp': {'gate_proj': sds((n, D, F)), 'up_proj': sds((n, D, F))}, 'q': sds((n, D, H * K))}}
+  rules = [split('{b...}/gating_einsum', ['{b...}/gate_proj/kernel', '{b...}/up_proj/kernel'], axis=0),
+           transpose('{b...}/{p}_proj/kernel', (1, 0)), rearrange('{b...}/q/kernel', 'd h k -> d (h k)', k=K)]
+  stacks = {'layers': {'linen': 1, 'nnx': 0}}
+  with ChunkLoads(tmp_path / 'scan' / '1' / 'default') as loads:
+    restored = ocp.CheckpointManager(tmp_path / 'scan').restore(
+        1, args=LinenCompatRestore(target, rules=rules, stacks=stacks, target_layout='nnx'))
+  want = {'layers': {'mlp': {'gate_proj': {'kernel': fused[0].transpose(0, 2, 1)},
+                             'up_proj': {'kernel': fused[1].transpose(0, 2, 1)}},
+                     'q': {'kernel': np.moveaxis(q, 1, 0).reshape(n, D, H * K)}}}
+  models.assert_all_equal(restored, want)
+  assert restored['layers']['mlp']['up_proj']['kernel'].sharding == sharding
+  stored_chunks = 2  # each array saved from host: one chunk each, decoded once for every slice that needs it
+  assert loads.count == stored_chunks, loads.count
+
+  # And back: the NNX stack written as Linen's nn.scan tree by the same rules, inverted.
+  with ocp.CheckpointManager(tmp_path / 'back') as mngr:
+    mngr.save(1, args=LinenCompatSave(restored, rules=rules, stacks=stacks))
+  with ocp.CheckpointManager(tmp_path / 'back') as mngr:
+    models.assert_all_equal(mngr.restore(1, args=LinenCompatRestore()),
+                            {'params': {'layers': {'mlp': {'gating_einsum': fused}, 'q': {'kernel': q}}}})
