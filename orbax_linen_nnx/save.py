@@ -190,8 +190,9 @@ def to_linen(
   (adam's `opt_state/1`); from an `nnx.State` the chain list ends at its last
   non-empty state, as MaxText writes it. The options are `LinenCompatSave`'s;
   with `dry_run=True` the plan is returned and nothing is computed (an
-  abstract state is enough); `plan` is one made so before for this state. The arrays keep their devices: converted ones are
-  computed where their shards live, the others are the state's own arrays.
+  abstract state is enough); `plan` is one made so before for this state.
+  The arrays keep their devices: converted ones are computed where their
+  shards live, the others are the state's own arrays.
 
   >>> items = to_linen(nnx.state({'model': model, 'optimizer': optimizer}))  # doctest: +SKIP
   >>> items['params']['params']['fc1']['kernel'].sharding                    # doctest: +SKIP
@@ -218,8 +219,7 @@ def to_linen(
   tree: dict = {}
   for r in plan.reads:
     _put(tree, r.target.path, values[r.target.path])
-  if 'opt_state' in tree or any(p[:2] == ('optimizer', 'opt_state') for p in nnx_state.empties):
-    for p in nnx_state.empties:
-      if p[:2] == ('optimizer', 'opt_state'):
-        _put(tree, p[1:] or ('opt_state',), None)
+  for p in nnx_state.empties:  # optax states holding no array: None entries, as Linen saves them
+    if p[:2] == ('optimizer', 'opt_state'):
+      _put(tree, p[1:], None)
   return _as_lists(tree, False)
