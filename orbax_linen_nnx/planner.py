@@ -110,6 +110,14 @@ class LeafRead:
   transform: tuple[Any, ...] = ()
   rules: tuple[str, ...] = ()
 
+  def expression(self) -> Any:
+    """The sources with the transform applied: one tree of ops (`rules.Derived`) over stored arrays."""
+    args = list(self.sources)
+    for op in self.transform:
+      args = [rules_lib.derive(op, args, self.target.path)]
+    (expr,) = args
+    return expr
+
   def __str__(self) -> str:
     names = _compact([s.name for s in self.sources])
     ops = f"  [{'; '.join(str(t) for t in self.transform)}]" if self.transform else ''
@@ -304,10 +312,10 @@ def _with_layers(expr):
   """
   def lift(e):
     if isinstance(e, _OneLayer):
-      return e.stacked if e.axis == 0 else _node(ops.MoveAxis(e.axis, 0), [e.stacked], e.path)
+      return e.stacked if e.axis == 0 else rules_lib.derive(ops.MoveAxis(e.axis, 0), [e.stacked], e.path)
     if not isinstance(e, rules_lib.Derived):
       return e
-    return _node(ops.lifted(e.op, n), [lift(a) for a in e.args], e.path)
+    return rules_lib.derive(ops.lifted(e.op, n), [lift(a) for a in e.args], e.path)
 
   layers = [x for x in rules_lib.stored_leaves(expr) if isinstance(x, _OneLayer)]
   if not layers:
@@ -316,16 +324,11 @@ def _with_layers(expr):
   if not isinstance(expr, rules_lib.Derived):  # renamed only: the stack itself
     return expr.stacked
   out = lift(expr)
-  return out if layers[0].axis == 0 else _node(ops.MoveAxis(0, layers[0].axis), [out], expr.path)
+  return out if layers[0].axis == 0 else rules_lib.derive(ops.MoveAxis(0, layers[0].axis), [out], expr.path)
 
 
-def _node(op, args, path) -> rules_lib.Derived:
-  return rules_lib.Derived(op, tuple(args), path, tuple(op.shape([tuple(a.shape) for a in args])),
-                           ops.out_dtype(op, [a.dtype for a in args]))
-
-
-def _rewrite(described: Sequence[tuple[SourceArray, layout.Leaf]], rule_list, tally, stacks=None,
-             source_layout: str | None = None) -> tuple[dict, list]:
+def _rewrite(described: Sequence[tuple[SourceArray, layout.Leaf]], rule_list, tally, stacks,
+             source_layout: str) -> tuple[dict, list]:
   """What every source means, after the rules rewrote each model subtree into the target's names.
 
   Rules rewrite each model subtree (the params, and every optimizer subtree
@@ -337,17 +340,17 @@ def _rewrite(described: Sequence[tuple[SourceArray, layout.Leaf]], rule_list, ta
   entries = []
   raw: dict[Path, layout.Leaf] = {}  # source path -> what it means, before any rule
   subtrees: dict[Path, dict[str, Any]] = collections.defaultdict(dict)
+  # Under a stack whose layer axis is declared for this side, rules see one
+  # layer: a rule written for one layer fits the stack (see _with_layers).
+  declared = [(root, axis) for root in map(stacks_lib.root_of, stacks or ())
+              if (axis := stacks_lib.explicit_axis(stacks, root, source_layout, 'source')) is not None]
   for s, leaf in described:
     raw[s.path] = leaf
     if leaf.meaning.param:
-      # Under a stack whose layer axis is declared for this side, rules see one
-      # layer: a rule written for one layer fits the stack (see _with_layers).
-      for name in stacks or ():
-        root = stacks_lib.normalize(tuple(p for p in str(name).split('/') if p))
-        axis = stacks_lib.explicit_axis(stacks, root, source_layout, 'source') if source_layout else None
-        norm = stacks_lib.normalize(leaf.meaning.param)
-        if (axis is not None and norm[: len(root)] == root and len(norm) > len(root)
-            and not norm[len(root)].isdigit() and 0 <= axis < len(s.shape)):
+      norm = stacks_lib.normalize(leaf.meaning.param)
+      for root, axis in declared:
+        if (norm[: len(root)] == root and len(norm) > len(root) and not norm[len(root)].isdigit()
+            and 0 <= axis < len(s.shape)):
           s = _OneLayer(s, axis)
           break
       subtrees[leaf.meaning.section]['/'.join(leaf.meaning.param)] = s
@@ -393,6 +396,7 @@ def build(
   linen_to_nnx = not (source_layout == layout.NNX and target_layout == layout.LINEN)
   problems = list(problems)  # found before planning (shardings, options): reported with the plan's
   rule_list, tally = _rules(rules, linen_to_nnx, problems)
+  stacks = stacks_lib.checked(stacks, problems)
   tgt_leaves = layout.describe([t.path for t in targets], target_layout)
   # A Linen target with an `nnx_aux` subtree has a place for NNX-only state;
   # without one, such sources are skipped (reported, no error).
@@ -404,9 +408,8 @@ def build(
         and not aux_place:
       skip.add(s.path)
   skipped = [s for s in sources if s.path in skip]
-  stacks_ok = stacks if isinstance(stacks, dict) and all(isinstance(v, dict) for v in stacks.values()) else None
   raw, entries = _rewrite([(s, leaf) for s, leaf in described if s.path not in skip], rule_list, tally,
-                          stacks_ok, source_layout)
+                          stacks, source_layout)
   problems += tally.problems
   problems += [f"rule '{name}' matched no source leaf" for name in rules_lib.unmatched(rule_list, tally)]
 
@@ -471,13 +474,10 @@ def build(
       problems.append(f"{t} has no source (looked for '{leaf.meaning}')" + _near_misses(m, by_meaning, history))
 
   # target path -> (sources, layer transform)
-  if stacks is not None and not (isinstance(stacks, dict) and all(isinstance(v, dict) for v in stacks.values())):
-    problems.append(f"stacks= must be a dict like {{'layers': {{'linen': 1, 'nnx': 0}}}}; got {stacks!r}")
-    stacks = None
   layer_ops = stacks_lib.plan([d for d in direct if d[0].path not in as_saved], to_stack, to_unstack, stacks,
                               source_layout, target_layout, problems)
   for name in stacks or ():
-    root = stacks_lib.normalize(tuple(p for p in str(name).split('/') if p))
+    root = stacks_lib.root_of(name)
     params = [m.param for m in by_meaning] + [stacks_lib.normalize(p) for p in named.values()]
     if not any(p[: len(root)] == root for p in params):
       roots = sorted({'/'.join(p[: k]) for p in params for k in range(1, len(p)) if p[k].isdigit()})
@@ -517,11 +517,9 @@ def build(
       fixes.append(f'rename modules with rules={suggestion!r}')
     if (missing or unused_pairs) and not action:  # a save has no partial: it writes the whole state
       fixes.append('pass partial=True to restore only the leaves that match')
-    head = (action or (
-        f'LinenCompatRestore cannot restore from {where} ({source_layout} layout)'
-        f' into the given {target_layout} state')) + f': {len(problems)} problem(s); nothing was read.'
-    if action:
-      head = head.replace('nothing was read', 'nothing was written')
+    head = (action or f'LinenCompatRestore cannot restore from {where} ({source_layout} layout) into the'
+            f' given {target_layout} state') + (f': {len(problems)} problem(s);'
+                                                f' nothing was {"written" if action else "read"}.')
     tail = f"Fix: {'; or '.join(fixes)}." if fixes else ''
     raise PlanError('\n'.join([head] + [f'  {p}' for p in problems] + ([tail] if tail else [])))
 
@@ -545,7 +543,7 @@ def _declared(param: Path, stacks) -> tuple[Path, dict] | None:
   """The stack root the user declared a Linen layer axis for above `param`, and its axes."""
   norm = stacks_lib.normalize(param)
   for name, axes in (stacks or {}).items():
-    root = stacks_lib.normalize(tuple(p for p in str(name).split('/') if p))
+    root = stacks_lib.root_of(name)
     if norm[: len(root)] == root and len(norm) > len(root) and isinstance(axes, dict) and 'linen' in axes:
       return root, axes
   return None
@@ -628,9 +626,7 @@ def build_save(
     problems.append(f'aux={aux!r}: NNX-only state goes under {layout.NNX_AUX!r} (the name MaxText and'
                     ' LinenCompatRestore read) or, with aux=None, is left out')
     aux = layout.NNX_AUX
-  if stacks is not None and not (isinstance(stacks, dict) and all(isinstance(v, dict) for v in stacks.values())):
-    problems.append(f"stacks= must be a dict like {{'layers': {{'nnx': 0, 'linen': 1}}}}; got {stacks!r}")
-    stacks = None
+  stacks = stacks_lib.checked(stacks, problems)
   # NNX's layer axis defaults to nnx.vmap's where the user named only Linen's.
   stacks = {k: ({'nnx': stacks_lib.NNX_LAYER_AXIS, **v} if 'linen' in v else v) for k, v in (stacks or {}).items()}
   described = list(zip(sources, layout.describe([s.path for s in sources], layout.NNX)))

@@ -143,24 +143,6 @@ class _Read:
   future: Any = None
 
 
-@dataclasses.dataclass(frozen=True)
-class _Node:
-  """An op of the leaf's transform over its inputs (rules' `Derived` has the same face)."""
-
-  op: Any
-  args: tuple[Any, ...]
-  shape: tuple[int, ...]
-
-
-def _expression(leaf: plan_lib.LeafRead):
-  """The leaf's sources with its transform applied: one tree of ops over stored arrays."""
-  args = list(leaf.sources)
-  for op in leaf.transform:
-    args = [_Node(op, tuple(args), tuple(op.shape([tuple(a.shape) for a in args])))]
-  (expr,) = args
-  return expr
-
-
 def _walk(expr, box: Box, s: '_Slice', place=None):
   """The recipe computing `box` of `expr`; adds the stored boxes it reads to `s.inputs`.
 
@@ -372,7 +354,7 @@ class _Engine:
     for device, index in sharding.addressable_devices_indices_map(shape).items():
       by_box[_box_of(index, shape)].append(device)
     local = sum(_size(b) for b in by_box) * np.dtype(t.dtype).itemsize
-    expr = _expression(read)
+    expr = read.expression()
     leaf = _Leaf(read, expr, sharding, primary, small=primary is None and local <= _SMALL_LEAF_BYTES,
                  viewable=_viewable(expr), slices_left=len(by_box))
     whole = self._whole_leaf_read(leaf, list(by_box))

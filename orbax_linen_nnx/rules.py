@@ -72,7 +72,8 @@ def stored_leaves(expr) -> list:
   return expr.leaves() if isinstance(expr, Derived) else [expr]
 
 
-def _derive(op, args: Sequence[Any], path: Path) -> Derived:
+def derive(op, args: Sequence[Any], path: Path) -> Derived:
+  """`op` over `args`, its shape and dtype computed from theirs."""
   shape = op.shape([tuple(a.shape) for a in args])
   return Derived(op, tuple(args), path, tuple(shape), ops.out_dtype(op, [a.dtype for a in args]))
 
@@ -390,14 +391,14 @@ class _Split(_OneToMany):
         tally.problems.append(f"{self!r}: '{path}' {shape} has {shape[axis]} entries on axis {axis}, not one per"
                               f' target ({n}); give sizes= to split it into slices')
         return []
-      return [(t.format(b), _derive(ops.Take(axis, i), [expr], _split_path(t.format(b))))
+      return [(t.format(b), derive(ops.Take(axis, i), [expr], _split_path(t.format(b))))
               for i, t in enumerate(self.targets)]
     if len(sizes) != n or sum(sizes) != shape[axis]:
       tally.problems.append(f"{self!r}: parts {list(sizes)} do not add up to '{path}' {shape} axis {axis} ({shape[axis]})")
       return []
     made, start = [], 0
     for t, size in zip(self.targets, sizes):
-      made.append((t.format(b), _derive(ops.Slice(axis, start, start + size), [expr], _split_path(t.format(b)))))
+      made.append((t.format(b), derive(ops.Slice(axis, start, start + size), [expr], _split_path(t.format(b)))))
       start += size
     return made
 
@@ -452,7 +453,7 @@ class _Merge(Rule):
         del out[n]
         history += made_by.pop(n, ())
       tally.match(repr(self), ', '.join(names))
-      _put(out, made_by, new, _derive(op, parts, _split_path(new)), repr(self), tally)
+      _put(out, made_by, new, derive(op, parts, _split_path(new)), repr(self), tally)
       made_by[new] = history + (repr(self),)
     return out
 
@@ -487,7 +488,7 @@ class _PerLeaf(_OneToMany):
     op = self.op_for(path, expr, tally)
     if op is None:
       return []
-    return [(path, _derive(op, [expr], _split_path(path)) if op is not _SAME else expr)]
+    return [(path, derive(op, [expr], _split_path(path)) if op is not _SAME else expr)]
 
 
 class _Transpose(_PerLeaf):
@@ -604,7 +605,7 @@ class _Rearrange(_OneToMany):
     if tuple(sizes[a] for a in wanted) != out:
       steps.append(ops.Reshape(tuple(sizes[a] for a in wanted), out))
     for op in steps:
-      expr = _derive(op, [expr], _split_path(path))
+      expr = derive(op, [expr], _split_path(path))
     return [(path, expr)]
 
   def inverse(self):

@@ -54,16 +54,6 @@ def _evaluate(expr, arrays: Mapping[str, jax.Array]) -> jax.Array:
   return _JAX[type(op)](op, [_evaluate(a, arrays) for a in expr.args])
 
 
-def _expression(read: plan_lib.LeafRead):
-  """The read's sources with its transform applied, as one tree of ops."""
-  args = list(read.sources)
-  for op in read.transform:
-    args = [rules_lib.Derived(op, tuple(args), read.target.path, tuple(op.shape([tuple(a.shape) for a in args])),
-                              ops.out_dtype(op, [a.dtype for a in args]))]
-  (expr,) = args
-  return expr
-
-
 @functools.lru_cache(maxsize=8)
 def _converter(exprs: tuple) -> Any:
   """One jitted function computing every converted leaf (cached per plan: a run saves alike each time)."""
@@ -203,13 +193,14 @@ def to_linen(
   if dry_run:
     return plan
   nnx_state.require_values()
-  values = {}
-  converted = [r for r in plan.reads if r.transform or isinstance(r.sources[0], rules_lib.Derived)]
+  values, converted = {}, []
   for r in plan.reads:
-    if not (r.transform or isinstance(r.sources[0], rules_lib.Derived)):
+    if r.transform or isinstance(r.sources[0], rules_lib.Derived):
+      converted.append(r)
+    else:  # the array itself, under its Linen name
       values[r.target.path] = nnx_state.values[r.sources[0].name]
   if converted:
-    exprs = tuple(_expression(r) for r in converted)
+    exprs = tuple(r.expression() for r in converted)
     names = {x.name for e in exprs for x in rules_lib.stored_leaves(e)}
     inputs = {n: (jax.random.key_data(v) if jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key) else v)
               for n in names for v in (nnx_state.values[n],)}

@@ -56,6 +56,19 @@ def move_candidates(source: Sequence[int], target: Sequence[int]) -> set[tuple[i
           if a != b and move_axis(source, a, b) == tuple(target)}
 
 
+def root_of(name: str) -> Path:
+  """A `stacks=` key ('decoder/layers') as the normalised model path of its stack root."""
+  return normalize(tuple(p for p in str(name).split('/') if p))
+
+
+def checked(stacks, problems: list[str]) -> StackAxes | None:
+  """`stacks` if it is a dict of dicts; else None, with the problem noted."""
+  if stacks is None or (isinstance(stacks, dict) and all(isinstance(v, dict) for v in stacks.values())):
+    return stacks
+  problems.append(f"stacks= must be a dict like {{'layers': {{'linen': 1, 'nnx': 0}}}}; got {stacks!r}")
+  return None
+
+
 def explicit_axis(stacks: StackAxes | None, root: Path, layout_name: str, role: str) -> int | None:
   """The layer axis the user stated for the stack at `root`, by layout or by role.
 
@@ -66,7 +79,7 @@ def explicit_axis(stacks: StackAxes | None, root: Path, layout_name: str, role: 
   `{'layers': {'linen': None}}`.
   """
   for name, axes in (stacks or {}).items():
-    if normalize(tuple(p for p in name.split('/') if p)) == root:
+    if root_of(name) == root:
       for key in (role, layout_name):
         if axes.get(key) is not None:  # None: that side holds one array per layer
           return int(axes[key])
@@ -241,7 +254,7 @@ def _move(direct, stacks, source_layout, target_layout, problems, depth=None) ->
   out = {}
   for t, s, param in direct:  # stacks the user declared: every leaf under them moves
     for name in stacks or {}:
-      root = normalize(tuple(p for p in name.split('/') if p))
+      root = root_of(name)
       a = explicit_axis(stacks, root, source_layout, 'source')
       b = explicit_axis(stacks, root, target_layout, 'target')
       if param[: len(root)] == root and None not in (a, b) and a != b:

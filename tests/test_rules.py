@@ -340,13 +340,7 @@ def test_drop_leaves_out_sources_and_keeps_targets_strict(tmp_path, mesh):
 
 def test_placeholders_one_segment_or_many_and_the_most_specific_entry_wins():
   from orbax_linen_nnx.planner import build
-  from orbax_linen_nnx import SourceArray, Target
-
-  def src(path, shape=(4,)):
-    return SourceArray(tuple(path.split('/')), path.replace('/', '.'), shape, np.dtype('float32'))
-
-  def tgt(path, shape=(4,)):
-    return Target(tuple(path.split('/')), shape, np.dtype('float32'), None)
+  from test_plan import src, tgt
 
   # `{n}` is one segment: 'query/kernel' is not one name, so the kernel keeps its own level.
   sources = [src('blk/MultiHeadDotProductAttention_0/query/kernel'), src('blk/MultiHeadDotProductAttention_0/key/bias')]
@@ -368,7 +362,7 @@ def test_placeholders_one_segment_or_many_and_the_most_specific_entry_wins():
   targets = [tgt('layers/0/ffn/kernel'), tgt('layers/0/attn/kernel'), tgt('layers/1/ffn/kernel')]
   p = build(sources, targets, source_layout='linen', target_layout='nnx', rules=rules)
   assert [r.sources[0].name for r in p.reads] == ['blocks_0.mlp.kernel', 'blocks_0.attn.kernel', 'blocks_1.mlp.kernel']
-  back = build([src(t.replace('/', '/')) for t in ('layers/0/ffn/kernel', 'layers/0/attn/kernel')],
+  back = build([src('layers/0/ffn/kernel'), src('layers/0/attn/kernel')],
                [tgt('blocks_0/mlp/kernel'), tgt('blocks_0/attn/kernel')], source_layout='nnx', target_layout='linen',
                rules=rules)
   assert [r.sources[0].name for r in back.reads] == ['layers.0.ffn.kernel', 'layers.0.attn.kernel']
