@@ -144,6 +144,7 @@ class RestorePlan:
       for; reported, never an error.
     dropped: (source array, rule) for every source a `drop` rule left out.
     rules_matched: (rule, model paths it matched) for every rule that matched.
+    notes: what the planner inferred that the caller did not state.
   """
 
   source_layout: str
@@ -154,6 +155,7 @@ class RestorePlan:
   skipped: tuple[SourceArray, ...] = ()
   dropped: tuple[tuple[SourceArray, str], ...] = ()
   rules_matched: tuple[tuple[str, tuple[str, ...]], ...] = ()
+  notes: tuple[str, ...] = ()
 
   def __str__(self) -> str:
     lines = [
@@ -174,6 +176,7 @@ class RestorePlan:
     for rule, paths in self.rules_matched:
       shown = ', '.join(paths[:3]) + (f', ... ({len(paths)} in all)' if len(paths) > 3 else '')
       lines.append(f'  rule    {rule} matched {shown}')
+    lines += [f'  note    {n}' for n in self.notes]
     return '\n'.join(lines)
 
   def read_for(self, path: str | Path) -> LeafRead:
@@ -327,6 +330,28 @@ def _with_layers(expr):
   return out if layers[0].axis == 0 else rules_lib.derive(ops.MoveAxis(0, layers[0].axis), [out], expr.path)
 
 
+def _target_shapes(targets, tgt_leaves, stacks, target_layout) -> dict[Path, list[tuple[int, ...]]]:
+  """{model path: shapes} of the targets, for rules that bind sizes from them (`rearrange`).
+
+  A rule under a stack sees one layer: a per-layer target is also listed
+  without its index, and one under a stack whose target-side layer axis
+  `stacks=` states also with that axis left out.
+  """
+  shapes: dict[Path, list[tuple[int, ...]]] = collections.defaultdict(list)
+  for t, leaf in zip(targets, tgt_leaves):
+    norm = stacks_lib.normalize(leaf.meaning.param)
+    if not norm:
+      continue
+    shapes[norm].append(tuple(t.shape))
+    for k, seg in enumerate(norm[:-1]):
+      if seg.isdigit():
+        shapes[norm[:k] + norm[k + 1:]].append(tuple(t.shape))
+      elif (axis := stacks_lib.explicit_axis(stacks, norm[:k + 1], target_layout, 'target')) is not None \
+          and 0 <= axis < len(t.shape):
+        shapes[norm].append(stacks_lib.drop_axis(t.shape, axis))
+  return {k: list(dict.fromkeys(v)) for k, v in shapes.items()}
+
+
 def _rewrite(described: Sequence[tuple[SourceArray, layout.Leaf]], rule_list, tally, stacks,
              source_layout: str) -> tuple[dict, list]:
   """What every source means, after the rules rewrote each model subtree into the target's names.
@@ -393,6 +418,79 @@ def build(
   >>> build(src, tgt, source_layout='linen', target_layout='nnx', rules={'Dense_0': 'fc1'}).reads[0].sources[0].name
   'params.Dense_0.kernel'
   """
+  options = dict(source_layout=source_layout, target_layout=target_layout, rules=rules, partial=partial,
+                 where=where, problems=problems, skip=skip, action=action)
+  try:
+    return _build(sources, targets, stacks=stacks, **options)
+  except PlanError as error:
+    # Rules written for one layer fail on a stack whose layer axis nobody
+    # stated. Where the source's shapes tell that axis unambiguously, plan
+    # again with it; the plan is kept only if it then has no problem at all.
+    guessed = _stack_guess(error.unfit, sources, source_layout, stacks)
+    if not guessed:
+      raise
+    more = {k: dict(v) for k, v in (stacks or {}).items()} if isinstance(stacks, dict) else {}
+    for root, axis in guessed.items():
+      key = next((k for k in more if stacks_lib.root_of(k) == root), '/'.join(root))
+      more.setdefault(key, {})['source'] = axis
+    try:
+      found = _build(sources, targets, stacks=more, **options)
+    except PlanError:
+      hint = ', '.join(f"{'/'.join(r)!r}: {{'source': {a}}}" for r, a in guessed.items())
+      raise PlanError(f'{error}\n(Rules written for one layer see one only under a stack whose layer axis'
+                      f' stacks= states; the shapes suggest stacks={{{hint}}}, which did not plan either.)') from None
+    notes = tuple(f"layer axis {a} of source stack '{'/'.join(r)}' inferred from its shapes: rules see one layer"
+                  for r, a in guessed.items())
+    return dataclasses.replace(found, notes=found.notes + notes)
+
+
+def _stack_guess(unfit, sources, source_layout, stacks) -> dict[Path, int]:
+  """{stack root: layer axis} for the sources rules could not fit, where shapes tell it.
+
+  The root is the longest model path above an unfit leaf under which at least
+  two arrays sit and exactly one axis has the same size in all of them.
+  """
+  params: dict[Path, dict[Path, tuple]] = {}  # per section: model path -> shape
+  of_path: dict[Path, Path] = {}
+  for s, leaf in zip(sources, layout.describe([s.path for s in sources], source_layout)):
+    if leaf.meaning.param:
+      norm = stacks_lib.normalize(leaf.meaning.param)
+      params.setdefault(leaf.meaning.section, {})[norm] = tuple(s.shape)
+      of_path[s.path] = (leaf.meaning.section, norm)
+  guessed: dict[Path, int] = {}
+  for path in unfit:
+    if path not in of_path:
+      continue
+    section, norm = of_path[path]
+    for k in range(len(norm) - 1, 0, -1):
+      root = norm[:k]
+      if any(seg.isdigit() for seg in root) or stacks_lib.explicit_axis(stacks, root, source_layout, 'source') is not None:
+        break
+      shapes = [shape for p, shape in params[section].items() if p[:k] == root and len(p) > k]
+      if len(shapes) < 2:
+        continue
+      axes = [a for a in range(min(map(len, shapes))) if len({shape[a] for shape in shapes}) == 1]
+      if len(axes) == 1:
+        guessed[root] = axes[0]
+        break
+  return guessed
+
+
+def _build(
+    sources: Sequence[SourceArray],
+    targets: Sequence[Target],
+    *,
+    source_layout: str,
+    target_layout: str,
+    rules: rules_lib.Rules = None,
+    partial: bool = False,
+    stacks: stacks_lib.StackAxes | None = None,
+    where: str = 'the checkpoint',
+    problems: Sequence[str] = (),
+    skip: Sequence[Path] = (),
+    action: str | None = None,
+) -> RestorePlan:
+  # The plan as `build` describes it, `stacks` as given.
   linen_to_nnx = not (source_layout == layout.NNX and target_layout == layout.LINEN)
   problems = list(problems)  # found before planning (shardings, options): reported with the plan's
   rule_list, tally = _rules(rules, linen_to_nnx, problems)
@@ -408,6 +506,7 @@ def build(
         and not aux_place:
       skip.add(s.path)
   skipped = [s for s in sources if s.path in skip]
+  tally.targets = _target_shapes(targets, tgt_leaves, stacks, target_layout)
   raw, entries = _rewrite([(s, leaf) for s, leaf in described if s.path not in skip], rule_list, tally,
                           stacks, source_layout)
   problems += tally.problems
@@ -521,7 +620,9 @@ def build(
             f' given {target_layout} state') + (f': {len(problems)} problem(s);'
                                                 f' nothing was {"written" if action else "read"}.')
     tail = f"Fix: {'; or '.join(fixes)}." if fixes else ''
-    raise PlanError('\n'.join([head] + [f'  {p}' for p in problems] + ([tail] if tail else [])))
+    error = PlanError('\n'.join([head] + [f'  {p}' for p in problems] + ([tail] if tail else [])))
+    error.unfit = list(tally.unfit)
+    raise error
 
   return RestorePlan(
       source_layout=source_layout,
@@ -539,21 +640,21 @@ def build(
 _EPHEMERAL_TYPES = frozenset({'Cache', 'Intermediate'})
 
 
-def _declared(param: Path, stacks) -> tuple[Path, dict] | None:
-  """The stack root the user declared a Linen layer axis for above `param`, and its axes."""
+def _declared(param: Path, stacks, side: str) -> tuple[Path, dict] | None:
+  """The stack root above `param` whose layer axis the user declared for `side`, and its axes."""
   norm = stacks_lib.normalize(param)
   for name, axes in (stacks or {}).items():
     root = stacks_lib.root_of(name)
-    if norm[: len(root)] == root and len(norm) > len(root) and isinstance(axes, dict) and 'linen' in axes:
+    if norm[: len(root)] == root and len(norm) > len(root) and isinstance(axes, dict) and side in axes:
       return root, axes
   return None
 
 
-def _depths(entries, stacks) -> dict[Path, int]:
-  """Layers per declared stack root that the NNX side holds one module per layer (`layers/3/...`)."""
+def _depths(entries, stacks, side: str) -> dict[Path, int]:
+  """Layers per declared stack root that the source holds one module per layer (`layers/3/...`)."""
   depth: dict[Path, int] = {}
   for _, m, _, _ in entries:
-    found = _declared(m.param, stacks) if m.param else None
+    found = _declared(m.param, stacks, side) if m.param else None
     if found:
       root, _ = found
       index = stacks_lib.normalize(m.param)[len(root)]
@@ -562,37 +663,43 @@ def _depths(entries, stacks) -> dict[Path, int]:
   return depth
 
 
-def _linen_layers(param: Path, shape: tuple[int, ...], stacks, depth, problems: list[str]) -> list[tuple[Path, tuple]]:
-  """Where a model variable (or its mirror) goes in the Linen layout: [(Linen names, shape)].
+# Where each layout keeps a stack's layer axis when the user names only the other side's.
+_DEFAULT_LAYER_AXIS = {layout.NNX: stacks_lib.NNX_LAYER_AXIS, layout.LINEN: 1}  # nnx.vmap; nn.scan (MaxText)
+_NAMES = {layout.LINEN: layout.linen_names, layout.NNX: stacks_lib.normalize}  # per-layer: layers_3, layers/3
 
-  Per-layer names join their index (`layers/3` -> `layers_3`, as Linen names a
-  list of submodules). Under a stack the user declared a Linen layer axis for,
-  an NNX stack has its layer axis moved there, or, with `None`, is cut into one
-  array per layer; per-layer NNX modules are stacked at that axis (the target
-  is named once, by layer 0; the planner gathers every layer into it).
+
+def _placed(param: Path, shape: tuple[int, ...], stacks, depth, to: str, problems: list[str]) -> list[tuple[Path, tuple]]:
+  """Where a model variable (or its mirror) goes in layout `to`: [(its names there, shape)].
+
+  Per-layer names follow `to` (`layers_3` in Linen, `layers/3` in NNX). Under a
+  stack the user declared a layer axis for on the `to` side, a stack has its
+  layer axis moved there, or, with `None`, is cut into one array per layer;
+  per-layer modules are stacked at that axis (the target is named once, by
+  layer 0; the planner gathers every layer into it).
   """
-  found = _declared(param, stacks)
+  names = _NAMES[to]
+  found = _declared(param, stacks, to)
   if found is None:
-    return [(layout.linen_names(param), shape)]
+    return [(names(param), shape)]
   root, axes = found
+  frm = layout.NNX if to == layout.LINEN else layout.LINEN
   norm = stacks_lib.normalize(param)
-  if norm[len(root)].isdigit():  # one NNX module per layer
-    if axes['linen'] is None:
-      return [(layout.linen_names(param), shape)]
+  if norm[len(root)].isdigit():  # one module per layer
+    if axes[to] is None:
+      return [(names(param), shape)]
     if norm[len(root)] != '0':
       return []
-    rest = layout.linen_names(norm[len(root) + 1:])
-    return [(layout.linen_names(root) + rest, stacks_lib.insert_axis(shape, int(axes['linen']), depth[root]))]
-  source = axes.get('nnx', stacks_lib.NNX_LAYER_AXIS)
+    return [(names(root) + names(norm[len(root) + 1:]), stacks_lib.insert_axis(shape, int(axes[to]), depth[root]))]
+  source = axes.get(frm, _DEFAULT_LAYER_AXIS[frm])
   if source is None or not 0 <= int(source) < len(shape):
     problems.append(f"'{layout.render(param)}' {shape} cannot be a layer stack at axis {source}"
-                    f" (stacks={{{str(root[0])!r}: {axes!r}}}); give the NNX layer axis as 'nnx': axis")
-    return [(layout.linen_names(param), shape)]
-  rest = layout.linen_names(norm[len(root):])
-  if axes['linen'] is None:
-    return [(layout.linen_names(root + (str(i),)) + rest, stacks_lib.drop_axis(shape, source))
+                    f" (stacks={{{str(root[0])!r}: {axes!r}}}); give the {frm} layer axis as {frm!r}: axis")
+    return [(names(param), shape)]
+  rest = names(norm[len(root):])
+  if axes[to] is None:
+    return [(names(root + (str(i),)) + rest, stacks_lib.drop_axis(shape, source))
             for i in range(shape[source])]
-  return [(layout.linen_names(param), stacks_lib.move_axis(shape, source, int(axes['linen'])))]
+  return [(names(param), stacks_lib.move_axis(shape, source, int(axes[to])))]
 
 
 def build_save(
@@ -636,7 +743,7 @@ def build_save(
   train_state = any(leaf.meaning.section != ('model',) for _, leaf in described)
   rule_list, tally = _rules(rules, False, [])
   _, entries = _rewrite(described, rule_list, tally, stacks, layout.NNX)
-  depth = _depths(entries, stacks)
+  depth = _depths(entries, stacks, layout.LINEN)
   targets = []
   for expr, m, _, _ in entries:
     first = rules_lib.stored_leaves(expr)[0]
@@ -659,9 +766,62 @@ def build_save(
     if not m.param:
       targets.append(Target(base, shape, dtype, None, key_impl=key_impl))
       continue
-    for param, s in _linen_layers(m.param, shape, stacks, depth, problems):
+    for param, s in _placed(m.param, shape, stacks, depth, layout.LINEN, problems):
       targets.append(Target(base + param, s, dtype, None, key_impl=key_impl))
   targets.sort(key=lambda t: t.path)
   return build(sources, targets, source_layout=layout.NNX, target_layout=layout.LINEN, rules=rules,
                stacks=stacks, where='the NNX state', problems=problems, skip=skip,
                action='LinenCompatSave cannot write the NNX state in the Linen layout')
+
+
+def build_nnx(
+    sources: Sequence[SourceArray],
+    *,
+    rules: rules_lib.Rules = None,
+    stacks: stacks_lib.StackAxes | None = None,
+    where: str = 'the checkpoint',
+) -> RestorePlan:
+  """The plan of reading a Linen checkpoint as the NNX layout, with no model: `build` with a derived target.
+
+  The NNX tree is what `nnx.state({'model': ..., 'optimizer': nnx.Optimizer})`
+  of the same model saves: every model variable (params, batch stats, MaxText's
+  `nnx_aux` state) under `model/<path>/value` (`<path>/value` for a model
+  alone), the optimizer's states under `optimizer/opt_state/...` without the
+  `params` level, a uint32 `optimizer/step/value`; per-layer modules as
+  `layers/3/...`. The rules (Linen -> NNX) name and shape it; `stacks` moves a
+  stack's layer axis (`{'layers': {'linen': 1, 'nnx': 0}}`), unrolls it
+  (`{'layers': {'nnx': None}}` -> `layers/0`, ...) or stacks `layers_N`
+  (`{'layers': {'nnx': 0}}`). A Linen stack's axis defaults to `nn.scan`'s 1.
+
+  >>> src = [SourceArray(('params', 'Dense_0', 'kernel'), 'params.Dense_0.kernel', (3, 8), 'float32')]
+  >>> print(build_nnx(src, rules={'Dense_0': 'fc1'}).reads[0])
+  fc1/kernel/value (3, 8) float32  <-  params.Dense_0.kernel  (by rename Dense_0)
+  """
+  problems: list[str] = []
+  stacks = stacks_lib.checked(stacks, problems)
+  stacks = {k: ({layout.LINEN: _DEFAULT_LAYER_AXIS[layout.LINEN], **v} if layout.NNX in v else v)
+            for k, v in (stacks or {}).items()}
+  described = list(zip(sources, layout.describe([s.path for s in sources], layout.LINEN)))
+  train_state = any(leaf.meaning.section != ('model',) for _, leaf in described)
+  rule_list, tally = _rules(rules, True, [])
+  _, entries = _rewrite(described, rule_list, tally, stacks, layout.LINEN)
+  depth = _depths(entries, stacks, layout.NNX)
+  targets = []
+  for expr, m, _, _ in entries:
+    shape, dtype, key_impl = tuple(expr.shape), expr.dtype, getattr(expr, 'key_impl', None)
+    if m.section == ('step',):
+      targets.append(Target(('optimizer', 'step', 'value'), shape, np.dtype('uint32'), None))  # nnx.Optimizer's
+      continue
+    if m.section == ('model',):
+      base = ('model',) if train_state else ()
+    elif m.section[0] == 'opt_state':
+      base = ('optimizer',) + m.section
+    else:
+      problems.append(f"{rules_lib.stored_leaves(expr)[0]} is neither model variables, optimizer state nor step"
+                      " of a Linen TrainState; give the NNX tree it goes to (a target)")
+      continue
+    for param, s in (_placed(m.param, shape, stacks, depth, layout.NNX, problems) if m.param else [((), shape)]):
+      targets.append(Target(base + param + ('value',), s, dtype, None, key_impl=key_impl))
+  targets.sort(key=lambda t: t.path)
+  return build(sources, targets, source_layout=layout.LINEN, target_layout=layout.NNX, rules=rules,
+               stacks=stacks, where=where, problems=problems)

@@ -143,6 +143,12 @@ class Tally:
     self.problems: list[str] = []
     self.dropped: dict[Path, str] = {}  # stored source path -> the drop rule that left it out
     self.matched: dict[str, dict[str, None]] = collections.defaultdict(dict)  # rule -> paths it matched, in order
+    self.targets: dict[Path, list[tuple[int, ...]]] = {}  # model path (layers normalised) -> its shapes
+    self.unfit: dict[Path, None] = {}  # stored paths of the leaves a matching rule could not fit
+
+  def target_shapes(self, path: str) -> list[tuple[int, ...]]:
+    """The shapes a target leaf at `path` has (one layer of it too, under a stack): [] when unknown."""
+    return self.targets.get(layout.normalize_layers(_split_path(path)), [])
 
   def match(self, rule: str, path: str) -> None:
     self.matches[rule] += 1
@@ -353,6 +359,8 @@ class _OneToMany(Rule):
     for path, expr in leaves.items():
       b = self.source.match(path)
       made = self.outputs(path, b, expr, tally) if b is not None else None
+      if made == []:  # the rule matched a leaf it cannot fit
+        tally.unfit.update((x.path, None) for x in stored_leaves(expr))
       if made is None:
         _put(out, made_by, path, expr, repr(self), tally)
         continue
@@ -544,6 +552,22 @@ def reshape(path: str, from_shape: Sequence[int], to_shape: Sequence[int]) -> Ru
   return _Reshape(path, from_shape, to_shape)
 
 
+def _bind(sizes: dict[str, int], groups: list[tuple[list[str], int]]) -> str | None:
+  """Binds in `sizes` every axis a group of known size leaves alone open; what cannot fit, or None."""
+  progress = True
+  while progress:
+    progress = False
+    for group, n in groups:
+      unknown = [a for a in group if a not in sizes]
+      known = math.prod(sizes[a] for a in group if a in sizes)
+      if (not unknown and known != n) or (unknown and n % known):
+        return f"({' '.join(group)}) cannot be {n}"
+      if len(unknown) == 1:
+        sizes[unknown[0]] = n // known
+        progress = True
+  return None
+
+
 def _axes(side: str) -> list[list[str]]:
   """'d (h k)' -> [['d'], ['h', 'k']]."""
   groups = []
@@ -568,24 +592,36 @@ class _Rearrange(_OneToMany):
     return f'rearrange({self.source.text!r}, {self.pattern!r}{sizes})'
 
   def _sizes(self, path, shape, tally) -> dict[str, int] | None:
+    """Every axis size: from `sizes=`, the leaf's shape, then the target's shape at `path`."""
     if len(shape) != len(self.left):
       tally.problems.append(f"{self!r}: '{path}' {shape} has {len(shape)} axes, the pattern's left side"
                             f" {len(self.left)}")
       return None
     sizes = dict(self.sizes)
+    unfit = _bind(sizes, list(zip(self.left, shape)))
+    if unfit:
+      tally.problems.append(f"{self!r}: '{path}' {shape}: {unfit} with sizes {self.sizes}")
+      return None
+    names = [a for g in self.left for a in g]
+    if all(a in sizes for a in names):
+      return sizes
+    # Sizes the leaf leaves open, the target leaf this rule makes may tell.
+    for want in tally.target_shapes(path):
+      if len(want) == len(self.right):
+        bound = dict(sizes)
+        unfit = _bind(bound, list(zip(self.right, want)) + list(zip(self.left, shape)))
+        if unfit:
+          tally.problems.append(f"{self!r}: '{path}' {shape} cannot become the target's {tuple(want)}: {unfit}")
+          return None
+        if all(a in bound for a in names):
+          return bound
     for group, n in zip(self.left, shape):
       unknown = [a for a in group if a not in sizes]
-      known = math.prod(sizes[a] for a in group if a in sizes)
-      if len(unknown) > 1:
+      if unknown:
         tally.problems.append(f"{self!r}: '{path}' {shape} leaves {' and '.join(unknown)} in ({' '.join(group)}) = {n}"
                               f" open; give all but one of them as sizes ({unknown[0]}=...)")
         return None
-      if (unknown and n % known) or (not unknown and known != n):
-        tally.problems.append(f"{self!r}: '{path}' {shape}: ({' '.join(group)}) cannot be {n} with sizes {self.sizes}")
-        return None
-      if unknown:
-        sizes[unknown[0]] = n // known
-    return sizes
+    return None
 
   def outputs(self, path, b, expr, tally):
     shape = tuple(expr.shape)

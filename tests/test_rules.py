@@ -456,9 +456,22 @@ def test_rearrange_patterns_serve_leaves_of_any_size_both_ways(tmp_path):
   with pytest.raises(PlanError, match=r"rearrange\('\{b\}/\{n\}_einsum/kernel', 'd h -> h d'\): 'blk/q_einsum/kernel'"
                                       r" \(8, 4, 4\) has 3 axes, the pattern's left side 2"):
     plan(tmp_path / 'linen' / '1', target, rules=[rearrange('{b}/{n}_einsum/kernel', 'd h -> h d')] + rules[1:])
-  # Without the head size, the way back cannot tell it: said, with the fix.
+  # Without the head size, a save cannot tell it (it has no target): said, with the fix.
+  unsized = [rearrange('{b}/{n}_einsum/kernel', 'd h k -> d (h k)'), rules[1],
+             rearrange('{b}/out/kernel', 'h k d -> (h k) d'), rules[3]]
   with pytest.raises(PlanError, match=r"leaves h and k in \(h k\) = 16 open; give all but one of them as sizes"):
-    to_linen(ported, rules=[rearrange('{b}/{n}_einsum/kernel', 'd h k -> d (h k)')] + rules[1:], dry_run=True)
+    to_linen(ported, rules=unsized, dry_run=True)
+  # A restore has one: the Linen tree it restores into binds h and k, leaf by leaf.
+  save(tmp_path / 'nnx', ported)
+  linen_abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), linen)
+  back = ocp.CheckpointManager(tmp_path / 'nnx').restore(1, args=LinenCompatRestore(linen_abstract, rules=unsized,
+                                                                                 source_layout='nnx'))
+  models.assert_all_equal(back, linen)
+  # A target the pattern cannot make is reported with both shapes.
+  linen_abstract['params']['blk']['q_einsum']['kernel'] = jax.ShapeDtypeStruct((D, 3, 5), np.float32)
+  with pytest.raises(PlanError, match=re.escape("'blk/q_einsum/kernel' (8, 16) cannot become the target's"
+                                                " (8, 3, 5): (h k) cannot be 16")):
+    plan(tmp_path / 'nnx' / '1', linen_abstract, rules=unsized, source_layout='nnx')
 
 
 def test_rules_written_for_one_layer_apply_to_declared_stacks(tmp_path, mesh):
@@ -492,3 +505,17 @@ def test_rules_written_for_one_layer_apply_to_declared_stacks(tmp_path, mesh):
   with ocp.CheckpointManager(tmp_path / 'back') as mngr:
     models.assert_all_equal(mngr.restore(1, args=LinenCompatRestore()),
                             {'params': {'layers': {'mlp': {'gating_einsum': fused}, 'q': {'kernel': q}}}})
+  # Restoring the NNX stack into Linen's tree: the target's one layer (D, H, K) binds the head sizes.
+  save(tmp_path / 'nnx', restored)
+  scan_tree = {'params': {'layers': {'mlp': {'gating_einsum': fused}, 'q': {'kernel': q}}}}
+  unsized = rules[:2] + [rearrange('{b...}/q/kernel', 'd h k -> d (h k)')]
+  back = ocp.CheckpointManager(tmp_path / 'nnx').restore(1, args=LinenCompatRestore(
+      jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), scan_tree), rules=unsized, stacks=stacks,
+      source_layout='nnx'))
+  models.assert_all_equal(back, scan_tree)
+  # Without stacks=, the source's shapes tell the layer axis (1 is the only axis of one size in every array
+  # under 'layers'): the planner infers it, says so, and reads the same values.
+  p = plan(tmp_path / 'scan' / '1' / 'default', target, rules=rules, target_layout='nnx')
+  assert "note    layer axis 1 of source stack 'layers' inferred from its shapes: rules see one layer" in str(p)
+  models.assert_all_equal(ocp.CheckpointManager(tmp_path / 'scan').restore(
+      1, args=LinenCompatRestore(target, rules=rules, target_layout='nnx')), want)
