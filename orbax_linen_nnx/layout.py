@@ -149,6 +149,22 @@ def linen_names(param: Path) -> Path:
   return tuple(out)
 
 
+def nnx_names(param: Path) -> Path:
+  """A model path as NNX names it: a list of modules (`layers_3`) as `layers/3`.
+
+  Linen's automatic names (`Dense_0`, class name and call index) stay: they
+  name attributes, not list entries, and the pairing treats both alike.
+
+  >>> nnx_names(('layers_3', 'Dense_0', 'kernel'))
+  ('layers', '3', 'Dense_0', 'kernel')
+  """
+  out: list[str] = []
+  for seg in param:
+    m = _INDEXED.fullmatch(seg)
+    out.extend(m.groups() if m and not seg[:1].isupper() else (seg,))
+  return tuple(out)
+
+
 def _mirrors_variable(rel: Path, model: set[Path]) -> bool:
   """Whether `rel` names a model variable, in any per-layer form, or one layer of a stacked one.
 

@@ -665,7 +665,7 @@ def _depths(entries, stacks, side: str) -> dict[Path, int]:
 
 # Where each layout keeps a stack's layer axis when the user names only the other side's.
 _DEFAULT_LAYER_AXIS = {layout.NNX: stacks_lib.NNX_LAYER_AXIS, layout.LINEN: 1}  # nnx.vmap; nn.scan (MaxText)
-_NAMES = {layout.LINEN: layout.linen_names, layout.NNX: stacks_lib.normalize}  # per-layer: layers_3, layers/3
+_NAMES = {layout.LINEN: layout.linen_names, layout.NNX: layout.nnx_names}  # per-layer: layers_3, layers/3
 
 
 def _placed(param: Path, shape: tuple[int, ...], stacks, depth, to: str, problems: list[str]) -> list[tuple[Path, tuple]]:
@@ -709,6 +709,7 @@ def build_save(
     rules: rules_lib.Rules = None,
     stacks: stacks_lib.StackAxes | None = None,
     aux: str | None = layout.NNX_AUX,
+    action: str = 'LinenCompatSave cannot write the NNX state in the Linen layout',
 ) -> RestorePlan:
   """The plan of writing an NNX state in the Linen layout: `build` with the Linen tree as target.
 
@@ -771,7 +772,7 @@ def build_save(
   targets.sort(key=lambda t: t.path)
   return build(sources, targets, source_layout=layout.NNX, target_layout=layout.LINEN, rules=rules,
                stacks=stacks, where='the NNX state', problems=problems, skip=skip,
-               action='LinenCompatSave cannot write the NNX state in the Linen layout')
+               action=action)
 
 
 def build_nnx(

@@ -1,0 +1,274 @@
+"""`orbax-linen-nnx`: inspect, plan, convert and compare checkpoints from the shell.
+
+    orbax-linen-nnx inspect ckpts/linen/100
+    orbax-linen-nnx plan ckpts/linen/100 --target my_model:abstract_state --rules my_model:RULES
+    orbax-linen-nnx convert ckpts/linen/100 ckpts/nnx/100 --to nnx --rules my_model:RULES
+    orbax-linen-nnx compare ckpts/linen/100 ckpts/nnx/100 --rules my_model:RULES
+
+Exit status: 0 done (compare: the checkpoints match), 1 values differ (compare),
+2 bad command line, 3 cannot plan, 4 source unreadable, 5 destination refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.util
+import json
+import re
+import sys
+from typing import Any, Sequence
+
+from etils import epath
+
+EXIT_OK, EXIT_DIFFER, EXIT_USAGE, EXIT_PLAN, EXIT_UNREADABLE, EXIT_DESTINATION = 0, 1, 2, 3, 4, 5
+
+
+class UsageError(ValueError):
+  """A command line that names something that is not there (a rules module, a bad --stacks)."""
+
+
+def _load(spec: str, what: str) -> Any:
+  """`module:NAME` or `path/to/file.py:NAME`: the named object."""
+  module_name, sep, name = spec.rpartition(':')
+  if not sep or not module_name or not name:
+    raise UsageError(f'{what} {spec!r} must be module:NAME (or path/to/file.py:NAME)')
+  try:
+    if module_name.endswith('.py'):
+      loader = importlib.util.spec_from_file_location(epath.Path(module_name).stem, module_name)
+      if loader is None or not epath.Path(module_name).exists():
+        raise UsageError(f'{what} {spec!r}: no file {module_name}')
+      module = importlib.util.module_from_spec(loader)
+      loader.loader.exec_module(module)
+    else:
+      sys.path.insert(0, '.')
+      module = importlib.import_module(module_name)
+  except ImportError as e:
+    raise UsageError(f'{what} {spec!r}: cannot import {module_name} ({e})') from e
+  if not hasattr(module, name):
+    raise UsageError(f'{what} {spec!r}: {module_name} has no {name!r}')
+  return getattr(module, name)
+
+
+def _stacks(text: str | None) -> Any:
+  if text is None:
+    return None
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise UsageError(f"--stacks must be JSON like '{{\"layers\": {{\"linen\": 1, \"nnx\": 0}}}}': {e}") from e
+
+
+_UNITS = {'': 1, 'b': 1, 'k': 10**3, 'kb': 10**3, 'kib': 2**10, 'm': 10**6, 'mb': 10**6, 'mib': 2**20,
+          'g': 10**9, 'gb': 10**9, 'gib': 2**30}
+
+
+def _bytes(text: str) -> int:
+  m = re.fullmatch(r'\s*([\d.]+)\s*([a-zA-Z]*)\s*', text)
+  if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
+    raise argparse.ArgumentTypeError(f'{text!r} is no size: write e.g. 512MiB, 1GB or a number of bytes')
+  return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog='orbax-linen-nnx',
+      description='Inspect, plan, convert and compare Orbax checkpoints between the Flax Linen and NNX layouts.',
+      epilog='Exit status: 0 done, 1 values differ (compare), 2 bad command line, 3 cannot plan,'
+             ' 4 source unreadable, 5 destination refused.')
+  sub = p.add_subparsers(dest='command', required=True)
+
+  def source(q, name='ckpt', help='a checkpoint: an item, a step or a run directory (its latest step)'):
+    q.add_argument(name, help=help)
+
+  def mapping(q):
+    q.add_argument('--rules', metavar='MODULE:NAME', help='mapping rules (a list, dict or callable; see README)')
+    q.add_argument('--stacks', metavar='JSON', help='layer axes: \'{"layers": {"linen": 1, "nnx": 0}}\'')
+
+  def quiet(q):
+    q.add_argument('--quiet', '-q', action='store_true', help='no progress bars (also off when not a terminal)')
+
+  q = sub.add_parser('inspect', help='what a checkpoint holds: layout, step, optimizer, stacks, arrays')
+  source(q)
+  q.add_argument('--json', action='store_true', help='machine-readable output')
+
+  q = sub.add_parser('plan', help='the plan of restoring SRC into a target, or why it cannot be made')
+  source(q, 'src')
+  how = q.add_mutually_exclusive_group(required=True)
+  how.add_argument('--target', metavar='CKPT|MODULE:FUNCTION',
+                   help='a checkpoint whose tree to match, or a function returning an abstract state')
+  how.add_argument('--to', choices=('nnx', 'linen'), help='the layout, with no model (the tree it saves)')
+  mapping(q)
+  q.add_argument('--partial', action='store_true', help='restore what has a source; report the rest')
+
+  q = sub.add_parser('convert', help='write SRC in another layout as a new checkpoint, in bounded memory')
+  source(q, 'src')
+  q.add_argument('dst', help='the step directory to write (its item goes under it)')
+  how = q.add_mutually_exclusive_group(required=True)
+  how.add_argument('--to', choices=('nnx', 'linen'), help='the layout to write, no model needed')
+  how.add_argument('--target', metavar='CKPT|MODULE:FUNCTION', help='write exactly this tree')
+  mapping(q)
+  q.add_argument('--overwrite', action='store_true', help='replace DST if it exists')
+  q.add_argument('--item', default='default', help="the item name under DST (default: 'default')")
+  q.add_argument('--budget', type=_bytes, default=None, metavar='SIZE',
+                 help='decoded bytes held per batch of arrays (default 128MiB; one larger array goes alone)')
+  q.add_argument('--distributed', action='store_true',
+                 help='run as one of several processes (jax.distributed.initialize; each writes its share)')
+  q.add_argument('--coordinator', help='with --distributed: host:port of process 0')
+  q.add_argument('--num-processes', type=int)
+  q.add_argument('--process-id', type=int)
+  quiet(q)
+
+  q = sub.add_parser('compare', help='compare two checkpoints in any layouts, leaf by leaf; exit 0 only if they match')
+  source(q, 'a')
+  source(q, 'b', help='the checkpoint whose tree A is read as')
+  mapping(q)
+  q.add_argument('--rtol', type=float, default=0.0, help='relative tolerance (default 0: bit for bit)')
+  q.add_argument('--atol', type=float, default=0.0, help='absolute tolerance (default 0)')
+  q.add_argument('--budget', type=_bytes, default=None, metavar='SIZE', help='decoded bytes per batch, each side')
+  q.add_argument('--json', action='store_true', help='machine-readable output')
+  quiet(q)
+  return p
+
+
+@contextlib.contextmanager
+def _progress(description: str, total_bytes: int, arrays: int, quiet: bool):
+  """A rich progress bar on stderr (bytes, arrays, rate, time left); off when quiet or not a terminal."""
+  from rich.console import Console
+  from rich import progress as rp
+
+  console = Console(stderr=True)
+  columns = (rp.TextColumn('{task.description}'), rp.BarColumn(), rp.DownloadColumn(),
+             rp.TextColumn('{task.fields[arrays]}'), rp.TransferSpeedColumn(), rp.TimeRemainingColumn())
+  with rp.Progress(*columns, console=console, disable=quiet or not console.is_terminal) as bar:
+    task = bar.add_task(description, total=total_bytes, arrays=f'0/{arrays} arrays')
+    done = [0]
+
+    def advance(nbytes: int, count: int) -> None:
+      done[0] += count
+      bar.update(task, advance=nbytes, arrays=f'{done[0]}/{arrays} arrays')
+
+    yield advance
+
+
+def _target(spec: str, item: str | None = None):
+  """(checkpoint, None) for a checkpoint path; (None, abstract state) for module:function."""
+  from orbax_linen_nnx import convert
+
+  if epath.Path(spec).exists():
+    return convert.open_source(spec), None
+  make = _load(spec, '--target')
+  return None, (make() if callable(make) else make)
+
+
+def _plan(args, src):
+  from orbax_linen_nnx import convert, handler
+
+  rules, stacks = (_load(args.rules, '--rules') if args.rules else None), _stacks(args.stacks)
+  if args.to:
+    return convert.plan_to(src, args.to, rules=rules, stacks=stacks), None, None
+  tgt, abstract = _target(args.target)
+  partial = getattr(args, 'partial', False)
+  if tgt is not None:
+    return (convert.plan_into(src, convert.abstract_of(tgt), tgt.layout, rules=rules, stacks=stacks,
+                              partial=partial), tgt, None)
+  return handler.plan(src.directory, abstract, rules=rules, stacks=stacks, partial=partial), None, abstract
+
+
+def _inspect(args) -> int:
+  from orbax_linen_nnx import convert
+
+  info = convert.inspect(convert.open_source(args.ckpt))
+  print(json.dumps(info, indent=1) if args.json else convert.render_inspection(info))
+  return EXIT_OK
+
+
+def _plan_command(args) -> int:
+  from orbax_linen_nnx import convert
+
+  plan, _, _ = _plan(args, convert.open_source(args.src))
+  print(plan)
+  return EXIT_OK
+
+
+def _convert(args) -> int:
+  import jax
+
+  if args.distributed:
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  from orbax_linen_nnx import convert
+
+  src = convert.open_source(args.src)
+  plan, tgt, abstract = _plan(args, src)
+  structure = convert.target_structure(tgt) if tgt is not None else None
+  names = None
+  if abstract is not None:  # NNX Variables are saved as {'value': ...} nodes
+    names = {r.target.path: r.target.path + (('value',) if r.target.variable_type else ()) for r in plan.reads}
+  total = sum(convert._nbytes(r.target.shape, r.target.dtype) for r in plan.reads)
+  budget = args.budget or convert.DEFAULT_BATCH_BYTES
+  with _progress('convert', total, len(plan.reads), args.quiet or jax.process_index() != 0) as advance:
+    written = convert.convert(src, args.dst, plan, structure=structure, item=args.item, overwrite=args.overwrite,
+                              batch_bytes=budget, on_written=advance, names=names)
+  if jax.process_index() == 0:
+    print(f'wrote {written} ({plan.target_layout} layout): {len(plan.reads)} arrays,'
+          f' {convert._size(total)} from {src.directory} ({src.layout} layout)')
+    if plan.dropped or plan.skipped:
+      print(f'  left out: {len(plan.dropped)} dropped by rules, {len(plan.skipped)} NNX-only arrays skipped'
+            ' (the plan command lists them)')
+  return EXIT_OK
+
+
+def _compare(args) -> int:
+  from orbax_linen_nnx import convert
+
+  a, b = convert.open_source(args.a), convert.open_source(args.b)
+  rules, stacks = (_load(args.rules, '--rules') if args.rules else None), _stacks(args.stacks)
+  total = sum(convert._nbytes(x.shape, x.dtype) for x in b.arrays)
+  with _progress('compare', total, len(b.arrays), args.quiet) as advance:
+    result = convert.compare(a, b, rules=rules, stacks=stacks, rtol=args.rtol, atol=args.atol,
+                             batch_bytes=args.budget or convert.DEFAULT_BATCH_BYTES, on_done=advance)
+  if args.json:
+    print(json.dumps({'equal': result.equal, 'compared': result.compared, 'missing': result.missing,
+                      'extra': result.extra, 'differing': result.differing, 'casts': result.casts}, indent=1))
+  else:
+    print(f'A {a.directory} ({a.layout})\nB {b.directory} ({b.layout})')
+    print(f'{result.compared} leaves compared: {result.compared - len(result.differing)} match,'
+          f' {len(result.differing)} differ; {len(result.missing)} missing from A, {len(result.extra)} extra in A'
+          + (f' (rtol={args.rtol}, atol={args.atol})' if args.rtol or args.atol else ' (bit for bit)'))
+    for d in result.differing:
+      print(f"  differs  {d['path']}: {d['elements']} of {d['of']} elements, max abs diff {d['max_abs']:.6g},"
+            f" max rel diff {d['max_rel']:.6g}")
+    print(*[f'  missing  {p} (in B, nothing in A makes it)' for p in result.missing], sep='\n', end='')
+    print(*[f'\n  extra    {p} (in A, nothing in B uses it)' for p in result.extra], sep='', end='')
+    print('' if not (result.missing or result.extra) else '\n', end='')
+    for c in result.casts:
+      print(f'  cast     {c}')
+    print('MATCH' if result.equal else 'DIFFER')
+  return EXIT_OK if result.equal else EXIT_DIFFER
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs one command; returns the exit status (see the module docstring)."""
+  args = _parser().parse_args(argv)
+  from orbax_linen_nnx import convert, planner, rules as rules_lib, source
+
+  command = {'inspect': _inspect, 'plan': _plan_command, 'convert': _convert, 'compare': _compare}[args.command]
+  try:
+    return command(args)
+  except (UsageError, rules_lib.RuleError) as e:
+    status, message = EXIT_USAGE, str(e)
+  except planner.PlanError as e:
+    status, message = EXIT_PLAN, str(e)
+  except (source.CheckpointNotFoundError, source.DamagedCheckpointError) as e:
+    status, message = EXIT_UNREADABLE, str(e)
+  except convert.DestinationExistsError as e:
+    status, message = EXIT_DESTINATION, str(e)
+  except ValueError as e:  # e.g. a checkpoint already in the layout asked for, several items in a step
+    status, message = EXIT_USAGE, str(e)
+  print(f'orbax-linen-nnx {args.command}: error: {message}', file=sys.stderr)
+  return status
+
+
+if __name__ == '__main__':
+  sys.exit(main())

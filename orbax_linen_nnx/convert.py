@@ -1,0 +1,454 @@
+"""Whole checkpoints, no model code: inspect, plan, convert and compare (what the command line runs).
+
+`convert` writes a normal Orbax checkpoint (the one `StandardSave` writes:
+`<dst>/<item>/` with its metadata, restorable by `StandardRestore` and by
+Linen or NNX code without this package) in bounded host memory. Orbax's own
+`PyTreeCheckpointHandler` does the save, so the tree metadata, OCDBT layout,
+atomic commit and each process writing only its shards are Orbax's. Its leaves
+are `Pending` arrays, known to Orbax by shape, dtype and sharding only; the
+type handler registered for them reads a batch of them through the read engine
+(each process only its own shards, each stored chunk decoded once), hands the
+batch to Orbax's `ArrayHandler` to write, waits for the write, and only then
+reads the next: the host holds about one batch (`budget_bytes`) at a time.
+
+    convert('ckpts/linen/100', 'ckpts/nnx/100', to='nnx')
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import json
+import math
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from orbax_linen_nnx import layout
+from orbax_linen_nnx import ops
+from orbax_linen_nnx import planner as plan_lib
+from orbax_linen_nnx import read as read_lib
+from orbax_linen_nnx import save as save_lib
+from orbax_linen_nnx import source as source_lib
+from orbax_linen_nnx import stacks as stacks_lib
+from orbax_linen_nnx import target as target_lib
+from orbax_linen_nnx.handler import _SavedAsStandard
+
+Path = layout.Path
+
+# Decoded bytes a convert or compare holds per batch of arrays (one larger array goes alone).
+DEFAULT_BATCH_BYTES = 128 * 2**20
+
+
+class DestinationExistsError(FileExistsError):
+  """`convert` was asked to write where a checkpoint (or anything) already is."""
+
+
+# ---------------------------------------------------------------- opening
+
+
+def open_source(path: epath.PathLike, item: str | None = None) -> source_lib.Checkpoint:
+  """The checkpoint item at `path`: an item, a step directory, or a run directory (its latest finished step)."""
+  path = epath.Path(path)
+  if path.is_dir() and not (path / '_METADATA').exists():
+    steps = sorted((int(p.name), p) for p in path.iterdir() if p.name.isdigit() and p.is_dir()
+                   and ocp.path.step.is_path_finalized(p))
+    if steps and not any((p / '_METADATA').exists() for p in path.iterdir() if p.is_dir() and not p.name.isdigit()):
+      path = steps[-1][1]
+  if item is not None:
+    path = path / item
+  return source_lib.open_checkpoint(path)
+
+
+def step_of(ckpt: source_lib.Checkpoint) -> int | None:
+  """The training step: the stored step counter, else the step directory's name."""
+  for a in ckpt.arrays:
+    if a.path in (('step',), ('optimizer', 'step', 'value'), ('optimizer', 'step')) and not a.shape:
+      return int(ckpt.stores[a.name].read().result())
+  name = ckpt.directory.parent.name
+  return int(name) if name.isdigit() else None
+
+
+# ---------------------------------------------------------------- inspect
+
+
+def _nbytes(shape, dtype) -> int:
+  return math.prod(shape) * np.dtype(dtype).itemsize
+
+
+def stacks_found(ckpt: source_lib.Checkpoint) -> list[dict]:
+  """Layer stacks: per-layer modules (`layers_3`, `layers/3`) and stacked ones (an axis all arrays share).
+
+  A stacked one's layer axis is what the shapes tell: an axis that has the
+  same size in every model array under the stack root and, where several do,
+  a size no array outside the stack has; candidates left are all listed.
+  """
+  described = layout.describe([a.path for a in ckpt.arrays], ckpt.layout)
+  params = {stacks_lib.normalize(l.meaning.param): tuple(a.shape)
+            for a, l in zip(ckpt.arrays, described) if l.meaning.section == ('model',) and l.meaning.param}
+  found, per_layer = [], collections.defaultdict(set)
+  for p in params:
+    for k, seg in enumerate(p[:-1]):
+      if seg.isdigit() and not p[k - 1][:1].isupper():  # not Linen's automatic names (Dense_0, Dense_1)
+        per_layer[p[:k]].add(int(seg))
+        break
+  for root, layers in sorted(per_layer.items()):
+    found.append({'root': '/'.join(root), 'kind': 'per-layer', 'layers': len(layers), 'layer_axis': None})
+  claimed: list[Path] = list(per_layer)
+  for k in range(1, max((len(p) for p in params), default=0)):
+    for root in sorted({p[:k] for p in params if len(p) > k}):
+      if any(root[:len(c)] == c for c in claimed) or any(s.isdigit() for s in root):
+        continue
+      shapes = [s for p, s in params.items() if p[:k] == root and len(p) > k]
+      if len(shapes) < 2:
+        continue
+      axes = [a for a in range(min(map(len, shapes))) if len({s[a] for s in shapes}) == 1]
+      if len(axes) > 1:  # a feature size every block shares: the layer count is the one not used outside
+        outside = {n for p, s in params.items() if p[:k] != root for n in s}
+        axes = [a for a in axes if shapes[0][a] not in outside] or axes
+      if axes:
+        found.append({'root': '/'.join(root), 'kind': 'stacked', 'layers': [shapes[0][a] for a in axes],
+                      'layer_axis': axes})
+        claimed.append(root)
+  return found
+
+
+def inspect(ckpt: source_lib.Checkpoint) -> dict:
+  """What a checkpoint holds, as JSON-ready data: layout, step, optimizer, stacks, arrays."""
+  kind = ckpt.layout
+  described = layout.describe([a.path for a in ckpt.arrays], kind)
+  if kind == layout.LINEN and any(l.collection == layout.NNX_AUX for l in described):
+    kind = 'linen (MaxText, NNX state under nnx_aux)'
+  optimizer: dict[str, list[str]] = collections.defaultdict(list)
+  for l in described:
+    if l.meaning.section[:1] == ('opt_state',):
+      entry = '/'.join(l.meaning.section[1:-1]) or '-'
+      what = l.meaning.section[-1] + (' (mirrors the params)' if l.meaning.param else '')
+      if what not in optimizer[entry]:
+        optimizer[entry].append(what)
+  arrays = []
+  for a in ckpt.arrays:
+    chunk = ckpt.stores[a.name].chunk_layout.read_chunk.shape
+    arrays.append({'path': layout.render(a.path), 'shape': list(a.shape), 'dtype': np.dtype(a.dtype).name,
+                   'chunk': list(chunk or ()), 'bytes': _nbytes(a.shape, a.dtype)})
+  return {
+      'directory': str(ckpt.directory),
+      'layout': kind,
+      'step': step_of(ckpt),
+      'optimizer': {k: v for k, v in sorted(optimizer.items())},
+      'stacks': stacks_found(ckpt),
+      'arrays': arrays,
+      'total_bytes': sum(x['bytes'] for x in arrays),
+  }
+
+
+def _size(n: int) -> str:
+  for unit in ('B', 'KiB', 'MiB', 'GiB'):
+    if n < 1024 or unit == 'GiB':
+      return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
+    n /= 1024
+  return str(n)
+
+
+def render_inspection(info: dict) -> str:
+  """The `inspect` report as text: a header, then the array tree."""
+  lines = [f"{info['directory']}", f"  layout     {info['layout']}", f"  step       {info['step']}"]
+  if info['optimizer']:
+    lines += ['  optimizer  opt_state/' + k + ': ' + ', '.join(v) for k, v in info['optimizer'].items()]
+  for s in info['stacks']:
+    if s['kind'] == 'per-layer':
+      lines.append(f"  stack      {s['root']}: {s['layers']} layers, one module each")
+    elif len(s['layer_axis']) == 1:
+      lines.append(f"  stack      {s['root']}: {s['layers'][0]} layers, stacked at axis {s['layer_axis'][0]}"
+                   ' (from shapes)')
+    else:
+      either = ' or '.join(f'{a} ({n} layers)' for a, n in zip(s['layer_axis'], s['layers']))
+      lines.append(f"  stack      {s['root']}: stacked at axis {either}: shapes cannot tell, --stacks can")
+  lines.append(f"  arrays     {len(info['arrays'])}, {_size(info['total_bytes'])}")
+  shown: list[str] = []
+  for a in info['arrays']:
+    parts = a['path'].split('/')
+    if len(parts) > 1 and parts[-1] == 'value':  # an NNX Variable's node: shown with its name
+      parts = parts[:-2] + ['/'.join(parts[-2:])]
+    common = 0
+    while common < min(len(shown), len(parts) - 1) and shown[common] == parts[common]:
+      common += 1
+    for depth in range(common, len(parts) - 1):
+      lines.append('  ' + '  ' * depth + parts[depth] + '/')
+    shown = parts[:-1]
+    shape = '(' + ', '.join(map(str, a['shape'])) + (',)' if len(a['shape']) == 1 else ')')
+    chunk = '(' + ', '.join(map(str, a['chunk'])) + (',)' if len(a['chunk']) == 1 else ')')
+    lines.append(f"  {'  ' * (len(parts) - 1)}{parts[-1]}  {shape} {a['dtype']}  chunk {chunk}  {_size(a['bytes'])}")
+  return '\n'.join(lines)
+
+
+# ---------------------------------------------------------------- plans
+
+
+def abstract_of(ckpt: source_lib.Checkpoint) -> list[plan_lib.Target]:
+  """A checkpoint's own tree as restore targets (its paths, shapes and dtypes)."""
+  return [plan_lib.Target(a.path, tuple(a.shape), np.dtype(a.dtype), None, key_impl=a.key_impl)
+          for a in ckpt.arrays]
+
+
+def plan_into(src: source_lib.Checkpoint, targets: Sequence[plan_lib.Target], target_layout: str, *,
+              rules=None, stacks=None, partial: bool = False) -> plan_lib.RestorePlan:
+  """The plan of reading `src` as `targets` (another checkpoint's tree, or a model's)."""
+  return plan_lib.build(src.arrays, targets, source_layout=src.layout, target_layout=target_layout, rules=rules,
+                        stacks=stacks, partial=partial, where=str(src.directory))
+
+
+def plan_to(src: source_lib.Checkpoint, to: str, *, rules=None, stacks=None) -> plan_lib.RestorePlan:
+  """The plan of reading `src` in the other layout with no model: the tree that layout's training state saves."""
+  if to not in layout.LAYOUTS:
+    raise ValueError(f'to must be one of {layout.LAYOUTS}, got {to!r}')
+  if src.layout == to:
+    raise ValueError(f'{src.directory} is already in the {to} layout; to restack or rename it, give the'
+                     ' tree it should become as a target (a checkpoint, or module:function returning an'
+                     ' abstract state)')
+  if to == layout.NNX:
+    return plan_lib.build_nnx(src.arrays, rules=rules, stacks=stacks, where=str(src.directory))
+  # NNX state Linen has no place for (RNG streams) goes under nnx_aux, as MaxText writes it.
+  types = {a.path: 'RngState' for a in src.arrays if layout.is_rng_path(a.path)}
+  return plan_lib.build_save(src.arrays, types, rules=rules, stacks=stacks,
+                             action=f'cannot convert {src.directory} to the linen layout')
+
+
+def with_shardings(plan: plan_lib.RestorePlan, sharding_of: Callable[[plan_lib.Target], Any]) -> plan_lib.RestorePlan:
+  """The plan with every target given `sharding_of(target)`, where it has none."""
+  reads = tuple(r if r.target.sharding is not None else
+                dataclasses.replace(r, target=dataclasses.replace(r.target, sharding=sharding_of(r.target)))
+                for r in plan.reads)
+  return dataclasses.replace(plan, reads=reads)
+
+
+def spread(t: plan_lib.Target) -> jax.sharding.Sharding:
+  """Over every device of every process: the first axis they divide, else replicated."""
+  devices = jax.devices()
+  mesh = jax.sharding.Mesh(np.array(devices), ('all',))
+  spec = [None] * len(t.shape)
+  for axis, n in enumerate(t.shape):
+    if n >= len(devices) and n % len(devices) == 0:
+      spec[axis] = 'all'
+      break
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def batches(reads: Sequence[plan_lib.LeafRead], budget: int) -> list[list[plan_lib.LeafRead]]:
+  """Consecutive reads whose targets together hold at most `budget` bytes (a larger one alone)."""
+  out, size = [], 0
+  for r in reads:
+    n = _nbytes(r.target.shape, r.target.dtype)
+    if not out or size + n > budget:
+      out.append([])
+      size = 0
+    out[-1].append(r)
+    size += n
+  return out
+
+
+# ---------------------------------------------------------------- convert
+
+
+@dataclasses.dataclass(eq=False)
+class Pending:
+  """An array Orbax saves that is read from the source only when Orbax writes it."""
+
+  read: plan_lib.LeafRead
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  sharding: Any
+
+  @property
+  def nbytes(self) -> int:
+    return _nbytes(self.shape, self.dtype)
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+
+class _PendingHandler(ocp.type_handlers.TypeHandler):
+  """Writes `Pending` leaves as `jax.Array`s, batch by batch: read, write, wait, next."""
+
+  def __init__(self, array_handler, ckpt, plan, budget: int, on_written: Callable[[int, int], None]):
+    self._array = array_handler
+    self._ckpt, self._plan, self._budget, self._on_written = ckpt, plan, budget, on_written
+
+  def typestr(self) -> str:
+    return self._array.typestr()  # saved as what it is on disk: a jax.Array
+
+  async def metadata(self, infos):
+    return await self._array.metadata(infos)
+
+  def memory_size(self, values):
+    return [v.nbytes for v in values]
+
+  async def serialize(self, values, infos, args=None):
+    args = list(args or [ocp.type_handlers.SaveArgs()] * len(values))
+    at = {id(v.read): i for i, v in enumerate(values)}
+    for batch in batches([v.read for v in values], self._budget):
+      index = [at[id(r)] for r in batch]
+      plan = dataclasses.replace(self._plan, reads=tuple(batch), kept=())
+      arrays = await asyncio.to_thread(read_lib.execute, plan, self._ckpt)
+      ordered = []
+      for r in batch:
+        a = arrays.pop(r.target.path)
+        ordered.append(jax.random.wrap_key_data(a, impl=r.target.key_impl) if r.target.key_impl else a)
+      del arrays
+      futures = await self._array.serialize(ordered, [infos[i] for i in index], [args[i] for i in index])
+      await asyncio.to_thread(lambda fs=futures: [f.result() for f in fs])
+      del ordered, futures
+      self._on_written(sum(_nbytes(r.target.shape, r.target.dtype) for r in batch), len(batch))
+    return []
+
+  async def deserialize(self, infos, args=None):
+    raise NotImplementedError('Pending arrays are only written; read the checkpoint as jax.Array')
+
+
+class _ConvertHandler(ocp.PyTreeCheckpointHandler):
+  """Orbax's PyTree handler; the step's metadata names StandardCheckpointHandler (what it wrote)."""
+
+  typestr = _SavedAsStandard()
+
+
+def _tree_for(plan: plan_lib.RestorePlan, structure: Any | None, values: dict[Path, Any]) -> Any:
+  """The tree to save: `structure` (a metadata tree) with its leaves replaced, or nested dicts."""
+  if structure is not None:
+    return jax.tree_util.tree_map_with_path(lambda kp, _: values[layout.key_path(kp)], structure)
+  tree: dict = {}
+  for path, v in values.items():
+    save_lib._put(tree, path, v)
+  return save_lib._as_lists(tree, False) if plan.target_layout == layout.LINEN else tree
+
+
+def target_structure(ckpt: source_lib.Checkpoint) -> Any:
+  """A checkpoint's tree as Orbax recorded it (lists, tuples and None entries included)."""
+  meta = ocp.PyTreeCheckpointHandler().metadata(ckpt.directory)
+  return getattr(meta, 'tree', meta)
+
+
+def _check_destination(src: source_lib.Checkpoint, dst: epath.Path, overwrite: bool) -> None:
+  s, d = src.directory.resolve(), dst.resolve()
+  if (s.parent / '_CHECKPOINT_METADATA').exists():  # the item of a step: the whole step is the source
+    s = s.parent
+  for a, b in ((s, d), (d, s)):
+    if a == b or b in a.parents:
+      raise DestinationExistsError(f'{dst} and the source {src.directory} overlap; convert writes a new'
+                                   ' checkpoint and never into its source: choose another destination')
+  if dst.exists() and not overwrite:
+    raise DestinationExistsError(f'{dst} already exists; pass overwrite=True (--overwrite) to replace it, or'
+                                 ' choose another destination')
+
+
+def convert(src: source_lib.Checkpoint, dst: epath.PathLike, plan: plan_lib.RestorePlan, *,
+            structure: Any | None = None, item: str = 'default', overwrite: bool = False,
+            batch_bytes: int = DEFAULT_BATCH_BYTES, on_written: Callable[[int, int], None] = lambda n, k: None,
+            sharding_of: Callable[[plan_lib.Target], Any] = spread,
+            names: dict[Path, Path] | None = None) -> epath.Path:
+  """Writes what `plan` reads from `src` as a checkpoint at `dst` (`<dst>/<item>`), batch by batch.
+
+  `structure` is the tree to write (a target checkpoint's, see
+  `target_structure`); without it, nested dicts by target path (Linen's
+  optimizer chains as lists). Orbax writes to a temporary directory and
+  renames it when done, so an interrupted convert leaves nothing at `dst`.
+  `names` renames target paths in the tree written (NNX Variables of an
+  abstract state are saved as `.../value`). `on_written(bytes, arrays)` is
+  called after each batch is written. Returns the item directory written.
+  """
+  dst = epath.Path(dst)
+  _check_destination(src, dst, overwrite)
+  plan = with_shardings(plan, sharding_of)
+  names = names or {}
+  values = {names.get(r.target.path, r.target.path): Pending(r, tuple(r.target.shape), np.dtype(r.target.dtype), r.target.sharding)
+            for r in plan.reads}
+  array_handler = ocp.type_handlers.get_type_handler(jax.Array)  # Orbax's own, with its array metadata store
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (jax.Array, array_handler),  # also keeps Orbax's per-array metadata (PRNG key types) on
+      (Pending, _PendingHandler(array_handler, src, plan, batch_bytes, on_written)))
+  handler = _ConvertHandler(type_handler_registry=registry)
+  tree = _tree_for(plan, structure, values)
+  handlers = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  handlers.add(item, ocp.args.PyTreeSave, handler)
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=handlers)) as checkpointer:
+    checkpointer.save(dst, ocp.args.Composite(**{item: ocp.args.PyTreeSave(tree)}), force=overwrite)
+  return dst / item
+
+
+# ---------------------------------------------------------------- compare
+
+
+@dataclasses.dataclass
+class Comparison:
+  """What `compare` found: leaves only one side has, and leaves whose values differ."""
+
+  missing: list[str]  # in B, not made from A
+  extra: list[str]    # in A, used by nothing in B
+  differing: list[dict] = dataclasses.field(default_factory=list)
+  compared: int = 0
+  casts: list[str] = dataclasses.field(default_factory=list)
+
+  @property
+  def equal(self) -> bool:
+    return not (self.missing or self.extra or self.differing)
+
+
+def compare(a: source_lib.Checkpoint, b: source_lib.Checkpoint, *, rules=None, stacks=None, rtol: float = 0.0,
+            atol: float = 0.0, batch_bytes: int = DEFAULT_BATCH_BYTES,
+            on_done: Callable[[int, int], None] = lambda n, k: None) -> Comparison:
+  """Compares A, read as B's tree through the same plan as a restore, with B, leaf by leaf, a batch at a time.
+
+  A leaf matches when every element satisfies |a - b| <= atol + rtol * |b|
+  (NaN matching NaN); with the defaults, bit for bit. Leaves are read onto one
+  device, `batch_bytes` of them (from each side) at a time.
+  """
+  targets = abstract_of(b)
+  plan = plan_into(a, targets, b.layout, rules=rules, stacks=stacks, partial=True)
+  own = plan_lib.build(b.arrays, targets, source_layout=b.layout, target_layout=b.layout, where=str(b.directory))
+  one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  plan, own = with_shardings(plan, lambda t: one), with_shardings(own, lambda t: one)
+  own_reads = {r.target.path: r for r in own.reads}
+  result = Comparison(missing=[layout.render(t.path) for t in plan.kept],
+                      extra=[s.name for s in plan.unused])
+  for r in plan.reads:
+    if any(isinstance(op, ops.Cast) for op in r.transform):
+      result.casts.append(f'{layout.render(r.target.path)}: A holds {np.dtype(r.sources[0].dtype).name}, compared as'
+                          f' {np.dtype(r.target.dtype).name}')
+  for batch in batches(plan.reads, batch_bytes):
+    mine = read_lib.execute(dataclasses.replace(plan, reads=tuple(batch), kept=()), a)
+    theirs = read_lib.execute(dataclasses.replace(own, reads=tuple(own_reads[r.target.path] for r in batch),
+                                                  kept=()), b)
+    for r in batch:
+      x, y = np.asarray(mine.pop(r.target.path)), np.asarray(theirs.pop(r.target.path))
+      diff = _difference(x, y, rtol, atol)
+      if diff is not None:
+        result.differing.append({'path': layout.render(r.target.path), **diff})
+    result.compared += len(batch)
+    on_done(sum(_nbytes(r.target.shape, r.target.dtype) for r in batch), len(batch))
+  return result
+
+
+def _difference(x: np.ndarray, y: np.ndarray, rtol: float, atol: float) -> dict | None:
+  """None when x matches y; else the largest absolute and relative differences and how many elements differ."""
+  if x.dtype.kind not in 'fc' and not (rtol or atol):
+    bad = x != y
+  else:
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    with np.errstate(invalid='ignore'):
+      bad = ~((np.abs(x64 - y64) <= atol + rtol * np.abs(y64)) | (np.isnan(x64) & np.isnan(y64)) | (x64 == y64))
+  if not bad.any():
+    return None
+  x64, y64 = x.astype(np.float64), y.astype(np.float64)
+  with np.errstate(invalid='ignore', divide='ignore'):
+    absolute = np.abs(x64 - y64)[bad]
+    relative = absolute / np.abs(y64[bad])
+  return {'elements': int(bad.sum()), 'of': int(bad.size), 'max_abs': float(np.nanmax(absolute)),
+          'max_rel': float(np.nanmax(relative)) if np.isfinite(relative).any() else float('inf')}
