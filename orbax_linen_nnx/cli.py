@@ -16,6 +16,7 @@ import contextlib
 import importlib
 import importlib.util
 import json
+import os
 import re
 import sys
 from typing import Any, Sequence
@@ -51,6 +52,11 @@ def _load(spec: str, what: str) -> Any:
   return getattr(module, name)
 
 
+def _path(text: str) -> str:
+  """A local path made absolute (Orbax wants absolute paths); URLs (gs://...) as given."""
+  return text if '://' in text else os.path.abspath(text)
+
+
 def _stacks(text: str | None) -> Any:
   if text is None:
     return None
@@ -80,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
   sub = p.add_subparsers(dest='command', required=True)
 
   def source(q, name='ckpt', help='a checkpoint: an item, a step or a run directory (its latest step)'):
-    q.add_argument(name, help=help)
+    q.add_argument(name, type=_path, help=help)
 
   def mapping(q):
     q.add_argument('--rules', metavar='MODULE:NAME', help='mapping rules (a list, dict or callable; see README)')
@@ -104,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
 
   q = sub.add_parser('convert', help='write SRC in another layout as a new checkpoint, in bounded memory')
   source(q, 'src')
-  q.add_argument('dst', help='the step directory to write (its item goes under it)')
+  q.add_argument('dst', type=_path, help='the step directory to write (its item goes under it)')
   how = q.add_mutually_exclusive_group(required=True)
   how.add_argument('--to', choices=('nnx', 'linen'), help='the layout to write, no model needed')
   how.add_argument('--target', metavar='CKPT|MODULE:FUNCTION', help='write exactly this tree')
@@ -157,7 +163,7 @@ def _target(spec: str, item: str | None = None):
   from orbax_linen_nnx import convert
 
   if epath.Path(spec).exists():
-    return convert.open_source(spec), None
+    return convert.open_source(_path(spec)), None
   make = _load(spec, '--target')
   return None, (make() if callable(make) else make)
 

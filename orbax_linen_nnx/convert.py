@@ -19,9 +19,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import json
 import math
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -35,7 +34,6 @@ from orbax_linen_nnx import read as read_lib
 from orbax_linen_nnx import save as save_lib
 from orbax_linen_nnx import source as source_lib
 from orbax_linen_nnx import stacks as stacks_lib
-from orbax_linen_nnx import target as target_lib
 from orbax_linen_nnx.handler import _SavedAsStandard
 
 Path = layout.Path

@@ -1,5 +1,6 @@
 """Every Python snippet in README.md runs, in order, in a fresh interpreter."""
 
+import os
 import pathlib
 import re
 import subprocess
@@ -17,6 +18,20 @@ def test_readme_python_snippets_run(tmp_path):
   done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-4000:]
   assert 'linen -> nnx: 14 arrays to read' in done.stdout
+  # The command line section: each `$` command runs where the snippets ran; each line shown under it is in
+  # its real output ('...' stands for text that differs per machine, such as absolute paths).
+  env = {**os.environ, 'PATH': f'{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ["PATH"]}',
+         'JAX_PLATFORMS': 'cpu'}
+  consoles = re.findall(r'```console\n(.*?)```', text, flags=re.S)
+  assert consoles
+  for block in consoles:
+    for command, shown in re.findall(r'^\$ (.*)\n((?:(?!\$ ).*\n)*)', block, flags=re.M):
+      ran = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+      assert ran.returncode == 0, (command, ran.stderr[-3000:])
+      for line in shown.splitlines():
+        if line != '...':
+          pattern = '.*'.join(map(re.escape, line.split('...')))
+          assert re.search(pattern, ran.stdout), (command, line, ran.stdout)
   # The plan outputs the README shows are what the snippets print.
   shown = re.findall(r'```text\n(.*?)```', text, flags=re.S)
   for block in shown:
