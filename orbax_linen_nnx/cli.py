@@ -202,7 +202,11 @@ def _convert(args) -> int:
   import jax
 
   if args.distributed:
-    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    host = (args.coordinator or '').rpartition(':')[0]
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                               # a coordinator on this machine's loopback listens there only
+                               coordinator_bind_address=args.coordinator if host in ('127.0.0.1', 'localhost')
+                               else None)
   from orbax_linen_nnx import convert
 
   src = convert.open_source(args.src)

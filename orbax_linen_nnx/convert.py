@@ -305,6 +305,8 @@ class _PendingHandler(ocp.type_handlers.TypeHandler):
       futures = await self._array.serialize(ordered, [infos[i] for i in index], [args[i] for i in index])
       await asyncio.to_thread(lambda fs=futures: [f.result() for f in fs])
       del ordered, futures
+      if read_lib._MALLOC_TRIM is not None:  # freed decode and write buffers back to the OS (see read.py)
+        read_lib._MALLOC_TRIM(0)
       self._on_written(sum(_nbytes(r.target.shape, r.target.dtype) for r in batch), len(batch))
     return []
 

@@ -245,3 +245,37 @@ def test_convert_decodes_each_stored_chunk_once_in_batches(tmp_path, linen_mlp):
                    '--budget', '300', '--quiet']) == 0  # 300 bytes: batches of one to a few arrays
   assert counter(CHUNK_READS) - before == 14  # 14 arrays saved from host: one chunk each, each decoded once
   assert run('compare', src, tmp_path / 'nnx', '--rules', rules).returncode == 0
+
+
+def test_convert_on_two_processes_each_writes_its_share(tmp_path, linen_mlp):
+  """`--distributed`: two processes (2 CPU devices each, loopback only) read and write their own shards."""
+  import socket
+
+  src, rules = linen_mlp
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  base = {k: v for k, v in os.environ.items() if not k.startswith(('XLA_', 'JAX_'))}
+  base.update(JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2',
+              PYTHONPATH=str(REPO / 'tests'))
+  procs = [subprocess.Popen([sys.executable, str(REPO / 'tests' / 'cli_loopback.py'), 'convert', str(src / '1'),
+                             str(tmp_path / 'nnx' / '1'), '--to', 'nnx', '--rules', rules, '--quiet', '--distributed',
+                             '--coordinator', f'127.0.0.1:{port}', '--num-processes', '2', '--process-id', str(i)],
+                            cwd=REPO, env=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=180) for p in procs]  # a hang fails here instead of stalling CI
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [0, 0], [o[1][-3000:] for o in outs]
+  reports = [[l for l in out.splitlines() if not l.startswith('[Gloo]')] for out, _ in outs]
+  assert reports[0][0].startswith('wrote ') and reports[1] == [], reports  # one report, from process 0
+  # Each process wrote its own OCDBT files, each at least its half of the sharded arrays' bytes (every
+  # array here but the two scalars is split over the 4 devices, two per process; zstd barely shrinks
+  # trained float32 values) and, for process 1, less than all of them: no process wrote everything.
+  item = tmp_path / 'nnx' / '1' / 'default'
+  written = [sum(f.stat().st_size for f in (item / f'ocdbt.process_{i}').rglob('*') if f.is_file()) for i in range(2)]
+  sharded = sum(a.nbytes for a in jax.tree.leaves(restore(src)) if a.ndim)
+  assert min(written) >= sharded / 2 and written[1] < sharded, (written, sharded)
+  assert run('compare', src, tmp_path / 'nnx', '--rules', rules).returncode == 0
