@@ -159,6 +159,7 @@ def open_checkpoint(directory: epath.PathLike) -> Checkpoint:
   A step directory is accepted too when it holds one PyTree item (or a
   'default' one). Reads metadata only: no array data.
   """
+  _check_finished(epath.Path(directory))  # a step or item Orbax is still writing has no _METADATA yet
   directory = item_directory(epath.Path(directory))
   _check_finished(directory)
   metadata_file = directory / format_utils.PYTREE_METADATA_FILE

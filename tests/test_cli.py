@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -279,3 +280,32 @@ def test_convert_on_two_processes_each_writes_its_share(tmp_path, linen_mlp):
   sharded = sum(a.nbytes for a in jax.tree.leaves(restore(src)) if a.ndim)
   assert min(written) >= sharded / 2 and written[1] < sharded, (written, sharded)
   assert run('compare', src, tmp_path / 'nnx', '--rules', rules).returncode == 0
+
+
+def test_an_interrupted_convert_leaves_no_checkpoint(tmp_path):
+  """Killed mid-write (SIGKILL, no cleanup): nothing at DST, and what is left is refused as unfinished."""
+  rng = np.random.default_rng(0)
+  params = {f'Dense_{i}': {'kernel': rng.standard_normal((256, 256), dtype=np.float32)} for i in range(96)}
+  save(tmp_path / 'big', {'params': params})  # 24 MiB, 96 arrays of 256 KiB
+  cmd = [sys.executable, '-m', 'orbax_linen_nnx', 'convert', str(tmp_path / 'big' / '1'), str(tmp_path / 'nnx' / '1'),
+         '--to', 'nnx', '--budget', '256KiB', '--quiet']  # one array per batch: 96 writes
+  env = {**{k: v for k, v in os.environ.items() if not k.startswith(('XLA_', 'JAX_'))}, 'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / 'nnx').glob('1.orbax-checkpoint-tmp*/default*/ocdbt.process_0/d/*')):
+      assert proc.poll() is None, 'convert finished before it could be interrupted'
+      assert time.monotonic() < deadline
+      time.sleep(0.01)
+    proc.kill()  # some arrays written, the save not committed
+    proc.wait(timeout=30)
+  finally:
+    proc.kill()
+  leftovers = list((tmp_path / 'nnx').iterdir())
+  assert [p.name for p in leftovers if p.name == '1'] == [], leftovers
+  assert run('inspect', tmp_path / 'nnx' / '1').returncode == cli.EXIT_UNREADABLE
+  r = run('inspect', leftovers[0])
+  assert r.returncode == cli.EXIT_UNREADABLE and 'has not finished writing' in r.stderr, r.stderr
+  # Run again: it writes the whole checkpoint.
+  assert run(*cmd[3:]).returncode == 0
+  assert run('compare', tmp_path / 'big', tmp_path / 'nnx').returncode == 0
