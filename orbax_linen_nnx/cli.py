@@ -118,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
   q.add_argument('--overwrite', action='store_true', help='replace DST if it exists')
   q.add_argument('--item', default='default', help="the item name under DST (default: 'default')")
   q.add_argument('--budget', type=_bytes, default=None, metavar='SIZE',
-                 help='decoded bytes held per batch of arrays (default 128MiB; one larger array goes alone)')
+                 help='decoded bytes per batch of arrays (default 32MiB); a larger array is written in blocks of rows')
   q.add_argument('--distributed', action='store_true',
                  help='run as one of several processes (jax.distributed.initialize; each writes its share)')
   q.add_argument('--coordinator', help='with --distributed: host:port of process 0')

@@ -9,7 +9,12 @@ are `Pending` arrays, known to Orbax by shape, dtype and sharding only; the
 type handler registered for them reads a batch of them through the read engine
 (each process only its own shards, each stored chunk decoded once), hands the
 batch to Orbax's `ArrayHandler` to write, waits for the write, and only then
-reads the next: the host holds about one batch (`budget_bytes`) at a time.
+reads the next: the host holds about one batch (`batch_bytes`) at a time. An
+array larger than that is written a block of rows at a time, straight to
+TensorStore through Orbax's own write spec (stored in chunks of one block, as
+a sharded save stores it), so no array is ever whole in memory; a block still
+decodes every stored chunk it overlaps, so a source saved as one chunk per
+array is decoded once per block.
 
     convert('ckpts/linen/100', 'ckpts/nnx/100', to='nnx')
 """
@@ -25,7 +30,13 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
+from orbax.checkpoint import future
 from etils import epath
+from orbax.checkpoint._src.multihost import multihost
+from orbax.checkpoint._src.serialization import jax_array_handlers
+from orbax.checkpoint._src.serialization import ocdbt_utils
+from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 from orbax_linen_nnx import layout
 from orbax_linen_nnx import ops
@@ -39,7 +50,7 @@ from orbax_linen_nnx.handler import _SavedAsStandard
 Path = layout.Path
 
 # Decoded bytes a convert or compare holds per batch of arrays (one larger array goes alone).
-DEFAULT_BATCH_BYTES = 128 * 2**20
+DEFAULT_BATCH_BYTES = 32 * 2**20
 
 
 class DestinationExistsError(FileExistsError):
@@ -292,11 +303,21 @@ class _PendingHandler(ocp.type_handlers.TypeHandler):
 
   async def serialize(self, values, infos, args=None):
     args = list(args or [ocp.type_handlers.SaveArgs()] * len(values))
+    large = [i for i, v in enumerate(values) if v.nbytes > self._budget and v.ndim and not v.read.target.key_impl]
+    for i in large:
+      # Like Orbax's own writes, after the signals that the checkpoint's directories exist (in a
+      # synchronous save Orbax creates them while the handler runs), then waited for.
+      written = future.CommitFutureAwaitingContractedSignals(self._write_in_slices(values[i], infos[i], args[i]),
+                                                            name='orbax_linen_nnx_write_in_slices')
+      await asyncio.to_thread(written.result)
+    values = [v for i, v in enumerate(values) if i not in set(large)]
+    infos = [x for i, x in enumerate(infos) if i not in set(large)]
+    args = [x for i, x in enumerate(args) if i not in set(large)]
     at = {id(v.read): i for i, v in enumerate(values)}
     for batch in batches([v.read for v in values], self._budget):
       index = [at[id(r)] for r in batch]
       plan = dataclasses.replace(self._plan, reads=tuple(batch), kept=())
-      arrays = await asyncio.to_thread(read_lib.execute, plan, self._ckpt)
+      arrays = await asyncio.to_thread(read_lib.execute, plan, self._ckpt, budget_bytes=self._budget)
       ordered = []
       for r in batch:
         a = arrays.pop(r.target.path)
@@ -309,6 +330,46 @@ class _PendingHandler(ocp.type_handlers.TypeHandler):
         read_lib._MALLOC_TRIM(0)
       self._on_written(sum(_nbytes(r.target.shape, r.target.dtype) for r in batch), len(batch))
     return []
+
+  async def _write_in_slices(self, value: Pending, info, arg) -> None:
+    """An array above the budget, a block of rows at a time: read one block, write it, then the next.
+
+    The array is stored as Orbax stores a sharded one (chunks of one block of
+    rows each, Orbax's write spec, array metadata and sharding records), so
+    any reader sees an ordinary jax.Array checkpoint; only one block is ever
+    in memory. Processes take the blocks in turn, each into its own OCDBT files.
+    """
+    shape, itemsize = value.shape, value.dtype.itemsize
+    rows = max(1, min(shape[0], self._budget // max(1, math.prod(shape[1:]) * itemsize)))
+    spec = ts_utils.build_array_write_spec(
+        info=info, arg=arg, global_shape=shape, local_shape=(rows,) + tuple(shape[1:]), dtype=value.dtype,
+        use_ocdbt=info.is_ocdbt_checkpoint,
+        process_index=ocdbt_utils.get_process_index_for_subdir(info.is_ocdbt_checkpoint))
+    await info.await_path_creation()
+    if jax.process_index() == 0:  # the array's metadata, once (others open assuming it, as Orbax does)
+      await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
+    store = await ts.open(ts.Spec(spec.json), open=True, assume_metadata=True, context=info.ts_context)
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    for k, start in enumerate(range(0, shape[0], rows)):
+      if k % jax.process_count() != jax.process_index():
+        continue
+      stop = min(start + rows, shape[0])
+      r = value.read
+      block = dataclasses.replace(
+          r, target=dataclasses.replace(r.target, shape=(stop - start,) + tuple(shape[1:]), sharding=here),
+          transform=tuple(r.transform) + (ops.Slice(0, start, stop),))
+      plan = dataclasses.replace(self._plan, reads=(block,), kept=())
+      data = (await asyncio.to_thread(read_lib.execute, plan, self._ckpt, budget_bytes=self._budget))[r.target.path]
+      await store[start:stop].write(np.asarray(data))
+      del data
+      if read_lib._MALLOC_TRIM is not None:
+        read_lib._MALLOC_TRIM(0)
+      self._on_written((stop - start) * math.prod(shape[1:]) * itemsize, 0)
+    if self._array._array_metadata_store is not None:
+      await self._array._array_metadata_store.write(checkpoint_dir=info.parent_dir, array_metadatas=[spec.metadata],
+                                                    process_index=multihost.process_index())
+    await jax_array_handlers._async_serialize_shardings([value.sharding], [info], primary_host=0)
+    self._on_written(0, 1)
 
   async def deserialize(self, infos, args=None):
     raise NotImplementedError('Pending arrays are only written; read the checkpoint as jax.Array')
