@@ -333,3 +333,35 @@ def test_an_interrupted_convert_leaves_no_checkpoint(tmp_path):
   # Run again: it writes the whole checkpoint.
   assert run(*cmd[3:]).returncode == 0
   assert run('compare', tmp_path / 'big', tmp_path / 'nnx').returncode == 0
+
+
+def test_maxtext_checkpoint_inspected_and_converted_to_what_nnx_saves(tmp_path):
+  """A MaxText pure_nnx checkpoint (Linen layout + nnx_aux: RNG streams, batch stats, a custom Variable; adamw
+  with a schedule; item `items`) converts to exactly the tree and values NNX's own StandardSave writes."""
+  import maxtext
+
+  state = maxtext.train_state()
+  with maxtext.manager(tmp_path / 'maxtext') as mngr:
+    maxtext.save(mngr, 1, state)
+  save(tmp_path / 'native', nnx.state(state))  # what an NNX run saves itself
+  r = run('inspect', tmp_path / 'maxtext' / '1')
+  assert r.returncode == 0 and '  layout     linen (MaxText, NNX state under nnx_aux)' in r.stdout, r.stdout + r.stderr
+  assert '  optimizer  opt_state/0: count, mu (mirrors the params), nu (mirrors the params)' in r.stdout
+  r = run('convert', tmp_path / 'maxtext' / '1', tmp_path / 'nnx' / '1', '--to', 'nnx')
+  assert r.returncode == 0, r.stderr
+  r = run('compare', tmp_path / 'native', tmp_path / 'nnx')
+  assert r.returncode == 0, r.stdout + r.stderr
+  assert r.stdout.splitlines()[2].startswith(f'{len(models.host_values(nnx.state(state)))} leaves compared: ')
+  # And back. An NNX checkpoint does not record Variable types: `--to linen` puts RNG state under nnx_aux and
+  # every other Variable with the params (batch stats included); `--target` gives MaxText's tree exactly.
+  r = run('convert', tmp_path / 'native' / '1', tmp_path / 'linen' / '1', '--to', 'linen')
+  assert r.returncode == 0, r.stderr
+  derived = set(models.host_values(restore(tmp_path / 'linen')))
+  assert {'params/params/bn/mean', 'nnx_aux/model/drop/rngs/key'} <= derived, sorted(derived)
+  r = run('convert', tmp_path / 'native' / '1', tmp_path / 'exact' / '1', '--target', tmp_path / 'maxtext' / '1')
+  assert r.returncode == 0, r.stderr
+  with maxtext.manager(tmp_path / 'maxtext') as mngr:
+    items = mngr.restore(1, args=ocp.args.Composite(items=ocp.args.PyTreeRestore()))['items']
+  exact = restore(tmp_path / 'exact')
+  assert jax.tree_util.tree_structure(exact) == jax.tree_util.tree_structure(items)
+  models.assert_all_equal(exact, items)
