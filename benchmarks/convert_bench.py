@@ -121,12 +121,20 @@ def peak_of(cmd: list[str]) -> dict:
           'peak_rss': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}
 
 
+def summary(rounds: list[dict], cell: str) -> dict:
+  """Medians per mode (seconds, MiB above baseline) and the median of same-round ratios ours/naive."""
+  out = {}
+  for key, name, scale in (('wall_s', 's', 1), ('extra_rss', 'extra_mib', 2**20)):
+    runs = {mode: [x[key] for x in rounds if x['cell'] == cell and x['mode'] == mode] for mode in MODES}
+    out.update({f'{mode}_{name}': statistics.median(v) / scale for mode, v in runs.items()})
+    out[f"{'time' if key == 'wall_s' else 'extra'}_ratio"] = statistics.median(
+        o / n for o, n in zip(runs['ours'], runs['naive']))
+  return out
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument('--size-mb', type=float, default=1000)
-  ap.add_argument('--runs', type=int, default=3)
-  ap.add_argument('--cache', type=Path, default=Path.home() / '.cache' / 'orbax_linen_nnx_bench')
-  ap.add_argument('--json', type=Path, default=Path('benchmarks') / 'convert_results.json')
+  rb.standard_args(ap, 'convert_results.json')
   ap.add_argument('--naive', nargs=3, help=argparse.SUPPRESS)
   ap.add_argument('--peak', help=argparse.SUPPRESS)
   ap.add_argument('--baseline', action='store_true', help=argparse.SUPPRESS)
@@ -150,18 +158,8 @@ def main(argv=None):
         rounds[-1]['extra_rss'] = rounds[-1]['peak_rss'] - base
         print(rounds[-1], file=sys.stderr, flush=True)
   size = sum(f.stat().st_size for f in (root / 'host' / 'loop' / str(rb.STEP)).rglob('*') if f.is_file())
-  table = {}
-  for cell in CELLS:
-    get = lambda mode, key: [x[key] for x in rounds if x['cell'] == cell and x['mode'] == mode]
-    ratio = lambda key: statistics.median(o / n for o, n in zip(get('ours', key), get('naive', key)))
-    table[cell] = {
-        'ours_s': statistics.median(get('ours', 'wall_s')), 'naive_s': statistics.median(get('naive', 'wall_s')),
-        'time_ratio': ratio('wall_s'),
-        'ours_extra_mib': statistics.median(get('ours', 'extra_rss')) / 2**20,
-        'naive_extra_mib': statistics.median(get('naive', 'extra_rss')) / 2**20,
-        'extra_ratio': ratio('extra_rss'),
-    }
-    t = table[cell]
+  table = {cell: summary(rounds, cell) for cell in CELLS}
+  for cell, t in table.items():
     print(f"{cell:12s} ours {t['ours_s']:.2f} s, naive {t['naive_s']:.2f} s ({t['time_ratio']:.2f}x); peak RSS"
           f" above baseline: ours {t['ours_extra_mib']:.0f} MiB, naive {t['naive_extra_mib']:.0f} MiB"
           f" ({t['extra_ratio']:.2f}x)")

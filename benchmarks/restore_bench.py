@@ -196,6 +196,14 @@ def map_tree(fn, tree, prefix=()):
   return None if tree is None else fn(prefix, tree)
 
 
+def standard_args(ap, results: str):
+  """The options every benchmark here takes: the model size, runs per mode, the cache, the results file."""
+  ap.add_argument('--size-mb', type=float, default=1000)
+  ap.add_argument('--runs', type=int, default=3)
+  ap.add_argument('--cache', type=Path, default=Path.home() / '.cache' / 'orbax_linen_nnx_bench')
+  ap.add_argument('--json', type=Path, default=Path('benchmarks') / results)
+
+
 # ------------------------------------------------------------------ building
 
 def build(cache: Path, dm: dict, name: str, chunkings=CHUNKINGS, layouts=LAYOUTS) -> Path:

@@ -391,59 +391,6 @@ def _rewrite(described: Sequence[tuple[SourceArray, layout.Leaf]], rule_list, ta
   return raw, entries
 
 
-def build(
-    sources: Sequence[SourceArray],
-    targets: Sequence[Target],
-    *,
-    source_layout: str,
-    target_layout: str,
-    rules: rules_lib.Rules = None,
-    partial: bool = False,
-    stacks: stacks_lib.StackAxes | None = None,
-    where: str = 'the checkpoint',
-    problems: Sequence[str] = (),
-    skip: Sequence[Path] = (),
-    action: str | None = None,
-) -> RestorePlan:
-  """Pairs every target leaf with its source array(s), from metadata alone.
-
-  Raises `PlanError` listing every problem (targets with no source, sources
-  nothing uses, shapes that differ, ambiguous sources) before any read.
-  Sources whose paths are in `skip` are reported as skipped and not used;
-  `action` replaces the head of the error ('LinenCompatRestore cannot restore
-  from ...').
-
-  >>> src = [SourceArray(('params', 'Dense_0', 'kernel'), 'params.Dense_0.kernel', (3, 8), 'float32')]
-  >>> tgt = [Target(('fc1', 'kernel'), (3, 8), 'float32', None)]
-  >>> build(src, tgt, source_layout='linen', target_layout='nnx', rules={'Dense_0': 'fc1'}).reads[0].sources[0].name
-  'params.Dense_0.kernel'
-  """
-  options = dict(source_layout=source_layout, target_layout=target_layout, rules=rules, partial=partial,
-                 where=where, problems=problems, skip=skip, action=action)
-  try:
-    return _build(sources, targets, stacks=stacks, **options)
-  except PlanError as error:
-    # Rules written for one layer fail on a stack whose layer axis nobody
-    # stated. Where the source's shapes tell that axis unambiguously, plan
-    # again with it; the plan is kept only if it then has no problem at all.
-    guessed = _stack_guess(error.unfit, sources, source_layout, stacks)
-    if not guessed:
-      raise
-    more = {k: dict(v) for k, v in (stacks or {}).items()} if isinstance(stacks, dict) else {}
-    for root, axis in guessed.items():
-      key = next((k for k in more if stacks_lib.root_of(k) == root), '/'.join(root))
-      more.setdefault(key, {})['source'] = axis
-    try:
-      found = _build(sources, targets, stacks=more, **options)
-    except PlanError:
-      hint = ', '.join(f"{'/'.join(r)!r}: {{'source': {a}}}" for r, a in guessed.items())
-      raise PlanError(f'{error}\n(Rules written for one layer see one only under a stack whose layer axis'
-                      f' stacks= states; the shapes suggest stacks={{{hint}}}, which did not plan either.)') from None
-    notes = tuple(f"layer axis {a} of source stack '{'/'.join(r)}' inferred from its shapes: rules see one layer"
-                  for r, a in guessed.items())
-    return dataclasses.replace(found, notes=found.notes + notes)
-
-
 def _stack_guess(unfit, sources, source_layout, stacks) -> dict[Path, int]:
   """{stack root: layer axis} for the sources rules could not fit, where shapes tell it.
 
@@ -476,7 +423,7 @@ def _stack_guess(unfit, sources, source_layout, stacks) -> dict[Path, int]:
   return guessed
 
 
-def _build(
+def build(
     sources: Sequence[SourceArray],
     targets: Sequence[Target],
     *,
@@ -489,8 +436,23 @@ def _build(
     problems: Sequence[str] = (),
     skip: Sequence[Path] = (),
     action: str | None = None,
+    _infer_stacks: bool = True,
 ) -> RestorePlan:
-  # The plan as `build` describes it, `stacks` as given.
+  """Pairs every target leaf with its source array(s), from metadata alone.
+
+  Raises `PlanError` listing every problem (targets with no source, sources
+  nothing uses, shapes that differ, ambiguous sources) before any read.
+  Sources whose paths are in `skip` are reported as skipped and not used;
+  `action` replaces the head of the error ('LinenCompatRestore cannot restore
+  from ...').
+
+  >>> src = [SourceArray(('params', 'Dense_0', 'kernel'), 'params.Dense_0.kernel', (3, 8), 'float32')]
+  >>> tgt = [Target(('fc1', 'kernel'), (3, 8), 'float32', None)]
+  >>> build(src, tgt, source_layout='linen', target_layout='nnx', rules={'Dense_0': 'fc1'}).reads[0].sources[0].name
+  'params.Dense_0.kernel'
+  """
+  given = dict(sources=sources, targets=targets, source_layout=source_layout, target_layout=target_layout,
+               rules=rules, partial=partial, where=where, problems=problems, skip=skip, action=action)
   linen_to_nnx = not (source_layout == layout.NNX and target_layout == layout.LINEN)
   problems = list(problems)  # found before planning (shardings, options): reported with the plan's
   rule_list, tally = _rules(rules, linen_to_nnx, problems)
@@ -621,8 +583,25 @@ def _build(
                                                 f' nothing was {"written" if action else "read"}.')
     tail = f"Fix: {'; or '.join(fixes)}." if fixes else ''
     error = PlanError('\n'.join([head] + [f'  {p}' for p in problems] + ([tail] if tail else [])))
-    error.unfit = list(tally.unfit)
-    raise error
+    # Rules written for one layer fail on a stack whose layer axis nobody
+    # stated. Where the source's shapes tell that axis unambiguously, plan
+    # again with it; that plan is kept only if it has no problem at all.
+    guessed = _stack_guess(tally.unfit, sources, source_layout, stacks) if _infer_stacks else {}
+    if not guessed:
+      raise error
+    more = {k: dict(v) for k, v in (stacks or {}).items()}
+    for root, axis in guessed.items():
+      key = next((k for k in more if stacks_lib.root_of(k) == root), '/'.join(root))
+      more.setdefault(key, {})['source'] = axis
+    try:
+      found = build(**given, stacks=more, _infer_stacks=False)
+    except PlanError:
+      hint = ', '.join(f"{'/'.join(r)!r}: {{'source': {a}}}" for r, a in guessed.items())
+      raise PlanError(f'{error}\n(Rules written for one layer see one only under a stack whose layer axis'
+                      f' stacks= states; the shapes suggest stacks={{{hint}}}, which did not plan either.)') from None
+    notes = tuple(f"layer axis {a} of source stack '{'/'.join(r)}' inferred from its shapes: rules see one layer"
+                  for r, a in guessed.items())
+    return dataclasses.replace(found, notes=found.notes + notes)
 
   return RestorePlan(
       source_layout=source_layout,
@@ -702,6 +681,18 @@ def _placed(param: Path, shape: tuple[int, ...], stacks, depth, to: str, problem
   return [(names(param), stacks_lib.move_axis(shape, source, int(axes[to])))]
 
 
+def _with_source_axis(stacks, source: str, to: str) -> dict:
+  """`stacks` where a stack named only on the `to` side gets the source layout's usual layer axis."""
+  return {k: ({source: _DEFAULT_LAYER_AXIS[source], **v} if to in v else v) for k, v in (stacks or {}).items()}
+
+
+def _rewritten(described, rules, stacks, source: str, to: str) -> tuple[list, dict[Path, int], bool]:
+  """The sources after the rules (`_rewrite`'s entries), per-layer stacks' depths, and whether it is a train state."""
+  rule_list, tally = _rules(rules, source == layout.LINEN, [])  # build reports the rules' own problems
+  _, entries = _rewrite(described, rule_list, tally, stacks, source)
+  return entries, _depths(entries, stacks, to), any(leaf.meaning.section != ('model',) for _, leaf in described)
+
+
 def build_save(
     sources: Sequence[SourceArray],
     variable_types: Mapping[Path, str | None],
@@ -734,17 +725,12 @@ def build_save(
     problems.append(f'aux={aux!r}: NNX-only state goes under {layout.NNX_AUX!r} (the name MaxText and'
                     ' LinenCompatRestore read) or, with aux=None, is left out')
     aux = layout.NNX_AUX
-  stacks = stacks_lib.checked(stacks, problems)
-  # NNX's layer axis defaults to nnx.vmap's where the user named only Linen's.
-  stacks = {k: ({'nnx': stacks_lib.NNX_LAYER_AXIS, **v} if 'linen' in v else v) for k, v in (stacks or {}).items()}
+  stacks = _with_source_axis(stacks_lib.checked(stacks, problems), layout.NNX, layout.LINEN)
   described = list(zip(sources, layout.describe([s.path for s in sources], layout.NNX)))
   skip = [s.path for s, leaf in described if variable_types.get(s.path) in _EPHEMERAL_TYPES
           or (aux is None and variable_types.get(s.path) not in (None, 'Param') and leaf.meaning.section == ('model',))]
   described = [(s, leaf) for s, leaf in described if s.path not in skip]
-  train_state = any(leaf.meaning.section != ('model',) for _, leaf in described)
-  rule_list, tally = _rules(rules, False, [])
-  _, entries = _rewrite(described, rule_list, tally, stacks, layout.NNX)
-  depth = _depths(entries, stacks, layout.LINEN)
+  entries, depth, train_state = _rewritten(described, rules, stacks, layout.NNX, layout.LINEN)
   targets = []
   for expr, m, _, _ in entries:
     first = rules_lib.stored_leaves(expr)[0]
@@ -799,14 +785,9 @@ def build_nnx(
   fc1/kernel/value (3, 8) float32  <-  params.Dense_0.kernel  (by rename Dense_0)
   """
   problems: list[str] = []
-  stacks = stacks_lib.checked(stacks, problems)
-  stacks = {k: ({layout.LINEN: _DEFAULT_LAYER_AXIS[layout.LINEN], **v} if layout.NNX in v else v)
-            for k, v in (stacks or {}).items()}
+  stacks = _with_source_axis(stacks_lib.checked(stacks, problems), layout.LINEN, layout.NNX)
   described = list(zip(sources, layout.describe([s.path for s in sources], layout.LINEN)))
-  train_state = any(leaf.meaning.section != ('model',) for _, leaf in described)
-  rule_list, tally = _rules(rules, True, [])
-  _, entries = _rewrite(described, rule_list, tally, stacks, layout.LINEN)
-  depth = _depths(entries, stacks, layout.NNX)
+  entries, depth, train_state = _rewritten(described, rules, stacks, layout.LINEN, layout.NNX)
   targets = []
   for expr, m, _, _ in entries:
     shape, dtype, key_impl = tuple(expr.shape), expr.dtype, getattr(expr, 'key_impl', None)
