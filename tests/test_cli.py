@@ -153,6 +153,13 @@ def test_plan_with_a_model_target_and_its_errors(tmp_path, linen_mlp):
   assert r.returncode == 0, r.stderr
   assert r.stdout.startswith('linen -> nnx: 14 arrays to read'), r.stdout
   assert '  model/fc1/kernel (16, 32) float32  <-  params.params.Dense_0.kernel  (by rename Dense_0)' in r.stdout
+  # convert into exactly that model's state: NNX code restores it with a plain StandardRestore.
+  r = run('convert', src, tmp_path / 'model' / '1', '--target', f'{target}:abstract', '--rules', rules, env=env)
+  assert r.returncode == 0, r.stderr
+  abstract = nnx_abstract(lambda: models.nnx_train_state(models.NnxMLP, optax.adam(1e-2)))
+  want = restore(src, args=LinenCompatRestore(abstract, rules={'Dense_0': 'fc1', 'Dense_1': 'fc2'}))
+  assert_same_leaves(without_value(restore(tmp_path / 'model', args=ocp.args.StandardRestore(abstract))),
+                     without_value(want))
   # Without the rules: exit 3, every problem named, and the fix.
   r = run('plan', src, '--target', f'{target}:abstract', env=env)
   assert r.returncode == cli.EXIT_PLAN, r.stderr
