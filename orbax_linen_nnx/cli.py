@@ -66,6 +66,11 @@ def _stacks(text: str | None) -> Any:
     raise UsageError(f"--stacks must be JSON like '{{\"layers\": {{\"linen\": 1, \"nnx\": 0}}}}': {e}") from e
 
 
+def _mapping(args) -> tuple[Any, Any]:
+  """The --rules and --stacks a command was given (None where not)."""
+  return (_load(args.rules, '--rules') if args.rules else None), _stacks(args.stacks)
+
+
 _UNITS = {'': 1, 'b': 1, 'k': 10**3, 'kb': 10**3, 'kib': 2**10, 'm': 10**6, 'mb': 10**6, 'mib': 2**20,
           'g': 10**9, 'gb': 10**9, 'gib': 2**30}
 
@@ -158,7 +163,7 @@ def _progress(description: str, total_bytes: int, arrays: int, quiet: bool):
     yield advance
 
 
-def _target(spec: str, item: str | None = None):
+def _target(spec: str):
   """(checkpoint, None) for a checkpoint path; (None, abstract state) for module:function."""
   from orbax_linen_nnx import convert
 
@@ -171,7 +176,7 @@ def _target(spec: str, item: str | None = None):
 def _plan(args, src):
   from orbax_linen_nnx import convert, handler
 
-  rules, stacks = (_load(args.rules, '--rules') if args.rules else None), _stacks(args.stacks)
+  rules, stacks = _mapping(args)
   if args.to:
     return convert.plan_to(src, args.to, rules=rules, stacks=stacks), None, None
   tgt, abstract = _target(args.target)
@@ -233,7 +238,7 @@ def _compare(args) -> int:
   from orbax_linen_nnx import convert
 
   a, b = convert.open_source(args.a), convert.open_source(args.b)
-  rules, stacks = (_load(args.rules, '--rules') if args.rules else None), _stacks(args.stacks)
+  rules, stacks = _mapping(args)
   total = sum(convert._nbytes(x.shape, x.dtype) for x in b.arrays)
   with _progress('compare', total, len(b.arrays), args.quiet) as advance:
     result = convert.compare(a, b, rules=rules, stacks=stacks, rtol=args.rtol, atol=args.atol,
@@ -249,9 +254,10 @@ def _compare(args) -> int:
     for d in result.differing:
       print(f"  differs  {d['path']}: {d['elements']} of {d['of']} elements, max abs diff {d['max_abs']:.6g},"
             f" max rel diff {d['max_rel']:.6g}")
-    print(*[f'  missing  {p} (in B, nothing in A makes it)' for p in result.missing], sep='\n', end='')
-    print(*[f'\n  extra    {p} (in A, nothing in B uses it)' for p in result.extra], sep='', end='')
-    print('' if not (result.missing or result.extra) else '\n', end='')
+    for p in result.missing:
+      print(f'  missing  {p} (in B, nothing in A makes it)')
+    for p in result.extra:
+      print(f'  extra    {p} (in A, nothing in B uses it)')
     for c in result.casts:
       print(f'  cast     {c}')
     print('MATCH' if result.equal else 'DIFFER')

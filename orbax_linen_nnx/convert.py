@@ -115,7 +115,7 @@ def stacks_found(ckpt: source_lib.Checkpoint) -> list[dict]:
       shapes = [s for p, s in params.items() if p[:k] == root and len(p) > k]
       if len(shapes) < 2:
         continue
-      axes = [a for a in range(min(map(len, shapes))) if len({s[a] for s in shapes}) == 1]
+      axes = stacks_lib.common_axes(shapes)
       if len(axes) > 1:  # a feature size every block shares: the layer count is the one not used outside
         outside = {n for p, s in params.items() if p[:k] != root for n in s}
         axes = [a for a in axes if shapes[0][a] not in outside] or axes
@@ -189,9 +189,8 @@ def render_inspection(info: dict) -> str:
     for depth in range(common, len(parts) - 1):
       lines.append('  ' + '  ' * depth + parts[depth] + '/')
     shown = parts[:-1]
-    shape = '(' + ', '.join(map(str, a['shape'])) + (',)' if len(a['shape']) == 1 else ')')
-    chunk = '(' + ', '.join(map(str, a['chunk'])) + (',)' if len(a['chunk']) == 1 else ')')
-    lines.append(f"  {'  ' * (len(parts) - 1)}{parts[-1]}  {shape} {a['dtype']}  chunk {chunk}  {_size(a['bytes'])}")
+    lines.append(f"  {'  ' * (len(parts) - 1)}{parts[-1]}  {tuple(a['shape'])} {a['dtype']}"
+                 f"  chunk {tuple(a['chunk'])}  {_size(a['bytes'])}")
   return '\n'.join(lines)
 
 
@@ -277,12 +276,14 @@ class Pending:
     return _nbytes(self.shape, self.dtype)
 
   @property
-  def size(self) -> int:
-    return math.prod(self.shape)
-
-  @property
   def ndim(self) -> int:
     return len(self.shape)
+
+
+def _trim() -> None:
+  """Freed decode and write buffers back to the OS after a batch (see read.py)."""
+  if read_lib._MALLOC_TRIM is not None:
+    read_lib._MALLOC_TRIM(0)
 
 
 class _PendingHandler(ocp.type_handlers.TypeHandler):
@@ -303,18 +304,15 @@ class _PendingHandler(ocp.type_handlers.TypeHandler):
 
   async def serialize(self, values, infos, args=None):
     args = list(args or [ocp.type_handlers.SaveArgs()] * len(values))
-    large = [i for i, v in enumerate(values) if v.nbytes > self._budget and v.ndim and not v.read.target.key_impl]
-    for i in large:
+    large = {i for i, v in enumerate(values) if v.nbytes > self._budget and v.ndim and not v.read.target.key_impl}
+    for i in sorted(large):
       # Like Orbax's own writes, after the signals that the checkpoint's directories exist (in a
       # synchronous save Orbax creates them while the handler runs), then waited for.
       written = future.CommitFutureAwaitingContractedSignals(self._write_in_slices(values[i], infos[i], args[i]),
                                                             name='orbax_linen_nnx_write_in_slices')
       await asyncio.to_thread(written.result)
-    values = [v for i, v in enumerate(values) if i not in set(large)]
-    infos = [x for i, x in enumerate(infos) if i not in set(large)]
-    args = [x for i, x in enumerate(args) if i not in set(large)]
-    at = {id(v.read): i for i, v in enumerate(values)}
-    for batch in batches([v.read for v in values], self._budget):
+    at = {id(v.read): i for i, v in enumerate(values) if i not in large}
+    for batch in batches([v.read for i, v in enumerate(values) if i not in large], self._budget):
       index = [at[id(r)] for r in batch]
       plan = dataclasses.replace(self._plan, reads=tuple(batch), kept=())
       arrays = await asyncio.to_thread(read_lib.execute, plan, self._ckpt, budget_bytes=self._budget)
@@ -326,8 +324,7 @@ class _PendingHandler(ocp.type_handlers.TypeHandler):
       futures = await self._array.serialize(ordered, [infos[i] for i in index], [args[i] for i in index])
       await asyncio.to_thread(lambda fs=futures: [f.result() for f in fs])
       del ordered, futures
-      if read_lib._MALLOC_TRIM is not None:  # freed decode and write buffers back to the OS (see read.py)
-        read_lib._MALLOC_TRIM(0)
+      _trim()
       self._on_written(sum(_nbytes(r.target.shape, r.target.dtype) for r in batch), len(batch))
     return []
 
@@ -362,8 +359,7 @@ class _PendingHandler(ocp.type_handlers.TypeHandler):
       data = (await asyncio.to_thread(read_lib.execute, plan, self._ckpt, budget_bytes=self._budget))[r.target.path]
       await store[start:stop].write(np.asarray(data))
       del data
-      if read_lib._MALLOC_TRIM is not None:
-        read_lib._MALLOC_TRIM(0)
+      _trim()
       self._on_written((stop - start) * math.prod(shape[1:]) * itemsize, 0)
     if self._array._array_metadata_store is not None:
       await self._array._array_metadata_store.write(checkpoint_dir=info.parent_dir, array_metadatas=[spec.metadata],
@@ -372,7 +368,7 @@ class _PendingHandler(ocp.type_handlers.TypeHandler):
     self._on_written(0, 1)
 
   async def deserialize(self, infos, args=None):
-    raise NotImplementedError('Pending arrays are only written; read the checkpoint as jax.Array')
+    return await self._array.deserialize(infos, args)  # on disk it is a jax.Array: read as one
 
 
 class _ConvertHandler(ocp.PyTreeCheckpointHandler):
@@ -499,15 +495,17 @@ def compare(a: source_lib.Checkpoint, b: source_lib.Checkpoint, *, rules=None, s
 
 def _difference(x: np.ndarray, y: np.ndarray, rtol: float, atol: float) -> dict | None:
   """None when x matches y; else the largest absolute and relative differences and how many elements differ."""
-  if x.dtype.kind not in 'fc' and not (rtol or atol):
-    bad = x != y
+  if not (rtol or atol):  # bit for bit: -0.0 differs from 0.0, a NaN matches only the same NaN
+    bits = lambda v: np.ascontiguousarray(np.atleast_1d(v)).view(np.uint8).reshape(np.atleast_1d(v).shape + (-1,))
+    bad = (bits(x) != bits(y)).any(axis=-1)
   else:
     x64, y64 = x.astype(np.float64), y.astype(np.float64)
     with np.errstate(invalid='ignore'):
       bad = ~((np.abs(x64 - y64) <= atol + rtol * np.abs(y64)) | (np.isnan(x64) & np.isnan(y64)) | (x64 == y64))
   if not bad.any():
     return None
-  x64, y64 = x.astype(np.float64), y.astype(np.float64)
+  x64, y64 = np.atleast_1d(x).astype(np.float64), np.atleast_1d(y).astype(np.float64)
+  bad = bad.reshape(x64.shape)
   with np.errstate(invalid='ignore', divide='ignore'):
     absolute = np.abs(x64 - y64)[bad]
     relative = absolute / np.abs(y64[bad])

@@ -416,7 +416,7 @@ def _stack_guess(unfit, sources, source_layout, stacks) -> dict[Path, int]:
       shapes = [shape for p, shape in params[section].items() if p[:k] == root and len(p) > k]
       if len(shapes) < 2:
         continue
-      axes = [a for a in range(min(map(len, shapes))) if len({shape[a] for shape in shapes}) == 1]
+      axes = stacks_lib.common_axes(shapes)
       if len(axes) == 1:
         guessed[root] = axes[0]
         break

@@ -48,6 +48,11 @@ def stack_axes(per_layer: Sequence[int], stacked: Sequence[int], n: int) -> set[
   return {a for a in range(len(stacked)) if insert_axis(per_layer, a, n) == tuple(stacked)}
 
 
+def common_axes(shapes: Sequence[Sequence[int]]) -> list[int]:
+  """Axes that have one size in every shape (a stack's layer axis is one of them)."""
+  return [a for a in range(min(map(len, shapes))) if len({s[a] for s in shapes}) == 1]
+
+
 def move_candidates(source: Sequence[int], target: Sequence[int]) -> set[tuple[int, int, int]]:
   """(source axis, target axis, layer count) that turn `source` into `target`."""
   if len(source) != len(target):
