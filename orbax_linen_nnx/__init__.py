@@ -8,7 +8,7 @@
 """
 
 from orbax_linen_nnx.args import LinenCompatRestore, LinenCompatSave
-from orbax_linen_nnx.handler import LinenCompatHandler, plan, restore
+from orbax_linen_nnx.handler import LinenCompatHandler, RestoreWarning, plan, restore
 from orbax_linen_nnx.rules import Rule, RuleError, cast, drop, merge, rearrange, rename, reshape, split, transpose
 from orbax_linen_nnx.outcome import RestoreFailedElsewhere
 from orbax_linen_nnx.read import DEFAULT_READ_BUDGET_BYTES
@@ -42,6 +42,7 @@ __all__ = [
     'MoveAxis',
     'PlanError',
     'RestoreFailedElsewhere',
+    'RestoreWarning',
     'RestorePlan',
     'SourceArray',
     'Stack',

@@ -62,15 +62,7 @@ class DestinationExistsError(FileExistsError):
 
 def open_source(path: epath.PathLike, item: str | None = None) -> source_lib.Checkpoint:
   """The checkpoint item at `path`: an item, a step directory, or a run directory (its latest finished step)."""
-  path = epath.Path(path)
-  if path.is_dir() and not (path / '_METADATA').exists():
-    steps = sorted((int(p.name), p) for p in path.iterdir() if p.name.isdigit() and p.is_dir()
-                   and ocp.path.step.is_path_finalized(p))
-    if steps and not any((p / '_METADATA').exists() for p in path.iterdir() if p.is_dir() and not p.name.isdigit()):
-      path = steps[-1][1]
-  if item is not None:
-    path = path / item
-  return source_lib.open_checkpoint(path)
+  return source_lib.open_checkpoint(path, item=item)
 
 
 def step_of(ckpt: source_lib.Checkpoint) -> int | None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
-import logging
+import os
+import sys
+import warnings
 from typing import Any
 
 import jax
@@ -68,16 +71,19 @@ def _prepare(directory: epath.PathLike, args) -> tuple[source_lib.Checkpoint, ta
       stacks=args.stacks,
       where=str(ckpt.directory),
       problems=state.problems + _option_problems(args, state),
+      modules=state.modules,
   )
+  if state.notes:
+    restore_plan = dataclasses.replace(restore_plan, notes=restore_plan.notes + tuple(state.notes))
   return ckpt, state, restore_plan
 
 
 def plan(directory: epath.PathLike, abstract_state: Any, **options) -> plan_lib.RestorePlan:
-  """The `RestorePlan` of restoring `abstract_state` from a checkpoint item; reads no array.
+  """The `RestorePlan` of restoring `abstract_state` from a checkpoint; reads no array.
 
-  `directory` is the item directory (`<run>/<step>/default`, or the step
-  directory of a single-item checkpoint). `options` are those of
-  `LinenCompatRestore`.
+  `directory` is the item directory (`<run>/<step>/default`), a step directory
+  of a single-item checkpoint, or a run directory (its latest finished step).
+  `options` are those of `LinenCompatRestore`.
 
   >>> print(plan(run_dir / '100' / 'default', abstract, rules={'Dense_0': 'fc1'}))  # doctest: +SKIP
   """
@@ -85,21 +91,6 @@ def plan(directory: epath.PathLike, abstract_state: Any, **options) -> plan_lib.
 
   with _gc_paused():
     return _prepare(directory, LinenCompatRestore(abstract_state, **options))[2]
-
-
-def _item_directory(source: Any, step: int | None, item: str | None) -> epath.Path:
-  """The item directory `restore` reads: of a manager's step, or under a directory."""
-  if isinstance(source, ocp.CheckpointManager):
-    if step is None:
-      step = source.latest_step()
-      if step is None:
-        raise source_lib.CheckpointNotFoundError(f'{source.directory} holds no finished checkpoint step')
-    base = ocp.path.step.find_step_path(source.directory, ocp.path.step.standard_name_format(), step=step)
-  else:
-    base = epath.Path(source)
-    if step is not None:
-      base = ocp.path.step.find_step_path(base, ocp.path.step.standard_name_format(), step=step)
-  return base / item if item is not None else source_lib.item_directory(base)
 
 
 def restore(source: Any, abstract_state: Any, *, step: int | None = None, item: str | None = None,
@@ -112,7 +103,7 @@ def restore(source: Any, abstract_state: Any, *, step: int | None = None, item: 
     which accepts no other handler for them: the step (default: the latest)
     and `item` are read here instead, through the same handler; or
   - a directory: a bare checkpoint item as published (upstream Gemma), a step
-    directory, or a run directory with `step`.
+    directory, or a run directory (its `step`, by default the latest finished).
   `item` picks the item when a step holds several PyTree items (MaxText's
   `items` beside its data iterator's `iter` needs none: only one is a
   PyTree). `options` are those of `LinenCompatRestore`.
@@ -122,9 +113,45 @@ def restore(source: Any, abstract_state: Any, *, step: int | None = None, item: 
   """
   from orbax_linen_nnx.args import LinenCompatRestore  # args imports this module
 
-  directory = _item_directory(source, step, item)
+  if isinstance(source, ocp.CheckpointManager):
+    if step is None:
+      step = source.latest_step()
+      if step is None:
+        raise source_lib.CheckpointNotFoundError(f'{source.directory} holds no finished checkpoint step')
+    source = source.directory
+  directory = source_lib.locate(source, step=step, item=item)
   with ocp.Checkpointer(LinenCompatHandler()) as checkpointer:
     return checkpointer.restore(directory, args=LinenCompatRestore(abstract_state, **options))
+
+
+class RestoreWarning(UserWarning):
+  """A restore that succeeded but left something the caller should know about (see the plan)."""
+
+
+def _warn(message: str) -> None:
+  """A `RestoreWarning` attributed to the caller's line: the first frame outside Orbax and this package."""
+  level, frame = 2, sys._getframe(1)  # stacklevel 2 is the frame that called _warn
+  while frame is not None and any(f'{os.sep}{pkg}{os.sep}' in frame.f_code.co_filename
+                                  for pkg in ('orbax', 'orbax_linen_nnx', 'concurrent')):
+    level, frame = level + 1, frame.f_back
+  warnings.warn(message, RestoreWarning, stacklevel=level)
+
+
+def _warn_unfilled(state: target.AbstractState) -> None:
+  """Warns of the leaves the restore did not fill, and of large leaves replicated for want of a sharding."""
+  if state.left_out:
+    _warn(
+        f'orbax_linen_nnx: {len(state.left_out)} leaves have no source in the checkpoint and are left out of the'
+        f' restored nnx.State: {", ".join(state.left_out)}. nnx.update(model, restored) keeps the model\'s own'
+        ' values there (the RNG streams it was built with); the plan lists them as kept.')
+  if state.placeholders:
+    _warn(
+        f'orbax_linen_nnx: {len(state.placeholders)} leaves were not restored (no source; the abstract state gave'
+        f' no value) and hold NotRestored placeholders that raise when used as arrays: {", ".join(state.placeholders)}.'
+        ' Restore into an nnx.State (then nnx.update(model, restored) keeps the model\'s values there) or into a'
+        ' state with values there (nnx.state(model) of an initialised model), or fill them before use.')
+  if state.large_replicated:
+    _warn('orbax_linen_nnx: ' + '; '.join(state.large_replicated))
 
 
 class _SavedAsStandard:
@@ -203,12 +230,7 @@ class LinenCompatHandler(ocp.AsyncCheckpointHandler):
           keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=target.key_sharding(t.sharding, keys.ndim))
           values[t.path] = jax.random.key_data(args.fill_nnx_only(layout.render(t.path), keys))
     restored = state.rebuild(values)
-    if state.placeholders:
-      logging.warning(
-          'orbax_linen_nnx: %d leaves were not restored (no source; the abstract state gave no value) and'
-          ' hold NotRestored placeholders that raise when used: %s. Restore into a state with values there'
-          ' (nnx.state(model) of an initialised model), or fill them before use.',
-          len(state.placeholders), ', '.join(state.placeholders))
+    _warn_unfilled(state)
     return restored
 
   def metadata(self, directory: epath.Path) -> Any:

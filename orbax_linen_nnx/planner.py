@@ -24,6 +24,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from orbax_linen_nnx import layout
+from orbax_linen_nnx import pairing
 from orbax_linen_nnx import rules as rules_lib
 from orbax_linen_nnx import stacks as stacks_lib
 from orbax_linen_nnx import ops
@@ -198,28 +199,31 @@ _COLLECTION_OF_TYPE = {'Param': 'params', 'BatchStat': 'batch_stats', 'Cache': '
                        'Intermediate': 'intermediates'}
 
 
-def _suggest_renames(missing: Sequence[tuple[Path, Target]],
-                     unused: Sequence[tuple[Path, SourceArray]],
-                     linen_to_nnx: bool) -> dict[str, str]:
-  """Guesses module renames from missing targets and unused sources of equal shape."""
-  pool = collections.defaultdict(list)
-  for param, s in unused:
-    if param:
-      pool[(param[-1], tuple(s.shape))].append(param)
-  suggestion: dict[str, str] = {}
-  for param, t in missing:
-    candidates = pool.get((param[-1], tuple(t.shape))) if param else None
-    if not candidates:
-      continue
-    src = candidates.pop(0)
-    # Drop the common suffix: ('Dense_0', 'kernel') vs ('fc1', 'kernel') -> Dense_0 -> fc1.
-    n = 0
-    while n < min(len(src), len(param)) - 1 and src[-1 - n] == param[-1 - n]:
-      n += 1
-    a, b = layout.render(src[: len(src) - n]), layout.render(param[: len(param) - n])
-    linen, nnx_name = (a, b) if linen_to_nnx else (b, a)
-    suggestion.setdefault(linen, nnx_name)
-  return suggestion
+def _suggest_renames(missing: Sequence[tuple[layout.Meaning, Target]],
+                     unused: Sequence[tuple[layout.Meaning, SourceArray]],
+                     linen_to_nnx: bool, modules: Mapping[Path, tuple[int, str]] | None) -> tuple[dict, list[str]]:
+  """The module renames (Linen name -> NNX name) that pair missing targets with unused sources, one to one.
+
+  Modules are paired by all their leaves together (see `pairing`); `modules`
+  gives the NNX target's attribute order and classes where the target is an
+  `nnx.Module`. Returns the renames and what the shapes could not settle.
+  """
+  want = {m.param: tuple(t.shape) for m, t in missing if m.section == ('model',) and len(m.param) > 1}
+  have = {m.param: tuple(s.shape) for m, s in unused if m.section == ('model',) and len(m.param) > 1}
+  if not want or not have:
+    return {}, []
+  linen, nnx_side = (have, want) if linen_to_nnx else (want, have)
+  found = pairing.pair(pairing.tree(linen), pairing.tree(nnx_side, modules if linen_to_nnx else None))
+  return found.renames, found.by_order + found.unsettled
+
+
+def _rename_fix(suggestion: dict[str, str], notes: list[str], rules: rules_lib.Rules) -> str:
+  """The rules= that adds `suggestion` to the caller's own rules."""
+  if rules is None or isinstance(rules, Mapping):
+    fix = f'rename modules with rules={({**(rules or {}), **suggestion})!r}'
+  else:
+    fix = f'rename modules: add rename({suggestion!r}) to rules='
+  return fix + (f" ({'; '.join(notes)})" if notes else '')
 
 
 def _shape_fix(t: Target, s: Any, param: Path, linen_to_nnx: bool) -> str:
@@ -258,7 +262,7 @@ def _why_not(source: layout.Meaning, target: layout.Meaning | None) -> str:
   return f"; it reads like '{target}', but as '{'/'.join(source.section)}' + '{'/'.join(source.param)}'"
 
 
-def _near_misses(m: layout.Meaning, by_meaning, history) -> str:
+def _near_misses(m: layout.Meaning, by_meaning, history, named_as) -> str:
   """The sources, as named after the rules, closest to what a missing target looked for, and who named them.
 
   A wrong rule shows at once: `{n}_proj` written where `{n}` took two segments
@@ -269,7 +273,8 @@ def _near_misses(m: layout.Meaning, by_meaning, history) -> str:
   close = difflib.get_close_matches(str(m), list(same), n=3, cutoff=0.75)
   if not close:
     return ''
-  named = [f"'{c}' ({'made by ' + ' then '.join(history[id(same[c])]) if history.get(id(same[c])) else 'as stored'})"
+  named = [f"'{named_as.get(id(same[c]), c)}'"
+           f" ({'made by ' + ' then '.join(history[id(same[c])]) if history.get(id(same[c])) else 'as stored'})"
            for c in close]
   return f"; closest sources after the rules: {', '.join(named)}"
 
@@ -436,6 +441,7 @@ def build(
     problems: Sequence[str] = (),
     skip: Sequence[Path] = (),
     action: str | None = None,
+    modules: Mapping[Path, tuple[int, str]] | None = None,
     _infer_stacks: bool = True,
 ) -> RestorePlan:
   """Pairs every target leaf with its source array(s), from metadata alone.
@@ -444,7 +450,8 @@ def build(
   nothing uses, shapes that differ, ambiguous sources) before any read.
   Sources whose paths are in `skip` are reported as skipped and not used;
   `action` replaces the head of the error ('LinenCompatRestore cannot restore
-  from ...').
+  from ...'); `modules` gives an `nnx.Module` target's modules as
+  {model path: (attribute position, class name)}, for the renames an error proposes.
 
   >>> src = [SourceArray(('params', 'Dense_0', 'kernel'), 'params.Dense_0.kernel', (3, 8), 'float32')]
   >>> tgt = [Target(('fc1', 'kernel'), (3, 8), 'float32', None)]
@@ -452,7 +459,8 @@ def build(
   'params.Dense_0.kernel'
   """
   given = dict(sources=sources, targets=targets, source_layout=source_layout, target_layout=target_layout,
-               rules=rules, partial=partial, where=where, problems=problems, skip=skip, action=action)
+               rules=rules, partial=partial, where=where, problems=problems, skip=skip, action=action,
+               modules=modules)
   linen_to_nnx = not (source_layout == layout.NNX and target_layout == layout.LINEN)
   problems = list(problems)  # found before planning (shardings, options): reported with the plan's
   rule_list, tally = _rules(rules, linen_to_nnx, problems)
@@ -472,13 +480,15 @@ def build(
   raw, entries = _rewrite([(s, leaf) for s, leaf in described if s.path not in skip], rule_list, tally,
                           stacks, source_layout)
   problems += tally.problems
-  problems += [f"rule '{name}' matched no source leaf" for name in rules_lib.unmatched(rule_list, tally)]
+  problems += rules_lib.unmatched_problems(rule_list, tally)
 
   by_meaning: dict[layout.Meaning, list[tuple]] = collections.defaultdict(list)
   history: dict[int, tuple] = {}  # id(expr) -> rules that made it
+  named_as: dict[int, str] = {}  # id(expr) -> what it means, as the source names it (layers not normalised)
   for expr, m, collection, made in entries:
     by_meaning[layout.Meaning(m.section, stacks_lib.normalize(m.param))].append((expr, collection))
     history[id(expr)] = made
+    named_as[id(expr)] = str(m)
   for m, found in by_meaning.items():
     if len(found) > 1:
       names = ', '.join(f"'{layout.render(s.path)}'" for s, _ in found)
@@ -530,9 +540,9 @@ def build(
     if t.nnx_only or partial:
       kept.append(t)
     else:
-      missing.append((leaf.meaning.param, t))
+      missing.append((leaf.meaning, t))
       looked_for[str(leaf.meaning)] = leaf.meaning
-      problems.append(f"{t} has no source (looked for '{leaf.meaning}')" + _near_misses(m, by_meaning, history))
+      problems.append(f"{t} has no source (looked for '{leaf.meaning}')" + _near_misses(m, by_meaning, history, named_as))
 
   # target path -> (sources, layer transform)
   layer_ops = stacks_lib.plan([d for d in direct if d[0].path not in as_saved], to_stack, to_unstack, stacks,
@@ -567,15 +577,15 @@ def build(
     if s.path in used or s.path not in raw or s.path in tally.dropped:
       continue
     m = raw[s.path].meaning
-    unused_pairs.append((m.param, s))
+    unused_pairs.append((m, s))
     if not partial and not (model_only and m.section != ('model',)):
       problems.append(f'{s} is not used by any target' + _why_not(m, looked_for.get(str(m))))
 
   if problems:
     fixes = []
-    suggestion = _suggest_renames(missing, unused_pairs, linen_to_nnx)
+    suggestion, unsettled = _suggest_renames(missing, unused_pairs, linen_to_nnx, modules)
     if suggestion:
-      fixes.append(f'rename modules with rules={suggestion!r}')
+      fixes.append(_rename_fix(suggestion, unsettled, rules))
     if (missing or unused_pairs) and not action:  # a save has no partial: it writes the whole state
       fixes.append('pass partial=True to restore only the leaves that match')
     head = (action or f'LinenCompatRestore cannot restore from {where} ({source_layout} layout) into the'

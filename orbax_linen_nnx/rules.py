@@ -26,6 +26,7 @@ from __future__ import annotations
 import abc
 import collections
 import dataclasses
+import difflib
 import math
 import re
 from typing import Any, Callable, Iterable, Mapping, Sequence, Union
@@ -145,6 +146,8 @@ class Tally:
     self.matched: dict[str, dict[str, None]] = collections.defaultdict(dict)  # rule -> paths it matched, in order
     self.targets: dict[Path, list[tuple[int, ...]]] = {}  # model path (layers normalised) -> its shapes
     self.unfit: dict[Path, None] = {}  # stored paths of the leaves a matching rule could not fit
+    # Per model subtree the rules ran over: the leaves before each rule, and after the last.
+    self.stages: list[list[dict[str, Any]]] = []
 
   def target_shapes(self, path: str) -> list[tuple[int, ...]]:
     """The shapes a target leaf at `path` has (one layer of it too, under a stack): [] when unknown."""
@@ -171,6 +174,10 @@ class Rule(abc.ABC):
   def inverse(self) -> 'Rule':
     raise RuleError(f'{self!r} has no inverse, so it cannot restore the Linen side from'
                     ' the NNX side; pass inverse= to state it')
+
+  def only(self, name: str) -> 'Rule':
+    """The rule restricted to the entry `name` (of `names()`): itself unless it has several."""
+    return self
 
 
 def _put(out: dict, made_by: dict, path: str, expr, rule: str, tally: Tally):
@@ -202,6 +209,13 @@ class _Rename(Rule):
     if self.mapping:
       return [k.text for k in self.mapping]
     return [repr(self)]
+
+  def only(self, name):
+    if not self.mapping:
+      return self
+    one = _Rename(None)
+    one.mapping = {k: v for k, v in self.mapping.items() if k.text == name}
+    return one
 
   def _new(self, path: str) -> tuple[str | None, str]:
     segs = _split_path(path)
@@ -742,11 +756,43 @@ def as_rules(rules: Rules, *, backward: bool) -> list[Rule]:
 def apply_all(rules: Sequence[Rule], leaves: dict[str, Any], made_by: dict[str, tuple],
               tally: Tally) -> dict[str, Any]:
   """Runs every rule, in order, over one model subtree ({path: array})."""
+  stages = [leaves]
   for r in rules:
     leaves = r.apply(leaves, made_by, tally)
+    stages.append(leaves)
+  tally.stages.append(stages)
   return leaves
 
 
-def unmatched(rules: Iterable[Rule], tally: Tally) -> list[str]:
-  """Rules (or entries of a rename mapping) that matched no leaf anywhere."""
-  return [n for r in rules for n in r.names() if not tally.matches.get(n)]
+def _matches(rule: Rule, name: str, leaves: dict[str, Any], tally: Tally) -> list[str]:
+  """The paths of `leaves` that entry `name` of `rule` would match, tried on the side (nothing recorded)."""
+  probe = Tally()
+  probe.targets = tally.targets
+  rule.only(name).apply(dict(leaves), {}, probe)
+  return list(probe.matched.get(name, ())) if probe.matches.get(name) else []
+
+
+def _why_unmatched(rules: Sequence[Rule], i: int, name: str, tally: Tally) -> str:
+  """Why entry `name` of rule `i` matched nothing: an earlier rule moved what it matches, or the nearest paths."""
+  for stages in tally.stages:
+    for j in range(i - 1, -1, -1):
+      for path in _matches(rules[i], name, stages[j], tally):
+        expr = stages[j].get(path)  # (a merge matches several paths at once: they are not one key)
+        k = next((k for k in range(j, i) if stages[k + 1].get(path) is not expr), None)
+        if expr is None or k is None:
+          continue
+        moved = [p for p, e in stages[k + 1].items() if e is expr]
+        where = f" to '{moved[0]}'" if moved else ''
+        return (f": {rules[k]!r}, earlier in the list, moved '{path}' (which it matches){where}; write it for the"
+                f' new name, or put it before {rules[k]!r}')
+  pattern = getattr(rules[i], 'source', None) or (getattr(rules[i], 'sources', None) or [None])[0]
+  text = _PLACEHOLDER.sub('', name if pattern is None else pattern.text)
+  seen = sorted({p for stages in tally.stages for p in stages[i]})
+  close = difflib.get_close_matches(text, seen, n=3, cutoff=0.6)
+  return f"; the closest paths when it ran: {', '.join(map(repr, close))}" if close else ''
+
+
+def unmatched_problems(rules: Sequence[Rule], tally: Tally) -> list[str]:
+  """One problem per rule (or rename entry) that matched no leaf, saying why where the rules tell."""
+  return [f"rule '{n}' matched no source leaf" + _why_unmatched(rules, i, n, tally)
+          for i, r in enumerate(rules) for n in r.names() if not tally.matches.get(n)]

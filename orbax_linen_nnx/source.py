@@ -74,10 +74,60 @@ class Checkpoint:
     return layout.detect(a.path for a in self.arrays)
 
 
+def _not_found(path: epath.Path) -> CheckpointNotFoundError:
+  """`path` does not exist: say so, and what the nearest directory above it that does exist holds."""
+  above = path.parent
+  while not above.exists() and above != above.parent:
+    above = above.parent
+  steps = ocp.utils.checkpoint_steps(above) if above.is_dir() else []
+  where = f'; {above} holds the finished steps {sorted(steps)}' if steps else ''
+  return CheckpointNotFoundError(f'checkpoint directory {path} does not exist{where}')
+
+
+def _step_directory(run: epath.Path, step: int) -> epath.Path:
+  """The directory of `step` in a run directory; a step that is not there names the steps that are."""
+  if not run.exists():
+    raise _not_found(run)
+  try:
+    return ocp.path.step.find_step_path(run, ocp.path.step.standard_name_format(), step=step)
+  except ValueError:
+    steps = sorted(ocp.utils.checkpoint_steps(run))
+    raise CheckpointNotFoundError(
+        f'{run} holds no finished step {step}; its finished steps are {steps or "none"}') from None
+
+
+def _latest_step(run: epath.Path) -> epath.Path | None:
+  """A run directory's latest finished step, or None when `run` is no run directory (it holds items)."""
+  if any((p / format_utils.PYTREE_METADATA_FILE).exists() for p in run.iterdir() if not p.name.isdigit()):
+    return None
+  steps = ocp.utils.checkpoint_steps(run)
+  return _step_directory(run, max(steps)) if steps else None
+
+
+def locate(path: epath.PathLike, *, step: int | None = None, item: str | None = None) -> epath.Path:
+  """The PyTree item directory a path names, whichever level it is given at.
+
+  `path` is an item directory (`<run>/<step>/default`, a published bare
+  checkpoint), a step directory (its one PyTree item, or `default`), or a run
+  directory (the finished `step`, default its latest). `item` names the item
+  of a step that holds several. A path that does not exist, or a step the run
+  does not hold, raises `CheckpointNotFoundError` saying what is there.
+  """
+  path = epath.Path(path)
+  if not path.exists():
+    raise _not_found(path)
+  _check_finished(path)  # a step or item Orbax is still writing has no _METADATA yet
+  if step is not None:
+    path = _step_directory(path, step)
+  elif path.is_dir() and not (path / format_utils.PYTREE_METADATA_FILE).exists():
+    path = _latest_step(path) or path
+  return path / item if item is not None else item_directory(path)
+
+
 def item_directory(directory: epath.Path) -> epath.Path:
   """The PyTree item to read: `directory` itself, or the one item (or 'default') of a step directory."""
   if not directory.exists():
-    raise CheckpointNotFoundError(f'checkpoint directory {directory} does not exist')
+    raise _not_found(directory)
   if (directory / format_utils.PYTREE_METADATA_FILE).exists():
     return directory
   items = sorted(p.name for p in directory.iterdir() if (p / format_utils.PYTREE_METADATA_FILE).exists()) \
@@ -153,14 +203,13 @@ def _key_impls(directory: epath.Path) -> dict[str, str]:
   return impls
 
 
-def open_checkpoint(directory: epath.PathLike) -> Checkpoint:
+def open_checkpoint(path: epath.PathLike, *, step: int | None = None, item: str | None = None) -> Checkpoint:
   """Lists the arrays of a checkpoint item (e.g. `run/100/default`) and opens each once.
 
-  A step directory is accepted too when it holds one PyTree item (or a
-  'default' one). Reads metadata only: no array data.
+  `path` may also be a step or run directory (see `locate`). Reads metadata
+  only: no array data.
   """
-  _check_finished(epath.Path(directory))  # a step or item Orbax is still writing has no _METADATA yet
-  directory = item_directory(epath.Path(directory))
+  directory = locate(path, step=step, item=item)
   _check_finished(directory)
   metadata_file = directory / format_utils.PYTREE_METADATA_FILE
   try:

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from orbax_linen_nnx import internals
 from orbax_linen_nnx import layout
 from orbax_linen_nnx.planner import PlanError, Target
 
@@ -38,6 +39,20 @@ def default_sharding() -> jax.sharding.Sharding:
 
 
 
+# A target leaf above this size that gives no sharding is noted in the plan
+# (and warned of) when it is replicated on several devices: every device then
+# holds all of it (flax issue 5110: models that ran out of memory so).
+UNSHARDED_NOTE_BYTES = 16 * 2**20
+
+
+def _nbytes(value) -> int:
+  return int(np.prod(value.shape, dtype=np.int64)) * np.dtype(value.dtype).itemsize if not _is_key(value) else 0
+
+
+def _mib(n: int) -> str:
+  return f'{n / 2**20:,.1f} MiB'
+
+
 def _is_variable(x) -> bool:
   return isinstance(x, nnx.Variable)
 
@@ -49,10 +64,18 @@ class NotRestoredError(ValueError):
 class NotRestored(jax.ShapeDtypeStruct):
   """A target leaf that no source filled and the abstract state gave no value for.
 
-  Still a `jax.ShapeDtypeStruct` (shape, dtype, sharding), so a restored tree
-  can be inspected; computing with it, putting it through `jit` or
-  `nnx.update`, or flattening it as a pytree raises `NotRestoredError` naming
-  the leaf, instead of a failure far away at the first forward pass.
+  Only plain pytrees (a dict, a Linen `TrainState`) and abstract modules hold
+  these: a restored `nnx.State` leaves such leaves out, so that
+  `nnx.update(model, restored)` keeps the model's own values there.
+
+  Still a `jax.ShapeDtypeStruct` and a pytree leaf (shape, dtype, sharding),
+  so a restored tree flattens, maps, prints and converts like any other.
+  Using it as an array (an eager op, a `jit` or `eval_shape` argument,
+  `device_put`, `numpy.asarray`) raises `NotRestoredError` naming the leaf and
+  the fix, instead of a failure far away at the first forward pass.
+
+  >>> orbax_linen_nnx.not_restored(restored)  # doctest: +SKIP
+  ['model/drop/rngs/key']
   """
 
   def __init__(self, path: str, abstract: jax.ShapeDtypeStruct):
@@ -63,9 +86,10 @@ class NotRestored(jax.ShapeDtypeStruct):
     raise NotRestoredError(
         f"'{self.path}' {tuple(self.shape)} {self.dtype} was not restored: the checkpoint holds no source for"
         ' it, so the restore kept it as the abstract description it was given. Give it a value first:'
-        ' restore into a state that holds values there (nnx.state(model) of an initialised model keeps'
-        ' them), use fill_nnx_only= for RNG state, or assign it; orbax_linen_nnx.not_restored(tree)'
-        ' lists every such leaf.')
+        ' restore into an nnx.State and nnx.update(model, restored) (the model keeps its own value there),'
+        ' restore into a state that holds values there (nnx.state(model) of an initialised model), use'
+        ' fill_nnx_only= for RNG state, or assign it; orbax_linen_nnx.not_restored(tree) lists every such'
+        ' leaf.')
 
   __jax_array__ = __array__ = __getitem__ = __iter__ = __len__ = __bool__ = __float__ = __int__ = fail
   __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __matmul__ = __rmatmul__ = fail
@@ -74,8 +98,16 @@ class NotRestored(jax.ShapeDtypeStruct):
   def __repr__(self):
     return f'NotRestored({self.path!r}, shape={tuple(self.shape)}, dtype={self.dtype})'
 
+  # ShapeDtypeStruct's equality and hash ignore the path; two placeholders are
+  # the same only for the same leaf.
+  def __eq__(self, other):
+    return isinstance(other, NotRestored) and other.path == self.path and super().__eq__(other)
 
-jax.tree_util.register_pytree_node(NotRestored, lambda x: x.fail(), lambda aux, children: None)
+  def __hash__(self):
+    return hash((self.path, super().__hash__()))
+
+
+internals.refuse_as_jax_value(NotRestored, NotRestored.fail)
 
 
 def not_restored(tree: Any) -> list[str]:
@@ -129,7 +161,15 @@ class AbstractState:
   _leaves: list[Any]
   _rebuild: Callable[[list[Any]], Any]
   problems: list[str] = dataclasses.field(default_factory=list)  # shardings that do not fit, see flatten
+  notes: list[str] = dataclasses.field(default_factory=list)  # shardings chosen for leaves that gave none
+  large_replicated: list[str] = dataclasses.field(default_factory=list)  # the notes on large leaves among them
+  # An nnx.State leaves out what the restore did not fill (nnx.update keeps the
+  # model's value there); other trees hold a NotRestored placeholder.
+  leaves_out_unfilled: bool = False
+  # An nnx.Module target's modules: {path: (attribute position, class name)}, for the pairing an error proposes.
+  modules: dict[Path, tuple[int, str]] = dataclasses.field(default_factory=dict)
   placeholders: list[str] = dataclasses.field(default_factory=list)  # NotRestored leaves of the last rebuild
+  left_out: list[str] = dataclasses.field(default_factory=list)  # leaves the last rebuild left out
 
   @property
   def targets(self) -> list[Target]:
@@ -138,10 +178,11 @@ class AbstractState:
   def rebuild(self, values: Mapping[Path, Any]) -> Any:
     """The abstract state with `values[path]` put in at each restored leaf.
 
-    A leaf kept as given that holds only a description becomes `NotRestored`
+    A leaf kept as given that holds only a description is left out of an
+    `nnx.State` (listed in `left_out`) and becomes `NotRestored` elsewhere
     (listed in `placeholders`).
     """
-    new, self.placeholders = [], []
+    new, self.placeholders, self.left_out = [], [], []
     for t, leaf in zip(self._slots, self._leaves):
       if t is None:
         new.append(leaf)
@@ -149,9 +190,9 @@ class AbstractState:
         value = leaf.get_raw_value() if _is_variable(leaf) else leaf
         if isinstance(value, jax.ShapeDtypeStruct) and not isinstance(value, NotRestored):
           value = NotRestored(layout.render(t.path), value)
-          self.placeholders.append(value.path)
+          (self.left_out if self.leaves_out_unfilled else self.placeholders).append(value.path)
           if _is_variable(leaf):
-            leaf = leaf.copy()  # Variable.copy(value) would tree-map the placeholder, which raises
+            leaf = leaf.copy()  # a copy holding the placeholder, not the description
             leaf.set_raw_value(value)
           else:
             leaf = value
@@ -161,7 +202,11 @@ class AbstractState:
         if t.key_impl is not None:
           value = jax.random.wrap_key_data(value, impl=t.key_impl)
         new.append(leaf.copy(value) if _is_variable(leaf) else value)
-    return self._rebuild(new)
+    rebuilt = self._rebuild(new)
+    if self.left_out:
+      rebuilt = nnx.filter_state(
+          rebuilt, lambda _, v: not isinstance(v.get_raw_value() if _is_variable(v) else v, NotRestored))
+    return rebuilt
 
 
 def _context_mesh() -> jax.sharding.Mesh | None:
@@ -185,9 +230,10 @@ class _Shardings:
     self._world = None
 
   def resolve(self, path: Path, value) -> Any:
+    """The concrete sharding of a leaf; None where it gives none (see `for_unsharded`), or cannot be made."""
     sharding = getattr(value, 'sharding', None)
     if sharding is None:
-      return default_sharding()
+      return None
     if isinstance(sharding, jax.sharding.PartitionSpec):
       if self.mesh is None:
         self.unmeshed['a PartitionSpec with no mesh'].append(layout.render(path))
@@ -237,6 +283,45 @@ class _Shardings:
       self.problems.append(f'{where}: its PartitionSpec {sharding.spec} uses mesh axis {twice[0]!r} for more'
                            ' than one dimension; each mesh axis may shard one dimension')
 
+  def for_unsharded(self, given: list[Any], unsharded: list[tuple[Path, int]], notes: list[str],
+                    large: list[str]) -> Any:
+    """Where the leaves that ask for no sharding go: replicated on the mesh the other leaves use.
+
+    `given` are the other leaves' shardings, `unsharded` the (path, bytes) of
+    those that gave none. One mesh among the others: that mesh, so the
+    restored state computes in one `jit`. Else the mesh passed or in context;
+    several meshes and neither: a problem naming `mesh=`. No mesh anywhere:
+    the devices the others use, else every device (`default_sharding()`).
+    Leaves above `UNSHARDED_NOTE_BYTES` on several devices go to `large` too:
+    each device holds all of them.
+    """
+    meshes = list(dict.fromkeys(s.mesh for s in given if isinstance(s, jax.sharding.NamedSharding)))
+    mesh = meshes[0] if len(meshes) == 1 else self.mesh
+    if mesh is not None:
+      sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    elif meshes:
+      shown = '; '.join(', '.join(f'{a}={n}' for a, n in m.shape.items()) for m in meshes)
+      self.problems.append(
+          f'{len(unsharded)} target(s) give no sharding ({", ".join(repr(layout.render(p)) for p, _ in unsharded[:5])}'
+          f'{" ..." if len(unsharded) > 5 else ""}) and the others use {len(meshes)} meshes ({shown}): say which'
+          ' one they are replicated on with LinenCompatRestore(..., mesh=mesh), or give them shardings')
+      return default_sharding()
+    else:
+      devices = {frozenset(s.device_set) for s in given}
+      sharding = given[0] if given and len(devices) == 1 and len(given[0].device_set) == 1 else default_sharding()
+    where = (f"mesh ({', '.join(f'{a}={n}' for a, n in sharding.mesh.shape.items())})"
+             if isinstance(sharding, jax.sharding.NamedSharding) else f'{len(sharding.device_set)} device(s)')
+    if given:  # beside sharded leaves: say where these went
+      notes.append(f'{len(unsharded)} target(s) give no sharding: replicated on the {where} the others use'
+                   if meshes else f'{len(unsharded)} target(s) give no sharding: replicated on the {where}')
+    n = len(sharding.device_set)
+    for path, nbytes in unsharded:
+      if n > 1 and nbytes > UNSHARDED_NOTE_BYTES:
+        large.append(f"'{layout.render(path)}' ({_mib(nbytes)}) gives no sharding: replicated, every one of the"
+                     f' {n} devices holds all of it ({_mib(nbytes * n)} in all); give it a sharding to split it')
+    notes += large
+    return sharding
+
   def finish(self) -> list[str]:
     for what, paths in self.unmeshed.items():
       self.problems.insert(0, (
@@ -244,6 +329,32 @@ class _Shardings:
           f' in context: {", ".join(repr(p) for p in paths)}. Restore inside `with jax.set_mesh(mesh):`'
           ' (the mesh the abstract state was made under), or pass LinenCompatRestore(..., mesh=mesh)'))
     return self.problems
+
+
+def module_order(module: nnx.Module) -> dict[Path, tuple[int, str]]:
+  """{path: (position, class name)} of every submodule, in the order the code made its attributes.
+
+  `nnx.split` and `nnx.State` sort attributes by name; the module's own
+  `__dict__` keeps them in the order `__init__` set them.
+  """
+  out: dict[Path, tuple[int, str]] = {}
+
+  def walk(node, at: Path) -> None:
+    if isinstance(node, nnx.Module):
+      if at:
+        out[at] = (len(out), type(node).__name__)
+      items = [(k, v) for k, v in vars(node).items() if not k.startswith('_')]
+    elif isinstance(node, (list, tuple)):
+      items = list(enumerate(node))
+    elif isinstance(node, dict):
+      items = list(node.items())
+    else:
+      return
+    for k, v in items:
+      walk(v, at + (str(k),))
+
+  walk(module, ())
+  return out
 
 
 def flatten(abstract: Any, *, layout_name: str | None = None, mesh: jax.sharding.Mesh | None = None) -> AbstractState:
@@ -257,13 +368,13 @@ def flatten(abstract: Any, *, layout_name: str | None = None, mesh: jax.sharding
   if isinstance(abstract, nnx.Module):
     graphdef, state = nnx.split(abstract)
     inner = flatten(state, layout_name=layout_name or layout.NNX, mesh=mesh)
-    return AbstractState(
-        inner.layout, inner._slots, inner._leaves,
-        lambda leaves: nnx.merge(graphdef, inner._rebuild(leaves)), inner.problems,
-    )
+    # A module needs every leaf: what the restore does not fill holds a placeholder.
+    return AbstractState(inner.layout, inner._slots, inner._leaves,
+                         lambda leaves: nnx.merge(graphdef, inner._rebuild(leaves)), inner.problems, inner.notes,
+                         inner.large_replicated, modules=module_order(abstract))
   is_nnx = isinstance(abstract, nnx.State)
   flat, treedef = jax.tree_util.tree_flatten_with_path(abstract, is_leaf=_is_variable)
-  slots, leaves = [], []
+  found, leaves = [], []  # per leaf: (path, value, sharding) or None (no array)
   shardings = _Shardings(mesh)
   not_arrays = []
   for keys, leaf in flat:
@@ -272,27 +383,31 @@ def flatten(abstract: Any, *, layout_name: str | None = None, mesh: jax.sharding
     if _is_variable(leaf) and not jax.tree.leaves(value):
       # A Variable holding no array (optax's MaskedNode for a masked-out
       # parameter, an empty state): nothing is stored for it, nothing to read.
-      slots.append(None)
+      found.append(None)
       leaves.append(leaf)
       continue
     if not isinstance(value, (jax.ShapeDtypeStruct, jax.Array)):
       not_arrays.append(f"'{layout.render(path)}' is a {type(value).__name__}")
       continue
-    sharding = shardings.resolve(path, value) or default_sharding()
+    found.append((path, value, shardings.resolve(path, value), getattr(value, 'sharding', None) is None))
+    leaves.append(leaf)
+  unsharded = [(path, _nbytes(value)) for path, value, _, none in filter(None, found) if none]
+  notes: list[str] = []
+  large: list[str] = []
+  default = shardings.for_unsharded([s for _, _, s, _ in filter(None, found) if s is not None], unsharded,
+                                    notes, large) if unsharded else None
+  slots = []
+  for entry, leaf in zip(found, leaves):
+    if entry is None:
+      slots.append(None)
+      continue
+    path, value, sharding, none = entry
+    sharding = default if none else (sharding or default_sharding())
     shape, dtype, key_impl = tuple(value.shape), value.dtype, None
     if _is_key(value):
       shape, dtype, sharding, key_impl = _key_data(value, sharding)
-    slots.append(
-        Target(
-            path=path,
-            shape=shape,
-            dtype=dtype,
-            sharding=sharding,
-            variable_type=type(leaf).__name__ if _is_variable(leaf) else None,
-            key_impl=key_impl,
-        )
-    )
-    leaves.append(leaf)
+    slots.append(Target(path=path, shape=shape, dtype=dtype, sharding=sharding,
+                        variable_type=type(leaf).__name__ if _is_variable(leaf) else None, key_impl=key_impl))
   if not_arrays:
     raise PlanError(
         f'{len(not_arrays)} abstract leaf/leaves are not array descriptions: {"; ".join(not_arrays)}.'
@@ -300,4 +415,5 @@ def flatten(abstract: Any, *, layout_name: str | None = None, mesh: jax.sharding
         ' jax.eval_shape) or jax.Array; nothing was read.')
   if layout_name is None:
     layout_name = layout.NNX if is_nnx else layout.detect(t.path for t in slots if t is not None)
-  return AbstractState(layout_name, slots, leaves, treedef.unflatten, shardings.finish())
+  return AbstractState(layout_name, slots, leaves, treedef.unflatten, shardings.finish(), notes, large,
+                       leaves_out_unfilled=is_nnx)

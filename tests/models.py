@@ -247,10 +247,16 @@ def assert_same(restored, expected: dict[str, object], pairs: dict[str, str]):
     np.testing.assert_array_equal(np.asarray(a), want.astype(np.asarray(a).dtype), err_msg=tgt)
 
 
-def assert_sharded_as(restored, abstract):
-  """Every restored array has exactly the sharding its abstract leaf asked for."""
+def assert_sharded_as(restored, abstract, left_out=()):
+  """Every restored array has exactly the sharding its abstract leaf asked for.
+
+  `left_out`: the paths the restore leaves out of an nnx.State (kept in the plan, no source).
+  """
   got, want = flat(restored), flat(abstract)
+  assert set(want) - set(got) == set(left_out), sorted(set(want) ^ set(got) ^ set(left_out))
   for path, w in want.items():
+    if path in left_out:
+      continue
     a = got[path]
     if isinstance(a, jax.ShapeDtypeStruct) or not jax.tree.leaves(w):
       continue  # kept as given; or no array at all (optax.MaskedNode)

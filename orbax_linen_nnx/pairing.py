@@ -1,0 +1,222 @@
+"""Which Linen module is which NNX module: a one-to-one pairing from the two trees alone.
+
+Linen names a module by its class and creation order (`Dense_0`, `Dense_1`,
+`LayerNorm_0`; in `nn.Dense(8)(nn.Dense(32)(x))` the outer `Dense(8)` is
+`Dense_0`); NNX by the attribute the code chose (`fc1`, `norm`). No name tells
+the pairing, but a module is known by all of its leaves together (their names
+and shapes) and by its submodules: `Dense_0` with kernel (16, 32) and bias
+(32,) can only be the one NNX module holding exactly those. Where shapes leave
+a choice, the module kinds (`Dense_` and `nnx.Linear`, `Conv_` and `nnx.Conv`)
+narrow it, and then the order: Linen's creation index against the NNX
+attribute order, known only where the target is an `nnx.Module` (an
+`nnx.State` sorts its keys). A pairing settled by order alone is said to be
+so; one nothing settles is reported, never guessed silently.
+
+    >>> linen = tree({('Dense_0', 'kernel'): (16, 32), ('Dense_0', 'bias'): (32,),
+    ...               ('Dense_1', 'kernel'): (32, 8), ('Dense_1', 'bias'): (8,)})
+    >>> nnx_side = tree({('fc1', 'kernel'): (16, 32), ('fc1', 'bias'): (32,),
+    ...                  ('fc2', 'kernel'): (32, 8), ('fc2', 'bias'): (8,)})
+    >>> pair(linen, nnx_side).renames
+    {'Dense_0': 'fc1', 'Dense_1': 'fc2'}
+
+Pure: paths and shapes in, a pairing out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import re
+from typing import Mapping
+
+from orbax_linen_nnx import layout
+
+Path = layout.Path
+
+# Linen module classes and the NNX classes that hold the same parameters.
+KINDS = {
+    'Dense': ('Linear',),
+    'DenseGeneral': ('LinearGeneral', 'Linear'),
+    'Conv': ('Conv',),
+    'ConvTranspose': ('ConvTranspose',),
+    'Embed': ('Embed',),
+    'LayerNorm': ('LayerNorm',),
+    'RMSNorm': ('RMSNorm',),
+    'GroupNorm': ('GroupNorm',),
+    'BatchNorm': ('BatchNorm',),
+    'MultiHeadDotProductAttention': ('MultiHeadAttention',),
+    'MultiHeadAttention': ('MultiHeadAttention',),
+    'SelfAttention': ('MultiHeadAttention',),
+    'Einsum': ('Einsum',),
+    'LSTMCell': ('LSTMCell',),
+    'GRUCell': ('GRUCell',),
+}
+
+_LINEN_NAME = re.compile(r'([A-Za-z]\w*?)_(\d+)')
+_TIES_TRIED = 7  # groups of equal modules up to this size are paired by trying every assignment
+
+
+@dataclasses.dataclass(eq=False)
+class Module:
+  """A module of one side's tree: its leaves (name -> shape) and submodules, its kind and order.
+
+  `kind` is the module's class (from a Linen name such as `Dense_3`, or the
+  NNX class where the target is a module); `order` its creation index (Linen)
+  or attribute position (NNX), None where unknown.
+  """
+
+  path: Path
+  given: str = ''  # the path as the tree names it, where that differs ('layers_3/Dense_0' for layers/3/Dense_0)
+  leaves: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+  children: dict[str, 'Module'] = dataclasses.field(default_factory=dict)
+  kind: str | None = None
+  order: int | None = None
+
+  @functools.cached_property
+  def signature(self) -> tuple:
+    """What identifies the module whatever it and its submodules are named: its leaves' shapes, its submodules'."""
+    return (tuple(sorted(self.leaves.items())), tuple(sorted(c.signature for c in self.children.values())))
+
+  def describe(self) -> str:
+    shown = ', '.join(f'{k} {v}' for k, v in sorted(self.leaves.items()))
+    return shown or f'{len(self.children)} submodules'
+
+
+def tree(leaves: Mapping[Path, tuple[int, ...]], info: Mapping[Path, tuple[int, str]] | None = None) -> Module:
+  """The module tree of model paths -> shapes; `info` gives (order, class) of modules where known.
+
+  Without `info`, Linen's automatic names give both: `Dense_3` is the fourth
+  `Dense` made. Linen's per-layer names become list entries (`layers_3` ->
+  `layers/3`, as NNX names them) so both trees have one shape; each module
+  keeps the path its tree gives it, which is what renames are written in.
+  """
+  root = Module(())
+  for path, shape in leaves.items():
+    node, at = root, ()
+    for seg in path[:-1]:
+      parts = layout.nnx_names((seg,))
+      given = '/'.join(filter(None, (node.given if node is not root else '', seg)))
+      for k, part in enumerate(parts):
+        at += (part,)
+        if part not in node.children:
+          node.children[part] = Module(at, given if k == len(parts) - 1 else '')
+        node = node.children[part]
+    node.leaves[path[-1]] = tuple(shape)
+  for node in _walk(root):
+    if info and node.path in info:
+      node.order, node.kind = info[node.path]
+    elif node.path and (m := _LINEN_NAME.fullmatch(node.path[-1])) and node.path[-1][:1].isupper():
+      node.kind, node.order = m[1], int(m[2])
+  return root
+
+
+def _walk(node: Module):
+  yield node
+  for c in node.children.values():
+    yield from _walk(c)
+
+
+@dataclasses.dataclass
+class Pairing:
+  """Source module path -> target module path, and what the shapes alone could not settle.
+
+  `renames` holds only the entries a rename needs ('/'-joined paths; a
+  submodule that keeps its name under a renamed parent needs none). `by_order`
+  and `unsettled` describe groups of modules that look alike: paired by their
+  order, or not told apart at all (paired in name order, to be checked).
+  `unpaired` lists modules of either side left without a partner.
+  """
+
+  renames: dict[str, str] = dataclasses.field(default_factory=dict)
+  by_order: list[str] = dataclasses.field(default_factory=list)
+  unsettled: list[str] = dataclasses.field(default_factory=list)
+  unpaired: list[str] = dataclasses.field(default_factory=list)
+
+
+def _compatible(a: Module, b: Module) -> bool | None:
+  """Whether two modules' kinds can hold the same weights (None: a kind is unknown)."""
+  if a.kind is None or b.kind is None:
+    return None
+  return a.kind == b.kind or b.kind in KINDS.get(a.kind, ()) or a.kind in KINDS.get(b.kind, ())
+
+
+def _ordered(assignment, sources, targets) -> bool:
+  """Whether an assignment keeps the order of modules of one kind on both sides."""
+  pairs = [(s, targets[j]) for s, j in zip(sources, assignment)]
+  for (s1, t1), (s2, t2) in itertools.combinations(pairs, 2):
+    if s1.kind != s2.kind or None in (s1.order, s2.order, t1.order, t2.order):
+      continue
+    if (s1.order < s2.order) != (t1.order < t2.order):
+      return False
+  return all(None not in (s.order, t.order) for s, t in pairs)
+
+
+def _name(path: Path) -> str:
+  return '/'.join(path)
+
+
+def _settle(sources: list[Module], targets: list[Module], out: Pairing) -> list[tuple[Module, Module]]:
+  """Pairs modules that look alike (one signature), by kind, then order; records what stays open."""
+  if len(sources) == len(targets) == 1:
+    return [(sources[0], targets[0])]
+  n = min(len(sources), len(targets))
+  if len(sources) != len(targets) or n > _TIES_TRIED:
+    paired = list(zip(sorted(sources, key=lambda m: m.path), sorted(targets, key=lambda m: m.path)))
+    left = [m for m in sources + targets if not any(m is a or m is b for a, b in paired)]
+    out.unsettled.append(
+        f"{', '.join(_name(m.path) for m in sources)} and {', '.join(_name(m.path) for m in targets)} all hold"
+        f' {sources[0].describe()}: {len(sources)} against {len(targets)}, paired in name order')
+    out.unpaired += [_name(m.path) for m in left]
+    return paired
+  fits = [p for p in itertools.permutations(range(n))
+          if all(_compatible(s, targets[j]) is not False for s, j in zip(sources, p))]
+  ordered = [p for p in fits if _ordered(p, sources, targets)]
+  names = f"{', '.join(_name(m.path) for m in sources)} and {', '.join(_name(m.path) for m in targets)}"
+  if len(fits) == 1:
+    chosen = fits[0]
+  elif len(ordered) == 1:
+    chosen = ordered[0]
+    out.by_order.append(f'{names} all hold {sources[0].describe()}: paired in creation and attribute order')
+  else:
+    chosen = (ordered or fits or [tuple(range(n))])[0]
+    why = ('no attribute order on the NNX side: an nnx.State sorts its keys, an abstract nnx.Module target keeps'
+           ' them in order' if any(t.order is None for t in targets) else 'neither kinds nor order tell them apart')
+    out.unsettled.append(f'{names} all hold {sources[0].describe()} ({why}): paired in name order, check them')
+  return [(s, targets[j]) for s, j in zip(sources, chosen)]
+
+
+def _pair_children(src: Module, tgt: Module, produced: Path, out: Pairing) -> None:
+  """Pairs the submodules of two paired modules, then theirs; `produced` is where the rules put `src`."""
+  pairs = [(src.children[k], tgt.children[k]) for k in src.children if k in tgt.children]
+  rest_s = [c for k, c in src.children.items() if k not in tgt.children]
+  rest_t = [c for k, c in tgt.children.items() if k not in src.children]
+  groups: dict[tuple, tuple[list, list]] = {}
+  for c in rest_s:
+    groups.setdefault(c.signature, ([], []))[0].append(c)
+  for c in rest_t:
+    groups.setdefault(c.signature, ([], []))[1].append(c)
+  for sources, targets in groups.values():
+    if sources and targets:
+      pairs += _settle(sources, targets, out)
+    else:
+      out.unpaired += [_name(m.path) for m in sources + targets]
+  for a, b in pairs:
+    at = produced + (a.path[-1],)
+    if at != b.path and a.given and b.given:  # (a list entry of one side only is renamed with its entries)
+      out.renames[a.given] = b.given
+      at = b.path
+    _pair_children(a, b, at, out)
+
+
+def pair(source: Module, target: Module) -> Pairing:
+  """The one-to-one pairing of `source`'s modules with `target`'s (see the module docstring)."""
+  out = Pairing()
+  _pair_children(source, target, (), out)
+  out.renames = dict(sorted(out.renames.items(), key=lambda kv: _sort_key(kv[0])))
+  return out
+
+
+def _sort_key(path: str) -> tuple:
+  """Linen names in creation order ('Dense_2' before 'Dense_10')."""
+  return tuple((int(p) if p.isdigit() else p) for p in re.split(r'(\d+)', path))
