@@ -107,9 +107,18 @@ class LinenCompatSave(ocp.args.CheckpointArgs):
       `{'layers': {'linen': None}}` one array per layer (`layers_0`, ...);
       stacks not named are written as they are.
     aux: where persistent NNX state that Linen has no place for goes (RNG
-      streams, batch stats, custom Variables): 'nnx_aux' (MaxText's
-      `nnx_aux/model/...`), or None to leave it out (reported in the plan as
-      skipped). Caches and intermediates are never saved.
+      streams, custom Variables): 'sidecar' (default) beside the Linen tree,
+      as a PyTree of its own in the item's `nnx_aux/` directory, which Linen
+      readers never see and `LinenCompatRestore` reads back; 'nnx_aux' in the
+      tree as MaxText writes it (`nnx_aux/model/...`, batch statistics too),
+      for MaxText's readers; or None to leave it out (listed in the plan as
+      skipped). Batch statistics otherwise go where Linen code keeps them: a
+      `batch_stats` field beside `params` (a model alone: the `batch_stats`
+      collection of its variables). Caches and intermediates are never saved.
+    target: a Linen abstract state (`jax.eval_shape(lambda: linen_state)`,
+      a variables dict of `jax.ShapeDtypeStruct`) to write exactly: its tree,
+      its type, its None entries; None (default) writes what a Linen run of
+      the same model saves (see above).
     save_args: an `ocp.SaveArgs` applied to every array (`chunk_byte_size`,
       `dtype`), or None.
     custom_metadata: JSON-serialisable metadata stored with the item.
@@ -121,7 +130,8 @@ class LinenCompatSave(ocp.args.CheckpointArgs):
   state: Any
   rules: rules_lib.Rules = None
   stacks: stacks_lib.StackAxes | None = None
-  aux: str | None = layout.NNX_AUX
+  aux: str | None = layout.SIDECAR
+  target: Any = None
   save_args: ocp.SaveArgs | None = None
   custom_metadata: dict[str, Any] | None = None
   plan: plan_lib.RestorePlan = dataclasses.field(init=False, repr=False, compare=False)
@@ -129,4 +139,5 @@ class LinenCompatSave(ocp.args.CheckpointArgs):
   def __post_init__(self):
     # Planned here, from shapes alone, so that every problem is raised before
     # the manager creates the step's directory.
-    self.plan = save_lib.plan_save(self.state, rules=self.rules, stacks=self.stacks, aux=self.aux)
+    self.plan = save_lib.plan_save(self.state, rules=self.rules, stacks=self.stacks, aux=self.aux,
+                                   target=self.target)

@@ -5,9 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import os
-import sys
-import warnings
 from typing import Any
 
 import jax
@@ -124,34 +121,21 @@ def restore(source: Any, abstract_state: Any, *, step: int | None = None, item: 
     return checkpointer.restore(directory, args=LinenCompatRestore(abstract_state, **options))
 
 
-class RestoreWarning(UserWarning):
-  """A restore that succeeded but left something the caller should know about (see the plan)."""
-
-
-def _warn(message: str) -> None:
-  """A `RestoreWarning` attributed to the caller's line: the first frame outside Orbax and this package."""
-  level, frame = 2, sys._getframe(1)  # stacklevel 2 is the frame that called _warn
-  while frame is not None and any(f'{os.sep}{pkg}{os.sep}' in frame.f_code.co_filename
-                                  for pkg in ('orbax', 'orbax_linen_nnx', 'concurrent')):
-    level, frame = level + 1, frame.f_back
-  warnings.warn(message, RestoreWarning, stacklevel=level)
-
-
 def _warn_unfilled(state: target.AbstractState) -> None:
   """Warns of the leaves the restore did not fill, and of large leaves replicated for want of a sharding."""
   if state.left_out:
-    _warn(
-        f'orbax_linen_nnx: {len(state.left_out)} leaves have no source in the checkpoint and are left out of the'
+    plan_lib.warn(
+        f'{len(state.left_out)} leaves have no source in the checkpoint and are left out of the'
         f' restored nnx.State: {", ".join(state.left_out)}. nnx.update(model, restored) keeps the model\'s own'
         ' values there (the RNG streams it was built with); the plan lists them as kept.')
   if state.placeholders:
-    _warn(
-        f'orbax_linen_nnx: {len(state.placeholders)} leaves were not restored (no source; the abstract state gave'
+    plan_lib.warn(
+        f'{len(state.placeholders)} leaves were not restored (no source; the abstract state gave'
         f' no value) and hold NotRestored placeholders that raise when used as arrays: {", ".join(state.placeholders)}.'
         ' Restore into an nnx.State (then nnx.update(model, restored) keeps the model\'s values there) or into a'
         ' state with values there (nnx.state(model) of an initialised model), or fill them before use.')
   if state.large_replicated:
-    _warn('orbax_linen_nnx: ' + '; '.join(state.large_replicated))
+    plan_lib.warn('; '.join(state.large_replicated))
 
 
 class _SavedAsStandard:
@@ -186,11 +170,12 @@ class LinenCompatHandler(ocp.AsyncCheckpointHandler):
 
   def __init__(self):
     self._standard = ocp.StandardCheckpointHandler()
+    self._sidecar = ocp.StandardCheckpointHandler()  # NNX-only state, in the item's nnx_aux/ directory
 
   typestr = _SavedAsStandard()
 
-  def standard_args(self, args) -> ocp.args.StandardSave:
-    """The `StandardSave` of the Linen tree that `args` (a `LinenCompatSave`) writes."""
+  def standard_args(self, args) -> tuple[ocp.args.StandardSave, ocp.args.StandardSave | None]:
+    """The `StandardSave`s that `args` (a `LinenCompatSave`) writes: the Linen tree, and the sidecar (or None)."""
     from orbax_linen_nnx.args import LinenCompatSave  # args imports this module
 
     if not isinstance(args, LinenCompatSave):
@@ -198,15 +183,24 @@ class LinenCompatHandler(ocp.AsyncCheckpointHandler):
                       ' LinenCompatRestore only restores. Save with LinenCompatSave(state) (the Linen layout)'
                       ' or ocp.args.StandardSave(state) (the state as it is)')
     with _gc_paused():
-      tree = save_lib.to_linen(args.state, rules=args.rules, stacks=args.stacks, aux=args.aux, plan=args.plan)
+      tree, sidecar = save_lib.linen_trees(args.state, rules=args.rules, stacks=args.stacks, aux=args.aux,
+                                           target=args.target, plan=args.plan)
     save_args = None if args.save_args is None else jax.tree.map(lambda _: args.save_args, tree)
-    return ocp.args.StandardSave(tree, save_args=save_args, custom_metadata=args.custom_metadata)
+    main = ocp.args.StandardSave(tree, save_args=save_args, custom_metadata=args.custom_metadata)
+    return main, (None if sidecar is None else ocp.args.StandardSave(sidecar))
 
   async def async_save(self, directory: epath.Path, args=None):
-    return await self._standard.async_save(directory, args=self.standard_args(args))
+    main, sidecar = self.standard_args(args)
+    futures = list(await self._standard.async_save(directory, args=main) or [])
+    if sidecar is not None:  # a PyTree of its own inside the item, written and committed with it
+      futures += await self._sidecar.async_save(directory / source_lib.SIDECAR_DIR, args=sidecar) or []
+    return futures
 
   def save(self, directory: epath.Path, args=None):
-    self._standard.save(directory, args=self.standard_args(args))
+    main, sidecar = self.standard_args(args)
+    self._standard.save(directory, args=main)
+    if sidecar is not None:
+      self._sidecar.save(directory / source_lib.SIDECAR_DIR, args=sidecar)
 
   def restore(self, directory: epath.Path, args=None) -> Any:
     if args is None or getattr(args, 'abstract_state', None) is None:
@@ -238,6 +232,9 @@ class LinenCompatHandler(ocp.AsyncCheckpointHandler):
 
   def finalize(self, directory: epath.Path) -> None:
     self._standard.finalize(directory)
+    if (directory / source_lib.SIDECAR_DIR).exists():
+      self._sidecar.finalize(directory / source_lib.SIDECAR_DIR)
 
   def close(self):
     self._standard.close()
+    self._sidecar.close()

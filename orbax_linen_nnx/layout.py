@@ -28,6 +28,10 @@ LAYOUTS = (LINEN, NNX)
 # persistent NNX state Linen has no place for (RNG streams, batch stats, custom
 # Variables): the pure dict of that state, `nnx_aux/model/bn/mean`, ...
 NNX_AUX = 'nnx_aux'
+# Or beside the Linen tree instead of in it: a PyTree of its own in the item's
+# `nnx_aux/` directory, which Linen readers never see (LinenCompatSave's default).
+SIDECAR = 'sidecar'
+AUX_PLACES = (SIDECAR, NNX_AUX, None)
 
 # Linen collections whose name may sit right under `params` when a TrainState was
 # created with `params=variables` (the 'params' level seen twice on disk).

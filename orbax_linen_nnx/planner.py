@@ -18,7 +18,10 @@ import dataclasses
 import difflib
 import itertools
 import math
+import os
 import re
+import sys
+import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -192,6 +195,19 @@ class RestorePlan:
 
 class PlanError(ValueError):
   """A restore that cannot be planned; lists every problem found. Nothing was read."""
+
+
+class LinenCompatWarning(UserWarning):
+  """A restore or save that went ahead but left something the caller should know of (the plan lists it)."""
+
+
+def warn(message: str) -> None:
+  """A `LinenCompatWarning` attributed to the caller's line: the first frame outside Orbax and this package."""
+  level, frame = 2, sys._getframe(1)  # stacklevel 2 is the frame that called warn
+  while frame is not None and any(f'{os.sep}{pkg}{os.sep}' in frame.f_code.co_filename
+                                  for pkg in ('orbax', 'orbax_linen_nnx', 'concurrent')):
+    level, frame = level + 1, frame.f_back
+  warnings.warn(f'orbax_linen_nnx: {message}', LinenCompatWarning, stacklevel=level)
 
 
 # Which Linen collection each NNX variable type lives in.
@@ -703,6 +719,11 @@ def _rewritten(described, rules, stacks, source: str, to: str) -> tuple[list, di
   return entries, _depths(entries, stacks, to), any(leaf.meaning.section != ('model',) for _, leaf in described)
 
 
+def nnx_only_type(vtype: str | None) -> bool:
+  """A persistent NNX Variable type Linen has no collection for (RNG streams, custom Variables)."""
+  return vtype not in (None, 'Param', 'BatchStat') and vtype not in _EPHEMERAL_TYPES
+
+
 def build_save(
     sources: Sequence[SourceArray],
     variable_types: Mapping[Path, str | None],
@@ -710,6 +731,7 @@ def build_save(
     rules: rules_lib.Rules = None,
     stacks: stacks_lib.StackAxes | None = None,
     aux: str | None = layout.NNX_AUX,
+    targets: Sequence[Target] | None = None,
     action: str = 'LinenCompatSave cannot write the NNX state in the Linen layout',
 ) -> RestorePlan:
   """The plan of writing an NNX state in the Linen layout: `build` with the Linen tree as target.
@@ -719,56 +741,77 @@ def build_save(
   optimizer's subtrees that mirror them under `opt_state/.../params`, an int32
   `step`; the rules (written Linen -> NNX) name and shape it; `stacks` moves a
   stack's layer axis (`{'layers': {'nnx': 0, 'linen': 1}}`) or unrolls it
-  (`{'layers': {'linen': None}}` -> `layers_0`, ...). Every other persistent
-  Variable (RNG streams, batch stats, custom Variables) goes under
-  `nnx_aux/model/...` as its NNX path names it (MaxText's layout), or, with
-  `aux=None`, is left out and reported as skipped; caches and intermediates are
-  always left out. The pairing itself is `build`'s, so a plan that `build` can
-  make back (`LinenCompatRestore` with the same rules and stacks) restores it.
+  (`{'layers': {'linen': None}}` -> `layers_0`, ...). Batch statistics go where
+  Linen code keeps them: a `batch_stats` field beside `params` (which then
+  holds `variables['params']`, as in Flax's BatchNorm guide), or the
+  `batch_stats` collection of a model's variables. RNG streams and custom
+  Variables, which Linen has no place for, go under `nnx_aux/model/...` as
+  their NNX paths name them; `aux` says where that subtree is written:
+  `'sidecar'` beside the Linen tree (the caller writes it apart), `'nnx_aux'`
+  in it, with the batch statistics too (MaxText's layout), None nowhere
+  (reported as skipped). Caches and intermediates are always left out.
+  `targets` (a Linen abstract state's leaves) replaces the derived tree: the
+  state is written as exactly that tree. The pairing itself is `build`'s, so a
+  plan that `build` can make back (`LinenCompatRestore` with the same rules
+  and stacks) restores it.
 
   >>> src = [SourceArray(('model', 'fc1', 'kernel'), 'model/fc1/kernel', (3, 8), 'float32')]
   >>> print(build_save(src, {src[0].path: 'Param'}, rules={'Dense_0': 'fc1'}).reads[0])
   params/Dense_0/kernel (3, 8) float32  <-  model/fc1/kernel  (by rename fc1)
   """
   problems: list[str] = []  # build reports the rules' own problems
-  if aux not in (layout.NNX_AUX, None):
-    problems.append(f'aux={aux!r}: NNX-only state goes under {layout.NNX_AUX!r} (the name MaxText and'
-                    ' LinenCompatRestore read) or, with aux=None, is left out')
-    aux = layout.NNX_AUX
+  if aux not in layout.AUX_PLACES:
+    problems.append(f'aux={aux!r}: NNX-only state goes in {layout.SIDECAR!r} (beside the Linen tree),'
+                    f' {layout.NNX_AUX!r} (in it, as MaxText writes it) or, with aux=None, nowhere')
+    aux = layout.SIDECAR
   stacks = _with_source_axis(stacks_lib.checked(stacks, problems), layout.NNX, layout.LINEN)
   described = list(zip(sources, layout.describe([s.path for s in sources], layout.NNX)))
   skip = [s.path for s, leaf in described if variable_types.get(s.path) in _EPHEMERAL_TYPES
-          or (aux is None and variable_types.get(s.path) not in (None, 'Param') and leaf.meaning.section == ('model',))]
+          or (aux is None and nnx_only_type(variable_types.get(s.path)) and leaf.meaning.section == ('model',))]
   described = [(s, leaf) for s, leaf in described if s.path not in skip]
   entries, depth, train_state = _rewritten(described, rules, stacks, layout.NNX, layout.LINEN)
-  targets = []
+  kinds = {m: variable_types.get(rules_lib.stored_leaves(expr)[0].path) for expr, m, _, _ in entries}
+  # Batch statistics beside the params (Flax's BatchNorm guide): `params` then holds variables['params'].
+  stats = aux != layout.NNX_AUX and any(k == 'BatchStat' for m, k in kinds.items() if m.section == ('model',))
+  derived = []
   for expr, m, _, _ in entries:
     first = rules_lib.stored_leaves(expr)[0]
-    vtype, key_impl = variable_types.get(first.path), getattr(expr, 'key_impl', None)
+    vtype, key_impl = kinds[m], getattr(expr, 'key_impl', None)
     shape, dtype = tuple(expr.shape), expr.dtype
     if m.section == ('step',):
-      targets.append(Target(('step',), shape, np.dtype('int32'), None))  # Linen's TrainState.step
+      derived.append(Target(('step',), shape, np.dtype('int32'), None))  # Linen's TrainState.step
       continue
-    if m.section == ('model',) and vtype not in (None, 'Param'):
-      targets.append(Target((layout.NNX_AUX, 'model') + m.param, shape, dtype, None, key_impl=key_impl))
+    if m.section == ('model',) and (nnx_only_type(vtype) or (vtype == 'BatchStat' and not stats)):
+      derived.append(Target((layout.NNX_AUX, 'model') + m.param, shape, dtype, None, key_impl=key_impl))
       continue
     if m.section == ('model',):
-      base = ('params', 'params') if train_state else ('params',)
+      base = ('batch_stats',) if vtype == 'BatchStat' else ('params', 'params') if train_state and not stats \
+          else ('params',)
     elif m.section[0] == 'opt_state':
-      base = m.section + (('params',) if m.param else ())
+      base = m.section + (('params',) if m.param and not stats else ())
     else:
       problems.append(f"{first} is neither model, optimizer state nor step of an NNX train state"
                       " ({'model': ..., 'optimizer': nnx.Optimizer}); save it with ocp.args.StandardSave")
       continue
     if not m.param:
-      targets.append(Target(base, shape, dtype, None, key_impl=key_impl))
+      derived.append(Target(base, shape, dtype, None, key_impl=key_impl))
       continue
     for param, s in _placed(m.param, shape, stacks, depth, layout.LINEN, problems):
-      targets.append(Target(base + param, s, dtype, None, key_impl=key_impl))
-  targets.sort(key=lambda t: t.path)
-  return build(sources, targets, source_layout=layout.NNX, target_layout=layout.LINEN, rules=rules,
-               stacks=stacks, where='the NNX state', problems=problems, skip=skip,
-               action=action)
+      derived.append(Target(base + param, s, dtype, None, key_impl=key_impl))
+  if targets is not None:
+    # Exactly the caller's Linen tree; NNX-only state it has no place for goes in `aux`'s place.
+    aux_in_target = any(t.path[:1] == (layout.NNX_AUX,) for t in targets)
+    extra = [t for t in derived if t.path[:1] == (layout.NNX_AUX,) and not aux_in_target and aux == layout.SIDECAR]
+    derived = list(targets) + extra
+  derived.sort(key=lambda t: t.path)
+  plan = build(sources, derived, source_layout=layout.NNX, target_layout=layout.LINEN, rules=rules,
+               stacks=stacks, where='the NNX state', problems=problems, skip=skip, action=action)
+  aside = [r for r in plan.reads if r.target.path[:1] == (layout.NNX_AUX,)] if aux == layout.SIDECAR else []
+  if aside and not (targets is not None and any(t.path[:1] == (layout.NNX_AUX,) for t in targets)):
+    plan = dataclasses.replace(plan, notes=plan.notes + (
+        f'{len(aside)} nnx_aux/ arrays (RNG streams, custom Variables) are written beside the Linen tree, in the'
+        " item's nnx_aux/ directory: Linen readers never see them, LinenCompatRestore reads them back",))
+  return plan
 
 
 def build_nnx(

@@ -91,7 +91,7 @@ def _kind_of(leaf: Any) -> str | None:
   """The Variable type that decides where a leaf goes: subclasses count as their base (nnx.LoRAParam is a Param)."""
   if not isinstance(leaf, nnx.Variable):
     return None
-  for base in (nnx.Param, nnx.Cache, nnx.Intermediate):
+  for base in (nnx.Param, nnx.BatchStat, nnx.Cache, nnx.Intermediate):
     if isinstance(leaf, base):
       return base.__name__
   return type(leaf).__name__
@@ -153,46 +153,43 @@ def _as_lists(node: Any, under_opt_state: bool) -> Any:
   return out
 
 
+def _target_of(target: Any) -> target_lib.AbstractState | None:
+  """A Linen abstract state to write exactly (its leaves as the plan's targets), or None."""
+  return None if target is None else target_lib.flatten(target, layout_name=layout.LINEN)
+
+
 def plan_save(state: Any, *, rules: rules_lib.Rules = None, stacks: stacks_lib.StackAxes | None = None,
-              aux: str | None = layout.NNX_AUX) -> plan_lib.RestorePlan:
+              aux: str | None = layout.SIDECAR, target: Any = None) -> plan_lib.RestorePlan:
   """The plan of saving `state` in the Linen layout; raises unless `state` holds arrays (see `to_linen`)."""
   nnx_state = _NnxState(state)
-  plan = plan_lib.build_save(nnx_state.sources, nnx_state.types, rules=rules, stacks=stacks, aux=aux)
+  written = _target_of(target)
+  plan = plan_lib.build_save(nnx_state.sources, nnx_state.types, rules=rules, stacks=stacks, aux=aux,
+                             targets=None if written is None else written.targets)
   nnx_state.require_values()
   return plan
 
 
-def to_linen(
-    state: Any,
-    *,
-    rules: rules_lib.Rules = None,
-    stacks: stacks_lib.StackAxes | None = None,
-    aux: str | None = layout.NNX_AUX,
-    dry_run: bool = False,
-    plan: plan_lib.RestorePlan | None = None,
-) -> Any:
-  """An NNX train state's arrays as the pytree a Linen run of the same model saves.
+def linen_trees(state: Any, *, rules: rules_lib.Rules = None, stacks: stacks_lib.StackAxes | None = None,
+                aux: str | None = layout.SIDECAR, target: Any = None, dry_run: bool = False,
+                plan: plan_lib.RestorePlan | None = None) -> Any:
+  """(the Linen tree, the NNX-only state written beside it or None): what `LinenCompatSave` writes.
 
-  `state` is an `nnx.State`, a module, a dict of modules
-  (`{'model': model, 'optimizer': nnx.Optimizer(...)}`), or the tree of arrays
-  an NNX checkpoint restores to as saved (`.../value` leaves); a module or dict also
-  tells which optax states are empty, which Linen saves as None entries
-  (adam's `opt_state/1`); from an `nnx.State` the chain list ends at its last
-  non-empty state, as MaxText writes it. The options are `LinenCompatSave`'s;
-  with `dry_run=True` the plan is returned and nothing is computed (an
-  abstract state is enough); `plan` is one made so before for this state.
-  The arrays keep their devices: converted ones are computed where their
-  shards live, the others are the state's own arrays.
-
-  >>> items = to_linen(nnx.state({'model': model, 'optimizer': optimizer}))  # doctest: +SKIP
-  >>> items['params']['params']['fc1']['kernel'].sharding                    # doctest: +SKIP
+  See `to_linen`; with `aux='sidecar'` the `nnx_aux` subtree (RNG streams,
+  custom Variables) is returned apart, for a PyTree of its own beside the
+  Linen tree, where Linen readers never see it.
   """
   nnx_state = _NnxState(state)
+  written = _target_of(target)
   if plan is None:
-    plan = plan_lib.build_save(nnx_state.sources, nnx_state.types, rules=rules, stacks=stacks, aux=aux)
+    plan = plan_lib.build_save(nnx_state.sources, nnx_state.types, rules=rules, stacks=stacks, aux=aux,
+                               targets=None if written is None else written.targets)
   if dry_run:
     return plan
   nnx_state.require_values()
+  lost = [s.name for s in plan.skipped if plan_lib.nnx_only_type(nnx_state.types.get(s.path))]
+  if lost:
+    plan_lib.warn(f'{len(lost)} NNX-only arrays are not saved (aux=None): {", ".join(lost)}; a restore of this'
+                  " checkpoint starts them afresh. aux='sidecar' keeps them beside the Linen tree.")
   values, converted = {}, []
   for r in plan.reads:
     if r.transform or isinstance(r.sources[0], rules_lib.Derived):
@@ -207,10 +204,53 @@ def to_linen(
     for r, array in zip(converted, _converter(exprs)(inputs)):
       values[r.target.path] = (jax.random.wrap_key_data(array, impl=r.target.key_impl)
                                if r.target.key_impl else array)
+  if written is not None:  # exactly the caller's tree (its type, lists, None entries); the rest beside it
+    own = {t.path for t in written.targets}
+    aside: dict = {}
+    for path, value in values.items():
+      if path not in own:
+        _put(aside, path, value)
+    return written.fill(values), aside.get(layout.NNX_AUX)
   tree: dict = {}
-  for r in plan.reads:
-    _put(tree, r.target.path, values[r.target.path])
+  for path, value in values.items():
+    _put(tree, path, value)
   for p in nnx_state.empties:  # optax states holding no array: None entries, as Linen saves them
     if p[:2] == ('optimizer', 'opt_state'):
       _put(tree, p[1:], None)
-  return _as_lists(tree, False)
+  tree = _as_lists(tree, False)
+  return tree, (tree.pop(layout.NNX_AUX, None) if aux == layout.SIDECAR else None)
+
+
+def to_linen(
+    state: Any,
+    *,
+    rules: rules_lib.Rules = None,
+    stacks: stacks_lib.StackAxes | None = None,
+    aux: str | None = layout.NNX_AUX,
+    target: Any = None,
+    dry_run: bool = False,
+    plan: plan_lib.RestorePlan | None = None,
+) -> Any:
+  """An NNX train state's arrays as the pytree a Linen run of the same model saves.
+
+  `state` is an `nnx.State`, a module, a dict of modules
+  (`{'model': model, 'optimizer': nnx.Optimizer(...)}`), or the tree of arrays
+  an NNX checkpoint restores to as saved (`.../value` leaves); a module or dict also
+  tells which optax states are empty, which Linen saves as None entries
+  (adam's `opt_state/1`); from an `nnx.State` the chain list ends at its last
+  non-empty state, as MaxText writes it. The options are `LinenCompatSave`'s,
+  but one tree is returned, so NNX-only state is in it (`aux='nnx_aux'`,
+  MaxText's layout, the default here) or left out (`aux=None`); with
+  `dry_run=True` the plan is returned and nothing is computed (an abstract
+  state is enough); `plan` is one made so before for this state. The arrays
+  keep their devices: converted ones are computed where their shards live, the
+  others are the state's own arrays.
+
+  >>> items = to_linen(nnx.state({'model': model, 'optimizer': optimizer}))  # doctest: +SKIP
+  >>> items['params']['params']['fc1']['kernel'].sharding                    # doctest: +SKIP
+  """
+  if aux == layout.SIDECAR:
+    raise ValueError("to_linen returns one tree: NNX-only state goes in it (aux='nnx_aux') or nowhere"
+                     " (aux=None); LinenCompatSave(..., aux='sidecar') writes it beside the Linen tree")
+  out = linen_trees(state, rules=rules, stacks=stacks, aux=aux, target=target, dry_run=dry_run, plan=plan)
+  return out if dry_run else out[0]

@@ -30,6 +30,13 @@ from orbax_linen_nnx import layout
 from orbax_linen_nnx.planner import SourceArray
 
 
+# Where LinenCompatSave writes the NNX-only state a Linen tree has no place for
+# (RNG streams, custom Variables): a PyTree of its own inside the item
+# directory, beside the Linen tree, which Linen readers never open. Its arrays
+# are read as the `nnx_aux/...` subtree MaxText keeps in its tree.
+SIDECAR_DIR = layout.NNX_AUX
+
+
 class CheckpointNotFoundError(FileNotFoundError):
   """The directory holds no Orbax PyTree checkpoint item."""
 
@@ -203,14 +210,8 @@ def _key_impls(directory: epath.Path) -> dict[str, str]:
   return impls
 
 
-def open_checkpoint(path: epath.PathLike, *, step: int | None = None, item: str | None = None) -> Checkpoint:
-  """Lists the arrays of a checkpoint item (e.g. `run/100/default`) and opens each once.
-
-  `path` may also be a step or run directory (see `locate`). Reads metadata
-  only: no array data.
-  """
-  directory = locate(path, step=step, item=item)
-  _check_finished(directory)
+def _open_tree(directory: epath.Path, under: layout.Path = ()) -> tuple[bool, bool, tuple, dict]:
+  """(use_ocdbt, use_zarr3, arrays, open stores) of one PyTree directory; its paths and names under `under`."""
   metadata_file = directory / format_utils.PYTREE_METADATA_FILE
   try:
     tree = tree_metadata.InternalTreeMetadata.from_json(json.loads(metadata_file.read_text()))
@@ -244,8 +245,25 @@ def open_checkpoint(path: epath.PathLike, *, step: int | None = None, item: str 
         f' opened: {"; ".join(broken[:10])}{" ..." if len(broken) > 10 else ""}. The array data is missing or'
         f' damaged; {_PICK_ANOTHER}')
   impls = _key_impls(directory)
+  prefix = '/'.join(under) + '/' if under else ''  # keeps the names of two trees apart
   arrays = tuple(
-      SourceArray(path=p, name=n, shape=tuple(stores[n].shape), dtype=np.dtype(stores[n].dtype.numpy_dtype),
-                  key_impl=impls.get(n))
+      SourceArray(path=under + p, name=prefix + n, shape=tuple(stores[n].shape),
+                  dtype=np.dtype(stores[n].dtype.numpy_dtype), key_impl=impls.get(n))
       for p, n in zip(paths, names))
+  return use_ocdbt, use_zarr3, arrays, {prefix + n: st for n, st in stores.items()}
+
+
+def open_checkpoint(path: epath.PathLike, *, step: int | None = None, item: str | None = None) -> Checkpoint:
+  """Lists the arrays of a checkpoint item (e.g. `run/100/default`) and opens each once.
+
+  `path` may also be a step or run directory (see `locate`). Reads metadata
+  only: no array data.
+  """
+  directory = locate(path, step=step, item=item)
+  _check_finished(directory)
+  use_ocdbt, use_zarr3, arrays, stores = _open_tree(directory)
+  sidecar = directory / SIDECAR_DIR
+  if (sidecar / format_utils.PYTREE_METADATA_FILE).exists():
+    _, _, more, more_stores = _open_tree(sidecar, under=(layout.NNX_AUX,))
+    arrays, stores = arrays + more, {**stores, **more_stores}
   return Checkpoint(directory=directory, arrays=arrays, use_ocdbt=use_ocdbt, use_zarr3=use_zarr3, stores=stores)

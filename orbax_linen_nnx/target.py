@@ -175,6 +175,11 @@ class AbstractState:
   def targets(self) -> list[Target]:
     return [t for t in self._slots if t is not None]
 
+  def fill(self, values: Mapping[Path, Any]) -> Any:
+    """The abstract state with `values[path]` as they are at every leaf (a save's tree: all are given)."""
+    return self._rebuild([leaf if t is None else (leaf.copy(values[t.path]) if _is_variable(leaf) else values[t.path])
+                          for t, leaf in zip(self._slots, self._leaves)])
+
   def rebuild(self, values: Mapping[Path, Any]) -> Any:
     """The abstract state with `values[path]` put in at each restored leaf.
 

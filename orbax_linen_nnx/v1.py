@@ -18,6 +18,7 @@ from orbax.checkpoint import v1 as ocp_v1
 
 from orbax_linen_nnx import args as args_lib
 from orbax_linen_nnx import handler as handler_lib
+from orbax_linen_nnx import source as source_lib
 
 
 class LinenCompatCheckpointableHandler:
@@ -31,10 +32,20 @@ class LinenCompatCheckpointableHandler:
   def __init__(self):
     self._v0 = handler_lib.LinenCompatHandler()
     self._pytree = ocp_v1.handlers.PyTreeHandler()
+    self._sidecar = ocp_v1.handlers.PyTreeHandler()  # NNX-only state, in the checkpointable's nnx_aux/
 
   async def save(self, directory, checkpointable: args_lib.LinenCompatSave) -> Awaitable[None]:
-    tree = self._v0.standard_args(checkpointable).item
-    return await self._pytree.save(directory, tree)
+    main, sidecar = self._v0.standard_args(checkpointable)
+    tree = await self._pytree.save(directory, main.item)
+    if sidecar is None:
+      return tree
+    beside = await self._sidecar.save(directory / source_lib.SIDECAR_DIR, sidecar.item)
+
+    async def both():
+      await tree
+      await beside
+
+    return both()
 
   async def load(self, directory, abstract_checkpointable: args_lib.LinenCompatRestore | None = None
                  ) -> Awaitable[Any]:

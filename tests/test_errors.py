@@ -68,7 +68,7 @@ def test_partial_restores_what_matches_and_reports_the_rest(linen_run):
   p = mngr.restore(2, args=LinenCompatRestore(abstract_of(), rules=rules, partial=True, dry_run=True))
   assert {'/'.join(t.path) for t in p.kept} >= {'model/fc2/kernel', 'optimizer/opt_state/0/mu/fc2/bias'}
   assert 'params.params.Dense_1.kernel' in {s.name for s in p.unused}
-  with pytest.warns(orbax_linen_nnx.RestoreWarning, match='model/fc2/kernel'):
+  with pytest.warns(orbax_linen_nnx.LinenCompatWarning, match='model/fc2/kernel'):
     restored = mngr.restore(2, args=LinenCompatRestore(abstract_of(), rules=rules, partial=True))
   assert isinstance(restored['model']['fc1']['kernel'].get_raw_value(), jax.Array)
   assert 'fc2' not in restored['model']  # left out of the nnx.State: nnx.update keeps the model's own
@@ -251,7 +251,7 @@ def test_partial_leaves_what_it_did_not_fill_to_the_model(linen_run):
   nnx.update keeps the fresh model's fc3 (warned, and kept in the plan), so the model runs."""
   mngr = ocp.CheckpointManager(linen_run)
   abstract = abstract_of(MLPWithExtraLayer)
-  with pytest.warns(orbax_linen_nnx.RestoreWarning, match='model/fc3/kernel.*nnx.update'):
+  with pytest.warns(orbax_linen_nnx.LinenCompatWarning, match='model/fc3/kernel.*nnx.update'):
     restored = mngr.restore(2, args=LinenCompatRestore(abstract, rules=MLP_RULES, partial=True))
   assert 'fc3' not in restored['model'] and 'fc3' not in restored['optimizer']['opt_state'][0]['mu']
   assert not orbax_linen_nnx.not_restored(restored)
@@ -269,7 +269,7 @@ def test_a_placeholder_can_be_looked_at_but_not_used(linen_run, mesh):
   flattens, maps and prints, and raises NotRestoredError naming the leaf wherever it is used as an array."""
   mngr = ocp.CheckpointManager(linen_run)
   pure = models.shard_abstract(nnx.to_pure_dict(abstract_of(MLPWithExtraLayer)), mesh, 'two_axes')
-  with pytest.warns(orbax_linen_nnx.RestoreWarning, match='NotRestored placeholders.*model/fc3/kernel'):
+  with pytest.warns(orbax_linen_nnx.LinenCompatWarning, match='NotRestored placeholders.*model/fc3/kernel'):
     restored = mngr.restore(2, args=LinenCompatRestore(pure, rules=MLP_RULES, partial=True))
   missing = orbax_linen_nnx.not_restored(restored)
   assert {'model/fc3/kernel', 'model/fc3/bias', 'optimizer/opt_state/0/mu/fc3/kernel'} <= set(missing)

@@ -221,7 +221,7 @@ def test_nnx_only_state_is_kept_or_filled(tmp_path, mesh):
   assert all(t.nnx_only for t in plan.kept)
   assert 'NNX-only state' in str(plan)
 
-  with pytest.warns(orbax_linen_nnx.RestoreWarning, match='model/drop/rngs/count, model/drop/rngs/key'):
+  with pytest.warns(orbax_linen_nnx.LinenCompatWarning, match='model/drop/rngs/count, model/drop/rngs/key'):
     restored = mngr.restore(2, args=LinenCompatRestore(abstract, rules=MLP_RULES))
   assert 'drop' not in restored['model']  # nnx.update keeps the model's own streams
 

@@ -36,8 +36,17 @@ def test_v1_training_checkpointer_saves_linen_layout_and_loads_it_back(tmp_path,
     as_saved = ckptr.load_checkpointables(1, {'train_state': None})['train_state']
   models.assert_all_equal(restored, nnx.state(state))
   models.assert_sharded_as(restored, abstract)
-  # On disk: the Linen layout, as MaxText writes it.
-  models.assert_all_equal(as_saved, maxtext.to_items(state))
+  # On disk: the Linen tree (batch statistics beside the params); the RNG stream and the custom
+  # Variable beside it, in the checkpointable's nnx_aux/ directory.
+  assert set(as_saved) == {'params', 'batch_stats', 'opt_state', 'step'}
+  items = maxtext.to_items(state)
+  models.assert_all_equal(as_saved['params'], items['params']['params'])
+  models.assert_all_equal(as_saved['batch_stats'], {'bn': items['nnx_aux']['model']['bn']})
+  assert (tmp_path / 'run' / '1' / 'train_state' / 'nnx_aux' / '_METADATA').exists()
+  # With aux='nnx_aux': the Linen layout as MaxText writes it, NNX-only state in the tree.
+  with ocp_v1.training.Checkpointer(tmp_path / 'maxtext') as ckptr:
+    ckptr.save_checkpointables(1, {'train_state': LinenCompatSave(state, aux='nnx_aux')})
+    models.assert_all_equal(ckptr.load_checkpointables(1, {'train_state': None})['train_state'], items)
 
   # v1's own PyTree handler keeps the name 'state' for itself; the converted tree goes there as is.
   with ocp_v1.training.Checkpointer(tmp_path / 'plain') as ckptr:
