@@ -8,8 +8,8 @@ and shapes) and by its submodules: `Dense_0` with kernel (16, 32) and bias
 (32,) can only be the one NNX module holding exactly those. Where shapes leave
 a choice, the module kinds (`Dense_` and `nnx.Linear`, `Conv_` and `nnx.Conv`)
 narrow it, and then the order: Linen's creation index against the NNX
-attribute order, known only where the target is an `nnx.Module` (an
-`nnx.State` sorts its keys). A pairing settled by order alone is said to be
+attribute order, known only where the target is an initialised `nnx.Module`
+(an `nnx.State`, and `nnx.eval_shape`, sort attributes by name). A pairing settled by order alone is said to be
 so; one nothing settles is reported, never guessed silently.
 
     >>> linen = tree({('Dense_0', 'kernel'): (16, 32), ('Dense_0', 'bias'): (32,),
@@ -83,7 +83,7 @@ class Module:
     return shown or f'{len(self.children)} submodules'
 
 
-def tree(leaves: Mapping[Path, tuple[int, ...]], info: Mapping[Path, tuple[int, str]] | None = None) -> Module:
+def tree(leaves: Mapping[Path, tuple[int, ...]], info: Mapping[Path, tuple[int | None, str]] | None = None) -> Module:
   """The module tree of model paths -> shapes; `info` gives (order, class) of modules where known.
 
   Without `info`, Linen's automatic names give both: `Dense_3` is the fourth
@@ -180,8 +180,9 @@ def _settle(sources: list[Module], targets: list[Module], out: Pairing) -> list[
     out.by_order.append(f'{names} all hold {sources[0].describe()}: paired in creation and attribute order')
   else:
     chosen = (ordered or fits or [tuple(range(n))])[0]
-    why = ('no attribute order on the NNX side: an nnx.State sorts its keys, an abstract nnx.Module target keeps'
-           ' them in order' if any(t.order is None for t in targets) else 'neither kinds nor order tell them apart')
+    why = ('no attribute order on the NNX side: an nnx.State and nnx.eval_shape sort attributes by name; the model'
+           ' itself (an initialised nnx.Module) as the target keeps the order its __init__ made them'
+           if any(t.order is None for t in targets) else 'neither kinds nor order tell them apart')
     out.unsettled.append(f'{names} all hold {sources[0].describe()} ({why}): paired in name order, check them')
   return [(s, targets[j]) for s, j in zip(sources, chosen)]
 

@@ -217,7 +217,7 @@ _COLLECTION_OF_TYPE = {'Param': 'params', 'BatchStat': 'batch_stats', 'Cache': '
 
 def _suggest_renames(missing: Sequence[tuple[layout.Meaning, Target]],
                      unused: Sequence[tuple[layout.Meaning, SourceArray]],
-                     linen_to_nnx: bool, modules: Mapping[Path, tuple[int, str]] | None) -> tuple[dict, list[str]]:
+                     linen_to_nnx: bool, modules: Mapping[Path, tuple[int | None, str]] | None) -> tuple[dict, list[str]]:
   """The module renames (Linen name -> NNX name) that pair missing targets with unused sources, one to one.
 
   Modules are paired by all their leaves together (see `pairing`); `modules`
@@ -457,7 +457,7 @@ def build(
     problems: Sequence[str] = (),
     skip: Sequence[Path] = (),
     action: str | None = None,
-    modules: Mapping[Path, tuple[int, str]] | None = None,
+    modules: Mapping[Path, tuple[int | None, str]] | None = None,
     _infer_stacks: bool = True,
 ) -> RestorePlan:
   """Pairs every target leaf with its source array(s), from metadata alone.

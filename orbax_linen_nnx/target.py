@@ -167,7 +167,7 @@ class AbstractState:
   # model's value there); other trees hold a NotRestored placeholder.
   leaves_out_unfilled: bool = False
   # An nnx.Module target's modules: {path: (attribute position, class name)}, for the pairing an error proposes.
-  modules: dict[Path, tuple[int, str]] = dataclasses.field(default_factory=dict)
+  modules: dict[Path, tuple[int | None, str]] = dataclasses.field(default_factory=dict)
   placeholders: list[str] = dataclasses.field(default_factory=list)  # NotRestored leaves of the last rebuild
   left_out: list[str] = dataclasses.field(default_factory=list)  # leaves the last rebuild left out
 
@@ -336,18 +336,21 @@ class _Shardings:
     return self.problems
 
 
-def module_order(module: nnx.Module) -> dict[Path, tuple[int, str]]:
+def module_order(module: nnx.Module) -> dict[Path, tuple[int | None, str]]:
   """{path: (position, class name)} of every submodule, in the order the code made its attributes.
 
-  `nnx.split` and `nnx.State` sort attributes by name; the module's own
-  `__dict__` keeps them in the order `__init__` set them.
+  A module's own `__dict__` keeps its attributes in the order `__init__` set
+  them; `nnx.split`, `nnx.State` and `nnx.eval_shape` (which merges a
+  graphdef) sort them by name, so an abstract module gives its classes only
+  (position None).
   """
-  out: dict[Path, tuple[int, str]] = {}
+  out: dict[Path, tuple[int | None, str]] = {}
+  concrete = all(isinstance(v, jax.Array) for v in jax.tree.leaves(nnx.state(module)))
 
   def walk(node, at: Path) -> None:
     if isinstance(node, nnx.Module):
       if at:
-        out[at] = (len(out), type(node).__name__)
+        out[at] = (len(out) if concrete else None, type(node).__name__)
       items = [(k, v) for k, v in vars(node).items() if not k.startswith('_')]
     elif isinstance(node, (list, tuple)):
       items = list(enumerate(node))

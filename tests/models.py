@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 
@@ -62,6 +63,68 @@ class NnxMLPWithDropout(NnxMLP):
 
 class BNTrainState(train_state.TrainState):
   batch_stats: dict
+
+
+# The most common model shape of all: Dense -> BatchNorm -> Dropout -> Dense, in both frameworks.
+# `dropout=False` runs either deterministically, so that the two can be compared step for step
+# (their dropout streams differ by design: Linen draws from the key passed to apply, NNX from the
+# stream the module holds).
+DROP_RULES = BN_RULES  # Dropout holds no parameters: the same renames
+
+
+class LinenBNDrop(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = True, dropout: bool = True):
+    x = nn.Dense(D_HID)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+    x = nn.Dropout(0.1, deterministic=not dropout)(nn.relu(x))
+    return nn.Dense(D_OUT)(x)
+
+
+class NnxBNDrop(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.fc1 = nnx.Linear(D_IN, D_HID, rngs=rngs)
+    self.bn = nnx.BatchNorm(D_HID, momentum=0.9, rngs=rngs)
+    self.drop = nnx.Dropout(0.1, rngs=rngs)
+    self.fc2 = nnx.Linear(D_HID, D_OUT, rngs=rngs)
+
+  def __call__(self, x, dropout: bool = True):
+    return self.fc2(self.drop(nnx.relu(self.bn(self.fc1(x))), deterministic=not dropout))
+
+
+def linen_bn_drop_state(tx, steps: int = 2):
+  """A Linen BNTrainState of LinenBNDrop trained `steps` steps, dropout on (Flax's BatchNorm guide)."""
+  variables = LinenBNDrop().init(jax.random.key(2), jnp.ones((4, D_IN)), dropout=False)
+  state = BNTrainState.create(apply_fn=LinenBNDrop().apply, params=variables['params'], tx=tx,
+                              batch_stats=variables['batch_stats'])
+  for i in range(steps):
+    state, _ = linen_bn_drop_step(state, jax.random.key(100 + i), True)
+  return state
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def linen_bn_drop_step(state, dropout_key, dropout: bool):
+  x, y = batch()
+
+  def loss_fn(params):
+    pred, updates = state.apply_fn({'params': params, 'batch_stats': state.batch_stats}, x, dropout=dropout,
+                                   rngs={'dropout': dropout_key}, mutable=['batch_stats'])
+    return mse(pred, y), updates
+
+  (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  return state.apply_gradients(grads=grads).replace(batch_stats=updates['batch_stats']), loss
+
+
+@nnx.jit(static_argnums=2)
+def nnx_bn_drop_step(model, optimizer, dropout: bool):
+  x, y = batch()
+
+  def loss_fn(m):
+    return mse(m(x, dropout=dropout), y)
+
+  loss, grads = nnx.value_and_grad(loss_fn)(model)
+  optimizer.update(model, grads)
+  return loss
 
 
 def batch(seed: int = 0, n: int = 32):
@@ -170,6 +233,14 @@ def shard_abstract(tree, mesh, policy: str):
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding_for(leaf.shape, mesh, policy))
 
   return jax.tree_util.tree_map(put, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def put_sharded(tree, mesh, policy: str):
+  """A concrete state's arrays (Variables' values too) placed on the mesh by `policy`."""
+  def put(x):
+    return jax.device_put(x, sharding_for(x.shape, mesh, policy))
+
+  return jax.tree.map(put, tree)
 
 
 def flat(tree) -> dict[str, object]:

@@ -62,6 +62,29 @@ def test_rule_that_matches_nothing(linen_run):
         2, args=LinenCompatRestore(abstract_of(), rules={**MLP_RULES, 'Dense_7': 'fc7'}))
 
 
+def test_a_rule_an_earlier_rule_starved_names_it(tmp_path):
+  """A drop written for the name a path had before an earlier rename moved it: the error names that
+  rename and the path's new name; the fix it gives (write the drop for the new name) then plans."""
+  w = lambda *shape: np.ones(shape, np.float32)
+  published = tmp_path / 'gemma'
+  ocp.PyTreeCheckpointer().save(published, {'transformer/embedder': {'input_embedding': w(8, 4),
+                                                                     'mm_input_projection': {'w': w(4, 4)}}})
+  target = {'embedder': {'input_embedding': jax.ShapeDtypeStruct((8, 4), np.float32)}}
+  moved = orbax_linen_nnx.rename({'transformer/embedder': 'embedder'})
+  with pytest.raises(PlanError) as e:
+    plan(published, target, target_layout='nnx',
+         rules=[moved, orbax_linen_nnx.drop('transformer/embedder/mm_input_projection')])
+  assert ("rule 'drop('transformer/embedder/mm_input_projection')' matched no source leaf: rename({'transformer/embedder':"
+          " 'embedder'}), earlier in the list, moved 'transformer/embedder/mm_input_projection/w' (which it matches)"
+          " to 'embedder/mm_input_projection/w'") in str(e.value)
+  fixed = plan(published, target, target_layout='nnx', rules=[moved, orbax_linen_nnx.drop('embedder/mm_input_projection')])
+  assert [s.name for s, _ in fixed.dropped] == ['transformer/embedder.mm_input_projection.w']
+  # A rule that matched nothing for no such reason: the closest paths it saw.
+  with pytest.raises(PlanError, match="rule 'drop..embeder/mm_input_proj..' matched no source leaf; the closest"
+                     " paths when it ran: 'embedder/mm_input_projection/w'"):
+    plan(published, target, target_layout='nnx', rules=[moved, orbax_linen_nnx.drop('embeder/mm_input_proj')])
+
+
 def test_partial_restores_what_matches_and_reports_the_rest(linen_run):
   rules = {'Dense_0': 'fc1'}  # fc2 has no source under this rule
   mngr = ocp.CheckpointManager(linen_run)
@@ -75,9 +98,22 @@ def test_partial_restores_what_matches_and_reports_the_rest(linen_run):
 
 
 def test_missing_step(linen_run):
-  # Through plan(): a clear error naming the missing directory.
-  with pytest.raises(CheckpointNotFoundError, match="2/../99' does not exist|99 does not exist"):
+  # Through plan(): a clear error naming the missing directory, and the steps the run holds.
+  with pytest.raises(CheckpointNotFoundError, match=f"{linen_run}/99 does not exist; {linen_run} holds the"
+                     r" finished steps \[2\]"):
     plan(linen_run / '99', abstract_of())
+  with pytest.raises(CheckpointNotFoundError, match=f'{linen_run}/99/default does not exist; {linen_run} holds'):
+    plan(linen_run / '99' / 'default', abstract_of())
+  # restore() of a run directory: the step asked for, or by default the latest finished one.
+  with pytest.raises(CheckpointNotFoundError, match=rf'{linen_run} holds no finished step 99; its finished steps are'
+                     r' \[2\]'):
+    orbax_linen_nnx.restore(linen_run, abstract_of(), step=99, rules=MLP_RULES)
+  with pytest.raises(CheckpointNotFoundError, match='holds no finished step 99; its finished steps are \\[2\\]'):
+    orbax_linen_nnx.restore(ocp.CheckpointManager(linen_run), abstract_of(), step=99, rules=MLP_RULES)
+  latest = orbax_linen_nnx.restore(linen_run, abstract_of(), rules=MLP_RULES)
+  assert int(latest['optimizer']['step'].get_value()) == 2
+  assert orbax_linen_nnx.plan(linen_run, abstract_of(), rules=MLP_RULES) == orbax_linen_nnx.plan(
+      linen_run / '2' / 'default', abstract_of(), rules=MLP_RULES)
   # A manager that has seen the run's layout names the missing step itself.
   mngr = ocp.CheckpointManager(linen_run)
   mngr.item_metadata(2)
@@ -310,3 +346,33 @@ def test_partial_into_an_initialised_state_keeps_its_values(linen_run):
   ts = models.nnx_train_state(MLPWithExtraLayer, optax.adam(1e-2))
   nnx.update(ts, restored)
   assert ts['model'](np.ones((1, models.D_IN), np.float32)).shape == (1, models.D_OUT)
+
+
+def test_leaves_without_a_sharding_join_the_mesh_the_others_use(tmp_path, mesh):
+  """Replicated on the one mesh the other targets use; a large one noted in the plan and warned of (every
+  device holds all of it); on several meshes, a problem naming mesh=, whose fix then restores."""
+  big = np.arange(1024 * 4200, dtype=np.float32).reshape(1024, 4200)  # 16.4 MiB, above UNSHARDED_NOTE_BYTES
+  ocp.PyTreeCheckpointer().save(tmp_path / 'c', {'embed': big, 'w': np.ones((8, 8), np.float32),
+                                                 'v': np.ones((8,), np.float32)})
+  other = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ('a', 'b'))
+  target = {'embed': jax.ShapeDtypeStruct(big.shape, np.float32),
+            'w': jax.ShapeDtypeStruct((8, 8), np.float32, sharding=NamedSharding(mesh, P('data', 'model'))),
+            'v': jax.ShapeDtypeStruct((8,), np.float32, sharding=NamedSharding(mesh, P('data')))}
+  notes = plan(tmp_path / 'c', target).notes
+  assert notes == ('1 target(s) give no sharding: replicated on the mesh (data=4, model=2) the others use',
+                   "'embed' (16.4 MiB) gives no sharding: replicated, every one of the 8 devices holds all of it"
+                   ' (131.2 MiB in all); give it a sharding to split it')
+  with pytest.warns(orbax_linen_nnx.LinenCompatWarning, match="'embed' .16.4 MiB. gives no sharding"):
+    restored = orbax_linen_nnx.restore(tmp_path / 'c', target)
+  assert restored['embed'].sharding == NamedSharding(mesh, P())
+  np.testing.assert_array_equal(np.asarray(restored['embed']), big)
+  assert float(jax.jit(lambda e, w: e.sum() + w.sum())(restored['embed'], restored['w'])) == big.sum() + 64
+
+  target['v'] = jax.ShapeDtypeStruct((8,), np.float32, sharding=NamedSharding(other, P('b')))
+  with pytest.raises(PlanError, match=r"1 target\(s\) give no sharding \('embed'\) and the others use 2 meshes"
+                     r' \(a=2, b=4; data=4, model=2\): say which one they are replicated on with'
+                     r' LinenCompatRestore\(..., mesh=mesh\)'):
+    plan(tmp_path / 'c', target)
+  with pytest.warns(orbax_linen_nnx.LinenCompatWarning):
+    restored = orbax_linen_nnx.restore(tmp_path / 'c', target, mesh=other)
+  assert restored['embed'].sharding == NamedSharding(other, P())
