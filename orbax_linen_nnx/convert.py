@@ -122,7 +122,9 @@ def inspect(ckpt: source_lib.Checkpoint) -> dict:
   """What a checkpoint holds, as JSON-ready data: layout, step, optimizer, stacks, arrays."""
   kind = ckpt.layout
   described = layout.describe([a.path for a in ckpt.arrays], kind)
-  if kind == layout.LINEN and any(l.collection == layout.NNX_AUX for l in described):
+  if kind == layout.LINEN and ckpt.sidecar:
+    kind = "linen (NNX-only state beside it, in the item's nnx_aux/: LinenCompatSave)"
+  elif kind == layout.LINEN and any(l.collection == layout.NNX_AUX for l in described):
     kind = 'linen (MaxText, NNX state under nnx_aux)'
   optimizer: dict[str, list[str]] = collections.defaultdict(list)
   for l in described:

@@ -68,13 +68,18 @@ _STORED_TYPES = frozenset({'jax.Array', 'np.ndarray', 'scalar'})
 
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
-  """An Orbax PyTree checkpoint item directory, its arrays and their open stores."""
+  """An Orbax PyTree checkpoint item directory, its arrays and their open stores.
+
+  The arrays of `LinenCompatSave`'s sidecar (`<item>/nnx_aux/`) are listed
+  too, under `nnx_aux/...`, as MaxText keeps that state in its tree.
+  """
 
   directory: epath.Path
   arrays: tuple[SourceArray, ...]
   use_ocdbt: bool
   use_zarr3: bool
   stores: dict[str, ts.TensorStore] = dataclasses.field(repr=False, compare=False)
+  sidecar: bool = False  # arrays under nnx_aux/ came from the item's nnx_aux/ PyTree (LinenCompatSave's)
 
   @property
   def layout(self) -> str:
@@ -262,8 +267,9 @@ def open_checkpoint(path: epath.PathLike, *, step: int | None = None, item: str 
   directory = locate(path, step=step, item=item)
   _check_finished(directory)
   use_ocdbt, use_zarr3, arrays, stores = _open_tree(directory)
-  sidecar = directory / SIDECAR_DIR
-  if (sidecar / format_utils.PYTREE_METADATA_FILE).exists():
-    _, _, more, more_stores = _open_tree(sidecar, under=(layout.NNX_AUX,))
+  sidecar = (directory / SIDECAR_DIR / format_utils.PYTREE_METADATA_FILE).exists()
+  if sidecar:
+    _, _, more, more_stores = _open_tree(directory / SIDECAR_DIR, under=(layout.NNX_AUX,))
     arrays, stores = arrays + more, {**stores, **more_stores}
-  return Checkpoint(directory=directory, arrays=arrays, use_ocdbt=use_ocdbt, use_zarr3=use_zarr3, stores=stores)
+  return Checkpoint(directory=directory, arrays=arrays, use_ocdbt=use_ocdbt, use_zarr3=use_zarr3, stores=stores,
+                    sidecar=sidecar)
