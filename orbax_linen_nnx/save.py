@@ -153,18 +153,20 @@ def _as_lists(node: Any, under_opt_state: bool) -> Any:
   return out
 
 
-def _target_of(target: Any) -> target_lib.AbstractState | None:
-  """A Linen abstract state to write exactly (its leaves as the plan's targets), or None."""
-  return None if target is None else target_lib.flatten(target, layout_name=layout.LINEN)
+def _planned(state, rules, stacks, aux, target, plan=None):
+  """(the NNX state's leaves, the Linen tree to write exactly or None, the save's plan)."""
+  nnx_state = _NnxState(state)
+  written = None if target is None else target_lib.flatten(target, layout_name=layout.LINEN)
+  if plan is None:
+    plan = plan_lib.build_save(nnx_state.sources, nnx_state.types, rules=rules, stacks=stacks, aux=aux,
+                               targets=None if written is None else written.targets)
+  return nnx_state, written, plan
 
 
 def plan_save(state: Any, *, rules: rules_lib.Rules = None, stacks: stacks_lib.StackAxes | None = None,
               aux: str | None = layout.SIDECAR, target: Any = None) -> plan_lib.RestorePlan:
   """The plan of saving `state` in the Linen layout; raises unless `state` holds arrays (see `to_linen`)."""
-  nnx_state = _NnxState(state)
-  written = _target_of(target)
-  plan = plan_lib.build_save(nnx_state.sources, nnx_state.types, rules=rules, stacks=stacks, aux=aux,
-                             targets=None if written is None else written.targets)
+  nnx_state, _, plan = _planned(state, rules, stacks, aux, target)
   nnx_state.require_values()
   return plan
 
@@ -178,11 +180,7 @@ def linen_trees(state: Any, *, rules: rules_lib.Rules = None, stacks: stacks_lib
   custom Variables) is returned apart, for a PyTree of its own beside the
   Linen tree, where Linen readers never see it.
   """
-  nnx_state = _NnxState(state)
-  written = _target_of(target)
-  if plan is None:
-    plan = plan_lib.build_save(nnx_state.sources, nnx_state.types, rules=rules, stacks=stacks, aux=aux,
-                               targets=None if written is None else written.targets)
+  nnx_state, written, plan = _planned(state, rules, stacks, aux, target, plan)
   if dry_run:
     return plan
   nnx_state.require_values()
