@@ -244,3 +244,18 @@ def test_a_model_alone_is_written_as_linen_variables(tmp_path, mesh):
   save(tmp_path / 'nnx', 1, LinenCompatSave(model, rules=MLP_RULES))
   assert saved_tree(tmp_path / 'nnx', 1) == saved_tree(tmp_path / 'linen', 1)
   models.assert_all_equal(restore_plain(tmp_path / 'nnx', 1), restore_plain(tmp_path / 'linen', 1))
+
+
+def test_a_model_with_batchnorm_alone_is_written_as_linen_variables(tmp_path, mesh):
+  """BatchNorm statistics go in the variables' batch_stats collection beside params, as `model.init` gives
+  them: the same tree Orbax records for the Linen model's own variables, and the same bits."""
+  variables = models.LinenBN().init(jax.random.key(2), jnp.ones((4, models.D_IN)))
+  save(tmp_path / 'linen', 1, ocp.args.StandardSave(variables))
+  model = models.NnxBN(nnx.Rngs(0))
+  abstract = models.shard_abstract(nnx.state(nnx.eval_shape(lambda: models.NnxBN(nnx.Rngs(0)))), mesh, 'two_axes')
+  with ocp.CheckpointManager(tmp_path / 'linen') as mngr:
+    nnx.update(model, mngr.restore(1, args=LinenCompatRestore(abstract, rules=models.BN_RULES)))
+  save(tmp_path / 'nnx', 1, LinenCompatSave(model, rules=models.BN_RULES))
+  assert saved_tree(tmp_path / 'nnx', 1) == saved_tree(tmp_path / 'linen', 1)
+  assert "['batch_stats']['BatchNorm_0']['mean']" in saved_tree(tmp_path / 'nnx', 1)
+  models.assert_all_equal(restore_plain(tmp_path / 'nnx', 1), restore_plain(tmp_path / 'linen', 1))
