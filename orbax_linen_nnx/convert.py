@@ -33,11 +33,8 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from orbax.checkpoint import future
 from etils import epath
-from orbax.checkpoint._src.multihost import multihost
-from orbax.checkpoint._src.serialization import jax_array_handlers
-from orbax.checkpoint._src.serialization import ocdbt_utils
-from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
+from orbax_linen_nnx import _internals
 from orbax_linen_nnx import layout
 from orbax_linen_nnx import ops
 from orbax_linen_nnx import planner as plan_lib
@@ -332,10 +329,10 @@ class _PendingHandler(ocp.type_handlers.TypeHandler):
     """
     shape, itemsize = value.shape, value.dtype.itemsize
     rows = max(1, min(shape[0], self._budget // max(1, math.prod(shape[1:]) * itemsize)))
-    spec = ts_utils.build_array_write_spec(
+    spec = _internals.build_array_write_spec(
         info=info, arg=arg, global_shape=shape, local_shape=(rows,) + tuple(shape[1:]), dtype=value.dtype,
         use_ocdbt=info.is_ocdbt_checkpoint,
-        process_index=ocdbt_utils.get_process_index_for_subdir(info.is_ocdbt_checkpoint))
+        process_index=_internals.get_process_index_for_subdir(info.is_ocdbt_checkpoint))
     await info.await_path_creation()
     if jax.process_index() == 0:  # the array's metadata, once (others open assuming it, as Orbax does)
       await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
@@ -355,10 +352,11 @@ class _PendingHandler(ocp.type_handlers.TypeHandler):
       del data
       _trim()
       self._on_written((stop - start) * math.prod(shape[1:]) * itemsize, 0)
-    if self._array._array_metadata_store is not None:
-      await self._array._array_metadata_store.write(checkpoint_dir=info.parent_dir, array_metadatas=[spec.metadata],
-                                                    process_index=multihost.process_index())
-    await jax_array_handlers._async_serialize_shardings([value.sharding], [info], primary_host=0)
+    store = _internals.array_metadata_store(self._array)
+    if store is not None:
+      await store.write(checkpoint_dir=info.parent_dir, array_metadatas=[spec.metadata],
+                        process_index=ocp.multihost.process_index())
+    await _internals.serialize_shardings([value.sharding], [info], primary_host=0)
     self._on_written(0, 1)
 
   async def deserialize(self, infos, args=None):

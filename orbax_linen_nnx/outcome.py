@@ -16,6 +16,8 @@ import itertools
 
 import jax
 
+from orbax_linen_nnx import _internals
+
 _restores = itertools.count()  # restores are collective, so every process counts alike
 _PREFIX = 'orbax_linen_nnx/restore'
 
@@ -25,9 +27,7 @@ class RestoreFailedElsewhere(RuntimeError):
 
 
 def _client():
-  from jax._src import distributed  # the runtime's client, as Orbax's multihost module uses it
-
-  return distributed.global_state.client
+  return _internals.distributed_client()
 
 
 @contextlib.contextmanager

@@ -18,13 +18,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
-from orbax.checkpoint._src import asyncio_utils
-from orbax.checkpoint._src.metadata import array_metadata as array_metadata_lib
-from orbax.checkpoint._src.metadata import array_metadata_store
-from orbax.checkpoint._src.metadata import tree as tree_metadata
-from orbax.checkpoint._src.path import format_utils
-from orbax.checkpoint._src.path import step as step_lib
-from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
+from orbax_linen_nnx import _internals
 
 from orbax_linen_nnx import layout
 from orbax_linen_nnx.planner import SourceArray
@@ -51,12 +46,12 @@ _PICK_ANOTHER = 'restore another step (CheckpointManager.all_steps() lists the f
 def _check_finished(item: epath.Path) -> None:
   """Refuses a step that Orbax has not committed: its temporary name, or no commit marker."""
   for d in (item, item.parent):
-    if step_lib.TMP_DIR_SUFFIX in d.name:
+    if ocp.path.step.TMP_DIR_SUFFIX in d.name:
       raise DamagedCheckpointError(
           f'{d} is a checkpoint Orbax has not finished writing (its temporary name ends in'
-          f' {step_lib.TMP_DIR_SUFFIX}...): the save is still running or was interrupted; {_PICK_ANOTHER}')
+          f' {ocp.path.step.TMP_DIR_SUFFIX}...): the save is still running or was interrupted; {_PICK_ANOTHER}')
   step = item.parent
-  if step.name.isdigit() and not step_lib.is_path_finalized(step):
+  if step.name.isdigit() and not ocp.path.step.is_path_finalized(step):
     raise DamagedCheckpointError(
         f'{step} has no commit marker: its save did not finish; {_PICK_ANOTHER}')
 
@@ -110,7 +105,7 @@ def _step_directory(run: epath.Path, step: int) -> epath.Path:
 
 def _latest_step(run: epath.Path) -> epath.Path | None:
   """A run directory's latest finished step, or None when `run` is no run directory (it holds items)."""
-  if any((p / format_utils.PYTREE_METADATA_FILE).exists() for p in run.iterdir() if not p.name.isdigit()):
+  if any((p / ocp.path.format_utils.PYTREE_METADATA_FILE).exists() for p in run.iterdir() if not p.name.isdigit()):
     return None
   steps = ocp.utils.checkpoint_steps(run)
   return _step_directory(run, max(steps)) if steps else None
@@ -131,7 +126,7 @@ def locate(path: epath.PathLike, *, step: int | None = None, item: str | None = 
   _check_finished(path)  # a step or item Orbax is still writing has no _METADATA yet
   if step is not None:
     path = _step_directory(path, step)
-  elif path.is_dir() and not (path / format_utils.PYTREE_METADATA_FILE).exists():
+  elif path.is_dir() and not (path / ocp.path.format_utils.PYTREE_METADATA_FILE).exists():
     path = _latest_step(path) or path
   return path / item if item is not None else item_directory(path)
 
@@ -140,9 +135,9 @@ def item_directory(directory: epath.Path) -> epath.Path:
   """The PyTree item to read: `directory` itself, or the one item (or 'default') of a step directory."""
   if not directory.exists():
     raise _not_found(directory)
-  if (directory / format_utils.PYTREE_METADATA_FILE).exists():
+  if (directory / ocp.path.format_utils.PYTREE_METADATA_FILE).exists():
     return directory
-  items = sorted(p.name for p in directory.iterdir() if (p / format_utils.PYTREE_METADATA_FILE).exists()) \
+  items = sorted(p.name for p in directory.iterdir() if (p / ocp.path.format_utils.PYTREE_METADATA_FILE).exists()) \
       if directory.is_dir() else []
   if 'default' in items or len(items) == 1:
     return directory / ('default' if 'default' in items else items[0])
@@ -150,7 +145,7 @@ def item_directory(directory: epath.Path) -> epath.Path:
     raise ValueError(f'{directory} holds the PyTree items {items}: pass item= to choose one')
   raise CheckpointNotFoundError(
       f'{directory} is not an Orbax PyTree checkpoint item: it has no'
-      f' {format_utils.PYTREE_METADATA_FILE} file. Pass the item directory'
+      f' {ocp.path.format_utils.PYTREE_METADATA_FILE} file. Pass the item directory'
       ' (e.g. <run>/<step>/default) of a checkpoint saved with'
       ' ocp.args.StandardSave or PyTreeSave.'
   )
@@ -170,7 +165,7 @@ CHUNK_CACHE_BYTES = 4 * 2**20
 def _spec_template(directory: epath.Path, use_ocdbt: bool, use_zarr3: bool, context: ts.Context) -> dict[str, Any]:
   info = ocp.type_handlers.ParamInfo(name=_NAME, parent_dir=directory, is_ocdbt_checkpoint=use_ocdbt,
                                      use_zarr3=use_zarr3, ts_context=context)
-  return ts_utils.build_array_read_spec(info, use_ocdbt=use_ocdbt).json
+  return _internals.build_array_read_spec(info, use_ocdbt=use_ocdbt).json
 
 
 def _name_sites(spec, at=()) -> list[tuple]:
@@ -199,17 +194,17 @@ def _key_impls(directory: epath.Path) -> dict[str, str]:
   """
   if not (directory / 'array_metadatas').exists():
     return {}
-  store = array_metadata_store.Store()
+  store = _internals.ArrayMetadataStore()
   try:
-    found = asyncio_utils.run_sync(store.read(directory, process_index=0))  # every process lists every array
+    found = _internals.run_sync(store.read(directory, process_index=0))  # every process lists every array
     if found is None:
-      found = [m for ms in (asyncio_utils.run_sync(store.read(directory)) or {}).values() for m in ms]
+      found = [m for ms in (_internals.run_sync(store.read(directory)) or {}).values() for m in ms]
   except (ValueError, KeyError, TypeError, AttributeError) as e:
     raise DamagedCheckpointError(
         f"{directory / 'array_metadatas'} is damaged ({type(e).__name__}: {e}); {_PICK_ANOTHER}") from e
   impls = {}
   for m in found:
-    impl = (m.ext_metadata or {}).get(array_metadata_lib.RANDOM_KEY_IMPL)
+    impl = (m.ext_metadata or {}).get(_internals.RANDOM_KEY_IMPL)
     if impl:
       impls[m.param_name] = str(impl)
   return impls
@@ -217,14 +212,14 @@ def _key_impls(directory: epath.Path) -> dict[str, str]:
 
 def _open_tree(directory: epath.Path, under: layout.Path = ()) -> tuple[bool, bool, tuple, dict]:
   """(use_ocdbt, use_zarr3, arrays, open stores) of one PyTree directory; its paths and names under `under`."""
-  metadata_file = directory / format_utils.PYTREE_METADATA_FILE
+  metadata_file = directory / ocp.path.format_utils.PYTREE_METADATA_FILE
   try:
-    tree = tree_metadata.InternalTreeMetadata.from_json(json.loads(metadata_file.read_text()))
+    tree = _internals.InternalTreeMetadata.from_json(json.loads(metadata_file.read_text()))
   except (ValueError, KeyError, TypeError, AttributeError) as e:
     raise DamagedCheckpointError(
         f'{metadata_file} is damaged ({type(e).__name__}: {e}): it is not the tree metadata Orbax writes,'
         f' so the save that wrote it did not finish or the file was changed since; {_PICK_ANOTHER}') from e
-  use_ocdbt = tree.use_ocdbt if tree.use_ocdbt is not None else format_utils.is_ocdbt_checkpoint(directory)
+  use_ocdbt = tree.use_ocdbt if tree.use_ocdbt is not None else ocp.path.format_utils.is_ocdbt_checkpoint(directory)
   use_zarr3 = bool(tree.use_zarr3)
 
   paths = []
@@ -233,7 +228,7 @@ def _open_tree(directory: epath.Path, under: layout.Path = ()) -> tuple[bool, bo
     if value.value_type in _STORED_TYPES and not value.skip_deserialize:
       paths.append(tuple(k.nested_key_name for k in entry.key_metadata.nested_key_metadata_entries))
   context = ts.Context(ts.Context.Spec({'cache_pool': {'total_bytes_limit': CHUNK_CACHE_BYTES}}),
-                       parent=ts_utils.get_ts_context(use_ocdbt=use_ocdbt))
+                       parent=ocp.type_handlers.get_ts_context(use_ocdbt=use_ocdbt))
   template = _spec_template(directory, use_ocdbt, use_zarr3, context)
   names = ['.'.join(p) for p in paths]  # Orbax names each stored array by its joined key path
   sites = _name_sites(template)
@@ -246,7 +241,7 @@ def _open_tree(directory: epath.Path, under: layout.Path = ()) -> tuple[bool, bo
       broken.append(f"'{'/'.join(p)}' ({str(e).splitlines()[0]})")
   if broken:
     raise DamagedCheckpointError(
-        f'{directory}: {len(broken)} stored array(s) listed in {format_utils.PYTREE_METADATA_FILE} cannot be'
+        f'{directory}: {len(broken)} stored array(s) listed in {ocp.path.format_utils.PYTREE_METADATA_FILE} cannot be'
         f' opened: {"; ".join(broken[:10])}{" ..." if len(broken) > 10 else ""}. The array data is missing or'
         f' damaged; {_PICK_ANOTHER}')
   impls = _key_impls(directory)
@@ -267,7 +262,7 @@ def open_checkpoint(path: epath.PathLike, *, step: int | None = None, item: str 
   directory = locate(path, step=step, item=item)
   _check_finished(directory)
   use_ocdbt, use_zarr3, arrays, stores = _open_tree(directory)
-  sidecar = (directory / SIDECAR_DIR / format_utils.PYTREE_METADATA_FILE).exists()
+  sidecar = (directory / SIDECAR_DIR / ocp.path.format_utils.PYTREE_METADATA_FILE).exists()
   if sidecar:
     _, _, more, more_stores = _open_tree(directory / SIDECAR_DIR, under=(layout.NNX_AUX,))
     arrays, stores = arrays + more, {**stores, **more_stores}

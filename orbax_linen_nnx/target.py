@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from orbax_linen_nnx import internals
+from orbax_linen_nnx import _internals
 from orbax_linen_nnx import layout
 from orbax_linen_nnx.planner import PlanError, Target
 
@@ -107,7 +107,7 @@ class NotRestored(jax.ShapeDtypeStruct):
     return hash((self.path, super().__hash__()))
 
 
-internals.refuse_as_jax_value(NotRestored, NotRestored.fail)
+_internals.refuse_as_jax_value(NotRestored, NotRestored.fail)
 
 
 def not_restored(tree: Any) -> list[str]:
@@ -148,7 +148,7 @@ def _key_data(value, sharding) -> tuple[tuple[int, ...], np.dtype, Any, str]:
                                           memory_kind=sharding.memory_kind)
   elif not isinstance(sharding, jax.sharding.SingleDeviceSharding):
     raise TypeError(f'a PRNG key sharded by {type(sharding).__name__} cannot be restored; use a NamedSharding')
-  impl = value.dtype._impl.name  # the name Orbax records (str(jax.random.key_impl(key)))
+  impl = _internals.key_impl_name(value.dtype)  # the name Orbax records
   return tuple(data.shape), np.dtype(data.dtype), sharding, impl
 
 

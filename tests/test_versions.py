@@ -16,7 +16,7 @@ def declared_floors() -> dict[str, str]:
 def test_ci_floors_are_the_declared_floors_and_nothing_is_capped():
   floors = dict(re.findall(r'^([a-z-]+)==([0-9.]+)$', (ROOT / '.ci' / 'floors.txt').read_text(), flags=re.M))
   declared = declared_floors()
-  for name in ('orbax-checkpoint', 'flax', 'jax'):
+  for name in ('orbax-checkpoint', 'flax', 'jax', 'tensorstore'):
     assert floors[name] == declared[name], (name, floors, declared)
   assert floors['jaxlib'] == floors['jax']
   text = (ROOT / 'pyproject.toml').read_text()
