@@ -38,13 +38,25 @@ def box_shape(box: Box) -> Shape:
   return tuple(hi - lo for lo, hi in box)
 
 
+class Op:
+  """What every op says about itself besides its boxes: the dtype it makes, and its form over a layer stack."""
+
+  def out_dtype(self, dtypes: Sequence[Any]) -> np.dtype:
+    """The dtype made from inputs of `dtypes`: the first input's, unless the op casts."""
+    return np.dtype(dtypes[0])
+
+  def lifted(self, layers: int) -> 'Op':
+    """The op on arrays with one more leading axis of `layers` entries (a layer stack), that axis kept."""
+    raise TypeError(f'no stacked form of {self}')  # every op below has one
+
+
 def identity(out):
   """The region of an input that fills the whole output as it is."""
   return out
 
 
 @dataclasses.dataclass(frozen=True)
-class Stack:
+class Stack(Op):
   """Stack N inputs along `axis` (per-layer arrays -> one layer stack)."""
 
   axis: int
@@ -66,12 +78,15 @@ class Stack:
     return [(lambda out, i=i: out[at + (i - lo,)]) if b is not None else None
             for i, b in enumerate(self.needs(box, shapes))]
 
+  def lifted(self, layers):
+    return Stack(self.axis + 1)
+
   def __str__(self):
     return f'stack axis {self.axis}'
 
 
 @dataclasses.dataclass(frozen=True)
-class Concat:
+class Concat(Op):
   """Concatenate inputs along `axis` (e.g. two projections fused into one)."""
 
   axis: int
@@ -111,12 +126,15 @@ class Concat:
       start += shape[self.axis]
     return out
 
+  def lifted(self, layers):
+    return Concat(self.axis + 1)
+
   def __str__(self):
     return f'concat axis {self.axis}'
 
 
 @dataclasses.dataclass(frozen=True)
-class Slice:
+class Slice(Op):
   """Elements [start, stop) of `axis` (one part of a split)."""
 
   axis: int
@@ -140,12 +158,15 @@ class Slice:
   def regions(self, box, shapes):
     return [identity]
 
+  def lifted(self, layers):
+    return Slice(self.axis + 1, self.start, self.stop)
+
   def __str__(self):
     return f'[{self.start}:{self.stop}] of axis {self.axis}'
 
 
 @dataclasses.dataclass(frozen=True)
-class Take:
+class Take(Op):
   """Index `index` of `axis`; the axis disappears (one layer of a stack)."""
 
   axis: int
@@ -163,12 +184,15 @@ class Take:
   def regions(self, box, shapes):
     return [lambda out: np.expand_dims(out, self.axis)]
 
+  def lifted(self, layers):
+    return Take(self.axis + 1, self.index)
+
   def __str__(self):
     return f'layer {self.index} of axis {self.axis}'
 
 
 @dataclasses.dataclass(frozen=True)
-class Transpose:
+class Transpose(Op):
   """Permute axes like `numpy.transpose(x, perm)`."""
 
   perm: tuple[int, ...]
@@ -189,12 +213,15 @@ class Transpose:
     back = tuple(int(a) for a in np.argsort(self.perm))
     return [lambda out: np.transpose(out, back)]
 
+  def lifted(self, layers):
+    return Transpose((0,) + tuple(p + 1 for p in self.perm))
+
   def __str__(self):
     return f'transpose {self.perm}'
 
 
 @dataclasses.dataclass(frozen=True)
-class MoveAxis:
+class MoveAxis(Op):
   """Move axis `source` to position `destination` (a stack's layer axis)."""
 
   source: int
@@ -217,12 +244,15 @@ class MoveAxis:
   def regions(self, box, shapes):
     return self._transpose(len(box)).regions(box, shapes)
 
+  def lifted(self, layers):
+    return MoveAxis(self.source + 1, self.destination + 1)
+
   def __str__(self):
     return f'layer axis {self.source} -> {self.destination}'
 
 
 @dataclasses.dataclass(frozen=True)
-class Cast:
+class Cast(Op):
   """Convert the dtype on read."""
 
   source_dtype: Any
@@ -239,6 +269,12 @@ class Cast:
 
   def regions(self, box, shapes):
     return [identity]  # numpy casts on assignment
+
+  def out_dtype(self, dtypes):
+    return np.dtype(self.dtype)
+
+  def lifted(self, layers):
+    return self
 
   def __str__(self):
     return f'cast {np.dtype(self.source_dtype).name} -> {np.dtype(self.dtype).name}'
@@ -263,7 +299,7 @@ def _groups(src: Sequence[int], dst: Sequence[int]) -> list[tuple[range, range]]
 
 
 @dataclasses.dataclass(frozen=True)
-class Reshape:
+class Reshape(Op):
   """Merge or split adjacent axes ((D, H, K) <-> (D, H*K)).
 
   A target box needs the smallest source box that covers it: whole inner axes
@@ -303,30 +339,53 @@ class Reshape:
   def regions(self, box, shapes):
     return [None]  # elements move: computed by `apply` on the host
 
+  def lifted(self, layers):
+    return Reshape((layers,) + tuple(self.source_shape), (layers,) + tuple(self.target_shape))
+
   def __str__(self):
     return f'reshape {tuple(self.source_shape)} -> {tuple(self.target_shape)}'
 
 
-def out_dtype(op, dtypes: Sequence[Any]):
-  """The dtype `op` makes from inputs of `dtypes`."""
-  return np.dtype(op.dtype) if isinstance(op, Cast) else np.dtype(dtypes[0])
+# Every op, for the tables that interpret them elsewhere (read.py: TensorStore views; save.py: jax).
+ALL = (Stack, Concat, Slice, Take, Transpose, MoveAxis, Cast, Reshape)
 
 
+# ---------------------------------------------------------------- expressions
 
-def lifted(op, layers: int):
-  """`op` on arrays with one more leading axis of `layers` entries (a layer stack), that axis kept."""
-  if isinstance(op, (Stack, Concat)):
-    return type(op)(op.axis + 1)
-  if isinstance(op, Slice):
-    return Slice(op.axis + 1, op.start, op.stop)
-  if isinstance(op, Take):
-    return Take(op.axis + 1, op.index)
-  if isinstance(op, Transpose):
-    return Transpose((0,) + tuple(p + 1 for p in op.perm))
-  if isinstance(op, MoveAxis):
-    return MoveAxis(op.source + 1, op.destination + 1)
-  if isinstance(op, Cast):
-    return op
-  if isinstance(op, Reshape):
-    return Reshape((layers,) + tuple(op.source_shape), (layers,) + tuple(op.target_shape))
-  raise TypeError(f'no stacked form of {op}')
+
+@dataclasses.dataclass(frozen=True)
+class Derived:
+  """An array made from stored ones: `op` over `args` (stored arrays or Derived), its shape and dtype.
+
+  Rules make these from the checkpoint's arrays, the planner adds its layer
+  and cast ops, and the reader, the save and the command line all walk the
+  same tree.
+  """
+
+  op: Op
+  args: tuple[Any, ...]
+  path: tuple[str, ...]
+  shape: tuple[int, ...]
+  dtype: Any
+
+  @property
+  def name(self) -> str:
+    return f"{self.op}({', '.join(a.name for a in self.args)})"
+
+  def leaves(self) -> list:
+    return [x for a in self.args for x in stored_leaves(a)]
+
+  def __str__(self) -> str:
+    dtype = np.dtype(self.dtype).name
+    return f"'{'/'.join(self.path) or '<root>'}' {tuple(self.shape)} {dtype} (= {self.name})"
+
+
+def stored_leaves(expr) -> list:
+  """The stored arrays an expression reads."""
+  return expr.leaves() if isinstance(expr, Derived) else [expr]
+
+
+def derive(op: Op, args: Sequence[Any], path: tuple[str, ...]) -> Derived:
+  """`op` over `args`, its shape and dtype computed from theirs."""
+  shape = op.shape([tuple(a.shape) for a in args])
+  return Derived(op, tuple(args), path, tuple(shape), op.out_dtype([a.dtype for a in args]))

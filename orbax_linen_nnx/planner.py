@@ -104,7 +104,7 @@ class LeafRead:
   """One target leaf, the source array(s) it comes from and how it is transformed.
 
   `sources` are stored arrays (`SourceArray`) or arrays rules make from them
-  (`rules.Derived`). `transform` is applied in order to lazy views of the
+  (`ops.Derived`). `transform` is applied in order to lazy views of the
   sources; empty means the target is the source as it is. `rules` names the
   rules that produced the sources.
   """
@@ -115,10 +115,10 @@ class LeafRead:
   rules: tuple[str, ...] = ()
 
   def expression(self) -> Any:
-    """The sources with the transform applied: one tree of ops (`rules.Derived`) over stored arrays."""
+    """The sources with the transform applied: one tree of ops (`ops.Derived`) over stored arrays."""
     args = list(self.sources)
     for op in self.transform:
-      args = [rules_lib.derive(op, args, self.target.path)]
+      args = [ops.derive(op, args, self.target.path)]
     (expr,) = args
     return expr
 
@@ -336,19 +336,19 @@ def _with_layers(expr):
   """
   def lift(e):
     if isinstance(e, _OneLayer):
-      return e.stacked if e.axis == 0 else rules_lib.derive(ops.MoveAxis(e.axis, 0), [e.stacked], e.path)
-    if not isinstance(e, rules_lib.Derived):
+      return e.stacked if e.axis == 0 else ops.derive(ops.MoveAxis(e.axis, 0), [e.stacked], e.path)
+    if not isinstance(e, ops.Derived):
       return e
-    return rules_lib.derive(ops.lifted(e.op, n), [lift(a) for a in e.args], e.path)
+    return ops.derive(e.op.lifted(n), [lift(a) for a in e.args], e.path)
 
-  layers = [x for x in rules_lib.stored_leaves(expr) if isinstance(x, _OneLayer)]
+  layers = [x for x in ops.stored_leaves(expr) if isinstance(x, _OneLayer)]
   if not layers:
     return expr
   n = layers[0].stacked.shape[layers[0].axis]
-  if not isinstance(expr, rules_lib.Derived):  # renamed only: the stack itself
+  if not isinstance(expr, ops.Derived):  # renamed only: the stack itself
     return expr.stacked
   out = lift(expr)
-  return out if layers[0].axis == 0 else rules_lib.derive(ops.MoveAxis(0, layers[0].axis), [out], expr.path)
+  return out if layers[0].axis == 0 else ops.derive(ops.MoveAxis(0, layers[0].axis), [out], expr.path)
 
 
 def _target_shapes(targets, tgt_leaves, stacks, target_layout) -> dict[Path, list[tuple[int, ...]]]:
@@ -406,7 +406,7 @@ def _rewrite(described: Sequence[tuple[SourceArray, layout.Leaf]], rule_list, ta
     made_by: dict[str, tuple] = {}
     for path, expr in rules_lib.apply_all(rule_list, leaves, made_by, tally).items():
       expr = _with_layers(expr)
-      first = rules_lib.stored_leaves(expr)[0]
+      first = ops.stored_leaves(expr)[0]
       param = tuple(p for p in path.split('/') if p)
       entries.append((expr, layout.Meaning(section, param), raw[first.path].collection, made_by.get(path, ())))
   return raw, entries
@@ -525,7 +525,7 @@ def build(
     found = by_meaning.get(m)
     if found:
       s, collection = found[0]
-      used.update(x.path for x in rules_lib.stored_leaves(s))
+      used.update(x.path for x in ops.stored_leaves(s))
       want = _COLLECTION_OF_TYPE.get(t.variable_type or '')
       if collection == layout.NNX_AUX:
         want = 'params' if want == 'params' else None  # nnx_aux holds every Variable type but Param
@@ -545,13 +545,13 @@ def build(
     if per_layer:
       root, by_index = per_layer
       to_stack.append((t, root, by_index))
-      used.update(x.path for src in by_index.values() for x in rules_lib.stored_leaves(src))
+      used.update(x.path for src in by_index.values() for x in ops.stored_leaves(src))
       continue
     stacked = layers.to_unstack(m)
     if stacked:
       root, src, index = stacked
       to_unstack.append((t, root, src, index))
-      used.update(x.path for x in rules_lib.stored_leaves(src))
+      used.update(x.path for x in ops.stored_leaves(src))
       continue
     if t.nnx_only or partial:
       kept.append(t)
@@ -579,11 +579,11 @@ def build(
       layer_ops.setdefault(t.path, ((s,), ()))
   for t in targets:
     if t.path in layer_ops:
-      srcs, ops = layer_ops[t.path]
+      srcs, transform = layer_ops[t.path]
       if _is_numpy_dtype(t.dtype) and np.dtype(srcs[0].dtype) != np.dtype(t.dtype):
-        ops = ops + (Cast(np.dtype(srcs[0].dtype), np.dtype(t.dtype)),)
+        transform = transform + (Cast(np.dtype(srcs[0].dtype), np.dtype(t.dtype)),)
       made = tuple(dict.fromkeys(r for x in srcs for r in history.get(id(x), ())))
-      reads.append(LeafRead(t, tuple(srcs), ops, made))
+      reads.append(LeafRead(t, tuple(srcs), transform, made))
 
   # A target that holds only the model leaves the optimizer state and step
   # unread on purpose: report them as unused, but they are no error.
@@ -770,12 +770,12 @@ def build_save(
           or (aux is None and nnx_only_type(variable_types.get(s.path)) and leaf.meaning.section == ('model',))]
   described = [(s, leaf) for s, leaf in described if s.path not in skip]
   entries, depth, train_state = _rewritten(described, rules, stacks, layout.NNX, layout.LINEN)
-  kinds = {m: variable_types.get(rules_lib.stored_leaves(expr)[0].path) for expr, m, _, _ in entries}
+  kinds = {m: variable_types.get(ops.stored_leaves(expr)[0].path) for expr, m, _, _ in entries}
   # Batch statistics beside the params (Flax's BatchNorm guide): `params` then holds variables['params'].
   stats = aux != layout.NNX_AUX and any(k == 'BatchStat' for m, k in kinds.items() if m.section == ('model',))
   derived = []
   for expr, m, _, _ in entries:
-    first = rules_lib.stored_leaves(expr)[0]
+    first = ops.stored_leaves(expr)[0]
     vtype, key_impl = kinds[m], getattr(expr, 'key_impl', None)
     shape, dtype = tuple(expr.shape), expr.dtype
     if m.section == ('step',):
@@ -852,7 +852,7 @@ def build_nnx(
     elif m.section[0] == 'opt_state':
       base = ('optimizer',) + m.section
     else:
-      problems.append(f"{rules_lib.stored_leaves(expr)[0]} is neither model variables, optimizer state nor step"
+      problems.append(f"{ops.stored_leaves(expr)[0]} is neither model variables, optimizer state nor step"
                       " of a Linen TrainState; give the NNX tree it goes to (a target)")
       continue
     for param, s in (_placed(m.param, shape, stacks, depth, layout.NNX, problems) if m.param else [((), shape)]):

@@ -46,7 +46,6 @@ import tensorstore as ts
 
 from orbax_linen_nnx import ops
 from orbax_linen_nnx import planner as plan_lib
-from orbax_linen_nnx import rules as rules_lib
 from orbax_linen_nnx.source import Checkpoint
 
 Box = ops.Box
@@ -175,7 +174,8 @@ def _evaluate(recipe, inputs: Sequence[_Input]) -> np.ndarray:
 
 # How each op is a TensorStore view: reading a box of the view reads only the
 # chunks under it, and TensorStore does the copy, in C++, into the result.
-_VIEWS = {
+# An op with no view (NO_VIEW) is computed on the host by its own `apply`.
+VIEWS = {
     ops.Stack: lambda op, v: ts.stack(v, axis=op.axis),
     ops.Concat: lambda op, v: ts.concat(v, axis=op.axis),
     ops.Slice: lambda op, v: v[0][ts.d[op.axis][op.start:op.stop].translate_to[0]],
@@ -184,18 +184,19 @@ _VIEWS = {
     ops.MoveAxis: lambda op, v: v[0][ts.d[op.source].transpose[op.destination]],
     ops.Cast: lambda op, v: ts.cast(v[0], ts.dtype(np.dtype(op.dtype).name)),
 }
+NO_VIEW = (ops.Reshape,)  # elements move: no index transform expresses it
 
 
 def _viewable(expr) -> bool:
   op = getattr(expr, 'op', None)
-  return op is None or (type(op) in _VIEWS and all(_viewable(a) for a in expr.args))
+  return op is None or (type(op) in VIEWS and all(_viewable(a) for a in expr.args))
 
 
 def _view(expr, stores):
   op = getattr(expr, 'op', None)
   if op is None:
     return stores[expr.name]
-  return _VIEWS[type(op)](op, [_view(a, stores) for a in expr.args])
+  return VIEWS[type(op)](op, [_view(a, stores) for a in expr.args])
 
 
 def _box_of(index: tuple[slice, ...], shape: Sequence[int]) -> Box:
@@ -334,7 +335,7 @@ class _Engine:
     self.stores = ckpt.stores
     self.grids: dict[str, _Grid] = {}
     readers = collections.Counter(name for r in plan.reads
-                                  for name in {x.name for src in r.sources for x in rules_lib.stored_leaves(src)})
+                                  for name in {x.name for src in r.sources for x in ops.stored_leaves(src)})
     self.alone = {name for name, n in readers.items() if n == 1}  # stored arrays that only one leaf reads
     self.leaves = [self._leaf(r, replica_axis) for r in plan.reads]
     self.reads = self._schedule()

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import abc
 import collections
-import dataclasses
 import difflib
 import math
 import re
@@ -41,42 +40,6 @@ Path = layout.Path
 
 class RuleError(ValueError):
   """A rule that cannot be used as written (e.g. one with no inverse, used backwards)."""
-
-
-# ---------------------------------------------------------------- expressions
-
-
-@dataclasses.dataclass(frozen=True)
-class Derived:
-  """An array a rule makes from stored ones: `op` over `args` (arrays or Derived)."""
-
-  op: Any
-  args: tuple[Any, ...]
-  path: Path
-  shape: tuple[int, ...]
-  dtype: Any
-
-  @property
-  def name(self) -> str:
-    return f"{self.op}({', '.join(a.name for a in self.args)})"
-
-  def leaves(self) -> list:
-    return [x for a in self.args for x in stored_leaves(a)]
-
-  def __str__(self) -> str:
-    dtype = np.dtype(self.dtype).name
-    return f"'{layout.render(self.path)}' {tuple(self.shape)} {dtype} (= {self.name})"
-
-
-def stored_leaves(expr) -> list:
-  """The stored arrays an expression reads."""
-  return expr.leaves() if isinstance(expr, Derived) else [expr]
-
-
-def derive(op, args: Sequence[Any], path: Path) -> Derived:
-  """`op` over `args`, its shape and dtype computed from theirs."""
-  shape = op.shape([tuple(a.shape) for a in args])
-  return Derived(op, tuple(args), path, tuple(shape), ops.out_dtype(op, [a.dtype for a in args]))
 
 
 # ---------------------------------------------------------------- paths
@@ -314,7 +277,7 @@ class _Drop(Rule):
       segs = _split_path(path)
       if any(self.source.match('/'.join(segs[:k])) is not None for k in range(len(segs), 0, -1)):
         tally.match(repr(self), path)
-        for x in stored_leaves(expr):
+        for x in ops.stored_leaves(expr):
           tally.dropped[x.path] = repr(self)
         made_by.pop(path, None)
       else:
@@ -374,7 +337,7 @@ class _OneToMany(Rule):
       b = self.source.match(path)
       made = self.outputs(path, b, expr, tally) if b is not None else None
       if made == []:  # the rule matched a leaf it cannot fit
-        tally.unfit.update((x.path, None) for x in stored_leaves(expr))
+        tally.unfit.update((x.path, None) for x in ops.stored_leaves(expr))
       if made is None:
         _put(out, made_by, path, expr, repr(self), tally)
         continue
@@ -413,14 +376,14 @@ class _Split(_OneToMany):
         tally.problems.append(f"{self!r}: '{path}' {shape} has {shape[axis]} entries on axis {axis}, not one per"
                               f' target ({n}); give sizes= to split it into slices')
         return []
-      return [(t.format(b), derive(ops.Take(axis, i), [expr], _split_path(t.format(b))))
+      return [(t.format(b), ops.derive(ops.Take(axis, i), [expr], _split_path(t.format(b))))
               for i, t in enumerate(self.targets)]
     if len(sizes) != n or sum(sizes) != shape[axis]:
       tally.problems.append(f"{self!r}: parts {list(sizes)} do not add up to '{path}' {shape} axis {axis} ({shape[axis]})")
       return []
     made, start = [], 0
     for t, size in zip(self.targets, sizes):
-      made.append((t.format(b), derive(ops.Slice(axis, start, start + size), [expr], _split_path(t.format(b)))))
+      made.append((t.format(b), ops.derive(ops.Slice(axis, start, start + size), [expr], _split_path(t.format(b)))))
       start += size
     return made
 
@@ -475,7 +438,7 @@ class _Merge(Rule):
         del out[n]
         history += made_by.pop(n, ())
       tally.match(repr(self), ', '.join(names))
-      _put(out, made_by, new, derive(op, parts, _split_path(new)), repr(self), tally)
+      _put(out, made_by, new, ops.derive(op, parts, _split_path(new)), repr(self), tally)
       made_by[new] = history + (repr(self),)
     return out
 
@@ -510,7 +473,7 @@ class _PerLeaf(_OneToMany):
     op = self.op_for(path, expr, tally)
     if op is None:
       return []
-    return [(path, derive(op, [expr], _split_path(path)) if op is not _SAME else expr)]
+    return [(path, ops.derive(op, [expr], _split_path(path)) if op is not _SAME else expr)]
 
 
 class _Transpose(_PerLeaf):
@@ -655,7 +618,7 @@ class _Rearrange(_OneToMany):
     if tuple(sizes[a] for a in wanted) != out:
       steps.append(ops.Reshape(tuple(sizes[a] for a in wanted), out))
     for op in steps:
-      expr = derive(op, [expr], _split_path(path))
+      expr = ops.derive(op, [expr], _split_path(path))
     return [(path, expr)]
 
   def inverse(self):

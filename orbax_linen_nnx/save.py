@@ -34,8 +34,8 @@ from orbax_linen_nnx import target as target_lib
 Path = layout.Path
 
 # How each op is computed on device arrays (read.py realises the same ops as
-# TensorStore views).
-_JAX = {
+# TensorStore views, and each op computes itself on the host with `apply`).
+ON_DEVICE = {
     ops.Stack: lambda op, v: jnp.stack(v, axis=op.axis),
     ops.Concat: lambda op, v: jnp.concatenate(v, axis=op.axis),
     ops.Slice: lambda op, v: jax.lax.slice_in_dim(v[0], op.start, op.stop, axis=op.axis),
@@ -51,7 +51,7 @@ def _evaluate(expr, arrays: Mapping[str, jax.Array]) -> jax.Array:
   op = getattr(expr, 'op', None)
   if op is None:
     return arrays[expr.name]
-  return _JAX[type(op)](op, [_evaluate(a, arrays) for a in expr.args])
+  return ON_DEVICE[type(op)](op, [_evaluate(a, arrays) for a in expr.args])
 
 
 @functools.lru_cache(maxsize=8)
@@ -190,13 +190,13 @@ def linen_trees(state: Any, *, rules: rules_lib.Rules = None, stacks: stacks_lib
                   " checkpoint starts them afresh. aux='sidecar' keeps them beside the Linen tree.")
   values, converted = {}, []
   for r in plan.reads:
-    if r.transform or isinstance(r.sources[0], rules_lib.Derived):
+    if r.transform or isinstance(r.sources[0], ops.Derived):
       converted.append(r)
     else:  # the array itself, under its Linen name
       values[r.target.path] = nnx_state.values[r.sources[0].name]
   if converted:
     exprs = tuple(r.expression() for r in converted)
-    names = {x.name for e in exprs for x in rules_lib.stored_leaves(e)}
+    names = {x.name for e in exprs for x in ops.stored_leaves(e)}
     inputs = {n: (jax.random.key_data(v) if jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key) else v)
               for n in names for v in (nnx_state.values[n],)}
     for r, array in zip(converted, _converter(exprs)(inputs)):

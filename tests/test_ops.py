@@ -47,7 +47,7 @@ def test_single_input_ops(case):
   op, reference = CASES[case]
   want = reference(X)
   assert op.shape([X.shape]) == want.shape
-  assert ops.out_dtype(op, [X.dtype]) == want.dtype
+  assert op.out_dtype([X.dtype]) == want.dtype
   for box in boxes(want.shape):
     got, _ = run(op, [X], box)
     np.testing.assert_array_equal(got, want[tuple(slice(*r) for r in box)])
@@ -98,3 +98,16 @@ def test_regions_of_multi_input_ops_and_reshape():
     for box in boxes(want.shape):
       np.testing.assert_array_equal(assemble(op, [X, y], box, X.dtype), want[tuple(slice(*r) for r in box)])
   assert ops.Reshape((4, 3, 5), (4, 15)).regions(((0, 4), (0, 15)), [X.shape]) == [None]
+
+
+def test_every_op_is_interpreted_everywhere_or_declared_absent():
+  """The three interpreters of a plan's ops: each op's own host `apply` (and its boxes), a TensorStore view
+  (read.VIEWS, or read.NO_VIEW where none exists), and a jax computation on device (save.ON_DEVICE)."""
+  from orbax_linen_nnx import read, save
+
+  for op in ops.ALL:
+    for method in ('shape', 'needs', 'apply', 'regions', 'lifted', '__str__'):
+      assert method in vars(op), (op.__name__, method)
+    assert (op in read.VIEWS) != (op in read.NO_VIEW), op.__name__
+    assert op in save.ON_DEVICE, op.__name__
+  assert set(read.VIEWS) | set(read.NO_VIEW) == set(save.ON_DEVICE) == set(ops.ALL)
