@@ -292,17 +292,12 @@ def measure(root: Path, chunking: str, cell: str, mode: str, profile: bool, budg
   if mode == 'native':
     out = ocp.CheckpointManager(nnx_dir).restore(STEP, args=ocp.args.StandardRestore(abstract))
   elif mode == 'ours' and profile:
-    from orbax_linen_nnx import planner, read, source as source_lib, target as target_lib
+    from orbax_linen_nnx import planner, read
 
+    prepared = planner.prepare(linen_dir / str(STEP) / 'default', abstract, rules=rules, phases=phases)
+    state = prepared.state
     t = time.perf_counter()
-    ckpt = source_lib.open_checkpoint(linen_dir / str(STEP) / 'default')
-    phases['open_and_list'] = time.perf_counter() - t
-    t = time.perf_counter()
-    state = target_lib.flatten(abstract)
-    p = planner.build(ckpt.arrays, state.targets, source_layout=ckpt.layout, target_layout=state.layout, rules=rules)
-    phases['plan'] = time.perf_counter() - t
-    t = time.perf_counter()
-    values = read.execute(p, ckpt, budget_bytes=budget)
+    values = read.execute(prepared.plan, prepared.checkpoint, budget_bytes=budget)
     jax.block_until_ready(values)
     phases['read_and_place'] = time.perf_counter() - t
     t = time.perf_counter()

@@ -1,4 +1,8 @@
-"""`LinenCompatRestore` and `LinenCompatSave`: the Orbax arguments this package adds."""
+"""`LinenCompatRestore` and `LinenCompatSave`: the Orbax arguments this package adds.
+
+`handler.py` registers them with `LinenCompatHandler` (importing the package
+does), so a `CheckpointManager` finds the handler from the args alone.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +13,12 @@ import jax
 import orbax.checkpoint as ocp
 
 from orbax_linen_nnx import layout
-from orbax_linen_nnx import planner as plan_lib
+from orbax_linen_nnx import plans as plan_lib
 from orbax_linen_nnx import save as save_lib
 from orbax_linen_nnx import rules as rules_lib
 from orbax_linen_nnx import stacks as stacks_lib
-from orbax_linen_nnx.handler import LinenCompatHandler
 
 
-@ocp.args.register_with_handler(LinenCompatHandler, for_save=True, for_restore=True)
 @dataclasses.dataclass
 class LinenCompatRestore(ocp.args.CheckpointArgs):
   """Restore a Linen checkpoint into an NNX state (or an NNX one into Linen).
@@ -80,7 +82,6 @@ class LinenCompatRestore(ocp.args.CheckpointArgs):
   mesh: jax.sharding.Mesh | None = None
 
 
-@ocp.args.register_with_handler(LinenCompatHandler, for_save=True, for_restore=True)
 @dataclasses.dataclass
 class LinenCompatSave(ocp.args.CheckpointArgs):
   """Save an NNX state as the checkpoint a Linen run of the same model writes.

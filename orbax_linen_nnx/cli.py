@@ -165,16 +165,16 @@ def _progress(description: str, total_bytes: int, arrays: int, quiet: bool):
 
 def _target(spec: str):
   """(checkpoint, None) for a checkpoint path; (None, abstract state) for module:function."""
-  from orbax_linen_nnx import convert
+  from orbax_linen_nnx import source
 
   if epath.Path(spec).exists():
-    return convert.open_source(_path(spec)), None
+    return source.open_checkpoint(_path(spec)), None
   make = _load(spec, '--target')
   return None, (make() if callable(make) else make)
 
 
 def _plan(args, src):
-  from orbax_linen_nnx import convert, handler
+  from orbax_linen_nnx import convert, planner
 
   rules, stacks = _mapping(args)
   if args.to:
@@ -184,21 +184,21 @@ def _plan(args, src):
   if tgt is not None:
     return (convert.plan_into(src, convert.abstract_of(tgt), tgt.layout, rules=rules, stacks=stacks,
                               partial=partial), tgt, None)
-  return handler.plan(src.directory, abstract, rules=rules, stacks=stacks, partial=partial), None, abstract
+  return planner.prepare(src, abstract, rules=rules, stacks=stacks, partial=partial).plan, None, abstract
 
 
 def _inspect(args) -> int:
-  from orbax_linen_nnx import convert
+  from orbax_linen_nnx import inspection, source
 
-  info = convert.inspect(convert.open_source(args.ckpt))
-  print(json.dumps(info, indent=1) if args.json else convert.render_inspection(info))
+  info = inspection.inspect(source.open_checkpoint(args.ckpt))
+  print(json.dumps(info, indent=1) if args.json else inspection.render_inspection(info))
   return EXIT_OK
 
 
 def _plan_command(args) -> int:
-  from orbax_linen_nnx import convert
+  from orbax_linen_nnx import source
 
-  plan, _, _ = _plan(args, convert.open_source(args.src))
+  plan, _, _ = _plan(args, source.open_checkpoint(args.src))
   print(plan)
   return EXIT_OK
 
@@ -212,22 +212,22 @@ def _convert(args) -> int:
                                # a coordinator on this machine's loopback listens there only
                                coordinator_bind_address=args.coordinator if host in ('127.0.0.1', 'localhost')
                                else None)
-  from orbax_linen_nnx import convert
+  from orbax_linen_nnx import convert, inspection, plans, source
 
-  src = convert.open_source(args.src)
+  src = source.open_checkpoint(args.src)
   plan, tgt, abstract = _plan(args, src)
   structure = convert.target_structure(tgt) if tgt is not None else None
   names = None
   if abstract is not None:  # NNX Variables are saved as {'value': ...} nodes
     names = {r.target.path: r.target.path + (('value',) if r.target.variable_type else ()) for r in plan.reads}
-  total = sum(convert._nbytes(r.target.shape, r.target.dtype) for r in plan.reads)
+  total = sum(plans.nbytes(r.target.shape, r.target.dtype) for r in plan.reads)
   budget = args.budget or convert.DEFAULT_BATCH_BYTES
   with _progress('convert', total, len(plan.reads), args.quiet or jax.process_index() != 0) as advance:
     written = convert.convert(src, args.dst, plan, structure=structure, item=args.item, overwrite=args.overwrite,
                               batch_bytes=budget, on_written=advance, names=names)
   if jax.process_index() == 0:
     print(f'wrote {written} ({plan.target_layout} layout): {len(plan.reads)} arrays,'
-          f' {convert._size(total)} from {src.directory} ({src.layout} layout)')
+          f' {inspection.size_text(total)} from {src.directory} ({src.layout} layout)')
     if plan.dropped or plan.skipped:
       print(f'  left out: {len(plan.dropped)} dropped by rules, {len(plan.skipped)} NNX-only arrays skipped'
             ' (the plan command lists them)')
@@ -235,13 +235,13 @@ def _convert(args) -> int:
 
 
 def _compare(args) -> int:
-  from orbax_linen_nnx import convert
+  from orbax_linen_nnx import compare, convert, plans, source
 
-  a, b = convert.open_source(args.a), convert.open_source(args.b)
+  a, b = source.open_checkpoint(args.a), source.open_checkpoint(args.b)
   rules, stacks = _mapping(args)
-  total = sum(convert._nbytes(x.shape, x.dtype) for x in b.arrays)
+  total = sum(plans.nbytes(x.shape, x.dtype) for x in b.arrays)
   with _progress('compare', total, len(b.arrays), args.quiet) as advance:
-    result = convert.compare(a, b, rules=rules, stacks=stacks, rtol=args.rtol, atol=args.atol,
+    result = compare.compare(a, b, rules=rules, stacks=stacks, rtol=args.rtol, atol=args.atol,
                              batch_bytes=args.budget or convert.DEFAULT_BATCH_BYTES, on_done=advance)
   if args.json:
     print(json.dumps({'equal': result.equal, 'compared': result.compared, 'missing': result.missing,
@@ -267,14 +267,14 @@ def _compare(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs one command; returns the exit status (see the module docstring)."""
   args = _parser().parse_args(argv)
-  from orbax_linen_nnx import convert, planner, rules as rules_lib, source
+  from orbax_linen_nnx import convert, plans, rules as rules_lib, source
 
   command = {'inspect': _inspect, 'plan': _plan_command, 'convert': _convert, 'compare': _compare}[args.command]
   try:
     return command(args)
   except (UsageError, rules_lib.RuleError) as e:
     status, message = EXIT_USAGE, str(e)
-  except planner.PlanError as e:
+  except plans.PlanError as e:
     status, message = EXIT_PLAN, str(e)
   except (source.CheckpointNotFoundError, source.DamagedCheckpointError) as e:
     status, message = EXIT_UNREADABLE, str(e)

@@ -1,4 +1,4 @@
-"""Whole checkpoints, no model code: inspect, plan, convert and compare (what the command line runs).
+"""A checkpoint written in the other layout as a new one, in bounded host memory (`orbax-linen-nnx convert`).
 
 `convert` writes a normal Orbax checkpoint (the one `StandardSave` writes:
 `<dst>/<item>/` with its metadata, restorable by `StandardRestore` and by
@@ -16,13 +16,13 @@ a sharded save stores it), so no array is ever whole in memory; a block still
 decodes every stored chunk it overlaps, so a source saved as one chunk per
 array is decoded once per block.
 
-    convert('ckpts/linen/100', 'ckpts/nnx/100', to='nnx')
+    src = source.open_checkpoint('ckpts/linen/100')
+    convert(src, 'ckpts/nnx/100', plan_to(src, 'nnx'))
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import math
 from typing import Any, Callable, Sequence
@@ -37,12 +37,12 @@ from etils import epath
 from orbax_linen_nnx import _internals
 from orbax_linen_nnx import layout
 from orbax_linen_nnx import ops
-from orbax_linen_nnx import planner as plan_lib
+from orbax_linen_nnx import planner
+from orbax_linen_nnx import plans as plan_lib
+from orbax_linen_nnx import trees
 from orbax_linen_nnx import read as read_lib
-from orbax_linen_nnx import save as save_lib
 from orbax_linen_nnx import source as source_lib
-from orbax_linen_nnx import stacks as stacks_lib
-from orbax_linen_nnx.handler import _SavedAsStandard
+from orbax_linen_nnx.handler import SavedAsStandard
 
 Path = layout.Path
 
@@ -52,137 +52,6 @@ DEFAULT_BATCH_BYTES = 32 * 2**20
 
 class DestinationExistsError(FileExistsError):
   """`convert` was asked to write where a checkpoint (or anything) already is."""
-
-
-# ---------------------------------------------------------------- opening
-
-
-def open_source(path: epath.PathLike, item: str | None = None) -> source_lib.Checkpoint:
-  """The checkpoint item at `path`: an item, a step directory, or a run directory (its latest finished step)."""
-  return source_lib.open_checkpoint(path, item=item)
-
-
-def step_of(ckpt: source_lib.Checkpoint) -> int | None:
-  """The training step: the stored step counter, else the step directory's name."""
-  for a in ckpt.arrays:
-    if a.path in (('step',), ('optimizer', 'step', 'value'), ('optimizer', 'step')) and not a.shape:
-      return int(ckpt.stores[a.name].read().result())
-  name = ckpt.directory.parent.name
-  return int(name) if name.isdigit() else None
-
-
-# ---------------------------------------------------------------- inspect
-
-
-def _nbytes(shape, dtype) -> int:
-  return math.prod(shape) * np.dtype(dtype).itemsize
-
-
-def stacks_found(ckpt: source_lib.Checkpoint) -> list[dict]:
-  """Layer stacks: per-layer modules (`layers_3`, `layers/3`) and stacked ones (an axis all arrays share).
-
-  A stacked one's layer axis is what the shapes tell: an axis that has the
-  same size in every model array under the stack root and, where several do,
-  a size no array outside the stack has; candidates left are all listed.
-  """
-  described = layout.describe([a.path for a in ckpt.arrays], ckpt.layout)
-  params = {stacks_lib.normalize(l.meaning.param): tuple(a.shape)
-            for a, l in zip(ckpt.arrays, described) if l.meaning.section == ('model',) and l.meaning.param}
-  found, per_layer = [], collections.defaultdict(set)
-  for p in params:
-    for k, seg in enumerate(p[:-1]):
-      if seg.isdigit() and not p[k - 1][:1].isupper():  # not Linen's automatic names (Dense_0, Dense_1)
-        per_layer[p[:k]].add(int(seg))
-        break
-  for root, layers in sorted(per_layer.items()):
-    found.append({'root': '/'.join(root), 'kind': 'per-layer', 'layers': len(layers), 'layer_axis': None})
-  claimed: list[Path] = list(per_layer)
-  for k in range(1, max((len(p) for p in params), default=0)):
-    for root in sorted({p[:k] for p in params if len(p) > k}):
-      if any(root[:len(c)] == c for c in claimed) or any(s.isdigit() for s in root):
-        continue
-      shapes = [s for p, s in params.items() if p[:k] == root and len(p) > k]
-      if len(shapes) < 2:
-        continue
-      axes = stacks_lib.common_axes(shapes)
-      if len(axes) > 1:  # a feature size every block shares: the layer count is the one not used outside
-        outside = {n for p, s in params.items() if p[:k] != root for n in s}
-        axes = [a for a in axes if shapes[0][a] not in outside] or axes
-      if axes:
-        found.append({'root': '/'.join(root), 'kind': 'stacked', 'layers': [shapes[0][a] for a in axes],
-                      'layer_axis': axes})
-        claimed.append(root)
-  return found
-
-
-def inspect(ckpt: source_lib.Checkpoint) -> dict:
-  """What a checkpoint holds, as JSON-ready data: layout, step, optimizer, stacks, arrays."""
-  kind = ckpt.layout
-  described = layout.describe([a.path for a in ckpt.arrays], kind)
-  if kind == layout.LINEN and ckpt.sidecar:
-    kind = "linen (NNX-only state beside it, in the item's nnx_aux/: LinenCompatSave)"
-  elif kind == layout.LINEN and any(l.collection == layout.NNX_AUX for l in described):
-    kind = 'linen (MaxText, NNX state under nnx_aux)'
-  optimizer: dict[str, list[str]] = collections.defaultdict(list)
-  for l in described:
-    if l.meaning.section[:1] == ('opt_state',):
-      entry = '/'.join(l.meaning.section[1:-1]) or '-'
-      what = l.meaning.section[-1] + (' (mirrors the params)' if l.meaning.param else '')
-      if what not in optimizer[entry]:
-        optimizer[entry].append(what)
-  arrays = []
-  for a in ckpt.arrays:
-    chunk = ckpt.stores[a.name].chunk_layout.read_chunk.shape
-    arrays.append({'path': layout.render(a.path), 'shape': list(a.shape), 'dtype': np.dtype(a.dtype).name,
-                   'chunk': list(chunk or ()), 'bytes': _nbytes(a.shape, a.dtype)})
-  return {
-      'directory': str(ckpt.directory),
-      'layout': kind,
-      'step': step_of(ckpt),
-      'optimizer': {k: v for k, v in sorted(optimizer.items())},
-      'stacks': stacks_found(ckpt),
-      'arrays': arrays,
-      'total_bytes': sum(x['bytes'] for x in arrays),
-  }
-
-
-def _size(n: int) -> str:
-  for unit in ('B', 'KiB', 'MiB', 'GiB'):
-    if n < 1024 or unit == 'GiB':
-      return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
-    n /= 1024
-  return str(n)
-
-
-def render_inspection(info: dict) -> str:
-  """The `inspect` report as text: a header, then the array tree."""
-  lines = [f"{info['directory']}", f"  layout     {info['layout']}", f"  step       {info['step']}"]
-  if info['optimizer']:
-    lines += ['  optimizer  opt_state/' + k + ': ' + ', '.join(v) for k, v in info['optimizer'].items()]
-  for s in info['stacks']:
-    if s['kind'] == 'per-layer':
-      lines.append(f"  stack      {s['root']}: {s['layers']} layers, one module each")
-    elif len(s['layer_axis']) == 1:
-      lines.append(f"  stack      {s['root']}: {s['layers'][0]} layers, stacked at axis {s['layer_axis'][0]}"
-                   ' (from shapes)')
-    else:
-      either = ' or '.join(f'{a} ({n} layers)' for a, n in zip(s['layer_axis'], s['layers']))
-      lines.append(f"  stack      {s['root']}: stacked at axis {either}: shapes cannot tell, --stacks can")
-  lines.append(f"  arrays     {len(info['arrays'])}, {_size(info['total_bytes'])}")
-  shown: list[str] = []
-  for a in info['arrays']:
-    parts = a['path'].split('/')
-    if len(parts) > 1 and parts[-1] == 'value':  # an NNX Variable's node: shown with its name
-      parts = parts[:-2] + ['/'.join(parts[-2:])]
-    common = 0
-    while common < min(len(shown), len(parts) - 1) and shown[common] == parts[common]:
-      common += 1
-    for depth in range(common, len(parts) - 1):
-      lines.append('  ' + '  ' * depth + parts[depth] + '/')
-    shown = parts[:-1]
-    lines.append(f"  {'  ' * (len(parts) - 1)}{parts[-1]}  {tuple(a['shape'])} {a['dtype']}"
-                 f"  chunk {tuple(a['chunk'])}  {_size(a['bytes'])}")
-  return '\n'.join(lines)
 
 
 # ---------------------------------------------------------------- plans
@@ -197,7 +66,7 @@ def abstract_of(ckpt: source_lib.Checkpoint) -> list[plan_lib.Target]:
 def plan_into(src: source_lib.Checkpoint, targets: Sequence[plan_lib.Target], target_layout: str, *,
               rules=None, stacks=None, partial: bool = False) -> plan_lib.RestorePlan:
   """The plan of reading `src` as `targets` (another checkpoint's tree, or a model's)."""
-  return plan_lib.build(src.arrays, targets, source_layout=src.layout, target_layout=target_layout, rules=rules,
+  return planner.build(src.arrays, targets, source_layout=src.layout, target_layout=target_layout, rules=rules,
                         stacks=stacks, partial=partial, where=str(src.directory))
 
 
@@ -210,10 +79,10 @@ def plan_to(src: source_lib.Checkpoint, to: str, *, rules=None, stacks=None) -> 
                      ' tree it should become as a target (a checkpoint, or module:function returning an'
                      ' abstract state)')
   if to == layout.NNX:
-    return plan_lib.build_nnx(src.arrays, rules=rules, stacks=stacks, where=str(src.directory))
+    return trees.build_nnx(src.arrays, rules=rules, stacks=stacks, where=str(src.directory))
   # NNX state Linen has no place for (RNG streams) goes under nnx_aux, as MaxText writes it.
   types = {a.path: 'RngState' for a in src.arrays if layout.is_rng_path(a.path)}
-  return plan_lib.build_save(src.arrays, types, rules=rules, stacks=stacks,
+  return trees.build_save(src.arrays, types, rules=rules, stacks=stacks,
                              action=f'cannot convert {src.directory} to the linen layout')
 
 
@@ -241,7 +110,7 @@ def batches(reads: Sequence[plan_lib.LeafRead], budget: int) -> list[list[plan_l
   """Consecutive reads whose targets together hold at most `budget` bytes (a larger one alone)."""
   out, size = [], 0
   for r in reads:
-    n = _nbytes(r.target.shape, r.target.dtype)
+    n = plan_lib.nbytes(r.target.shape, r.target.dtype)
     if not out or size + n > budget:
       out.append([])
       size = 0
@@ -264,7 +133,7 @@ class Pending:
 
   @property
   def nbytes(self) -> int:
-    return _nbytes(self.shape, self.dtype)
+    return plan_lib.nbytes(self.shape, self.dtype)
 
   @property
   def ndim(self) -> int:
@@ -273,8 +142,7 @@ class Pending:
 
 def _trim() -> None:
   """Freed decode and write buffers back to the OS after a batch (see read.py)."""
-  if read_lib._MALLOC_TRIM is not None:
-    read_lib._MALLOC_TRIM(0)
+  read_lib.trim_freed_memory()
 
 
 class _PendingHandler(ocp.type_handlers.TypeHandler):
@@ -316,7 +184,7 @@ class _PendingHandler(ocp.type_handlers.TypeHandler):
       await asyncio.to_thread(lambda fs=futures: [f.result() for f in fs])
       del ordered, futures
       _trim()
-      self._on_written(sum(_nbytes(r.target.shape, r.target.dtype) for r in batch), len(batch))
+      self._on_written(sum(plan_lib.nbytes(r.target.shape, r.target.dtype) for r in batch), len(batch))
     return []
 
   async def _write_in_slices(self, value: Pending, info, arg) -> None:
@@ -366,7 +234,7 @@ class _PendingHandler(ocp.type_handlers.TypeHandler):
 class _ConvertHandler(ocp.PyTreeCheckpointHandler):
   """Orbax's PyTree handler; the step's metadata names StandardCheckpointHandler (what it wrote)."""
 
-  typestr = _SavedAsStandard()
+  typestr = SavedAsStandard()
 
 
 def _tree_for(plan: plan_lib.RestorePlan, structure: Any | None, values: dict[Path, Any]) -> Any:
@@ -375,8 +243,8 @@ def _tree_for(plan: plan_lib.RestorePlan, structure: Any | None, values: dict[Pa
     return jax.tree_util.tree_map_with_path(lambda kp, _: values[layout.key_path(kp)], structure)
   tree: dict = {}
   for path, v in values.items():
-    save_lib._put(tree, path, v)
-  return save_lib._as_lists(tree, False) if plan.target_layout == layout.LINEN else tree
+    trees.put(tree, path, v)
+  return trees.as_linen_lists(tree) if plan.target_layout == layout.LINEN else tree
 
 
 def target_structure(ckpt: source_lib.Checkpoint) -> Any:
@@ -432,74 +300,3 @@ def convert(src: source_lib.Checkpoint, dst: epath.PathLike, plan: plan_lib.Rest
   return dst / item
 
 
-# ---------------------------------------------------------------- compare
-
-
-@dataclasses.dataclass
-class Comparison:
-  """What `compare` found: leaves only one side has, and leaves whose values differ."""
-
-  missing: list[str]  # in B, not made from A
-  extra: list[str]    # in A, used by nothing in B
-  differing: list[dict] = dataclasses.field(default_factory=list)
-  compared: int = 0
-  casts: list[str] = dataclasses.field(default_factory=list)
-
-  @property
-  def equal(self) -> bool:
-    return not (self.missing or self.extra or self.differing)
-
-
-def compare(a: source_lib.Checkpoint, b: source_lib.Checkpoint, *, rules=None, stacks=None, rtol: float = 0.0,
-            atol: float = 0.0, batch_bytes: int = DEFAULT_BATCH_BYTES,
-            on_done: Callable[[int, int], None] = lambda n, k: None) -> Comparison:
-  """Compares A, read as B's tree through the same plan as a restore, with B, leaf by leaf, a batch at a time.
-
-  A leaf matches when every element satisfies |a - b| <= atol + rtol * |b|
-  (NaN matching NaN); with the defaults, bit for bit. Leaves are read onto one
-  device, `batch_bytes` of them (from each side) at a time.
-  """
-  targets = abstract_of(b)
-  plan = plan_into(a, targets, b.layout, rules=rules, stacks=stacks, partial=True)
-  own = plan_lib.build(b.arrays, targets, source_layout=b.layout, target_layout=b.layout, where=str(b.directory))
-  one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  plan, own = with_shardings(plan, lambda t: one), with_shardings(own, lambda t: one)
-  own_reads = {r.target.path: r for r in own.reads}
-  result = Comparison(missing=[layout.render(t.path) for t in plan.kept],
-                      extra=[s.name for s in plan.unused])
-  for r in plan.reads:
-    if any(isinstance(op, ops.Cast) for op in r.transform):
-      result.casts.append(f'{layout.render(r.target.path)}: A holds {np.dtype(r.sources[0].dtype).name}, compared as'
-                          f' {np.dtype(r.target.dtype).name}')
-  for batch in batches(plan.reads, batch_bytes):
-    mine = read_lib.execute(dataclasses.replace(plan, reads=tuple(batch), kept=()), a)
-    theirs = read_lib.execute(dataclasses.replace(own, reads=tuple(own_reads[r.target.path] for r in batch),
-                                                  kept=()), b)
-    for r in batch:
-      x, y = np.asarray(mine.pop(r.target.path)), np.asarray(theirs.pop(r.target.path))
-      diff = _difference(x, y, rtol, atol)
-      if diff is not None:
-        result.differing.append({'path': layout.render(r.target.path), **diff})
-    result.compared += len(batch)
-    on_done(sum(_nbytes(r.target.shape, r.target.dtype) for r in batch), len(batch))
-  return result
-
-
-def _difference(x: np.ndarray, y: np.ndarray, rtol: float, atol: float) -> dict | None:
-  """None when x matches y; else the largest absolute and relative differences and how many elements differ."""
-  if not (rtol or atol):  # bit for bit: -0.0 differs from 0.0, a NaN matches only the same NaN
-    bits = lambda v: np.ascontiguousarray(np.atleast_1d(v)).view(np.uint8).reshape(np.atleast_1d(v).shape + (-1,))
-    bad = (bits(x) != bits(y)).any(axis=-1)
-  else:
-    x64, y64 = x.astype(np.float64), y.astype(np.float64)
-    with np.errstate(invalid='ignore'):
-      bad = ~((np.abs(x64 - y64) <= atol + rtol * np.abs(y64)) | (np.isnan(x64) & np.isnan(y64)) | (x64 == y64))
-  if not bad.any():
-    return None
-  x64, y64 = np.atleast_1d(x).astype(np.float64), np.atleast_1d(y).astype(np.float64)
-  bad = bad.reshape(x64.shape)
-  with np.errstate(invalid='ignore', divide='ignore'):
-    absolute = np.abs(x64 - y64)[bad]
-    relative = absolute / np.abs(y64[bad])
-  return {'elements': int(bad.sum()), 'of': int(bad.size), 'max_abs': float(np.nanmax(absolute)),
-          'max_rel': float(np.nanmax(relative)) if np.isfinite(relative).any() else float('inf')}

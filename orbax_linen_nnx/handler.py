@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 from typing import Any
 
@@ -11,9 +10,11 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from orbax_linen_nnx import args as args_lib
 from orbax_linen_nnx import layout
 from orbax_linen_nnx import outcome
-from orbax_linen_nnx import planner as plan_lib
+from orbax_linen_nnx import planner
+from orbax_linen_nnx import plans
 from orbax_linen_nnx import read
 from orbax_linen_nnx import save as save_lib
 from orbax_linen_nnx import source as source_lib
@@ -52,30 +53,13 @@ def _option_problems(args, state: target.AbstractState) -> list[str]:
   return problems
 
 
-def _prepare(directory: epath.PathLike, args) -> tuple[source_lib.Checkpoint, target.AbstractState, plan_lib.RestorePlan]:
-  for name, value in (('source_layout', args.source_layout), ('target_layout', args.target_layout)):
-    if value is not None and value not in layout.LAYOUTS:
-      raise ValueError(f'{name} must be one of {layout.LAYOUTS} or None, got {value!r}')
-  ckpt = source_lib.open_checkpoint(directory)
-  state = target.flatten(args.abstract_state, layout_name=args.target_layout, mesh=args.mesh)
-  restore_plan = plan_lib.build(
-      ckpt.arrays,
-      state.targets,
-      source_layout=args.source_layout or ckpt.layout,
-      target_layout=state.layout,
-      rules=args.rules,
-      partial=args.partial,
-      stacks=args.stacks,
-      where=str(ckpt.directory),
-      problems=state.problems + _option_problems(args, state),
-      modules=state.modules,
-  )
-  if state.notes:
-    restore_plan = dataclasses.replace(restore_plan, notes=restore_plan.notes + tuple(state.notes))
-  return ckpt, state, restore_plan
+def _prepare(directory: epath.PathLike, args: args_lib.LinenCompatRestore) -> planner.Prepared:
+  return planner.prepare(directory, args.abstract_state, rules=args.rules, partial=args.partial, stacks=args.stacks,
+                         source_layout=args.source_layout, target_layout=args.target_layout, mesh=args.mesh,
+                         option_problems=lambda state: _option_problems(args, state))
 
 
-def plan(directory: epath.PathLike, abstract_state: Any, **options) -> plan_lib.RestorePlan:
+def plan(directory: epath.PathLike, abstract_state: Any, **options) -> plans.RestorePlan:
   """The `RestorePlan` of restoring `abstract_state` from a checkpoint; reads no array.
 
   `directory` is the item directory (`<run>/<step>/default`), a step directory
@@ -84,10 +68,8 @@ def plan(directory: epath.PathLike, abstract_state: Any, **options) -> plan_lib.
 
   >>> print(plan(run_dir / '100' / 'default', abstract, rules={'Dense_0': 'fc1'}))  # doctest: +SKIP
   """
-  from orbax_linen_nnx.args import LinenCompatRestore  # args imports this module
-
   with _gc_paused():
-    return _prepare(directory, LinenCompatRestore(abstract_state, **options))[2]
+    return _prepare(directory, args_lib.LinenCompatRestore(abstract_state, **options)).plan
 
 
 def restore(source: Any, abstract_state: Any, *, step: int | None = None, item: str | None = None,
@@ -108,8 +90,6 @@ def restore(source: Any, abstract_state: Any, *, step: int | None = None, item: 
   >>> restored = restore(mngr, abstract, step=100, item='items')  # doctest: +SKIP
   >>> params = restore('/ckpts/gemma3-4b', abstract_model, rules=gemma_rules)  # doctest: +SKIP
   """
-  from orbax_linen_nnx.args import LinenCompatRestore  # args imports this module
-
   if isinstance(source, ocp.CheckpointManager):
     if step is None:
       step = source.latest_step()
@@ -118,27 +98,27 @@ def restore(source: Any, abstract_state: Any, *, step: int | None = None, item: 
     source = source.directory
   directory = source_lib.locate(source, step=step, item=item)
   with ocp.Checkpointer(LinenCompatHandler()) as checkpointer:
-    return checkpointer.restore(directory, args=LinenCompatRestore(abstract_state, **options))
+    return checkpointer.restore(directory, args=args_lib.LinenCompatRestore(abstract_state, **options))
 
 
 def _warn_unfilled(state: target.AbstractState) -> None:
   """Warns of the leaves the restore did not fill, and of large leaves replicated for want of a sharding."""
   if state.left_out:
-    plan_lib.warn(
+    plans.warn(
         f'{len(state.left_out)} leaves have no source in the checkpoint and are left out of the'
         f' restored nnx.State: {", ".join(state.left_out)}. nnx.update(model, restored) keeps the model\'s own'
         ' values there (the RNG streams it was built with); the plan lists them as kept.')
   if state.placeholders:
-    plan_lib.warn(
+    plans.warn(
         f'{len(state.placeholders)} leaves were not restored (no source; the abstract state gave'
         f' no value) and hold NotRestored placeholders that raise when used as arrays: {", ".join(state.placeholders)}.'
         ' Restore into an nnx.State (then nnx.update(model, restored) keeps the model\'s values there) or into a'
         ' state with values there (nnx.state(model) of an initialised model), or fill them before use.')
   if state.large_replicated:
-    plan_lib.warn('; '.join(state.large_replicated))
+    plans.warn('; '.join(state.large_replicated))
 
 
-class _SavedAsStandard:
+class SavedAsStandard:
   """`typestr`: the class's own name for Orbax's handler registry, Standard's for what a save records.
 
   Orbax records `handler.typestr()` of an instance in the step's metadata as
@@ -172,13 +152,11 @@ class LinenCompatHandler(ocp.AsyncCheckpointHandler):
     self._standard = ocp.StandardCheckpointHandler()
     self._sidecar = ocp.StandardCheckpointHandler()  # NNX-only state, in the item's nnx_aux/ directory
 
-  typestr = _SavedAsStandard()
+  typestr = SavedAsStandard()
 
   def standard_args(self, args) -> tuple[ocp.args.StandardSave, ocp.args.StandardSave | None]:
     """The `StandardSave`s that `args` (a `LinenCompatSave`) writes: the Linen tree, and the sidecar (or None)."""
-    from orbax_linen_nnx.args import LinenCompatSave  # args imports this module
-
-    if not isinstance(args, LinenCompatSave):
+    if not isinstance(args, args_lib.LinenCompatSave):
       raise TypeError(f'LinenCompatHandler saves LinenCompatSave(state) args, not {type(args).__name__}:'
                       ' LinenCompatRestore only restores. Save with LinenCompatSave(state) (the Linen layout)'
                       ' or ocp.args.StandardSave(state) (the state as it is)')
@@ -208,10 +186,11 @@ class LinenCompatHandler(ocp.AsyncCheckpointHandler):
         raise TypeError(f'LinenCompatHandler restores LinenCompatRestore args, not {type(args).__name__}')
       return self._standard.restore(directory)  # no target: the tree as saved, like StandardRestore()
     with outcome.shared(timeout_s=args.timeout_s), _gc_paused():
-      ckpt, state, restore_plan = _prepare(directory, args)
+      prepared = _prepare(directory, args)
+      restore_plan, state = prepared.plan, prepared.state
       if args.dry_run:
         return restore_plan
-      values = read.execute(restore_plan, ckpt, replica_axis=args.replica_axis,
+      values = read.execute(restore_plan, prepared.checkpoint, replica_axis=args.replica_axis,
                             budget_bytes=args.read_budget_bytes)
     if args.fill_nnx_only is not None:
       for t in restore_plan.kept:
@@ -238,3 +217,9 @@ class LinenCompatHandler(ocp.AsyncCheckpointHandler):
   def close(self):
     self._standard.close()
     self._sidecar.close()
+
+
+# The args name this handler for CheckpointManager's registry (both for save and for restore,
+# as its lookup by args type needs).
+for _args in (args_lib.LinenCompatRestore, args_lib.LinenCompatSave):
+  ocp.args.register_with_handler(LinenCompatHandler, for_save=True, for_restore=True)(_args)

@@ -45,7 +45,7 @@ import numpy as np
 import tensorstore as ts
 
 from orbax_linen_nnx import ops
-from orbax_linen_nnx import planner as plan_lib
+from orbax_linen_nnx import plans as plan_lib
 from orbax_linen_nnx.source import Checkpoint
 
 Box = ops.Box
@@ -76,6 +76,12 @@ def _libc_malloc_trim():
 # the state plus the budget; trimming is cheap next to the decodes it follows.
 _MALLOC_TRIM = _libc_malloc_trim()
 _TRIM_EVERY_BYTES = 32 * 2**20
+
+
+def trim_freed_memory() -> None:
+  """Hands the heap memory freed on other threads back to the OS (glibc; elsewhere nothing to do)."""
+  if _MALLOC_TRIM is not None:
+    _MALLOC_TRIM(0)
 
 
 @dataclasses.dataclass

@@ -1,6 +1,6 @@
 """The save side: an NNX state's arrays as the Linen layout's tree, still sharded on their devices.
 
-`to_linen(state)` plans with the same planner as a restore (`planner.build_save`:
+`to_linen(state)` plans with the same planner as a restore (`trees.build_save`:
 the Linen tree as the target, the NNX state as the source, the rules and stack
 conversions run backward), then computes every array that a conversion
 changes (a layer of a stack, a moved layer axis, a transposed or fused weight,
@@ -26,7 +26,8 @@ from flax import nnx
 
 from orbax_linen_nnx import layout
 from orbax_linen_nnx import ops
-from orbax_linen_nnx import planner as plan_lib
+from orbax_linen_nnx import plans as plan_lib
+from orbax_linen_nnx import trees
 from orbax_linen_nnx import rules as rules_lib
 from orbax_linen_nnx import stacks as stacks_lib
 from orbax_linen_nnx import target as target_lib
@@ -133,32 +134,12 @@ def _empties(tree: Any, at: Path = ()) -> list[Path]:
   return [p for k, v in items for p in _empties(v, at + (str(k),))]
 
 
-def _put(tree: dict, path: Path, value: Any) -> None:
-  for key in path[:-1]:
-    tree = tree.setdefault(key, {})
-  tree.setdefault(path[-1], value)
-
-
-def _as_lists(node: Any, under_opt_state: bool) -> Any:
-  """Optax's chains (tuples: int-keyed in NNX) as the lists Linen's tree holds, None where empty."""
-  if not isinstance(node, dict):
-    return node
-  out = {k: (v if k == 'params' and under_opt_state else _as_lists(v, under_opt_state or k == 'opt_state'))
-         for k, v in node.items()}
-  if under_opt_state and out and all(k.isdigit() for k in out):
-    chain = [None] * (max(int(k) for k in out) + 1)
-    for k, v in out.items():
-      chain[int(k)] = v
-    return chain
-  return out
-
-
 def _planned(state, rules, stacks, aux, target, plan=None):
   """(the NNX state's leaves, the Linen tree to write exactly or None, the save's plan)."""
   nnx_state = _NnxState(state)
   written = None if target is None else target_lib.flatten(target, layout_name=layout.LINEN)
   if plan is None:
-    plan = plan_lib.build_save(nnx_state.sources, nnx_state.types, rules=rules, stacks=stacks, aux=aux,
+    plan = trees.build_save(nnx_state.sources, nnx_state.types, rules=rules, stacks=stacks, aux=aux,
                                targets=None if written is None else written.targets)
   return nnx_state, written, plan
 
@@ -184,7 +165,7 @@ def linen_trees(state: Any, *, rules: rules_lib.Rules = None, stacks: stacks_lib
   if dry_run:
     return plan
   nnx_state.require_values()
-  lost = [s.name for s in plan.skipped if plan_lib.nnx_only_type(nnx_state.types.get(s.path))]
+  lost = [s.name for s in plan.skipped if trees.nnx_only_type(nnx_state.types.get(s.path))]
   if lost:
     plan_lib.warn(f'{len(lost)} NNX-only arrays are not saved (aux=None): {", ".join(lost)}; a restore of this'
                   " checkpoint starts them afresh. aux='sidecar' keeps them beside the Linen tree.")
@@ -207,15 +188,15 @@ def linen_trees(state: Any, *, rules: rules_lib.Rules = None, stacks: stacks_lib
     aside: dict = {}
     for path, value in values.items():
       if path not in own:
-        _put(aside, path, value)
+        trees.put(aside, path, value)
     return written.fill(values), aside.get(layout.NNX_AUX)
   tree: dict = {}
   for path, value in values.items():
-    _put(tree, path, value)
+    trees.put(tree, path, value)
   for p in nnx_state.empties:  # optax states holding no array: None entries, as Linen saves them
     if p[:2] == ('optimizer', 'opt_state'):
-      _put(tree, p[1:], None)
-  tree = _as_lists(tree, False)
+      trees.put(tree, p[1:], None)
+  tree = trees.as_linen_lists(tree)
   return tree, (tree.pop(layout.NNX_AUX, None) if aux == layout.SIDECAR else None)
 
 

@@ -22,7 +22,7 @@ from etils import epath
 from orbax_linen_nnx import _internals
 
 from orbax_linen_nnx import layout
-from orbax_linen_nnx.planner import SourceArray
+from orbax_linen_nnx.plans import SourceArray
 
 
 # Where LinenCompatSave writes the NNX-only state a Linen tree has no place for

@@ -18,7 +18,7 @@ from flax import nnx
 
 from orbax_linen_nnx import _internals
 from orbax_linen_nnx import layout
-from orbax_linen_nnx.planner import PlanError, Target
+from orbax_linen_nnx.plans import PlanError, Target
 
 Path = layout.Path
 

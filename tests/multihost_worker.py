@@ -35,12 +35,12 @@ from pathlib import Path
 
 # Run as a script from tests/, so the suite's own helpers import directly.
 from models import flat
-from test_reads import OCDBT_READS, chunk_ids, chunks_under, counter
+from helpers import OCDBT_READS, chunk_ids, chunks_under, counter
 
 D_IN, D_HID, D_OUT = 128, 512, 64  # Dense_0 kernel (128, 512): 256 KiB of float32
 MESH_SHAPE, MESH_AXES = (4, 2), ('data', 'model')
 RULES = {'Dense_0': 'fc1', 'Dense_1': 'fc2'}
-CHUNK_LOADS = OCDBT_READS  # minus one metadata key per stored array opened: see test_reads.ChunkLoads
+CHUNK_LOADS = OCDBT_READS  # minus one metadata key per stored array opened: see helpers.ChunkLoads
 FILE_BYTES = '/tensorstore/kvstore/file/bytes_read'
 FILE_BYTES_WRITTEN = '/tensorstore/kvstore/file/bytes_written'
 

@@ -18,8 +18,8 @@ from flax import nnx
 import decoders as dec
 import models
 from orbax_linen_nnx import LinenCompatRestore, cli
-from test_reads import counter
-from test_rules import GEMMA_RULES, LinenGemmaBlock, NnxGemmaBlock, linen_gemma_state
+from helpers import counter, save
+from gemma import GEMMA_RULES, LinenGemmaBlock, NnxGemmaBlock, linen_gemma_state
 
 REPO = Path(__file__).resolve().parents[1]
 CHUNK_READS = '/tensorstore/cache/chunk_cache/reads'
@@ -42,11 +42,6 @@ def digest(directory: Path) -> str:
     if p.is_file():
       h.update(p.read_bytes())
   return h.hexdigest()
-
-
-def save(directory, tree, step=1):
-  with ocp.CheckpointManager(directory) as m:
-    m.save(step, args=ocp.args.StandardSave(tree))
 
 
 def restore(directory, step=1, args=None):
@@ -128,7 +123,7 @@ def test_convert_with_rules_split_transpose_reshape_cast(tmp_path):
   state, _ = linen_gemma_state()
   save(tmp_path / 'gemma', state)
   rules = tmp_path / 'gemma_rules.py'
-  rules.write_text('from test_rules import GEMMA_RULES as RULES\n')
+  rules.write_text('from gemma import GEMMA_RULES as RULES\n')
   r = run('convert', tmp_path / 'gemma' / '1', tmp_path / 'nnx' / '1', '--to', 'nnx', '--rules', f'{rules}:RULES',
           env={'PYTHONPATH': str(REPO / 'tests')})
   assert r.returncode == 0, r.stderr

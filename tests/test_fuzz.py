@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import models
 from orbax_linen_nnx import LinenCompatRestore, PlanError
 from orbax_linen_nnx import rename as rename_rule, transpose as transpose_rule
-from test_reads import ChunkLoads
+from helpers import ChunkLoads
 
 EXAMPLES = int(os.environ.get('FUZZ_EXAMPLES', '6'))
 DTYPES = [np.dtype('float32'), np.dtype(ml_dtypes.bfloat16), np.dtype('int8'), np.dtype('bool')]

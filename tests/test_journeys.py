@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
 import orbax_linen_nnx
+from helpers import save
 from models import DROP_RULES
 from orbax_linen_nnx import LinenCompatRestore, LinenCompatSave, LinenCompatWarning, PlanError
 
@@ -34,12 +35,6 @@ def tx():
 
 def make_bn_drop():
   return models.nnx_train_state(models.NnxBNDrop, tx())
-
-
-def save(directory, step, args):
-  with ocp.CheckpointManager(directory) as mngr:
-    mngr.save(step, args=args)
-    mngr.wait_until_finished()
 
 
 def linen_pairs():
@@ -60,7 +55,7 @@ def test_linen_run_with_dropout_and_batchnorm_resumes_in_nnx(tmp_path, mesh):
   fresh model, train. The Linen checkpoint holds no RNG stream: the fresh model keeps its own (it seeded
   it), the restore says so, and dropout draws from it."""
   linen = models.linen_bn_drop_state(tx())
-  save(tmp_path, 2, ocp.args.StandardSave(linen))
+  save(tmp_path, step=2, what=ocp.args.StandardSave(linen))
   abstract = models.shard_abstract(nnx.state(nnx.eval_shape(make_bn_drop)), mesh, 'two_axes')
 
   plan = ocp.CheckpointManager(tmp_path).restore(2, args=LinenCompatRestore(abstract, rules=DROP_RULES,
@@ -111,7 +106,7 @@ def test_bridge_model_restored_with_partial_flattens_and_trains(tmp_path, mesh):
   """An nnx.bridge.ToNNX model (Linen code inside NNX) restored with partial=True: its to_nnx__rngs streams
   are left to the model, the result flattens, and the model trains with dropout on."""
   variables = LinenDrop().init(jax.random.key(3), jnp.ones((1, models.D_IN)))
-  save(tmp_path, 1, ocp.args.StandardSave(variables))
+  save(tmp_path, step=1, what=ocp.args.StandardSave(variables))
 
   def make():
     model = nnx.bridge.ToNNX(LinenDrop(), rngs=nnx.Rngs(params=0, dropout=1))
@@ -147,7 +142,7 @@ def test_pure_dict_with_unsharded_rng_keys_computes_in_one_jit(tmp_path, mesh):
   nnx.update(trained, models.put_sharded(nnx.state(trained), mesh, 'two_axes'))
   for _ in range(2):
     models.nnx_bn_drop_step(trained['model'], trained['optimizer'], True)
-  save(tmp_path, 2, ocp.args.StandardSave(nnx.state(trained)))
+  save(tmp_path, step=2, what=ocp.args.StandardSave(nnx.state(trained)))
 
   pure = nnx.to_pure_dict(nnx.state(nnx.eval_shape(make_bn_drop)))
   pure = jax.tree_util.tree_map_with_path(
@@ -187,7 +182,7 @@ def test_nnx_run_saved_as_linen_is_read_and_trained_by_plain_linen_code(tmp_path
   nnx.update(state, models.put_sharded(nnx.state(state), mesh, 'two_axes'))
   for _ in range(2):
     models.nnx_bn_drop_step(state['model'], state['optimizer'], True)
-  save(tmp_path / 'bn', 2, LinenCompatSave(state, rules=DROP_RULES))
+  save(tmp_path / 'bn', step=2, what=LinenCompatSave(state, rules=DROP_RULES))
 
   # A model without batch statistics written as a given Linen tree: params=variables['params'] (Flax's
   # MNIST example), not the default params=variables.
@@ -197,7 +192,7 @@ def test_nnx_run_saved_as_linen_is_read_and_trained_by_plain_linen_code(tmp_path
   target = jax.eval_shape(lambda: models.train_state.TrainState.create(
       apply_fn=linen_mlp.apply, params=linen_mlp.init(jax.random.key(0), jnp.ones((1, models.D_IN)))['params'],
       tx=tx()))
-  save(tmp_path / 'mlp', 1, LinenCompatSave(mlp, rules=models.MLP_RULES, target=target))
+  save(tmp_path / 'mlp', step=1, what=LinenCompatSave(mlp, rules=models.MLP_RULES, target=target))
 
   out = read_with_linen([{'directory': str(tmp_path / 'bn'), 'step': 2, 'kind': 'bn_drop', 'steps': 2},
                          {'directory': str(tmp_path / 'mlp'), 'step': 1, 'kind': 'mlp_params', 'steps': 2}])
@@ -224,7 +219,7 @@ def test_linen_compat_save_keeps_the_dropout_stream_for_nnx(tmp_path, mesh):
     models.nnx_bn_drop_step(state['model'], state['optimizer'], True)
   args = LinenCompatSave(state, rules=DROP_RULES)
   assert "nnx_aux/ arrays (RNG streams, custom Variables) are written beside the Linen tree" in str(args.plan)
-  save(tmp_path, 2, args)
+  save(tmp_path, step=2, what=args)
   assert (tmp_path / '2' / 'default' / 'nnx_aux' / '_METADATA').exists()
   with ocp.CheckpointManager(tmp_path) as mngr:
     as_saved = mngr.restore(2, args=ocp.args.StandardRestore())
@@ -245,7 +240,7 @@ def test_linen_compat_save_keeps_the_dropout_stream_for_nnx(tmp_path, mesh):
   plain = LinenCompatSave(state, rules=DROP_RULES, aux=None)
   assert '  skipped model/drop/rngs/key (2,) uint32 (NNX-only)' in str(plain.plan)
   with pytest.warns(LinenCompatWarning, match='not saved \\(aux=None\\): model/drop/rngs/count'):
-    save(tmp_path / 'plain', 2, plain)
+    save(tmp_path / 'plain', step=2, what=plain)
   assert not (tmp_path / 'plain' / '2' / 'default' / 'nnx_aux').exists()
 
 
@@ -288,7 +283,7 @@ def test_the_proposed_rules_are_a_one_to_one_pairing_that_restores(tmp_path, mes
   onto one NNX name); applied, it restores bit for bit and the model trains on."""
   x = jnp.ones((4, 16))
   variables = LinenSix().init(jax.random.key(0), x)
-  save(tmp_path, 1, ocp.args.StandardSave(variables))
+  save(tmp_path, step=1, what=ocp.args.StandardSave(variables))
   abstract = models.shard_abstract(nnx.state(nnx.eval_shape(lambda: NnxSix(nnx.Rngs(0)))), mesh, 'one_axis')
   with pytest.raises(PlanError) as e:
     ocp.CheckpointManager(tmp_path).restore(1, args=LinenCompatRestore(abstract))
@@ -327,7 +322,7 @@ def test_modules_the_shapes_cannot_tell_apart_are_said_so(tmp_path):
       self.first = nnx.Linear(32, 32, rngs=rngs)
 
   variables = LinenTwins().init(jax.random.key(0), jnp.ones((1, 32)))
-  save(tmp_path, 1, ocp.args.StandardSave(variables))
+  save(tmp_path, step=1, what=ocp.args.StandardSave(variables))
   abstract = nnx.eval_shape(lambda: NnxTwins(nnx.Rngs(0)))
   for sorted_keys in (abstract, nnx.state(abstract)):
     with pytest.raises(PlanError, match=r'Dense_0, Dense_1 and first, second all hold bias \(32,\), kernel'

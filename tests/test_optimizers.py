@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 import models
+from helpers import save
 from models import MLP_RULES
 from orbax_linen_nnx import LinenCompatRestore
 
@@ -30,16 +31,11 @@ OPTIMIZERS = {
 }
 
 
-def save(directory, tree):
-  with ocp.CheckpointManager(directory) as m:
-    m.save(2, args=ocp.args.StandardSave(tree))
-
-
 @pytest.mark.parametrize('opt', sorted(OPTIMIZERS))
 def test_linen_to_nnx_and_back(tmp_path, mesh, opt):
   make_tx = OPTIMIZERS[opt]
   linen = models.linen_mlp_state(make_tx())
-  save(tmp_path / 'linen', linen)
+  save(tmp_path / 'linen', linen, step=2)
 
   abstract = models.shard_abstract(
       nnx.state(nnx.eval_shape(lambda: models.nnx_train_state(models.NnxMLP, make_tx()))), mesh, 'two_axes')
@@ -47,7 +43,7 @@ def test_linen_to_nnx_and_back(tmp_path, mesh, opt):
   models.assert_sharded_as(restored, abstract)
 
   # Back to Linen from what NNX holds: every leaf of the Linen run, bit for bit.
-  save(tmp_path / 'nnx', restored)
+  save(tmp_path / 'nnx', restored, step=2)
   linen_abstract = models.shard_abstract(jax.eval_shape(lambda: models.linen_mlp_state(make_tx(), steps=0)),
                                          mesh, 'one_axis')
   back = ocp.CheckpointManager(tmp_path / 'nnx').restore(2, args=LinenCompatRestore(linen_abstract, rules=MLP_RULES))

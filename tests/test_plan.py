@@ -3,19 +3,11 @@
 import numpy as np
 import pytest
 
-from orbax_linen_nnx import PlanError, SourceArray, Target, layout
+from orbax_linen_nnx import PlanError, layout
 from orbax_linen_nnx.planner import build
+from helpers import src, tgt
 
 F32 = np.dtype('float32')
-
-
-def src(path, shape=(3, 8), dtype=F32):
-  p = tuple(path.split('/'))
-  return SourceArray(p, '.'.join(p), shape, np.dtype(dtype))
-
-
-def tgt(path, shape=(3, 8), dtype=F32, variable_type=None):
-  return Target(tuple(path.split('/')), shape, np.dtype(dtype), None, variable_type)
 
 
 def meanings(paths, kind):

@@ -1,6 +1,5 @@
 """Proof, from TensorStore's own counters, that each shard reads only its chunks."""
 
-import itertools
 import math
 
 import flax.linen as nn
@@ -9,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-import tensorstore as ts
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from helpers import ChunkLoads, chunks_under, counter, loads_during
 from orbax_linen_nnx import LinenCompatRestore
 
 IN, OUT = 256, 64
@@ -27,60 +26,6 @@ class Wide(nn.Module):
 class NnxWide(nnx.Module):
   def __init__(self, rngs):
     self.fc = nnx.Linear(IN, OUT, rngs=rngs)
-
-
-def counter(name: str) -> int:
-  total = 0
-  for m in ts.experimental_collect_matching_metrics(name):
-    if m['name'] == name:
-      total += sum(v.get('value', 0) for v in m['values'])
-  return total
-
-
-# Every key read from a checkpoint's OCDBT store: a restore opens each stored
-# array once (one metadata key each), then loads each stored chunk it decodes.
-# (TensorStore's chunk_cache/reads counts requests: two requests for one chunk
-# in flight together share one load.)
-OCDBT_READS = '/tensorstore/kvstore/ocdbt/read'
-
-
-class ChunkLoads:
-  """Counts the stored chunks loaded (read and decoded) while the block restores from `item_dir`."""
-
-  def __init__(self, item_dir):
-    self.arrays = len(jax.tree.leaves(ocp.PyTreeCheckpointHandler().metadata(item_dir).tree))
-
-  def __enter__(self):
-    self._before = counter(OCDBT_READS)
-    return self
-
-  def __exit__(self, *exc):
-    self.count = counter(OCDBT_READS) - self._before - self.arrays
-
-
-def loads_during(item_dir, fn):
-  with ChunkLoads(item_dir) as loads:
-    out = fn()
-  return out, loads.count
-
-
-def chunk_ids(index, shape, chunk) -> set[tuple[int, ...]]:
-  """Grid indices of the stored chunks a slice of the array intersects."""
-  ranges = []
-  for sl, size, c in zip(index, shape, chunk):
-    start, stop, _ = sl.indices(size)
-    ranges.append(range(start // c, (stop - 1) // c + 1))
-  return set(itertools.product(*ranges))
-
-
-def chunks_touched(index, shape, chunk) -> int:
-  """How many stored chunks a slice of the array intersects."""
-  return len(chunk_ids(index, shape, chunk))
-
-
-def chunks_under(indices, shape, chunk) -> int:
-  """How many distinct stored chunks some slices intersect together (each is read once)."""
-  return len(set().union(*(chunk_ids(i, shape, chunk) for i in indices)))
 
 
 @pytest.fixture(scope='module')

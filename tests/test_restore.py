@@ -10,6 +10,7 @@ from flax import nnx
 from flax.training import train_state
 
 import models
+from helpers import save
 from models import MLP_RULES, BN_RULES
 import orbax_linen_nnx
 from orbax_linen_nnx import LinenCompatHandler, LinenCompatRestore, RestorePlan, default_sharding
@@ -45,16 +46,6 @@ def mlp_pairs(adam_at: str, *, variables_as_params: bool = True, nnx_target: boo
   return pairs if nnx_target else {v: k for k, v in pairs.items()}
 
 
-def save(directory, step, tree, **items):
-  mngr = ocp.CheckpointManager(directory)
-  if items:
-    mngr.save(step, args=ocp.args.Composite(**items))
-  else:
-    mngr.save(step, args=ocp.args.StandardSave(tree))
-  mngr.wait_until_finished()
-  mngr.close()
-
-
 def nnx_abstract(module_cls, tx, mesh, policy):
   abstract = nnx.state(nnx.eval_shape(lambda: models.nnx_train_state(module_cls, tx)))
   return models.shard_abstract(abstract, mesh, policy)
@@ -65,7 +56,7 @@ def nnx_abstract(module_cls, tx, mesh, policy):
 def test_linen_mlp_into_sharded_nnx(tmp_path, mesh, opt, policy):
   make_tx, adam_at, extra = OPTIMIZERS[opt]
   linen = models.linen_mlp_state(make_tx())
-  save(tmp_path, 2, linen)
+  save(tmp_path, step=2, what=linen)
 
   abstract = nnx_abstract(models.NnxMLP, make_tx(), mesh, policy)
   restored = ocp.CheckpointManager(tmp_path).restore(
@@ -85,7 +76,7 @@ def test_resume_linen_run_with_nnx(tmp_path, mesh):
   """Loss after restore + one NNX step equals the Linen run's loss one step later."""
   tx = lambda: optax.adam(1e-2)
   linen = models.linen_mlp_state(tx(), steps=3)
-  save(tmp_path, 3, linen)
+  save(tmp_path, step=3, what=linen)
   linen_losses = []
   for _ in range(3):
     linen, loss = models.linen_mlp_step(linen, True)
@@ -106,7 +97,7 @@ def test_batch_stats_and_resume(tmp_path, mesh):
   """A TrainState with a batch_stats field restores into nnx.BatchNorm's BatchStat variables."""
   tx = lambda: optax.adam(1e-2)
   linen = models.linen_bn_state(tx(), steps=2)
-  save(tmp_path, 2, linen)
+  save(tmp_path, step=2, what=linen)
   abstract = nnx_abstract(models.NnxBN, tx(), mesh, 'one_axis')
   restored = ocp.CheckpointManager(tmp_path).restore(2, args=LinenCompatRestore(abstract, rules=BN_RULES))
 
@@ -131,7 +122,7 @@ def test_batch_stats_and_resume(tmp_path, mesh):
 def test_model_only_targets(tmp_path, mesh):
   """An abstract nnx.Module, or a plain pytree of ShapeDtypeStruct, holding only the model."""
   linen = models.linen_mlp_state(optax.adam(1e-2), variables_as_params=False)
-  save(tmp_path, 2, linen)
+  save(tmp_path, step=2, what=linen)
   mngr = ocp.CheckpointManager(tmp_path)
   pairs = {'fc1/kernel': 'params/Dense_0/kernel', 'fc2/bias': 'params/Dense_1/bias'}
 
@@ -157,7 +148,7 @@ def test_model_only_targets(tmp_path, mesh):
 def test_params_only_checkpoint(tmp_path, mesh):
   """A checkpoint of Linen `variables` alone (no TrainState) restores into the NNX model."""
   variables = models.LinenMLP().init(jax.random.key(3), jnp.ones((1, models.D_IN)))
-  save(tmp_path, 0, variables)
+  save(tmp_path, step=0, what=variables)
   abstract = models.shard_abstract(nnx.state(nnx.eval_shape(lambda: models.NnxMLP(nnx.Rngs(0)))), mesh, 'one_axis')
   restored = ocp.CheckpointManager(tmp_path).restore(0, args=LinenCompatRestore(abstract, rules=MLP_RULES))
   models.assert_same(restored, models.flat(variables), {'fc1/kernel': 'params/Dense_0/kernel', 'fc2/kernel': 'params/Dense_1/kernel'})
@@ -171,7 +162,7 @@ def test_nnx_checkpoint_into_linen_train_state(tmp_path, mesh):
   step = nnx.jit(models.nnx_step)
   for _ in range(2):
     step(ts['model'], ts['optimizer'])
-  save(tmp_path, 2, nnx.state(ts))
+  save(tmp_path, step=2, what=nnx.state(ts))
 
   abstract = jax.eval_shape(lambda: models.linen_mlp_state(tx(), steps=0))
   abstract = models.shard_abstract(abstract, mesh, 'two_axes')
@@ -196,7 +187,7 @@ def test_nnx_checkpoint_into_linen_train_state(tmp_path, mesh):
 
 def test_forced_layouts(tmp_path):
   linen = models.linen_mlp_state(optax.adam(1e-2))
-  save(tmp_path, 2, linen)
+  save(tmp_path, step=2, what=linen)
   mngr = ocp.CheckpointManager(tmp_path)
   abstract = nnx.state(nnx.eval_shape(lambda: models.nnx_train_state(models.NnxMLP, optax.adam(1e-2))))
   pure = nnx.to_pure_dict(abstract)  # a plain dict in the NNX layout
@@ -212,7 +203,7 @@ def test_forced_layouts(tmp_path):
 
 def test_nnx_only_state_is_kept_or_filled(tmp_path, mesh):
   tx = lambda: optax.adam(1e-2)
-  save(tmp_path, 2, models.linen_mlp_state(tx()))
+  save(tmp_path, step=2, what=models.linen_mlp_state(tx()))
   abstract = nnx_abstract(models.NnxMLPWithDropout, tx(), mesh, 'replicated')
   mngr = ocp.CheckpointManager(tmp_path)
 
@@ -243,7 +234,7 @@ def test_nnx_only_state_is_kept_or_filled(tmp_path, mesh):
 def test_to_nnx_bridge_rngs(tmp_path, mesh):
   """nnx.bridge.ToNNX keeps Linen names; its to_nnx__rngs state is NNX-only."""
   linen = models.linen_mlp_state(optax.adam(1e-2), variables_as_params=False)
-  save(tmp_path, 2, linen)
+  save(tmp_path, step=2, what=linen)
 
   def make():
     m = nnx.bridge.ToNNX(models.LinenMLP(), rngs=nnx.Rngs(0))
@@ -261,7 +252,7 @@ def test_to_nnx_bridge_rngs(tmp_path, mesh):
 def test_composite_named_items(tmp_path, mesh):
   tx = lambda: optax.adam(1e-2)
   linen = models.linen_mlp_state(tx())
-  save(tmp_path, 2, None, state=ocp.args.StandardSave(linen), meta=ocp.args.JsonSave({'run': 'linen'}))
+  save(tmp_path, step=2, what=None, state=ocp.args.StandardSave(linen), meta=ocp.args.JsonSave({'run': 'linen'}))
   abstract = nnx_abstract(models.NnxMLP, tx(), mesh, 'two_axes')
   out = ocp.CheckpointManager(tmp_path).restore(
       2, args=ocp.args.Composite(state=LinenCompatRestore(abstract, rules=MLP_RULES), meta=ocp.args.JsonRestore())
@@ -296,7 +287,7 @@ def test_handler_registry_route_for_managers_that_also_save(tmp_path, mesh):
 
 
 def test_dry_run_returns_printable_plan(tmp_path):
-  save(tmp_path, 2, models.linen_mlp_state(optax.adam(1e-2)))
+  save(tmp_path, step=2, what=models.linen_mlp_state(optax.adam(1e-2)))
   abstract = nnx.state(nnx.eval_shape(lambda: models.nnx_train_state(models.NnxMLP, optax.adam(1e-2))))
   plan = ocp.CheckpointManager(tmp_path).restore(2, args=LinenCompatRestore(abstract, rules=MLP_RULES, dry_run=True))
   assert isinstance(plan, RestorePlan)
@@ -309,7 +300,7 @@ def test_dry_run_returns_printable_plan(tmp_path):
 def test_dtype_cast_on_read(tmp_path, mesh):
   """A bfloat16 target reads the float32 checkpoint and casts it shard by shard."""
   linen = models.linen_mlp_state(optax.adam(1e-2))
-  save(tmp_path, 2, linen)
+  save(tmp_path, step=2, what=linen)
   module = nnx.eval_shape(lambda: models.NnxMLP(nnx.Rngs(0)))
   state = nnx.state(module)
   state = jax.tree.map(lambda v: v.copy(jax.ShapeDtypeStruct(v.shape, jnp.bfloat16)), state,
@@ -337,7 +328,7 @@ class PartitionedMLP(nnx.Module):
 def test_shardings_from_nnx_partitioning_metadata(tmp_path):
   """The usual NNX recipe: eval_shape under a mesh, then nnx.get_named_sharding."""
   linen = models.linen_mlp_state(optax.adam(1e-2))
-  save(tmp_path, 2, linen)
+  save(tmp_path, step=2, what=linen)
   mesh = jax.make_mesh((4, 2), ('data', 'model'))
   with jax.set_mesh(mesh):
     state = nnx.state(nnx.eval_shape(lambda: PartitionedMLP(nnx.Rngs(0))))

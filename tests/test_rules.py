@@ -14,76 +14,10 @@ from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
-from orbax_linen_nnx import (LinenCompatRestore, LinenCompatSave, PlanError, cast, drop, merge, plan, rearrange,
+from orbax_linen_nnx import (LinenCompatRestore, LinenCompatSave, PlanError, drop, merge, plan, rearrange,
                              rename, reshape, split, to_linen, transpose)
-from test_reads import ChunkLoads, chunks_under
-
-D, H, K, F = 8, 2, 4, 16
-
-
-class LinenGemmaBlock(nn.Module):
-  """Upstream Gemma style: a (D, H, K) query kernel and a fused (2, F, D) gating einsum."""
-
-  @nn.compact
-  def __call__(self, x):
-    q = nn.DenseGeneral((H, K), use_bias=False, name='q_einsum', param_dtype=jnp.bfloat16)(x)
-    x = x + nn.Dense(D, use_bias=False, name='o', param_dtype=jnp.bfloat16)(q.reshape(q.shape[:-2] + (H * K,)))
-    w = self.param('gating_einsum', nn.initializers.normal(0.5), (2, F, D), jnp.bfloat16)
-    h = nn.gelu(jnp.einsum('bd,fd->bf', x, w[0])) * jnp.einsum('bd,fd->bf', x, w[1])
-    return x + h @ self.param('linear', nn.initializers.normal(0.5), (F, D), jnp.bfloat16)
-
-
-class NnxGemmaBlock(nnx.Module):
-  """The NNX port: float32, split projections, a flat (D, H*K) query kernel."""
-
-  def __init__(self, rngs):
-    self.q = nnx.Linear(D, H * K, use_bias=False, rngs=rngs)
-    self.o = nnx.Linear(H * K, D, use_bias=False, rngs=rngs)
-    self.gate_proj = nnx.Linear(D, F, use_bias=False, rngs=rngs)
-    self.up_proj = nnx.Linear(D, F, use_bias=False, rngs=rngs)
-    self.down_proj = nnx.Linear(F, D, use_bias=False, rngs=rngs)
-
-  def __call__(self, x):
-    x = x + self.o(self.q(x))
-    return x + self.down_proj(nnx.gelu(self.gate_proj(x)) * self.up_proj(x))
-
-
-GEMMA_RULES = [
-    rename({'q_einsum': 'q', 'linear': 'down_proj/kernel'}),
-    split('gating_einsum', ['gate_proj/kernel', 'up_proj/kernel'], axis=0),
-    transpose('gate_proj/kernel', (1, 0)),  # not down_proj: Linen's `linear` is already (F, D)
-    transpose('up_proj/kernel', (1, 0)),
-    reshape('q/kernel', (D, H, K), (D, H * K)),
-    cast('{any...}', 'float32'),
-]
-
-
-def linen_gemma_state():
-  model = LinenGemmaBlock()
-  variables = model.init(jax.random.key(0), jnp.ones((1, D)))
-  state = train_state.TrainState.create(apply_fn=model.apply, params=variables, tx=optax.adam(1e-2))
-  x = jax.random.normal(jax.random.key(1), (4, D))
-  grads = jax.grad(lambda p: jnp.sum(model.apply(p, x) ** 2))(state.params)
-  return state.apply_gradients(grads=grads), x
-
-
-def expected_nnx(linen_params):
-  """The NNX values, computed independently with numpy from the Linen tree."""
-  p = {k: np.asarray(v, np.float32) for k, v in models.flat(linen_params).items()}
-  pre = 'params/' if any(k.startswith('params/') for k in p) else ''
-  return {
-      'q/kernel': p[f'{pre}q_einsum/kernel'].reshape(D, H * K),
-      'o/kernel': p[f'{pre}o/kernel'],
-      'gate_proj/kernel': p[f'{pre}gating_einsum'][0].T,
-      'up_proj/kernel': p[f'{pre}gating_einsum'][1].T,
-      'down_proj/kernel': p[f'{pre}linear'],
-  }
-
-
-def save(directory, tree, step=1):
-  with ocp.CheckpointManager(directory) as m:
-    m.save(step, args=ocp.args.StandardSave(tree))
-
+from gemma import D, F, GEMMA_RULES, H, K, LinenGemmaBlock, NnxGemmaBlock, expected_nnx, linen_gemma_state
+from helpers import ChunkLoads, chunks_under, save
 
 def sharded_nnx_abstract(mesh, make):
   state = nnx.state(nnx.eval_shape(make))
@@ -340,7 +274,7 @@ def test_drop_leaves_out_sources_and_keeps_targets_strict(tmp_path, mesh):
 
 def test_placeholders_one_segment_or_many_and_the_most_specific_entry_wins():
   from orbax_linen_nnx.planner import build
-  from test_plan import src, tgt
+  from helpers import src, tgt
 
   # `{n}` is one segment: 'query/kernel' is not one name, so the kernel keeps its own level.
   sources = [src('blk/MultiHeadDotProductAttention_0/query/kernel'), src('blk/MultiHeadDotProductAttention_0/key/bias')]

@@ -19,7 +19,8 @@ import maxtext
 import models
 from models import MLP_RULES
 from orbax_linen_nnx import LinenCompatRestore, LinenCompatSave, PlanError, to_linen
-from test_rules import GEMMA_RULES, NnxGemmaBlock, linen_gemma_state
+from gemma import GEMMA_RULES, NnxGemmaBlock, linen_gemma_state
+from helpers import save
 
 
 def saved_tree(directory, step, item=None):
@@ -36,12 +37,6 @@ def restore_plain(directory, step):
     return mngr.restore(step, args=ocp.args.StandardRestore())
 
 
-def save(directory, step, args):
-  with ocp.CheckpointManager(directory) as mngr:
-    mngr.save(step, args=args)
-    mngr.wait_until_finished()
-
-
 def nnx_from_linen(linen_dir, step, make, mesh, rules=None, stacks=None):
   """The NNX train state (real modules) of a Linen run, restored sharded with LinenCompatRestore."""
   state = make()
@@ -55,10 +50,10 @@ def nnx_from_linen(linen_dir, step, make, mesh, rules=None, stacks=None):
 def test_save_writes_what_linen_writes_and_linen_resumes_it(tmp_path, mesh, tx):
   make_tx = {'adam': lambda: optax.adam(1e-2), 'adamw': lambda: optax.adamw(1e-2, weight_decay=0.1)}[tx]
   linen = models.linen_mlp_state(make_tx())
-  save(tmp_path / 'linen', 2, ocp.args.StandardSave(linen))
+  save(tmp_path / 'linen', step=2, what=ocp.args.StandardSave(linen))
   state = nnx_from_linen(tmp_path / 'linen', 2, lambda: models.nnx_train_state(models.NnxMLP, make_tx()), mesh,
                          rules=MLP_RULES)
-  save(tmp_path / 'nnx', 2, LinenCompatSave(state, rules=MLP_RULES))
+  save(tmp_path / 'nnx', step=2, what=LinenCompatSave(state, rules=MLP_RULES))
 
   # Same tree as Orbax records it (chain list, None for empty states, shapes, dtypes) and same bits.
   assert saved_tree(tmp_path / 'nnx', 2) == saved_tree(tmp_path / 'linen', 2)
@@ -87,7 +82,7 @@ def test_round_trip_is_bit_exact_rng_included(tmp_path, mesh):
   state = maxtext.train_state(seed=0)
   for step in range(2):
     maxtext.train_step(state, *maxtext.batch(step))
-  save(tmp_path, 2, LinenCompatSave(state))
+  save(tmp_path, step=2, what=LinenCompatSave(state))
   abstract = models.shard_abstract(nnx.state(nnx.eval_shape(lambda: maxtext.train_state(seed=7))), mesh, 'two_axes')
   with ocp.CheckpointManager(tmp_path) as mngr:
     restored = mngr.restore(2, args=LinenCompatRestore(abstract))
@@ -141,9 +136,9 @@ LAYER_CASES = {
 @pytest.mark.parametrize('case', list(LAYER_CASES))
 def test_layer_layouts_round_trip(tmp_path, mesh, case):
   linen_cls, nnx_cls, stacks = LAYER_CASES[case]
-  save(tmp_path / 'linen', 2, ocp.args.StandardSave(decoders.linen_state(linen_cls)))
+  save(tmp_path / 'linen', step=2, what=ocp.args.StandardSave(decoders.linen_state(linen_cls)))
   state = nnx_from_linen(tmp_path / 'linen', 2, lambda: decoders.nnx_state(nnx_cls), mesh, stacks=stacks)
-  save(tmp_path / 'nnx', 2, LinenCompatSave(state, stacks=stacks))
+  save(tmp_path / 'nnx', step=2, what=LinenCompatSave(state, stacks=stacks))
   assert saved_tree(tmp_path / 'nnx', 2) == saved_tree(tmp_path / 'linen', 2)
   models.assert_all_equal(restore_plain(tmp_path / 'nnx', 2), restore_plain(tmp_path / 'linen', 2))
   # ... and restores into the NNX layout bit for bit.
@@ -156,11 +151,11 @@ def test_rules_run_backward(tmp_path, mesh):
   """Gemma's rules (rename, split, transpose, reshape, cast) inverted: the Linen shapes come back,
   holding the NNX values (float32: the save writes the state's dtype)."""
   linen, _ = linen_gemma_state()
-  save(tmp_path / 'linen', 1, ocp.args.StandardSave(linen))
+  save(tmp_path / 'linen', step=1, what=ocp.args.StandardSave(linen))
   make = lambda: {'model': NnxGemmaBlock(nnx.Rngs(0)),
                   'optimizer': nnx.Optimizer(NnxGemmaBlock(nnx.Rngs(0)), optax.adam(1e-2), wrt=nnx.Param)}
   state = nnx_from_linen(tmp_path / 'linen', 1, make, mesh, rules=GEMMA_RULES)
-  save(tmp_path / 'nnx', 1, LinenCompatSave(state, rules=GEMMA_RULES))
+  save(tmp_path / 'nnx', step=1, what=LinenCompatSave(state, rules=GEMMA_RULES))
   want, got = saved_tree(tmp_path / 'linen', 1), saved_tree(tmp_path / 'nnx', 1)
   # This Linen run kept `step` a Python int (no jit), which Orbax stores as an int64 scalar; a
   # TrainState stepped under jit (every other test here) holds the int32 the save writes.
@@ -236,12 +231,12 @@ def test_a_model_alone_is_written_as_linen_variables(tmp_path, mesh):
   """No optimizer: the Linen `variables` dict ({'params': ...}), as `model.init` gives it and published
   checkpoints hold it."""
   variables = models.LinenMLP().init(jax.random.key(3), jnp.ones((1, models.D_IN)))
-  save(tmp_path / 'linen', 1, ocp.args.StandardSave(variables))
+  save(tmp_path / 'linen', step=1, what=ocp.args.StandardSave(variables))
   model = models.NnxMLP(nnx.Rngs(0))
   abstract = models.shard_abstract(nnx.state(nnx.eval_shape(lambda: models.NnxMLP(nnx.Rngs(0)))), mesh, 'two_axes')
   with ocp.CheckpointManager(tmp_path / 'linen') as mngr:
     nnx.update(model, mngr.restore(1, args=LinenCompatRestore(abstract, rules=MLP_RULES)))
-  save(tmp_path / 'nnx', 1, LinenCompatSave(model, rules=MLP_RULES))
+  save(tmp_path / 'nnx', step=1, what=LinenCompatSave(model, rules=MLP_RULES))
   assert saved_tree(tmp_path / 'nnx', 1) == saved_tree(tmp_path / 'linen', 1)
   models.assert_all_equal(restore_plain(tmp_path / 'nnx', 1), restore_plain(tmp_path / 'linen', 1))
 
@@ -250,12 +245,12 @@ def test_a_model_with_batchnorm_alone_is_written_as_linen_variables(tmp_path, me
   """BatchNorm statistics go in the variables' batch_stats collection beside params, as `model.init` gives
   them: the same tree Orbax records for the Linen model's own variables, and the same bits."""
   variables = models.LinenBN().init(jax.random.key(2), jnp.ones((4, models.D_IN)))
-  save(tmp_path / 'linen', 1, ocp.args.StandardSave(variables))
+  save(tmp_path / 'linen', step=1, what=ocp.args.StandardSave(variables))
   model = models.NnxBN(nnx.Rngs(0))
   abstract = models.shard_abstract(nnx.state(nnx.eval_shape(lambda: models.NnxBN(nnx.Rngs(0)))), mesh, 'two_axes')
   with ocp.CheckpointManager(tmp_path / 'linen') as mngr:
     nnx.update(model, mngr.restore(1, args=LinenCompatRestore(abstract, rules=models.BN_RULES)))
-  save(tmp_path / 'nnx', 1, LinenCompatSave(model, rules=models.BN_RULES))
+  save(tmp_path / 'nnx', step=1, what=LinenCompatSave(model, rules=models.BN_RULES))
   assert saved_tree(tmp_path / 'nnx', 1) == saved_tree(tmp_path / 'linen', 1)
   assert "['batch_stats']['BatchNorm_0']['mean']" in saved_tree(tmp_path / 'nnx', 1)
   models.assert_all_equal(restore_plain(tmp_path / 'nnx', 1), restore_plain(tmp_path / 'linen', 1))

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import decoders as dec
 import models
 from orbax_linen_nnx import LinenCompatRestore, PlanError, plan
-from test_reads import ChunkLoads, chunk_ids, chunks_under
+from helpers import ChunkLoads, chunk_ids, chunks_under
 
 LINEN = {'loop': dec.LinenLoopDecoder, 'scan': dec.LinenScanDecoder}
 NNX = {'unrolled': dec.NnxUnrolledDecoder, 'vmap': dec.NnxStackedDecoder}

@@ -1,0 +1,209 @@
+"""A restore's plan as plain data: every target leaf, the stored array(s) it is read from, and how.
+
+A `RestorePlan` is computed from checkpoint metadata and the abstract target
+alone, before any array byte is read (`planner.build` makes it). It is plain
+data: print it to see what a restore will do, compare it in tests, hand it to
+`read.execute` to run it. Every other module imports its types from here.
+
+    >>> print(plan)                                     # doctest: +SKIP
+    linen -> nnx: 11 arrays to read, 2 kept as given, 0 unused sources
+      model/fc1/kernel (3, 8) float32  <-  params.params.Dense_0.kernel
+      optimizer/step () uint32  <-  step  [cast int32 -> uint32]
+      kept  model/rngs/default/key  (NNX-only state)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import sys
+import warnings
+from typing import Any
+
+import numpy as np
+
+from orbax_linen_nnx import layout
+from orbax_linen_nnx import ops
+
+Path = layout.Path
+
+
+def nbytes(shape, dtype) -> int:
+  """Bytes of an array of `shape` and `dtype`."""
+  return math.prod(shape) * np.dtype(dtype).itemsize
+
+
+def fmt(shape, dtype) -> str:
+  return f'{tuple(shape)} {np.dtype(dtype).name if is_numpy_dtype(dtype) else dtype}'
+
+
+def is_numpy_dtype(dtype) -> bool:
+  try:
+    np.dtype(dtype)
+    return True
+  except TypeError:
+    return False
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceArray:
+  """An array in the checkpoint: its tree path, on-disk name, shape and dtype."""
+
+  path: Path
+  name: str
+  shape: tuple[int, ...]
+  dtype: Any
+  key_impl: str | None = None  # a typed PRNG key stored as its key data: the key implementation
+
+  def __str__(self) -> str:
+    keys = f' ({self.key_impl} key data)' if self.key_impl else ''
+    return f"source '{layout.render(self.path)}' {fmt(self.shape, self.dtype)}{keys}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """A leaf of the abstract state: what the restore must produce there.
+
+  `variable_type` is the NNX Variable class name when the target is an NNX
+  state ('Param', 'BatchStat', 'RngKey', ...), else None.
+  """
+
+  path: Path
+  shape: tuple[int, ...]
+  dtype: Any
+  sharding: Any
+  variable_type: str | None = None
+  key_impl: str | None = None  # a typed PRNG key: read as its key data (shape, dtype), then wrapped
+
+  @property
+  def nnx_only(self) -> bool:
+    """State Linen never saves (RNG keys and counts)."""
+    return self.variable_type in ('RngKey', 'RngCount', 'RngState') or layout.is_rng_path(self.path)
+
+  def __str__(self) -> str:
+    keys = f' ({self.key_impl} key data)' if self.key_impl else ''
+    return f"target '{layout.render(self.path)}' {fmt(self.shape, self.dtype)}{keys}"
+
+
+def _compact(names: list[str]) -> str:
+  """'a.layers_0.k', ..., 'a.layers_7.k' -> 'a.layers_{0..7}.k' (the plan stays readable)."""
+  parts = [re.split(r'(\d+)', n) for n in names]
+  if len(names) > 2 and len({len(p) for p in parts}) == 1:
+    differ = [i for i in range(len(parts[0])) if len({p[i] for p in parts}) > 1]
+    if len(differ) == 1 and [p[differ[0]] for p in parts] == [str(i) for i in range(len(names))]:
+      head = parts[0][:differ[0]]
+      return ''.join(head) + f'{{0..{len(names) - 1}}}' + ''.join(parts[0][differ[0] + 1:])
+  return ', '.join(names)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafRead:
+  """One target leaf, the source array(s) it comes from and how it is transformed.
+
+  `sources` are stored arrays (`SourceArray`) or arrays rules make from them
+  (`ops.Derived`). `transform` is applied in order to lazy views of the
+  sources; empty means the target is the source as it is. `rules` names the
+  rules that produced the sources.
+  """
+
+  target: Target
+  sources: tuple[Any, ...]
+  transform: tuple[Any, ...] = ()
+  rules: tuple[str, ...] = ()
+
+  def expression(self) -> Any:
+    """The sources with the transform applied: one tree of ops (`ops.Derived`) over stored arrays."""
+    args = list(self.sources)
+    for op in self.transform:
+      args = [ops.derive(op, args, self.target.path)]
+    (expr,) = args
+    return expr
+
+  def __str__(self) -> str:
+    names = _compact([s.name for s in self.sources])
+    ops = f"  [{'; '.join(str(t) for t in self.transform)}]" if self.transform else ''
+    made = f"  (by {', '.join(self.rules)})" if self.rules else ''
+    keys = f'  (as {self.target.key_impl} key data)' if self.target.key_impl else ''
+    return (
+        f'{layout.render(self.target.path)} {fmt(self.target.shape, self.target.dtype)}'
+        f'  <-  {names}{ops}{made}{keys}'
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class RestorePlan:
+  """What a restore will read, keep and leave out, decided before any read.
+
+  Attributes:
+    source_layout: 'linen' or 'nnx', the checkpoint's layout.
+    target_layout: 'linen' or 'nnx', the abstract state's layout.
+    reads: one `LeafRead` per target leaf that is restored from the checkpoint.
+    kept: target leaves left as given in the abstract state (NNX-only state such
+      as RNG keys; with `partial=True`, also targets with no source).
+    unused: source arrays nothing reads (only possible with `partial=True`).
+    skipped: NNX-only source arrays (RNG state) that a Linen target has no place
+      for; reported, never an error.
+    dropped: (source array, rule) for every source a `drop` rule left out.
+    rules_matched: (rule, model paths it matched) for every rule that matched.
+    notes: what the planner inferred that the caller did not state.
+  """
+
+  source_layout: str
+  target_layout: str
+  reads: tuple[LeafRead, ...]
+  kept: tuple[Target, ...] = ()
+  unused: tuple[SourceArray, ...] = ()
+  skipped: tuple[SourceArray, ...] = ()
+  dropped: tuple[tuple[SourceArray, str], ...] = ()
+  rules_matched: tuple[tuple[str, tuple[str, ...]], ...] = ()
+  notes: tuple[str, ...] = ()
+
+  def __str__(self) -> str:
+    lines = [
+        f'{self.source_layout} -> {self.target_layout}: {len(self.reads)} arrays to'
+        f' read, {len(self.kept)} kept as given, {len(self.unused)} unused sources,'
+        f' {len(self.skipped)} NNX-only sources skipped'
+        + (f', {len(self.dropped)} dropped by rules' if self.dropped else '')
+    ]
+    lines += [f'  {r}' for r in self.reads]
+    lines += [
+        f"  kept    {layout.render(t.path)} {fmt(t.shape, t.dtype)}"
+        f"  ({'NNX-only state' if t.nnx_only else 'no source'})"
+        for t in self.kept
+    ]
+    lines += [f'  unused  {s.name} {fmt(s.shape, s.dtype)}' for s in self.unused]
+    lines += [f'  skipped {s.name} {fmt(s.shape, s.dtype)} (NNX-only)' for s in self.skipped]
+    lines += [f'  dropped {s.name} {fmt(s.shape, s.dtype)} (by {rule})' for s, rule in self.dropped]
+    for rule, paths in self.rules_matched:
+      shown = ', '.join(paths[:3]) + (f', ... ({len(paths)} in all)' if len(paths) > 3 else '')
+      lines.append(f'  rule    {rule} matched {shown}')
+    lines += [f'  note    {n}' for n in self.notes]
+    return '\n'.join(lines)
+
+  def read_for(self, path: str | Path) -> LeafRead:
+    """The `LeafRead` of a target path ('model/fc1/kernel' or a tuple)."""
+    if isinstance(path, str):
+      path = tuple(p for p in path.split('/') if p)
+    for r in self.reads:
+      if r.target.path == tuple(path):
+        return r
+    raise KeyError(f'no read planned for target {layout.render(path)!r}')
+
+
+class PlanError(ValueError):
+  """A restore that cannot be planned; lists every problem found. Nothing was read."""
+
+
+class LinenCompatWarning(UserWarning):
+  """A restore or save that went ahead but left something the caller should know of (the plan lists it)."""
+
+
+def warn(message: str) -> None:
+  """A `LinenCompatWarning` attributed to the caller's line: the first frame outside Orbax and this package."""
+  level, frame = 2, sys._getframe(1)  # stacklevel 2 is the frame that called warn
+  while frame is not None and any(f'{os.sep}{pkg}{os.sep}' in frame.f_code.co_filename
+                                  for pkg in ('orbax', 'orbax_linen_nnx', 'concurrent')):
+    level, frame = level + 1, frame.f_back
+  warnings.warn(f'orbax_linen_nnx: {message}', LinenCompatWarning, stacklevel=level)
