@@ -1,9 +1,10 @@
-"""Orbax's and JAX's private names are used from one module, and each of them still exists.
+"""How the package holds together: modules import one way, and one module touches Orbax's and JAX's internals.
 
-CI runs this at the newest releases and at the declared floors: a name that moved fails here, by name,
-before it fails somewhere deep in a restore.
+CI runs this at the newest releases and at the declared floors: a private name that moved fails here, by
+name, before it fails somewhere deep in a restore.
 """
 
+import ast
 import pathlib
 import re
 
@@ -15,6 +16,39 @@ import pytest
 from orbax_linen_nnx import NotRestored, NotRestoredError, _internals
 
 PACKAGE = pathlib.Path(_internals.__file__).parent
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+  """The package modules a module imports (at any depth of its code: function-level imports count too)."""
+  names = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith('orbax_linen_nnx'):
+      names |= {node.module.split('.')[1]} if '.' in node.module else {a.name for a in node.names}
+    elif isinstance(node, ast.Import):
+      names |= {a.name.split('.')[1] for a in node.names if a.name.startswith('orbax_linen_nnx.')}
+  return names
+
+
+def test_modules_import_one_way():
+  modules = {p.stem for p in PACKAGE.glob('*.py')} - {'__init__', '__main__'}
+  graph = {m: _imports(PACKAGE / f'{m}.py') & modules - {m} for m in modules}
+  seen, stack = set(), []
+
+  def visit(m):
+    assert m not in stack, ' -> '.join(stack[stack.index(m):] + [m])  # an import cycle
+    if m in seen:
+      return
+    stack.append(m)
+    for n in sorted(graph[m]):
+      visit(n)
+    stack.pop()
+    seen.add(m)
+
+  for m in sorted(modules):
+    visit(m)
+  # The plan's data types and the pure layers import no engine and no face.
+  for pure in ('layout', 'plans', 'ops', 'rules', 'stacks', 'pairing', 'diagnose'):
+    assert not graph[pure] & {'read', 'source', 'target', 'handler', 'args', 'save', 'convert', 'cli', 'v1'}, pure
 
 
 def test_only_the_internals_module_touches_private_names():
