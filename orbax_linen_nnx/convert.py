@@ -23,8 +23,8 @@ array is decoded once per block.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
-import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -36,10 +36,10 @@ from etils import epath
 
 from orbax_linen_nnx import _internals
 from orbax_linen_nnx import layout
-from orbax_linen_nnx import ops
 from orbax_linen_nnx import planner
 from orbax_linen_nnx import plans as plan_lib
 from orbax_linen_nnx import trees
+from orbax_linen_nnx import write as write_lib
 from orbax_linen_nnx import read as read_lib
 from orbax_linen_nnx import source as source_lib
 from orbax_linen_nnx.handler import SavedAsStandard
@@ -163,15 +163,19 @@ class _PendingHandler(ocp.type_handlers.TypeHandler):
 
   async def serialize(self, values, infos, args=None):
     args = list(args or [ocp.type_handlers.SaveArgs()] * len(values))
-    large = {i for i, v in enumerate(values) if v.nbytes > self._budget and v.ndim and not v.read.target.key_impl}
-    for i in sorted(large):
+    # PRNG keys (Orbax records their implementation) and empty arrays go through Orbax's ArrayHandler;
+    # every other array is written a block at a time, straight from the source's chunks.
+    whole = [i for i, v in enumerate(values) if v.read.target.key_impl or not v.nbytes]
+    blocked = [i for i in range(len(values)) if i not in whole]
+    if blocked:
       # Like Orbax's own writes, after the signals that the checkpoint's directories exist (in a
       # synchronous save Orbax creates them while the handler runs), then waited for.
-      written = future.CommitFutureAwaitingContractedSignals(self._write_in_slices(values[i], infos[i], args[i]),
-                                                            name='orbax_linen_nnx_write_in_slices')
+      written = future.CommitFutureAwaitingContractedSignals(
+          self._write_blocks([values[i] for i in blocked], [infos[i] for i in blocked], [args[i] for i in blocked]),
+          name='orbax_linen_nnx_write_blocks')
       await asyncio.to_thread(written.result)
-    at = {id(v.read): i for i, v in enumerate(values) if i not in large}
-    for batch in batches([v.read for i, v in enumerate(values) if i not in large], self._budget):
+    at = {id(values[i].read): i for i in whole}
+    for batch in batches([values[i].read for i in whole], self._budget):
       index = [at[id(r)] for r in batch]
       plan = dataclasses.replace(self._plan, reads=tuple(batch), kept=())
       arrays = await asyncio.to_thread(read_lib.execute, plan, self._ckpt, budget_bytes=self._budget)
@@ -187,45 +191,40 @@ class _PendingHandler(ocp.type_handlers.TypeHandler):
       self._on_written(sum(plan_lib.nbytes(r.target.shape, r.target.dtype) for r in batch), len(batch))
     return []
 
-  async def _write_in_slices(self, value: Pending, info, arg) -> None:
-    """An array above the budget, a block of rows at a time: read one block, write it, then the next.
+  async def _write_blocks(self, values: list[Pending], infos, args) -> None:
+    """Every array a block at a time (see `write`), stored as Orbax stores a sharded one.
 
-    The array is stored as Orbax stores a sharded one (chunks of one block of
-    rows each, Orbax's write spec, array metadata and sharding records), so
-    any reader sees an ordinary jax.Array checkpoint; only one block is ever
-    in memory. Processes take the blocks in turn, each into its own OCDBT files.
+    Each array is stored in chunks of one block (Orbax's write spec, array
+    metadata and sharding records), so any reader sees an ordinary jax.Array
+    checkpoint. Processes take contiguous runs of blocks, each into its own
+    OCDBT files.
     """
-    shape, itemsize = value.shape, value.dtype.itemsize
-    rows = max(1, min(shape[0], self._budget // max(1, math.prod(shape[1:]) * itemsize)))
-    spec = _internals.build_array_write_spec(
-        info=info, arg=arg, global_shape=shape, local_shape=(rows,) + tuple(shape[1:]), dtype=value.dtype,
-        use_ocdbt=info.is_ocdbt_checkpoint,
-        process_index=_internals.get_process_index_for_subdir(info.is_ocdbt_checkpoint))
-    await info.await_path_creation()
-    if jax.process_index() == 0:  # the array's metadata, once (others open assuming it, as Orbax does)
-      await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
-    store = await ts.open(ts.Spec(spec.json), open=True, assume_metadata=True, context=info.ts_context)
-    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    for k, start in enumerate(range(0, shape[0], rows)):
-      if k % jax.process_count() != jax.process_index():
-        continue
-      stop = min(start + rows, shape[0])
-      r = value.read
-      block = dataclasses.replace(
-          r, target=dataclasses.replace(r.target, shape=(stop - start,) + tuple(shape[1:]), sharding=here),
-          transform=tuple(r.transform) + (ops.Slice(0, start, stop),))
-      plan = dataclasses.replace(self._plan, reads=(block,), kept=())
-      data = (await asyncio.to_thread(read_lib.execute, plan, self._ckpt, budget_bytes=self._budget))[r.target.path]
-      await store[start:stop].write(np.asarray(data))
-      del data
-      _trim()
-      self._on_written((stop - start) * math.prod(shape[1:]) * itemsize, 0)
+    job = write_lib.Job.make([v.read for v in values], self._ckpt, self._budget, processes=jax.process_count(),
+                             me=jax.process_index())
+    layouts, mine = job.layouts, job.blocks
+    process = _internals.get_process_index_for_subdir(infos[0].is_ocdbt_checkpoint)
+    specs = [_internals.build_array_write_spec(
+        info=info, arg=arg, global_shape=v.shape, local_shape=lay.block_shape, dtype=v.dtype,
+        use_ocdbt=info.is_ocdbt_checkpoint, process_index=process) for v, info, arg, lay in zip(values, infos, args, layouts)]
+    await infos[0].await_path_creation()
+    if jax.process_index() == 0:  # each array's metadata, once (the others open assuming it, as Orbax does)
+      await asyncio.gather(*(ts.open(ts.Spec(s.json), create=True, open=True, context=i.ts_context)
+                             for s, i in zip(specs, infos)))
+    destinations = await asyncio.gather(*(ts.open(ts.Spec(s.json), open=True, assume_metadata=True,
+                                                  context=i.ts_context) for s, i in zip(specs, infos)))
+    left = collections.Counter(b.array for b in mine)
+
+    def written(b: write_lib.Block) -> None:
+      left[b.array] -= 1
+      self._on_written(b.nbytes, int(left[b.array] == 0))
+
+    await job.run(destinations, written)
+    self._on_written(0, sum(1 for i in range(len(values)) if i not in left))  # arrays other processes wrote
     store = _internals.array_metadata_store(self._array)
     if store is not None:
-      await store.write(checkpoint_dir=info.parent_dir, array_metadatas=[spec.metadata],
+      await store.write(checkpoint_dir=infos[0].parent_dir, array_metadatas=[s.metadata for s in specs],
                         process_index=ocp.multihost.process_index())
-    await _internals.serialize_shardings([value.sharding], [info], primary_host=0)
-    self._on_written(0, 1)
+    await _internals.serialize_shardings([v.sharding for v in values], infos, primary_host=0)
 
   async def deserialize(self, infos, args=None):
     return await self._array.deserialize(infos, args)  # on disk it is a jax.Array: read as one

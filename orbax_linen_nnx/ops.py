@@ -49,6 +49,18 @@ class Op:
     """The op on arrays with one more leading axis of `layers` entries (a layer stack), that axis kept."""
     raise TypeError(f'no stacked form of {self}')  # every op below has one
 
+  def image(self, box: Box, index: int, shapes) -> Box | None:
+    """The output box a box of input `index` lands in (None: the op uses none of it).
+
+    `needs` run the other way: for every op that moves elements as they are,
+    `needs(image(box))` asks input `index` for `box` again. A reshape has no
+    box image (the elements of a box of its input are no box of its output):
+    its `moves_boxes` is False.
+    """
+    return None
+
+  moves_boxes = True  # whether `image` is exact: every element of an input box lands in the output box
+
 
 def identity(out):
   """The region of an input that fills the whole output as it is."""
@@ -77,6 +89,9 @@ class Stack(Op):
     at = (slice(None),) * self.axis
     return [(lambda out, i=i: out[at + (i - lo,)]) if b is not None else None
             for i, b in enumerate(self.needs(box, shapes))]
+
+  def image(self, box, index, shapes):
+    return box[: self.axis] + ((index, index + 1),) + box[self.axis:]
 
   def lifted(self, layers):
     return Stack(self.axis + 1)
@@ -126,6 +141,11 @@ class Concat(Op):
       start += shape[self.axis]
     return out
 
+  def image(self, box, index, shapes):
+    start = sum(s[self.axis] for s in shapes[:index])
+    lo, hi = box[self.axis]
+    return box[: self.axis] + ((lo + start, hi + start),) + box[self.axis + 1:]
+
   def lifted(self, layers):
     return Concat(self.axis + 1)
 
@@ -158,6 +178,12 @@ class Slice(Op):
   def regions(self, box, shapes):
     return [identity]
 
+  def image(self, box, index, shapes):
+    lo, hi = max(box[self.axis][0], self.start), min(box[self.axis][1], self.stop)
+    if lo >= hi:
+      return None
+    return box[: self.axis] + ((lo - self.start, hi - self.start),) + box[self.axis + 1:]
+
   def lifted(self, layers):
     return Slice(self.axis + 1, self.start, self.stop)
 
@@ -183,6 +209,10 @@ class Take(Op):
 
   def regions(self, box, shapes):
     return [lambda out: np.expand_dims(out, self.axis)]
+
+  def image(self, box, index, shapes):
+    lo, hi = box[self.axis]
+    return box[: self.axis] + box[self.axis + 1:] if lo <= self.index < hi else None
 
   def lifted(self, layers):
     return Take(self.axis + 1, self.index)
@@ -212,6 +242,9 @@ class Transpose(Op):
   def regions(self, box, shapes):
     back = tuple(int(a) for a in np.argsort(self.perm))
     return [lambda out: np.transpose(out, back)]
+
+  def image(self, box, index, shapes):
+    return tuple(box[p] for p in self.perm)
 
   def lifted(self, layers):
     return Transpose((0,) + tuple(p + 1 for p in self.perm))
@@ -244,6 +277,9 @@ class MoveAxis(Op):
   def regions(self, box, shapes):
     return self._transpose(len(box)).regions(box, shapes)
 
+  def image(self, box, index, shapes):
+    return self._transpose(len(box)).image(box, index, shapes)
+
   def lifted(self, layers):
     return MoveAxis(self.source + 1, self.destination + 1)
 
@@ -272,6 +308,9 @@ class Cast(Op):
 
   def out_dtype(self, dtypes):
     return np.dtype(self.dtype)
+
+  def image(self, box, index, shapes):
+    return box
 
   def lifted(self, layers):
     return self
@@ -338,6 +377,9 @@ class Reshape(Op):
 
   def regions(self, box, shapes):
     return [None]  # elements move: computed by `apply` on the host
+
+  moves_boxes = False  # elements move: a box of the source is rows of the target, not a box
+
 
   def lifted(self, layers):
     return Reshape((layers,) + tuple(self.source_shape), (layers,) + tuple(self.target_shape))

@@ -198,11 +198,12 @@ def _viewable(expr) -> bool:
   return op is None or (type(op) in VIEWS and all(_viewable(a) for a in expr.args))
 
 
-def _view(expr, stores):
+def view(expr, stores):
+  """The TensorStore view of an expression over stored arrays (every op has one: see `VIEWS`)."""
   op = getattr(expr, 'op', None)
   if op is None:
     return stores[expr.name]
-  return VIEWS[type(op)](op, [_view(a, stores) for a in expr.args])
+  return VIEWS[type(op)](op, [view(a, stores) for a in expr.args])
 
 
 def _box_of(index: tuple[slice, ...], shape: Sequence[int]) -> Box:
@@ -241,7 +242,7 @@ def _union_count(grid, boxes: set) -> int:
   return len({c for b in boxes for c in grid.chunks(b)})
 
 
-class _Grid:
+class Grid:
   """The chunk grid of one stored array."""
 
   def __init__(self, store):
@@ -339,7 +340,7 @@ class _Engine:
   def __init__(self, plan: plan_lib.RestorePlan, ckpt: Checkpoint, replica_axis: str | None,
                budget: int | None):
     self.stores = ckpt.stores
-    self.grids: dict[str, _Grid] = {}
+    self.grids: dict[str, Grid] = {}
     readers = collections.Counter(name for r in plan.reads
                                   for name in {x.name for src in r.sources for x in ops.stored_leaves(src)})
     self.alone = {name for name, n in readers.items() if n == 1}  # stored arrays that only one leaf reads
@@ -348,9 +349,9 @@ class _Engine:
     self.budget = budget if budget is not None else max(
         DEFAULT_READ_BUDGET_BYTES, 2 * max((g.chunk_nbytes for g in self.grids.values()), default=0))
 
-  def grid(self, name: str) -> _Grid:
+  def grid(self, name: str) -> Grid:
     if name not in self.grids:
-      self.grids[name] = _Grid(self.stores[name])
+      self.grids[name] = Grid(self.stores[name])
     return self.grids[name]
 
   def _leaf(self, read: plan_lib.LeafRead, replica_axis) -> _Leaf:
@@ -505,7 +506,7 @@ class _Engine:
 
   def _view(self, leaf: _Leaf):
     if leaf.view is None:
-      leaf.view = _view(leaf.expr, self.stores)
+      leaf.view = view(leaf.expr, self.stores)
     return leaf.view
 
   def _consume(self, r: _Read, data):

@@ -253,6 +253,19 @@ def _open_tree(directory: epath.Path, under: layout.Path = ()) -> tuple[bool, bo
   return use_ocdbt, use_zarr3, arrays, {prefix + n: st for n, st in stores.items()}
 
 
+def with_chunk_cache(ckpt: Checkpoint, names, nbytes: int) -> Checkpoint:
+  """`ckpt` with the stores of `names` opened again over a chunk cache of `nbytes` (decoded chunks kept).
+
+  For readers that come back to a chunk (convert's blocks of one large
+  chunk): the chunk stays decoded in the cache between them instead of being
+  decoded again. The other stores keep their small cache.
+  """
+  context = ts.Context(ts.Context.Spec({'cache_pool': {'total_bytes_limit': int(nbytes)}}),
+                       parent=ocp.type_handlers.get_ts_context(use_ocdbt=ckpt.use_ocdbt))
+  opening = {n: ts.open(ckpt.stores[n].spec(), context=context, open=True, read=True) for n in names}
+  return dataclasses.replace(ckpt, stores={**ckpt.stores, **{n: f.result() for n, f in opening.items()}})
+
+
 def open_checkpoint(path: epath.PathLike, *, step: int | None = None, item: str | None = None) -> Checkpoint:
   """Lists the arrays of a checkpoint item (e.g. `run/100/default`) and opens each once.
 

@@ -1,0 +1,111 @@
+"""`convert`'s writer: every stored chunk decoded once per process, whatever the chunks and the transform.
+
+Each case saves a real checkpoint (CheckpointManager, the chunking as the saving run had it), plans a
+conversion as the command line does, and writes it block by block into new arrays; TensorStore's counters
+(the OCDBT key reads of the source: one per stored chunk loaded) prove that each stored chunk under the
+blocks was loaded once, although blocks are smaller than chunks here, and the values are compared with what
+the read engine restores from the same plan, bit for bit.
+"""
+
+import asyncio
+import collections
+import math
+
+import jax
+import numpy as np
+import pytest
+import tensorstore as ts
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from helpers import OCDBT_READS, counter, save
+from orbax_linen_nnx import convert, ops, read, reshape, source, split, transpose, write
+
+L, D, F = 4, 128, 96
+rng = np.random.default_rng(0)
+
+
+def w(*shape):
+  return rng.standard_normal(shape, dtype=np.float32)
+
+
+# transform -> (the Linen params tree, plan_to options)
+CASES = {
+    'plain': (lambda: {'Dense_0': {'kernel': w(D, F)}, 'Dense_1': {'bias': w(F)}}, {'rules': {'Dense_0': 'fc1'}}),
+    'move': (lambda: {'layers': {'mlp': {'kernel': w(D, L, F)}}}, {'stacks': {'layers': {'nnx': 0}}}),
+    'stack': (lambda: {f'layers_{i}': {'mlp': {'kernel': w(D, F)}} for i in range(L)},
+              {'stacks': {'layers': {'nnx': 0}}}),
+    'unstack': (lambda: {'layers': {'mlp': {'kernel': w(D, L, F)}}}, {'stacks': {'layers': {'nnx': None}}}),
+    'split': (lambda: {'mlp': {'gating': w(2, D, F)}},
+              {'rules': [split('mlp/gating', ['mlp/gate/kernel', 'mlp/up/kernel'], axis=0)]}),
+    'transpose': (lambda: {'mlp': {'kernel': w(F, D)}}, {'rules': [transpose('mlp/kernel', (1, 0))]}),
+    'reshape': (lambda: {'q': {'kernel': w(D, 4, F // 4)}}, {'rules': [reshape('q/kernel', (D, 4, F // 4), (D, F))]}),
+}
+
+
+def placed(tree, mesh, chunking: str):
+  """The arrays as the saving run held them: host numpy (one stored chunk each), row shards, or a 2-D grid."""
+  def put(a):
+    if chunking == 'host':
+      return a
+    spec = P('data') if chunking == 'rows' else P('data', 'model')
+    spec = P(*tuple(spec)[: a.ndim]) if a.shape[0] % 4 == 0 and (a.ndim > 1 or chunking == 'rows') else P()
+    return jax.device_put(a, NamedSharding(mesh, spec))
+
+  return jax.tree.map(put, tree)
+
+
+def stored_chunks(ckpt, names) -> int:
+  total = 0
+  for n in names:
+    grid = read.Grid(ckpt.stores[n])
+    total += math.prod(-(-s // c) for s, c in zip(grid.shape, grid.chunk))
+  return total
+
+
+def write_to_memory(job) -> list:
+  """Runs the job into in-memory zarr arrays chunked as the job lays each target out."""
+  dests = [ts.open({'driver': 'zarr', 'kvstore': {'driver': 'memory'},
+                    'metadata': {'shape': list(lay.read.target.shape), 'chunks': list(lay.block_shape),
+                                 'dtype': np.dtype(lay.read.target.dtype).str}}, create=True).result()
+           for lay in job.layouts]
+  asyncio.run(job.run(dests))
+  return dests
+
+
+@pytest.mark.parametrize('chunking', ['host', 'rows', 'grid'])
+@pytest.mark.parametrize('case', list(CASES))
+def test_each_stored_chunk_is_decoded_once_whatever_the_blocks(tmp_path, mesh, case, chunking):
+  make, options = CASES[case]
+  save(tmp_path / 'linen', {'params': placed(make(), mesh, chunking)})
+  ckpt = source.open_checkpoint(tmp_path / 'linen')
+  plan = convert.plan_to(ckpt, 'nnx', **options)
+  names = {x.name for r in plan.reads for s in r.sources for x in ops.stored_leaves(s)}
+  # Blocks of about 1 KiB (a 4 KiB budget), smaller than the stored chunks: chunks feed several blocks.
+  job = write.Job.make(plan.reads, ckpt, 4 * 2**10)
+  assert max(collections.Counter(c for b in job.blocks for c in b.chunks).values()) > 1
+  before = counter(OCDBT_READS)
+  dests = write_to_memory(job)
+  assert counter(OCDBT_READS) - before == stored_chunks(ckpt, names)
+
+  # The values: what the read engine restores from the same plan, bit for bit.
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  want = read.execute(convert.with_shardings(plan, lambda t: one), source.open_checkpoint(tmp_path / 'linen'))
+  for lay, dest in zip(job.layouts, dests):
+    np.testing.assert_array_equal(dest.read().result(), np.asarray(want[lay.read.target.path]),
+                                  err_msg=str(lay.read.target.path))
+
+
+def test_a_chunk_larger_than_the_cache_is_decoded_once_and_held_for_its_blocks(tmp_path):
+  """A 6 MiB single-chunk stack (published checkpoints store arrays so) with a 1 MiB budget: its 24 blocks
+  are written from one decode, the chunk held in a cache grown to it; memory is then that chunk plus the
+  budget."""
+  stacked = w(256, L, 1536)  # 6 MiB, one stored chunk
+  save(tmp_path / 'linen', {'params': {'layers': {'mlp': {'kernel': stacked}}}})
+  ckpt = source.open_checkpoint(tmp_path / 'linen')
+  plan = convert.plan_to(ckpt, 'nnx', stacks={'layers': {'nnx': 0}})
+  job = write.Job.make(plan.reads, ckpt, 2**20)
+  assert job.held_chunk == stacked.nbytes and len(job.blocks) >= 24
+  before = counter(OCDBT_READS)
+  (dest,) = write_to_memory(job)
+  assert counter(OCDBT_READS) - before == 1
+  np.testing.assert_array_equal(dest.read().result(), np.moveaxis(stacked, 1, 0))
