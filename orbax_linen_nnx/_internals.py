@@ -100,7 +100,10 @@ def refuse_as_jax_value(cls: type, fail: Callable[[Any], Any]) -> bool:
   try:
     from jax._src import dtypes
 
-    dtypes.register_canonicalize_value_handler(cls, fail)
+    if hasattr(dtypes, 'register_canonicalize_value_handler'):  # as jax 0.10.2 has it
+      dtypes.register_canonicalize_value_handler(cls, fail)
+    else:  # jax 0.10.0: the registry itself
+      dtypes.canonicalize_value_handlers[cls] = fail
     found += 1
   except (ImportError, AttributeError):
     pass
