@@ -30,11 +30,9 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import tensorstore as ts
 from orbax.checkpoint import future
 from etils import epath
 
-from orbax_linen_nnx import _internals
 from orbax_linen_nnx import layout
 from orbax_linen_nnx import planner
 from orbax_linen_nnx import plans as plan_lib
@@ -202,16 +200,9 @@ class _PendingHandler(ocp.type_handlers.TypeHandler):
     job = write_lib.Job.make([v.read for v in values], self._ckpt, self._budget, processes=jax.process_count(),
                              me=jax.process_index())
     layouts, mine = job.layouts, job.blocks
-    process = _internals.get_process_index_for_subdir(infos[0].is_ocdbt_checkpoint)
-    specs = [_internals.build_array_write_spec(
-        info=info, arg=arg, global_shape=v.shape, local_shape=lay.block_shape, dtype=v.dtype,
-        use_ocdbt=info.is_ocdbt_checkpoint, process_index=process) for v, info, arg, lay in zip(values, infos, args, layouts)]
-    await infos[0].await_path_creation()
-    if jax.process_index() == 0:  # each array's metadata, once (the others open assuming it, as Orbax does)
-      await asyncio.gather(*(ts.open(ts.Spec(s.json), create=True, open=True, context=i.ts_context)
-                             for s, i in zip(specs, infos)))
-    destinations = await asyncio.gather(*(ts.open(ts.Spec(s.json), open=True, assume_metadata=True,
-                                                  context=i.ts_context) for s, i in zip(specs, infos)))
+    specs = [write_lib.write_spec(info, arg, v.shape, lay.block_shape, v.dtype)
+             for v, info, arg, lay in zip(values, infos, args, layouts)]
+    destinations = await write_lib.open_arrays(specs, infos)
     left = collections.Counter(b.array for b in mine)
 
     def written(b: write_lib.Block) -> None:
@@ -220,11 +211,7 @@ class _PendingHandler(ocp.type_handlers.TypeHandler):
 
     await job.run(destinations, written)
     self._on_written(0, sum(1 for i in range(len(values)) if i not in left))  # arrays other processes wrote
-    store = _internals.array_metadata_store(self._array)
-    if store is not None:
-      await store.write(checkpoint_dir=infos[0].parent_dir, array_metadatas=[s.metadata for s in specs],
-                        process_index=ocp.multihost.process_index())
-    await _internals.serialize_shardings([v.sharding for v in values], infos, primary_host=0)
+    await write_lib.record_arrays(specs, [v.sharding for v in values], infos, self._array)
 
   async def deserialize(self, infos, args=None):
     return await self._array.deserialize(infos, args)  # on disk it is a jax.Array: read as one

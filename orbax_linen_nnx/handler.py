@@ -7,6 +7,7 @@ import gc
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -149,34 +150,44 @@ class LinenCompatHandler(ocp.AsyncCheckpointHandler):
   """
 
   def __init__(self):
-    self._standard = ocp.StandardCheckpointHandler()
+    self._standard = ocp.StandardCheckpointHandler()  # restores the tree as saved
+    array = ocp.type_handlers.get_type_handler(jax.Array)  # Orbax's own, with its array metadata store
+    registry = ocp.type_handlers.create_type_handler_registry(
+        *((t, ocp.type_handlers.get_type_handler(t)) for t in (int, float, bytes, np.number, np.ndarray, str)),
+        (jax.Array, array), (save_lib.Converted, save_lib.ConvertedHandler(array)))
+    self._writer = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)  # the Linen tree
     self._sidecar = ocp.StandardCheckpointHandler()  # NNX-only state, in the item's nnx_aux/ directory
 
   typestr = SavedAsStandard()
 
-  def standard_args(self, args) -> tuple[ocp.args.StandardSave, ocp.args.StandardSave | None]:
-    """The `StandardSave`s that `args` (a `LinenCompatSave`) writes: the Linen tree, and the sidecar (or None)."""
+  def standard_args(self, args, carry: bool = False) -> tuple[ocp.args.PyTreeSave, ocp.args.StandardSave | None]:
+    """The saves that `args` (a `LinenCompatSave`) makes: the Linen tree, and the sidecar (or None).
+
+    With `carry`, arrays whose layout changes are `save.Converted` leaves,
+    which only this handler's writer writes (from their NNX shards); without,
+    they are computed on their devices and any PyTree save writes the tree.
+    """
     if not isinstance(args, args_lib.LinenCompatSave):
       raise TypeError(f'LinenCompatHandler saves LinenCompatSave(state) args, not {type(args).__name__}:'
                       ' LinenCompatRestore only restores. Save with LinenCompatSave(state) (the Linen layout)'
                       ' or ocp.args.StandardSave(state) (the state as it is)')
     with _gc_paused():
       tree, sidecar = save_lib.linen_trees(args.state, rules=args.rules, stacks=args.stacks, aux=args.aux,
-                                           target=args.target, plan=args.plan)
+                                           target=args.target, plan=args.plan, carry=carry)
     save_args = None if args.save_args is None else jax.tree.map(lambda _: args.save_args, tree)
-    main = ocp.args.StandardSave(tree, save_args=save_args, custom_metadata=args.custom_metadata)
+    main = ocp.args.PyTreeSave(tree, save_args=save_args, custom_metadata=args.custom_metadata)
     return main, (None if sidecar is None else ocp.args.StandardSave(sidecar))
 
   async def async_save(self, directory: epath.Path, args=None):
-    main, sidecar = self.standard_args(args)
-    futures = list(await self._standard.async_save(directory, args=main) or [])
+    main, sidecar = self.standard_args(args, carry=True)
+    futures = list(await self._writer.async_save(directory, args=main) or [])
     if sidecar is not None:  # a PyTree of its own inside the item, written and committed with it
       futures += await self._sidecar.async_save(directory / source_lib.SIDECAR_DIR, args=sidecar) or []
     return futures
 
   def save(self, directory: epath.Path, args=None):
-    main, sidecar = self.standard_args(args)
-    self._standard.save(directory, args=main)
+    main, sidecar = self.standard_args(args, carry=True)
+    self._writer.save(directory, args=main)
     if sidecar is not None:
       self._sidecar.save(directory / source_lib.SIDECAR_DIR, args=sidecar)
 
@@ -210,12 +221,13 @@ class LinenCompatHandler(ocp.AsyncCheckpointHandler):
     return ocp.PyTreeCheckpointHandler().metadata(directory)
 
   def finalize(self, directory: epath.Path) -> None:
-    self._standard.finalize(directory)
+    self._writer.finalize(directory)
     if (directory / source_lib.SIDECAR_DIR).exists():
       self._sidecar.finalize(directory / source_lib.SIDECAR_DIR)
 
   def close(self):
     self._standard.close()
+    self._writer.close()
     self._sidecar.close()
 
 

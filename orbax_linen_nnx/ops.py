@@ -61,6 +61,10 @@ class Op:
 
   moves_boxes = True  # whether `image` is exact: every element of an input box lands in the output box
 
+  def carry(self, data: np.ndarray, box: Box, index: int, shapes) -> np.ndarray:
+    """The values of `image(box, index, shapes)`, from `data`, the values of that input box (a view where one will do)."""
+    return data
+
 
 def identity(out):
   """The region of an input that fills the whole output as it is."""
@@ -92,6 +96,9 @@ class Stack(Op):
 
   def image(self, box, index, shapes):
     return box[: self.axis] + ((index, index + 1),) + box[self.axis:]
+
+  def carry(self, data, box, index, shapes):
+    return np.expand_dims(data, self.axis)
 
   def lifted(self, layers):
     return Stack(self.axis + 1)
@@ -184,6 +191,11 @@ class Slice(Op):
       return None
     return box[: self.axis] + ((lo - self.start, hi - self.start),) + box[self.axis + 1:]
 
+  def carry(self, data, box, index, shapes):
+    lo, hi = box[self.axis]
+    at = (slice(None),) * self.axis
+    return data[at + (slice(max(lo, self.start) - lo, min(hi, self.stop) - lo),)]
+
   def lifted(self, layers):
     return Slice(self.axis + 1, self.start, self.stop)
 
@@ -213,6 +225,9 @@ class Take(Op):
   def image(self, box, index, shapes):
     lo, hi = box[self.axis]
     return box[: self.axis] + box[self.axis + 1:] if lo <= self.index < hi else None
+
+  def carry(self, data, box, index, shapes):
+    return data[(slice(None),) * self.axis + (self.index - box[self.axis][0],)]
 
   def lifted(self, layers):
     return Take(self.axis + 1, self.index)
@@ -245,6 +260,9 @@ class Transpose(Op):
 
   def image(self, box, index, shapes):
     return tuple(box[p] for p in self.perm)
+
+  def carry(self, data, box, index, shapes):
+    return np.transpose(data, self.perm)
 
   def lifted(self, layers):
     return Transpose((0,) + tuple(p + 1 for p in self.perm))
@@ -280,6 +298,9 @@ class MoveAxis(Op):
   def image(self, box, index, shapes):
     return self._transpose(len(box)).image(box, index, shapes)
 
+  def carry(self, data, box, index, shapes):
+    return np.moveaxis(data, self.source, self.destination)
+
   def lifted(self, layers):
     return MoveAxis(self.source + 1, self.destination + 1)
 
@@ -311,6 +332,9 @@ class Cast(Op):
 
   def image(self, box, index, shapes):
     return box
+
+  def carry(self, data, box, index, shapes):
+    return data.astype(self.dtype)
 
   def lifted(self, layers):
     return self
@@ -420,6 +444,41 @@ class Derived:
   def __str__(self) -> str:
     dtype = np.dtype(self.dtype).name
     return f"'{'/'.join(self.path) or '<root>'}' {tuple(self.shape)} {dtype} (= {self.name})"
+
+
+def images(expr, name: str, box: Box) -> list[Box]:
+  """Where a box of stored array `name` lands in `expr` (see `carried`), without the values."""
+  op = getattr(expr, 'op', None)
+  if op is None:
+    return [box] if expr.name == name else []
+  shapes = [tuple(a.shape) for a in expr.args]
+  out = []
+  for i, arg in enumerate(expr.args):
+    for b in images(arg, name, box):
+      image = op.image(b, i, shapes)
+      if image is not None and all(lo < hi for lo, hi in image):
+        out.append(image)
+  return out
+
+
+def carried(expr, name: str, box: Box, data: np.ndarray) -> list[tuple[Box, np.ndarray]]:
+  """Where a box of stored array `name` (its values `data`) lands in `expr`, and its values there.
+
+  One (box, values) per place the array appears in the expression (usually
+  one); none where the expression uses no part of the box. Every op on the
+  way must move boxes (`Op.moves_boxes`).
+  """
+  op = getattr(expr, 'op', None)
+  if op is None:
+    return [(box, data)] if expr.name == name else []
+  shapes = [tuple(a.shape) for a in expr.args]
+  out = []
+  for i, arg in enumerate(expr.args):
+    for b, d in carried(arg, name, box, data):
+      image = op.image(b, i, shapes)
+      if image is not None and all(lo < hi for lo, hi in image):
+        out.append((image, op.carry(d, b, i, shapes)))
+  return out
 
 
 def stored_leaves(expr) -> list:

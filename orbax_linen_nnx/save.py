@@ -16,18 +16,23 @@ Orbax save writes (`LinenCompatSave` does, and so does MaxText's own
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import functools
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
+from orbax.checkpoint import future
 
 from orbax_linen_nnx import layout
 from orbax_linen_nnx import ops
 from orbax_linen_nnx import plans as plan_lib
 from orbax_linen_nnx import trees
+from orbax_linen_nnx import write
 from orbax_linen_nnx import rules as rules_lib
 from orbax_linen_nnx import stacks as stacks_lib
 from orbax_linen_nnx import target as target_lib
@@ -46,6 +51,129 @@ ON_DEVICE = {
     ops.Cast: lambda op, v: v[0].astype(op.dtype),
     ops.Reshape: lambda op, v: jnp.reshape(v[0], op.target_shape),
 }
+
+
+@dataclasses.dataclass(eq=False)
+class Converted:
+  """A Linen array a plan's ops make from NNX arrays, written by `ConvertedHandler` from their shards.
+
+  No converted copy of it exists on any device: each process copies its NNX
+  shards to the host (as Orbax's own save does for every array) and writes
+  each one, moved as the ops say (a view: transposed, one layer, a slice),
+  into its box of the Linen array, stored in chunks of those boxes.
+  """
+
+  read: plan_lib.LeafRead
+  expr: Any
+  sources: dict[str, jax.Array]  # the NNX arrays it reads, by plan name
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  sharding: Any  # what Orbax records for it: the sources' sharding, moved with the layout
+  chunk: tuple[int, ...]  # the box one NNX shard fills
+
+  @property
+  def nbytes(self) -> int:
+    return plan_lib.nbytes(self.shape, self.dtype)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+
+def _spec_of(expr, shardings: Mapping[str, Any]) -> list | None:
+  """The PartitionSpec entries of an expression's output, moved from its sources' (None: none to move)."""
+  op = getattr(expr, 'op', None)
+  if op is None:
+    sharding = shardings[expr.name]
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+      return None
+    return list(sharding.spec) + [None] * (len(expr.shape) - len(sharding.spec))
+  spec = _spec_of(expr.args[0], shardings)
+  if spec is None:
+    return None
+  if isinstance(op, ops.Stack):
+    return spec[: op.axis] + [None] + spec[op.axis:]
+  if isinstance(op, ops.Take):
+    return spec[: op.axis] + spec[op.axis + 1:]
+  if isinstance(op, ops.Transpose):
+    return [spec[p] for p in op.perm]
+  if isinstance(op, ops.MoveAxis):
+    rest = spec[: op.source] + spec[op.source + 1:]
+    return rest[: op.destination] + [spec[op.source]] + rest[op.destination:]
+  return spec  # slices, concatenations and casts keep the axes where they are
+
+
+def carried(read: plan_lib.LeafRead, values: Mapping[str, Any]) -> Converted | None:
+  """`read` as a `Converted` leaf, where its ops move boxes and its NNX shards tile it on a regular grid.
+
+  None where it cannot be (a reshape, typed PRNG keys, host arrays): those are
+  computed on their devices instead.
+  """
+  t, expr = read.target, read.expression()
+  arrays = {x.name: values[x.name] for x in ops.stored_leaves(expr)}
+  if t.key_impl or not write.moves_boxes(expr) or not all(isinstance(a, jax.Array) for a in arrays.values()):
+    return None
+  images = []  # every shard's box in the Linen array, over all processes (the chunk grid is one for all)
+  for n, a in arrays.items():
+    boxes = {tuple(s.indices(d)[:2] for s, d in zip(index, a.shape))
+             for index in a.sharding.devices_indices_map(a.shape).values()}
+    images += [b for box in boxes for b in ops.images(expr, n, box)]
+  step = write.steps(images, t.shape)
+  if step is None:
+    return None
+  first = next(iter(arrays.values())).sharding
+  entries = _spec_of(expr, {n: a.sharding for n, a in arrays.items()})
+  sharding = (jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec(*entries))
+              if entries is not None else first)
+  return Converted(read, expr, arrays, tuple(t.shape), np.dtype(t.dtype), sharding, step)
+
+
+class ConvertedHandler(ocp.type_handlers.TypeHandler):
+  """Writes `Converted` leaves from their NNX shards; on disk they are jax.Arrays, read back as such.
+
+  Like Orbax's ArrayHandler, `serialize` copies every shard it writes to the
+  host before it returns (training may change the arrays right after), and the
+  writes run in the commit future it returns.
+  """
+
+  def __init__(self, array_handler):
+    self._array = array_handler
+
+  def typestr(self) -> str:
+    return self._array.typestr()
+
+  async def metadata(self, infos):
+    return await self._array.metadata(infos)
+
+  def memory_size(self, values):
+    return [v.nbytes for v in values]
+
+  async def deserialize(self, infos, args=None):
+    return await self._array.deserialize(infos, args)
+
+  async def serialize(self, values, infos, args=None):
+    args = list(args or [ocp.type_handlers.SaveArgs()] * len(values))
+    host: dict[str, list] = {}  # NNX array -> this process's shards on the host: (box, values)
+    for v in values:
+      for n, a in v.sources.items():
+        if n not in host:
+          host[n] = [(tuple(s.indices(d)[:2] for s, d in zip(shard.index, a.shape)), np.asarray(shard.data))
+                     for shard in a.addressable_shards if shard.replica_id == 0]
+    pieces = [[(box, data) for n in v.sources for b, d in host[n] for box, data in ops.carried(v.expr, n, b, d)]
+              for v in values]
+    del host
+    specs = [write.write_spec(info, arg, v.shape, v.chunk, arg.dtype or v.dtype)
+             for v, info, arg in zip(values, infos, args)]
+
+    async def commit():
+      arrays = await write.open_arrays(specs, infos)
+      for dest, mine, arg in zip(arrays, pieces, args):
+        await asyncio.gather(*(dest[tuple(slice(lo, hi) for lo, hi in box)].write(
+            data if arg.dtype is None else data.astype(arg.dtype)) for box, data in mine))
+        mine.clear()
+      await write.record_arrays(specs, [v.sharding for v in values], infos, self._array)
+
+    return [future.CommitFutureAwaitingContractedSignals(commit(), name='orbax_linen_nnx_write_converted')]
 
 
 def _evaluate(expr, arrays: Mapping[str, jax.Array]) -> jax.Array:
@@ -154,12 +282,15 @@ def plan_save(state: Any, *, rules: rules_lib.Rules = None, stacks: stacks_lib.S
 
 def linen_trees(state: Any, *, rules: rules_lib.Rules = None, stacks: stacks_lib.StackAxes | None = None,
                 aux: str | None = layout.SIDECAR, target: Any = None, dry_run: bool = False,
-                plan: plan_lib.RestorePlan | None = None) -> Any:
+                plan: plan_lib.RestorePlan | None = None, carry: bool = False) -> Any:
   """(the Linen tree, the NNX-only state written beside it or None): what `LinenCompatSave` writes.
 
   See `to_linen`; with `aux='sidecar'` the `nnx_aux` subtree (RNG streams,
   custom Variables) is returned apart, for a PyTree of its own beside the
-  Linen tree, where Linen readers never see it.
+  Linen tree, where Linen readers never see it. With `carry`, every Linen
+  array the ops can write from the NNX shards as they are is a `Converted`
+  leaf (for `ConvertedHandler`: no converted copy on any device); the others
+  are computed on their devices.
   """
   nnx_state, written, plan = _planned(state, rules, stacks, aux, target, plan)
   if dry_run:
@@ -172,7 +303,11 @@ def linen_trees(state: Any, *, rules: rules_lib.Rules = None, stacks: stacks_lib
   values, converted = {}, []
   for r in plan.reads:
     if r.transform or isinstance(r.sources[0], ops.Derived):
-      converted.append(r)
+      leaf = carried(r, nnx_state.values) if carry and r.target.path[:1] != (layout.NNX_AUX,) else None
+      if leaf is not None:
+        values[r.target.path] = leaf
+      else:
+        converted.append(r)
     else:  # the array itself, under its Linen name
       values[r.target.path] = nnx_state.values[r.sources[0].name]
   if converted:

@@ -36,7 +36,10 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
 
+from orbax_linen_nnx import _internals
 from orbax_linen_nnx import ops
 from orbax_linen_nnx import plans
 from orbax_linen_nnx import read as read_lib
@@ -87,12 +90,13 @@ def _leaves(expr, grids) -> list[tuple[Box, Chunk]]:
   return out
 
 
-def _moves_boxes(expr) -> bool:
+def moves_boxes(expr) -> bool:
+  """Whether every op of `expr` sends each box of its inputs to a box of its output (no reshape)."""
   op = getattr(expr, 'op', None)
-  return op is None or (op.moves_boxes and all(_moves_boxes(a) for a in expr.args))
+  return op is None or (op.moves_boxes and all(moves_boxes(a) for a in expr.args))
 
 
-def _steps(images: Sequence[Box], shape: Sequence[int]) -> tuple[int, ...] | None:
+def steps(images: Sequence[Box], shape: Sequence[int]) -> tuple[int, ...] | None:
   """The regular grid the chunk images lie on: per axis, the step every inner boundary is a multiple of.
 
   None when the images do not tile the target exactly once (then no grid of
@@ -112,7 +116,8 @@ def _divisor_at_most(n: int, limit: int) -> int:
   return max([d for d in range(1, min(n, max(limit, 1)) + 1) if n % d == 0] or [1])
 
 
-def _block_shape(step: Sequence[int], shape: Sequence[int], itemsize: int, block_bytes: int) -> tuple[int, ...]:
+def _block_shape(step: Sequence[int], shape: Sequence[int], itemsize: int, block_bytes: int,
+                 merge: bool = True) -> tuple[int, ...]:
   """Blocks of the chunk-image grid: cells cut (outer axes first) to fit, or merged along the longest run."""
   block = [max(s, 1) for s in step]
   nbytes = lambda b: math.prod(b) * itemsize
@@ -121,7 +126,7 @@ def _block_shape(step: Sequence[int], shape: Sequence[int], itemsize: int, block
       break
     rest = nbytes(block) // block[d]
     block[d] = _divisor_at_most(block[d], block_bytes // max(rest, 1))
-  if len(block) and nbytes(block) * 2 <= block_bytes:  # small: merge cells along the axis with most of them
+  if merge and len(block) and nbytes(block) * 2 <= block_bytes:  # small: merge cells along their longest run
     runs = [(-(-n // b), -d) for d, (n, b) in enumerate(zip(shape, block))]
     d = -max(runs)[1]
     k = max(1, min(block_bytes // nbytes(block), -(-shape[d] // block[d])))
@@ -151,14 +156,19 @@ def _stored_boxes(expr, box: Box) -> list[tuple[str, Box]]:
   return [x for a, b in zip(expr.args, needs) if b is not None for x in _stored_boxes(a, b)]
 
 
-def layout(read: plans.LeafRead, index: int, grids, block_bytes: int) -> Layout:
-  """The blocks of one target: on its chunk images where the ops move boxes, else rows."""
+def layout(read: plans.LeafRead, index: int, grids, block_bytes: int, merge: bool = True) -> Layout:
+  """The blocks of one target: on its chunk images where the ops move boxes, else rows.
+
+  With `merge`, small chunk images are merged into blocks of about
+  `block_bytes`; without (for targets whose chunks feed other blocks too, so
+  that a block needs no more than one such chunk held at once), each is a block.
+  """
   t = read.target
   shape, itemsize = tuple(t.shape), np.dtype(t.dtype).itemsize
   expr = read.expression()
-  viewable = _moves_boxes(expr)
-  step = _steps([b for b, _ in _leaves(expr, grids)], shape) if viewable else None
-  block = _block_shape(step, shape, itemsize, block_bytes) if step is not None else _row_blocks(
+  viewable = moves_boxes(expr)
+  step = steps([b for b, _ in _leaves(expr, grids)], shape) if viewable else None
+  block = _block_shape(step, shape, itemsize, block_bytes, merge) if step is not None else _row_blocks(
       shape, itemsize, block_bytes)
   blocks = []
   for box in _boxes(shape, block):
@@ -230,7 +240,13 @@ class Job:
     block_bytes = max(1, min(budget // BLOCKS_IN_FLIGHT, total // (BLOCKS_IN_FLIGHT * processes)))
     layouts = [layout(r, i, grid, block_bytes) for i, r in enumerate(reads)]
     blocks, reused = schedule(layouts, grid)
-    held = max(reused.values(), default=0)
+    # A block that merged the images of chunks other blocks read too would need them all held at
+    # once: such targets are laid out again, one block per chunk image.
+    shared = {b.array for b in blocks if sum(c in reused for c in b.chunks) > 1}
+    if shared:
+      layouts = [layout(r, i, grid, block_bytes, merge=i not in shared) for i, r in enumerate(reads)]
+      blocks, reused = schedule(layouts, grid)
+    held = max((sum(reused.get(c, 0) for c in b.chunks) for b in blocks), default=0)  # what one block needs held
     if held > source_lib.CHUNK_CACHE_BYTES:  # a chunk several blocks read stays decoded until they are written
       ckpt = source_lib.with_chunk_cache(ckpt, {name for name, _ in reused}, held + source_lib.CHUNK_CACHE_BYTES)
     return cls(layouts, share(blocks, processes, me), ckpt, budget, held)
@@ -251,8 +267,10 @@ async def run(blocks: Sequence[Block], layouts: Sequence[Layout], ckpt: source_l
       views[i] = read_lib.view(layouts[i].expr, ckpt.stores)
     return views[i]
 
+  written = 0
+
   async def one(b: Block) -> None:
-    nonlocal held
+    nonlocal held, written
     try:
       lay = layouts[b.array]
       if lay.viewable:
@@ -262,6 +280,10 @@ async def run(blocks: Sequence[Block], layouts: Sequence[Layout], ckpt: source_l
       await destinations[b.array][tuple(slice(lo, hi) for lo, hi in b.box)].write(data)
       del data
       on_written(b)
+      written += b.cost
+      if written >= budget:  # decode and encode buffers freed on TensorStore's threads: back to the OS
+        written = 0
+        read_lib.trim_freed_memory()
     finally:
       async with done:
         held -= b.cost
@@ -288,3 +310,33 @@ def _engine_read(read: plans.LeafRead, box: Box, ckpt: source_lib.Checkpoint) ->
                               transform=tuple(read.transform) + slices)
   plan = plans.RestorePlan(source_layout='', target_layout='', reads=(block,))
   return np.asarray(read_lib.execute(plan, ckpt)[read.target.path])
+
+
+# ---------------------------------------------------------------- the new arrays, as Orbax writes them
+
+
+def write_spec(info, arg, shape: Sequence[int], chunk: Sequence[int], dtype) -> Any:
+  """Orbax's own write spec of an array stored in chunks of `chunk` (its OCDBT files: this process's)."""
+  return _internals.build_array_write_spec(
+      info=info, arg=arg, global_shape=tuple(shape), local_shape=tuple(chunk), dtype=np.dtype(dtype),
+      use_ocdbt=info.is_ocdbt_checkpoint,
+      process_index=_internals.get_process_index_for_subdir(info.is_ocdbt_checkpoint))
+
+
+async def open_arrays(specs: Sequence[Any], infos: Sequence[Any]) -> list[Any]:
+  """Creates each array once (process 0) and opens it on every process, after Orbax made the directory."""
+  await infos[0].await_path_creation()
+  if jax.process_index() == 0:  # each array's metadata, once (the others open assuming it, as Orbax does)
+    await asyncio.gather(*(ts.open(ts.Spec(s.json), create=True, open=True, context=i.ts_context)
+                           for s, i in zip(specs, infos)))
+  return list(await asyncio.gather(*(ts.open(ts.Spec(s.json), open=True, assume_metadata=True,
+                                             context=i.ts_context) for s, i in zip(specs, infos))))
+
+
+async def record_arrays(specs: Sequence[Any], shardings: Sequence[Any], infos: Sequence[Any], array_handler) -> None:
+  """The records Orbax's ArrayHandler keeps beside its arrays: their metadata and their shardings."""
+  store = _internals.array_metadata_store(array_handler)
+  if store is not None:
+    await store.write(checkpoint_dir=infos[0].parent_dir, array_metadatas=[s.metadata for s in specs],
+                      process_index=ocp.multihost.process_index())
+  await _internals.serialize_shardings(list(shardings), list(infos), primary_host=0)
