@@ -223,7 +223,7 @@ def main(argv=None):
         print(rounds[-1], file=sys.stderr, flush=True)
   size = sum(f.stat().st_size for f in (root / 'host' / 'loop' / str(rb.STEP)).rglob('*') if f.is_file())
   table = {cell: {**summary(rounds, cell), **checks[cell]} for cell in cells}
-  print(f'| cell | ours s | naive s | ours/naive time | ours MiB | naive MiB | ours/naive memory | largest chunk MiB'
+  print('| cell | ours s | naive s | ours/naive time | ours MiB | naive MiB | ours/naive memory | largest chunk MiB'
         ' | outputs equal |')
   print('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |')
   for cell, t in table.items():

@@ -198,8 +198,11 @@ def _inspect(args) -> int:
 def _plan_command(args) -> int:
   from orbax_linen_nnx import source
 
-  plan, _, _ = _plan(args, source.open_checkpoint(args.src))
-  print(plan)
+  from orbax_linen_nnx import convert
+
+  src = source.open_checkpoint(args.src)
+  plan, _, _ = _plan(args, src)
+  print(convert.with_memory_note(src, plan))  # what a convert of it holds, too
   return EXIT_OK
 
 
@@ -222,6 +225,9 @@ def _convert(args) -> int:
     names = {r.target.path: r.target.path + (('value',) if r.target.variable_type else ()) for r in plan.reads}
   total = sum(plans.nbytes(r.target.shape, r.target.dtype) for r in plan.reads)
   budget = args.budget or convert.DEFAULT_BATCH_BYTES
+  noted = convert.with_memory_note(src, plan, budget, jax.process_count())
+  if jax.process_index() == 0 and noted is not plan:
+    print(f'  note    {noted.notes[-1]}', file=sys.stderr)
   with _progress('convert', total, len(plan.reads), args.quiet or jax.process_index() != 0) as advance:
     written = convert.convert(src, args.dst, plan, structure=structure, item=args.item, overwrite=args.overwrite,
                               batch_bytes=budget, on_written=advance, names=names)

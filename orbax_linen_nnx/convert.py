@@ -84,6 +84,22 @@ def plan_to(src: source_lib.Checkpoint, to: str, *, rules=None, stacks=None) -> 
                              action=f'cannot convert {src.directory} to the linen layout')
 
 
+def with_memory_note(src: source_lib.Checkpoint, plan: plan_lib.RestorePlan, budget: int = DEFAULT_BATCH_BYTES,
+                     processes: int = 1) -> plan_lib.RestorePlan:
+  """The plan with a note of what writing it holds in memory, where a stored chunk feeds several blocks.
+
+  From metadata alone: the blocks `convert` writes (see `write`), and the
+  largest stored chunk that stays decoded while the blocks it feeds are written.
+  """
+  job = write_lib.Job.make([r for r in plan.reads if not r.target.key_impl], src, budget, processes=processes)
+  if not job.held_chunk:
+    return plan
+  size = lambda n: f'{n / 2**20:,.1f} MiB'
+  note = (f'convert: stored chunks of up to {size(job.held_chunk)} feed several blocks each; each is decoded once and'
+          f' held while they are written: host memory about {size(job.held_chunk)} + the {size(budget)} budget')
+  return dataclasses.replace(plan, notes=plan.notes + (note,))
+
+
 def with_shardings(plan: plan_lib.RestorePlan, sharding_of: Callable[[plan_lib.Target], Any]) -> plan_lib.RestorePlan:
   """The plan with every target given `sharding_of(target)`, where it has none."""
   reads = tuple(r if r.target.sharding is not None else

@@ -151,10 +151,11 @@ class LinenCompatHandler(ocp.AsyncCheckpointHandler):
 
   def __init__(self):
     self._standard = ocp.StandardCheckpointHandler()  # restores the tree as saved
-    array = ocp.type_handlers.get_type_handler(jax.Array)  # Orbax's own, with its array metadata store
+    # One handler for every array, converted or not (see ConvertedHandler), over Orbax's own ArrayHandler.
+    arrays = save_lib.ConvertedHandler(ocp.type_handlers.get_type_handler(jax.Array))
     registry = ocp.type_handlers.create_type_handler_registry(
         *((t, ocp.type_handlers.get_type_handler(t)) for t in (int, float, bytes, np.number, np.ndarray, str)),
-        (jax.Array, array), (save_lib.Converted, save_lib.ConvertedHandler(array)))
+        (jax.Array, arrays), (save_lib.Converted, arrays))
     self._writer = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)  # the Linen tree
     self._sidecar = ocp.StandardCheckpointHandler()  # NNX-only state, in the item's nnx_aux/ directory
 

@@ -129,11 +129,14 @@ def carried(read: plan_lib.LeafRead, values: Mapping[str, Any]) -> Converted | N
 
 
 class ConvertedHandler(ocp.type_handlers.TypeHandler):
-  """Writes `Converted` leaves from their NNX shards; on disk they are jax.Arrays, read back as such.
+  """Writes `Converted` leaves from their NNX shards, and every other jax.Array through Orbax's ArrayHandler.
 
-  Like Orbax's ArrayHandler, `serialize` copies every shard it writes to the
-  host before it returns (training may change the arrays right after), and the
-  writes run in the commit future it returns.
+  On disk they are all jax.Arrays, read back as such. The one handler takes
+  both because each process keeps one array-metadata file that every write
+  appends to: the Converted records are appended after ArrayHandler's own
+  (two appends at once lose one). Like Orbax's ArrayHandler, `serialize`
+  copies every shard it writes to the host before it returns (training may
+  change the arrays right after), and the writes run in the commit future.
   """
 
   def __init__(self, array_handler):
@@ -145,35 +148,43 @@ class ConvertedHandler(ocp.type_handlers.TypeHandler):
   async def metadata(self, infos):
     return await self._array.metadata(infos)
 
-  def memory_size(self, values):
-    return [v.nbytes for v in values]
-
   async def deserialize(self, infos, args=None):
     return await self._array.deserialize(infos, args)
 
   async def serialize(self, values, infos, args=None):
     args = list(args or [ocp.type_handlers.SaveArgs()] * len(values))
+    mine = [i for i, v in enumerate(values) if isinstance(v, Converted)]
+    plain = [i for i, v in enumerate(values) if not isinstance(v, Converted)]
+    futures = list(await self._array.serialize([values[i] for i in plain], [infos[i] for i in plain],
+                                               [args[i] for i in plain]) or []) if plain else []
+    if not mine:
+      return futures
+    values, infos, args = [values[i] for i in mine], [infos[i] for i in mine], [args[i] for i in mine]
     host: dict[str, list] = {}  # NNX array -> this process's shards on the host: (box, values)
     for v in values:
       for n, a in v.sources.items():
         if n not in host:
-          host[n] = [(tuple(s.indices(d)[:2] for s, d in zip(shard.index, a.shape)), np.asarray(shard.data))
+          # A copy, as Orbax's ArrayHandler makes one: the next step may donate the device buffer.
+          host[n] = [(tuple(s.indices(d)[:2] for s, d in zip(shard.index, a.shape)), np.array(shard.data))
                      for shard in a.addressable_shards if shard.replica_id == 0]
     pieces = [[(box, data) for n in v.sources for b, d in host[n] for box, data in ops.carried(v.expr, n, b, d)]
               for v in values]
     del host
     specs = [write.write_spec(info, arg, v.shape, v.chunk, arg.dtype or v.dtype)
              for v, info, arg in zip(values, infos, args)]
+    before = list(futures)
 
     async def commit():
       arrays = await write.open_arrays(specs, infos)
-      for dest, mine, arg in zip(arrays, pieces, args):
+      for dest, boxes, arg in zip(arrays, pieces, args):
         await asyncio.gather(*(dest[tuple(slice(lo, hi) for lo, hi in box)].write(
-            data if arg.dtype is None else data.astype(arg.dtype)) for box, data in mine))
-        mine.clear()
+            data if arg.dtype is None else data.astype(arg.dtype)) for box, data in boxes))
+        boxes.clear()
+      for f in before:  # ArrayHandler's records first: both append to this process's one file
+        await asyncio.to_thread(f.result)
       await write.record_arrays(specs, [v.sharding for v in values], infos, self._array)
 
-    return [future.CommitFutureAwaitingContractedSignals(commit(), name='orbax_linen_nnx_write_converted')]
+    return futures + [future.CommitFutureAwaitingContractedSignals(commit(), name='orbax_linen_nnx_write_converted')]
 
 
 def _evaluate(expr, arrays: Mapping[str, jax.Array]) -> jax.Array:

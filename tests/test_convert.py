@@ -18,7 +18,7 @@ import tensorstore as ts
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from helpers import OCDBT_READS, counter, save
-from orbax_linen_nnx import convert, ops, read, reshape, source, split, transpose, write
+from orbax_linen_nnx import cli, convert, ops, read, reshape, source, split, transpose, write
 
 L, D, F = 4, 128, 96
 rng = np.random.default_rng(0)
@@ -95,7 +95,7 @@ def test_each_stored_chunk_is_decoded_once_whatever_the_blocks(tmp_path, mesh, c
                                   err_msg=str(lay.read.target.path))
 
 
-def test_a_chunk_larger_than_the_cache_is_decoded_once_and_held_for_its_blocks(tmp_path):
+def test_a_chunk_larger_than_the_cache_is_decoded_once_and_held_for_its_blocks(tmp_path, capsys):
   """A 6 MiB single-chunk stack (published checkpoints store arrays so) with a 1 MiB budget: its 24 blocks
   are written from one decode, the chunk held in a cache grown to it; memory is then that chunk plus the
   budget."""
@@ -109,3 +109,7 @@ def test_a_chunk_larger_than_the_cache_is_decoded_once_and_held_for_its_blocks(t
   (dest,) = write_to_memory(job)
   assert counter(OCDBT_READS) - before == 1
   np.testing.assert_array_equal(dest.read().result(), np.moveaxis(stacked, 1, 0))
+  # The plan says so, before anything is read.
+  assert cli.main(['plan', str(tmp_path / 'linen'), '--to', 'nnx', '--stacks', '{"layers": {"nnx": 0}}']) == 0
+  assert ('note    convert: stored chunks of up to 6.0 MiB feed several blocks each; each is decoded once and'
+          ' held while they are written: host memory about 6.0 MiB + the 32.0 MiB budget') in capsys.readouterr().out
