@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 __all__ = ['InternalTreeMetadata', 'build_array_read_spec', 'build_array_write_spec', 'RANDOM_KEY_IMPL',
            'ArrayMetadataStore', 'run_sync', 'get_process_index_for_subdir', 'serialize_shardings',
-           'array_metadata_store', 'distributed_client', 'key_impl_name', 'refuse_as_jax_value']
+           'array_metadata_store', 'share_array_metadata_store', 'distributed_client', 'key_impl_name', 'refuse_as_jax_value']
 
 # -- Orbax: reading a checkpoint's tree and arrays exactly as Orbax wrote them.
 
@@ -51,6 +51,16 @@ from orbax.checkpoint._src.serialization.jax_array_handlers import _async_serial
 def array_metadata_store(handler: Any) -> Any:
   """The array-metadata store of Orbax's own `ArrayHandler` (None when it keeps none)."""
   return getattr(handler, '_array_metadata_store', None)
+
+
+def share_array_metadata_store(handler: Any, array_handler: Any) -> None:
+  """Gives `handler` (one that takes jax.Arrays) the metadata store of Orbax's `array_handler`.
+
+  A PyTree handler looks for this attribute on whatever handles jax.Array:
+  without it, it skips checking the records every process wrote and logs that
+  subchunking is disabled. No public alternative.
+  """
+  handler._array_metadata_store = array_metadata_store(array_handler)
 
 
 # -- JAX.

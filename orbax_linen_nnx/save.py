@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint import future
 
+from orbax_linen_nnx import _internals
 from orbax_linen_nnx import layout
 from orbax_linen_nnx import ops
 from orbax_linen_nnx import plans as plan_lib
@@ -51,6 +52,11 @@ ON_DEVICE = {
     ops.Cast: lambda op, v: v[0].astype(op.dtype),
     ops.Reshape: lambda op, v: jnp.reshape(v[0], op.target_shape),
 }
+
+
+# What `ConvertedHandler` has in flight at once: TensorStore's copies of the
+# moved pieces it is writing, on top of the arrays themselves.
+SAVE_IN_FLIGHT_BYTES = 64 * 2**20
 
 
 @dataclasses.dataclass(eq=False)
@@ -135,12 +141,14 @@ class ConvertedHandler(ocp.type_handlers.TypeHandler):
   both because each process keeps one array-metadata file that every write
   appends to: the Converted records are appended after ArrayHandler's own
   (two appends at once lose one). Like Orbax's ArrayHandler, `serialize`
-  copies every shard it writes to the host before it returns (training may
-  change the arrays right after), and the writes run in the commit future.
+  brings every shard it writes to the host before it returns (training may
+  change the arrays right after), and the writes run in the commit future,
+  all in flight at once.
   """
 
   def __init__(self, array_handler):
     self._array = array_handler
+    _internals.share_array_metadata_store(self, array_handler)  # as the PyTree handler expects of arrays' handler
 
   def typestr(self) -> str:
     return self._array.typestr()
@@ -160,13 +168,19 @@ class ConvertedHandler(ocp.type_handlers.TypeHandler):
     if not mine:
       return futures
     values, infos, args = [values[i] for i in mine], [infos[i] for i in mine], [args[i] for i in mine]
-    host: dict[str, list] = {}  # NNX array -> this process's shards on the host: (box, values)
+    shards: dict[str, list] = {}  # NNX array -> this process's shards to write: (box, device data)
     for v in values:
       for n, a in v.sources.items():
-        if n not in host:
-          # A copy, as Orbax's ArrayHandler makes one: the next step may donate the device buffer.
-          host[n] = [(tuple(s.indices(d)[:2] for s, d in zip(shard.index, a.shape)), np.array(shard.data))
-                     for shard in a.addressable_shards if shard.replica_id == 0]
+        if n not in shards:
+          shards[n] = [(tuple(s.indices(d)[:2] for s, d in zip(shard.index, a.shape)), shard.data)
+                       for shard in a.addressable_shards if shard.replica_id == 0]
+    # To the host as Orbax's ArrayHandler brings every array: all copies started, then each
+    # awaited by np.asarray (a copy on an accelerator; on CPU the buffer itself, as Orbax has it).
+    for boxes in shards.values():
+      for _, data in boxes:
+        data.copy_to_host_async()
+    host = {n: [(box, np.asarray(data)) for box, data in boxes] for n, boxes in shards.items()}
+    del shards
     pieces = [[(box, data) for n in v.sources for b, d in host[n] for box, data in ops.carried(v.expr, n, b, d)]
               for v in values]
     del host
@@ -176,10 +190,11 @@ class ConvertedHandler(ocp.type_handlers.TypeHandler):
 
     async def commit():
       arrays = await write.open_arrays(specs, infos)
-      for dest, boxes, arg in zip(arrays, pieces, args):
-        await asyncio.gather(*(dest[tuple(slice(lo, hi) for lo, hi in box)].write(
-            data if arg.dtype is None else data.astype(arg.dtype)) for box, data in boxes))
-        boxes.clear()
+      await write.write_within([(dest[tuple(slice(lo, hi) for lo, hi in box)],
+                                 data if arg.dtype is None else data.astype(arg.dtype))
+                                for dest, boxes, arg in zip(arrays, pieces, args) for box, data in boxes],
+                               SAVE_IN_FLIGHT_BYTES)
+      pieces.clear()
       for f in before:  # ArrayHandler's records first: both append to this process's one file
         await asyncio.to_thread(f.result)
       await write.record_arrays(specs, [v.sharding for v in values], infos, self._array)

@@ -302,6 +302,42 @@ async def run(blocks: Sequence[Block], layouts: Sequence[Layout], ckpt: source_l
   read_lib.trim_freed_memory()
 
 
+async def write_within(writes: Sequence[tuple[Any, np.ndarray]], budget: int) -> None:
+  """Writes each (TensorStore view, host array) with at most `budget` bytes in flight (a larger one alone).
+
+  TensorStore copies what it writes into its own buffers (a moved or sliced
+  view is not contiguous) and encodes it on its threads: bounding what is in
+  flight, and trimming what those threads freed every `budget` bytes, keeps
+  the memory this adds to the arrays themselves near `budget`.
+  """
+  held, written, done = 0, 0, asyncio.Condition()
+
+  async def one(dest, data: np.ndarray) -> None:
+    nonlocal held, written
+    try:
+      await dest.write(data)
+      written += data.nbytes
+      if written >= budget:
+        written = 0
+        read_lib.trim_freed_memory()
+    finally:
+      async with done:
+        held -= data.nbytes
+        done.notify_all()
+
+  tasks: list[asyncio.Future] = []
+  for dest, data in writes:
+    async with done:
+      await done.wait_for(lambda n=data.nbytes: held == 0 or held + n <= budget)
+      held += data.nbytes
+    tasks.append(asyncio.ensure_future(one(dest, data)))
+    for t in [t for t in tasks if t.done()]:
+      t.result()  # a failed write stops at once
+      tasks.remove(t)
+  await asyncio.gather(*tasks)
+  read_lib.trim_freed_memory()
+
+
 def _engine_read(read: plans.LeafRead, box: Box, ckpt: source_lib.Checkpoint) -> np.ndarray:
   """A block of a target whose ops move no boxes (a reshape), through the read engine, on the host."""
   here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

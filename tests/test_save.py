@@ -8,6 +8,7 @@ shapes, dtypes, None entries), the values bit for bit, and what Linen code and
 
 import math
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -285,3 +286,11 @@ def test_a_moved_or_unstacked_stack_is_written_from_its_own_shards(tmp_path, mes
   for c in converted:
     assert stored['/'.join(c.read.target.path)] == c.chunk
   assert any(math.prod(c.chunk) < math.prod(c.shape) for c in converted)
+  # Orbax's per-process array records list every array, those ArrayHandler wrote and the converted ones
+  # (both append to one file per process: appended at once, one list was lost).
+  from orbax_linen_nnx import _internals
+
+  item = epath.Path(tmp_path / 'nnx' / '2' / 'default')
+  records = _internals.run_sync(_internals.ArrayMetadataStore().read(item, process_index=0))
+  assert sorted(r.param_name for r in records) == sorted(p.replace('/', '.') for p in stored)  # Orbax's names
+  assert len(stored) > len(converted)
