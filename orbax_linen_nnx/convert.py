@@ -25,6 +25,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import json
+import os
+import pathlib
 from typing import Any, Callable, Sequence
 
 import jax
@@ -177,13 +180,15 @@ class _PendingHandler(ocp.type_handlers.TypeHandler):
 
   async def serialize(self, values, infos, args=None):
     args = list(args or [ocp.type_handlers.SaveArgs()] * len(values))
+    # Like Orbax's own writes, after the signals that the checkpoint's directories exist (in a
+    # synchronous save Orbax creates them while the handler runs), then waited for.
+    started = future.CommitFutureAwaitingContractedSignals(self._start(infos[0]), name='orbax_linen_nnx_start')
+    await asyncio.to_thread(started.result)
     # PRNG keys (Orbax records their implementation) and empty arrays go through Orbax's ArrayHandler;
     # every other array is written a block at a time, straight from the source's chunks.
     whole = [i for i, v in enumerate(values) if v.read.target.key_impl or not v.nbytes]
     blocked = [i for i in range(len(values)) if i not in whole]
     if blocked:
-      # Like Orbax's own writes, after the signals that the checkpoint's directories exist (in a
-      # synchronous save Orbax creates them while the handler runs), then waited for.
       written = future.CommitFutureAwaitingContractedSignals(
           self._write_blocks([values[i] for i in blocked], [infos[i] for i in blocked], [args[i] for i in blocked]),
           name='orbax_linen_nnx_write_blocks')
@@ -204,6 +209,10 @@ class _PendingHandler(ocp.type_handlers.TypeHandler):
       _trim()
       self._on_written(sum(plan_lib.nbytes(r.target.shape, r.target.dtype) for r in batch), len(batch))
     return []
+
+  async def _start(self, info) -> None:
+    await info.await_path_creation()
+    await asyncio.to_thread(_mark_started, info.parent_dir.parent, self._ckpt)
 
   async def _write_blocks(self, values: list[Pending], infos, args) -> None:
     """Every array a block at a time (see `write`), stored as Orbax stores a sharded one.
@@ -255,17 +264,50 @@ def target_structure(ckpt: source_lib.Checkpoint) -> Any:
   return getattr(meta, 'tree', meta)
 
 
-def _check_destination(src: source_lib.Checkpoint, dst: epath.Path, overwrite: bool) -> None:
-  s, d = src.directory.resolve(), dst.resolve()
-  if (s.parent / '_CHECKPOINT_METADATA').exists():  # the item of a step: the whole step is the source
-    s = s.parent
-  for a, b in ((s, d), (d, s)):
-    if a == b or b in a.parents:
-      raise DestinationExistsError(f'{dst} and the source {src.directory} overlap; convert writes a new'
-                                   ' checkpoint and never into its source: choose another destination')
-  if dst.exists() and not overwrite:
-    raise DestinationExistsError(f'{dst} already exists; pass overwrite=True (--overwrite) to replace it, or'
-                                 ' choose another destination')
+# What convert writes into DST (beside its item) when it starts: where a save is
+# not renamed into place (object stores), it tells a rerun that the unfinished
+# checkpoint at DST is one a convert left, which it may then replace.
+STARTED_FILE = 'orbax_linen_nnx_convert.json'
+
+
+def _named(p: epath.Path) -> tuple[str, ...]:
+  """A path as its storage names it: a URL's bucket and keys (gs://, s3://), or a resolved local path."""
+  text = os.fspath(p)
+  if '://' in text:
+    scheme, rest = text.split('://', 1)
+    return (f'{scheme}://',) + tuple(k for k in rest.split('/') if k)
+  return pathlib.Path(text).resolve().parts
+
+
+def _left_by_convert(dst: epath.Path) -> bool:
+  """`dst` is an unfinished checkpoint an interrupted convert left (object stores: written in place)."""
+  return (dst / STARTED_FILE).exists() and not source_lib.is_finished(dst)
+
+
+def _check_destination(src: source_lib.Checkpoint, dst: epath.Path, overwrite: bool) -> bool:
+  """Refuses a DST that overlaps SRC or exists; True where DST is a convert's unfinished leftover to replace."""
+  s, d = _named(src.directory), _named(dst)
+  if (src.directory.parent / source_lib.STEP_METADATA_FILE).exists():  # the item of a step: the whole step
+    s = s[:-1]
+  if s[:len(d)] == d or d[:len(s)] == s:
+    raise DestinationExistsError(f'{dst} and the source {src.directory} overlap; convert writes a new'
+                                 ' checkpoint and never into its source: choose another destination')
+  if not dst.exists() or overwrite:
+    return False
+  if _left_by_convert(dst):
+    return True
+  if not source_lib.is_finished(dst):
+    raise DestinationExistsError(
+        f'{dst} holds a save that did not finish (no {source_lib.COMMIT_MARKER}) and that no convert started'
+        f' (no {STARTED_FILE}); pass overwrite=True (--overwrite) to replace it, or choose another destination')
+  raise DestinationExistsError(f'{dst} already exists; pass overwrite=True (--overwrite) to replace it, or'
+                               ' choose another destination')
+
+
+def _mark_started(directory: epath.Path, src: source_lib.Checkpoint) -> None:
+  """Writes STARTED_FILE into the checkpoint being written (process 0), before any array."""
+  if jax.process_index() == 0:
+    (directory / STARTED_FILE).write_text(json.dumps({'source': os.fspath(src.directory)}))
 
 
 def convert(src: source_lib.Checkpoint, dst: epath.PathLike, plan: plan_lib.RestorePlan, *,
@@ -277,14 +319,17 @@ def convert(src: source_lib.Checkpoint, dst: epath.PathLike, plan: plan_lib.Rest
 
   `structure` is the tree to write (a target checkpoint's, see
   `target_structure`); without it, nested dicts by target path (Linen's
-  optimizer chains as lists). Orbax writes to a temporary directory and
-  renames it when done, so an interrupted convert leaves nothing at `dst`.
+  optimizer chains as lists). On local disk Orbax writes to a temporary
+  directory and renames it when done, so an interrupted convert leaves
+  nothing at `dst`; on object stores it writes in place and commits last, and
+  a convert marks what it started (STARTED_FILE), so a rerun replaces what an
+  interrupted one left without `overwrite` there too.
   `names` renames target paths in the tree written (NNX Variables of an
   abstract state are saved as `.../value`). `on_written(bytes, arrays)` is
   called after each batch is written. Returns the item directory written.
   """
   dst = epath.Path(dst)
-  _check_destination(src, dst, overwrite)
+  overwrite = _check_destination(src, dst, overwrite) or overwrite
   plan = with_shardings(plan, sharding_of)
   names = names or {}
   values = {names.get(r.target.path, r.target.path): Pending(r, tuple(r.target.shape), np.dtype(r.target.dtype), r.target.sharding)

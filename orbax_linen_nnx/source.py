@@ -43,17 +43,53 @@ class DamagedCheckpointError(ValueError):
 _PICK_ANOTHER = 'restore another step (CheckpointManager.all_steps() lists the finished ones)'
 
 
-def _check_finished(item: epath.Path) -> None:
-  """Refuses a step that Orbax has not committed: its temporary name, or no commit marker."""
-  for d in (item, item.parent):
+def _check_temporary(path: epath.Path) -> None:
+  """Refuses a path under Orbax's temporary name (local disk: a save writes there, then renames)."""
+  for d in (path, path.parent):
     if ocp.path.step.TMP_DIR_SUFFIX in d.name:
       raise DamagedCheckpointError(
           f'{d} is a checkpoint Orbax has not finished writing (its temporary name ends in'
           f' {ocp.path.step.TMP_DIR_SUFFIX}...): the save is still running or was interrupted; {_PICK_ANOTHER}')
+
+
+def _unfinished(d: epath.Path) -> DamagedCheckpointError:
+  return DamagedCheckpointError(
+      f'{d} has no commit marker ({COMMIT_MARKER}): its save did not finish (on this storage Orbax writes in'
+      f' place and commits last, so an interrupted save leaves what it wrote); {_PICK_ANOTHER}')
+
+
+# The file Orbax writes last into each directory it saves on object stores
+# (gs://, s3://), where nothing can be renamed atomically.
+COMMIT_MARKER = 'commit_success.txt'
+
+
+def is_finished(d: epath.Path) -> bool:
+  """Orbax's own test that a save of `d` finished, for the storage `d` is on.
+
+  Local disk: `d` is not under a temporary name (a save renames it last).
+  Object stores: `d` holds the commit marker. The same holds for a manager's
+  step directory and for each item in it, and for a bare save's directory.
+  """
+  return ocp.path.step.is_path_finalized(d)
+
+
+def _check_finished(item: epath.Path) -> None:
+  """Refuses an item whose save did not finish, or that is part of a manager step that did not.
+
+  The item's own mark (a bare save, `StandardCheckpointer().save(path)`, has
+  only that one, whatever its parent is called); a step a CheckpointManager
+  wrote (it holds `_CHECKPOINT_METADATA`) must be finished too.
+  """
+  _check_temporary(item)
+  if not is_finished(item):
+    raise _unfinished(item)
   step = item.parent
-  if step.name.isdigit() and not ocp.path.step.is_path_finalized(step):
-    raise DamagedCheckpointError(
-        f'{step} has no commit marker: its save did not finish; {_PICK_ANOTHER}')
+  if step.name.isdigit() and (step / STEP_METADATA_FILE).exists() and not is_finished(step):
+    raise _unfinished(step)
+
+
+# What a CheckpointManager writes into each step directory (beside its items).
+STEP_METADATA_FILE = '_CHECKPOINT_METADATA'
 
 
 # Orbax value types stored as TensorStore arrays (jax.Array, np.ndarray, Python
@@ -123,7 +159,7 @@ def locate(path: epath.PathLike, *, step: int | None = None, item: str | None = 
   path = epath.Path(path)
   if not path.exists():
     raise _not_found(path)
-  _check_finished(path)  # a step or item Orbax is still writing has no _METADATA yet
+  _check_temporary(path)  # a step or item Orbax is still writing has no _METADATA yet
   if step is not None:
     path = _step_directory(path, step)
   elif path.is_dir() and not (path / ocp.path.format_utils.PYTREE_METADATA_FILE).exists():
@@ -143,6 +179,8 @@ def item_directory(directory: epath.Path) -> epath.Path:
     return directory / ('default' if 'default' in items else items[0])
   if items:
     raise ValueError(f'{directory} holds the PyTree items {items}: pass item= to choose one')
+  if directory.is_dir() and any(True for _ in directory.iterdir()) and not is_finished(directory):
+    raise _unfinished(directory)  # an object store: the save was interrupted before its _METADATA
   raise CheckpointNotFoundError(
       f'{directory} is not an Orbax PyTree checkpoint item: it has no'
       f' {ocp.path.format_utils.PYTREE_METADATA_FILE} file. Pass the item directory'
