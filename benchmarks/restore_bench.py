@@ -206,6 +206,22 @@ def standard_args(ap, results: str):
 
 # ------------------------------------------------------------------ building
 
+def random_values():
+  """`values_of(copy)(key, shape)`: standard-normal float32 values, the same for a key in every layout."""
+  import numpy as np
+
+  rng = np.random.default_rng(0)
+  base = {}
+
+  def values_of(copy):
+    def values(key, shape):
+      if (copy, key) not in base:
+        base[(copy, key)] = rng.standard_normal(shape, dtype=np.float32)
+      return base[(copy, key)]
+    return values
+  return values_of
+
+
 def build(cache: Path, dm: dict, name: str, chunkings=CHUNKINGS, layouts=LAYOUTS) -> Path:
   """Saves every layout x chunking once, from the same values; returns the directory."""
   import numpy as np
@@ -221,16 +237,7 @@ def build(cache: Path, dm: dict, name: str, chunkings=CHUNKINGS, layouts=LAYOUTS
 
   target = jax.make_mesh((2, 4), ('fsdp', 'tp'))
   rows = jax.make_mesh((8, 1), ('rows', 'none'))
-  rng = np.random.default_rng(0)
-  base = {}
-
-  def values_of(copy):
-    def values(key, shape):
-      if (copy, key) not in base:
-        base[(copy, key)] = rng.standard_normal(shape, dtype=np.float32)
-      return base[(copy, key)]
-    return values
-
+  values_of = random_values()
   for layout in layouts:
     tree = train_state_tree(dm, values_of, layout)
     for chunking in chunkings:

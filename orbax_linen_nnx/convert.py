@@ -99,7 +99,8 @@ def with_memory_note(src: source_lib.Checkpoint, plan: plan_lib.RestorePlan, bud
     return plan
   size = lambda n: f'{n / 2**20:,.1f} MiB'
   note = (f'convert: stored chunks of up to {size(job.held_chunk)} feed several blocks each; each is decoded once and'
-          f' held while they are written: host memory about {size(job.held_chunk)} + the {size(budget)} budget')
+          f' held while they are written: host memory about {size(job.held_chunk)} + the {size(budget)} budget'
+          ' + the caches and buffers of any convert (120-410 MiB measured: README, Benchmarks, Convert)')
   return dataclasses.replace(plan, notes=plan.notes + (note,))
 
 

@@ -256,50 +256,63 @@ class Job:
     await run(self.blocks, self.layouts, self.ckpt, destinations, self.budget, on_written)
 
 
+async def within(items: Sequence[Any], cost: Callable[[Any], int], work: Callable[[Any], Any], budget: int) -> None:
+  """Awaits `work(item)` for every item, in order, with at most `budget` of `cost` in flight (a costlier one alone).
+
+  What TensorStore frees on its threads (decode and encode buffers) is handed
+  back to the OS after every `budget` of cost done (see read.py), so the
+  memory this adds stays near `budget`. A failed item stops the rest at once.
+  """
+  held, done_cost, done = 0, 0, asyncio.Condition()
+
+  async def one(item, n: int) -> None:
+    nonlocal held, done_cost
+    try:
+      await work(item)
+      done_cost += n
+      if done_cost >= budget:
+        done_cost = 0
+        read_lib.trim_freed_memory()
+    finally:
+      async with done:
+        held -= n
+        done.notify_all()
+
+  tasks: list[asyncio.Future] = []
+  for item in items:
+    n = cost(item)
+    async with done:
+      await done.wait_for(lambda n=n: held == 0 or held + n <= budget)
+      held += n
+    tasks.append(asyncio.ensure_future(one(item, n)))
+    for t in [t for t in tasks if t.done()]:
+      t.result()
+      tasks.remove(t)
+  await asyncio.gather(*tasks)
+  read_lib.trim_freed_memory()
+
+
 async def run(blocks: Sequence[Block], layouts: Sequence[Layout], ckpt: source_lib.Checkpoint,
               destinations: Sequence[Any], budget: int, on_written: Callable[[Block], None]) -> None:
   """Reads and writes every block, oldest first, within `budget` bytes in flight (a costlier block alone)."""
   views: dict[int, Any] = {}
-  held, done = 0, asyncio.Condition()
 
   def view(i: int):
     if i not in views:
       views[i] = read_lib.view(layouts[i].expr, ckpt.stores)
     return views[i]
 
-  written = 0
-
   async def one(b: Block) -> None:
-    nonlocal held, written
-    try:
-      lay = layouts[b.array]
-      if lay.viewable:
-        data = await view(b.array)[tuple(slice(lo, hi) for lo, hi in b.box)].read()
-      else:
-        data = await asyncio.to_thread(_engine_read, lay.read, b.box, ckpt)
-      await destinations[b.array][tuple(slice(lo, hi) for lo, hi in b.box)].write(data)
-      del data
-      on_written(b)
-      written += b.cost
-      if written >= budget:  # decode and encode buffers freed on TensorStore's threads: back to the OS
-        written = 0
-        read_lib.trim_freed_memory()
-    finally:
-      async with done:
-        held -= b.cost
-        done.notify_all()
+    lay = layouts[b.array]
+    if lay.viewable:
+      data = await view(b.array)[tuple(slice(lo, hi) for lo, hi in b.box)].read()
+    else:
+      data = await asyncio.to_thread(_engine_read, lay.read, b.box, ckpt)
+    await destinations[b.array][tuple(slice(lo, hi) for lo, hi in b.box)].write(data)
+    del data
+    on_written(b)
 
-  tasks: list[asyncio.Future] = []
-  for b in blocks:
-    async with done:
-      await done.wait_for(lambda b=b: held == 0 or held + b.cost <= budget)
-      held += b.cost
-    tasks.append(asyncio.ensure_future(one(b)))
-    for t in [t for t in tasks if t.done()]:
-      t.result()  # a failed block stops the convert at once
-      tasks.remove(t)
-  await asyncio.gather(*tasks)
-  read_lib.trim_freed_memory()
+  await within(blocks, lambda b: b.cost, one, budget)
 
 
 async def write_within(writes: Sequence[tuple[Any, np.ndarray]], budget: int) -> None:
@@ -307,35 +320,9 @@ async def write_within(writes: Sequence[tuple[Any, np.ndarray]], budget: int) ->
 
   TensorStore copies what it writes into its own buffers (a moved or sliced
   view is not contiguous) and encodes it on its threads: bounding what is in
-  flight, and trimming what those threads freed every `budget` bytes, keeps
-  the memory this adds to the arrays themselves near `budget`.
+  flight keeps the memory this adds to the arrays themselves near `budget`.
   """
-  held, written, done = 0, 0, asyncio.Condition()
-
-  async def one(dest, data: np.ndarray) -> None:
-    nonlocal held, written
-    try:
-      await dest.write(data)
-      written += data.nbytes
-      if written >= budget:
-        written = 0
-        read_lib.trim_freed_memory()
-    finally:
-      async with done:
-        held -= data.nbytes
-        done.notify_all()
-
-  tasks: list[asyncio.Future] = []
-  for dest, data in writes:
-    async with done:
-      await done.wait_for(lambda n=data.nbytes: held == 0 or held + n <= budget)
-      held += data.nbytes
-    tasks.append(asyncio.ensure_future(one(dest, data)))
-    for t in [t for t in tasks if t.done()]:
-      t.result()  # a failed write stops at once
-      tasks.remove(t)
-  await asyncio.gather(*tasks)
-  read_lib.trim_freed_memory()
+  await within(writes, lambda w: w[1].nbytes, lambda w: w[0].write(w[1]), budget)
 
 
 def _engine_read(read: plans.LeafRead, box: Box, ckpt: source_lib.Checkpoint) -> np.ndarray:

@@ -37,7 +37,7 @@ def _free_port() -> int:
 class GcsEmulator:
   """The emulator's process; `root()` is a fresh gs:// directory in its bucket."""
 
-  def __init__(self, log_path: str, start_timeout_s: float = 60):
+  def __init__(self, log_path: str, start_timeout_s: float = 60, log_requests: bool = False):
     self.port = _free_port()
     self.url = f'http://127.0.0.1:{self.port}'
     self._log = open(log_path, 'w')
@@ -47,7 +47,7 @@ class GcsEmulator:
     os.mkdir(os.path.join(self._data.name, BUCKET))  # a folder under -data: a bucket at start
     self.process = subprocess.Popen(
         [str(_server._get_binary_path()), '-scheme', 'http', '-host', '127.0.0.1', '-port', str(self.port),
-         '-backend', 'memory', '-data', self._data.name, '-external-url', self.url, '-log-level', 'warn'],
+         '-backend', 'memory', '-data', self._data.name, '-external-url', self.url, '-log-level', 'info' if log_requests else 'warn'],
         stdout=self._log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + start_timeout_s
     while True:
@@ -61,6 +61,12 @@ class GcsEmulator:
         time.sleep(0.1)
     self._saved = {k: os.environ.get(k) for k in (*ENDPOINT_VARIABLES, *FIXED_VARIABLES)}
     os.environ.update({k: self.url for k in ENDPOINT_VARIABLES}, **FIXED_VARIABLES)
+
+  def requests(self) -> int:
+    """Requests the emulator has answered so far (with `log_requests`: one log line each)."""
+    self._log.flush()
+    with open(self._log.name) as f:
+      return sum(1 for line in f if '\" ' in line and 'HTTP/1.1' in line)
 
   def root(self, name: str = '') -> epath.Path:
     return epath.Path(f'gs://{BUCKET}/{name or "t"}-{uuid.uuid4().hex[:8]}')

@@ -112,4 +112,4 @@ def test_a_chunk_larger_than_the_cache_is_decoded_once_and_held_for_its_blocks(t
   # The plan says so, before anything is read.
   assert cli.main(['plan', str(tmp_path / 'linen'), '--to', 'nnx', '--stacks', '{"layers": {"nnx": 0}}']) == 0
   assert ('note    convert: stored chunks of up to 6.0 MiB feed several blocks each; each is decoded once and'
-          ' held while they are written: host memory about 6.0 MiB + the 32.0 MiB budget') in capsys.readouterr().out
+          ' held while they are written: host memory about 6.0 MiB + the 32.0 MiB budget + the caches') in capsys.readouterr().out

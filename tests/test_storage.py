@@ -20,7 +20,7 @@ import models
 import orbax_linen_nnx
 from helpers import save
 from models import DROP_RULES, MLP_RULES
-from orbax_linen_nnx import LinenCompatRestore, LinenCompatSave, cli
+from orbax_linen_nnx import LinenCompatRestore, LinenCompatSave, cli, convert, source
 from test_cli import REPO, run
 from test_journeys import linen_pairs, make_bn_drop, read_with_linen, tx
 
@@ -80,6 +80,7 @@ def test_bare_saves_in_a_numeric_directory_are_finished_checkpoints(storage, mes
     models.assert_same(restored, models.flat(params), {'fc1/kernel': 'Dense_0/kernel', 'fc1/bias': 'Dense_0/bias',
                                                        'fc2/kernel': 'Dense_1/kernel', 'fc2/bias': 'Dense_1/bias'})
     models.assert_sharded_as(restored, abstract)
+  for item in (storage / 'bare' / '1', storage / 'params_only' / '0' / 'items'):
     r = run('inspect', item)
     assert r.returncode == cli.EXIT_OK and 'Dense_0/' in r.stdout, r.stderr
   fresh = model()
@@ -151,9 +152,12 @@ def test_command_line_inspects_plans_converts_and_compares(storage):
     assert mngr.all_steps() == [2]
   # Never into its own source, named as the storage names it (a gs:// path has no local resolve()).
   before = files(storage / 'run')
-  for dst in (storage / 'run' / '2' / 'x', storage / 'run' / '2', storage / 'run'):
-    r = run('convert', storage / 'run' / '2', dst, '--to', 'nnx', '--quiet')
-    assert r.returncode == cli.EXIT_DESTINATION and 'overlap' in r.stderr, (dst, r.stderr)
+  r = run('convert', storage / 'run' / '2', storage / 'run' / '2' / 'x', '--to', 'nnx', '--quiet')
+  assert r.returncode == cli.EXIT_DESTINATION and 'overlap' in r.stderr, r.stderr
+  src = source.open_checkpoint(storage / 'run' / '2')
+  for dst in (storage / 'run' / '2', storage / 'run', storage / 'run' / '2' / 'default' / 'y'):
+    with pytest.raises(convert.DestinationExistsError, match='overlap'):
+      convert.convert(src, dst, convert.plan_to(src, 'nnx'))
   assert files(storage / 'run') == before
 
 
