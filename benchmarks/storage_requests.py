@@ -51,6 +51,7 @@ def one(root: str, mode: str) -> dict:
   """One measurement, in this (fresh) process: wall time and TensorStore's HTTP requests."""
   import jax
   import orbax.checkpoint as ocp
+  from etils import epath
 
   import orbax_linen_nnx
 
@@ -59,9 +60,9 @@ def one(root: str, mode: str) -> dict:
 
   nnx_dir = f'{root}/unrolled'
   here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  meta = ocp.PyTreeCheckpointHandler().metadata(f'{nnx_dir}/{rb.STEP}/default').tree
+  meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(f'{nnx_dir}/{rb.STEP}/default')).tree
   abstract = rb.map_tree(lambda path, m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=here), meta)
-  arrays = len(rb.flat_paths(meta))
+  arrays = sum(1 for _ in rb.flat_paths(meta))
   before, start = http(), time.perf_counter()
   if mode == 'native':
     with ocp.CheckpointManager(nnx_dir) as mngr:
