@@ -1,13 +1,20 @@
 """What several test modules share: TensorStore's read counters, a CheckpointManager save, plan leaves."""
 
 import itertools
+import json
+import subprocess
+import sys
 
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
+import models
 from orbax_linen_nnx import SourceArray, Target
+
+TESTS = models.__file__.rsplit('/', 1)[0]
 
 F32 = np.float32
 
@@ -89,3 +96,37 @@ def chunks_touched(index, shape, chunk) -> int:
 def chunks_under(indices, shape, chunk) -> int:
   """How many distinct stored chunks some slices intersect together (each is read once)."""
   return len(set().union(*(chunk_ids(i, shape, chunk) for i in indices)))
+
+
+# -- The journeys' model (BatchNorm + Dropout) and plain Linen code reading what NNX saved.
+
+
+def tx():
+  return optax.adam(1e-2)
+
+
+def make_bn_drop():
+  return models.nnx_train_state(models.NnxBNDrop, tx())
+
+
+def linen_pairs():
+  """{NNX path: Linen path} of every leaf a Linen BNTrainState of LinenBNDrop holds."""
+  pairs = {'optimizer/step': 'step', 'optimizer/opt_state/0/count': 'opt_state/0/count',
+           'model/bn/mean': 'batch_stats/BatchNorm_0/mean', 'model/bn/var': 'batch_stats/BatchNorm_0/var'}
+  for nnx_name, linen_name, leaves in (('fc1', 'Dense_0', ('kernel', 'bias')), ('bn', 'BatchNorm_0', ('scale', 'bias')),
+                                       ('fc2', 'Dense_1', ('kernel', 'bias'))):
+    for leaf in leaves:
+      pairs[f'model/{nnx_name}/{leaf}'] = f'params/{linen_name}/{leaf}'
+      for m in ('mu', 'nu'):
+        pairs[f'optimizer/opt_state/0/{m}/{nnx_name}/{leaf}'] = f'opt_state/0/{m}/{linen_name}/{leaf}'
+  return pairs
+
+
+def read_with_linen(jobs) -> dict:
+  """Runs tests/linen_reader.py (plain Linen code) in a fresh process that never imports this package."""
+  done = subprocess.run([sys.executable, f'{TESTS}/linen_reader.py', json.dumps(jobs)], capture_output=True,
+                        text=True, timeout=300, cwd=TESTS)
+  assert done.returncode == 0, done.stderr[-4000:]
+  out = json.loads(done.stdout.strip().splitlines()[-1])
+  assert out['imported_orbax_linen_nnx'] is False
+  return out

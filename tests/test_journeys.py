@@ -5,16 +5,12 @@ Every story runs on the (4, 2) mesh of 8 CPU devices with real models (Dropout, 
 optimizers and real CheckpointManager saves, and ends in two more training steps in a freshly built model.
 """
 
-import json
 import re
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
@@ -22,32 +18,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
 import orbax_linen_nnx
-from helpers import save
+from helpers import linen_pairs, make_bn_drop, read_with_linen, save, tx
 from models import DROP_RULES
 from orbax_linen_nnx import LinenCompatRestore, LinenCompatSave, LinenCompatWarning, PlanError
 
-TESTS = models.__file__.rsplit('/', 1)[0]
-
-
-def tx():
-  return optax.adam(1e-2)
-
-
-def make_bn_drop():
-  return models.nnx_train_state(models.NnxBNDrop, tx())
-
-
-def linen_pairs():
-  """{NNX path: Linen path} of every leaf a Linen BNTrainState of LinenBNDrop holds."""
-  pairs = {'optimizer/step': 'step', 'optimizer/opt_state/0/count': 'opt_state/0/count',
-           'model/bn/mean': 'batch_stats/BatchNorm_0/mean', 'model/bn/var': 'batch_stats/BatchNorm_0/var'}
-  for nnx_name, linen_name, leaves in (('fc1', 'Dense_0', ('kernel', 'bias')), ('bn', 'BatchNorm_0', ('scale', 'bias')),
-                                       ('fc2', 'Dense_1', ('kernel', 'bias'))):
-    for leaf in leaves:
-      pairs[f'model/{nnx_name}/{leaf}'] = f'params/{linen_name}/{leaf}'
-      for m in ('mu', 'nu'):
-        pairs[f'optimizer/opt_state/0/{m}/{nnx_name}/{leaf}'] = f'opt_state/0/{m}/{linen_name}/{leaf}'
-  return pairs
 
 
 def test_linen_run_with_dropout_and_batchnorm_resumes_in_nnx(tmp_path, mesh):
@@ -162,16 +136,6 @@ def test_pure_dict_with_unsharded_rng_keys_computes_in_one_jit(tmp_path, mesh):
   resumed = [models.nnx_bn_drop_step(state['model'], state['optimizer'], True) for _ in range(2)]
   original = [models.nnx_bn_drop_step(trained['model'], trained['optimizer'], True) for _ in range(2)]
   models.assert_reductions_close(np.array(resumed), np.array(original), terms=2 * models.BN_STEP_TERMS)
-
-
-def read_with_linen(jobs) -> dict:
-  """Runs tests/linen_reader.py (plain Linen code) in a fresh process that never imports this package."""
-  done = subprocess.run([sys.executable, f'{TESTS}/linen_reader.py', json.dumps(jobs)], capture_output=True,
-                        text=True, timeout=300, cwd=TESTS)
-  assert done.returncode == 0, done.stderr[-4000:]
-  out = json.loads(done.stdout.strip().splitlines()[-1])
-  assert out['imported_orbax_linen_nnx'] is False
-  return out
 
 
 def test_nnx_run_saved_as_linen_is_read_and_trained_by_plain_linen_code(tmp_path, mesh):

@@ -4,6 +4,7 @@ case list on both, so that the two cannot drift. On gs:// Orbax writes in place 
 """
 
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -18,11 +19,19 @@ from orbax.checkpoint import v1 as ocp_v1
 
 import models
 import orbax_linen_nnx
-from helpers import save
+from helpers import linen_pairs, make_bn_drop, read_with_linen, save, tx
 from models import DROP_RULES, MLP_RULES
 from orbax_linen_nnx import LinenCompatRestore, LinenCompatSave, cli, convert, source
-from test_cli import REPO, run
-from test_journeys import linen_pairs, make_bn_drop, read_with_linen, tx
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def cli_run(capsys, *args) -> subprocess.CompletedProcess:
+  """The command line, in this process (test_cli.py runs it in fresh ones): its status and what it printed."""
+  capsys.readouterr()
+  status = cli.main([os.fspath(a) for a in args])
+  out = capsys.readouterr()
+  return subprocess.CompletedProcess(args, status, out.out, out.err)
 
 
 def files(d: epath.Path) -> dict[str, int]:
@@ -61,7 +70,7 @@ def test_linen_run_resumes_in_nnx_from_its_run_directory(storage, mesh):
   assert int(state['optimizer'].step.get_value()) == 3
 
 
-def test_bare_saves_in_a_numeric_directory_are_finished_checkpoints(storage, mesh):
+def test_bare_saves_in_a_numeric_directory_are_finished_checkpoints(storage, mesh, capsys):
   """Checkpoints saved without a manager into `<x>/1/default` (StandardCheckpointer) and `<x>/0/items`
   (PyTreeCheckpointer, MaxText's parameter-only checkpoints): planned, restored and inspected, although
   their parent is named like a step (on gs:// the commit marker is in the directory Orbax saved)."""
@@ -81,14 +90,14 @@ def test_bare_saves_in_a_numeric_directory_are_finished_checkpoints(storage, mes
                                                        'fc2/kernel': 'Dense_1/kernel', 'fc2/bias': 'Dense_1/bias'})
     models.assert_sharded_as(restored, abstract)
   for item in (storage / 'bare' / '1', storage / 'params_only' / '0' / 'items'):
-    r = run('inspect', item)
+    r = cli_run(capsys, 'inspect', item)
     assert r.returncode == cli.EXIT_OK and 'Dense_0/' in r.stdout, r.stderr
   fresh = model()
   nnx.update(fresh, restored)
   assert np.isfinite(fresh(models.batch()[0])).all()
 
 
-def test_an_unfinished_save_is_named_as_one(storage):
+def test_an_unfinished_save_is_named_as_one(storage, capsys):
   """A manager step whose save did not finish is refused as unfinished, however it is named; on gs:// it
   has no commit marker, on local disk it is still under Orbax's temporary name."""
   save(storage / 'run', step=1, what=ocp.args.StandardSave({'w': np.ones((4, 4), np.float32)}))
@@ -101,7 +110,7 @@ def test_an_unfinished_save_is_named_as_one(storage):
     step.rename(unfinished)
   with pytest.raises(orbax_linen_nnx.DamagedCheckpointError, match='did not finish|not finished writing'):
     orbax_linen_nnx.plan(unfinished, {'w': jax.ShapeDtypeStruct((4, 4), np.float32)})
-  r = run('inspect', unfinished / 'default')
+  r = cli_run(capsys, 'inspect', unfinished / 'default')
   assert r.returncode == cli.EXIT_UNREADABLE and ('did not finish' in r.stderr or 'not finished' in r.stderr), r.stderr
 
 
@@ -139,20 +148,20 @@ def test_orbax_v1_loads_and_saves(storage, mesh):
   assert np.isfinite(models.nnx_step(state['model'], state['optimizer']))
 
 
-def test_command_line_inspects_plans_converts_and_compares(storage):
+def test_command_line_inspects_plans_converts_and_compares(storage, capsys):
   linen = models.linen_bn_drop_state(tx())
   save(storage / 'run', step=2, what=ocp.args.StandardSave(linen))
-  assert run('inspect', storage / 'run').returncode == cli.EXIT_OK
-  r = run('plan', storage / 'run' / '2', '--to', 'nnx')
+  assert cli_run(capsys, 'inspect', storage / 'run').returncode == cli.EXIT_OK
+  r = cli_run(capsys, 'plan', storage / 'run' / '2', '--to', 'nnx')
   assert r.returncode == cli.EXIT_OK and 'Dense_0' in r.stdout, r.stderr
-  r = run('convert', storage / 'run' / '2', storage / 'nnx' / '2', '--to', 'nnx', '--quiet')
+  r = cli_run(capsys, 'convert', storage / 'run' / '2', storage / 'nnx' / '2', '--to', 'nnx', '--quiet')
   assert r.returncode == cli.EXIT_OK, r.stderr
-  assert run('compare', storage / 'run' / '2', storage / 'nnx' / '2').returncode == cli.EXIT_OK
+  assert cli_run(capsys, 'compare', storage / 'run' / '2', storage / 'nnx' / '2').returncode == cli.EXIT_OK
   with ocp.CheckpointManager(storage / 'nnx') as mngr:  # a finished step of a run directory
     assert mngr.all_steps() == [2]
   # Never into its own source, named as the storage names it (a gs:// path has no local resolve()).
   before = files(storage / 'run')
-  r = run('convert', storage / 'run' / '2', storage / 'run' / '2' / 'x', '--to', 'nnx', '--quiet')
+  r = cli_run(capsys, 'convert', storage / 'run' / '2', storage / 'run' / '2' / 'x', '--to', 'nnx', '--quiet')
   assert r.returncode == cli.EXIT_DESTINATION and 'overlap' in r.stderr, r.stderr
   src = source.open_checkpoint(storage / 'run' / '2')
   for dst in (storage / 'run' / '2', storage / 'run', storage / 'run' / '2' / 'default' / 'y'):
@@ -170,7 +179,7 @@ convert.convert(src, sys.argv[2], convert.plan_to(src, 'nnx'), batch_bytes=64 * 
 """
 
 
-def test_an_interrupted_convert_is_redone_by_running_it_again(storage):
+def test_an_interrupted_convert_is_redone_by_running_it_again(storage, capsys):
   """Killed after its first block: what it left is refused as unfinished, and running the same command
   again (no --overwrite) writes the whole checkpoint, on both storages. Something else unfinished at DST
   is not replaced without --overwrite."""
@@ -183,19 +192,56 @@ def test_an_interrupted_convert_is_redone_by_running_it_again(storage):
                         capture_output=True, text=True, timeout=240)
   assert died.returncode == 9, died.stderr[-3000:]
   if os.fspath(storage).startswith('gs://'):  # written in place: there, unfinished
-    r = run('inspect', dst)
+    r = cli_run(capsys, 'inspect', dst)
     assert r.returncode == cli.EXIT_UNREADABLE and 'did not finish' in r.stderr, r.stderr
   else:  # under a temporary name: nothing at DST
     assert not dst.exists()
-  r = run('convert', src, dst, '--to', 'nnx', '--quiet')
+  r = cli_run(capsys, 'convert', src, dst, '--to', 'nnx', '--quiet')
   assert r.returncode == cli.EXIT_OK, r.stderr
-  assert run('compare', src, dst).returncode == cli.EXIT_OK
+  assert cli_run(capsys, 'compare', src, dst).returncode == cli.EXIT_OK
 
   other = storage / 'other' / '1'
   (other / 'default').mkdir(parents=True)
   (other / 'default' / 'something').write_text('not a convert')
-  r = run('convert', src, other, '--to', 'nnx', '--quiet')
+  r = cli_run(capsys, 'convert', src, other, '--to', 'nnx', '--quiet')
   assert r.returncode == cli.EXIT_DESTINATION, r.stderr
   expected = 'did not finish' if os.fspath(storage).startswith('gs://') else 'already exists'
   assert expected in r.stderr and '--overwrite' in r.stderr, r.stderr
   assert (other / 'default' / 'something').read_text() == 'not a convert'
+
+
+def test_convert_on_two_processes_each_writes_its_share(storage, capsys):
+  """`--distributed`: two processes (2 CPU devices each, loopback only) read and write their own shards."""
+  import socket
+
+  rng = np.random.default_rng(2)
+  save(storage / 'linen', {'params': {'Dense_0': {'kernel': rng.standard_normal((256, 512), dtype=np.float32)},
+                                      'Dense_1': {'kernel': rng.standard_normal((512, 8), dtype=np.float32)}}})
+  src = storage / 'linen'
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  base = {k: v for k, v in os.environ.items() if not k.startswith(('XLA_', 'JAX_'))}
+  base.update(JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2',
+              PYTHONPATH=str(REPO / 'tests'))
+  procs = [subprocess.Popen([sys.executable, str(REPO / 'tests' / 'cli_loopback.py'), 'convert', os.fspath(src / '1'),
+                             os.fspath(storage / 'nnx' / '1'), '--to', 'nnx', '--quiet', '--distributed',
+                             '--coordinator', f'127.0.0.1:{port}', '--num-processes', '2', '--process-id', str(i)],
+                            cwd=REPO, env=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=180) for p in procs]  # a hang fails here instead of stalling CI
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [0, 0], [o[1][-3000:] for o in outs]
+  reports = [[line for line in out.splitlines() if not line.startswith('[Gloo]')] for out, _ in outs]
+  assert reports[0][0].startswith('wrote ') and reports[1] == [], reports  # one report, from process 0
+  # Each process wrote its own OCDBT files, each about half of the 528 KiB of arrays (split over the 4
+  # devices, two per process; random float32 values barely compress): no process wrote everything.
+  item = storage / 'nnx' / '1' / 'default'
+  written = [sum(files(item / f'ocdbt.process_{i}').values()) for i in range(2)]
+  with ocp.CheckpointManager(src) as mngr:
+    total = sum(a.nbytes for a in jax.tree.leaves(mngr.restore(1)))
+  assert all(0.4 * total < w < 0.6 * total for w in written), (written, total)
+  assert cli_run(capsys, 'compare', src, storage / 'nnx').returncode == cli.EXIT_OK
