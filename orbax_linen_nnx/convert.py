@@ -141,21 +141,13 @@ def batches(reads: Sequence[plan_lib.LeafRead], budget: int) -> list[list[plan_l
 
 
 @dataclasses.dataclass(eq=False)
-class Pending:
+class Pending(plan_lib.Sized):
   """An array Orbax saves that is read from the source only when Orbax writes it."""
 
   read: plan_lib.LeafRead
   shape: tuple[int, ...]
   dtype: np.dtype
   sharding: Any
-
-  @property
-  def nbytes(self) -> int:
-    return plan_lib.nbytes(self.shape, self.dtype)
-
-  @property
-  def ndim(self) -> int:
-    return len(self.shape)
 
 
 def _trim() -> None:

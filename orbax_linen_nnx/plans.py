@@ -35,6 +35,18 @@ def nbytes(shape, dtype) -> int:
   return math.prod(shape) * np.dtype(dtype).itemsize
 
 
+class Sized:
+  """`nbytes` and `ndim` from `shape` and `dtype`: what Orbax asks of a leaf it writes as an array."""
+
+  @property
+  def nbytes(self) -> int:
+    return nbytes(self.shape, self.dtype)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+
 def fmt(shape, dtype) -> str:
   return f'{tuple(shape)} {np.dtype(dtype).name if is_numpy_dtype(dtype) else dtype}'
 

@@ -60,7 +60,7 @@ SAVE_IN_FLIGHT_BYTES = 64 * 2**20
 
 
 @dataclasses.dataclass(eq=False)
-class Converted:
+class Converted(plan_lib.Sized):
   """A Linen array a plan's ops make from NNX arrays, written by `ConvertedHandler` from their shards.
 
   No converted copy of it exists on any device: each process copies its NNX
@@ -76,14 +76,6 @@ class Converted:
   dtype: np.dtype
   sharding: Any  # what Orbax records for it: the sources' sharding, moved with the layout
   chunk: tuple[int, ...]  # the box one NNX shard fills
-
-  @property
-  def nbytes(self) -> int:
-    return plan_lib.nbytes(self.shape, self.dtype)
-
-  @property
-  def ndim(self) -> int:
-    return len(self.shape)
 
 
 def _spec_of(expr, shardings: Mapping[str, Any]) -> list | None:
