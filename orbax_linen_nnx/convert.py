@@ -168,9 +168,6 @@ class _PendingHandler(ocp.type_handlers.TypeHandler):
   async def metadata(self, infos):
     return await self._array.metadata(infos)
 
-  def memory_size(self, values):
-    return [v.nbytes for v in values]
-
   async def serialize(self, values, infos, args=None):
     args = list(args or [ocp.type_handlers.SaveArgs()] * len(values))
     # Like Orbax's own writes, after the signals that the checkpoint's directories exist (in a
