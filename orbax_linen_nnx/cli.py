@@ -282,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     status, message = EXIT_USAGE, str(e)
   except plans.PlanError as e:
     status, message = EXIT_PLAN, str(e)
-  except (source.CheckpointNotFoundError, source.DamagedCheckpointError) as e:
+  except (source.CheckpointNotFoundError, source.DamagedCheckpointError, source.UnsupportedStorageError) as e:
     status, message = EXIT_UNREADABLE, str(e)
   except convert.DestinationExistsError as e:
     status, message = EXIT_DESTINATION, str(e)

@@ -276,6 +276,7 @@ def _left_by_convert(dst: epath.Path) -> bool:
 
 def _check_destination(src: source_lib.Checkpoint, dst: epath.Path, overwrite: bool) -> bool:
   """Refuses a DST that overlaps SRC or exists; True where DST is a convert's unfinished leftover to replace."""
+  source_lib.check_storage(dst, saving=True)
   s, d = _named(src.directory), _named(dst)
   if (src.directory.parent / source_lib.STEP_METADATA_FILE).exists():  # the item of a step: the whole step
     s = s[:-1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 from typing import Any
 
@@ -136,6 +137,15 @@ class SavedAsStandard:
     return ocp.StandardCheckpointHandler.typestr
 
 
+@dataclasses.dataclass(frozen=True)
+class _Refused:
+  """A commit future that raises the save's refusal (for `wait_until_finished` to surface)."""
+  error: Exception
+
+  def result(self, timeout: float | None = None) -> None:
+    raise self.error
+
+
 class LinenCompatHandler(ocp.AsyncCheckpointHandler):
   """Restores a PyTree checkpoint saved in one layout into a state of the other; saves NNX as Linen.
 
@@ -180,6 +190,13 @@ class LinenCompatHandler(ocp.AsyncCheckpointHandler):
     return main, (None if sidecar is None else ocp.args.StandardSave(sidecar))
 
   async def async_save(self, directory: epath.Path, args=None):
+    try:
+      source_lib.check_storage(directory, saving=True)
+    except source_lib.UnsupportedStorageError as e:
+      # Raised from the commit, as Orbax's own errors there are: raised now, the directory creation Orbax
+      # started before calling this handler would never be awaited, and its thread would hold the
+      # process for its signal timeout.
+      return [_Refused(e)]
     main, sidecar = self.standard_args(args, carry=True)
     futures = list(await self._writer.async_save(directory, args=main) or [])
     if sidecar is not None:  # a PyTree of its own inside the item, written and committed with it
@@ -187,6 +204,7 @@ class LinenCompatHandler(ocp.AsyncCheckpointHandler):
     return futures
 
   def save(self, directory: epath.Path, args=None):
+    source_lib.check_storage(directory, saving=True)
     main, sidecar = self.standard_args(args, carry=True)
     self._writer.save(directory, args=main)
     if sidecar is not None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 from typing import Any
 
 import numpy as np
@@ -38,6 +40,55 @@ class CheckpointNotFoundError(FileNotFoundError):
 
 class DamagedCheckpointError(ValueError):
   """The checkpoint is unfinished (a save still running or interrupted) or its files are damaged."""
+
+
+class UnsupportedStorageError(ValueError):
+  """The path is on a storage Orbax cannot open checkpoints on (this package reads and writes through Orbax)."""
+
+
+def check_storage(path: epath.PathLike, *, saving: bool = False) -> None:
+  """Refuses, before any request, a URL whose storage the installed Orbax cannot open checkpoints on.
+
+  Asked of Orbax itself: the TensorStore spec it builds for an array there.
+  Orbax 0.12 builds specs for local paths and gs:// only; for s3:// (az://,
+  ...) it raises for an OCDBT checkpoint, and for any other it names a local
+  file `s3:/bucket/...` (relative, under the working directory). A later Orbax
+  that opens such URLs passes this check unchanged. `saving`: the path is
+  being saved to (perhaps under Orbax's temporary name), and the fix says how
+  to save instead.
+  """
+  path = epath.Path(path)
+  text = os.fspath(path)
+  if '://' not in text:
+    return
+  context = ocp.type_handlers.get_ts_context(use_ocdbt=True)
+  try:
+    specs = [_spec_template(path, use_ocdbt, False, context) for use_ocdbt in (True, False)]
+    problem = None if not any(_drivers(s) & {'file'} for s in specs) else 'it would open it as a local file'
+  except ValueError as e:
+    problem = f'it raises "{e}"'
+  if problem is None:
+    return
+  scheme = text.split('://', 1)[0]
+  named = re.sub(re.escape(ocp.path.step.TMP_DIR_SUFFIX) + r'[^/]*', '', text)  # as the save will name it
+  fix = (f'save to the mounted bucket\'s local path, or save to local disk and copy the checkpoint up (e.g.'
+         f' `aws s3 cp --recursive /local/dir {named}`)') if saving else (
+         f'pass the mounted local path, or copy the checkpoint to local disk (e.g. `aws s3 cp --recursive'
+         f' {named} /local/dir`) and pass that')
+  raise UnsupportedStorageError(
+      f'{named}: Orbax {ocp.__version__} cannot open checkpoints on {scheme}:// (asked for the TensorStore spec of'
+      f' an array there, {problem}); this package reads and writes through Orbax, so it cannot either. Mount the'
+      f' bucket (e.g. mountpoint-s3 or s3fs-fuse) and {fix}. gs:// is supported as it is')
+
+
+def _drivers(spec) -> set[str]:
+  """Every TensorStore driver named in a spec (nested kvstores included)."""
+  if isinstance(spec, dict):
+    return ({spec['driver']} if isinstance(spec.get('driver'), str) else set()).union(
+        *(_drivers(v) for v in spec.values()))
+  if isinstance(spec, list):
+    return set().union(*(_drivers(v) for v in spec))
+  return set()
 
 
 _PICK_ANOTHER = 'restore another step (CheckpointManager.all_steps() lists the finished ones)'
@@ -139,9 +190,15 @@ def _step_directory(run: epath.Path, step: int) -> epath.Path:
         f'{run} holds no finished step {step}; its finished steps are {steps or "none"}') from None
 
 
+def _items(directory: epath.Path) -> list[str]:
+  """The children of `directory` that hold a PyTree `_METADATA`, from one listing (one request on an object
+  store, where asking each child costs two)."""
+  return sorted(p.parent.name for p in directory.glob(f'*/{ocp.path.format_utils.PYTREE_METADATA_FILE}'))
+
+
 def _latest_step(run: epath.Path) -> epath.Path | None:
   """A run directory's latest finished step, or None when `run` is no run directory (it holds items)."""
-  if any((p / ocp.path.format_utils.PYTREE_METADATA_FILE).exists() for p in run.iterdir() if not p.name.isdigit()):
+  if any(not name.isdigit() for name in _items(run)):
     return None
   steps = ocp.utils.checkpoint_steps(run)
   return _step_directory(run, max(steps)) if steps else None
@@ -156,6 +213,7 @@ def locate(path: epath.PathLike, *, step: int | None = None, item: str | None = 
   of a step that holds several. A path that does not exist, or a step the run
   does not hold, raises `CheckpointNotFoundError` saying what is there.
   """
+  check_storage(path)
   path = epath.Path(path)
   if not path.exists():
     raise _not_found(path)
@@ -173,8 +231,7 @@ def item_directory(directory: epath.Path) -> epath.Path:
     raise _not_found(directory)
   if (directory / ocp.path.format_utils.PYTREE_METADATA_FILE).exists():
     return directory
-  items = sorted(p.name for p in directory.iterdir() if (p / ocp.path.format_utils.PYTREE_METADATA_FILE).exists()) \
-      if directory.is_dir() else []
+  items = _items(directory) if directory.is_dir() else []
   if 'default' in items or len(items) == 1:
     return directory / ('default' if 'default' in items else items[0])
   if items:

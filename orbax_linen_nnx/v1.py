@@ -35,6 +35,15 @@ class LinenCompatCheckpointableHandler:
     self._sidecar = ocp_v1.handlers.PyTreeHandler()  # NNX-only state, in the checkpointable's nnx_aux/
 
   async def save(self, directory, checkpointable: args_lib.LinenCompatSave) -> Awaitable[None]:
+    try:
+      source_lib.check_storage(directory.path, saving=True)  # a path awaiting creation
+    except source_lib.UnsupportedStorageError as e:
+      error = e  # raised from the background part, as Orbax's own are (see LinenCompatHandler.async_save)
+
+      async def refused():
+        raise error
+
+      return refused()
     main, sidecar = self._v0.standard_args(checkpointable)
     tree = await self._pytree.save(directory, main.item)
     if sidecar is None:

