@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from orbax_linen_nnx import args as args_lib
+from orbax_linen_nnx import cost as cost_lib
 from orbax_linen_nnx import layout
 from orbax_linen_nnx import outcome
 from orbax_linen_nnx import planner
@@ -55,23 +56,33 @@ def _option_problems(args, state: target.AbstractState) -> list[str]:
   return problems
 
 
-def _prepare(directory: epath.PathLike, args: args_lib.LinenCompatRestore) -> planner.Prepared:
+def _prepare(directory: epath.PathLike, args: args_lib.LinenCompatRestore,
+             topology: cost_lib.Topology | None = None) -> planner.Prepared:
   return planner.prepare(directory, args.abstract_state, rules=args.rules, partial=args.partial, stacks=args.stacks,
                          source_layout=args.source_layout, target_layout=args.target_layout, mesh=args.mesh,
-                         option_problems=lambda state: _option_problems(args, state))
+                         option_problems=lambda state: _option_problems(args, state), topology=topology,
+                         replica_axis=args.replica_axis, budget_bytes=args.read_budget_bytes)
 
 
-def plan(directory: epath.PathLike, abstract_state: Any, **options) -> plans.RestorePlan:
+def plan(directory: epath.PathLike, abstract_state: Any, *, processes: int | None = None,
+         device_process: Sequence[int] | None = None, **options) -> plans.RestorePlan:
   """The `RestorePlan` of restoring `abstract_state` from a checkpoint; reads no array.
 
   `directory` is the item directory (`<run>/<step>/default`), a step directory
   of a single-item checkpoint, or a run directory (its latest finished step).
-  `options` are those of `LinenCompatRestore`.
+  `options` are those of `LinenCompatRestore`. The plan's `cost` tells what
+  every process will read, decode, place and hold. `processes=N` simulates a
+  run of N processes (the target's shardings may be over a
+  `jax.sharding.AbstractMesh` of devices that do not exist here): the mesh's
+  devices, row-major, split into N equal consecutive runs, or as
+  `device_process` (a process index per mesh position, row-major) says.
 
   >>> print(plan(run_dir / '100' / 'default', abstract, rules={'Dense_0': 'fc1'}))  # doctest: +SKIP
+  >>> plan(run_dir, abstract_over_pod_mesh, processes=64).cost.summary()  # doctest: +SKIP
   """
+  topology = cost_lib.Topology(processes, device_process) if processes or device_process is not None else None
   with _gc_paused():
-    return _prepare(directory, args_lib.LinenCompatRestore(abstract_state, **options)).plan
+    return _prepare(directory, args_lib.LinenCompatRestore(abstract_state, **options), topology).plan
 
 
 def restore(source: Any, abstract_state: Any, *, step: int | None = None, item: str | None = None,

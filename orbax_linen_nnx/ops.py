@@ -481,6 +481,15 @@ def carried(expr, name: str, box: Box, data: np.ndarray) -> list[tuple[Box, np.n
   return out
 
 
+def needed(expr, box: Box) -> list[tuple[str, Box]]:
+  """The box of each stored array that computing `box` of `expr` reads (the read engine's inputs)."""
+  op = getattr(expr, 'op', None)
+  if op is None:
+    return [(expr.name, box)]
+  shapes = [tuple(a.shape) for a in expr.args]
+  return [x for a, b in zip(expr.args, op.needs(box, shapes)) if b is not None for x in needed(a, b)]
+
+
 def stored_leaves(expr) -> list:
   """The stored arrays an expression reads."""
   return expr.leaves() if isinstance(expr, Derived) else [expr]

@@ -144,6 +144,126 @@ class LeafRead:
     )
 
 
+def size_text(n: float) -> str:
+  """Bytes as people read them: '512 B', '3.0 MiB', '1.2 TiB'."""
+  for unit in ('B', 'KiB', 'MiB', 'GiB', 'TiB'):
+    if n < 1024 or unit == 'TiB':
+      return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
+    n /= 1024
+  return str(n)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafCost:
+  """One target leaf's reads on one process: stored bytes decoded for it and the stored bytes it needs."""
+
+  path: str
+  decoded: int
+  needed: int
+  largest_chunk: int  # the largest stored chunk it decodes
+  largest_need: int  # the largest box of one stored array one of its slices needs
+
+  @property
+  def over_read(self) -> float:
+    return self.decoded / self.needed if self.needed else 1.0
+
+
+# A stored chunk this many times the largest box any slice of the process needs from it, and at least
+# BIG_CHUNK_BYTES, is named in the plan: typically a published array stored as one chunk, read by many devices.
+BIG_CHUNK_FACTOR, BIG_CHUNK_BYTES = 8, 64 * 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessCost:
+  """What one process of a restore reads, decodes, places and holds (from metadata; see cost.py).
+
+  Attributes:
+    read_bytes: stored bytes it decodes (each chunk once: chunks x chunk bytes).
+    needed_bytes: stored bytes its slices need; read_bytes / needed_bytes is the over-read.
+    chunks: stored chunks it decodes.
+    placed_bytes: target bytes placed on its devices, every device's copy counted.
+    device_max_bytes: target bytes on its most loaded device.
+    budget_bytes, largest_chunk_bytes: the read engine holds at most the budget of decoded bytes plus the
+      largest chunk it decodes (`host_bound_bytes`), besides the process's own baseline.
+    leaves: per target leaf, most over-read first.
+    chunk_ids: with `chunks_of`, the chunks it decodes by stored array.
+  """
+
+  process: int
+  devices: int
+  read_bytes: int
+  needed_bytes: int
+  chunks: int
+  placed_bytes: int
+  device_max_bytes: int
+  budget_bytes: int
+  largest_chunk_bytes: int
+  leaves: tuple[LeafCost, ...] = ()
+  chunk_ids: dict | None = None
+
+  @property
+  def over_read(self) -> float:
+    return self.read_bytes / self.needed_bytes if self.needed_bytes else 1.0
+
+  @property
+  def host_bound_bytes(self) -> int:
+    return min(self.budget_bytes, self.read_bytes) + self.largest_chunk_bytes
+
+  def big_chunks(self) -> list[LeafCost]:
+    return [c for c in self.leaves if c.largest_chunk >= BIG_CHUNK_BYTES
+            and c.largest_chunk >= BIG_CHUNK_FACTOR * c.largest_need]
+
+  def lines(self) -> list[str]:
+    z = size_text
+    out = [f'process {self.process} ({self.devices} devices): reads {z(self.read_bytes)} in {self.chunks:,}'
+           f' chunks for {z(self.needed_bytes)} needed (over-read {self.over_read:.2f}x); places'
+           f' {z(self.placed_bytes)}, at most {z(self.device_max_bytes)} on one device; host memory of the read'
+           f' at most {z(self.host_bound_bytes)} (budget {z(self.budget_bytes)} + largest chunk'
+           f' {z(self.largest_chunk_bytes)})']
+    worst = [c for c in self.leaves[:3] if c.decoded > c.needed]
+    if worst and self.over_read > 1.05:
+      out.append('  over-read mostly from ' + ', '.join(
+          f'{c.path} ({z(c.decoded)} decoded for {z(c.needed)})' for c in worst))
+    out += [f'  {c.path}: stored chunks of {z(c.largest_chunk)} for slices of at most {z(c.largest_need)}'
+            f' (each process decodes whole chunks)' for c in self.big_chunks()]
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+  """Every process's `ProcessCost` for one restore (`simulated`: processes from `processes=`, not devices)."""
+
+  processes: tuple[ProcessCost, ...]
+  simulated: bool = False
+
+  def of(self, process: int) -> ProcessCost:
+    for p in self.processes:
+      if p.process == process:
+        return p
+    raise KeyError(f'no process {process} in this plan (processes {[p.process for p in self.processes]})')
+
+  def summary(self) -> dict[str, dict[str, int]]:
+    """Max, min and total over processes of each byte count."""
+    fields = ('read_bytes', 'chunks', 'placed_bytes', 'device_max_bytes', 'host_bound_bytes')
+    return {f: {'max': max(getattr(p, f) for p in self.processes), 'min': min(getattr(p, f) for p in self.processes),
+                'total': sum(getattr(p, f) for p in self.processes)} for f in fields}
+
+  def lines(self, process: int | None = None, every: bool = False) -> list[str]:
+    if not self.processes:
+      return []
+    if len(self.processes) == 1 or (process is not None and not every):
+      return self.of(process if process is not None else self.processes[0].process).lines()
+    z, s = size_text, self.summary()
+    out = [f'{len(self.processes)} processes{" (simulated)" if self.simulated else ""}: reads'
+           f' {z(s["read_bytes"]["total"])} in all, {z(s["read_bytes"]["min"])}-{z(s["read_bytes"]["max"])} a'
+           f' process; devices hold up to {z(s["device_max_bytes"]["max"])}; host memory of the read up to'
+           f' {z(s["host_bound_bytes"]["max"])} a process']
+    shown = self.processes if every else [max(self.processes, key=lambda p: p.read_bytes)]
+    if not every:
+      out.append('most read:')
+    return out + [f'  {line}' for p in shown for line in p.lines()]
+
+
 @dataclasses.dataclass(frozen=True)
 class RestorePlan:
   """What a restore will read, keep and leave out, decided before any read.
@@ -160,6 +280,7 @@ class RestorePlan:
     dropped: (source array, rule) for every source a `drop` rule left out.
     rules_matched: (rule, model paths it matched) for every rule that matched.
     notes: what the planner inferred that the caller did not state.
+    cost: what each process will read, decode, place and hold (`Cost`), or None.
   """
 
   source_layout: str
@@ -171,6 +292,7 @@ class RestorePlan:
   dropped: tuple[tuple[SourceArray, str], ...] = ()
   rules_matched: tuple[tuple[str, tuple[str, ...]], ...] = ()
   notes: tuple[str, ...] = ()
+  cost: Cost | None = None
 
   def __str__(self) -> str:
     lines = [
@@ -192,7 +314,17 @@ class RestorePlan:
       shown = ', '.join(paths[:3]) + (f', ... ({len(paths)} in all)' if len(paths) > 3 else '')
       lines.append(f'  rule    {rule} matched {shown}')
     lines += [f'  note    {n}' for n in self.notes]
+    if self.cost is not None:
+      # A real restore: the calling process's own cost; simulated: all processes together, the most read.
+      mine = None if self.cost.simulated else self._process()
+      lines += [f'  cost    {line}' for line in self.cost.lines(process=mine)]
     return '\n'.join(lines)
+
+  @staticmethod
+  def _process() -> int | None:
+    import jax  # the calling process, where JAX runs
+
+    return jax.process_index()
 
   def read_for(self, path: str | Path) -> LeafRead:
     """The `LeafRead` of a target path ('model/fc1/kernel' or a tuple)."""

@@ -206,7 +206,7 @@ def view(expr, stores):
   return VIEWS[type(op)](op, [view(a, stores) for a in expr.args])
 
 
-def _box_of(index: tuple[slice, ...], shape: Sequence[int]) -> Box:
+def box_of(index: tuple[slice, ...], shape: Sequence[int]) -> Box:
   return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
 
 
@@ -219,11 +219,11 @@ def _within(inner: Box, outer: Box) -> tuple[slice, ...]:
   return tuple(slice(ilo - olo, ihi - olo) for (ilo, ihi), (olo, _) in zip(inner, outer))
 
 
-def _size(box: Box) -> int:
+def box_size(box: Box) -> int:
   return math.prod(hi - lo for lo, hi in box)
 
 
-_count = _size  # chunks in a box of chunk indices
+_count = box_size  # chunks in a box of chunk indices
 
 
 def _meet(a: Box, b: Box) -> bool:
@@ -271,7 +271,7 @@ class Grid:
                  for i, c, o, n in zip(chunk, self.chunk, self.origin, self.shape))
 
   def nbytes(self, box: Box) -> int:
-    return _size(box) * self.itemsize
+    return box_size(box) * self.itemsize
 
   @property
   def chunk_nbytes(self) -> int:
@@ -357,11 +357,11 @@ class _Engine:
   def _leaf(self, read: plan_lib.LeafRead, replica_axis) -> _Leaf:
     t = read.target
     shape, sharding = tuple(t.shape), t.sharding
-    primary = _primary_devices(sharding, replica_axis)
+    primary = primary_devices(sharding, replica_axis)
     by_box: dict[Box, list] = collections.defaultdict(list)
     for device, index in sharding.addressable_devices_indices_map(shape).items():
-      by_box[_box_of(index, shape)].append(device)
-    local = sum(_size(b) for b in by_box) * np.dtype(t.dtype).itemsize
+      by_box[box_of(index, shape)].append(device)
+    local = sum(box_size(b) for b in by_box) * np.dtype(t.dtype).itemsize
     expr = read.expression()
     leaf = _Leaf(read, expr, sharding, primary, small=primary is None and local <= _SMALL_LEAF_BYTES,
                  viewable=_viewable(expr), slices_left=len(by_box))
@@ -371,7 +371,7 @@ class _Engine:
       s = _Slice(leaf, box, devices, readers)
       if whole is not None:
         whole.sinks.append(s)
-      elif readers and _size(box):
+      elif readers and box_size(box):
         s.recipe = _walk(expr, box, s, ops.identity if leaf.viewable else None)
       leaf.slices.append(s)
     leaf.whole = whole
@@ -389,7 +389,7 @@ class _Engine:
     if not (leaf.small and leaf.viewable and len(boxes) > 1):
       return None
     box = tuple((min(b[d][0] for b in boxes), max(b[d][1] for b in boxes)) for d in range(len(boxes[0])))
-    if not _size(box) or sum(_size(b) for b in boxes) != _size(box):
+    if not box_size(box) or sum(box_size(b) for b in boxes) != box_size(box):
       return None
     around = _Slice(leaf, box, [], [])
     _walk(leaf.expr, box, around)
@@ -564,14 +564,14 @@ class _Engine:
     shape = tuple(t.shape)
     if leaf.small:
       host = leaf.host
-      leaf.array = jax.make_array_from_callback(shape, leaf.sharding, lambda index: host[_box_of(index, shape)])
+      leaf.array = jax.make_array_from_callback(shape, leaf.sharding, lambda index: host[box_of(index, shape)])
     else:
       devices = leaf.sharding.addressable_devices_indices_map(shape)
       leaf.array = jax.make_array_from_single_device_arrays(shape, leaf.sharding, [leaf.placed[d] for d in devices])
     leaf.host, leaf.placed, leaf.slices, leaf.view = {}, {}, [], None
 
 
-def _primary_devices(sharding, replica_axis: str | None) -> set | None:
+def primary_devices(sharding, replica_axis: str | None) -> set | None:
   """Devices at index 0 of `replica_axis`, if the target is replicated along it."""
   if replica_axis is None or not isinstance(sharding, jax.sharding.NamedSharding):
     return None

@@ -225,11 +225,20 @@ def _fits(mesh: jax.sharding.Mesh | None, abstract_mesh) -> bool:
           and tuple(mesh.axis_sizes) == tuple(abstract_mesh.axis_sizes))
 
 
+def _abstract(sharding) -> bool:
+  return isinstance(sharding, jax.sharding.NamedSharding) and isinstance(sharding.mesh, jax.sharding.AbstractMesh)
+
+
+def _device_count(sharding) -> int:
+  return sharding.mesh.size if _abstract(sharding) else len(sharding.device_set)
+
+
 class _Shardings:
   """Makes every target's sharding concrete and checks it, collecting problems (nothing raised)."""
 
-  def __init__(self, mesh: jax.sharding.Mesh | None):
+  def __init__(self, mesh: jax.sharding.Mesh | None, keep_abstract: bool = False):
     self.mesh = mesh if mesh is not None else _context_mesh()
+    self.keep_abstract = keep_abstract  # a plan of a simulated run: devices that need not exist
     self.unmeshed: dict[str, list[str]] = collections.defaultdict(list)  # abstract mesh -> leaf paths
     self.problems: list[str] = []
     self._world = None
@@ -245,6 +254,9 @@ class _Shardings:
         return None
       sharding = jax.sharding.NamedSharding(self.mesh, sharding)
     if isinstance(sharding, jax.sharding.NamedSharding) and isinstance(sharding.mesh, jax.sharding.AbstractMesh):
+      if self.keep_abstract and not _fits(self.mesh, sharding.mesh):
+        self._check(path, tuple(value.shape), sharding)
+        return sharding
       if not _fits(self.mesh, sharding.mesh):
         axes = ', '.join(f'{a}={n}' for a, n in zip(sharding.mesh.axis_names, sharding.mesh.axis_sizes))
         self.unmeshed[f'an AbstractMesh ({axes})'].append(layout.render(path))
@@ -257,7 +269,7 @@ class _Shardings:
     where = f"target '{layout.render(path)}' {shape}"
     if self._world is None:
       self._world = set(jax.devices())
-    outside = sorted(d.id for d in sharding.device_set if d not in self._world)
+    outside = [] if _abstract(sharding) else sorted(d.id for d in sharding.device_set if d not in self._world)
     if outside:
       self.problems.append(f'{where}: its sharding uses devices {outside}, which are not among this run\'s'
                            ' devices (jax.devices()); build the mesh from jax.devices()')
@@ -315,11 +327,11 @@ class _Shardings:
       devices = {frozenset(s.device_set) for s in given}
       sharding = given[0] if given and len(devices) == 1 and len(given[0].device_set) == 1 else default_sharding()
     where = (f"mesh ({', '.join(f'{a}={n}' for a, n in sharding.mesh.shape.items())})"
-             if isinstance(sharding, jax.sharding.NamedSharding) else f'{len(sharding.device_set)} device(s)')
+             if isinstance(sharding, jax.sharding.NamedSharding) else f'{_device_count(sharding)} device(s)')
     if given:  # beside sharded leaves: say where these went
       notes.append(f'{len(unsharded)} target(s) give no sharding: replicated on the {where} the others use'
                    if meshes else f'{len(unsharded)} target(s) give no sharding: replicated on the {where}')
-    n = len(sharding.device_set)
+    n = _device_count(sharding)
     for path, nbytes in unsharded:
       if n > 1 and nbytes > UNSHARDED_NOTE_BYTES:
         large.append(f"'{layout.render(path)}' ({_mib(nbytes)}) gives no sharding: replicated, every one of the"
@@ -365,17 +377,20 @@ def module_order(module: nnx.Module) -> dict[Path, tuple[int | None, str]]:
   return out
 
 
-def flatten(abstract: Any, *, layout_name: str | None = None, mesh: jax.sharding.Mesh | None = None) -> AbstractState:
+def flatten(abstract: Any, *, layout_name: str | None = None, mesh: jax.sharding.Mesh | None = None,
+            keep_abstract: bool = False) -> AbstractState:
   """Reads every leaf of `abstract` as a `Target` (path, shape, dtype, sharding).
 
   Shardings over an `AbstractMesh` (or bare `PartitionSpec`s) are made concrete
   with `mesh`, else the mesh in context; every sharding is checked against its
   leaf. What does not fit is listed in `AbstractState.problems`, for the plan
   to report with its own; leaves that are no arrays raise `PlanError` at once.
+  `keep_abstract`: a plan only, of a simulated run, keeps AbstractMesh
+  shardings that no concrete mesh fits as they are.
   """
   if isinstance(abstract, nnx.Module):
     graphdef, state = nnx.split(abstract)
-    inner = flatten(state, layout_name=layout_name or layout.NNX, mesh=mesh)
+    inner = flatten(state, layout_name=layout_name or layout.NNX, mesh=mesh, keep_abstract=keep_abstract)
     # A module needs every leaf: what the restore does not fill holds a placeholder.
     return AbstractState(inner.layout, inner._slots, inner._leaves,
                          lambda leaves: nnx.merge(graphdef, inner._rebuild(leaves)), inner.problems, inner.notes,
@@ -383,7 +398,7 @@ def flatten(abstract: Any, *, layout_name: str | None = None, mesh: jax.sharding
   is_nnx = isinstance(abstract, nnx.State)
   flat, treedef = jax.tree_util.tree_flatten_with_path(abstract, is_leaf=_is_variable)
   found, leaves = [], []  # per leaf: (path, value, sharding) or None (no array)
-  shardings = _Shardings(mesh)
+  shardings = _Shardings(mesh, keep_abstract)
   not_arrays = []
   for keys, leaf in flat:
     path = layout.key_path(keys)

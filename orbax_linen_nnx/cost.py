@@ -1,0 +1,192 @@
+"""What a restore will cost on every process, from the plan and the stored chunk grids alone.
+
+The read engine (read.py) decodes each stored chunk under a process's slices
+once, and holds at most its budget of decoded bytes plus one chunk. So what
+each process reads, decodes, places and holds follows from three things known
+before any read: each target's sharding (which device holds which box), the
+plan's expression for each target (which box of which stored array a box of
+the target needs: `ops.needed`, the engine's own inputs) and each stored
+array's chunk grid. Nothing here needs the devices to exist: a sharding over a
+`jax.sharding.AbstractMesh` of a pod is placed on simulated processes.
+
+Which process holds which device: on a real mesh, each device's own
+`process_index`. Simulated (`processes=N`, or any AbstractMesh), the devices of
+the mesh in its row-major order are split into N equal consecutive runs, as
+`jax.make_mesh` orders them where `jax.devices()` lists each process's devices
+together (GPU clusters, CPU processes, a TPU pod sliced by host along the
+mesh's leading axes); `device_process` gives any other map, one process index
+per mesh position (row-major).
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from orbax_linen_nnx import ops
+from orbax_linen_nnx import read as read_lib
+from orbax_linen_nnx import plans
+
+Box = tuple[tuple[int, int], ...]
+
+
+def _axes(entry) -> tuple[str, ...]:
+  if entry is None or entry is jax.sharding.PartitionSpec.UNCONSTRAINED:
+    return ()
+  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def _mesh_shape(mesh) -> dict[str, int]:
+  return dict(zip(mesh.axis_names, mesh.axis_sizes))
+
+
+def named_boxes(sharding: jax.sharding.NamedSharding, shape: Sequence[int]) -> list[Box]:
+  """The box each mesh position (row-major) holds, as JAX places a NamedSharding: along each dimension,
+  the blocks of ceil(size / n) over the mesh axes the spec names there (the first axis slowest)."""
+  sizes = _mesh_shape(sharding.mesh)
+  names = list(sizes)
+  spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+  per_dim = [_axes(e) for e in spec]
+  out = []
+  for position in np.ndindex(*sizes.values()):
+    at = dict(zip(names, position))
+    box = []
+    for n, axes in zip(shape, per_dim):
+      blocks, block = 1, 0
+      for a in axes:
+        blocks, block = blocks * sizes[a], block * sizes[a] + at[a]
+      step = -(-n // blocks)
+      lo = min(block * step, n)
+      box.append((lo, min(lo + step, n)))
+    out.append(tuple(box))
+  return out
+
+
+def _replicated_along(sharding, axis: str | None) -> bool:
+  if axis is None or not isinstance(sharding, jax.sharding.NamedSharding):
+    return False
+  sizes = _mesh_shape(sharding.mesh)
+  return axis in sizes and sizes[axis] > 1 and axis not in {a for e in sharding.spec for a in _axes(e)}
+
+
+class Topology:
+  """Which process holds each device of a sharding: real (`process_index`) or simulated."""
+
+  def __init__(self, processes: int | None = None, device_process: Sequence[int] | None = None):
+    if processes is not None and processes < 1:
+      raise ValueError(f'processes must be at least 1, got {processes}')
+    if device_process is not None:
+      device_process = tuple(int(p) for p in device_process)
+      processes = max(processes or 0, max(device_process) + 1)
+    self.processes, self.device_process = processes, device_process
+    self.simulated = processes is not None
+
+  def placements(self, sharding, shape: Sequence[int], replica_axis: str | None = None
+                 ) -> list[tuple[int, Any, Box, bool]]:
+    """(process, device key, box, reads from storage) for every device the sharding places the leaf on."""
+    shape = tuple(shape)
+    abstract = isinstance(sharding, jax.sharding.NamedSharding) and isinstance(sharding.mesh,
+                                                                                jax.sharding.AbstractMesh)
+    if isinstance(sharding, jax.sharding.NamedSharding) and (abstract or self.simulated):
+      boxes = named_boxes(sharding, shape)
+      process_of = self._process_of(len(boxes))
+      readers = None
+      if _replicated_along(sharding, replica_axis):
+        sizes = _mesh_shape(sharding.mesh)
+        at = list(sizes).index(replica_axis)
+        readers = {i for i, pos in enumerate(np.ndindex(*sizes.values())) if pos[at] == 0}
+      return [(process_of(i), i, box, readers is None or i in readers) for i, box in enumerate(boxes)]
+    indices = sharding.devices_indices_map(shape)
+    primary = read_lib.primary_devices(sharding, replica_axis)
+    devices = sorted(indices, key=lambda d: d.id)
+    process_of = self._process_of(len(devices)) if self.simulated else None
+    return [(process_of(i) if process_of else d.process_index, d, read_lib.box_of(indices[d], shape),
+             primary is None or d in primary) for i, d in enumerate(devices)]
+
+  def _process_of(self, devices: int):
+    if self.device_process is not None:
+      if len(self.device_process) != devices:
+        raise ValueError(f'device_process names {len(self.device_process)} devices; the mesh has {devices}')
+      return self.device_process.__getitem__
+    n = self.processes or 1
+    if devices % n:
+      raise ValueError(f'{devices} devices do not split evenly into {n} processes: pass device_process=')
+    per = devices // n
+    return lambda i: i // per
+
+
+def _union(chunk_boxes: set) -> set:
+  return {c for b in chunk_boxes for c in read_lib.Grid.chunks(b)}
+
+
+def estimate(plan: plans.RestorePlan, grids: dict[str, read_lib.Grid], *, topology: Topology | None = None,
+             replica_axis: str | None = None, budget_bytes: int | None = None,
+             chunks_of: bool = False) -> plans.Cost:
+  """Every process's reads, decodes, device bytes and host bound for `plan` (see the module docstring).
+
+  `grids`: the chunk grid of every stored array the plan reads. With
+  `chunks_of`, each process's cost also lists the chunks it decodes, by
+  stored array (for checking against what a restore decodes).
+  """
+  topology = topology or Topology()
+  chunks: dict[int, dict[str, set]] = collections.defaultdict(lambda: collections.defaultdict(set))
+  needed: dict[int, dict[tuple[str, Box], None]] = collections.defaultdict(dict)
+  device_bytes: dict[int, dict[Any, int]] = collections.defaultdict(lambda: collections.defaultdict(int))
+  placed: dict[int, int] = collections.defaultdict(int)
+  per_leaf: dict[int, dict[str, list]] = collections.defaultdict(dict)  # process -> leaf -> [chunk boxes]
+  for r in plan.reads:
+    t = r.target
+    expr = r.expression()
+    itemsize = np.dtype(t.dtype).itemsize
+    leaf = '/'.join(t.path)
+    seen: set = set()
+    for process, device, box, reads in topology.placements(t.sharding, t.shape, replica_axis):
+      nbytes = read_lib.box_size(box) * itemsize
+      device_bytes[process][device] += nbytes
+      placed[process] += nbytes
+      if not reads or (process, box) in seen or not read_lib.box_size(box):
+        continue
+      seen.add((process, box))
+      mine = per_leaf[process].setdefault(leaf, [])
+      for name, stored in ops.needed(expr, box):
+        grid = grids[name]
+        chunk_box = grid.chunk_box(stored)
+        chunks[process][name].add(chunk_box)
+        needed[process][(name, stored)] = None
+        mine.append((name, chunk_box, grid.nbytes(stored)))
+  processes = sorted(set(device_bytes) | set(range(topology.processes or 0)))
+  out = []
+  for p in processes:
+    decoded_chunks = {name: _union(boxes) for name, boxes in chunks[p].items()}
+    decoded = sum(len(c) * grids[n].chunk_nbytes for n, c in decoded_chunks.items())
+    need = sum(grids[n].nbytes(b) for n, b in needed[p])
+    largest = max((grids[n].chunk_nbytes for n in decoded_chunks), default=0)
+    budget = budget_bytes if budget_bytes is not None else max(read_lib.DEFAULT_READ_BUDGET_BYTES, 2 * largest)
+    leaves = []
+    for leaf, parts in per_leaf[p].items():
+      mine = collections.defaultdict(set)
+      for name, chunk_box, _ in parts:
+        mine[name].add(chunk_box)
+      leaf_decoded = sum(len(_union(b)) * grids[n].chunk_nbytes for n, b in mine.items())
+      leaf_needed = sum(nb for _, _, nb in parts)
+      largest_chunk = max(grids[n].chunk_nbytes for n in mine)
+      leaves.append(plans.LeafCost(leaf, leaf_decoded, leaf_needed, largest_chunk,
+                                   max(nb for _, _, nb in parts)))
+    out.append(plans.ProcessCost(
+        process=p, devices=len(device_bytes[p]), read_bytes=decoded, needed_bytes=need,
+        chunks=sum(len(c) for c in decoded_chunks.values()), placed_bytes=placed[p],
+        device_max_bytes=max(device_bytes[p].values(), default=0), budget_bytes=budget,
+        largest_chunk_bytes=largest, leaves=tuple(sorted(leaves, key=lambda c: c.decoded - c.needed,
+                                                          reverse=True)),
+        chunk_ids={n: frozenset(c) for n, c in decoded_chunks.items()} if chunks_of else None))
+  return plans.Cost(processes=tuple(out), simulated=topology.simulated)
+
+
+def grids_of(plan: plans.RestorePlan, stores: dict) -> dict[str, read_lib.Grid]:
+  """The chunk grid of every stored array the plan reads, from the opened stores."""
+  names = {x.name for r in plan.reads for s in r.sources for x in ops.stored_leaves(s)}
+  return {n: read_lib.Grid(stores[n]) for n in names}
+
