@@ -170,7 +170,7 @@ class LeafCost:
 
 # A stored chunk this many times the largest box any slice of the process needs from it, and at least
 # BIG_CHUNK_BYTES, is named in the plan: typically a published array stored as one chunk, read by many devices.
-BIG_CHUNK_FACTOR, BIG_CHUNK_BYTES = 8, 64 * 2**20
+BIG_CHUNK_FACTOR, BIG_CHUNK_BYTES = 8, 16 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)

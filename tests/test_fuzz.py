@@ -34,6 +34,7 @@ from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
+import orbax_linen_nnx
 from orbax_linen_nnx import LinenCompatRestore, PlanError
 from orbax_linen_nnx import rename as rename_rule, transpose as transpose_rule
 from helpers import ChunkLoads
@@ -185,6 +186,9 @@ def test_linen_nnx_linen_round_trip(mesh, spec, opt, seed, rename, break_it, lay
     stored = jax.tree.leaves(ocp.PyTreeCheckpointHandler().metadata(item).tree)
     chunks = sum(int(np.prod([-(-n // c) for n, c in zip(s.shape, s.storage.chunk_shape)])) for s in stored)
     assert loads.count == chunks  # every stored chunk loaded once, for every target
+    # The plan said so before reading: its cost is what the restore decoded, chunk for chunk.
+    cost = orbax_linen_nnx.plan(item, abstract, rules=rules, stacks=stacks).cost.of(0)
+    assert cost.chunks == loads.count, cost
     models.assert_sharded_as(restored, abstract)
     want_model = models.host_values(nnx_params)
     got = models.host_values(restored)

@@ -191,6 +191,50 @@ def test_each_process_reads_only_the_chunks_under_its_own_shards(multihost):
     assert sum(m['chunk_reads'] for m in per_process) == total_chunks, spec
 
 
+def test_the_plan_simulated_on_one_machine_reads_what_each_real_process_read(multihost):
+  """The worker's restores planned here, in one process, over an AbstractMesh of the same shape and
+  `processes=N` (devices split into N consecutive runs of the mesh, as the workers build it): every
+  process's planned chunk count is what TensorStore's counters saw that process load, full restore and
+  kernel-only reads alike."""
+  import jax
+  import numpy as np
+  import optax
+  from flax import nnx
+  from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
+
+  import orbax_linen_nnx
+  from multihost_worker import D_HID, D_IN, D_OUT, MESH_AXES, MESH_SHAPE, RULES
+
+  n, k, results, run_dir = multihost
+  pod = AbstractMesh(MESH_SHAPE, MESH_AXES)  # the workers' (4, 2) mesh, with no device of it here
+
+  class Mlp(nnx.Module):
+    def __init__(self, rngs):
+      self.fc1 = nnx.Linear(D_IN, D_HID, rngs=rngs)
+      self.fc2 = nnx.Linear(D_HID, D_OUT, rngs=rngs)
+
+  def make():
+    m = Mlp(nnx.Rngs(0))
+    return {'model': m, 'optimizer': nnx.Optimizer(m, optax.adam(1e-2), wrt=nnx.Param)}
+
+  def sharded(v, spec_of=lambda shape: P(*('data', 'model')[:len(shape)])):
+    raw = v.get_raw_value()
+    return v.copy(jax.ShapeDtypeStruct(raw.shape, raw.dtype, sharding=NamedSharding(pod, spec_of(raw.shape))))
+
+  abstract = jax.tree.map(sharded, nnx.state(nnx.eval_shape(make)), is_leaf=lambda x: isinstance(x, nnx.Variable))
+  plan = orbax_linen_nnx.plan(run_dir / '1', abstract, rules=RULES, processes=n)
+  assert [p.process for p in plan.cost.processes] == list(range(n)) and {p.devices for p in plan.cost.processes} == {k}
+  print('\n'.join(plan.cost.lines(every=True)))
+  for r in results:
+    assert plan.cost.of(r['process_id']).chunks == r['restored']['chunk_reads'], (r['process_id'], r['restored'])
+  for spec in (P('data', 'model'), P('data')):
+    only = {'fc1': {'kernel': nnx.Param(jax.ShapeDtypeStruct((D_IN, D_HID), np.float32,
+                                                             sharding=NamedSharding(pod, spec)))}}
+    kernel = orbax_linen_nnx.plan(run_dir / '1', only, rules={'Dense_0': 'fc1'}, partial=True, processes=n)
+    for r in results:
+      assert kernel.cost.of(r['process_id']).chunks == r['reads'][str(spec)]['chunk_reads'], (spec, r['reads'])
+
+
 @pytest.mark.parametrize('case', sorted(EXPECTED_ERRORS))
 def test_bad_restore_fails_alike_everywhere_before_any_read(multihost, case):
   # The workers went on to restore successfully after these errors, so no
