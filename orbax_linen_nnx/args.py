@@ -66,6 +66,13 @@ class LinenCompatRestore(ocp.args.CheckpointArgs):
     mesh: the concrete `jax.sharding.Mesh` for targets sharded over an
       `AbstractMesh` (`nnx.eval_shape` under `jax.set_mesh`) or by bare
       `PartitionSpec`s; None: the mesh in context (`with jax.set_mesh(mesh):`).
+    max_over_read: warn when a process would decode more than this many times
+      the stored bytes its devices need (chunks far larger than, or cutting
+      across, the target's shards); None: never.
+    host_memory_limit_bytes: warn when a process's read may hold more than
+      this on the host (the read budget plus its largest stored chunk).
+    strict_cost: raise `PlanError`, before any read, where these (or a large
+      leaf replicated on every device for want of a sharding) would warn.
   """
 
   abstract_state: Any = None
@@ -80,6 +87,9 @@ class LinenCompatRestore(ocp.args.CheckpointArgs):
   timeout_s: float = 300.0
   read_budget_bytes: int | None = None
   mesh: jax.sharding.Mesh | None = None
+  max_over_read: float | None = 4.0
+  host_memory_limit_bytes: int | None = None
+  strict_cost: bool = False
 
 
 @dataclasses.dataclass

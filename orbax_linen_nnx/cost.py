@@ -190,3 +190,63 @@ def grids_of(plan: plans.RestorePlan, stores: dict) -> dict[str, read_lib.Grid]:
   names = {x.name for r in plan.reads for s in r.sources for x in ops.stored_leaves(s)}
   return {n: read_lib.Grid(stores[n]) for n in names}
 
+
+
+# A leaf above max_over_read is named only where it decodes this much more than it needs (a small array in
+# one chunk, read in slices, costs nothing worth saying).
+OVER_READ_NOTE_BYTES = 8 * 2**20
+
+
+def problems(cost: plans.Cost, *, max_over_read: float | None = None, host_memory_limit_bytes: int | None = None
+             ) -> list[str]:
+  """The expensive mistakes the cost shows, one line each, with the fix: a process whose over-read is above
+  `max_over_read`, or whose read's host memory bound is above `host_memory_limit_bytes`. Every process's
+  (each process of a run sees them all, so all decide alike)."""
+  z = plans.size_text
+  out = _Alike()
+  for p in cost.processes:
+    if max_over_read is not None:
+      # The process as a whole, or any leaf of it that wastes OVER_READ_NOTE_BYTES or more.
+      leaves = [c for c in p.leaves if c.over_read > max_over_read and c.decoded - c.needed >= OVER_READ_NOTE_BYTES]
+      if p.over_read > max_over_read or leaves:
+        worst = ', '.join(f'{c.path} ({z(c.decoded)} decoded for {z(c.needed)}, {c.over_read:.1f}x)'
+                          for c in (leaves or [c for c in p.leaves if c.decoded > c.needed])[:3])
+        out.append(p.process, f'{{who}} decodes {z(p.read_bytes)} of stored chunks for the {z(p.needed_bytes)}'
+                   f' its devices need (over-read {p.over_read:.1f}x), above max_over_read={max_over_read:g} for'
+                   f' {worst}: the stored chunks are much larger than, or cut across, the target\'s shards.'
+                   ' Fix: shard the target along the dimensions the checkpoint was saved on, or convert the'
+                   ' checkpoint once (orbax-linen-nnx convert) to chunks that fit the target, or pass a higher'
+                   ' max_over_read')
+    if host_memory_limit_bytes is not None and p.host_bound_bytes > host_memory_limit_bytes:
+      if p.largest_chunk_bytes > host_memory_limit_bytes:
+        fix = (f'one stored chunk alone is {z(p.largest_chunk_bytes)}: convert the checkpoint to smaller chunks'
+               ' (orbax-linen-nnx convert), or allow more memory')
+      else:
+        fix = (f'pass read_budget_bytes={max(host_memory_limit_bytes - p.largest_chunk_bytes, 1)} (the limit less'
+               ' the largest chunk): the same chunks are read, fewer at a time')
+      out.append(p.process, f'{{who}} may hold {z(p.host_bound_bytes)} on the host while it reads (budget'
+                 f' {z(p.budget_bytes)} + largest chunk {z(p.largest_chunk_bytes)}), above'
+                 f' host_memory_limit_bytes={host_memory_limit_bytes} ({z(host_memory_limit_bytes)}). Fix: {fix}')
+  return out.lines()
+
+
+class _Alike:
+  """Problem lines of many processes, each said once with every process it holds for."""
+
+  def __init__(self):
+    self._who: dict[str, list[int]] = {}
+
+  def append(self, process: int, text: str) -> None:
+    self._who.setdefault(text, []).append(process)
+
+  def lines(self) -> list[str]:
+    out = []
+    for text, who in self._who.items():
+      runs, start = [], who[0]
+      for a, b in zip(who, who[1:] + [None]):
+        if b != a + 1:
+          runs.append(str(start) if start == a else f'{start}-{a}')
+          start = b
+      out.append(text.format(who=('process ' if len(who) == 1 else 'processes ') + ', '.join(runs)
+                             + ('' if len(who) == 1 else ' each')))
+    return out

@@ -53,7 +53,25 @@ def _option_problems(args, state: target.AbstractState) -> list[str]:
                       f' (axes: {", ".join(map(repr, axes)) or "none: no target has a NamedSharding"})')
   if args.read_budget_bytes is not None and args.read_budget_bytes <= 0:
     problems.append(f'read_budget_bytes={args.read_budget_bytes!r} must be a positive number of bytes')
+  if args.max_over_read is not None and not args.max_over_read >= 1:
+    problems.append(f'max_over_read={args.max_over_read!r} must be a factor of at least 1 (or None)')
+  if args.host_memory_limit_bytes is not None and args.host_memory_limit_bytes <= 0:
+    problems.append(f'host_memory_limit_bytes={args.host_memory_limit_bytes!r} must be a positive number of bytes')
   return problems
+
+
+def _check_cost(args, prepared: planner.Prepared) -> None:
+  """Warns of the expensive mistakes the plan's cost shows; with `strict_cost`, raises `PlanError` instead
+  (before any read, alike on every process: each sees every process's cost)."""
+  found = cost_lib.problems(prepared.plan.cost, max_over_read=args.max_over_read,
+                            host_memory_limit_bytes=args.host_memory_limit_bytes)
+  if args.strict_cost:
+    found = list(prepared.state.large_replicated) + found
+    if found:
+      raise plans.PlanError(f'{len(found)} cost problem(s) with strict_cost=True; nothing was read.\n  '
+                            + '\n  '.join(found))
+  for line in found:
+    plans.warn(line)
 
 
 def _prepare(directory: epath.PathLike, args: args_lib.LinenCompatRestore,
@@ -81,8 +99,11 @@ def plan(directory: epath.PathLike, abstract_state: Any, *, processes: int | Non
   >>> plan(run_dir, abstract_over_pod_mesh, processes=64).cost.summary()  # doctest: +SKIP
   """
   topology = cost_lib.Topology(processes, device_process) if processes or device_process is not None else None
+  args = args_lib.LinenCompatRestore(abstract_state, **options)
   with _gc_paused():
-    return _prepare(directory, args_lib.LinenCompatRestore(abstract_state, **options), topology).plan
+    prepared = _prepare(directory, args, topology)
+  _check_cost(args, prepared)
+  return prepared.plan
 
 
 def restore(source: Any, abstract_state: Any, *, step: int | None = None, item: str | None = None,
@@ -228,6 +249,7 @@ class LinenCompatHandler(ocp.AsyncCheckpointHandler):
       return self._standard.restore(directory)  # no target: the tree as saved, like StandardRestore()
     with outcome.shared(timeout_s=args.timeout_s), _gc_paused():
       prepared = _prepare(directory, args)
+      _check_cost(args, prepared)
       restore_plan, state = prepared.plan, prepared.state
       if args.dry_run:
         return restore_plan

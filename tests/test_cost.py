@@ -138,3 +138,36 @@ def test_a_restore_of_a_model_states_its_cost(tmp_path, mesh):
   cost = plan.cost.of(0)
   assert cost.devices == 8 and cost.chunks > 0 and cost.read_bytes >= cost.needed_bytes
   assert {c.path for c in cost.leaves} == {'/'.join(r.target.path) for r in plan.reads}
+
+
+def test_expensive_mistakes_warn_and_strict_cost_refuses_them_before_any_read(tmp_path, mesh):
+  """Over-read above the factor given, a host memory bound above the limit given, and a large leaf
+  replicated for want of a sharding: warnings by default, one PlanError naming all with `strict_cost`, and
+  the fixes they propose then plan clean."""
+  shape = (4096, 1024)  # 16 MiB, one stored chunk (no OCDBT)
+  item = tmp_path / 'published'
+  with ocp.Checkpointer(ocp.StandardCheckpointHandler(use_ocdbt=False)) as ckptr:
+    ckptr.save(item, {'params': {'Dense_0': {'kernel': np.ones(shape, np.float32)},
+                                 'Embed_0': {'embedding': np.ones((4096, 2048), np.float32)}}})
+  pod = AbstractMesh((4, 2), ('data', 'model'))
+  abstract = {'fc': {'kernel': jax.ShapeDtypeStruct(shape, np.float32, sharding=NamedSharding(pod, P('data', 'model')))},
+              'embed': {'embedding': jax.ShapeDtypeStruct((4096, 2048), np.float32)}}  # no sharding: replicated
+  rules = {'Dense_0': 'fc', 'Embed_0': 'embed'}
+  limit = 40 * 2**20
+  with pytest.warns(orbax_linen_nnx.LinenCompatWarning, match=r'above max_over_read=4 for fc/kernel \(16.0 MiB decoded for 2.0 MiB, 8.0x\)'):
+    orbax_linen_nnx.plan(item, abstract, rules=rules, processes=8)
+  with pytest.raises(orbax_linen_nnx.PlanError) as e:
+    orbax_linen_nnx.plan(item, abstract, rules=rules, processes=8, strict_cost=True, host_memory_limit_bytes=limit)
+  message = str(e.value)
+  assert '3 cost problem(s)' in message and 'processes 0-7 each decode' in message, message
+  assert "'embed/embedding' (32.0 MiB) gives no sharding: replicated" in message, message
+  assert 'fc/kernel (16.0 MiB decoded for 2.0 MiB, 8.0x)' in message, message
+  assert 'host_memory_limit_bytes=41943040' in message and 'pass read_budget_bytes=' in message, message
+  # The fixes: a sharding for the replicated leaf; the budget the message proposes; the over-read accepted
+  # (the checkpoint's one chunk is what it is; convert would rechunk it).
+  budget = int(message.split('pass read_budget_bytes=')[1].split()[0])
+  abstract['embed']['embedding'] = jax.ShapeDtypeStruct((4096, 2048), np.float32,
+                                                        sharding=NamedSharding(pod, P('data', 'model')))
+  plan = orbax_linen_nnx.plan(item, abstract, rules=rules, processes=8, strict_cost=True, max_over_read=8,
+                              host_memory_limit_bytes=limit, read_budget_bytes=budget)
+  assert max(p.host_bound_bytes for p in plan.cost.processes) <= limit
