@@ -34,7 +34,7 @@ and for each, in a fresh process per run:
 Runs are interleaved, so ratios are taken pair by pair within a round. Last, the
 many-leaf case: a Linen loop of 64 layers x 9 weights + Adam (1,733 arrays,
 ~70 MiB) into NNX unrolled and into an NNX stack (32 targets). --sweep times the
-read budget; --profile splits ours into open+list, plan, read+place, rebuild;
+read budget; --profile splits ours into open+list, plan, cost (the plan's cost), read+place, rebuild;
 a 4-process x 2-device restore reports bytes read per process.
 """
 

@@ -75,7 +75,8 @@ def _replicated_along(sharding, axis: str | None) -> bool:
 class Topology:
   """Which process holds each device of a sharding: real (`process_index`) or simulated."""
 
-  def __init__(self, processes: int | None = None, device_process: Sequence[int] | None = None):
+  def __init__(self, processes: int | None = None, device_process: Sequence[int] | None = None,
+               only: int | None = None):
     if processes is not None and processes < 1:
       raise ValueError(f'processes must be at least 1, got {processes}')
     if device_process is not None:
@@ -83,6 +84,7 @@ class Topology:
       processes = max(processes or 0, max(device_process) + 1)
     self.processes, self.device_process = processes, device_process
     self.simulated = processes is not None
+    self.only = only  # the one process whose cost is wanted (a real restore's own), or None: all
 
   def placements(self, sharding, shape: Sequence[int], replica_axis: str | None = None
                  ) -> list[tuple[int, Any, Box, bool]]:
@@ -133,10 +135,19 @@ def estimate(plan: plans.RestorePlan, grids: dict[str, read_lib.Grid], *, topolo
   """
   topology = topology or Topology()
   chunks: dict[int, dict[str, set]] = collections.defaultdict(lambda: collections.defaultdict(set))
-  needed: dict[int, dict[tuple[str, Box], None]] = collections.defaultdict(dict)
+  needed: dict[int, dict[tuple[str, Box], int]] = collections.defaultdict(dict)
   device_bytes: dict[int, dict[Any, int]] = collections.defaultdict(lambda: collections.defaultdict(int))
   placed: dict[int, int] = collections.defaultdict(int)
-  per_leaf: dict[int, dict[str, list]] = collections.defaultdict(dict)  # process -> leaf -> [chunk boxes]
+  per_leaf: dict[int, dict[str, list]] = collections.defaultdict(dict)  # process -> leaf -> [names, need, max]
+  memo: dict = {}  # the same box of arrays with the same grid (the layers of a stack): computed once
+
+  def chunked(grid: read_lib.Grid, box: Box) -> tuple[Box, int]:
+    key = (grid.chunk, grid.origin, grid.itemsize, box)
+    hit = memo.get(key)
+    if hit is None:
+      hit = memo[key] = (grid.chunk_box(box), grid.nbytes(box))
+    return hit
+
   for r in plan.reads:
     t = r.target
     expr = r.expression()
@@ -144,44 +155,50 @@ def estimate(plan: plans.RestorePlan, grids: dict[str, read_lib.Grid], *, topolo
     leaf = '/'.join(t.path)
     seen: set = set()
     for process, device, box, reads in topology.placements(t.sharding, t.shape, replica_axis):
-      nbytes = read_lib.box_size(box) * itemsize
-      device_bytes[process][device] += nbytes
-      placed[process] += nbytes
-      if not reads or (process, box) in seen or not read_lib.box_size(box):
+      if topology.only is not None and process != topology.only:
+        continue
+      size = read_lib.box_size(box)
+      device_bytes[process][device] += size * itemsize
+      placed[process] += size * itemsize
+      if not reads or not size or (process, box) in seen:
         continue
       seen.add((process, box))
-      mine = per_leaf[process].setdefault(leaf, [])
+      mine = per_leaf[process].setdefault(leaf, [set(), 0, 0])
+      names, wanted, its_chunks = mine[0], needed[process], chunks[process]
       for name, stored in ops.needed(expr, box):
-        grid = grids[name]
-        chunk_box = grid.chunk_box(stored)
-        chunks[process][name].add(chunk_box)
-        needed[process][(name, stored)] = None
-        mine.append((name, chunk_box, grid.nbytes(stored)))
-  processes = sorted(set(device_bytes) | set(range(topology.processes or 0)))
+        chunk_box, nbytes = chunked(grids[name], stored)
+        its_chunks[name].add(chunk_box)
+        names.add(name)
+        if (name, stored) not in wanted:
+          wanted[(name, stored)] = nbytes
+          mine[1] += nbytes
+          mine[2] = max(mine[2], nbytes)
+  chunk_bytes = {n: g.chunk_nbytes for n, g in grids.items()}
+  unions: dict = {}
+
+  def union(grid: read_lib.Grid, boxes: set) -> int:
+    key = frozenset(boxes)
+    hit = unions.get(key)
+    if hit is None:  # chunk indices: the same for any grid
+      hit = unions[key] = read_lib.union_count(grid, boxes)
+    return hit
+
+  processes = sorted(set(device_bytes) | (set(range(topology.processes or 0)) if topology.only is None else set()))
   out = []
   for p in processes:
-    decoded_chunks = {name: _union(boxes) for name, boxes in chunks[p].items()}
-    decoded = sum(len(c) * grids[n].chunk_nbytes for n, c in decoded_chunks.items())
-    need = sum(grids[n].nbytes(b) for n, b in needed[p])
-    largest = max((grids[n].chunk_nbytes for n in decoded_chunks), default=0)
+    counts = {n: union(grids[n], boxes) for n, boxes in chunks[p].items()}
+    decoded = {n: c * chunk_bytes[n] for n, c in counts.items()}
+    largest = max((chunk_bytes[n] for n in counts), default=0)
     budget = budget_bytes if budget_bytes is not None else max(read_lib.DEFAULT_READ_BUDGET_BYTES, 2 * largest)
-    leaves = []
-    for leaf, parts in per_leaf[p].items():
-      mine = collections.defaultdict(set)
-      for name, chunk_box, _ in parts:
-        mine[name].add(chunk_box)
-      leaf_decoded = sum(len(_union(b)) * grids[n].chunk_nbytes for n, b in mine.items())
-      leaf_needed = sum(nb for _, _, nb in parts)
-      largest_chunk = max(grids[n].chunk_nbytes for n in mine)
-      leaves.append(plans.LeafCost(leaf, leaf_decoded, leaf_needed, largest_chunk,
-                                   max(nb for _, _, nb in parts)))
+    leaves = [plans.LeafCost(leaf, sum(decoded[n] for n in names), need, max(chunk_bytes[n] for n in names), most)
+              for leaf, (names, need, most) in per_leaf[p].items()]
     out.append(plans.ProcessCost(
-        process=p, devices=len(device_bytes[p]), read_bytes=decoded, needed_bytes=need,
-        chunks=sum(len(c) for c in decoded_chunks.values()), placed_bytes=placed[p],
+        process=p, devices=len(device_bytes[p]), read_bytes=sum(decoded.values()),
+        needed_bytes=sum(needed[p].values()), chunks=sum(counts.values()), placed_bytes=placed[p],
         device_max_bytes=max(device_bytes[p].values(), default=0), budget_bytes=budget,
         largest_chunk_bytes=largest, leaves=tuple(sorted(leaves, key=lambda c: c.decoded - c.needed,
                                                           reverse=True)),
-        chunk_ids={n: frozenset(c) for n, c in decoded_chunks.items()} if chunks_of else None))
+        chunk_ids={n: frozenset(_union(b)) for n, b in chunks[p].items()} if chunks_of else None))
   return plans.Cost(processes=tuple(out), simulated=topology.simulated)
 
 

@@ -248,7 +248,8 @@ class LinenCompatHandler(ocp.AsyncCheckpointHandler):
         raise TypeError(f'LinenCompatHandler restores LinenCompatRestore args, not {type(args).__name__}')
       return self._standard.restore(directory)  # no target: the tree as saved, like StandardRestore()
     with outcome.shared(timeout_s=args.timeout_s), _gc_paused():
-      prepared = _prepare(directory, args)
+      # Its own process's cost, or every process's where strict_cost must fail alike on all.
+      prepared = _prepare(directory, args, cost_lib.Topology(only=None if args.strict_cost else jax.process_index()))
       _check_cost(args, prepared)
       restore_plan, state = prepared.plan, prepared.state
       if args.dry_run:

@@ -234,7 +234,7 @@ def _meet(a: Box, b: Box) -> bool:
   return True
 
 
-def _union_count(grid, boxes: set) -> int:
+def union_count(grid, boxes: set) -> int:
   """How many distinct chunks some boxes of chunk indices cover together."""
   boxes = [b for b in boxes if _count(b)]
   if all(not _meet(a, b) for a, b in itertools.combinations(boxes, 2)):
@@ -436,7 +436,7 @@ class _Engine:
           for g in group:
             for i in g.inputs:
               chunks[i.name].add(i.chunks)
-          nbytes = sum(_union_count(self.grid(n), c) * self.grid(n).chunk_nbytes for n, c in chunks.items())
+          nbytes = sum(union_count(self.grid(n), c) * self.grid(n).chunk_nbytes for n, c in chunks.items())
           reads.append(_Read((), nbytes, [], group=group))
           for g in group:
             g.waiting = 1

@@ -28,5 +28,5 @@ def test_harness_runs_and_reports_every_mode(tmp_path):
   layers, copies = result['dims']['layers'], 3  # params, mu, nu
   stored = copies * (2 + 7 * layers) + 2  # embed, head, 7 kernels per layer; count, step
   assert host['ours']['chunk_reads'] == stored < host['native']['chunk_reads']
-  assert set(result['profile']['decoder/host/stack']) == {'open_and_list', 'plan', 'read_and_place', 'rebuild'}
+  assert set(result['profile']['decoder/host/stack']) == {'open_and_list', 'plan', 'cost', 'read_and_place', 'rebuild'}
   assert done.stdout.rstrip().splitlines()[-1].startswith('profile decoder/shards/plain')
