@@ -112,6 +112,9 @@ def _parser() -> argparse.ArgumentParser:
   how.add_argument('--to', choices=('nnx', 'linen'), help='the layout, with no model (the tree it saves)')
   mapping(q)
   q.add_argument('--partial', action='store_true', help='restore what has a source; report the rest')
+  q.add_argument('--processes', type=int, default=1, metavar='N',
+                 help='what a convert of it costs each of N processes (--distributed), from metadata')
+  q.add_argument('--budget', type=_bytes, default=None, metavar='SIZE', help='the convert budget to cost (default 32MiB)')
 
   q = sub.add_parser('convert', help='write SRC in another layout as a new checkpoint, in bounded memory')
   source(q, 'src')
@@ -202,7 +205,10 @@ def _plan_command(args) -> int:
 
   src = source.open_checkpoint(args.src)
   plan, _, _ = _plan(args, src)
-  print(convert.with_memory_note(src, plan))  # what a convert of it holds, too
+  if args.processes < 1:
+    raise UsageError(f'--processes must be at least 1, got {args.processes}')
+  # What a convert of it costs each process, too.
+  print(convert.with_memory_note(src, plan, args.budget or convert.DEFAULT_BATCH_BYTES, args.processes))
   return EXIT_OK
 
 
@@ -226,7 +232,7 @@ def _convert(args) -> int:
   total = sum(plans.nbytes(r.target.shape, r.target.dtype) for r in plan.reads)
   budget = args.budget or convert.DEFAULT_BATCH_BYTES
   noted = convert.with_memory_note(src, plan, budget, jax.process_count())
-  if jax.process_index() == 0 and noted is not plan:
+  if jax.process_index() == 0:
     print(f'  note    {noted.notes[-1]}', file=sys.stderr)
   with _progress('convert', total, len(plan.reads), args.quiet or jax.process_index() != 0) as advance:
     written = convert.convert(src, args.dst, plan, structure=structure, item=args.item, overwrite=args.overwrite,

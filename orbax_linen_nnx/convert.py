@@ -89,18 +89,27 @@ def plan_to(src: source_lib.Checkpoint, to: str, *, rules=None, stacks=None) -> 
 
 def with_memory_note(src: source_lib.Checkpoint, plan: plan_lib.RestorePlan, budget: int = DEFAULT_BATCH_BYTES,
                      processes: int = 1) -> plan_lib.RestorePlan:
-  """The plan with a note of what writing it holds in memory, where a stored chunk feeds several blocks.
+  """The plan with a note of what converting it costs each of `processes`, from metadata alone.
 
-  From metadata alone: the blocks `convert` writes (see `write`), and the
-  largest stored chunk that stays decoded while the blocks it feeds are written.
+  The blocks `convert` writes (see `write`) shared out as a run of that many
+  processes shares them: per process, the stored bytes it decodes (each chunk
+  once) and the bytes it writes; and what writing holds in memory, the budget
+  plus the largest stored chunk that stays decoded while the blocks it feeds
+  are written.
   """
   job = write_lib.Job.make([r for r in plan.reads if not r.target.key_impl], src, budget, processes=processes)
-  if not job.held_chunk:
-    return plan
-  size = lambda n: f'{n / 2**20:,.1f} MiB'
-  note = (f'convert: stored chunks of up to {size(job.held_chunk)} feed several blocks each; each is decoded once and'
-          f' held while they are written: host memory about {size(job.held_chunk)} + the {size(budget)} budget'
-          ' + the caches and buffers of any convert (120-410 MiB measured: README, Benchmarks, Convert)')
+  z = plan_lib.size_text
+  shares = job.shares(processes)
+  reads, writes = [s[2] for s in shares], [s[3] for s in shares]
+  span = lambda v: z(v[0]) if min(v) == max(v) else f'{z(min(v))}-{z(max(v))}'  # noqa: E731
+  each = 'reads' if processes == 1 else f'on {processes} processes each reads'
+  note = (f'convert: {each} {span(reads)} of stored chunks ({sum(s[1] for s in shares):,} chunk reads in all) and'
+          f' writes {span(writes)} ({sum(s[0] for s in shares):,} blocks in all); host memory about the'
+          f' {z(budget)} budget')
+  if job.held_chunk:
+    note += (f' + {z(job.held_chunk)} of stored chunks that feed several blocks each (each decoded once and held'
+             ' while they are written)')
+  note += ' + the caches and buffers of any convert (120-410 MiB measured: README, Benchmarks, Convert)'
   return dataclasses.replace(plan, notes=plan.notes + (note,))
 
 

@@ -267,3 +267,46 @@ class _Alike:
       out.append(text.format(who=('process ' if len(who) == 1 else 'processes ') + ', '.join(runs)
                              + ('' if len(who) == 1 else ' each')))
     return out
+
+
+def save_estimate(plan: plans.RestorePlan, shardings: dict[str, Any], on_device: set, *,
+                  topology: Topology | None = None) -> plans.Cost:
+  """Every process's share of a save in the Linen layout (`plan` from `trees.build_save`), from shardings.
+
+  `shardings`: each NNX array's, by plan name. Orbax writes each distinct
+  shard once, from the first device holding it (replica 0): an array saved as
+  it is, or a `save.Converted` one written from its NNX shards, costs the
+  writing process the bytes of its shards' images. Leaves in `on_device` (a
+  reshape, PRNG keys) are computed on the devices first, sharded as their first
+  source: each device holds its share of the result beside the state until
+  the save has copied it.
+  """
+  topology = topology or Topology()
+  written: dict[int, int] = collections.defaultdict(int)
+  extra: dict[int, dict[Any, int]] = collections.defaultdict(lambda: collections.defaultdict(int))
+  devices: dict[int, set] = collections.defaultdict(set)
+  for r in plan.reads:
+    t = r.target
+    expr = r.expression()
+    itemsize = np.dtype(t.dtype).itemsize
+    stored = {x.name: x for x in ops.stored_leaves(expr)}
+    computed = t.path in on_device
+    for n, src in (list(stored.items())[:1] if computed else stored.items()):
+      ratio = plans.nbytes(t.shape, t.dtype) / max(plans.nbytes(src.shape, src.dtype), 1)
+      first: dict[Box, int] = {}
+      for process, device, box, _ in topology.placements(shardings[n], src.shape):
+        if topology.only is not None and process != topology.only:
+          continue
+        devices[process].add(device)
+        if computed:
+          extra[process][device] += int(read_lib.box_size(box) * np.dtype(src.dtype).itemsize * ratio)
+        if box not in first:
+          first[box] = process
+          written[process] += (int(read_lib.box_size(box) * np.dtype(src.dtype).itemsize * ratio) if computed
+                               else sum(read_lib.box_size(b) for b in ops.images(expr, n, box)) * itemsize)
+  processes = sorted(set(devices) | (set(range(topology.processes or 0)) if topology.only is None else set()))
+  return plans.Cost(processes=tuple(
+      plans.WriteCost(process=p, devices=len(devices[p]), written_bytes=written[p],
+                      device_extra_bytes=sum(extra[p].values()),
+                      device_extra_max_bytes=max(extra[p].values(), default=0)) for p in processes),
+      simulated=topology.simulated)

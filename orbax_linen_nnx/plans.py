@@ -230,10 +230,34 @@ class ProcessCost:
 
 
 @dataclasses.dataclass(frozen=True)
+class WriteCost:
+  """What one process of a save writes, and the device memory its on-device conversions take (cost.py).
+
+  Attributes:
+    written_bytes: bytes of the Linen arrays it writes (each distinct shard once, by the process of its first
+      device: Orbax's replica 0).
+    device_extra_bytes, device_extra_max_bytes: bytes of converted arrays computed on its devices (a reshape,
+      PRNG keys), held beside the state until the save has copied them: in all, and on its fullest device.
+  """
+
+  process: int
+  devices: int
+  written_bytes: int
+  device_extra_bytes: int = 0
+  device_extra_max_bytes: int = 0
+
+  def lines(self) -> list[str]:
+    z = size_text
+    extra = (f'; conversions on its devices hold {z(self.device_extra_bytes)}, up to {z(self.device_extra_max_bytes)}'
+             ' on one device, until written' if self.device_extra_bytes else '; nothing is converted on its devices')
+    return [f'process {self.process} ({self.devices} devices): writes {z(self.written_bytes)}{extra}']
+
+
+@dataclasses.dataclass(frozen=True)
 class Cost:
   """Every process's `ProcessCost` for one restore (`simulated`: processes from `processes=`, not devices)."""
 
-  processes: tuple[ProcessCost, ...]
+  processes: tuple[ProcessCost, ...] | tuple[WriteCost, ...]
   simulated: bool = False
 
   def of(self, process: int) -> ProcessCost:
@@ -244,7 +268,9 @@ class Cost:
 
   def summary(self) -> dict[str, dict[str, int]]:
     """Max, min and total over processes of each byte count."""
-    fields = ('read_bytes', 'chunks', 'placed_bytes', 'device_max_bytes', 'host_bound_bytes')
+    fields = (('written_bytes', 'device_extra_bytes', 'device_extra_max_bytes')
+              if self.processes and isinstance(self.processes[0], WriteCost) else
+              ('read_bytes', 'chunks', 'placed_bytes', 'device_max_bytes', 'host_bound_bytes'))
     return {f: {'max': max(getattr(p, f) for p in self.processes), 'min': min(getattr(p, f) for p in self.processes),
                 'total': sum(getattr(p, f) for p in self.processes)} for f in fields}
 
@@ -254,13 +280,21 @@ class Cost:
     if len(self.processes) == 1 or (process is not None and not every):
       return self.of(process if process is not None else self.processes[0].process).lines()
     z, s = size_text, self.summary()
-    out = [f'{len(self.processes)} processes{" (simulated)" if self.simulated else ""}: reads'
-           f' {z(s["read_bytes"]["total"])} in all, {z(s["read_bytes"]["min"])}-{z(s["read_bytes"]["max"])} a'
-           f' process; devices hold up to {z(s["device_max_bytes"]["max"])}; host memory of the read up to'
-           f' {z(s["host_bound_bytes"]["max"])} a process']
-    shown = self.processes if every else [max(self.processes, key=lambda p: p.read_bytes)]
+    simulated = " (simulated)" if self.simulated else ""
+    if 'written_bytes' in s:
+      w = s['written_bytes']
+      out = [f'{len(self.processes)} processes{simulated}: write {z(w["total"])} in all, {z(w["min"])}-{z(w["max"])}'
+             f' a process; conversions on devices hold up to {z(s["device_extra_max_bytes"]["max"])} on one']
+      most = 'written_bytes'
+    else:
+      out = [f'{len(self.processes)} processes{simulated}: reads'
+             f' {z(s["read_bytes"]["total"])} in all, {z(s["read_bytes"]["min"])}-{z(s["read_bytes"]["max"])} a'
+             f' process; devices hold up to {z(s["device_max_bytes"]["max"])}; host memory of the read up to'
+             f' {z(s["host_bound_bytes"]["max"])} a process']
+      most = 'read_bytes'
+    shown = self.processes if every else [max(self.processes, key=lambda p: getattr(p, most))]
     if not every:
-      out.append('most read:')
+      out.append('most read:' if most == 'read_bytes' else 'most written:')
     return out + [f'  {line}' for p in shown for line in p.lines()]
 
 

@@ -29,6 +29,7 @@ from flax import nnx
 from orbax.checkpoint import future
 
 from orbax_linen_nnx import _internals
+from orbax_linen_nnx import cost as cost_lib
 from orbax_linen_nnx import layout
 from orbax_linen_nnx import ops
 from orbax_linen_nnx import plans as plan_lib
@@ -295,7 +296,23 @@ def plan_save(state: Any, *, rules: rules_lib.Rules = None, stacks: stacks_lib.S
   """The plan of saving `state` in the Linen layout; raises unless `state` holds arrays (see `to_linen`)."""
   nnx_state, _, plan = _planned(state, rules, stacks, aux, target)
   nnx_state.require_values()
-  return plan
+  return dataclasses.replace(plan, cost=save_cost(plan, nnx_state.values))
+
+
+def nnx_values(state: Any) -> dict[str, Any]:
+  """The arrays (or abstract leaves) of an NNX state by the names its save plan gives them."""
+  return _NnxState(state).values
+
+
+def save_cost(plan: plan_lib.RestorePlan, values: Mapping[str, Any], topology: Any = None) -> plan_lib.Cost:
+  """What each process writes of the save `plan` and what its devices hold of conversions (`cost.save_estimate`)."""
+  shardings = {n: getattr(v, 'sharding', None) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+               for n, v in values.items()}  # host arrays: written by this process
+  on_device = {r.target.path for r in plan.reads
+               if (r.transform or isinstance(r.sources[0], ops.Derived))
+               and (r.target.key_impl or not write.moves_boxes(r.expression())
+                    or r.target.path[:1] == (layout.NNX_AUX,))}
+  return cost_lib.save_estimate(plan, shardings, on_device, topology=topology)
 
 
 def linen_trees(state: Any, *, rules: rules_lib.Rules = None, stacks: stacks_lib.StackAxes | None = None,

@@ -220,6 +220,7 @@ class Job:
   ckpt: source_lib.Checkpoint  # the source, its stores that feed several blocks over a large enough cache
   budget: int
   held_chunk: int  # the largest stored chunk kept decoded for several blocks (0: none)
+  every: list[Block] = dataclasses.field(default_factory=list)  # every process's blocks, in order
 
   @classmethod
   def make(cls, reads: Sequence[plans.LeafRead], ckpt: source_lib.Checkpoint, budget: int, *,
@@ -249,7 +250,18 @@ class Job:
     held = max((sum(reused.get(c, 0) for c in b.chunks) for b in blocks), default=0)  # what one block needs held
     if held > source_lib.CHUNK_CACHE_BYTES:  # a chunk several blocks read stays decoded until they are written
       ckpt = source_lib.with_chunk_cache(ckpt, {name for name, _ in reused}, held + source_lib.CHUNK_CACHE_BYTES)
-    return cls(layouts, share(blocks, processes, me), ckpt, budget, held)
+    return cls(layouts, share(blocks, processes, me), ckpt, budget, held, blocks)
+
+  def shares(self, processes: int) -> list[tuple[int, int, int, int]]:
+    """Per process of `processes`: (blocks, stored chunks it decodes, their bytes, bytes it writes)."""
+    out = []
+    for p in range(processes):
+      mine = share(self.every, processes, p)
+      chunks = {c for b in mine for c in b.chunks}
+      grids = {n: read_lib.Grid(self.ckpt.stores[n]) for n in {n for n, _ in chunks}}
+      out.append((len(mine), len(chunks), sum(grids[n].chunk_nbytes for n, _ in chunks),
+                  sum(b.nbytes for b in mine)))
+    return out
 
   async def run(self, destinations: Sequence[Any], on_written: Callable[[Block], None] = lambda b: None) -> None:
     """Reads and writes this process's blocks into `destinations` (one open TensorStore per target)."""

@@ -111,5 +111,12 @@ def test_a_chunk_larger_than_the_cache_is_decoded_once_and_held_for_its_blocks(t
   np.testing.assert_array_equal(dest.read().result(), np.moveaxis(stacked, 1, 0))
   # The plan says so, before anything is read.
   assert cli.main(['plan', str(tmp_path / 'linen'), '--to', 'nnx', '--stacks', '{"layers": {"nnx": 0}}']) == 0
-  assert ('note    convert: stored chunks of up to 6.0 MiB feed several blocks each; each is decoded once and'
-          ' held while they are written: host memory about 6.0 MiB + the 32.0 MiB budget + the caches') in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert (f'note    convert: reads 6.0 MiB of stored chunks (1 chunk reads in all) and writes 6.0 MiB'
+          f' ({len(write.Job.make(plan.reads, ckpt, convert.DEFAULT_BATCH_BYTES).every)} blocks in all); host memory about the 32.0 MiB budget + 6.0 MiB of stored chunks that'
+          ' feed several blocks each') in out, out
+  # Shared out over 4 processes: each decodes the one chunk, each writes a quarter.
+  assert cli.main(['plan', str(tmp_path / 'linen'), '--to', 'nnx', '--stacks', '{"layers": {"nnx": 0}}',
+                   '--processes', '4']) == 0
+  out = capsys.readouterr().out
+  assert 'convert: on 4 processes each reads 6.0 MiB of stored chunks (4 chunk reads in all) and writes 1.5 MiB' in out, out

@@ -15,7 +15,7 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 import models
 import orbax_linen_nnx
 from helpers import ChunkLoads, chunk_ids, make_bn_drop, save, tx
-from orbax_linen_nnx import LinenCompatRestore, cost as cost_lib, plans
+from orbax_linen_nnx import LinenCompatRestore, cost as cost_lib, plans, save as save_lib
 
 
 SPECS = [P(), P('data'), P(None, 'model'), P('data', 'model'), P('model', 'data'), P(('data', 'model')),
@@ -171,3 +171,23 @@ def test_expensive_mistakes_warn_and_strict_cost_refuses_them_before_any_read(tm
   plan = orbax_linen_nnx.plan(item, abstract, rules=rules, processes=8, strict_cost=True, max_over_read=8,
                               host_memory_limit_bytes=limit, read_budget_bytes=budget)
   assert max(p.host_bound_bytes for p in plan.cost.processes) <= limit
+
+
+def test_a_save_states_what_each_process_writes(mesh):
+  """LinenCompatSave's plan says what each process writes: here every Linen array once, by the one process;
+  simulated over 4 processes, the sharded arrays split evenly and each replicated one is written once."""
+  state = make_bn_drop()
+  abstract = models.shard_abstract(nnx.state(state), mesh, 'two_axes')
+  placed = jax.tree.map(lambda a, s: jax.device_put(a, s.sharding), nnx.state(state), abstract)
+  args = orbax_linen_nnx.LinenCompatSave(placed, rules=models.DROP_RULES)
+  total = sum(plans.nbytes(r.target.shape, r.target.dtype) for r in args.plan.reads)
+  mine = args.plan.cost.of(0)
+  assert mine.written_bytes == total and mine.devices == 8 and mine.device_extra_bytes == 0
+  assert f'process 0 (8 devices): writes {plans.size_text(total)}' in str(args.plan)
+  pod = AbstractMesh((4, 2), ('data', 'model'))
+  on_pod = {n: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(pod, v.sharding.spec))
+            for n, v in save_lib.nnx_values(placed).items()}
+  four = save_lib.save_cost(args.plan, on_pod, cost_lib.Topology(4))
+  assert sum(p.written_bytes for p in four.processes) == total
+  assert len(four.processes) == 4 and {p.devices for p in four.processes} == {2}
+  assert four.of(0).written_bytes > four.of(1).written_bytes  # the replicated arrays: process 0 writes them
