@@ -1,6 +1,6 @@
 """A pod-sized restore planned on one machine: a Llama-70B-shaped Linen checkpoint, metadata only.
 
-    python benchmarks/plan_scale.py [--rounds 3] [--processes 64] [--json FILE]
+    python benchmarks/plan_scale.py [--rounds 3] [--processes 64 256] [--json FILE]
 
 The checkpoint: a Linen `TrainState` of a Llama-70B-shaped decoder (vocab 128,256, width 8,192, 80 layers as
 a Linen loop `layers_0..79`, 64 query and 8 key/value heads of 128, MLP 28,672; bf16 params and float32 Adam
@@ -22,7 +22,8 @@ which exist here). Measured, each in a fresh process, medians of `--rounds`:
   one        what one process of the real restore plans before reading: the plan and its own cost
              (process N // 2)
 
-with wall time and peak RSS (and the planner's own Python allocations, tracemalloc) of each. Then, once: each
+with wall time and peak RSS of each (then, in a second run in the same process, not timed, the planner's own
+Python allocations at their peak, by tracemalloc). Then, once: each
 process's reads from the plan, and a check that every stored chunk is read by exactly the processes whose
 devices need it, computed here independently of the package (the target boxes each device holds, mapped
 back through the stack to each layer's array and its chunk grid).
@@ -175,19 +176,22 @@ def one(item: str, mode: str, processes: int) -> dict:
   from orbax_linen_nnx import args as args_lib, cost as cost_lib, handler
 
   abstract = _abstract(processes)
-  tracemalloc.start()
-  start = time.perf_counter()
-  if mode == 'all':
-    plan = orbax_linen_nnx.plan(item, abstract, processes=processes, target_layout='nnx', max_over_read=None)
-  else:
-    me = processes // 2
+
+  def run():
+    if mode == 'all':
+      return orbax_linen_nnx.plan(item, abstract, processes=processes, target_layout='nnx', max_over_read=None)
     args = args_lib.LinenCompatRestore(abstract, target_layout='nnx', max_over_read=None)
-    plan = handler._prepare(item, args, cost_lib.Topology(processes, only=me)).plan
+    return handler._prepare(item, args, cost_lib.Topology(processes, only=processes // 2)).plan
+
+  start = time.perf_counter()
+  plan = run()
   wall = time.perf_counter() - start
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  tracemalloc.start()  # once more, for the planner's own allocations (tracing slows it: not timed)
+  run()
   _, peak_py = tracemalloc.get_traced_memory()
   tracemalloc.stop()
-  row = {'mode': mode, 'wall_s': wall, 'peak_python_bytes': peak_py,
-         'max_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+  row = {'mode': mode, 'wall_s': wall, 'peak_python_bytes': peak_py, 'max_rss_bytes': rss,
          'arrays': sum(len(r.sources) for r in plan.reads) + 3, 'targets': len(plan.reads),
          'cost_processes': len(plan.cost.processes)}
   if mode == 'all':
@@ -250,52 +254,58 @@ def check(item: str, processes: int) -> dict:
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument('--rounds', type=int, default=3)
-  ap.add_argument('--processes', type=int, default=64)
+  ap.add_argument('--processes', type=int, nargs='+', default=[64, 256],
+                  help='simulated process counts (each divides the 256 devices)')
   ap.add_argument('--json', type=Path, default=HERE / 'plan_scale_results.json')
-  ap.add_argument('--one', nargs=2, help=argparse.SUPPRESS)
-  ap.add_argument('--check', help=argparse.SUPPRESS)
+  ap.add_argument('--one', nargs=3, help=argparse.SUPPRESS)
+  ap.add_argument('--check', nargs=2, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.one:
-    print(json.dumps(one(args.one[0], args.one[1], args.processes)))
+    print(json.dumps(one(args.one[0], args.one[1], int(args.one[2]))))
     return
   if args.check:
-    print(json.dumps(check(args.check, args.processes)))
+    print(json.dumps(check(args.check[0], int(args.check[1]))))
     return
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
 
   def fresh(*extra):
-    done = subprocess.run([sys.executable, __file__, '--processes', str(args.processes), *extra],
-                          capture_output=True, text=True, timeout=1800, env=env)
+    done = subprocess.run([sys.executable, __file__, *extra], capture_output=True, text=True, timeout=1800, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
+  results = {}
   with tempfile.TemporaryDirectory() as tmp:
     start = time.perf_counter()
     item = build(Path(tmp) / 'llama70b')
     built = time.perf_counter() - start
     disk = sum(f.stat().st_size for f in Path(tmp).rglob('*') if f.is_file())
     print(f'built in {built:.1f} s, {disk / 1e6:.1f} MB on disk', file=sys.stderr)
-    rows = [fresh('--one', str(item), mode) for _ in range(args.rounds) for mode in ('all', 'one')]
-    checked = fresh('--check', str(item))
-  median = {m: {k: statistics.median(r[k] for r in rows if r['mode'] == m)
-                for k in ('wall_s', 'max_rss_bytes', 'peak_python_bytes')} for m in ('all', 'one')}
-  all_row = next(r for r in rows if r['mode'] == 'all')
-  s = all_row['summary']
+    for n in args.processes:
+      rows = [fresh('--one', str(item), mode, str(n)) for _ in range(args.rounds) for mode in ('all', 'one')]
+      results[n] = {'rows': rows, 'check': fresh('--check', str(item), str(n))}
   gib = 2**30
-  print(f"{all_row['arrays']} stored arrays, {all_row['targets']} targets, {args.processes} processes x"
-        f" {SAVE_MESH[0] * SAVE_MESH[1] // args.processes} devices (simulated)")
-  for m, label in (('all', 'plan + every process\'s cost'), ('one', 'one process\'s plan + own cost')):
-    walls = ', '.join(f"{r['wall_s']:.2f}" for r in rows if r['mode'] == m)
-    print(f"{label}: {median[m]['wall_s']:.2f} s (rounds {walls}), peak RSS {median[m]['max_rss_bytes'] / 2**20:.0f}"
-          f" MiB, planner Python peak {median[m]['peak_python_bytes'] / 2**20:.0f} MiB")
-  print(f"reads per process: {s['read_bytes']['min'] / gib:.2f}-{s['read_bytes']['max'] / gib:.2f} GiB,"
-        f" {s['chunks']['min']}-{s['chunks']['max']} chunks; {s['read_bytes']['total'] / gib:.1f} GiB in all;"
-        f" device max {s['device_max_bytes']['max'] / gib:.2f} GiB; host bound max"
-        f" {s['host_bound_bytes']['max'] / 2**20:.0f} MiB")
-  print(f"every stored chunk read by exactly the processes that need it: {checked['exact']}"
-        f" ({checked['stored_chunks_read']} chunks, {checked['reads']} reads, {checked['mismatches']} mismatches)")
-  args.json.write_text(json.dumps({'processes': args.processes, 'rounds': args.rounds, 'built_s': built,
-                                   'disk_bytes': disk, 'median': median, 'check': checked, 'rows': rows}, indent=1))
+  for n, res in results.items():
+    rows, checked = res['rows'], res['check']
+    median = {m: {k: statistics.median(r[k] for r in rows if r['mode'] == m)
+                  for k in ('wall_s', 'max_rss_bytes', 'peak_python_bytes')} for m in ('all', 'one')}
+    res['median'] = median
+    all_row = next(r for r in rows if r['mode'] == 'all')
+    s = all_row['summary']
+    print(f"\n{n} processes x {SAVE_MESH[0] * SAVE_MESH[1] // n} devices (simulated): {all_row['targets']} targets"
+          f" from {len(linen_arrays())} stored arrays")
+    for m, label in (('all', "plan + every process's cost"), ('one', "one process's plan + own cost")):
+      walls = ', '.join(f"{r['wall_s']:.2f}" for r in rows if r['mode'] == m)
+      print(f"  {label}: {median[m]['wall_s']:.2f} s (rounds {walls}), peak RSS"
+            f" {median[m]['max_rss_bytes'] / 2**20:.0f} MiB, planner Python peak"
+            f" {median[m]['peak_python_bytes'] / 2**20:.0f} MiB")
+    print(f"  reads per process: {s['read_bytes']['min'] / gib:.2f}-{s['read_bytes']['max'] / gib:.2f} GiB,"
+          f" {s['chunks']['min']:,}-{s['chunks']['max']:,} chunks; {s['read_bytes']['total'] / gib:.1f} GiB in all;"
+          f" device max {s['device_max_bytes']['max'] / gib:.2f} GiB; host bound max"
+          f" {s['host_bound_bytes']['max'] / 2**20:.0f} MiB")
+    print(f"  every stored chunk read by exactly the processes that need it: {checked['exact']}"
+          f" ({checked['stored_chunks_read']:,} chunks, {checked['reads']:,} reads, {checked['mismatches']} mismatches)")
+  args.json.write_text(json.dumps({'rounds': args.rounds, 'built_s': built, 'disk_bytes': disk,
+                                   'results': {str(n): r for n, r in results.items()}}, indent=1))
 
 
 if __name__ == '__main__':

@@ -135,7 +135,7 @@ def estimate(plan: plans.RestorePlan, grids: dict[str, read_lib.Grid], *, topolo
   """
   topology = topology or Topology()
   chunks: dict[int, dict[str, set]] = collections.defaultdict(lambda: collections.defaultdict(set))
-  needed: dict[int, dict[tuple[str, Box], int]] = collections.defaultdict(dict)
+  needed: dict[int, int] = collections.defaultdict(int)
   device_bytes: dict[int, dict[Any, int]] = collections.defaultdict(lambda: collections.defaultdict(int))
   placed: dict[int, int] = collections.defaultdict(int)
   per_leaf: dict[int, dict[str, list]] = collections.defaultdict(dict)  # process -> leaf -> [names, need, max]
@@ -164,15 +164,18 @@ def estimate(plan: plans.RestorePlan, grids: dict[str, read_lib.Grid], *, topolo
         continue
       seen.add((process, box))
       mine = per_leaf[process].setdefault(leaf, [set(), 0, 0])
-      names, wanted, its_chunks = mine[0], needed[process], chunks[process]
+      names, its_chunks = mine[0], chunks[process]
+      need = most = 0
+      # The boxes of distinct slices are disjoint, and so are the stored boxes every op needs for them.
       for name, stored in ops.needed(expr, box):
         chunk_box, nbytes = chunked(grids[name], stored)
         its_chunks[name].add(chunk_box)
         names.add(name)
-        if (name, stored) not in wanted:
-          wanted[(name, stored)] = nbytes
-          mine[1] += nbytes
-          mine[2] = max(mine[2], nbytes)
+        need += nbytes
+        most = nbytes if nbytes > most else most
+      mine[1] += need
+      mine[2] = max(mine[2], most)
+      needed[process] += need
   chunk_bytes = {n: g.chunk_nbytes for n, g in grids.items()}
   unions: dict = {}
 
@@ -194,7 +197,7 @@ def estimate(plan: plans.RestorePlan, grids: dict[str, read_lib.Grid], *, topolo
               for leaf, (names, need, most) in per_leaf[p].items()]
     out.append(plans.ProcessCost(
         process=p, devices=len(device_bytes[p]), read_bytes=sum(decoded.values()),
-        needed_bytes=sum(needed[p].values()), chunks=sum(counts.values()), placed_bytes=placed[p],
+        needed_bytes=needed[p], chunks=sum(counts.values()), placed_bytes=placed[p],
         device_max_bytes=max(device_bytes[p].values(), default=0), budget_bytes=budget,
         largest_chunk_bytes=largest, leaves=tuple(sorted(leaves, key=lambda c: c.decoded - c.needed,
                                                           reverse=True)),
