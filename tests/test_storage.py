@@ -46,6 +46,19 @@ def files(d: epath.Path) -> dict[str, int]:
   return out
 
 
+def resumed(restored, abstract, latest):
+  """The restored Linen run in a fresh NNX model, checked, and its next step taken: the model."""
+  models.assert_sharded_as(restored, abstract, left_out={'model/drop/rngs/key', 'model/drop/rngs/count'})
+  state = make_bn_drop()
+  nnx.update(state, restored)
+  models.assert_same(nnx.state(state), models.flat(latest), linen_pairs())
+  # The next step, dropout off in both: equal to float32 summation order (sharded NNX vs unsharded Linen).
+  _, linen_loss = models.linen_bn_drop_step(latest, jax.random.key(0), False)
+  nnx_loss = models.nnx_bn_drop_step(state['model'], state['optimizer'], False)
+  models.assert_reductions_close(np.array(nnx_loss), np.array(linen_loss), terms=models.BN_STEP_TERMS)
+  return state
+
+
 def test_linen_run_resumes_in_nnx_from_its_run_directory(storage, mesh):
   """A Linen run (BatchNorm + Dropout) with two steps, restored into sharded NNX from the run directory with
   no step (its latest finished step, as the command line takes it) and trained on."""
@@ -60,14 +73,7 @@ def test_linen_run_resumes_in_nnx_from_its_run_directory(storage, mesh):
     assert mngr.all_steps() == [1, 2]
     via_manager = mngr.restore(2, args=LinenCompatRestore(abstract, rules=DROP_RULES))
   models.assert_all_equal(restored, via_manager)
-  models.assert_sharded_as(restored, abstract, left_out={'model/drop/rngs/key', 'model/drop/rngs/count'})
-  state = make_bn_drop()
-  nnx.update(state, restored)
-  models.assert_same(nnx.state(state), models.flat(latest), linen_pairs())
-  # The next step, dropout off in both: equal to float32 summation order (sharded NNX vs unsharded Linen).
-  _, linen_loss = models.linen_bn_drop_step(latest, jax.random.key(0), False)
-  nnx_loss = models.nnx_bn_drop_step(state['model'], state['optimizer'], False)
-  models.assert_reductions_close(np.array(nnx_loss), np.array(linen_loss), terms=models.BN_STEP_TERMS)
+  state = resumed(restored, abstract, latest)
   assert int(state['optimizer'].step.get_value()) == 3
 
 
@@ -304,12 +310,4 @@ def test_s3_is_refused_before_any_request_and_the_proposed_copy_works(s3, tmp_pa
     where = tmp_path / 'copied'
     bucket.get(os.fspath(run).removeprefix('s3://'), os.fspath(where), recursive=True)
 
-  restored = orbax_linen_nnx.restore(where, abstract, rules=DROP_RULES)
-  models.assert_sharded_as(restored, abstract, left_out={'model/drop/rngs/key', 'model/drop/rngs/count'})
-  state = make_bn_drop()
-  nnx.update(state, restored)
-  models.assert_same(nnx.state(state), models.flat(latest), linen_pairs())
-  # The next step, dropout off in both: equal to float32 summation order (sharded NNX vs unsharded Linen).
-  _, linen_loss = models.linen_bn_drop_step(latest, jax.random.key(0), False)
-  nnx_loss = models.nnx_bn_drop_step(state['model'], state['optimizer'], False)
-  models.assert_reductions_close(np.array(nnx_loss), np.array(linen_loss), terms=models.BN_STEP_TERMS)
+  resumed(orbax_linen_nnx.restore(where, abstract, rules=DROP_RULES), abstract, latest)
