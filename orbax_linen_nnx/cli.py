@@ -115,6 +115,11 @@ def _parser() -> argparse.ArgumentParser:
   q.add_argument('--processes', type=int, default=1, metavar='N',
                  help='what a convert of it costs each of N processes (--distributed), from metadata')
   q.add_argument('--budget', type=_bytes, default=None, metavar='SIZE', help='the convert budget to cost (default 32MiB)')
+  q.add_argument('--max-over-read', type=float, default=4.0, metavar='F',
+                 help='warn where a process of the restore decodes more than F times what its devices need')
+  q.add_argument('--host-memory-limit', type=_bytes, default=None, metavar='SIZE',
+                 help="warn where a process's read, or a convert, may hold more than SIZE on the host")
+  q.add_argument('--strict-cost', action='store_true', help='fail (exit 3) where those would warn')
 
   q = sub.add_parser('convert', help='write SRC in another layout as a new checkpoint, in bounded memory')
   source(q, 'src')
@@ -205,10 +210,25 @@ def _plan_command(args) -> int:
 
   src = source.open_checkpoint(args.src)
   plan, _, _ = _plan(args, src)
+  from orbax_linen_nnx import cost as cost_lib, plans
+
   if args.processes < 1:
     raise UsageError(f'--processes must be at least 1, got {args.processes}')
+  budget = args.budget or convert.DEFAULT_BATCH_BYTES
   # What a convert of it costs each process, too.
-  print(convert.with_memory_note(src, plan, args.budget or convert.DEFAULT_BATCH_BYTES, args.processes))
+  noted, held = convert.with_memory_note(src, plan, budget, args.processes)
+  print(noted)
+  limit = args.host_memory_limit
+  problems = [] if plan.cost is None else cost_lib.problems(plan.cost, max_over_read=args.max_over_read,
+                                                            host_memory_limit_bytes=limit)
+  if limit is not None and held > limit:
+    problems.append(f'a convert of it holds about {plans.size_text(held)} on the host (budget + stored chunks held'
+                    f' for several blocks), above --host-memory-limit {plans.size_text(limit)}. Fix: --budget'
+                    f' {max(limit - (held - budget), 1)}, or convert on more processes (--processes to cost it)')
+  if problems and args.strict_cost:
+    raise plans.PlanError(f'{len(problems)} cost problem(s) with --strict-cost:\n  ' + '\n  '.join(problems))
+  for line in problems:
+    print(f'warning: {line}', file=sys.stderr)
   return EXIT_OK
 
 
@@ -231,7 +251,7 @@ def _convert(args) -> int:
     names = {r.target.path: r.target.path + (('value',) if r.target.variable_type else ()) for r in plan.reads}
   total = sum(plans.nbytes(r.target.shape, r.target.dtype) for r in plan.reads)
   budget = args.budget or convert.DEFAULT_BATCH_BYTES
-  noted = convert.with_memory_note(src, plan, budget, jax.process_count())
+  noted, _ = convert.with_memory_note(src, plan, budget, jax.process_count())
   if jax.process_index() == 0:
     print(f'  note    {noted.notes[-1]}', file=sys.stderr)
   with _progress('convert', total, len(plan.reads), args.quiet or jax.process_index() != 0) as advance:

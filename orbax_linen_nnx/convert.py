@@ -88,14 +88,15 @@ def plan_to(src: source_lib.Checkpoint, to: str, *, rules=None, stacks=None) -> 
 
 
 def with_memory_note(src: source_lib.Checkpoint, plan: plan_lib.RestorePlan, budget: int = DEFAULT_BATCH_BYTES,
-                     processes: int = 1) -> plan_lib.RestorePlan:
-  """The plan with a note of what converting it costs each of `processes`, from metadata alone.
+                     processes: int = 1) -> tuple[plan_lib.RestorePlan, int]:
+  """The plan with a note of what converting it costs each of `processes`, and its host memory bound.
 
+  From metadata alone.
   The blocks `convert` writes (see `write`) shared out as a run of that many
   processes shares them: per process, the stored bytes it decodes (each chunk
   once) and the bytes it writes; and what writing holds in memory, the budget
   plus the largest stored chunk that stays decoded while the blocks it feeds
-  are written.
+  are written (the bound returned, besides the caches every convert has).
   """
   job = write_lib.Job.make([r for r in plan.reads if not r.target.key_impl], src, budget, processes=processes)
   z = plan_lib.size_text
@@ -110,7 +111,7 @@ def with_memory_note(src: source_lib.Checkpoint, plan: plan_lib.RestorePlan, bud
     note += (f' + {z(job.held_chunk)} of stored chunks that feed several blocks each (each decoded once and held'
              ' while they are written)')
   note += ' + the caches and buffers of any convert (120-410 MiB measured: README, Benchmarks, Convert)'
-  return dataclasses.replace(plan, notes=plan.notes + (note,))
+  return dataclasses.replace(plan, notes=plan.notes + (note,)), budget + job.held_chunk
 
 
 def with_shardings(plan: plan_lib.RestorePlan, sharding_of: Callable[[plan_lib.Target], Any]) -> plan_lib.RestorePlan:

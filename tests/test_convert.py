@@ -120,3 +120,14 @@ def test_a_chunk_larger_than_the_cache_is_decoded_once_and_held_for_its_blocks(t
                    '--processes', '4']) == 0
   out = capsys.readouterr().out
   assert 'convert: on 4 processes each reads 6.0 MiB of stored chunks (4 chunk reads in all) and writes 1.5 MiB' in out, out
+  # A host memory limit: a warning, an error with --strict-cost, and the budget it proposes then fits.
+  limit = ['plan', str(tmp_path / 'linen'), '--to', 'nnx', '--stacks', '{"layers": {"nnx": 0}}',
+           '--host-memory-limit', '10MiB']
+  assert cli.main(limit) == cli.EXIT_OK
+  assert 'warning: a convert of it holds about 38.0 MiB on the host' in capsys.readouterr().err
+  assert cli.main(limit + ['--strict-cost']) == cli.EXIT_PLAN
+  err = capsys.readouterr().err
+  assert '1 cost problem(s) with --strict-cost' in err, err
+  budget = err.split('Fix: --budget ')[1].split(',')[0]
+  assert cli.main(limit + ['--strict-cost', '--budget', budget]) == cli.EXIT_OK
+  assert 'warning' not in capsys.readouterr().err
