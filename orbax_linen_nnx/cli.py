@@ -67,7 +67,11 @@ def _stacks(text: str | None) -> Any:
 
 
 def _mapping(args) -> tuple[Any, Any]:
-  """The --rules and --stacks a command was given (None where not)."""
+  """The --rules and --stacks a command was given (None where not); `--rules auto` infers the renames."""
+  from orbax_linen_nnx import rules as rules_lib
+
+  if args.rules == rules_lib.AUTO:
+    return rules_lib.AUTO, _stacks(args.stacks)
   return (_load(args.rules, '--rules') if args.rules else None), _stacks(args.stacks)
 
 
@@ -94,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument(name, type=_path, help=help)
 
   def mapping(q):
-    q.add_argument('--rules', metavar='MODULE:NAME', help='mapping rules (a list, dict or callable; see README)')
+    q.add_argument('--rules', metavar='MODULE:NAME',
+                   help="mapping rules (a list, dict or callable; see README), or 'auto' to infer the renames")
     q.add_argument('--stacks', metavar='JSON', help='layer axes: \'{"layers": {"linen": 1, "nnx": 0}}\'')
 
   def quiet(q):
@@ -120,6 +125,8 @@ def _parser() -> argparse.ArgumentParser:
   q.add_argument('--host-memory-limit', type=_bytes, default=None, metavar='SIZE',
                  help="warn where a process's read, or a convert, may hold more than SIZE on the host")
   q.add_argument('--strict-cost', action='store_true', help='fail (exit 3) where those would warn')
+  q.add_argument('--suggest-rules', action='store_true',
+                 help='print the renames inferred from the two trees as a rules module (--rules FILE:RULES loads it)')
 
   q = sub.add_parser('convert', help='write SRC in another layout as a new checkpoint, in bounded memory')
   source(q, 'src')
@@ -204,16 +211,14 @@ def _inspect(args) -> int:
 
 
 def _plan_command(args) -> int:
-  from orbax_linen_nnx import source
-
-  from orbax_linen_nnx import convert
-
-  src = source.open_checkpoint(args.src)
-  plan, _, _ = _plan(args, src)
-  from orbax_linen_nnx import cost as cost_lib, plans
+  from orbax_linen_nnx import convert, cost as cost_lib, plans, source
 
   if args.processes < 1:
     raise UsageError(f'--processes must be at least 1, got {args.processes}')
+  src = source.open_checkpoint(args.src)
+  if args.suggest_rules:
+    return _suggest_rules(args, src)
+  plan, _, _ = _plan(args, src)
   budget = args.budget or convert.DEFAULT_BATCH_BYTES
   # What a convert of it costs each process, too.
   noted, held = convert.with_memory_note(src, plan, budget, args.processes)
@@ -229,6 +234,19 @@ def _plan_command(args) -> int:
     raise plans.PlanError(f'{len(problems)} cost problem(s) with --strict-cost:\n  ' + '\n  '.join(problems))
   for line in problems:
     print(f'warning: {line}', file=sys.stderr)
+  return EXIT_OK
+
+
+def _suggest_rules(args, src) -> int:
+  """The rules module of the renames inferred from SRC and --target."""
+  from orbax_linen_nnx import rules as rules_lib
+
+  if args.to:
+    raise UsageError('--suggest-rules pairs SRC with a target: give --target (a checkpoint or module:function)')
+  if args.rules not in (None, rules_lib.AUTO):
+    raise UsageError('--suggest-rules infers the whole table: drop --rules (the module it prints can be edited)')
+  plan, _, _ = _plan(argparse.Namespace(**{**vars(args), 'rules': rules_lib.AUTO}), src)
+  print(rules_lib.as_python(plan.inferred_renames), end='')
   return EXIT_OK
 
 

@@ -41,6 +41,29 @@ def suggest_renames(missing: Sequence[tuple[layout.Meaning, Target]],
   return found.renames, found.by_order + found.unsettled
 
 
+def inferred_renames(missing, unused, linen_to_nnx: bool, modules) -> tuple[dict, list[str], list[str]]:
+  """What `rules='auto'` uses: (renames, the groups paired by order alone, what nothing told apart)."""
+  want = {m.param: tuple(t.shape) for m, t in missing if m.section == ('model',) and len(m.param) > 1}
+  have = {m.param: tuple(s.shape) for m, s in unused if m.section == ('model',) and len(m.param) > 1}
+  if not want or not have:
+    return {}, [], []
+  linen, nnx_side = (have, want) if linen_to_nnx else (want, have)
+  found = pairing.pair(pairing.tree(linen), pairing.tree(nnx_side, modules if linen_to_nnx else None))
+  return found.renames, found.by_order, found.unsettled + [f'{m} has no partner' for m in found.unpaired]
+
+
+def auto_error(renames: Mapping[str, str], unsettled: Sequence[str], rules: rules_lib.Rules,
+               where: str) -> PlanError:
+  """Why `rules='auto'` cannot restore: the modules it could not tell apart, and what it did settle."""
+  settled = f'It settled rename({dict(renames)!r}).' if renames else 'It settled no rename.'
+  given = '' if rules is None else f' after the given rules {rules!r}'
+  return PlanError(
+      f"rules='auto' cannot pair the modules of {where} with the target's one to one{given}; nothing was read.\n"
+      + '\n'.join(f'  {u}' for u in unsettled) + f'\n{settled} Fix: state the pairs it could not tell apart'
+      " with a rename before 'auto', e.g. rules=[rename({'Dense_0': 'fc1'}), 'auto'] (the given rename wins),"
+      ' or restore from an initialised nnx.Module (its attribute order tells modules that look alike apart)')
+
+
 def rename_fix(suggestion: dict[str, str], notes: list[str], rules: rules_lib.Rules) -> str:
   """The rules= that adds `suggestion` to the caller's own rules."""
   if rules is None or isinstance(rules, Mapping):

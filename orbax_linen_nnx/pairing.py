@@ -134,11 +134,19 @@ class Pairing:
   unpaired: list[str] = dataclasses.field(default_factory=list)
 
 
+_KNOWN = frozenset(KINDS) | {k for kinds in KINDS.values() for k in kinds}
+
+
 def _compatible(a: Module, b: Module) -> bool | None:
-  """Whether two modules' kinds can hold the same weights (None: a kind is unknown)."""
+  """Whether two modules' kinds can hold the same weights (None: a kind is unknown, or the user's own class,
+  whose Linen and NNX names need not agree)."""
   if a.kind is None or b.kind is None:
     return None
-  return a.kind == b.kind or b.kind in KINDS.get(a.kind, ()) or a.kind in KINDS.get(b.kind, ())
+  if a.kind == b.kind:
+    return True
+  if a.kind not in _KNOWN or b.kind not in _KNOWN:
+    return None
+  return b.kind in KINDS.get(a.kind, ()) or a.kind in KINDS.get(b.kind, ())
 
 
 def _ordered(assignment, sources, targets) -> bool:
@@ -187,11 +195,24 @@ def _settle(sources: list[Module], targets: list[Module], out: Pairing) -> list[
   return [(s, targets[j]) for s, j in zip(sources, chosen)]
 
 
+def _entries(children: list[Module]) -> list[Module]:
+  """The children, each list of modules (only digit-named children, no leaves) replaced by its entries."""
+  out = []
+  for c in children:
+    if c.children and not c.leaves and all(k.isdigit() for k in c.children) and all(e.given for e in c.children.values()):
+      out += list(c.children.values())
+    else:
+      out.append(c)
+  return out
+
+
 def _pair_children(src: Module, tgt: Module, produced: Path, out: Pairing) -> None:
   """Pairs the submodules of two paired modules, then theirs; `produced` is where the rules put `src`."""
   pairs = [(src.children[k], tgt.children[k]) for k in src.children if k in tgt.children]
-  rest_s = [c for k, c in src.children.items() if k not in tgt.children]
-  rest_t = [c for k, c in tgt.children.items() if k not in src.children]
+  # A list of modules one side names apart (NNX `blocks/0..2`, `nnx.List`) may be the other side's siblings
+  # (Linen's `ResNetBlock_0..2`): its entries stand beside the other children.
+  rest_s = _entries([c for k, c in src.children.items() if k not in tgt.children])
+  rest_t = _entries([c for k, c in tgt.children.items() if k not in src.children])
   groups: dict[tuple, tuple[list, list]] = {}
   for c in rest_s:
     groups.setdefault(c.signature, ([], []))[0].append(c)
@@ -214,8 +235,19 @@ def pair(source: Module, target: Module) -> Pairing:
   """The one-to-one pairing of `source`'s modules with `target`'s (see the module docstring)."""
   out = Pairing()
   _pair_children(source, target, (), out)
-  out.renames = dict(sorted(out.renames.items(), key=lambda kv: _sort_key(kv[0])))
+  # A rename is kept where some leaf needs it: renames match the longest prefix, so a module whose every
+  # submodule is renamed on its own (a block whose convs all change names) needs no entry of its own.
+  by_given = {m.given: m for m in _walk(source) if m.given}
+  out.renames = {k: v for k, v in sorted(out.renames.items(), key=lambda kv: _sort_key(kv[0]))
+                 if k not in by_given or _needs(by_given[k], out.renames, own=True)}
   return out
+
+
+def _needs(m: Module, renames: Mapping[str, str], own: bool = False) -> bool:
+  """Whether a leaf under `m` is renamed by the entry above it (`own`: by `m`'s own entry)."""
+  if not own and m.given in renames:
+    return False
+  return bool(m.leaves) or any(_needs(c, renames) for c in m.children.values())
 
 
 def _sort_key(path: str) -> tuple:

@@ -292,8 +292,24 @@ def build(
   """
   problems = list(problems)  # found before planning (shardings, options): reported with the plan's
   spec = stacks_lib.Stacks.parse(stacks, problems)
+  rules, auto = rules_lib.split_auto(rules)
+  linen_to_nnx = not (source_layout == layout.NNX and target_layout == layout.LINEN)
   pair = dict(source_layout=source_layout, target_layout=target_layout, rules=rules, partial=partial, skip=skip)
   first = attempt = _pair(sources, targets, stacks=spec, problems=problems, **pair)
+  if auto and (first.missing or first.unused):
+    # rules='auto': the renames the given rules leave, from the two trees; only a unique pairing is used.
+    renames, by_order, unsettled = diagnose.inferred_renames(first.missing, first.unused, linen_to_nnx, modules)
+    if unsettled:
+      raise diagnose.auto_error(renames, unsettled, rules, where)
+    if renames:
+      inferred = dict(pair, rules=rules_lib.with_renames(rules, renames, linen_to_nnx=linen_to_nnx))
+      attempt = _pair(sources, targets, stacks=spec, problems=list(problems), **inferred)
+      if not attempt.problems:
+        notes = tuple(f"rules='auto' paired {k} -> {v}" for k, v in renames.items()) + tuple(
+            f"rules='auto': {line}" for line in by_order) + (
+            f"rules='auto' inferred rules=[rename({renames!r})] (plan --suggest-rules writes them as a module)",)
+        return dataclasses.replace(attempt.plan, notes=attempt.plan.notes + notes, inferred_renames=renames)
+      first, pair = attempt, inferred
   # Rules written for one layer fail on a stack whose layer axis nobody stated.
   # Where the source's shapes tell that axis unambiguously, pair once more with
   # it; that plan is kept only if it has no problem at all.
@@ -304,7 +320,6 @@ def build(
     notes = tuple(f"layer axis {a} of source stack '{'/'.join(r)}' inferred from its shapes: rules see one layer"
                   for r, a in guessed.items())
     return dataclasses.replace(attempt.plan, notes=attempt.plan.notes + notes)
-  linen_to_nnx = not (source_layout == layout.NNX and target_layout == layout.LINEN)
   error = diagnose.error(first.problems, missing=first.missing, unused=first.unused, linen_to_nnx=linen_to_nnx,
                          modules=modules, rules=rules, where=where, source_layout=source_layout,
                          target_layout=target_layout, action=action)

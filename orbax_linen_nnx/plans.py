@@ -315,6 +315,8 @@ class RestorePlan:
     rules_matched: (rule, model paths it matched) for every rule that matched.
     notes: what the planner inferred that the caller did not state.
     cost: what each process will read, decode, place and hold (`Cost`), or None.
+    inferred_renames: with rules='auto', the renames inferred from the two trees
+      ({linen module: nnx module}, see `rules.as_python`).
   """
 
   source_layout: str
@@ -327,6 +329,7 @@ class RestorePlan:
   rules_matched: tuple[tuple[str, tuple[str, ...]], ...] = ()
   notes: tuple[str, ...] = ()
   cost: Cost | None = None
+  inferred_renames: dict = dataclasses.field(default_factory=dict, compare=False)
 
   def __str__(self) -> str:
     lines = [

@@ -666,7 +666,49 @@ def cast(path: str, dtype) -> Rule:
   return _Cast(path, dtype)
 
 
-Rules = Union[Sequence[Rule], Mapping[str, str], Callable[[Path], Path], None]
+Rules = Union[Sequence[Rule], Mapping[str, str], Callable[[Path], Path], str, None]
+
+# `rules='auto'`, or 'auto' in a list of rules: the renames the rules leave to do are inferred from the two
+# trees (see pairing.py), only where the pairing is unique.
+AUTO = 'auto'
+
+
+def split_auto(rules: Rules) -> tuple[Rules, bool]:
+  """(the rules without 'auto', whether 'auto' was asked for)."""
+  if isinstance(rules, str) and rules == AUTO:
+    return None, True
+  if isinstance(rules, (list, tuple)) and any(isinstance(r, str) and r == AUTO for r in rules):
+    rest = [r for r in rules if not (isinstance(r, str) and r == AUTO)]
+    return (rest or None), True
+  return rules, False
+
+
+def with_renames(rules: Rules, renames: Mapping[str, str], *, linen_to_nnx: bool) -> list:
+  """`rules` and then `rename(renames)`, as applied in the restore's direction: the inferred renames pair
+  what the caller's rules left (after them going Linen -> NNX, so before them in the list going back)."""
+  if rules is None:
+    given: list = []
+  elif isinstance(rules, Mapping):
+    given = [rename(dict(rules))]
+  elif callable(rules) and not isinstance(rules, Rule):
+    given = [_OneWay(rules)]
+  elif isinstance(rules, Rule):
+    given = [rules]
+  else:
+    given = list(rules)
+  inferred = [rename(dict(renames))]
+  return given + inferred if linen_to_nnx else inferred + given
+
+
+def as_python(renames: Mapping[str, str], given: Rules = None) -> str:
+  """A rules module the command line's `--rules FILE:RULES` loads: the inferred renames (and the given
+  rules, where they are a plain table)."""
+  table = {**(dict(given) if isinstance(given, Mapping) else {}), **renames}
+  lines = ['"""Rules for orbax-linen-nnx, inferred from the two trees (rules=\'auto\'): check, then keep."""', '',
+           'from orbax_linen_nnx import rename', '', 'RULES = [rename({']
+  lines += [f'    {k!r}: {v!r},' for k, v in table.items()]
+  lines += ['})]', '']
+  return '\n'.join(lines)
 
 
 class _OneWay(Rule):

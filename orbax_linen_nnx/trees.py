@@ -51,6 +51,7 @@ def as_linen_lists(node: Any, under_opt_state: bool = False) -> Any:
 
 def _rewritten(described, rules, stacks: stacks_lib.Stacks, source: str, to: str) -> tuple[list, dict[Path, int], bool]:
   """The sources after the rules (`planner.rewrite`'s entries), per-layer stacks' depths, and whether it is a train state."""
+  rules = rules_lib.split_auto(rules)[0]  # the renames 'auto' infers come later, in planner.build
   rule_objs = planner.rule_list(rules, source == layout.LINEN, [])  # build reports the rules' own problems
   _, entries = planner.rewrite(described, rule_objs, rules_lib.Tally(), stacks, source)
   depth = stacks_lib.depths([m.param for _, m, _, _ in entries], stacks, to)

@@ -1,0 +1,330 @@
+"""`rules='auto'`: the rename table inferred from the two trees, on real model code.
+
+Each case saves a Linen model's variables with a CheckpointManager, restores them into NNX code that names
+its modules otherwise, once with `rules='auto'` and once with the table written by hand: the two restores are
+equal bit for bit, and the NNX model then computes what the Linen model computes (a wrong pairing of
+modules that look alike would not). One case is truly ambiguous and must raise, and the one line its
+message asks for then restores.
+"""
+
+import flax.linen as nn
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+import models
+import orbax_linen_nnx
+from helpers import save
+from orbax_linen_nnx import LinenCompatRestore, PlanError, cli, rename
+
+
+def _restore_both(tmp_path, variables, model, table):
+  """Saves `variables`, restores them into `model`'s state with 'auto' and with `table`; (auto, by hand, plan)."""
+  save(tmp_path / 'run', what=ocp.args.StandardSave(variables))
+  abstract = nnx.state(model)
+  with ocp.CheckpointManager(tmp_path / 'run') as mngr:
+    plan = mngr.restore(1, args=LinenCompatRestore(model, rules='auto', dry_run=True))
+    auto = mngr.restore(1, args=LinenCompatRestore(abstract, rules='auto'))
+  with ocp.CheckpointManager(tmp_path / 'run') as mngr:
+    by_hand = mngr.restore(1, args=LinenCompatRestore(abstract, rules=table))
+  models.assert_all_equal(auto, by_hand)
+  assert plan.inferred_renames == table, plan.inferred_renames
+  for k, v in table.items():
+    assert f"rules='auto' paired {k} -> {v}" in plan.notes, plan.notes
+  return auto, plan
+
+
+def _same_output(nnx_out, linen_out):
+  # The same weights through the same XLA ops (dot_general, conv_general_dilated, the same normalisation
+  # formulas) in two frameworks: equal up to float32 rounding, which differs only where the frameworks order
+  # an operation's terms differently; 1e-5 relative covers that for these sizes, and a swapped pair of
+  # modules misses by far more.
+  np.testing.assert_allclose(np.asarray(nnx_out), np.asarray(linen_out), rtol=1e-5, atol=1e-6)
+
+
+# -- 1. The MLP every NNX migration guide starts with.
+
+class LinenMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.Dense(64)(x)
+    x = nn.BatchNorm(use_running_average=not train)(x)
+    x = nn.Dropout(0.1, deterministic=not train)(x)
+    return nn.Dense(10)(nn.relu(x))
+
+
+class NnxMLP(nnx.Module):
+  def __init__(self, rngs):
+    self.linear = nnx.Linear(16, 64, rngs=rngs)
+    self.bn = nnx.BatchNorm(64, rngs=rngs)
+    self.dropout = nnx.Dropout(0.1, rngs=rngs)
+    self.linear_out = nnx.Linear(64, 10, rngs=rngs)
+
+  def __call__(self, x):
+    return self.linear_out(nnx.relu(self.dropout(self.bn(self.linear(x)))))
+
+
+def test_the_porting_guide_mlp(tmp_path):
+  x = jax.random.normal(jax.random.key(1), (4, 16))
+  variables = LinenMLP().init(jax.random.key(0), x)
+  variables = {'params': variables['params'], 'batch_stats': jax.tree.map(lambda v: v + 0.5, variables['batch_stats'])}
+  model = NnxMLP(nnx.Rngs(0))
+  table = {'BatchNorm_0': 'bn', 'Dense_0': 'linear', 'Dense_1': 'linear_out'}
+  restored, _ = _restore_both(tmp_path, variables, model, table)
+  nnx.update(model, restored)
+  model.eval()
+  _same_output(model(x), LinenMLP().apply(variables, x))
+
+
+# -- 2. A CNN as in the Flax MNIST example, with BatchNorm, ported with other names.
+
+class LinenCNN(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=False):
+    for features in (8, 16):
+      x = nn.Conv(features, (3, 3))(x)
+      x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+      x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    return nn.Dense(10)(nn.relu(nn.Dense(32)(x)))  # Dense_1 (the inner one, made second) then Dense_0
+
+
+class NnxCNN(nnx.Module):
+  def __init__(self, rngs):
+    self.conv1 = nnx.Conv(1, 8, (3, 3), rngs=rngs)
+    self.norm1 = nnx.BatchNorm(8, rngs=rngs)
+    self.conv2 = nnx.Conv(8, 16, (3, 3), rngs=rngs)
+    self.norm2 = nnx.BatchNorm(16, rngs=rngs)
+    self.hidden = nnx.Linear(7 * 7 * 16, 32, rngs=rngs)
+    self.logits = nnx.Linear(32, 10, rngs=rngs)
+
+  def __call__(self, x):
+    for conv, norm in ((self.conv1, self.norm1), (self.conv2, self.norm2)):
+      x = nnx.avg_pool(nnx.relu(norm(conv(x))), (2, 2), strides=(2, 2))
+    return self.logits(nnx.relu(self.hidden(x.reshape((x.shape[0], -1)))))
+
+
+def test_a_cnn_with_batchnorm(tmp_path):
+  x = jax.random.normal(jax.random.key(1), (2, 28, 28, 1))
+  variables = LinenCNN().init(jax.random.key(0), x)
+  variables = {'params': variables['params'],
+               'batch_stats': jax.tree.map(lambda v: v * 0.5 + 0.25, variables['batch_stats'])}
+  model = NnxCNN(nnx.Rngs(0))
+  # nn.Dense(10)(nn.relu(nn.Dense(32)(x))): the outer Dense(10) is made first, so it is Dense_0.
+  table = {'BatchNorm_0': 'norm1', 'BatchNorm_1': 'norm2', 'Conv_0': 'conv1', 'Conv_1': 'conv2',
+           'Dense_0': 'logits', 'Dense_1': 'hidden'}
+  restored, _ = _restore_both(tmp_path, variables, model, table)
+  nnx.update(model, restored)
+  model.eval()
+  _same_output(model(x), LinenCNN().apply(variables, x))
+
+
+# -- 3. A ResNet-style model: repeated blocks that look alike, paired by order.
+
+class LinenResNetBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    y = x
+    for _ in range(3):  # Conv_0..2 and BatchNorm_0..2, all alike: only their order tells them apart
+      y = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Conv(8, (3, 3))(y)))
+    return x + y
+
+
+class LinenResNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(8, (3, 3))(x)
+    for _ in range(3):
+      x = LinenResNetBlock()(x)
+    return nn.Dense(4)(x.mean(axis=(1, 2)))
+
+
+class NnxResNetBlock(nnx.Module):
+  def __init__(self, rngs):
+    self.conv1, self.bn1 = nnx.Conv(8, 8, (3, 3), rngs=rngs), nnx.BatchNorm(8, rngs=rngs)
+    self.conv2, self.bn2 = nnx.Conv(8, 8, (3, 3), rngs=rngs), nnx.BatchNorm(8, rngs=rngs)
+    self.conv3, self.bn3 = nnx.Conv(8, 8, (3, 3), rngs=rngs), nnx.BatchNorm(8, rngs=rngs)
+
+  def __call__(self, x):
+    y = x
+    for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)):
+      y = nnx.relu(bn(conv(y)))
+    return x + y
+
+
+class NnxResNet(nnx.Module):
+  def __init__(self, rngs):
+    self.stem = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+    self.blocks = nnx.List([NnxResNetBlock(rngs) for _ in range(3)])
+    self.head = nnx.Linear(8, 4, rngs=rngs)
+
+  def __call__(self, x):
+    x = self.stem(x)
+    for block in self.blocks:
+      x = block(x)
+    return self.head(x.mean(axis=(1, 2)))
+
+
+def _randomized(variables):
+  """Every weight different, so that any swap of modules that look alike changes the output."""
+  leaves, treedef = jax.tree.flatten(variables)
+  keys = jax.random.split(jax.random.key(7), len(leaves))
+  return jax.tree.unflatten(treedef, [jax.random.uniform(k, v.shape, v.dtype, 0.5, 1.5) for k, v in zip(keys, leaves)])
+
+
+def test_a_resnet_with_repeated_blocks(tmp_path):
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+  variables = _randomized(LinenResNet().init(jax.random.key(0), x))
+  model = NnxResNet(nnx.Rngs(0))
+  save(tmp_path / 'run', what=ocp.args.StandardSave(variables))
+  with ocp.CheckpointManager(tmp_path / 'run') as mngr:
+    restored_plan = mngr.restore(1, args=LinenCompatRestore(model, rules='auto', dry_run=True))
+    auto = mngr.restore(1, args=LinenCompatRestore(model, rules='auto'))
+  renames = restored_plan.inferred_renames
+  # Blocks and the convs inside them look alike: paired by creation and attribute order, and said so.
+  assert any('paired in creation and attribute order' in n for n in restored_plan.notes), restored_plan.notes
+  hand = {'Conv_0': 'stem', 'Dense_0': 'head'}
+  for i in range(3):
+    for j in range(3):  # every leaf of a block is under one of its convs or norms: no entry for the block
+      hand[f'LinenResNetBlock_{i}/Conv_{j}'] = f'blocks/{i}/conv{j + 1}'
+      hand[f'LinenResNetBlock_{i}/BatchNorm_{j}'] = f'blocks/{i}/bn{j + 1}'
+  with ocp.CheckpointManager(tmp_path / 'run') as mngr:
+    by_hand = mngr.restore(1, args=LinenCompatRestore(nnx.state(model), rules=[rename(hand)]))
+  models.assert_all_equal(nnx.state(auto), by_hand)
+  assert renames == hand, renames
+  auto.eval()
+  _same_output(auto(x), LinenResNet().apply(variables, x))
+
+
+# -- 4. A transformer block stack: a Linen loop of layers_N, into NNX with attn / mlp names.
+
+class LinenMlpBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(16)(nn.gelu(nn.Dense(64)(x)))
+
+
+class LinenBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = x + nn.SelfAttention(num_heads=2, qkv_features=16, deterministic=True)(nn.LayerNorm()(x))
+    return x + LinenMlpBlock()(nn.LayerNorm()(x))
+
+
+class LinenTransformer(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    for i in range(3):
+      x = LinenBlock(name=f'layers_{i}')(x)
+    return x
+
+
+class NnxMlp(nnx.Module):
+  def __init__(self, rngs):
+    self.up = nnx.Linear(16, 64, rngs=rngs)
+    self.down = nnx.Linear(64, 16, rngs=rngs)
+
+  def __call__(self, x):
+    return self.down(nnx.gelu(self.up(x)))
+
+
+class NnxBlock(nnx.Module):
+  def __init__(self, rngs):
+    self.attn_norm = nnx.LayerNorm(16, rngs=rngs)
+    self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=16, qkv_features=16, decode=False, rngs=rngs)
+    self.mlp_norm = nnx.LayerNorm(16, rngs=rngs)
+    self.mlp = NnxMlp(rngs)
+
+  def __call__(self, x):
+    x = x + self.attn(self.attn_norm(x), deterministic=True)
+    return x + self.mlp(self.mlp_norm(x))
+
+
+class NnxTransformer(nnx.Module):
+  def __init__(self, rngs):
+    self.layers = nnx.List([NnxBlock(rngs) for _ in range(3)])
+
+  def __call__(self, x):
+    for layer in self.layers:
+      x = layer(x)
+    return x
+
+
+def test_a_transformer_block_stack(tmp_path):
+  x = jax.random.normal(jax.random.key(1), (2, 5, 16))
+  variables = _randomized(LinenTransformer().init(jax.random.key(0), x))
+  model = NnxTransformer(nnx.Rngs(0))
+  table = {}
+  for i in range(3):
+    table.update({f'layers_{i}/LayerNorm_0': f'layers/{i}/attn_norm', f'layers_{i}/LayerNorm_1': f'layers/{i}/mlp_norm',
+                  f'layers_{i}/SelfAttention_0': f'layers/{i}/attn',  # the MLP block: by its two Dense
+                  f'layers_{i}/LinenMlpBlock_0/Dense_0': f'layers/{i}/mlp/down',  # the outer Dense is made first
+                  f'layers_{i}/LinenMlpBlock_0/Dense_1': f'layers/{i}/mlp/up'})
+  save(tmp_path / 'run', what=ocp.args.StandardSave(variables))
+  with ocp.CheckpointManager(tmp_path / 'run') as mngr:
+    auto = mngr.restore(1, args=LinenCompatRestore(model, rules='auto'))
+  with ocp.CheckpointManager(tmp_path / 'run') as mngr:
+    by_hand = mngr.restore(1, args=LinenCompatRestore(nnx.state(model), rules=[rename(table)]))
+  models.assert_all_equal(nnx.state(auto), by_hand)
+  _same_output(auto(x), LinenTransformer().apply(variables, x))
+
+
+# -- 5. Truly ambiguous: two Dense layers of one shape, and no attribute order to tell them apart.
+
+class LinenTwins(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(8)(nn.relu(nn.Dense(8)(x)))
+
+
+class NnxTwins(nnx.Module):
+  def __init__(self, rngs):
+    self.inner = nnx.Linear(8, 8, rngs=rngs)
+    self.outer = nnx.Linear(8, 8, rngs=rngs)
+
+  def __call__(self, x):
+    return self.outer(nnx.relu(self.inner(x)))
+
+
+def test_an_ambiguous_pairing_raises_and_the_line_it_asks_for_restores(tmp_path):
+  x = jax.random.normal(jax.random.key(1), (3, 8))
+  variables = _randomized(LinenTwins().init(jax.random.key(0), x))
+  save(tmp_path / 'run', what=ocp.args.StandardSave(variables))
+  state = nnx.state(NnxTwins(nnx.Rngs(0)))  # an nnx.State: attributes sorted by name, no order
+  with pytest.raises(PlanError) as e:
+    orbax_linen_nnx.plan(tmp_path / 'run', state, rules='auto')
+  message = str(e.value)
+  assert 'Dense_0, Dense_1 and inner, outer all hold' in message and 'no attribute order' in message, message
+  assert "rules=[rename({'Dense_0': 'fc1'}), 'auto']" in message, message
+  # The one line: the outer Dense(8) is made first in nn.Dense(8)(nn.relu(nn.Dense(8)(x))), so it is Dense_0.
+  restored = orbax_linen_nnx.restore(tmp_path / 'run', state, rules=[rename({'Dense_0': 'outer'}), 'auto'])
+  model = NnxTwins(nnx.Rngs(0))
+  nnx.update(model, restored)
+  _same_output(model(x), LinenTwins().apply(variables, x))
+  # A rename the caller gives wins over inference, whatever the shapes say.
+  plan = orbax_linen_nnx.plan(tmp_path / 'run', state, rules=[rename({'Dense_0': 'outer'}), 'auto'])
+  assert plan.inferred_renames == {'Dense_1': 'inner'}, plan.inferred_renames
+
+
+def test_the_command_line_suggests_the_rules_and_converts_with_them(tmp_path, capsys):
+  """`plan --suggest-rules` prints a rules module that `--rules FILE:RULES` loads; `convert --rules auto`
+  writes what that table writes. (In this process: test_cli.py runs the command line in fresh ones.)"""
+  x = jax.random.normal(jax.random.key(1), (2, 28, 28, 1))
+  variables = LinenCNN().init(jax.random.key(0), x)
+  save(tmp_path / 'linen', what=ocp.args.StandardSave(variables))
+  target = tmp_path / 'target.py'
+  target.write_text('from flax import nnx\nfrom test_auto_rules import NnxCNN\n\n'
+                    'def abstract():\n  return nnx.state(NnxCNN(nnx.Rngs(0)))\n')
+  capsys.readouterr()
+  assert cli.main(['plan', str(tmp_path / 'linen' / '1'), '--target', f'{target}:abstract', '--suggest-rules']) == 0
+  suggested = capsys.readouterr().out
+  (tmp_path / 'suggested.py').write_text(suggested)
+  assert "'Conv_0': 'conv1'," in suggested and 'RULES = [rename({' in suggested, suggested
+  for rules, dst in ((f'{tmp_path / "suggested.py"}:RULES', 'by_table'), ('auto', 'by_auto')):
+    assert cli.main(['convert', str(tmp_path / 'linen' / '1'), str(tmp_path / dst / '1'), '--target',
+                     f'{target}:abstract', '--rules', rules, '--quiet']) == 0, capsys.readouterr().err
+  capsys.readouterr()
+  assert cli.main(['compare', str(tmp_path / 'by_table' / '1'), str(tmp_path / 'by_auto' / '1')]) == 0, \
+      capsys.readouterr().out
