@@ -360,7 +360,8 @@ def prepare(checkpoint: Any, abstract: Any, *, rules: rules_lib.Rules = None, pa
   clock = time.perf_counter()
   ckpt = checkpoint if isinstance(checkpoint, source_lib.Checkpoint) else source_lib.open_checkpoint(checkpoint)
   opened = time.perf_counter()
-  state = target_lib.flatten(abstract, layout_name=target_layout, mesh=mesh, keep_abstract=topology is not None)
+  state = target_lib.flatten(abstract, layout_name=target_layout, mesh=mesh,
+                             keep_abstract=topology is not None and topology.simulated)
   plan = build(ckpt.arrays, state.targets, source_layout=source_layout or ckpt.layout, target_layout=state.layout,
                rules=rules, partial=partial, stacks=stacks, where=str(ckpt.directory),
                problems=list(problems) + state.problems + list(option_problems(state) if option_problems else ()),
