@@ -224,11 +224,52 @@ def _pair_children(src: Module, tgt: Module, produced: Path, out: Pairing) -> No
     else:
       out.unpaired += [_name(m.path) for m in sources + targets]
   for a, b in pairs:
+    if _pair_stack(a, b, out):
+      continue
     at = produced + (a.path[-1],)
     if at != b.path and a.given and b.given:  # (a list entry of one side only is renamed with its entries)
       out.renames[a.given] = b.given
       at = b.path
     _pair_children(a, b, at, out)
+
+
+def _unstacked(m: Module, layers: int) -> Module | None:
+  """`m` as one layer of a stack along axis 0 of `layers` (every leaf's first dimension), or None."""
+  leaves = {}
+  for k, shape in m.leaves.items():
+    if not shape or shape[0] != layers:
+      return None
+    leaves[k] = shape[1:]
+  children = {}
+  for k, c in m.children.items():
+    one = _unstacked(c, layers)
+    if one is None:
+      return None
+    children[k] = one
+  return Module(m.path, m.given, leaves, children, m.kind, m.order)
+
+
+def _pair_stack(a: Module, b: Module, out: Pairing) -> bool:
+  """Pairs Linen's per-layer blocks (`layers_0..N-1`, a list here) with an NNX stack of them (`nnx.vmap`:
+  every leaf with the layer axis first), one layer for all: renames `layers_{i}/...` (the planner stacks
+  the layers after the rules). False where `a` and `b` are not that."""
+  entries = list(a.children.values())
+  if not (entries and not a.leaves and all(k.isdigit() for k in a.children) and b.children
+          and not any(k.isdigit() for k in b.children)):
+    return False
+  first = a.children[min(a.children, key=int)]
+  one = _unstacked(b, len(entries))
+  if one is None or any(e.signature != first.signature for e in entries) or not re.fullmatch(r'.*_0', first.given):
+    return False
+  layer = Pairing()
+  _pair_children(first, one, first.path, layer)
+  per_layer = first.given[:-1] + '{i}'
+  for k, v in _pruned(layer.renames, first).items():
+    out.renames[per_layer + k[len(first.given):]] = per_layer + v[len(b.given):]
+  out.by_order += layer.by_order
+  out.unsettled += layer.unsettled
+  out.unpaired += layer.unpaired
+  return True
 
 
 def pair(source: Module, target: Module) -> Pairing:
@@ -237,10 +278,15 @@ def pair(source: Module, target: Module) -> Pairing:
   _pair_children(source, target, (), out)
   # A rename is kept where some leaf needs it: renames match the longest prefix, so a module whose every
   # submodule is renamed on its own (a block whose convs all change names) needs no entry of its own.
-  by_given = {m.given: m for m in _walk(source) if m.given}
-  out.renames = {k: v for k, v in sorted(out.renames.items(), key=lambda kv: _sort_key(kv[0]))
-                 if k not in by_given or _needs(by_given[k], out.renames, own=True)}
+  out.renames = _pruned(out.renames, source)
   return out
+
+
+def _pruned(renames: Mapping[str, str], source: Module) -> dict[str, str]:
+  """The renames some leaf of `source` needs, in Linen's creation order."""
+  by_given = {m.given: m for m in _walk(source) if m.given}
+  return {k: v for k, v in sorted(renames.items(), key=lambda kv: _sort_key(kv[0]))
+          if k not in by_given or _needs(by_given[k], renames, own=True)}
 
 
 def _needs(m: Module, renames: Mapping[str, str], own: bool = False) -> bool:

@@ -295,6 +295,44 @@ def test_a_transformer_block_stack(tmp_path):
   _step_matches(auto, LinenTransformer(), variables, x)
 
 
+class NnxStackedTransformer(nnx.Module):
+  def __init__(self, rngs):
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return NnxBlock(rngs)
+
+    self.layers = make(rngs)  # one stack of 3 blocks: every leaf with the layer axis first
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def step(x, layer):
+      return layer(x)
+
+    return step(x, self.layers)
+
+
+def test_a_linen_loop_into_an_nnx_stack(tmp_path):
+  """The same Linen loop into NNX blocks made by nnx.vmap: one layer's pairing serves every layer
+  (renames of layers_{i}/..., the planner stacks the layers after them)."""
+  x = jax.random.normal(jax.random.key(1), (2, 5, 16))
+  variables = _randomized(LinenTransformer().init(jax.random.key(0), x))
+  model = NnxStackedTransformer(nnx.Rngs(0))
+  table = {'layers_{i}/LayerNorm_0': 'layers_{i}/attn_norm', 'layers_{i}/LayerNorm_1': 'layers_{i}/mlp_norm',
+           'layers_{i}/SelfAttention_0': 'layers_{i}/attn', 'layers_{i}/LinenMlpBlock_0/Dense_0': 'layers_{i}/mlp/down',
+           'layers_{i}/LinenMlpBlock_0/Dense_1': 'layers_{i}/mlp/up'}
+  save(tmp_path / 'run', what=ocp.args.StandardSave(variables))
+  plan = orbax_linen_nnx.plan(tmp_path / 'run', model, rules='auto')
+  assert plan.inferred_renames == table, plan.inferred_renames
+  auto = orbax_linen_nnx.restore(tmp_path / 'run', model, rules='auto')
+  by_hand = orbax_linen_nnx.restore(tmp_path / 'run', nnx.state(model), rules=[rename(table)])
+  models.assert_all_equal(nnx.state(auto), by_hand)
+  np.testing.assert_array_equal(np.asarray(auto.layers.mlp.up.kernel.get_value()[2]),
+                                np.asarray(variables['params']['layers_2']['LinenMlpBlock_0']['Dense_1']['kernel']))
+  _same_output(auto(x), LinenTransformer().apply(variables, x))
+  _step_matches(auto, LinenTransformer(), variables, x)
+
+
 # -- 5. Truly ambiguous: two Dense layers of one shape, and no attribute order to tell them apart.
 
 class LinenTwins(nn.Module):
