@@ -233,16 +233,16 @@ def _pair_children(src: Module, tgt: Module, produced: Path, out: Pairing) -> No
     _pair_children(a, b, at, out)
 
 
-def _unstacked(m: Module, layers: int) -> Module | None:
-  """`m` as one layer of a stack along axis 0 of `layers` (every leaf's first dimension), or None."""
+def _unstacked(m: Module, layers: int, axis: int = 0) -> Module | None:
+  """`m` as one layer of a stack of `layers` along `axis` of every leaf, or None."""
   leaves = {}
   for k, shape in m.leaves.items():
-    if not shape or shape[0] != layers:
+    if len(shape) <= axis or shape[axis] != layers:
       return None
-    leaves[k] = shape[1:]
+    leaves[k] = shape[:axis] + shape[axis + 1:]
   children = {}
   for k, c in m.children.items():
-    one = _unstacked(c, layers)
+    one = _unstacked(c, layers, axis)
     if one is None:
       return None
     children[k] = one
@@ -254,6 +254,8 @@ def _pair_stack(a: Module, b: Module, out: Pairing) -> bool:
   every leaf with the layer axis first), one layer for all: renames `layers_{i}/...` (the planner stacks
   the layers after the rules). False where `a` and `b` are not that."""
   entries = list(a.children.values())
+  if a.children and b.children and not any(k.isdigit() for k in (*a.children, *b.children)):
+    return _pair_stacks(a, b, out)
   if not (entries and not a.leaves and all(k.isdigit() for k in a.children) and b.children
           and not any(k.isdigit() for k in b.children)):
     return False
@@ -270,6 +272,40 @@ def _pair_stack(a: Module, b: Module, out: Pairing) -> bool:
   out.unsettled += layer.unsettled
   out.unpaired += layer.unpaired
   return True
+
+
+def _first_leaf(m: Module) -> tuple[int, ...] | None:
+  for shape in m.leaves.values():
+    return shape
+  for c in m.children.values():
+    found = _first_leaf(c)
+    if found is not None:
+      return found
+  return None
+
+
+def _pair_stacks(a: Module, b: Module, out: Pairing) -> bool:
+  """Pairs two stacks whose submodules differ only by where the layer axis is (Linen `nn.scan` with
+  MaxText's `param_scan_axis` 1 against `nnx.vmap`'s 0): one layer against one layer. False otherwise
+  (the submodules are then paired as they are)."""
+  if a.signature == b.signature or not b.path or b.path[-1] != a.path[-1]:
+    return False
+  first = _first_leaf(b)
+  if not first:
+    return False
+  one_b = _unstacked(b, first[0], 0)
+  for axis in (1, 0):
+    one_a = _unstacked(a, first[0], axis)
+    if one_a is not None and one_b is not None and sorted(c.signature for c in one_a.children.values()) == sorted(
+        c.signature for c in one_b.children.values()) and one_a.signature != a.signature:
+      layer = Pairing()
+      _pair_children(one_a, one_b, one_a.path, layer)
+      out.renames.update(_pruned(layer.renames, one_a))
+      out.by_order += layer.by_order
+      out.unsettled += layer.unsettled
+      out.unpaired += layer.unpaired
+      return True
+  return False
 
 
 def pair(source: Module, target: Module) -> Pairing:

@@ -333,6 +333,42 @@ def test_a_linen_loop_into_an_nnx_stack(tmp_path):
   _step_matches(auto, LinenTransformer(), variables, x)
 
 
+class LinenScanBlock(LinenBlock):
+  """The block as nn.scan runs it: (carry, input) -> (carry, output)."""
+
+  @nn.compact
+  def __call__(self, x, _):
+    return LinenBlock.__call__(self, x), None
+
+
+class LinenScanned(nn.Module):
+  """MaxText's layout: the blocks as one nn.scan stack, params with the layer axis at 1."""
+
+  @nn.compact
+  def __call__(self, x):
+    scan = nn.scan(LinenScanBlock, variable_axes={'params': 1}, split_rngs={'params': True}, length=3,
+                   in_axes=(nn.broadcast,))
+    return scan(name='layers')(x, None)[0]
+
+
+def test_a_linen_scan_into_an_nnx_stack(tmp_path):
+  """A Linen nn.scan stack (layer axis 1) into the nnx.vmap stack (layer axis 0): one layer against one layer,
+  the renames on the stacked paths, the axis moved by the planner."""
+  x = jax.random.normal(jax.random.key(1), (2, 5, 16))
+  variables = _randomized(LinenScanned().init(jax.random.key(0), x))
+  model = NnxStackedTransformer(nnx.Rngs(0))
+  table = {'layers/LayerNorm_0': 'layers/attn_norm', 'layers/LayerNorm_1': 'layers/mlp_norm',
+           'layers/LinenMlpBlock_0/Dense_0': 'layers/mlp/down', 'layers/LinenMlpBlock_0/Dense_1': 'layers/mlp/up',
+           'layers/SelfAttention_0': 'layers/attn'}
+  save(tmp_path / 'run', what=ocp.args.StandardSave(variables))
+  assert orbax_linen_nnx.plan(tmp_path / 'run', model, rules='auto').inferred_renames == table
+  auto = orbax_linen_nnx.restore(tmp_path / 'run', model, rules='auto')
+  by_hand = orbax_linen_nnx.restore(tmp_path / 'run', nnx.state(model), rules=[rename(table)])
+  models.assert_all_equal(nnx.state(auto), by_hand)
+  _same_output(auto(x), LinenScanned().apply(variables, x))
+  _step_matches(auto, LinenScanned(), variables, x)
+
+
 # -- 5. Truly ambiguous: two Dense layers of one shape, and no attribute order to tell them apart.
 
 class LinenTwins(nn.Module):
