@@ -21,19 +21,23 @@ from helpers import save
 from orbax_linen_nnx import LinenCompatRestore, PlanError, cli, rename
 
 
-def _restore_both(tmp_path, variables, model, table):
-  """Saves `variables`, restores them into `model`'s state with 'auto' and with `table`; (auto, by hand, plan)."""
+def _ported(tmp_path, linen_module, variables, model, table, x):
+  """Saves the Linen `variables` and restores them into `model` with rules='auto' and with the hand-written
+  `table`: the inferred table is `table`, each rename is noted in the plan, the two restores are equal bit for
+  bit, and the restored model computes and trains as the Linen model does. Returns (restored model, plan)."""
   save(tmp_path / 'run', what=ocp.args.StandardSave(variables))
-  abstract = nnx.state(model)
   with ocp.CheckpointManager(tmp_path / 'run') as mngr:
     plan = mngr.restore(1, args=LinenCompatRestore(model, rules='auto', dry_run=True))
-    auto = mngr.restore(1, args=LinenCompatRestore(abstract, rules='auto'))
+    auto = mngr.restore(1, args=LinenCompatRestore(model, rules='auto'))
   with ocp.CheckpointManager(tmp_path / 'run') as mngr:
-    by_hand = mngr.restore(1, args=LinenCompatRestore(abstract, rules=table))
-  models.assert_all_equal(auto, by_hand)
+    by_hand = mngr.restore(1, args=LinenCompatRestore(nnx.state(model), rules=[rename(table)]))
+  models.assert_all_equal(nnx.state(auto), by_hand)
   assert plan.inferred_renames == table, plan.inferred_renames
   for k, v in table.items():
     assert f"rules='auto' paired {k} -> {v}" in plan.notes, plan.notes
+  auto.eval()
+  _same_output(auto(x), linen_module.apply(variables, x))
+  _step_matches(auto, linen_module, variables, x)
   return auto, plan
 
 
@@ -91,11 +95,9 @@ def test_the_porting_guide_mlp(tmp_path):
   variables = {'params': variables['params'], 'batch_stats': jax.tree.map(lambda v: v + 0.5, variables['batch_stats'])}
   model = NnxMLP(nnx.Rngs(0))
   table = {'BatchNorm_0': 'bn', 'Dense_0': 'linear', 'Dense_1': 'linear_out'}
-  restored, _ = _restore_both(tmp_path, variables, model, table)
-  nnx.update(model, restored)
-  model.eval()
-  _same_output(model(x), LinenMLP().apply(variables, x))
-  _step_matches(model, LinenMLP(), variables, x)
+  auto, _ = _ported(tmp_path, LinenMLP(), variables, model, table, x)
+  # Into an nnx.State too (no attribute order: the shapes tell these modules apart).
+  models.assert_all_equal(orbax_linen_nnx.restore(tmp_path / 'run', nnx.state(model), rules='auto'), nnx.state(auto))
 
 
 # -- 2. A CNN as in the Flax MNIST example, with BatchNorm, ported with other names.
@@ -135,11 +137,7 @@ def test_a_cnn_with_batchnorm(tmp_path):
   # nn.Dense(10)(nn.relu(nn.Dense(32)(x))): the outer Dense(10) is made first, so it is Dense_0.
   table = {'BatchNorm_0': 'norm1', 'BatchNorm_1': 'norm2', 'Conv_0': 'conv1', 'Conv_1': 'conv2',
            'Dense_0': 'logits', 'Dense_1': 'hidden'}
-  restored, _ = _restore_both(tmp_path, variables, model, table)
-  nnx.update(model, restored)
-  model.eval()
-  _same_output(model(x), LinenCNN().apply(variables, x))
-  _step_matches(model, LinenCNN(), variables, x)
+  _ported(tmp_path, LinenCNN(), variables, model, table, x)
 
 
 # -- 3. A ResNet-style model: repeated blocks that look alike, paired by order.
@@ -200,25 +198,14 @@ def test_a_resnet_with_repeated_blocks(tmp_path):
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
   variables = _randomized(LinenResNet().init(jax.random.key(0), x))
   model = NnxResNet(nnx.Rngs(0))
-  save(tmp_path / 'run', what=ocp.args.StandardSave(variables))
-  with ocp.CheckpointManager(tmp_path / 'run') as mngr:
-    restored_plan = mngr.restore(1, args=LinenCompatRestore(model, rules='auto', dry_run=True))
-    auto = mngr.restore(1, args=LinenCompatRestore(model, rules='auto'))
-  renames = restored_plan.inferred_renames
-  # Blocks and the convs inside them look alike: paired by creation and attribute order, and said so.
-  assert any('paired in creation and attribute order' in n for n in restored_plan.notes), restored_plan.notes
   hand = {'Conv_0': 'stem', 'Dense_0': 'head'}
   for i in range(3):
     for j in range(3):  # every leaf of a block is under one of its convs or norms: no entry for the block
       hand[f'LinenResNetBlock_{i}/Conv_{j}'] = f'blocks/{i}/conv{j + 1}'
       hand[f'LinenResNetBlock_{i}/BatchNorm_{j}'] = f'blocks/{i}/bn{j + 1}'
-  with ocp.CheckpointManager(tmp_path / 'run') as mngr:
-    by_hand = mngr.restore(1, args=LinenCompatRestore(nnx.state(model), rules=[rename(hand)]))
-  models.assert_all_equal(nnx.state(auto), by_hand)
-  assert renames == hand, renames
-  auto.eval()
-  _same_output(auto(x), LinenResNet().apply(variables, x))
-  _step_matches(auto, LinenResNet(), variables, x)
+  _, plan = _ported(tmp_path, LinenResNet(), variables, model, hand, x)
+  # Blocks and the convs inside them look alike: paired by creation and attribute order, and said so.
+  assert any('paired in creation and attribute order' in n for n in plan.notes), plan.notes
 
 
 # -- 4. A transformer block stack: a Linen loop of layers_N, into NNX with attn / mlp names.
@@ -285,14 +272,7 @@ def test_a_transformer_block_stack(tmp_path):
                   f'layers_{i}/SelfAttention_0': f'layers/{i}/attn',  # the MLP block: by its two Dense
                   f'layers_{i}/LinenMlpBlock_0/Dense_0': f'layers/{i}/mlp/down',  # the outer Dense is made first
                   f'layers_{i}/LinenMlpBlock_0/Dense_1': f'layers/{i}/mlp/up'})
-  save(tmp_path / 'run', what=ocp.args.StandardSave(variables))
-  with ocp.CheckpointManager(tmp_path / 'run') as mngr:
-    auto = mngr.restore(1, args=LinenCompatRestore(model, rules='auto'))
-  with ocp.CheckpointManager(tmp_path / 'run') as mngr:
-    by_hand = mngr.restore(1, args=LinenCompatRestore(nnx.state(model), rules=[rename(table)]))
-  models.assert_all_equal(nnx.state(auto), by_hand)
-  _same_output(auto(x), LinenTransformer().apply(variables, x))
-  _step_matches(auto, LinenTransformer(), variables, x)
+  _ported(tmp_path, LinenTransformer(), variables, model, table, x)
 
 
 class NnxStackedTransformer(nnx.Module):
@@ -321,16 +301,9 @@ def test_a_linen_loop_into_an_nnx_stack(tmp_path):
   table = {'layers_{i}/LayerNorm_0': 'layers_{i}/attn_norm', 'layers_{i}/LayerNorm_1': 'layers_{i}/mlp_norm',
            'layers_{i}/SelfAttention_0': 'layers_{i}/attn', 'layers_{i}/LinenMlpBlock_0/Dense_0': 'layers_{i}/mlp/down',
            'layers_{i}/LinenMlpBlock_0/Dense_1': 'layers_{i}/mlp/up'}
-  save(tmp_path / 'run', what=ocp.args.StandardSave(variables))
-  plan = orbax_linen_nnx.plan(tmp_path / 'run', model, rules='auto')
-  assert plan.inferred_renames == table, plan.inferred_renames
-  auto = orbax_linen_nnx.restore(tmp_path / 'run', model, rules='auto')
-  by_hand = orbax_linen_nnx.restore(tmp_path / 'run', nnx.state(model), rules=[rename(table)])
-  models.assert_all_equal(nnx.state(auto), by_hand)
+  auto, _ = _ported(tmp_path, LinenTransformer(), variables, model, table, x)
   np.testing.assert_array_equal(np.asarray(auto.layers.mlp.up.kernel.get_value()[2]),
                                 np.asarray(variables['params']['layers_2']['LinenMlpBlock_0']['Dense_1']['kernel']))
-  _same_output(auto(x), LinenTransformer().apply(variables, x))
-  _step_matches(auto, LinenTransformer(), variables, x)
 
 
 class LinenScanBlock(LinenBlock):
@@ -360,13 +333,7 @@ def test_a_linen_scan_into_an_nnx_stack(tmp_path):
   table = {'layers/LayerNorm_0': 'layers/attn_norm', 'layers/LayerNorm_1': 'layers/mlp_norm',
            'layers/LinenMlpBlock_0/Dense_0': 'layers/mlp/down', 'layers/LinenMlpBlock_0/Dense_1': 'layers/mlp/up',
            'layers/SelfAttention_0': 'layers/attn'}
-  save(tmp_path / 'run', what=ocp.args.StandardSave(variables))
-  assert orbax_linen_nnx.plan(tmp_path / 'run', model, rules='auto').inferred_renames == table
-  auto = orbax_linen_nnx.restore(tmp_path / 'run', model, rules='auto')
-  by_hand = orbax_linen_nnx.restore(tmp_path / 'run', nnx.state(model), rules=[rename(table)])
-  models.assert_all_equal(nnx.state(auto), by_hand)
-  _same_output(auto(x), LinenScanned().apply(variables, x))
-  _step_matches(auto, LinenScanned(), variables, x)
+  _ported(tmp_path, LinenScanned(), variables, model, table, x)
 
 
 # -- 5. Truly ambiguous: two Dense layers of one shape, and no attribute order to tell them apart.
