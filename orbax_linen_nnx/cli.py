@@ -221,7 +221,7 @@ def _plan_command(args) -> int:
   plan, _, _ = _plan(args, src)
   budget = args.budget or convert.DEFAULT_BATCH_BYTES
   # What a convert of it costs each process, too.
-  noted, held = convert.with_memory_note(src, plan, budget, args.processes)
+  noted, held = convert.with_cost_note(src, plan, budget, args.processes)
   print(noted)
   limit = args.host_memory_limit
   problems = [] if plan.cost is None else cost_lib.problems(plan.cost, max_over_read=args.max_over_read,
@@ -269,7 +269,7 @@ def _convert(args) -> int:
     names = {r.target.path: r.target.path + (('value',) if r.target.variable_type else ()) for r in plan.reads}
   total = sum(plans.nbytes(r.target.shape, r.target.dtype) for r in plan.reads)
   budget = args.budget or convert.DEFAULT_BATCH_BYTES
-  noted, _ = convert.with_memory_note(src, plan, budget, jax.process_count())
+  noted, _ = convert.with_cost_note(src, plan, budget, jax.process_count())
   if jax.process_index() == 0:
     print(f'  note    {noted.notes[-1]}', file=sys.stderr)
   with _progress('convert', total, len(plan.reads), args.quiet or jax.process_index() != 0) as advance:

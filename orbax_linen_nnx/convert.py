@@ -87,8 +87,8 @@ def plan_to(src: source_lib.Checkpoint, to: str, *, rules=None, stacks=None) -> 
                              action=f'cannot convert {src.directory} to the linen layout')
 
 
-def with_memory_note(src: source_lib.Checkpoint, plan: plan_lib.RestorePlan, budget: int = DEFAULT_BATCH_BYTES,
-                     processes: int = 1) -> tuple[plan_lib.RestorePlan, int]:
+def with_cost_note(src: source_lib.Checkpoint, plan: plan_lib.RestorePlan, budget: int = DEFAULT_BATCH_BYTES,
+                   processes: int = 1) -> tuple[plan_lib.RestorePlan, int]:
   """The plan with a note of what converting it costs each of `processes`, and its host memory bound.
 
   From metadata alone.
