@@ -41,27 +41,38 @@ def suggest_renames(missing: Sequence[tuple[layout.Meaning, Target]],
   return found.renames, found.by_order + found.unsettled
 
 
-def inferred_renames(missing, unused, linen_to_nnx: bool, modules) -> tuple[dict, list[str], list[str]]:
-  """What `rules='auto'` uses: (renames, the groups paired by order alone, what nothing told apart)."""
+def inferred_renames(missing, unused, linen_to_nnx: bool, modules) -> pairing.Pairing:
+  """What `rules='auto'` uses: the pairing of the unused sources' modules with the missing targets'
+  (sources: the Linen side, whichever way the restore goes); modules left without a partner are unsettled."""
   want = {m.param: tuple(t.shape) for m, t in missing if m.section == ('model',) and len(m.param) > 1}
   have = {m.param: tuple(s.shape) for m, s in unused if m.section == ('model',) and len(m.param) > 1}
   if not want or not have:
-    return {}, [], []
+    return pairing.Pairing()
   linen, nnx_side = (have, want) if linen_to_nnx else (want, have)
   found = pairing.pair(pairing.tree(linen), pairing.tree(nnx_side, modules if linen_to_nnx else None))
-  return found.renames, found.by_order, found.unsettled + [f'{m} has no partner' for m in found.unpaired]
+  found.unsettled += [f'{m} has no partner' for m in found.unpaired]
+  return found
 
 
-def auto_error(renames: Mapping[str, str], unsettled: Sequence[str], rules: rules_lib.Rules,
-               where: str) -> PlanError:
-  """Why `rules='auto'` cannot restore: the modules it could not tell apart, and what it did settle."""
-  settled = f'It settled rename({dict(renames)!r}).' if renames else 'It settled no rename.'
+def auto_error(found: pairing.Pairing, rules: rules_lib.Rules, where: str) -> PlanError:
+  """Why `rules='auto'` cannot restore: the modules it could not tell apart, what it did settle, and the
+  rename, on their own names, that settles the first open pair."""
+  guessed = [k for k, _ in found.open if k]
+  settled = {k: v for k, v in found.renames.items() if not any(k == g or k.startswith(g + '/') for g in guessed)}
+  settled = f'It settled rename({settled!r}).' if settled else 'It settled no rename.'
   given = '' if rules is None else f' after the given rules {rules!r}'
+  if open_pairs := [(a, b) for a, b in found.open if a and b]:
+    linen, nnx_name = open_pairs[0]
+    line = (f"rules=[rename({ {linen: nnx_name} !r}), 'auto']" if rules is None else
+            f"add rename({ {linen: nnx_name} !r}) before 'auto' in rules=")
+    fix = (f' with a rename before \'auto\', e.g. {line} if {linen} is what {nnx_name} holds (else give its partner'
+           ' instead; a given rename wins),')
+  else:
+    fix = " with a rename before 'auto' (a given rename wins),"
   return PlanError(
       f"rules='auto' cannot pair the modules of {where} with the target's one to one{given}; nothing was read.\n"
-      + '\n'.join(f'  {u}' for u in unsettled) + f'\n{settled} Fix: state the pairs it could not tell apart'
-      " with a rename before 'auto', e.g. rules=[rename({'Dense_0': 'fc1'}), 'auto'] (the given rename wins),"
-      ' or restore from an initialised nnx.Module (its attribute order tells modules that look alike apart)')
+      + '\n'.join(f'  {u}' for u in found.unsettled) + f'\n{settled} Fix: state the pairs it could not tell apart'
+      + fix + ' or restore from an initialised nnx.Module (its attribute order tells modules that look alike apart)')
 
 
 def rename_fix(suggestion: dict[str, str], notes: list[str], rules: rules_lib.Rules) -> str:

@@ -125,12 +125,16 @@ class Pairing:
   submodule that keeps its name under a renamed parent needs none). `by_order`
   and `unsettled` describe groups of modules that look alike: paired by their
   order, or not told apart at all (paired in name order, to be checked).
-  `unpaired` lists modules of either side left without a partner.
+  `unpaired` lists modules of either side left without a partner. `open`
+  holds the pairs of the unsettled groups as name order made them (source ->
+  target path, as renames name them): each is a rename the user can state,
+  where it is right, to settle it.
   """
 
   renames: dict[str, str] = dataclasses.field(default_factory=dict)
   by_order: list[str] = dataclasses.field(default_factory=list)
   unsettled: list[str] = dataclasses.field(default_factory=list)
+  open: list[tuple[str, str]] = dataclasses.field(default_factory=list)
   unpaired: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -176,6 +180,7 @@ def _settle(sources: list[Module], targets: list[Module], out: Pairing) -> list[
         f"{', '.join(_name(m.path) for m in sources)} and {', '.join(_name(m.path) for m in targets)} all hold"
         f' {sources[0].describe()}: {len(sources)} against {len(targets)}, paired in name order')
     out.unpaired += [_name(m.path) for m in left]
+    out.open += [(a.given, b.given) for a, b in paired]
     return paired
   fits = [p for p in itertools.permutations(range(n))
           if all(_compatible(s, targets[j]) is not False for s, j in zip(sources, p))]
@@ -192,6 +197,7 @@ def _settle(sources: list[Module], targets: list[Module], out: Pairing) -> list[
            ' itself (an initialised nnx.Module) as the target keeps the order its __init__ made them'
            if any(t.order is None for t in targets) else 'neither kinds nor order tell them apart')
     out.unsettled.append(f'{names} all hold {sources[0].describe()} ({why}): paired in name order, check them')
+    out.open += [(s.given, targets[j].given) for s, j in zip(sources, chosen)]
   return [(s, targets[j]) for s, j in zip(sources, chosen)]
 
 
@@ -271,6 +277,7 @@ def _pair_stack(a: Module, b: Module, out: Pairing) -> bool:
   out.by_order += layer.by_order
   out.unsettled += layer.unsettled
   out.unpaired += layer.unpaired
+  out.open += [(per_layer + k[len(first.given):], per_layer + v[len(b.given):]) for k, v in layer.open]
   return True
 
 
@@ -304,6 +311,7 @@ def _pair_stacks(a: Module, b: Module, out: Pairing) -> bool:
       out.by_order += layer.by_order
       out.unsettled += layer.unsettled
       out.unpaired += layer.unpaired
+      out.open += layer.open
       return True
   return False
 

@@ -298,9 +298,10 @@ def build(
   first = attempt = _pair(sources, targets, stacks=spec, problems=problems, **pair)
   if auto and (first.missing or first.unused):
     # rules='auto': the renames the given rules leave, from the two trees; only a unique pairing is used.
-    renames, by_order, unsettled = diagnose.inferred_renames(first.missing, first.unused, linen_to_nnx, modules)
-    if unsettled:
-      raise diagnose.auto_error(renames, unsettled, rules, where)
+    found = diagnose.inferred_renames(first.missing, first.unused, linen_to_nnx, modules)
+    renames, by_order = found.renames, found.by_order
+    if found.unsettled:
+      raise diagnose.auto_error(found, rules, where)
     if renames:
       inferred = dict(pair, rules=rules_lib.with_renames(rules, renames, linen_to_nnx=linen_to_nnx))
       attempt = _pair(sources, targets, stacks=spec, problems=list(problems), **inferred)

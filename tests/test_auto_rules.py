@@ -3,8 +3,8 @@
 Each case saves a Linen model's variables with a CheckpointManager, restores them into NNX code that names
 its modules otherwise, once with `rules='auto'` and once with the table written by hand: the two restores are
 equal bit for bit, and the NNX model then computes what the Linen model computes (a wrong pairing of
-modules that look alike would not). One case is truly ambiguous and must raise, and the one line its
-message asks for then restores.
+modules that look alike would not). Two cases are truly ambiguous (one in every layer of a stack) and must
+raise, and the one line each message asks for, stated right, then restores.
 """
 
 import flax.linen as nn
@@ -341,16 +341,17 @@ def test_a_linen_scan_into_an_nnx_stack(tmp_path):
 class LinenTwins(nn.Module):
   @nn.compact
   def __call__(self, x):
-    return nn.Dense(8)(nn.relu(nn.Dense(8)(x)))
+    return nn.Dense(4)(nn.Dense(8)(nn.relu(nn.Dense(8)(x))))
 
 
 class NnxTwins(nnx.Module):
   def __init__(self, rngs):
     self.inner = nnx.Linear(8, 8, rngs=rngs)
     self.outer = nnx.Linear(8, 8, rngs=rngs)
+    self.head = nnx.Linear(8, 4, rngs=rngs)
 
   def __call__(self, x):
-    return self.outer(nnx.relu(self.inner(x)))
+    return self.head(self.outer(nnx.relu(self.inner(x))))
 
 
 def test_an_ambiguous_pairing_raises_and_the_line_it_asks_for_restores(tmp_path):
@@ -361,16 +362,70 @@ def test_an_ambiguous_pairing_raises_and_the_line_it_asks_for_restores(tmp_path)
   with pytest.raises(PlanError) as e:
     orbax_linen_nnx.plan(tmp_path / 'run', state, rules='auto')
   message = str(e.value)
-  assert 'Dense_0, Dense_1 and inner, outer all hold' in message and 'no attribute order' in message, message
-  assert "rules=[rename({'Dense_0': 'fc1'}), 'auto']" in message, message
-  # The one line: the outer Dense(8) is made first in nn.Dense(8)(nn.relu(nn.Dense(8)(x))), so it is Dense_0.
-  restored = orbax_linen_nnx.restore(tmp_path / 'run', state, rules=[rename({'Dense_0': 'outer'}), 'auto'])
+  assert 'Dense_1, Dense_2 and inner, outer all hold' in message and 'no attribute order' in message, message
+  # What it did settle (the one (8, 4) Dense) is stated apart from the pair name order only guessed.
+  assert "It settled rename({'Dense_0': 'head'})." in message, message
+  # The fix is written on these modules' own names; which is right only the model code tells.
+  assert "rules=[rename({'Dense_1': 'inner'}), 'auto'] if Dense_1 is what inner holds (else give its partner" in (
+      message), message
+  # The one line: Linen names modules as they are made, the callee before its argument, so in
+  # nn.Dense(4)(nn.Dense(8)(nn.relu(nn.Dense(8)(x)))) the head is Dense_0 and the outer Dense(8) Dense_1.
+  restored = orbax_linen_nnx.restore(tmp_path / 'run', state, rules=[rename({'Dense_1': 'outer'}), 'auto'])
   model = NnxTwins(nnx.Rngs(0))
   nnx.update(model, restored)
   _same_output(model(x), LinenTwins().apply(variables, x))
   # A rename the caller gives wins over inference, whatever the shapes say.
-  plan = orbax_linen_nnx.plan(tmp_path / 'run', state, rules=[rename({'Dense_0': 'outer'}), 'auto'])
-  assert plan.inferred_renames == {'Dense_1': 'inner'}, plan.inferred_renames
+  plan = orbax_linen_nnx.plan(tmp_path / 'run', state, rules=[rename({'Dense_1': 'outer'}), 'auto'])
+  assert plan.inferred_renames == {'Dense_0': 'head', 'Dense_2': 'inner'}, plan.inferred_renames
+
+
+class LinenTwinsLoop(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    for i in range(3):
+      x = LinenTwins(name=f'layers_{i}')(x)[..., :1] * jnp.ones(8)
+    return x
+
+
+class NnxTwinsStack(nnx.Module):
+  def __init__(self, rngs):
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return NnxTwins(rngs)
+
+    self.layers = make(rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def step(x, layer):
+      return layer(x)[..., :1] * jnp.ones(8)
+
+    return step(x, self.layers)
+
+
+def test_an_ambiguous_pairing_inside_a_stack_asks_for_one_line_per_layer(tmp_path):
+  """The same twins in every layer of a Linen loop, into an nnx.vmap stack: the line asked for is written
+  for all layers at once (`layers_{i}/...`), and stated right it restores every layer."""
+  x = jax.random.normal(jax.random.key(1), (3, 8))
+  variables = _randomized(LinenTwinsLoop().init(jax.random.key(0), x))
+  save(tmp_path / 'run', what=ocp.args.StandardSave(variables))
+  state = nnx.state(NnxTwinsStack(nnx.Rngs(0)))
+  with pytest.raises(PlanError) as e:
+    orbax_linen_nnx.plan(tmp_path / 'run', state, rules='auto')
+  message = str(e.value)
+  assert "It settled rename({'layers_{i}/Dense_0': 'layers_{i}/head'})." in message, message
+  assert "rules=[rename({'layers_{i}/Dense_1': 'layers_{i}/inner'}), 'auto'] if layers_{i}/Dense_1 is" in (
+      message), message
+  restored = orbax_linen_nnx.restore(tmp_path / 'run', state,
+                                     rules=[rename({'layers_{i}/Dense_1': 'layers_{i}/outer'}), 'auto'])
+  model = NnxTwinsStack(nnx.Rngs(0))
+  nnx.update(model, restored)
+  for i in range(3):  # every layer's slice is that layer's Linen weights, bit for bit
+    for linen_name, nnx_name in (('Dense_0', 'head'), ('Dense_1', 'outer'), ('Dense_2', 'inner')):
+      np.testing.assert_array_equal(restored['layers'][nnx_name]['kernel'][...][i],
+                                    variables['params'][f'layers_{i}'][linen_name]['kernel'])
+  _same_output(model(x), LinenTwinsLoop().apply(variables, x))
 
 
 def test_the_command_line_suggests_the_rules_and_converts_with_them(tmp_path, capsys):
