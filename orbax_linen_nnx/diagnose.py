@@ -54,7 +54,7 @@ def inferred_renames(missing, unused, linen_to_nnx: bool, modules) -> pairing.Pa
   return found
 
 
-def auto_error(found: pairing.Pairing, rules: rules_lib.Rules, where: str) -> PlanError:
+def auto_error(found: pairing.Pairing, rules: rules_lib.Rules, where: str, linen_to_nnx: bool = True) -> PlanError:
   """Why `rules='auto'` cannot restore: the modules it could not tell apart, what it did settle, and the
   rename, on their own names, that settles the first open pair."""
   guessed = [k for k, _ in found.open if k]
@@ -72,7 +72,8 @@ def auto_error(found: pairing.Pairing, rules: rules_lib.Rules, where: str) -> Pl
   return PlanError(
       f"rules='auto' cannot pair the modules of {where} with the target's one to one{given}; nothing was read.\n"
       + '\n'.join(f'  {u}' for u in found.unsettled) + f'\n{settled} Fix: state the pairs it could not tell apart'
-      + fix + ' or restore from an initialised nnx.Module (its attribute order tells modules that look alike apart)')
+      + (fix + ' or restore from an initialised nnx.Module (its attribute order tells modules that look alike apart)'
+         if linen_to_nnx else fix.rstrip(',') + ' (an NNX checkpoint keeps no attribute order to tell them apart)'))
 
 
 def rename_fix(suggestion: dict[str, str], notes: list[str], rules: rules_lib.Rules) -> str:

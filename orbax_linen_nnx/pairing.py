@@ -193,8 +193,9 @@ def _settle(sources: list[Module], targets: list[Module], out: Pairing) -> list[
     out.by_order.append(f'{names} all hold {sources[0].describe()}: paired in creation and attribute order')
   else:
     chosen = (ordered or fits or [tuple(range(n))])[0]
-    why = ('no attribute order on the NNX side: an nnx.State and nnx.eval_shape sort attributes by name; the model'
-           ' itself (an initialised nnx.Module) as the target keeps the order its __init__ made them'
+    why = ('no attribute order on the NNX side: an NNX checkpoint, an nnx.State and nnx.eval_shape sort attributes'
+           ' by name; only the model itself (an initialised nnx.Module) as the target keeps the order its __init__'
+           ' made them'
            if any(t.order is None for t in targets) else 'neither kinds nor order tell them apart')
     out.unsettled.append(f'{names} all hold {sources[0].describe()} ({why}): paired in name order, check them')
     out.open += [(s.given, targets[j].given) for s, j in zip(sources, chosen)]

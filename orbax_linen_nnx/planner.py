@@ -301,7 +301,7 @@ def build(
     found = diagnose.inferred_renames(first.missing, first.unused, linen_to_nnx, modules)
     renames, by_order = found.renames, found.by_order
     if found.unsettled:
-      raise diagnose.auto_error(found, rules, where)
+      raise diagnose.auto_error(found, rules, where, linen_to_nnx)
     if renames:
       inferred = dict(pair, rules=rules_lib.with_renames(rules, renames, linen_to_nnx=linen_to_nnx))
       attempt = _pair(sources, targets, stacks=spec, problems=list(problems), **inferred)

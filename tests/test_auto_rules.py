@@ -379,6 +379,28 @@ def test_an_ambiguous_pairing_raises_and_the_line_it_asks_for_restores(tmp_path)
   assert plan.inferred_renames == {'Dense_0': 'head', 'Dense_2': 'inner'}, plan.inferred_renames
 
 
+def test_an_ambiguous_pairing_the_other_way_asks_for_the_same_line(tmp_path):
+  """An NNX checkpoint of the twins into a Linen target: the line asked for is the same Linen -> NNX rename
+  (rules are written that way both ways), with no advice to pass a model, and stated right it restores."""
+  x = jax.random.normal(jax.random.key(1), (3, 8))
+  saved = nnx.state(NnxTwins(nnx.Rngs(3)))
+  save(tmp_path / 'run', what=ocp.args.StandardSave(saved))
+  abstract = jax.eval_shape(lambda: LinenTwins().init(jax.random.key(0), x))
+  with pytest.raises(PlanError) as e:
+    orbax_linen_nnx.plan(tmp_path / 'run', abstract, rules='auto')
+  message = str(e.value)
+  assert "It settled rename({'Dense_0': 'head'})." in message, message
+  assert "rules=[rename({'Dense_1': 'inner'}), 'auto'] if Dense_1 is what inner holds" in message, message
+  assert 'an NNX checkpoint keeps no attribute order' in message and 'initialised nnx.Module' not in (
+      message.split('Fix:')[1]), message
+  restored = orbax_linen_nnx.restore(tmp_path / 'run', abstract, rules=[rename({'Dense_1': 'outer'}), 'auto'])
+  for linen_name, nnx_name in (('Dense_0', 'head'), ('Dense_1', 'outer'), ('Dense_2', 'inner')):
+    for leaf in ('kernel', 'bias'):
+      np.testing.assert_array_equal(restored['params'][linen_name][leaf], saved[nnx_name][leaf][...])
+  model = NnxTwins(nnx.Rngs(3))
+  _same_output(LinenTwins().apply(restored, x), model(x))
+
+
 class LinenTwinsLoop(nn.Module):
   @nn.compact
   def __call__(self, x):
