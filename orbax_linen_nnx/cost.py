@@ -202,7 +202,8 @@ def estimate(plan: plans.RestorePlan, grids: dict[str, read_lib.Grid], *, topolo
         largest_chunk_bytes=largest, leaves=tuple(sorted(leaves, key=lambda c: c.decoded - c.needed,
                                                           reverse=True)),
         chunk_ids={n: frozenset(_union(b)) for n, b in chunks[p].items()} if chunks_of else None))
-  return plans.Cost(processes=tuple(out), simulated=topology.simulated)
+  return plans.Cost(processes=tuple(out), simulated=topology.simulated,
+                    caller=None if topology.simulated else jax.process_index())
 
 
 def grids_of(plan: plans.RestorePlan, stores: dict) -> dict[str, read_lib.Grid]:
@@ -312,4 +313,4 @@ def save_estimate(plan: plans.RestorePlan, shardings: dict[str, Any], on_device:
       plans.WriteCost(process=p, devices=len(devices[p]), written_bytes=written[p],
                       device_extra_bytes=sum(extra[p].values()),
                       device_extra_max_bytes=max(extra[p].values(), default=0)) for p in processes),
-      simulated=topology.simulated)
+      simulated=topology.simulated, caller=None if topology.simulated else jax.process_index())

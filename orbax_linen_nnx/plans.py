@@ -255,10 +255,12 @@ class WriteCost:
 
 @dataclasses.dataclass(frozen=True)
 class Cost:
-  """Every process's `ProcessCost` for one restore (`simulated`: processes from `processes=`, not devices)."""
+  """Every process's `ProcessCost` for one restore (`simulated`: processes from `processes=`, not devices;
+  `caller`: the process that made a real plan, whose cost its printout shows)."""
 
   processes: tuple[ProcessCost, ...] | tuple[WriteCost, ...]
   simulated: bool = False
+  caller: int | None = None
 
   def of(self, process: int) -> ProcessCost:
     for p in self.processes:
@@ -353,15 +355,8 @@ class RestorePlan:
     lines += [f'  note    {n}' for n in self.notes]
     if self.cost is not None:
       # A real restore: the calling process's own cost; simulated: all processes together, the most read.
-      mine = None if self.cost.simulated else self._process()
-      lines += [f'  cost    {line}' for line in self.cost.lines(process=mine)]
+      lines += [f'  cost    {line}' for line in self.cost.lines(process=self.cost.caller)]
     return '\n'.join(lines)
-
-  @staticmethod
-  def _process() -> int | None:
-    import jax  # the calling process, where JAX runs
-
-    return jax.process_index()
 
   def read_for(self, path: str | Path) -> LeafRead:
     """The `LeafRead` of a target path ('model/fc1/kernel' or a tuple)."""
