@@ -126,7 +126,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="warn where a process's read, or a convert, may hold more than SIZE on the host")
   q.add_argument('--strict-cost', action='store_true', help='fail (exit 3) where those would warn')
   q.add_argument('--suggest-rules', action='store_true',
-                 help='print the renames inferred from the two trees as a rules module (--rules FILE:RULES loads it)')
+                 help='print the renames inferred from the two trees as a rules module (--rules FILE:RULES loads'
+                      ' it); with --rules FILE:NAME, those rules come first and the rest is inferred')
 
   q = sub.add_parser('convert', help='write SRC in another layout as a new checkpoint, in bounded memory')
   source(q, 'src')
@@ -188,10 +189,12 @@ def _target(spec: str):
   return None, (make() if callable(make) else make)
 
 
-def _plan(args, src):
+def _plan(args, src, rules: Any = None):
+  """The plan of SRC into --to or --target, with `rules` where given, else --rules."""
   from orbax_linen_nnx import convert, planner
 
-  rules, stacks = _mapping(args)
+  given, stacks = _mapping(args)
+  rules = given if rules is None else rules
   if args.to:
     return convert.plan_to(src, args.to, rules=rules, stacks=stacks), None, None
   tgt, abstract = _target(args.target)
@@ -243,10 +246,17 @@ def _suggest_rules(args, src) -> int:
 
   if args.to:
     raise UsageError('--suggest-rules pairs SRC with a target: give --target (a checkpoint or module:function)')
-  if args.rules not in (None, rules_lib.AUTO):
-    raise UsageError('--suggest-rules infers the whole table: drop --rules (the module it prints can be edited)')
-  plan, _, _ = _plan(argparse.Namespace(**{**vars(args), 'rules': rules_lib.AUTO}), src)
-  print(rules_lib.as_python(plan.inferred_renames), end='')
+  # --rules FILE:NAME: those rules first (the renames 'auto' could not settle, say), the rest inferred.
+  given, _ = _mapping(args)
+  given, _ = rules_lib.split_auto(given)
+  if given is None:
+    rules = rules_lib.AUTO
+  elif isinstance(given, (list, tuple)):
+    rules = [*given, rules_lib.AUTO]
+  else:
+    rules = [rules_lib.rename(dict(given)) if isinstance(given, dict) else given, rules_lib.AUTO]
+  plan, _, _ = _plan(args, src, rules=rules)
+  print(rules_lib.as_python(plan.inferred_renames, given), end='')
   return EXIT_OK
 
 
@@ -326,6 +336,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     status, message = EXIT_USAGE, str(e)
   except plans.PlanError as e:
     status, message = EXIT_PLAN, str(e)
+    if "'auto']" in message and (getattr(args, 'suggest_rules', False) or getattr(args, 'rules', None)):
+      message += ('\nOn the command line: write that list in a file, e.g. rules.py with `from orbax_linen_nnx import'
+                  ' rename` and RULES = [...], and pass --rules rules.py:RULES (to plan --suggest-rules too)')
   except (source.CheckpointNotFoundError, source.DamagedCheckpointError, source.UnsupportedStorageError) as e:
     status, message = EXIT_UNREADABLE, str(e)
   except convert.DestinationExistsError as e:

@@ -142,6 +142,11 @@ class Rule(abc.ABC):
     """The rule restricted to the entry `name` (of `names()`): itself unless it has several."""
     return self
 
+  def python(self) -> str | None:
+    """The call that makes this rule (`split('a', ['b', 'c'], axis=1)`), or None where no text can
+    (a function given to it)."""
+    return repr(self)
+
 
 def _put(out: dict, made_by: dict, path: str, expr, rule: str, tally: Tally):
   if path in out:
@@ -167,6 +172,9 @@ class _Rename(Rule):
     if self.regex is not None:
       return f'rename({self.regex.pattern!r}, {self.repl!r})'
     return 'rename({' + ', '.join(f'{k.text!r}: {v.text!r}' for k, v in self.mapping.items()) + '})'
+
+  def python(self):
+    return None if self.fn is not None or self._inverse is not None else repr(self)
 
   def names(self):
     if self.mapping:
@@ -296,6 +304,9 @@ class _Nothing(Rule):
 
   def __repr__(self):
     return f'(nothing: the way back of {self.of})'
+
+  def python(self):
+    return None
 
   def names(self):
     return []
@@ -701,14 +712,29 @@ def with_renames(rules: Rules, renames: Mapping[str, str], *, linen_to_nnx: bool
 
 
 def as_python(renames: Mapping[str, str], given: Rules = None) -> str:
-  """A rules module the command line's `--rules FILE:RULES` loads: the inferred renames (and the given
-  rules, where they are a plain table)."""
-  table = {**(dict(given) if isinstance(given, Mapping) else {}), **renames}
-  lines = ['"""Rules for orbax-linen-nnx, inferred from the two trees (rules=\'auto\'): check, then keep."""', '',
-           'from orbax_linen_nnx import rename', '', 'RULES = [rename({']
-  lines += [f'    {k!r}: {v!r},' for k, v in table.items()]
-  lines += ['})]', '']
-  return '\n'.join(lines)
+  """A rules module the command line's `--rules FILE:RULES` loads: the given rules ('auto' left out), then
+  the renames inferred. A plain table given is merged into one `rename`; a rule made from a function has no
+  text, so RuleError says to keep it and add the renames after it."""
+  given, _ = split_auto(given)
+  doc = '"""Rules for orbax-linen-nnx, inferred from the two trees (rules=\'auto\'): check, then keep."""'
+  if given is None or isinstance(given, Mapping):
+    table = {**(dict(given) if given else {}), **renames}
+    lines = [doc, '', 'from orbax_linen_nnx import rename', '', 'RULES = [rename({']
+    lines += [f'    {k!r}: {v!r},' for k, v in table.items()]
+    return '\n'.join(lines + ['})]', ''])
+  items = list(given) if isinstance(given, (list, tuple)) else [given]
+  shown = []
+  for r in items:
+    rule = rename(dict(r)) if isinstance(r, Mapping) else r if isinstance(r, Rule) else _OneWay(r)
+    text = rule.python()
+    if text is None:
+      raise RuleError(f'{rule!r} is made from a function, which has no Python text to print: keep your own'
+                      f' rules and add rename({dict(renames)!r}) after them (before any \'auto\')')
+    shown.append(text)
+  calls = sorted({t.split('(')[0] for t in shown} | {'rename'})
+  lines = [doc, '', f"from orbax_linen_nnx import {', '.join(calls)}", '', 'RULES = [']
+  lines += [f'    {t},' for t in shown] + ['    rename({'] + [f'        {k!r}: {v!r},' for k, v in renames.items()]
+  return '\n'.join(lines + ['    }),', ']', ''])
 
 
 class _OneWay(Rule):
@@ -719,6 +745,9 @@ class _OneWay(Rule):
 
   def __repr__(self):
     return f'rules={getattr(self.fn, "__name__", "fn")}'
+
+  def python(self):
+    return None
 
   def apply(self, leaves, made_by, tally):
     out = {}

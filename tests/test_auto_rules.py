@@ -470,3 +470,52 @@ def test_the_command_line_suggests_the_rules_and_converts_with_them(tmp_path, ca
   capsys.readouterr()
   assert cli.main(['compare', str(tmp_path / 'by_table' / '1'), str(tmp_path / 'by_auto' / '1')]) == 0, \
       capsys.readouterr().out
+
+
+def test_the_command_line_takes_the_line_an_ambiguity_asks_for(tmp_path, capsys):
+  """The twins through the command line: `plan --suggest-rules` fails saying what to write and where; the
+  line, stated right in a rules file, goes to `--suggest-rules --rules FILE:RULES`, whose printed module
+  converts to what that pairing restores, bit for bit."""
+  x = jax.random.normal(jax.random.key(1), (3, 8))
+  variables = _randomized(LinenTwins().init(jax.random.key(0), x))
+  save(tmp_path / 'linen', what=ocp.args.StandardSave(variables))
+  target = tmp_path / 'target.py'
+  target.write_text('from flax import nnx\nfrom test_auto_rules import NnxTwins\n\n'
+                    'def abstract():\n  return nnx.state(NnxTwins(nnx.Rngs(0)))\n')
+  src, tgt = str(tmp_path / 'linen' / '1'), f'{target}:abstract'
+  capsys.readouterr()
+  assert cli.main(['plan', src, '--target', tgt, '--suggest-rules']) == cli.EXIT_PLAN
+  err = capsys.readouterr().err
+  assert "rules=[rename({'Dense_1': 'inner'}), 'auto'] if Dense_1 is" in err, err
+  assert 'pass --rules rules.py:RULES (to plan --suggest-rules too)' in err, err
+  (tmp_path / 'rules.py').write_text(
+      "from orbax_linen_nnx import rename\n\nRULES = [rename({'Dense_1': 'outer'}), 'auto']\n")
+  assert cli.main(['plan', src, '--target', tgt, '--suggest-rules', '--rules', f'{tmp_path / "rules.py"}:RULES']) == 0
+  suggested = capsys.readouterr().out
+  given_then_inferred = ("    rename({'Dense_1': 'outer'}),\n"
+                         "    rename({\n        'Dense_0': 'head',\n        'Dense_2': 'inner',\n")
+  assert given_then_inferred in suggested, suggested
+  (tmp_path / 'suggested.py').write_text(suggested)
+  assert cli.main(['convert', src, str(tmp_path / 'nnx' / '1'), '--target', tgt,
+                   '--rules', f'{tmp_path / "suggested.py"}:RULES', '--quiet']) == 0, capsys.readouterr().err
+  with ocp.CheckpointManager(tmp_path / 'nnx') as mngr:
+    written = mngr.restore(1)
+  for linen_name, nnx_name in (('Dense_0', 'head'), ('Dense_1', 'outer'), ('Dense_2', 'inner')):
+    for leaf in ('kernel', 'bias'):
+      np.testing.assert_array_equal(written[nnx_name][leaf]['value'], variables['params'][linen_name][leaf])
+
+
+def test_the_printed_module_keeps_the_given_rules_or_says_why_it_cannot():
+  """`as_python` writes the given rules as the calls that make them, then the inferred renames; executed,
+  the module gives those same rules. A rule made from a function has no text: the error says what to add."""
+  from orbax_linen_nnx import rules as rules_lib
+
+  given = [rules_lib.split('attn/qkv/kernel', ['q/kernel', 'k/kernel', 'v/kernel'], axis=1),
+           rules_lib.transpose('out/kernel', (1, 0)), {'Embed_0': 'embed'}, 'auto']
+  text = rules_lib.as_python({'Dense_0': 'fc1'}, given)
+  namespace: dict = {}
+  exec(compile(text, 'suggested.py', 'exec'), namespace)  # what --rules FILE:RULES would load
+  assert [repr(r) for r in namespace['RULES']] == [repr(given[0]), repr(given[1]), "rename({'Embed_0': 'embed'})",
+                                                   "rename({'Dense_0': 'fc1'})"], text
+  with pytest.raises(rules_lib.RuleError, match=r"add rename\(\{'Dense_0': 'fc1'\}\) after them"):
+    rules_lib.as_python({'Dense_0': 'fc1'}, [rules_lib.rename(lambda path: path), 'auto'])
