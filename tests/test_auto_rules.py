@@ -275,21 +275,31 @@ def test_a_transformer_block_stack(tmp_path):
   _ported(tmp_path, LinenTransformer(), variables, model, table, x)
 
 
+def _vmapped(block, rngs, layers=3):
+  """`layers` of `block(rngs)` made by nnx.vmap: one stack, every leaf with the layer axis first."""
+  @nnx.split_rngs(splits=layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def make(rngs):
+    return block(rngs)
+
+  return make(rngs)
+
+
+def _scanned(layers, x, each=lambda y: y):
+  """`x` through every layer of a stack in turn (nnx.scan), `each` applied after each layer."""
+  @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+  def step(x, layer):
+    return each(layer(x))
+
+  return step(x, layers)
+
+
 class NnxStackedTransformer(nnx.Module):
   def __init__(self, rngs):
-    @nnx.split_rngs(splits=3)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def make(rngs):
-      return NnxBlock(rngs)
-
-    self.layers = make(rngs)  # one stack of 3 blocks: every leaf with the layer axis first
+    self.layers = _vmapped(NnxBlock, rngs)  # one stack of 3 blocks
 
   def __call__(self, x):
-    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-    def step(x, layer):
-      return layer(x)
-
-    return step(x, self.layers)
+    return _scanned(self.layers, x)
 
 
 def test_a_linen_loop_into_an_nnx_stack(tmp_path):
@@ -411,19 +421,10 @@ class LinenTwinsLoop(nn.Module):
 
 class NnxTwinsStack(nnx.Module):
   def __init__(self, rngs):
-    @nnx.split_rngs(splits=3)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def make(rngs):
-      return NnxTwins(rngs)
-
-    self.layers = make(rngs)
+    self.layers = _vmapped(NnxTwins, rngs)
 
   def __call__(self, x):
-    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-    def step(x, layer):
-      return layer(x)[..., :1] * jnp.ones(8)
-
-    return step(x, self.layers)
+    return _scanned(self.layers, x, lambda y: y[..., :1] * jnp.ones(8))
 
 
 def test_an_ambiguous_pairing_inside_a_stack_asks_for_one_line_per_layer(tmp_path):
