@@ -249,13 +249,7 @@ def _suggest_rules(args, src) -> int:
   # --rules FILE:NAME: those rules first (the renames 'auto' could not settle, say), the rest inferred.
   given, _ = _mapping(args)
   given, _ = rules_lib.split_auto(given)
-  if given is None:
-    rules = rules_lib.AUTO
-  elif isinstance(given, (list, tuple)):
-    rules = [*given, rules_lib.AUTO]
-  else:
-    rules = [rules_lib.rename(dict(given)) if isinstance(given, dict) else given, rules_lib.AUTO]
-  plan, _, _ = _plan(args, src, rules=rules)
+  plan, _, _ = _plan(args, src, rules=[*rules_lib.as_rules(given, backward=False), rules_lib.AUTO])
   print(rules_lib.as_python(plan.inferred_renames, given), end='')
   return EXIT_OK
 

@@ -722,10 +722,8 @@ def as_python(renames: Mapping[str, str], given: Rules = None) -> str:
     lines = [doc, '', 'from orbax_linen_nnx import rename', '', 'RULES = [rename({']
     lines += [f'    {k!r}: {v!r},' for k, v in table.items()]
     return '\n'.join(lines + ['})]', ''])
-  items = list(given) if isinstance(given, (list, tuple)) else [given]
   shown = []
-  for r in items:
-    rule = rename(dict(r)) if isinstance(r, Mapping) else r if isinstance(r, Rule) else _OneWay(r)
+  for rule in as_rules(given, backward=False):
     text = rule.python()
     if text is None:
       raise RuleError(f'{rule!r} is made from a function, which has no Python text to print: keep your own'

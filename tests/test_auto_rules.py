@@ -512,7 +512,7 @@ def test_the_printed_module_keeps_the_given_rules_or_says_why_it_cannot():
   from orbax_linen_nnx import rules as rules_lib
 
   given = [rules_lib.split('attn/qkv/kernel', ['q/kernel', 'k/kernel', 'v/kernel'], axis=1),
-           rules_lib.transpose('out/kernel', (1, 0)), {'Embed_0': 'embed'}, 'auto']
+           rules_lib.transpose('out/kernel', (1, 0)), rules_lib.rename({'Embed_0': 'embed'}), 'auto']
   text = rules_lib.as_python({'Dense_0': 'fc1'}, given)
   namespace: dict = {}
   exec(compile(text, 'suggested.py', 'exec'), namespace)  # what --rules FILE:RULES would load
