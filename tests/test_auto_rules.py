@@ -384,6 +384,7 @@ def test_an_ambiguous_pairing_raises_and_the_line_it_asks_for_restores(tmp_path)
   model = NnxTwins(nnx.Rngs(0))
   nnx.update(model, restored)
   _same_output(model(x), LinenTwins().apply(variables, x))
+  _step_matches(model, LinenTwins(), variables, x)
   # A rename the caller gives wins over inference, whatever the shapes say.
   plan = orbax_linen_nnx.plan(tmp_path / 'run', state, rules=[rename({'Dense_1': 'outer'}), 'auto'])
   assert plan.inferred_renames == {'Dense_0': 'head', 'Dense_2': 'inner'}, plan.inferred_renames
@@ -409,6 +410,7 @@ def test_an_ambiguous_pairing_the_other_way_asks_for_the_same_line(tmp_path):
       np.testing.assert_array_equal(restored['params'][linen_name][leaf], saved[nnx_name][leaf][...])
   model = NnxTwins(nnx.Rngs(3))
   _same_output(LinenTwins().apply(restored, x), model(x))
+  _step_matches(model, LinenTwins(), restored, x)  # NNX holds what was saved, Linen what it restored
 
 
 class LinenTwinsLoop(nn.Module):
@@ -449,6 +451,7 @@ def test_an_ambiguous_pairing_inside_a_stack_asks_for_one_line_per_layer(tmp_pat
       np.testing.assert_array_equal(restored['layers'][nnx_name]['kernel'][...][i],
                                     variables['params'][f'layers_{i}'][linen_name]['kernel'])
   _same_output(model(x), LinenTwinsLoop().apply(variables, x))
+  _step_matches(model, LinenTwinsLoop(), variables, x)
 
 
 def test_the_command_line_suggests_the_rules_and_converts_with_them(tmp_path, capsys):
