@@ -284,7 +284,9 @@ class LinenCompatHandler(ocp.AsyncCheckpointHandler):
     self._sidecar.close()
 
 
-# The args name this handler for CheckpointManager's registry (both for save and for restore,
-# as its lookup by args type needs).
-for _args in (args_lib.LinenCompatRestore, args_lib.LinenCompatSave):
-  ocp.args.register_with_handler(LinenCompatHandler, for_save=True, for_restore=True)(_args)
+# The args name this handler for CheckpointManager's registry: LinenCompatSave as its save args,
+# LinenCompatRestore as its restore args. A manager's registry files a handler under the one save and
+# one restore args class registered for it (the first of each); registering both classes for both
+# made LinenCompatRestore the save args too, so a manager that had saved once refused the next save.
+ocp.args.register_with_handler(LinenCompatHandler, for_save=True)(args_lib.LinenCompatSave)
+ocp.args.register_with_handler(LinenCompatHandler, for_restore=True)(args_lib.LinenCompatRestore)
