@@ -285,6 +285,8 @@ def _convert(args) -> int:
     if plan.dropped or plan.skipped:
       print(f'  left out: {len(plan.dropped)} dropped by rules, {len(plan.skipped)} NNX-only arrays skipped'
             ' (the plan command lists them)')
+    if plan.kept:
+      print(convert.kept_note(plan))
   return EXIT_OK
 
 

@@ -114,6 +114,19 @@ def with_cost_note(src: source_lib.Checkpoint, plan: plan_lib.RestorePlan, budge
   return dataclasses.replace(plan, notes=plan.notes + (note,)), budget + job.held_chunk
 
 
+def kept_note(plan: plan_lib.RestorePlan) -> str:
+  """What a convert into a target did not write (target leaves no source holds: a Linen checkpoint has no RNG
+  stream), and how plain Orbax restores the result all the same."""
+  shown = ', '.join(layout.render(t.path) for t in plan.kept[:6]) + (' ...' if len(plan.kept) > 6 else '')
+  rng = all(layout.is_rng_path(t.path) for t in plan.kept)
+  how = ('restore it with plain Orbax as nnx.state(abstract_model, nnx.Not(nnx.RngState)) and nnx.update the'
+         ' model, which keeps the RNG streams it was built with' if rng else
+         'restore it with plain Orbax into a state without them (nnx.state(abstract_model, nnx.Not(...)) of their'
+         ' Variable types), or with LinenCompatRestore(..., partial=True)')
+  return (f'  left out: {len(plan.kept)} target leaves that no source holds ({shown}); the checkpoint written does'
+          f' not hold them: {how}')
+
+
 def with_shardings(plan: plan_lib.RestorePlan, sharding_of: Callable[[plan_lib.Target], Any]) -> plan_lib.RestorePlan:
   """The plan with every target given `sharding_of(target)`, where it has none."""
   reads = tuple(r if r.target.sharding is not None else

@@ -54,6 +54,20 @@ def inferred_renames(missing, unused, linen_to_nnx: bool, modules) -> pairing.Pa
   return found
 
 
+def auto_paired_nothing(missing, unused, where: str) -> str | None:
+  """What to say where `rules='auto'` found no rename although model leaves are left on both sides (None:
+  nothing is left on one side, so there was nothing to pair)."""
+  want = sorted({layout.render(m.param[:-1]) for m, _ in missing if m.section == ('model',) and len(m.param) > 1})
+  have = sorted({layout.render(m.param[:-1]) for m, _ in unused if m.section == ('model',) and len(m.param) > 1})
+  if not want or not have:
+    return None
+  shown = lambda names: ', '.join(names[:6]) + (f' (+{len(names) - 6} more)' if len(names) > 6 else '')
+  return (f"rules='auto' paired nothing: the target's modules {shown(want)} have no source and {where}'s"
+          f' modules {shown(have)} are unused, and no module of one holds what a module of the other holds'
+          ' (the same leaves, the same shapes). Fix: state the renames (and any transpose or reshape) as rules;'
+          ' the error without rules proposes them')
+
+
 def auto_error(found: pairing.Pairing, rules: rules_lib.Rules, where: str, linen_to_nnx: bool = True) -> PlanError:
   """Why `rules='auto'` cannot restore: the modules it could not tell apart, what it did settle, and the
   rename, on their own names, that settles the first open pair."""

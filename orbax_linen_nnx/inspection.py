@@ -31,7 +31,7 @@ def stacks_found(ckpt: source_lib.Checkpoint) -> list[dict]:
   """Layer stacks the checkpoint's model holds: per-layer modules and stacked ones (see `stacks.found_in`)."""
   described = layout.describe([a.path for a in ckpt.arrays], ckpt.layout)
   return stacks_lib.found_in({l.meaning.param: tuple(a.shape) for a, l in zip(ckpt.arrays, described)
-                              if l.meaning.section == ('model',) and l.meaning.param})
+                              if l.meaning.section == ('model',) and l.meaning.param}, ckpt.layout)
 
 
 def inspect(ckpt: source_lib.Checkpoint) -> dict:

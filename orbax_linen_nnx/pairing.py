@@ -104,8 +104,10 @@ def tree(leaves: Mapping[Path, tuple[int, ...]], info: Mapping[Path, tuple[int |
         node = node.children[part]
     node.leaves[path[-1]] = tuple(shape)
   for node in _walk(root):
-    if info and node.path in info:
-      node.order, node.kind = info[node.path]
+    # `info` is keyed by the tree's own paths: an NNX attribute `block_0` is the node `block/0`.
+    known = info and (info.get(tuple(node.given.split('/'))) if node.given else info.get(node.path))
+    if known:
+      node.order, node.kind = known
     elif node.path and (m := _LINEN_NAME.fullmatch(node.path[-1])) and node.path[-1][:1].isupper():
       node.kind, node.order = m[1], int(m[2])
   return root
@@ -186,11 +188,19 @@ def _settle(sources: list[Module], targets: list[Module], out: Pairing) -> list[
           if all(_compatible(s, targets[j]) is not False for s, j in zip(sources, p))]
   ordered = [p for p in fits if _ordered(p, sources, targets)]
   names = f"{', '.join(_name(m.path) for m in sources)} and {', '.join(_name(m.path) for m in targets)}"
+  numbered = _by_numbers(targets) if len(ordered) != 1 and any(t.order is None for t in targets) else None
+  guessed = [p for p in fits if _ordered(p, sources, numbered)] if numbered else []
   if len(fits) == 1:
     chosen = fits[0]
   elif len(ordered) == 1:
     chosen = ordered[0]
     out.by_order.append(f'{names} all hold {sources[0].describe()}: paired in creation and attribute order')
+  elif len(guessed) == 1:
+    chosen = guessed[0]
+    shown = ', '.join(f'{s.given} -> {targets[j].given}' for s, j in zip(sources, chosen))
+    out.by_order.append(f'{names} all hold {sources[0].describe()}: paired as a guess, creation order against'
+                        f' the numbers in the NNX names ({shown}); if the numbers do not follow the order the'
+                        ' modules are made in, state the renames')
   else:
     chosen = (ordered or fits or [tuple(range(n))])[0]
     why = ('no attribute order on the NNX side: an NNX checkpoint, an nnx.State and nnx.eval_shape sort attributes'
@@ -200,6 +210,19 @@ def _settle(sources: list[Module], targets: list[Module], out: Pairing) -> list[
     out.unsettled.append(f'{names} all hold {sources[0].describe()} ({why}): paired in name order, check them')
     out.open += [(s.given, targets[j].given) for s, j in zip(sources, chosen)]
   return [(s, targets[j]) for s, j in zip(sources, chosen)]
+
+
+_NUMBERED = re.compile(r'(.*?)(\d+)')
+
+
+def _by_numbers(targets: list[Module]) -> list[Module] | None:
+  """The targets ordered by the numbers that end their names, where they are one numbered family (`ln1`, `ln2`;
+  `conv_0`, `conv_1`; list entries) whose order is not known otherwise; else None. Only a guess: `nnx.eval_shape`
+  and `nnx.State` keep no attribute order, and names like these usually count in the order modules are made."""
+  found = [_NUMBERED.fullmatch((t.given or '/'.join(t.path)).rsplit('/', 1)[-1]) for t in targets]
+  if not all(found) or len({m[1] for m in found}) != 1 or len({int(m[2]) for m in found}) != len(found):
+    return None
+  return [dataclasses.replace(t, order=int(m[2])) for t, m in zip(targets, found)]
 
 
 def _entries(children: list[Module]) -> list[Module]:

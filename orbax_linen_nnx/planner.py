@@ -112,6 +112,7 @@ class _Matched:
   to_unstack: list = dataclasses.field(default_factory=list)  # (target, root, source, layer)
   kept: list[Target] = dataclasses.field(default_factory=list)
   missing: list = dataclasses.field(default_factory=list)  # (meaning, target)
+  unfilled: list = dataclasses.field(default_factory=list)  # (meaning, target): kept for `partial`, no source
   looked_for: dict = dataclasses.field(default_factory=dict)  # str(meaning) -> meaning, of missing targets
   used: set = dataclasses.field(default_factory=set)  # stored source paths something reads
   as_saved: set = dataclasses.field(default_factory=set)  # nnx_aux state, held as the NNX model holds it
@@ -150,6 +151,8 @@ def _match(targets, tgt_leaves, index: _Index, partial: bool, problems: list[str
       out.used.update(x.path for x in ops.stored_leaves(src))
     elif t.nnx_only or partial:
       out.kept.append(t)
+      if not t.nnx_only:
+        out.unfilled.append((leaf.meaning, t))
     else:
       out.missing.append((leaf.meaning, t))
       out.looked_for[str(leaf.meaning)] = leaf.meaning
@@ -214,6 +217,7 @@ class _Attempt:
   missing: list
   unused: list
   unfit: dict
+  unfilled: list = dataclasses.field(default_factory=list)  # targets `partial` keeps, for rules='auto' to pair
 
 
 def _pair(sources, targets, *, source_layout, target_layout, rules, partial, stacks, problems, skip) -> _Attempt:
@@ -258,7 +262,7 @@ def _pair(sources, targets, *, source_layout, target_layout, rules, partial, sta
                     and s.path not in matched.used),
       rules_matched=tuple((rule, tuple(sorted(paths))) for rule, paths in tally.matched.items()),
   )
-  return _Attempt(plan, problems, matched.missing, unused, tally.unfit)
+  return _Attempt(plan, problems, matched.missing, unused, tally.unfit, matched.unfilled)
 
 
 def build(
@@ -296,11 +300,16 @@ def build(
   linen_to_nnx = not (source_layout == layout.NNX and target_layout == layout.LINEN)
   pair = dict(source_layout=source_layout, target_layout=target_layout, rules=rules, partial=partial, skip=skip)
   first = attempt = _pair(sources, targets, stacks=spec, problems=problems, **pair)
-  if auto and (first.missing or first.unused):
+  left = first.missing + first.unfilled  # with `partial`, the targets it would keep are paired all the same
+  if auto and (left or first.unused):
     # rules='auto': the renames the given rules leave, from the two trees; only a unique pairing is used.
-    found = diagnose.inferred_renames(first.missing, first.unused, linen_to_nnx, modules)
+    found = diagnose.inferred_renames(left, first.unused, linen_to_nnx, modules)
     renames, by_order = found.renames, found.by_order
-    if found.unsettled:
+    if not renames and not found.open and (nothing := diagnose.auto_paired_nothing(left, first.unused, where)):
+      if not partial:
+        raise plans.PlanError(nothing)
+      plans.warn(nothing)
+    elif found.unsettled:
       raise diagnose.auto_error(found, rules, where, linen_to_nnx)
     if renames:
       inferred = dict(pair, rules=rules_lib.with_renames(rules, renames, linen_to_nnx=linen_to_nnx))

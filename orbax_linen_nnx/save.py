@@ -217,10 +217,18 @@ class _NnxState:
       self.empties = _empty_states(state)
       state = nnx.state(state)
     flat = target_lib.flatten(state, layout_name=layout.NNX)
+    fields = _train_state_fields({t.path[0] for t in flat._slots if t is not None and t.path})
+    # A port's train state holds its params in `params` itself (TrainState.create(params=variables['params'])).
+    self.collection_level = False if fields else None
+    if fields:  # a port's own train state: read as {'model': ..., 'optimizer': ...}, as a restore reads it
+      opt_state = state.get('opt_state') if isinstance(state, Mapping) else getattr(state, 'opt_state', None)
+      self.empties = [fields['opt_state'] + p for p in _empties(opt_state)] if opt_state is not None else []
     self.sources, self.types, self.values = [], {}, {}
     for t, leaf in zip(flat._slots, flat._leaves):
       if t is None:
         continue
+      if fields:
+        t = dataclasses.replace(t, path=fields[t.path[0]] + t.path[1:])
       name = layout.render(t.path)
       self.sources.append(plan_lib.SourceArray(t.path, name, t.shape, np.dtype(t.dtype), key_impl=t.key_impl))
       self.types[t.path] = _kind_of(leaf)
@@ -233,6 +241,20 @@ class _NnxState:
       raise ValueError(f'LinenCompatSave needs the state\'s arrays, but {len(abstract)} leaves hold none (abstract'
                        f' descriptions): {", ".join(abstract[:8])}{" ..." if len(abstract) > 8 else ""}. Save the'
                        ' state of a real model (nnx.state(model)); to_linen(..., dry_run=True) plans an abstract one.')
+
+
+# The fields of a Linen-style train state (`flax.training.train_state.TrainState`, a port's own
+# `struct.dataclass`) holding NNX state, and where an NNX train state keeps each.
+_TRAIN_STATE_FIELDS = {'params': ('model',), 'batch_stats': ('model',), 'opt_state': ('optimizer', 'opt_state'),
+                       'step': ('optimizer', 'step')}
+
+
+def _train_state_fields(top: set[str]) -> dict[str, Path]:
+  """`_TRAIN_STATE_FIELDS` where a state's top-level names are a train state's (params beside opt_state or
+  step, nothing else), else {}."""
+  if 'params' in top and top & {'opt_state', 'step'} and top <= set(_TRAIN_STATE_FIELDS):
+    return _TRAIN_STATE_FIELDS
+  return {}
 
 
 def _kind_of(leaf: Any) -> str | None:
@@ -287,7 +309,8 @@ def _planned(state, rules, stacks, aux, target, plan=None):
   written = None if target is None else target_lib.flatten(target, layout_name=layout.LINEN)
   if plan is None:
     plan = trees.build_save(nnx_state.sources, nnx_state.types, rules=rules, stacks=stacks, aux=aux,
-                               targets=None if written is None else written.targets)
+                            targets=None if written is None else written.targets,
+                            collection_level=nnx_state.collection_level)
   return nnx_state, written, plan
 
 

@@ -468,14 +468,19 @@ def guess_source_axes(unfit, sources, source_layout: str, stacks: Stacks) -> dic
   return guessed
 
 
-def found_in(params: Mapping[Path, tuple[int, ...]]) -> list[dict]:
+def found_in(params: Mapping[Path, tuple[int, ...]], side: str = layout.LINEN) -> list[dict]:
   """The layer stacks a tree of model paths -> shapes holds: per-layer modules, and stacked ones.
 
+  Per-layer modules are Linen's `layers_3` (a Linen tree on `side`) and NNX
+  list entries `layers/3`; an NNX attribute named `block_0` is an attribute.
   A stacked one's layer axis is what the shapes tell (`layer_axes`, with the
   sizes of arrays outside the stack to tell a layer count from a feature size
-  every block shares); candidates left are all listed.
+  every block shares); candidates left are all listed. Every leaf of a stack
+  has the layer axis and one more: a module of vectors (a norm's scale and
+  bias, BatchNorm's statistics) or a square kernel beside its bias shares a
+  size, not a layer axis.
   """
-  params = {normalize(p): tuple(s) for p, s in params.items()}
+  params = {(normalize(p) if side == layout.LINEN else p): tuple(s) for p, s in params.items()}
   found, per_layer = [], collections.defaultdict(set)
   for p in params:
     for k, seg in enumerate(p[:-1]):
@@ -490,7 +495,7 @@ def found_in(params: Mapping[Path, tuple[int, ...]]) -> list[dict]:
       if any(root[:len(c)] == c for c in claimed) or any(s.isdigit() for s in root):
         continue
       shapes = [s for p, s in params.items() if p[:k] == root and len(p) > k]
-      if len(shapes) < 2:
+      if len(shapes) < 2 or any(len(s) < 2 for s in shapes):
         continue
       axes = layer_axes(shapes, outside=[s for p, s in params.items() if p[:k] != root])
       if axes:
@@ -522,16 +527,19 @@ def placed(param: Path, shape: tuple[int, ...], stacks: Stacks, depth: Mapping[P
            problems: list[str]) -> list[tuple[Path, tuple]]:
   """Where a model variable (or its mirror) goes in layout `to`: [(its names there, shape)].
 
-  Per-layer names follow `to` (`layers_3` in Linen, `layers/3` in NNX). Under a
+  Names stay as given, joined per layer for Linen (`layers/3` -> `layers_3`). Under a
   stack the user declared a layer axis for on the `to` side, a stack has its
   layer axis moved there, or, with `None`, is cut into one array per layer;
   per-layer modules are stacked at that axis (the target is named once, by
-  layer 0; the planner gathers every layer into it).
+  layer 0; the planner gathers every layer into it); a stack cut into layers
+  is named per layer as `to` names them (`layers_3` in Linen, `layers/3` in NNX).
   """
   names = _NAMES[to]
   found = stacks.declared(param, to)
   if found is None:
-    return [(names(param), shape)]
+    # Outside a declared stack a name stays as it is in NNX: `block_0` is an attribute there too (MaxText's
+    # unscanned decoders, ports that setattr per layer), and a rule's `block_0/up` is what the rule wrote.
+    return [(param if to == layout.NNX else names(param), shape)]
   root, axes = found
   frm = layout.NNX if to == layout.LINEN else layout.LINEN
   norm = normalize(param)

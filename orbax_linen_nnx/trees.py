@@ -58,6 +58,15 @@ def _rewritten(described, rules, stacks: stacks_lib.Stacks, source: str, to: str
   return entries, depth, any(leaf.meaning.section != ('model',) for _, leaf in described)
 
 
+def _auto_without_target(rules: rules_lib.Rules, frm: str, to: str) -> list[str]:
+  """The problem with rules='auto' where the other layout's tree is derived from this one's (no target)."""
+  if not rules_lib.split_auto(rules)[1]:
+    return []
+  return [f"rules='auto' has nothing to pair with: with no target, the {to} names are derived from the {frm}"
+          ' ones. Fix: give the tree to pair with (a save: LinenCompatSave(..., target=jax.eval_shape(lambda:'
+          ' linen_state)); plan, convert: --target CKPT|MODULE:FUNCTION instead of --to), or state the renames']
+
+
 def nnx_only_type(vtype: str | None) -> bool:
   """A persistent NNX Variable type Linen has no collection for (RNG streams, custom Variables)."""
   return vtype not in (None, 'Param', 'BatchStat') and vtype not in EPHEMERAL_TYPES
@@ -72,6 +81,7 @@ def build_save(
     aux: str | None = layout.NNX_AUX,
     targets: Sequence[Target] | None = None,
     action: str = 'LinenCompatSave cannot write the NNX state in the Linen layout',
+    collection_level: bool | None = None,
 ) -> RestorePlan:
   """The plan of writing an NNX state in the Linen layout: `build` with the Linen tree as target.
 
@@ -89,7 +99,11 @@ def build_save(
   `'sidecar'` beside the Linen tree (the caller writes it apart), `'nnx_aux'`
   in it, with the batch statistics too (MaxText's layout), None nowhere
   (reported as skipped). Caches and intermediates are always left out.
-  `targets` (a Linen abstract state's leaves) replaces the derived tree: the
+  `collection_level` says whether a train state's `params` holds the
+  variables dict (`params/params/...`, `TrainState.create(params=variables)`)
+  or the params themselves (`params/...`, as a port's own train state with a
+  `params` field holds them); None: the first, unless batch statistics sit
+  beside the params. `targets` (a Linen abstract state's leaves) replaces the derived tree: the
   state is written as exactly that tree. The pairing itself is `build`'s, so a
   plan that `build` can make back (`LinenCompatRestore` with the same rules
   and stacks) restores it.
@@ -104,6 +118,8 @@ def build_save(
                     f' {layout.NNX_AUX!r} (in it, as MaxText writes it) or, with aux=None, nowhere')
     aux = layout.SIDECAR
   stacks = stacks_lib.Stacks.parse(stacks, problems).with_default(layout.NNX, layout.LINEN)
+  if targets is None:
+    problems += _auto_without_target(rules, layout.NNX, layout.LINEN)
   described = list(zip(sources, layout.describe([s.path for s in sources], layout.NNX)))
   skip = [s.path for s, leaf in described if variable_types.get(s.path) in EPHEMERAL_TYPES
           or (aux is None and nnx_only_type(variable_types.get(s.path)) and leaf.meaning.section == ('model',))]
@@ -112,6 +128,7 @@ def build_save(
   kinds = {m: variable_types.get(ops.stored_leaves(expr)[0].path) for expr, m, _, _ in entries}
   # Batch statistics beside the params (Flax's BatchNorm guide): `params` then holds variables['params'].
   stats = aux != layout.NNX_AUX and any(k == 'BatchStat' for m, k in kinds.items() if m.section == ('model',))
+  single = stats if collection_level is None else not collection_level  # params/<path>: no 'params' level
   derived = []
   for expr, m, _, _ in entries:
     first = ops.stored_leaves(expr)[0]
@@ -124,10 +141,10 @@ def build_save(
       derived.append(Target((layout.NNX_AUX, 'model') + m.param, shape, dtype, None, key_impl=key_impl))
       continue
     if m.section == ('model',):
-      base = ('batch_stats',) if vtype == 'BatchStat' else ('params', 'params') if train_state and not stats \
+      base = ('batch_stats',) if vtype == 'BatchStat' else ('params', 'params') if train_state and not single \
           else ('params',)
     elif m.section[0] == 'opt_state':
-      base = m.section + (('params',) if m.param and not stats else ())
+      base = m.section + (('params',) if m.param and not single else ())
     else:
       problems.append(f"{first} is neither model, optimizer state nor step of an NNX train state"
                       " ({'model': ..., 'optimizer': nnx.Optimizer}); save it with ocp.args.StandardSave")
@@ -176,7 +193,7 @@ def build_nnx(
   >>> print(build_nnx(src, rules={'Dense_0': 'fc1'}).reads[0])
   fc1/kernel/value (3, 8) float32  <-  params.Dense_0.kernel  (by rename Dense_0)
   """
-  problems: list[str] = []
+  problems: list[str] = _auto_without_target(rules, layout.LINEN, layout.NNX)
   stacks = stacks_lib.Stacks.parse(stacks, problems).with_default(layout.LINEN, layout.NNX)
   described = list(zip(sources, layout.describe([s.path for s in sources], layout.LINEN)))
   entries, depth, train_state = _rewritten(described, rules, stacks, layout.LINEN, layout.NNX)

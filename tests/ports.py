@@ -1,0 +1,137 @@
+"""NNX ports written the way users write them, for the tests of what such code meets.
+
+A Linen network whose residual blocks come from a loop (`LBlock_0..2`, each a Dense, a LayerNorm, a Dense)
+and its NNX port that sets one attribute per block (`setattr(self, f'block_{i}', ...)`, as ports of Linen
+loops often do); a residual block with two same-shaped Dense + LayerNorm pairs, its port naming them
+`fc1/ln1/fc2/ln2` (a numbered family) and one naming them `a/b` (names that say nothing); and a port's own
+train state, a `flax.struct.dataclass` with `params: nnx.State`, `opt_state` and `step`. This module is also
+the `--target` of command-line tests (`ports.py:abstract_net`).
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+
+D_IN, D, D_OUT, BLOCKS = 4, 8, 2, 3
+# The hand-written table for the setattr port: what 'auto' must infer.
+NET_RULES = {'Dense_0': 'inp', 'Dense_1': 'head'}
+for _i in range(BLOCKS):
+  NET_RULES.update({f'LBlock_{_i}/Dense_0': f'block_{_i}/up', f'LBlock_{_i}/LayerNorm_0': f'block_{_i}/norm',
+                    f'LBlock_{_i}/Dense_1': f'block_{_i}/down'})
+RES_RULES = {'Dense_0': 'fc1', 'LayerNorm_0': 'ln1', 'Dense_1': 'fc2', 'LayerNorm_1': 'ln2'}
+
+
+class LBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.LayerNorm()(nn.Dense(2 * D)(x))
+    return x + nn.Dense(D)(nn.relu(h))
+
+
+class LNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(D)(x)
+    for _ in range(BLOCKS):
+      x = LBlock()(x)
+    return nn.Dense(D_OUT)(x)
+
+
+class Block(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.up = nnx.Linear(D, 2 * D, rngs=rngs)
+    self.norm = nnx.LayerNorm(2 * D, rngs=rngs)
+    self.down = nnx.Linear(2 * D, D, rngs=rngs)
+
+  def __call__(self, x):
+    return x + self.down(nnx.relu(self.norm(self.up(x))))
+
+
+class Net(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.inp = nnx.Linear(D_IN, D, rngs=rngs)
+    for i in range(BLOCKS):
+      setattr(self, f'block_{i}', Block(rngs))
+    self.head = nnx.Linear(D, D_OUT, rngs=rngs)
+
+  def __call__(self, x):
+    x = self.inp(x)
+    for i in range(BLOCKS):
+      x = getattr(self, f'block_{i}')(x)
+    return self.head(x)
+
+
+def abstract_net():
+  """The port's abstract state as users build it (for `--target ports.py:abstract_net`)."""
+  return nnx.state(nnx.eval_shape(lambda: Net(nnx.Rngs(0))))
+
+
+class LRes(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.LayerNorm()(nn.Dense(D)(x)))
+    return x + nn.LayerNorm()(nn.Dense(D)(h))
+
+
+class NRes(nnx.Module):
+  """Numbered names: fc1/ln1 are made first, as their numbers say."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.fc1 = nnx.Linear(D, D, rngs=rngs)
+    self.ln1 = nnx.LayerNorm(D, rngs=rngs)
+    self.fc2 = nnx.Linear(D, D, rngs=rngs)
+    self.ln2 = nnx.LayerNorm(D, rngs=rngs)
+
+  def __call__(self, x):
+    return x + self.ln2(self.fc2(nnx.relu(self.ln1(self.fc1(x)))))
+
+
+class NResAB(nnx.Module):
+  """Names that say nothing of order: only the model itself (or a rename) tells `a` from `b`."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.b = nnx.Linear(D, D, rngs=rngs)
+    self.ln_b = nnx.LayerNorm(D, rngs=rngs)
+    self.a = nnx.Linear(D, D, rngs=rngs)
+    self.ln_a = nnx.LayerNorm(D, rngs=rngs)
+
+  def __call__(self, x):
+    return x + self.ln_a(self.a(nnx.relu(self.ln_b(self.b(x)))))
+
+
+@struct.dataclass
+class PortState:
+  """A port's own train state, shaped like Linen's TrainState but holding NNX state."""
+
+  step: Any
+  params: Any
+  opt_state: Any
+
+
+def tx():
+  return optax.adam(1e-2)
+
+
+def port_state(module_cls, seed: int = 0) -> PortState:
+  params = nnx.state(module_cls(nnx.Rngs(seed)), nnx.Param)
+  return PortState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx().init(params))
+
+
+def batch(n: int = 16, d_in: int = D_IN, d_out: int = D_OUT, seed: int = 0):
+  kx, ky = jax.random.split(jax.random.key(seed))
+  return jax.random.normal(kx, (n, d_in)), jax.random.normal(ky, (n, d_out))
+
+
+def linen_variables(module, d_in: int = D_IN, seed: int = 0):
+  return module.init(jax.random.key(seed), np.ones((1, d_in), np.float32))
+
+
+# Float32 terms summed in one forward pass and one SGD step of these small models (batch 16): each
+# Dense contraction's inner size, the norms' means over their features, the loss mean, the gradients'
+# sums over the batch (see models.assert_reductions_close).
+STEP_TERMS = 16 * D_OUT + 16 + 4 * (D + 2 * D) + 8 * D
