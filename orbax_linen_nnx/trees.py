@@ -58,6 +58,13 @@ def _rewritten(described, rules, stacks: stacks_lib.Stacks, source: str, to: str
   return entries, depth, any(leaf.meaning.section != ('model',) for _, leaf in described)
 
 
+def _as_written(param: Path, original: Path | None) -> Path | None:
+  """The Linen names of a path the rules renamed: as the rules wrote them (a setup-style `layers/0`, as
+  Hugging Face's Flax models name layers, stays); None where no rule renamed it (then per-layer entries
+  are joined as Linen names lists: `blocks/0` -> `blocks_0`)."""
+  return None if original is None or param == original else param
+
+
 def _auto_without_target(rules: rules_lib.Rules, frm: str, to: str) -> list[str]:
   """The problem with rules='auto' where the other layout's tree is derived from this one's (no target)."""
   if not rules_lib.split_auto(rules)[1]:
@@ -125,6 +132,7 @@ def build_save(
           or (aux is None and nnx_only_type(variable_types.get(s.path)) and leaf.meaning.section == ('model',))]
   described = [(s, leaf) for s, leaf in described if s.path not in skip]
   entries, depth, train_state = _rewritten(described, rules, stacks, layout.NNX, layout.LINEN)
+  original = {src.path: leaf.meaning.param for src, leaf in described}
   kinds = {m: variable_types.get(ops.stored_leaves(expr)[0].path) for expr, m, _, _ in entries}
   # Batch statistics beside the params (Flax's BatchNorm guide): `params` then holds variables['params'].
   stats = aux != layout.NNX_AUX and any(k == 'BatchStat' for m, k in kinds.items() if m.section == ('model',))
@@ -152,8 +160,9 @@ def build_save(
     if not m.param:
       derived.append(Target(base, shape, dtype, None, key_impl=key_impl))
       continue
+    written = None if stacks.declared(m.param, layout.LINEN) else _as_written(m.param, original.get(first.path))
     for param, s in stacks_lib.placed(m.param, shape, stacks, depth, layout.LINEN, problems):
-      derived.append(Target(base + param, s, dtype, None, key_impl=key_impl))
+      derived.append(Target(base + (written or param), s, dtype, None, key_impl=key_impl))
   if targets is not None:
     # Exactly the caller's Linen tree; NNX-only state it has no place for goes in `aux`'s place.
     aux_in_target = any(t.path[:1] == (layout.NNX_AUX,) for t in targets)
