@@ -192,8 +192,9 @@ def build_nnx(
   of the same model saves: every model variable (params, batch stats, MaxText's
   `nnx_aux` state) under `model/<path>/value` (`<path>/value` for a model
   alone), the optimizer's states under `optimizer/opt_state/...` without the
-  `params` level, a uint32 `optimizer/step/value`; per-layer modules as
-  `layers/3/...`. The rules (Linen -> NNX) name and shape it; `stacks` moves a
+  `params` level, a uint32 `optimizer/step/value`; per-layer modules keep
+  their names (`layers_3/...`: attributes, as MaxText's unscanned NNX decoders
+  name them), and the names the rules write stay as written. The rules (Linen -> NNX) name and shape it; `stacks` moves a
   stack's layer axis (`{'layers': {'linen': 1, 'nnx': 0}}`), unrolls it
   (`{'layers': {'nnx': None}}` -> `layers/0`, ...) or stacks `layers_N`
   (`{'layers': {'nnx': 0}}`). A Linen stack's axis defaults to `nn.scan`'s 1.
