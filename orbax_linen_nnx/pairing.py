@@ -170,6 +170,11 @@ def _name(path: Path) -> str:
   return '/'.join(path)
 
 
+def _shown(m: Module) -> str:
+  """A module as its own tree names it (`block2_0/bn1`, not the entry `block2/0/bn1` pairing reads it as)."""
+  return m.given or _name(m.path)
+
+
 def _settle(sources: list[Module], targets: list[Module], out: Pairing) -> list[tuple[Module, Module]]:
   """Pairs modules that look alike (one signature), by kind, then order; records what stays open."""
   if len(sources) == len(targets) == 1:
@@ -179,15 +184,15 @@ def _settle(sources: list[Module], targets: list[Module], out: Pairing) -> list[
     paired = list(zip(sorted(sources, key=lambda m: m.path), sorted(targets, key=lambda m: m.path)))
     left = [m for m in sources + targets if not any(m is a or m is b for a, b in paired)]
     out.unsettled.append(
-        f"{', '.join(_name(m.path) for m in sources)} and {', '.join(_name(m.path) for m in targets)} all hold"
+        f"{', '.join(_shown(m) for m in sources)} and {', '.join(_shown(m) for m in targets)} all hold"
         f' {sources[0].describe()}: {len(sources)} against {len(targets)}, paired in name order')
-    out.unpaired += [_name(m.path) for m in left]
+    out.unpaired += [_shown(m) for m in left]
     out.open += [(a.given, b.given) for a, b in paired]
     return paired
   fits = [p for p in itertools.permutations(range(n))
           if all(_compatible(s, targets[j]) is not False for s, j in zip(sources, p))]
   ordered = [p for p in fits if _ordered(p, sources, targets)]
-  names = f"{', '.join(_name(m.path) for m in sources)} and {', '.join(_name(m.path) for m in targets)}"
+  names = f"{', '.join(_shown(m) for m in sources)} and {', '.join(_shown(m) for m in targets)}"
   numbered = _by_numbers(targets) if len(ordered) != 1 and any(t.order is None for t in targets) else None
   guessed = [p for p in fits if _ordered(p, sources, numbered)] if numbered else []
   if len(fits) == 1:
@@ -252,7 +257,7 @@ def _pair_children(src: Module, tgt: Module, produced: Path, out: Pairing) -> No
     if sources and targets:
       pairs += _settle(sources, targets, out)
     else:
-      out.unpaired += [_name(m.path) for m in sources + targets]
+      out.unpaired += [_shown(m) for m in sources + targets]
   for a, b in pairs:
     if _pair_stack(a, b, out):
       continue

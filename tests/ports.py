@@ -135,3 +135,65 @@ def linen_variables(module, d_in: int = D_IN, seed: int = 0):
 # Dense contraction's inner size, the norms' means over their features, the loss mean, the gradients'
 # sums over the batch (see models.assert_reductions_close).
 STEP_TERMS = 16 * D_OUT + 16 + 4 * (D + 2 * D) + 8 * D
+
+
+# ---------------------------------------------------------------- a port of flaxmodels' ResNet18
+
+# flaxmodels' ResNet (Linen, `pip install flaxmodels`) names its modules by class and call order
+# (`BasicBlock_3/BatchNorm_1`); a port names them as the pretrained weights' own dictionary does
+# (`block2_1/bn2`, `downsample_conv`), one attribute per block set in a loop.
+RESNET_STAGES = ((64, False), (128, True), (256, True), (512, True))  # (features, first block downsamples)
+
+
+class ResNetBlock(nnx.Module):
+  def __init__(self, cin: int, cout: int, downsample: bool, rngs: nnx.Rngs):
+    conv = lambda i, o, k, s: nnx.Conv(i, o, (k, k), strides=(s, s), padding=((k // 2, k // 2),) * 2,
+                                       use_bias=False, rngs=rngs)
+    bn = lambda n: nnx.BatchNorm(n, momentum=0.1, epsilon=1e-5, rngs=rngs)  # flaxmodels' running averages
+    self.conv1 = conv(cin, cout, 3, 2 if downsample else 1)
+    self.bn1 = bn(cout)
+    self.conv2 = conv(cout, cout, 3, 1)
+    self.bn2 = bn(cout)
+    if downsample:
+      self.downsample_conv = conv(cin, cout, 1, 2)
+      self.downsample_bn = bn(cout)
+
+  def __call__(self, x):
+    h = nnx.relu(self.bn1(self.conv1(x)))
+    h = self.bn2(self.conv2(h))
+    if hasattr(self, 'downsample_conv'):
+      x = self.downsample_bn(self.downsample_conv(x))
+    return nnx.relu(h + x)
+
+
+class ResNet18(nnx.Module):
+  def __init__(self, num_classes: int, rngs: nnx.Rngs):
+    self.conv1 = nnx.Conv(3, 64, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False, rngs=rngs)
+    self.bn1 = nnx.BatchNorm(64, momentum=0.1, epsilon=1e-5, rngs=rngs)
+    cin = 64
+    for stage, (features, down) in enumerate(RESNET_STAGES, 1):
+      for i in range(2):
+        setattr(self, f'block{stage}_{i}', ResNetBlock(cin, features, down and i == 0, rngs))
+        cin = features
+    self.fc = nnx.Linear(512, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.bn1(self.conv1(x)))
+    x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for stage in range(1, 5):
+      for i in range(2):
+        x = getattr(self, f'block{stage}_{i}')(x)
+    return self.fc(jnp.mean(x, axis=(1, 2)))
+
+
+def resnet_rules() -> dict[str, str]:
+  """The table a user writes from flaxmodels' Linen names to the port's."""
+  table = {'Conv_0': 'conv1', 'BatchNorm_0': 'bn1', 'Dense_0': 'fc'}
+  inner = {'Conv_0': 'conv1', 'BatchNorm_0': 'bn1', 'Conv_1': 'conv2', 'BatchNorm_1': 'bn2',
+           'Conv_2': 'downsample_conv', 'BatchNorm_2': 'downsample_bn'}
+  for k in range(8):
+    stage, i = k // 2 + 1, k % 2
+    for linen, port in inner.items():
+      if linen[-1] != '2' or (i == 0 and stage > 1):
+        table[f'BasicBlock_{k}/{linen}'] = f'block{stage}_{i}/{port}'
+  return table

@@ -7,7 +7,10 @@
   package `__init__` imports its trainers, whose stack is heavy): `tunix_module` loads the model module
   itself, which needs only flax, jax and jaxtyping.
 
-Both at a tiny config. `LLAMA_RULES` is the table a user writes between them. This module imports no
+- `flaxmodels`: its Linen `ResNet18` (custom BatchNorm, `batch_stats`), against a port written here as its
+  users write one (ports.ResNet18: one attribute per block, named as the pretrained weights name them).
+
+Each at a small config. `LLAMA_RULES` is the table a user writes between them. This module imports no
 orbax_linen_nnx name but the rules, so a reader process can use it without this package
 (`hf_logits_main`).
 """
@@ -100,6 +103,42 @@ def llama_rules():
 LOGIT_TERMS = LAYERS * (3 * D + HEAD_DIM + SEQ + HEADS * HEAD_DIM + HIDDEN) + 2 * D
 
 
+def flaxmodels_resnet():
+  from flaxmodels.resnet import resnet
+
+  return resnet.ResNet18(output='logits', pretrained=None, normalize=False, num_classes=CLASSES)
+
+
+CLASSES, IMAGE = 10, 32
+
+
+def images(n: int = 4, seed: int = 0):
+  return jax.random.uniform(jax.random.key(seed), (n, IMAGE, IMAGE, 3))
+
+
+def resnet_variables(seed: int = 0):
+  return flaxmodels_resnet().init(jax.random.key(seed), images(), train=False)
+
+
+def resnet_logits(variables, x):
+  return flaxmodels_resnet().apply(variables, x, train=False)
+
+
+# Float32 terms one ResNet18 logit sums (each conv's kernel volume along the deepest path, the pooled mean,
+# the classifier's inner size), for models.assert_reductions_close.
+RESNET_TERMS = 7 * 7 * 3 + 4 * 9 * 64 + 9 * 64 + 3 * 9 * 128 + 9 * 128 + 3 * 9 * 256 + 9 * 256 + 3 * 9 * 512 + 512
+
+
+def resnet_logits_main(directory: str, step: int) -> None:
+  """A flaxmodels user's own code: restore the variables with plain Orbax, print the logits (JSON)."""
+  import orbax.checkpoint as ocp
+
+  with ocp.CheckpointManager(directory) as mngr:
+    variables = mngr.restore(step, args=ocp.args.StandardRestore(jax.eval_shape(resnet_variables)))
+  print(json.dumps({'logits': np.asarray(resnet_logits(variables, images())).tolist(),
+                    'imported_orbax_linen_nnx': 'orbax_linen_nnx' in sys.modules}))
+
+
 def hf_logits_main(directory: str, step: int) -> None:
   """A Hugging Face user's own code: restore the params tree with plain Orbax, print the logits (JSON)."""
   import orbax.checkpoint as ocp
@@ -113,4 +152,4 @@ def hf_logits_main(directory: str, step: int) -> None:
 
 if __name__ == '__main__':
   jax.config.update('jax_num_cpu_devices', 8)  # the devices the checkpoint was saved from
-  hf_logits_main(sys.argv[1], int(sys.argv[2]))
+  {'hf': hf_logits_main, 'resnet': resnet_logits_main}[sys.argv[1]](sys.argv[2], int(sys.argv[3]))
