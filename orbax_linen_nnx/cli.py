@@ -12,6 +12,7 @@ Exit status: 0 done (compare: the checkpoints match), 1 values differ (compare),
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import contextlib
 import importlib
 import importlib.util
@@ -137,6 +138,11 @@ def _parser() -> argparse.ArgumentParser:
   how.add_argument('--target', metavar='CKPT|MODULE:FUNCTION', help='write exactly this tree')
   mapping(q)
   q.add_argument('--overwrite', action='store_true', help='replace DST if it exists')
+  q.add_argument('--fill-nnx-only', choices=('from-target',),
+                 help="write the --target model's own values for the leaves no source holds (a Dropout's RNG"
+                      ' stream: a Linen run has none), so plain StandardRestore(nnx.state(abstract_model)) reads'
+                      ' the result; --target MODULE:FUNCTION then returns the state of a built model'
+                      ' (nnx.state(Model(nnx.Rngs(0)))), not nnx.eval_shape')
   q.add_argument('--item', default='default', help="the item name under DST (default: 'default')")
   q.add_argument('--budget', type=_bytes, default=None, metavar='SIZE',
                  help='decoded bytes per batch of arrays (default 32MiB); a larger array is written in blocks of rows')
@@ -268,9 +274,17 @@ def _convert(args) -> int:
   src = source.open_checkpoint(args.src)
   plan, tgt, abstract = _plan(args, src)
   structure = convert.target_structure(tgt) if tgt is not None else None
+  filled = {}
+  if args.fill_nnx_only:
+    if abstract is None or args.distributed:
+      raise UsageError('--fill-nnx-only from-target writes the values of a --target MODULE:FUNCTION model, on one'
+                       ' process: give --target a function returning nnx.state(Model(...)) of a built model')
+    filled = convert.target_values(plan.kept, abstract)
+    plan = dataclasses.replace(plan, kept=())
   names = None
   if abstract is not None:  # NNX Variables are saved as {'value': ...} nodes
-    names = {r.target.path: r.target.path + (('value',) if r.target.variable_type else ()) for r in plan.reads}
+    names = {t.path: t.path + (('value',) if t.variable_type else ())
+             for t in [r.target for r in plan.reads] + list(filled)}
   total = sum(plans.nbytes(r.target.shape, r.target.dtype) for r in plan.reads)
   budget = args.budget or convert.DEFAULT_BATCH_BYTES
   noted, _ = convert.with_cost_note(src, plan, budget, jax.process_count())
@@ -278,7 +292,8 @@ def _convert(args) -> int:
     print(f'  note    {noted.notes[-1]}', file=sys.stderr)
   with _progress('convert', total, len(plan.reads), args.quiet or jax.process_index() != 0) as advance:
     written = convert.convert(src, args.dst, plan, structure=structure, item=args.item, overwrite=args.overwrite,
-                              batch_bytes=budget, on_written=advance, names=names)
+                              batch_bytes=budget, on_written=advance, names=names,
+                              extra={t.path: v for t, v in filled.items()})
   if jax.process_index() == 0:
     print(f'wrote {written} ({plan.target_layout} layout): {len(plan.reads)} arrays,'
           f' {inspection.size_text(total)} from {src.directory} ({src.layout} layout)')

@@ -28,13 +28,14 @@ import dataclasses
 import json
 import os
 import pathlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import future
 from etils import epath
+from flax import nnx
 
 from orbax_linen_nnx import layout
 from orbax_linen_nnx import planner
@@ -114,13 +115,36 @@ def with_cost_note(src: source_lib.Checkpoint, plan: plan_lib.RestorePlan, budge
   return dataclasses.replace(plan, notes=plan.notes + (note,)), budget + job.held_chunk
 
 
+def target_values(kept: Sequence[plan_lib.Target], state: Any) -> dict[plan_lib.Target, jax.Array]:
+  """The target's own values of the leaves a plan keeps for want of a source, to write beside what it reads.
+
+  `state` must hold arrays there (the state of a built model); a leaf that holds none is a `ValueError`.
+  """
+  by_path = {layout.key_path(k): v for k, v in jax.tree_util.tree_leaves_with_path(
+      state, is_leaf=lambda x: isinstance(x, nnx.Variable))}
+  out, missing = {}, []
+  for t in kept:
+    leaf = by_path.get(t.path, by_path.get(t.path + ('value',)))
+    value = leaf.get_raw_value() if isinstance(leaf, nnx.Variable) else leaf
+    if isinstance(value, jax.Array):
+      out[t] = value
+    else:
+      missing.append(layout.render(t.path))
+  if missing:
+    raise ValueError(f'--fill-nnx-only from-target needs the target\'s values, and {", ".join(missing)} hold none (an'
+                     ' abstract state, from nnx.eval_shape): make --target MODULE:FUNCTION return the state of a built'
+                     ' model, nnx.state(Model(nnx.Rngs(0)))')
+  return out
+
+
 def kept_note(plan: plan_lib.RestorePlan) -> str:
   """What a convert into a target did not write (target leaves no source holds: a Linen checkpoint has no RNG
   stream), and how plain Orbax restores the result all the same."""
   shown = ', '.join(layout.render(t.path) for t in plan.kept[:6]) + (' ...' if len(plan.kept) > 6 else '')
   rng = all(layout.is_rng_path(t.path) for t in plan.kept)
   how = ('restore it with plain Orbax as nnx.state(abstract_model, nnx.Not(nnx.RngState)) and nnx.update the'
-         ' model, which keeps the RNG streams it was built with' if rng else
+         ' model, which keeps the RNG streams it was built with (or convert with --fill-nnx-only from-target'
+         ' to write a built target model\'s own)' if rng else
          'restore it with plain Orbax into a state without them (nnx.state(abstract_model, nnx.Not(...)) of their'
          ' Variable types), or with LinenCompatRestore(..., partial=True)')
   return (f'  left out: {len(plan.kept)} target leaves that no source holds ({shown}); the checkpoint written does'
@@ -328,7 +352,7 @@ def convert(src: source_lib.Checkpoint, dst: epath.PathLike, plan: plan_lib.Rest
             structure: Any | None = None, item: str = 'default', overwrite: bool = False,
             batch_bytes: int = DEFAULT_BATCH_BYTES, on_written: Callable[[int, int], None] = lambda n, k: None,
             sharding_of: Callable[[plan_lib.Target], Any] = spread,
-            names: dict[Path, Path] | None = None) -> epath.Path:
+            names: dict[Path, Path] | None = None, extra: Mapping[Path, jax.Array] | None = None) -> epath.Path:
   """Writes what `plan` reads from `src` as a checkpoint at `dst` (`<dst>/<item>`), batch by batch.
 
   `structure` is the tree to write (a target checkpoint's, see
@@ -339,7 +363,8 @@ def convert(src: source_lib.Checkpoint, dst: epath.PathLike, plan: plan_lib.Rest
   a convert marks what it started (STARTED_FILE), so a rerun replaces what an
   interrupted one left without `overwrite` there too.
   `names` renames target paths in the tree written (NNX Variables of an
-  abstract state are saved as `.../value`). `on_written(bytes, arrays)` is
+  abstract state are saved as `.../value`). `extra` adds arrays no source
+  holds, written as they are (`target_values`). `on_written(bytes, arrays)` is
   called after each batch is written. Returns the item directory written.
   """
   dst = epath.Path(dst)
@@ -348,6 +373,7 @@ def convert(src: source_lib.Checkpoint, dst: epath.PathLike, plan: plan_lib.Rest
   names = names or {}
   values = {names.get(r.target.path, r.target.path): Pending(r, tuple(r.target.shape), np.dtype(r.target.dtype), r.target.sharding)
             for r in plan.reads}
+  values.update({names.get(p, p): v for p, v in (extra or {}).items()})
   array_handler = ocp.type_handlers.get_type_handler(jax.Array)  # Orbax's own, with its array metadata store
   registry = ocp.type_handlers.create_type_handler_registry(
       (jax.Array, array_handler),  # also keeps Orbax's per-array metadata (PRNG key types) on

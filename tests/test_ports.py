@@ -236,3 +236,28 @@ def test_convert_says_what_it_left_out_and_the_plain_restore_it_states_works(tmp
   x = np.ones((2, models.D_IN), np.float32)
   models.assert_reductions_close(model(x), models.LinenMLP().apply(variables, x), terms=models.D_IN + models.D_HID)
   np.testing.assert_array_equal(model.fc2.kernel.get_value(), variables['params']['Dense_1']['kernel'])
+
+
+def test_convert_fills_nnx_only_leaves_from_a_built_target_so_plain_orbax_reads_all(tmp_path, capsys):
+  variables = linen_run(tmp_path / 'linen', models.LinenMLP(), d_in=models.D_IN)
+  (tmp_path / 'target.py').write_text(
+      'import sys\nsys.path.insert(0, %r)\nimport models\nfrom flax import nnx\n\n'
+      'def built():\n  return nnx.state(models.NnxMLPWithDropout(nnx.Rngs(7)))\n\n'
+      'def abstract():\n  return nnx.state(nnx.eval_shape(lambda: models.NnxMLPWithDropout(nnx.Rngs(0))))\n' % TESTS)
+  convert = ['convert', str(tmp_path / 'linen'), str(tmp_path / 'nnx'), '--rules', 'auto', '--fill-nnx-only',
+             'from-target', '--quiet', '--target']
+  # An abstract target has no values to write: said before anything is written.
+  assert cli.main(convert + [f'{tmp_path}/target.py:abstract']) == cli.EXIT_USAGE
+  assert 'hold none (an abstract state, from nnx.eval_shape)' in capsys.readouterr().err
+  assert not (tmp_path / 'nnx').exists()
+  assert cli.main(convert + [f'{tmp_path}/target.py:built']) == cli.EXIT_OK
+  assert 'left out' not in capsys.readouterr().out
+  # Plain Orbax restores the port's whole nnx.state, RNG stream included: the built target's own.
+  abstract = nnx.state(nnx.eval_shape(lambda: models.NnxMLPWithDropout(nnx.Rngs(0))))
+  restored = ocp.StandardCheckpointer().restore(tmp_path / 'nnx' / 'default', abstract)
+  model = models.NnxMLPWithDropout(nnx.Rngs(1))
+  nnx.update(model, restored)
+  own = models.NnxMLPWithDropout(nnx.Rngs(7)).drop.rngs.key.get_value()
+  np.testing.assert_array_equal(jax.random.key_data(model.drop.rngs.key.get_value()), jax.random.key_data(own))
+  np.testing.assert_array_equal(model.fc1.kernel.get_value(), variables['params']['Dense_0']['kernel'])
+  model(np.ones((2, models.D_IN), np.float32))  # and it runs
