@@ -18,7 +18,7 @@ from flax import nnx
 import models
 import ports
 from helpers import TESTS, save
-from orbax_linen_nnx import LinenCompatRestore, LinenCompatSave, PlanError, cli, compare, inspection, plan, source
+from orbax_linen_nnx import LinenCompatRestore, LinenCompatSave, PlanError, cli, compare, inspection, plan, rename, source
 
 
 def linen_run(directory, module, d_in=ports.D_IN):
@@ -65,6 +65,31 @@ def test_setattr_blocks_stay_attributes_and_auto_pairs_them(tmp_path, target):
   auto = restored_model(tmp_path, make, 'auto')
   models.assert_all_equal(nnx.state(auto), nnx.state(by_hand))
   assert_computes_like_linen(auto, ports.LNet(), variables)
+
+
+def test_numbered_names_pair_by_a_stated_guess_and_names_that_say_nothing_raise(tmp_path):
+  """From nnx.eval_shape (no attribute order): fc1/ln1, fc2/ln2 pair with Dense_0/LayerNorm_0, Dense_1/LayerNorm_1
+  by their numbers, a guess the plan states; a/b and ln_a/ln_b raise with the line that settles them, which,
+  applied, restores (b is made first here, so Dense_0 is b)."""
+  variables = linen_run(tmp_path, ports.LRes(), d_in=ports.D)
+  numbered = lambda: ports.NRes(nnx.Rngs(1))
+  p = plan(tmp_path, nnx.state(nnx.eval_shape(numbered)), rules='auto')
+  assert p.inferred_renames == ports.RES_RULES
+  assert any('paired as a guess' in n and 'Dense_0 -> fc1, Dense_1 -> fc2' in n for n in p.notes), p.notes
+  assert_computes_like_linen(restored_model(tmp_path, numbered, 'auto'), ports.LRes(), variables, d_in=ports.D,
+                             d_out=ports.D)
+
+  lettered = lambda: ports.NResAB(nnx.Rngs(1))
+  with pytest.raises(PlanError, match=r"Dense_0, Dense_1 and a, b all hold .*no attribute order") as e:
+    plan(tmp_path, nnx.state(nnx.eval_shape(lettered)), rules='auto')
+  assert "rules=[rename({'Dense_0': 'a'}), 'auto']" in str(e.value)
+  # The line is stated in name order; here b is made first, so the user states its partner instead.
+  fixed = [rename({'Dense_0': 'b', 'LayerNorm_0': 'ln_b'}), 'auto']
+  assert_computes_like_linen(restored_model(tmp_path, lettered, fixed), ports.LRes(), variables, d_in=ports.D,
+                             d_out=ports.D)
+  # The initialised module's attribute order settles it with no rename.
+  assert plan(tmp_path, lettered(), rules='auto').inferred_renames == {
+      'Dense_0': 'b', 'LayerNorm_0': 'ln_b', 'Dense_1': 'a', 'LayerNorm_1': 'ln_a'}
 
 
 def test_convert_to_nnx_keeps_the_names_rules_write_and_plain_orbax_reads_it(tmp_path):

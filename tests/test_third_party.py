@@ -20,22 +20,32 @@ import third_party as tp
 from helpers import TESTS, save
 from orbax_linen_nnx import LinenCompatRestore, LinenCompatSave, PlanError, cli, compare, inspection, source
 
-@pytest.fixture(scope='module')
-def hf_run(tmp_path_factory):
-  """A Hugging Face Flax Llama's variables, saved by a CheckpointManager as its users save them."""
-  directory = tmp_path_factory.mktemp('hf')
-  variables = tp.hf_variables()
+
+def saved(tmp_path_factory, name, variables):
+  """The Linen model's variables, saved by a CheckpointManager as its users save them."""
+  directory = tmp_path_factory.mktemp(name)
   save(directory, variables)
   return directory, variables
 
 
-def restored_tunix(directory, rules):
-  abstract = nnx.state(nnx.eval_shape(lambda: tp.tunix_llama(seed=3)))
+@pytest.fixture(scope='module')
+def hf_run(tmp_path_factory):
+  return saved(tmp_path_factory, 'hf', tp.hf_variables())
+
+
+def restored(directory, make, rules, target='eval_shape'):
+  """A fresh NNX model (`make(seed)`) updated from the checkpoint, restored into `make(3)`'s abstract state
+  (or, with target='module', into the initialised model itself)."""
+  abstract = make(3) if target == 'module' else nnx.state(nnx.eval_shape(lambda: make(3)))
   with ocp.CheckpointManager(directory) as mngr:
-    restored = mngr.restore(1, args=LinenCompatRestore(abstract, rules=rules))
-  model = tp.tunix_llama(seed=5)
-  nnx.update(model, restored)
+    got = mngr.restore(1, args=LinenCompatRestore(abstract, rules=rules))
+  model = make(5)
+  nnx.update(model, nnx.state(got) if isinstance(got, nnx.Module) else got)  # a module target gives a module
   return model
+
+
+def restored_tunix(directory, rules):
+  return restored(directory, tp.tunix_llama, rules)
 
 
 def test_restore_into_tunix_computes_and_trains_like_hugging_face(hf_run):
@@ -119,21 +129,12 @@ def test_linen_compat_save_of_tunix_is_read_by_hugging_face_code(hf_run, tmp_pat
 
 @pytest.fixture(scope='module')
 def resnet_run(tmp_path_factory):
-  """flaxmodels' ResNet18 variables (params and batch_stats), saved as its users save them."""
-  directory = tmp_path_factory.mktemp('resnet')
-  variables = tp.resnet_variables()
-  save(directory, variables)
-  return directory, variables
+  """flaxmodels' ResNet18 variables: params and batch_stats."""
+  return saved(tmp_path_factory, 'resnet', tp.resnet_variables())
 
 
 def restored_port(directory, rules, target='eval_shape'):
-  make = lambda: ports.ResNet18(tp.CLASSES, nnx.Rngs(3))
-  abstract = make() if target == 'module' else nnx.state(nnx.eval_shape(make))
-  with ocp.CheckpointManager(directory) as mngr:
-    restored = mngr.restore(1, args=LinenCompatRestore(abstract, rules=rules))
-  model = ports.ResNet18(tp.CLASSES, nnx.Rngs(5))
-  nnx.update(model, nnx.state(restored) if isinstance(restored, nnx.Module) else restored)  # a module gives a module
-  return model
+  return restored(directory, lambda seed: ports.ResNet18(tp.CLASSES, nnx.Rngs(seed)), rules, target)
 
 
 def test_resnet_port_restores_computes_and_trains_like_flaxmodels(resnet_run):
