@@ -44,6 +44,17 @@ def restored(directory, make, rules, target='eval_shape'):
   return model
 
 
+def logits_by_their_own_code(model: str, run_dir, step: int) -> np.ndarray:
+  """The Linen model's own code (third_party.py, `model` 'hf' or 'resnet') restores `step` of `run_dir` with
+  plain Orbax in a fresh process that never imports this package, and computes its logits."""
+  done = subprocess.run([sys.executable, f'{TESTS}/third_party.py', model, str(run_dir), str(step)],
+                        capture_output=True, text=True, timeout=240, cwd=TESTS)
+  assert done.returncode == 0, done.stderr[-3000:]
+  out = json.loads(done.stdout.strip().splitlines()[-1])
+  assert out['imported_orbax_linen_nnx'] is False
+  return np.array(out['logits'])
+
+
 def restored_tunix(directory, rules):
   return restored(directory, tp.tunix_llama, rules)
 
@@ -116,12 +127,8 @@ def test_linen_compat_save_of_tunix_is_read_by_hugging_face_code(hf_run, tmp_pat
       nnx.update(model, jax.tree.map(lambda p, g: p - 0.1 * g, nnx.state(model, nnx.Param), grads))
       mngr.save(step, args=LinenCompatSave(model, rules=tp.llama_rules()))
     mngr.wait_until_finished()
-  done = subprocess.run([sys.executable, f'{TESTS}/third_party.py', 'hf', str(tmp_path / 'run'), '3'],
-                        capture_output=True, text=True, timeout=240, cwd=TESTS)
-  assert done.returncode == 0, done.stderr[-3000:]
-  out = json.loads(done.stdout.strip().splitlines()[-1])
-  assert out['imported_orbax_linen_nnx'] is False
-  models.assert_reductions_close(np.array(out['logits']), tp.tunix_logits(model, tp.tokens()), terms=tp.LOGIT_TERMS)
+  models.assert_reductions_close(logits_by_their_own_code('hf', tmp_path / 'run', 3),
+                                 tp.tunix_logits(model, tp.tokens()), terms=tp.LOGIT_TERMS)
 
 
 # ---------------------------------------------------------------- flaxmodels' ResNet18 and a port of it
@@ -184,13 +191,9 @@ def test_resnet_port_saved_as_linen_is_read_by_flaxmodels_code(resnet_run, tmp_p
       model(tp.images(seed=step))
       mngr.save(step, args=LinenCompatSave(model, rules=ports.resnet_rules()))
     mngr.wait_until_finished()
-  done = subprocess.run([sys.executable, f'{TESTS}/third_party.py', 'resnet', str(tmp_path / 'run'), '3'],
-                        capture_output=True, text=True, timeout=240, cwd=TESTS)
-  assert done.returncode == 0, done.stderr[-3000:]
-  out = json.loads(done.stdout.strip().splitlines()[-1])
-  assert out['imported_orbax_linen_nnx'] is False
   model.eval()
-  models.assert_reductions_close(np.array(out['logits']), model(tp.images()), terms=tp.RESNET_TERMS)
+  models.assert_reductions_close(logits_by_their_own_code('resnet', tmp_path / 'run', 3), model(tp.images()),
+                                 terms=tp.RESNET_TERMS)
 
 
 def test_resnet_convert_then_plain_orbax_then_compare(resnet_run, tmp_path, capsys):
