@@ -117,9 +117,12 @@ def tx():
   return optax.adam(1e-2)
 
 
-def port_state(module_cls, seed: int = 0) -> PortState:
+def port_state(module_cls, seed: int = 0, kind=PortState):
+  """The train state of `module_cls`'s params: a PortState, or Flax's own `train_state.TrainState`."""
   params = nnx.state(module_cls(nnx.Rngs(seed)), nnx.Param)
-  return PortState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx().init(params))
+  if kind is PortState:
+    return PortState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx().init(params))
+  return kind.create(apply_fn=None, params=params, tx=tx())
 
 
 def batch(n: int = 16, d_in: int = D_IN, d_out: int = D_OUT, seed: int = 0):

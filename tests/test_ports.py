@@ -14,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from flax.training import train_state
 
 import models
 import ports
@@ -205,13 +206,14 @@ def test_compare_with_auto_matches_a_bit_exact_conversion(tmp_path, capsys):
 # ---------------------------------------------------------------- a port's own train state, saved back
 
 
-def test_a_ports_train_state_saves_back_with_the_rules_it_restored_with(tmp_path, mesh):
+@pytest.mark.parametrize('kind', [ports.PortState, train_state.TrainState], ids=['struct_dataclass', 'TrainState'])
+def test_a_ports_train_state_saves_back_with_the_rules_it_restored_with(tmp_path, mesh, kind):
   linen = models.linen_mlp_state(ports.tx(), variables_as_params=False)
   save(tmp_path / 'linen', linen, step=2)
-  abstract = jax.eval_shape(lambda: ports.port_state(models.NnxMLP))
+  abstract = jax.eval_shape(lambda: ports.port_state(models.NnxMLP, kind=kind))
   with ocp.CheckpointManager(tmp_path / 'linen') as mngr:
     state = mngr.restore(2, args=LinenCompatRestore(abstract, rules=models.MLP_RULES))
-  assert isinstance(state, ports.PortState) and int(state.step) == 2
+  assert isinstance(state, kind) and int(state.step) == 2
   with ocp.CheckpointManager(tmp_path / 'run', options=ocp.CheckpointManagerOptions(max_to_keep=2)) as mngr:
     for step in (3, 4, 5):
       state = state.replace(step=state.step + 1)
