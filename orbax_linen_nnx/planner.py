@@ -309,14 +309,16 @@ def build(
       if not partial:
         raise plans.PlanError(nothing)
       plans.warn(nothing)
-    elif found.unsettled:
+    elif found.unsettled and (found.open or not partial):  # with `partial`, modules without a partner are kept
       raise diagnose.auto_error(found, rules, where, linen_to_nnx)
     if renames:
       inferred = dict(pair, rules=rules_lib.with_renames(rules, renames, linen_to_nnx=linen_to_nnx))
       attempt = _pair(sources, targets, stacks=spec, problems=list(problems), **inferred)
       if not attempt.problems:
         notes = tuple(f"rules='auto' paired {k} -> {v}" for k, v in renames.items()) + tuple(
-            f"rules='auto': {line}" for line in by_order) + (
+            f"rules='auto': {line}" for line in by_order) + tuple(
+            f"rules='auto' found no partner for {m} (partial=True: kept as given, or unused)"
+            for m in found.unpaired) + (
             f"rules='auto' inferred rules=[rename({renames!r})] (plan --suggest-rules writes them as a module)",)
         return dataclasses.replace(attempt.plan, notes=attempt.plan.notes + notes, inferred_renames=renames)
       first, pair = attempt, inferred

@@ -288,3 +288,23 @@ def test_convert_fills_nnx_only_leaves_from_a_built_target_so_plain_orbax_reads_
   np.testing.assert_array_equal(jax.random.key_data(model.drop.rngs.key.get_value()), jax.random.key_data(own))
   np.testing.assert_array_equal(model.fc1.kernel.get_value(), variables['params']['Dense_0']['kernel'])
   model(np.ones((2, models.D_IN), np.float32))  # and it runs
+
+
+def test_auto_with_partial_keeps_a_module_without_a_partner_and_pairs_the_rest(tmp_path):
+  """partial=True is for targets the checkpoint lacks: an extra module has no partner, is kept, and said so."""
+
+  class NetWithExtraHead(ports.Net):
+    def __init__(self, rngs):
+      super().__init__(rngs)
+      self.aux_head = nnx.Linear(ports.D, 5, rngs=rngs)
+
+  variables = linen_run(tmp_path, ports.LNet())
+  make = lambda: NetWithExtraHead(nnx.Rngs(1))
+  with pytest.raises(PlanError, match='aux_head has no partner'):
+    plan(tmp_path, nnx.state(nnx.eval_shape(make)), rules='auto')
+  p = plan(tmp_path, nnx.state(nnx.eval_shape(make)), rules='auto', partial=True)
+  assert p.inferred_renames == ports.NET_RULES
+  assert {'/'.join(t.path) for t in p.kept} == {'aux_head/kernel', 'aux_head/bias'}
+  assert "rules='auto' found no partner for aux_head (partial=True: kept as given, or unused)" in p.notes
+  model = restored_model(tmp_path, make, 'auto', partial=True)
+  assert_computes_like_linen(model, ports.LNet(), variables)
