@@ -73,6 +73,8 @@ def _mapping(args) -> tuple[Any, Any]:
 
   if args.rules == rules_lib.AUTO:
     return rules_lib.AUTO, _stacks(args.stacks)
+  if args.rules and ':' not in args.rules and rules_lib.near_auto(args.rules):
+    raise UsageError(f'--rules {args.rules!r}: did you mean --rules auto (lower case), which infers the renames?')
   return (_load(args.rules, '--rules') if args.rules else None), _stacks(args.stacks)
 
 

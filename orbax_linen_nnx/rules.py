@@ -684,6 +684,18 @@ Rules = Union[Sequence[Rule], Mapping[str, str], Callable[[Path], Path], str, No
 AUTO = 'auto'
 
 
+def near_auto(text: Any) -> bool:
+  """Whether a string reads like 'auto' ('Auto', 'AUTO', 'atuo') without being it."""
+  return (isinstance(text, str) and text != AUTO
+          and bool(difflib.get_close_matches(text.strip().lower(), [AUTO], n=1, cutoff=0.6)))
+
+
+def _like_auto(value: Any) -> str | None:
+  if near_auto(value):
+    return f"rules={value!r} is no rule: did you mean 'auto' (lower case), which infers the renames?"
+  return None
+
+
 def split_auto(rules: Rules) -> tuple[Rules, bool]:
   """(the rules without 'auto', whether 'auto' was asked for)."""
   if isinstance(rules, str) and rules == AUTO:
@@ -773,13 +785,13 @@ def as_rules(rules: Rules, *, backward: bool) -> list[Rule]:
   elif isinstance(rules, Rule):
     rules = [rules]
   if isinstance(rules, (str, bytes)) or not isinstance(rules, Iterable):
-    raise RuleError(f'rules= must be a dict {{linen_name: nnx_name}}, a rule, a list of rules'
-                    f' (rename/split/merge/transpose/reshape/cast) or a callable; got {rules!r}')
+    raise RuleError(_like_auto(rules) or f'rules= must be a dict {{linen_name: nnx_name}}, a rule, a list of rules'
+                    f' (rename/split/merge/transpose/reshape/cast), a callable or \'auto\'; got {rules!r}')
   rules = list(rules)
   for r in rules:
     if not isinstance(r, Rule):
-      raise RuleError(f'rules= must be rename/split/merge/transpose/reshape/cast rules, a dict'
-                      f' {{linen_name: nnx_name}} or a callable; got {r!r} in the list')
+      raise RuleError(_like_auto(r) or f'rules= must be rename/split/merge/transpose/reshape/cast rules, a dict'
+                      f' {{linen_name: nnx_name}}, a callable or \'auto\'; got {r!r} in the list')
   if backward:
     return [r.inverse() for r in reversed(rules)]
   return rules
