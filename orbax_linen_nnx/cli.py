@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
       description='Inspect, plan, convert and compare Orbax checkpoints between the Flax Linen and NNX layouts.',
       epilog='Exit status: 0 done, 1 values differ (compare), 2 bad command line, 3 cannot plan,'
              ' 4 source unreadable, 5 destination refused.')
+  from orbax_linen_nnx import __version__
+
+  p.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
   sub = p.add_subparsers(dest='command', required=True)
 
   def source(q, name='ckpt', help='a checkpoint: an item, a step or a run directory (its latest step)'):
@@ -151,8 +154,8 @@ def _parser() -> argparse.ArgumentParser:
   q.add_argument('--distributed', action='store_true',
                  help='run as one of several processes (jax.distributed.initialize; each writes its share)')
   q.add_argument('--coordinator', help='with --distributed: host:port of process 0')
-  q.add_argument('--num-processes', type=int)
-  q.add_argument('--process-id', type=int)
+  q.add_argument('--num-processes', type=int, help='with --distributed: how many processes run this convert')
+  q.add_argument('--process-id', type=int, help='with --distributed: this process, 0 .. --num-processes - 1')
   quiet(q)
 
   q = sub.add_parser('compare', help='compare two checkpoints in any layouts, leaf by leaf; exit 0 only if they match')
@@ -194,7 +197,16 @@ def _target(spec: str):
   if epath.Path(spec).exists():
     return source.open_checkpoint(_path(spec)), None
   make = _load(spec, '--target')
-  return None, (make() if callable(make) else make)
+  if not callable(make):
+    return None, make
+  try:
+    return None, make()
+  except TypeError as e:  # a class or function that needs arguments
+    raise UsageError(
+        f'--target {spec}: calling it with no arguments failed ({e}). --target names a function with no arguments'
+        ' that returns the abstract state; write one beside your model, e.g. def abstract(): return'
+        ' nnx.state(nnx.eval_shape(lambda: Model(config, rngs=nnx.Rngs(0)))), and pass --target FILE.py:abstract'
+    ) from e
 
 
 def _plan(args, src, rules: Any = None):
@@ -345,6 +357,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   command = {'inspect': _inspect, 'plan': _plan_command, 'convert': _convert, 'compare': _compare}[args.command]
   try:
     return command(args)
+  except BrokenPipeError:
+    # The reader closed the pipe (`inspect --json | head`): nothing more to say. Python would print a second
+    # BrokenPipeError when it flushes stdout at exit; point stdout at /dev/null first (Python's own advice).
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_OK
   except (UsageError, rules_lib.RuleError) as e:
     status, message = EXIT_USAGE, str(e)
   except plans.PlanError as e:

@@ -1,7 +1,14 @@
 """Messages a newcomer trusts (issue 31): a near miss of 'auto' is named as such, alone, on each face."""
 
+import os
+import subprocess
+import sys
+
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
+import orbax_linen_nnx
 import ports
 from helpers import save
 from orbax_linen_nnx import RuleError, cli, plan
@@ -27,3 +34,38 @@ def test_a_near_miss_of_auto_on_the_command_line(tmp_path, capsys):
     assert cli.main(['plan', str(tmp_path), '--target', target, '--rules', typo]) == cli.EXIT_USAGE
     assert f"--rules '{typo}': did you mean --rules auto" in capsys.readouterr().err
   assert cli.main(['plan', str(tmp_path), '--target', target, '--rules', 'auto']) == cli.EXIT_OK
+
+
+def run_cli(*args, **kw):
+  """The command line in a fresh process, as users run it."""
+  return subprocess.run([sys.executable, '-m', 'orbax_linen_nnx', *map(str, args)], capture_output=True, text=True,
+                        timeout=240, env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, **kw)
+
+
+def test_version():
+  done = run_cli('--version')
+  assert done.returncode == 0 and done.stdout.strip() == f'orbax-linen-nnx {orbax_linen_nnx.__version__}'
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+  """`inspect --json | head`: the reader stops early; no traceback, no error (1,500 arrays: past a pipe's buffer)."""
+  ocp.PyTreeCheckpointer().save(tmp_path / 'c', {f'layer_{i}': {'w': np.zeros((2,), np.float32)} for i in range(1500)})
+  shell = (f'{sys.executable} -m orbax_linen_nnx inspect --json {tmp_path / "c"} 2>{tmp_path / "err"} | head -c 100;'
+           ' exit ${PIPESTATUS[0]}')
+  done = subprocess.run(['bash', '-c', shell], capture_output=True, text=True, timeout=240,
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert len(done.stdout) == 100
+  assert (tmp_path / 'err').read_text() == '' and done.returncode == 0
+
+
+def test_a_target_that_needs_arguments_says_how_to_give_one(tmp_path, capsys):
+  save(tmp_path, ports.linen_variables(ports.LNet()))
+  (tmp_path / 't.py').write_text('import sys\nsys.path.insert(0, %r)\nfrom ports import Net\n\nfrom flax import nnx\n\n'
+                                 'def abstract():\n  return nnx.state(nnx.eval_shape(lambda: Net(nnx.Rngs(0))))\n'
+                                 % str(ports.__file__.rsplit('/', 1)[0]))
+  assert cli.main(['plan', str(tmp_path), '--target', f'{tmp_path}/t.py:Net', '--rules', 'auto']) == cli.EXIT_USAGE
+  err = capsys.readouterr().err
+  assert 'calling it with no arguments failed' in err and 'def abstract(): return nnx.state(nnx.eval_shape(' in err
+  assert 'Traceback' not in err
+  # The fix it names: a function with no arguments.
+  assert cli.main(['plan', str(tmp_path), '--target', f'{tmp_path}/t.py:abstract', '--rules', 'auto']) == cli.EXIT_OK
