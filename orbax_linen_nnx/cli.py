@@ -111,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
   def quiet(q):
     q.add_argument('--quiet', '-q', action='store_true', help='no progress bars (also off when not a terminal)')
 
+  def verbose(q, what):
+    q.add_argument('--verbose', '-v', action='store_true', help=f'also print {what}')
+
   q = sub.add_parser('inspect', help='what a checkpoint holds: layout, step, optimizer, stacks, arrays')
   source(q)
   q.add_argument('--json', action='store_true', help='machine-readable output')
@@ -131,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
   q.add_argument('--host-memory-limit', type=_bytes, default=None, metavar='SIZE',
                  help="warn where a process's read, or a convert, may hold more than SIZE on the host")
   q.add_argument('--strict-cost', action='store_true', help='fail (exit 3) where those would warn')
+  verbose(q, "what a convert of it costs each process (also printed with --processes or --budget)")
   q.add_argument('--suggest-rules', action='store_true',
                  help='print the renames inferred from the two trees as a rules module (--rules FILE:RULES loads'
                       ' it); with --rules FILE:NAME, those rules come first and the rest is inferred')
@@ -149,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
                       ' the result; --target MODULE:FUNCTION then returns the state of a built model'
                       ' (nnx.state(Model(nnx.Rngs(0)))), not nnx.eval_shape')
   q.add_argument('--item', default='default', help="the item name under DST (default: 'default')")
+  verbose(q, 'what the convert reads, writes and holds in memory before it starts')
   q.add_argument('--budget', type=_bytes, default=None, metavar='SIZE',
                  help='decoded bytes per batch of arrays (default 32MiB); a larger array is written in blocks of rows')
   q.add_argument('--distributed', action='store_true',
@@ -245,7 +250,8 @@ def _plan_command(args) -> int:
   budget = args.budget or convert.DEFAULT_BATCH_BYTES
   # What a convert of it costs each process, too.
   noted, held = convert.with_cost_note(src, plan, budget, args.processes)
-  print(noted)
+  # The convert's cost where asked for (--verbose, --processes, --budget); the plan's own notes always.
+  print(noted if args.verbose or args.processes > 1 or args.budget else plan)
   limit = args.host_memory_limit
   problems = [] if plan.cost is None else cost_lib.problems(plan.cost, max_over_read=args.max_over_read,
                                                             host_memory_limit_bytes=limit)
@@ -301,8 +307,9 @@ def _convert(args) -> int:
              for t in [r.target for r in plan.reads] + list(filled)}
   total = sum(plans.nbytes(r.target.shape, r.target.dtype) for r in plan.reads)
   budget = args.budget or convert.DEFAULT_BATCH_BYTES
-  noted, _ = convert.with_cost_note(src, plan, budget, jax.process_count())
-  if jax.process_index() == 0:
+  if args.verbose and jax.process_index() == 0:  # asked for, and never before a refusal of the destination
+    convert.check_destination(src, epath.Path(args.dst), args.overwrite)
+    noted, _ = convert.with_cost_note(src, plan, budget, jax.process_count())
     print(f'  note    {noted.notes[-1]}', file=sys.stderr)
   with _progress('convert', total, len(plan.reads), args.quiet or jax.process_index() != 0) as advance:
     written = convert.convert(src, args.dst, plan, structure=structure, item=args.item, overwrite=args.overwrite,

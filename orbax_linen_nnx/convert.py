@@ -321,7 +321,7 @@ def _left_by_convert(dst: epath.Path) -> bool:
   return (dst / STARTED_FILE).exists() and not source_lib.is_finished(dst)
 
 
-def _check_destination(src: source_lib.Checkpoint, dst: epath.Path, overwrite: bool) -> bool:
+def check_destination(src: source_lib.Checkpoint, dst: epath.Path, overwrite: bool) -> bool:
   """Refuses a DST that overlaps SRC or exists; True where DST is a convert's unfinished leftover to replace."""
   source_lib.check_storage(dst, saving=True)
   s, d = _named(src.directory), _named(dst)
@@ -368,7 +368,7 @@ def convert(src: source_lib.Checkpoint, dst: epath.PathLike, plan: plan_lib.Rest
   called after each batch is written. Returns the item directory written.
   """
   dst = epath.Path(dst)
-  overwrite = _check_destination(src, dst, overwrite) or overwrite
+  overwrite = check_destination(src, dst, overwrite) or overwrite
   plan = with_shardings(plan, sharding_of)
   names = names or {}
   values = {names.get(r.target.path, r.target.path): Pending(r, tuple(r.target.shape), np.dtype(r.target.dtype), r.target.sharding)

@@ -137,11 +137,14 @@ def restore(source: Any, abstract_state: Any, *, step: int | None = None, item: 
 
 def _warn_unfilled(state: target.AbstractState) -> None:
   """Warns of the leaves the restore did not fill, and of large leaves replicated for want of a sharding."""
-  if state.left_out:
+  # RNG streams a Linen checkpoint never holds are left to the model as documented (the plan lists them as
+  # kept): no warning for what every resume of a model with Dropout does. Anything else left out is a surprise.
+  surprising = [p for p in state.left_out if not layout.is_rng_path(p.split('/'))]
+  if surprising:
     plans.warn(
-        f'{len(state.left_out)} leaves have no source in the checkpoint and are left out of the'
-        f' restored nnx.State: {", ".join(state.left_out)}. nnx.update(model, restored) keeps the model\'s own'
-        ' values there (the RNG streams it was built with); the plan lists them as kept.')
+        f'{len(surprising)} leaves have no source in the checkpoint and are left out of the'
+        f' restored nnx.State: {", ".join(surprising)}. nnx.update(model, restored) keeps the model\'s own'
+        ' values there; the plan lists them as kept.')
   if state.placeholders:
     plans.warn(
         f'{len(state.placeholders)} leaves were not restored (no source; the abstract state gave'

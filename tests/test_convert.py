@@ -111,6 +111,9 @@ def test_a_chunk_larger_than_the_cache_is_decoded_once_and_held_for_its_blocks(t
   np.testing.assert_array_equal(dest.read().result(), np.moveaxis(stacked, 1, 0))
   # The plan says so, before anything is read.
   assert cli.main(['plan', str(tmp_path / 'linen'), '--to', 'nnx', '--stacks', '{"layers": {"nnx": 0}}']) == 0
+  assert 'convert: reads' not in capsys.readouterr().out  # the convert's cost where asked for
+  assert cli.main(['plan', str(tmp_path / 'linen'), '--to', 'nnx', '--stacks', '{"layers": {"nnx": 0}}',
+                   '--verbose']) == 0
   out = capsys.readouterr().out
   assert (f'note    convert: reads 6.0 MiB of stored chunks (1 chunk reads in all) and writes 6.0 MiB'
           f' ({len(write.Job.make(plan.reads, ckpt, convert.DEFAULT_BATCH_BYTES).every)} blocks in all); host memory about the 32.0 MiB budget + 6.0 MiB of stored chunks that'

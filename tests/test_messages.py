@@ -69,3 +69,19 @@ def test_a_target_that_needs_arguments_says_how_to_give_one(tmp_path, capsys):
   assert 'Traceback' not in err
   # The fix it names: a function with no arguments.
   assert cli.main(['plan', str(tmp_path), '--target', f'{tmp_path}/t.py:abstract', '--rules', 'auto']) == cli.EXIT_OK
+
+
+def test_convert_is_quiet_unless_asked_and_never_notes_before_a_refusal(tmp_path, capsys):
+  save(tmp_path / 'linen', ports.linen_variables(ports.LNet()))
+  (tmp_path / 'rules.py').write_text(f'RULES = {ports.NET_RULES!r}\n')
+  convert = ['convert', str(tmp_path / 'linen'), str(tmp_path / 'nnx'), '--to', 'nnx', '--rules',
+             f'{tmp_path}/rules.py:RULES', '--quiet']
+  assert cli.main(convert) == cli.EXIT_OK
+  out = capsys.readouterr()
+  assert 'note' not in out.err and 'MiB measured' not in out.err + out.out
+  # The destination now exists: refused, and nothing about memory said first, --verbose or not.
+  assert cli.main(convert + ['--verbose']) == cli.EXIT_DESTINATION
+  err = capsys.readouterr().err
+  assert err.startswith('orbax-linen-nnx convert: error:') and 'already exists' in err and 'note' not in err
+  assert cli.main(convert + ['--verbose', '--overwrite']) == cli.EXIT_OK
+  assert 'note    convert: reads' in capsys.readouterr().err
