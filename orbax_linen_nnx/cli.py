@@ -6,7 +6,8 @@
     orbax-linen-nnx compare ckpts/linen/100 ckpts/nnx/100 --rules my_model:RULES
 
 Exit status: 0 done (compare: the checkpoints match), 1 values differ (compare),
-2 bad command line, 3 cannot plan, 4 source unreadable, 5 destination refused.
+2 bad command line, 3 cannot plan, 4 source unreadable, 5 destination refused,
+6 storage or runtime failure (disk full, permissions, network; nothing finished is left at DST).
 """
 
 from __future__ import annotations
@@ -24,7 +25,21 @@ from typing import Any, Sequence
 
 from etils import epath
 
-EXIT_OK, EXIT_DIFFER, EXIT_USAGE, EXIT_PLAN, EXIT_UNREADABLE, EXIT_DESTINATION = 0, 1, 2, 3, 4, 5
+EXIT_OK, EXIT_DIFFER, EXIT_USAGE, EXIT_PLAN, EXIT_UNREADABLE, EXIT_DESTINATION, EXIT_RUNTIME = 0, 1, 2, 3, 4, 5, 6
+
+# TensorStore and Orbax report storage failures as errors whose text starts with the status of the failed
+# operation (absl status codes): those are failures of the run, not of the command line.
+_RUNTIME_STATUS = re.compile(r'\s*(RESOURCE_EXHAUSTED|PERMISSION_DENIED|UNAVAILABLE|DEADLINE_EXCEEDED|DATA_LOSS|'
+                             r'ABORTED|INTERNAL|UNKNOWN|CANCELLED|UNAUTHENTICATED):')
+
+
+def _runtime_failure(e: BaseException) -> bool:
+  """Whether `e` (or what it was raised from) is a storage or runtime failure rather than a bad command."""
+  while e is not None:
+    if isinstance(e, OSError) or (isinstance(e, ValueError) and _RUNTIME_STATUS.match(str(e))):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
 
 
 class UsageError(ValueError):
@@ -94,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
       prog='orbax-linen-nnx',
       description='Inspect, plan, convert and compare Orbax checkpoints between the Flax Linen and NNX layouts.',
       epilog='Exit status: 0 done, 1 values differ (compare), 2 bad command line, 3 cannot plan,'
-             ' 4 source unreadable, 5 destination refused.')
+             ' 4 source unreadable, 5 destination refused, 6 storage or runtime failure.')
   from orbax_linen_nnx import __version__
 
   p.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
@@ -380,8 +395,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     status, message = EXIT_UNREADABLE, str(e)
   except convert.DestinationExistsError as e:
     status, message = EXIT_DESTINATION, str(e)
-  except ValueError as e:  # e.g. a checkpoint already in the layout asked for, several items in a step
-    status, message = EXIT_USAGE, str(e)
+  except (OSError, ValueError) as e:
+    if _runtime_failure(e):
+      status, message = EXIT_RUNTIME, f'the run failed in storage or at run time, not on the command line: {e}.'
+      message += (' Nothing finished was left at the destination: fix the cause (space, permissions, network) and'
+                  ' run the same command again' if args.command == 'convert' else '')
+    else:  # e.g. a checkpoint already in the layout asked for, several items in a step
+      status, message = EXIT_USAGE, str(e)
   print(f'orbax-linen-nnx {args.command}: error: {message}', file=sys.stderr)
   return status
 

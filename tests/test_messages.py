@@ -85,3 +85,33 @@ def test_convert_is_quiet_unless_asked_and_never_notes_before_a_refusal(tmp_path
   assert err.startswith('orbax-linen-nnx convert: error:') and 'already exists' in err and 'note' not in err
   assert cli.main(convert + ['--verbose', '--overwrite']) == cli.EXIT_OK
   assert 'note    convert: reads' in capsys.readouterr().err
+
+
+def big_checkpoint(directory):
+  ocp.PyTreeCheckpointer().save(directory, {'w': np.random.default_rng(0).random((256, 1024), np.float32)})
+
+
+def test_a_destination_that_cannot_be_written_is_a_runtime_failure(tmp_path, capsys):
+  """Exit 6 (storage or runtime failure), not 2 (bad command line)."""
+  big_checkpoint(tmp_path / 'c')
+  (tmp_path / 'a_file').write_text('')
+  assert cli.main(['convert', str(tmp_path / 'c'), str(tmp_path / 'a_file' / 'out'), '--to', 'nnx', '--quiet']
+                  ) == cli.EXIT_RUNTIME
+  err = capsys.readouterr().err
+  assert 'the run failed in storage or at run time' in err and 'Not a directory' in err
+
+
+def test_a_full_disk_is_a_runtime_failure_and_leaves_nothing(tmp_path):
+  """A convert into a 64 KiB tmpfs (1 MiB to write): exit 6, nothing at DST."""
+  tiny = tmp_path / 'tiny'
+  tiny.mkdir()
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64k', 'tmpfs', str(tiny)], capture_output=True).returncode:
+    pytest.skip('mounting a tmpfs needs root (the same failure without it: the test above)')
+  try:
+    big_checkpoint(tmp_path / 'c')
+    done = run_cli('convert', tmp_path / 'c', tiny / 'out', '--to', 'nnx', '--quiet')
+    assert done.returncode == cli.EXIT_RUNTIME, done.stderr[-2000:]
+    assert 'No space left on device' in done.stderr and 'run the same command again' in done.stderr
+    assert not (tiny / 'out').exists()
+  finally:
+    subprocess.run(['umount', str(tiny)], check=True)
