@@ -297,7 +297,10 @@ def build(
   problems = list(problems)  # found before planning (shardings, options): reported with the plan's
   spec = stacks_lib.Stacks.parse(stacks, problems)
   rules, auto = rules_lib.split_auto(rules)
-  rules_lib.as_rules(rules, backward=False)  # a value that is no rule at all: said alone, before any pairing
+  try:  # a value that is no rule at all: said alone, before any pairing
+    rules_lib.as_rules(rules, backward=False)
+  except rules_lib.RuleError as e:
+    raise plans.PlanError(str(e)) from None
   linen_to_nnx = not (source_layout == layout.NNX and target_layout == layout.LINEN)
   pair = dict(source_layout=source_layout, target_layout=target_layout, rules=rules, partial=partial, skip=skip)
   first = attempt = _pair(sources, targets, stacks=spec, problems=problems, **pair)

@@ -234,8 +234,9 @@ def test_sharding_problems_are_found_while_planning_all_together(linen_run, mesh
 
 def test_rules_of_the_wrong_type_name_the_option(linen_run):
   for bad in (42, 'Dense_0', [{'Dense_0': 'fc1'}]):
-    with pytest.raises(PlanError, match='rules= must be'):
+    with pytest.raises(PlanError, match='rules= must be') as e:
       plan(linen_run / '2', abstract_of(), rules=bad)
+    assert '\n' not in str(e.value)  # said alone, not among every leaf it then could not pair
 
 
 def test_truncated_metadata_names_the_file(linen_run):

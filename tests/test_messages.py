@@ -11,13 +11,13 @@ import pytest
 import orbax_linen_nnx
 import ports
 from helpers import save
-from orbax_linen_nnx import RuleError, cli, plan
+from orbax_linen_nnx import PlanError, cli, plan
 
 
 @pytest.mark.parametrize('rules', ['Auto', 'AUTO', 'atuo', ['AUTO']])
 def test_a_near_miss_of_auto_is_named_alone(tmp_path, rules):
   save(tmp_path, ports.linen_variables(ports.LNet()))
-  with pytest.raises(RuleError) as e:
+  with pytest.raises(PlanError) as e:
     plan(tmp_path, ports.abstract_net(), rules=rules)
   assert "did you mean 'auto' (lower case), which infers the renames?" in str(e.value)
   assert '\n' not in str(e.value)  # said alone, not after a list of every unpaired leaf
