@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import json
 import os
 import pathlib
+import socket
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -54,6 +57,10 @@ DEFAULT_BATCH_BYTES = 32 * 2**20
 
 class DestinationExistsError(FileExistsError):
   """`convert` was asked to write where a checkpoint (or anything) already is."""
+
+
+class ConvertInProgressError(DestinationExistsError):
+  """Another convert is writing the destination now."""
 
 
 # ---------------------------------------------------------------- plans
@@ -382,8 +389,69 @@ def convert(src: source_lib.Checkpoint, dst: epath.PathLike, plan: plan_lib.Rest
   tree = _tree_for(plan, structure, values)
   handlers = ocp.handlers.DefaultCheckpointHandlerRegistry()
   handlers.add(item, ocp.args.PyTreeSave, handler)
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=handlers)) as checkpointer:
+  with _claimed(dst, src, overwrite), ocp.Checkpointer(
+      ocp.CompositeCheckpointHandler(handler_registry=handlers)) as checkpointer:
     checkpointer.save(dst, ocp.args.Composite(**{item: ocp.args.PyTreeSave(tree)}), force=overwrite)
   return dst / item
+
+
+def _claim_file(dst: epath.Path) -> pathlib.Path:
+  return pathlib.Path(os.fspath(dst)).with_name(f'.{dst.name}.orbax-linen-nnx-convert.claim')
+
+
+def _alive(claim: dict) -> bool:
+  """Whether the process that wrote a claim still runs (a claim from another host: assumed so)."""
+  if claim.get('host') != socket.gethostname():
+    return True
+  try:
+    os.kill(int(claim['pid']), 0)
+  except ProcessLookupError:
+    return False
+  except (PermissionError, KeyError, ValueError):
+    return True
+  return True
+
+
+@contextlib.contextmanager
+def _claimed(dst: epath.Path, src: source_lib.Checkpoint, overwrite: bool):
+  """Holds a claim on a local `dst` while this convert writes it: a second convert into it is refused at once.
+
+  Orbax writes a local checkpoint into a temporary directory and renames it into place; two saves at once
+  into one destination make both fail (one finds files missing, the other a directory not empty). The claim
+  is a file beside `dst` made with O_EXCL, so exactly one convert holds it. A claim whose process is gone
+  (on this host) is taken over; `overwrite` takes over any. One process converts here; a run of several
+  (`--distributed`) and object stores are not claimed.
+  """
+  if '://' in os.fspath(dst) or jax.process_count() > 1:
+    yield
+    return
+  claim = _claim_file(dst)
+  claim.parent.mkdir(parents=True, exist_ok=True)  # as Orbax makes DST's parents
+  mine = json.dumps({'pid': os.getpid(), 'host': socket.gethostname(), 'source': os.fspath(src.directory),
+                     'started': time.strftime('%Y-%m-%d %H:%M:%S')})
+  for _ in range(2):
+    try:
+      fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+      break
+    except FileExistsError:
+      try:
+        held = json.loads(claim.read_text() or '{}')
+      except (OSError, ValueError):
+        held = {}
+      if _alive(held) and not overwrite:
+        raise ConvertInProgressError(
+            f'another convert is writing {dst} now (process {held.get("pid", "?")} on {held.get("host", "?")},'
+            f' from {held.get("source", "?")}, since {held.get("started", "?")}): wait for it to finish (then'
+            f' this one finds {dst} written), or, if it is no longer running, pass --overwrite'
+            f' (overwrite=True) to replace what it left ({claim} is its claim)') from None
+      claim.unlink(missing_ok=True)  # its process is gone (or overwrite): take it over
+  else:
+    raise ConvertInProgressError(f'another convert took the claim on {dst} ({claim}) as this one did; try again')
+  with os.fdopen(fd, 'w') as f:
+    f.write(mine)
+  try:
+    yield
+  finally:
+    claim.unlink(missing_ok=True)
 
 

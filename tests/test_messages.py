@@ -1,8 +1,11 @@
 """Messages a newcomer trusts (issue 31): a near miss of 'auto' is named as such, alone, on each face."""
 
+import json
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -98,7 +101,7 @@ def test_a_destination_that_cannot_be_written_is_a_runtime_failure(tmp_path, cap
   assert cli.main(['convert', str(tmp_path / 'c'), str(tmp_path / 'a_file' / 'out'), '--to', 'nnx', '--quiet']
                   ) == cli.EXIT_RUNTIME
   err = capsys.readouterr().err
-  assert 'the run failed in storage or at run time' in err and 'Not a directory' in err
+  assert 'the run failed in storage or at run time' in err and 'a_file' in err, err
 
 
 def test_a_full_disk_is_a_runtime_failure_and_leaves_nothing(tmp_path):
@@ -115,3 +118,36 @@ def test_a_full_disk_is_a_runtime_failure_and_leaves_nothing(tmp_path):
     assert not (tiny / 'out').exists()
   finally:
     subprocess.run(['umount', str(tiny)], check=True)
+
+
+def test_a_second_convert_into_the_same_destination_is_refused_at_once_and_the_first_finishes(tmp_path, capsys):
+  src, dst = tmp_path / 'src', tmp_path / 'out'
+  ocp.PyTreeCheckpointer().save(src, {f'w{i}': np.random.default_rng(i).random((1024, 2048), np.float32)
+                                      for i in range(8)})  # 64 MiB: seconds to write in 256 KiB blocks
+  first = subprocess.Popen([sys.executable, '-m', 'orbax_linen_nnx', 'convert', str(src), str(dst), '--to', 'nnx',
+                            '--quiet', '--budget', '256KiB'], env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  claim = tmp_path / '.out.orbax-linen-nnx-convert.claim'
+  deadline = time.monotonic() + 120
+  while not claim.exists():
+    assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+    time.sleep(0.02)
+  started = time.monotonic()
+  assert cli.main(['convert', str(src), str(dst), '--to', 'nnx', '--quiet']) == cli.EXIT_DESTINATION
+  refused_in = time.monotonic() - started
+  err = capsys.readouterr().err
+  assert f'another convert is writing {dst} now (process {first.pid} on' in err and '--overwrite' in err, err
+  assert refused_in < 10
+  out, errors = first.communicate(timeout=240)
+  assert first.returncode == 0, errors[-2000:]
+  assert not claim.exists()
+  assert cli.main(['compare', str(src), str(dst)]) == cli.EXIT_OK  # the first wrote everything, bit for bit
+
+
+def test_a_claim_whose_convert_is_gone_is_taken_over(tmp_path):
+  big_checkpoint(tmp_path / 'src')
+  gone = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
+  claim = tmp_path / '.out.orbax-linen-nnx-convert.claim'
+  claim.write_text(json.dumps({'pid': int(gone.stdout), 'host': socket.gethostname(), 'source': 'elsewhere'}))
+  assert cli.main(['convert', str(tmp_path / 'src'), str(tmp_path / 'out'), '--to', 'nnx', '--quiet']) == cli.EXIT_OK
+  assert not claim.exists() and (tmp_path / 'out' / 'default').exists()
