@@ -150,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
                  help="warn where a process's read, or a convert, may hold more than SIZE on the host")
   q.add_argument('--strict-cost', action='store_true', help='fail (exit 3) where those would warn')
   verbose(q, "what a convert of it costs each process (also printed with --processes or --budget)")
+  q.add_argument('--json', action='store_true', help='the plan as JSON (schema: RestorePlan.as_json)')
   q.add_argument('--suggest-rules', action='store_true',
                  help='print the renames inferred from the two trees as a rules module (--rules FILE:RULES loads'
                       ' it); with --rules FILE:NAME, those rules come first and the rest is inferred')
@@ -266,7 +267,8 @@ def _plan_command(args) -> int:
   # What a convert of it costs each process, too.
   noted, held = convert.with_cost_note(src, plan, budget, args.processes)
   # The convert's cost where asked for (--verbose, --processes, --budget); the plan's own notes always.
-  print(noted if args.verbose or args.processes > 1 or args.budget else plan)
+  shown = noted if args.verbose or args.processes > 1 or args.budget else plan
+  print(json.dumps(shown.as_json(), indent=1) if args.json else shown)
   limit = args.host_memory_limit
   problems = [] if plan.cost is None else cost_lib.problems(plan.cost, max_over_read=args.max_over_read,
                                                             host_memory_limit_bytes=limit)

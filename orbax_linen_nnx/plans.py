@@ -358,6 +358,34 @@ class RestorePlan:
       lines += [f'  cost    {line}' for line in self.cost.lines(process=self.cost.caller)]
     return '\n'.join(lines)
 
+  def as_json(self) -> dict[str, Any]:
+    """The plan as JSON-ready data (what `orbax-linen-nnx plan --json` prints). Schema, every key always there:
+
+    `source_layout`, `target_layout`: 'linen' or 'nnx'; `reads`: [{`target`: path, `shape`: [int],
+    `dtype`: str, `sources`: [stored array names], `ops`: [str], `rules`: [str]}]; `kept`: [{`target`, `shape`,
+    `dtype`, `why`: 'nnx-only' or 'no source'}]; `unused`, `skipped`: [{`source`, `shape`, `dtype`}];
+    `dropped`: [{`source`, `rule`}]; `notes`: [str]; `inferred_renames`: {linen module: nnx module};
+    `cost`: null, or {`simulated`: bool, `processes`: int, `summary`: {field: {`max`, `min`, `total`}}}.
+    """
+    leaf = lambda key, path, shape, dtype: {key: path, 'shape': list(shape), 'dtype': np.dtype(dtype).name}
+    return {
+        'source_layout': self.source_layout,
+        'target_layout': self.target_layout,
+        'reads': [{**leaf('target', layout.render(r.target.path), r.target.shape, r.target.dtype),
+                   'sources': [x.name for src in r.sources for x in ops.stored_leaves(src)],
+                   'ops': [str(t) for t in r.transform], 'rules': list(r.rules)} for r in self.reads],
+        'kept': [{**leaf('target', layout.render(t.path), t.shape, t.dtype),
+                  'why': 'nnx-only' if t.nnx_only else 'no source'} for t in self.kept],
+        'unused': [leaf('source', x.name, x.shape, x.dtype) for x in self.unused],
+        'skipped': [leaf('source', x.name, x.shape, x.dtype) for x in self.skipped],
+        'dropped': [{'source': x.name, 'rule': rule} for x, rule in self.dropped],
+        'notes': list(self.notes),
+        'inferred_renames': dict(self.inferred_renames),
+        'cost': None if self.cost is None else {'simulated': self.cost.simulated,
+                                                'processes': len(self.cost.processes),
+                                                'summary': self.cost.summary()},
+    }
+
   def read_for(self, path: str | Path) -> LeafRead:
     """The `LeafRead` of a target path ('model/fc1/kernel' or a tuple)."""
     if isinstance(path, str):

@@ -151,3 +151,20 @@ def test_a_claim_whose_convert_is_gone_is_taken_over(tmp_path):
   claim.write_text(json.dumps({'pid': int(gone.stdout), 'host': socket.gethostname(), 'source': 'elsewhere'}))
   assert cli.main(['convert', str(tmp_path / 'src'), str(tmp_path / 'out'), '--to', 'nnx', '--quiet']) == cli.EXIT_OK
   assert not claim.exists() and (tmp_path / 'out' / 'default').exists()
+
+
+def test_plan_json_is_a_documented_schema(tmp_path, capsys):
+  save(tmp_path, ports.linen_variables(ports.LNet()))
+  (tmp_path / 't.py').write_text('import sys\nsys.path.insert(0, %r)\nfrom ports import abstract_net\n'
+                                 % str(ports.__file__.rsplit('/', 1)[0]))
+  assert cli.main(['plan', str(tmp_path), '--target', f'{tmp_path}/t.py:abstract_net', '--rules', 'auto',
+                   '--json']) == cli.EXIT_OK
+  got = json.loads(capsys.readouterr().out)
+  assert set(got) == {'source_layout', 'target_layout', 'reads', 'kept', 'unused', 'skipped', 'dropped', 'notes',
+                      'inferred_renames', 'cost'}
+  assert (got['source_layout'], got['target_layout']) == ('linen', 'nnx')
+  assert got['inferred_renames'] == ports.NET_RULES
+  read = next(r for r in got['reads'] if r['target'] == 'block_1/up/kernel')
+  assert read == {'target': 'block_1/up/kernel', 'shape': [ports.D, 2 * ports.D], 'dtype': 'float32',
+                  'sources': ['params.LBlock_1.Dense_0.kernel'], 'ops': [], 'rules': read['rules']}
+  assert got['cost']['processes'] == 1 and got['cost']['summary']['read_bytes']['total'] > 0
