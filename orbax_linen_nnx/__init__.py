@@ -13,7 +13,8 @@ from orbax_linen_nnx.rules import Rule, RuleError, cast, drop, merge, rearrange,
 from orbax_linen_nnx.outcome import RestoreFailedElsewhere
 from orbax_linen_nnx.read import DEFAULT_READ_BUDGET_BYTES
 from orbax_linen_nnx.plans import LeafRead, LinenCompatWarning, PlanError, RestorePlan, SourceArray, Target
-from orbax_linen_nnx.source import CheckpointNotFoundError, DamagedCheckpointError, UnsupportedStorageError
+from orbax_linen_nnx.source import (CheckpointNotFoundError, DamagedCheckpointError, UnsupportedStorageError,
+                                    UntrustedCheckpointError)
 from orbax_linen_nnx.target import NotRestored, NotRestoredError, default_sharding, not_restored
 from orbax_linen_nnx.ops import Cast, MoveAxis, Stack, Take
 from orbax_linen_nnx.save import to_linen
@@ -34,6 +35,7 @@ __all__ = [
     'CheckpointNotFoundError',
     'DEFAULT_READ_BUDGET_BYTES',
     'DamagedCheckpointError',
+    'UntrustedCheckpointError',
     'LeafRead',
     'LinenCompatCheckpointableHandler',
     'LinenCompatHandler',

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -40,6 +40,10 @@ class CheckpointNotFoundError(FileNotFoundError):
 
 class DamagedCheckpointError(ValueError):
   """The checkpoint is unfinished (a save still running or interrupted) or its files are damaged."""
+
+
+class UntrustedCheckpointError(DamagedCheckpointError):
+  """A checkpoint that would make a read leave its own directory: a symlink out, an array name that climbs out."""
 
 
 class UnsupportedStorageError(ValueError):
@@ -305,6 +309,40 @@ def _key_impls(directory: epath.Path) -> dict[str, str]:
   return impls
 
 
+def _check_confined(directory: epath.Path) -> None:
+  """Refuses a local checkpoint holding a symlink that leads out of it, before any of its files is read.
+
+  Orbax and TensorStore follow links, so a checkpoint from elsewhere could make a restore (or inspect) read
+  any file the process can. Links inside that stay inside are fine. Object stores have no links.
+  """
+  if '://' in os.fspath(directory):
+    return
+  root = os.path.realpath(directory)
+  for base, dirs, files in os.walk(directory):
+    for name in dirs + files:
+      path = os.path.join(base, name)
+      if os.path.islink(path) and os.path.commonpath([root, os.path.realpath(path)]) != root:
+        raise UntrustedCheckpointError(
+            f'{path} is a symlink to {os.path.realpath(path)}, outside the checkpoint {directory}; refused before'
+            ' any read (a checkpoint reads only its own files). Copy what it links to into the checkpoint'
+            ' (cp -rL), or open the checkpoint the file belongs to')
+
+
+def _check_names(directory: epath.Path, names: Sequence[str], use_ocdbt: bool) -> None:
+  """Refuses array names that would open a directory outside the checkpoint (without OCDBT, each array is the
+  directory `<item>/<name>`; OCDBT keys stay inside its database)."""
+  if use_ocdbt:
+    return
+  root = os.path.normpath(os.fspath(directory))
+  out = [n for n in names if os.path.isabs(n) or os.path.commonpath(
+      [root, os.path.normpath(os.path.join(root, n))]) != root]
+  if out:
+    raise UntrustedCheckpointError(
+        f'{directory / ocp.path.format_utils.PYTREE_METADATA_FILE} names arrays outside the checkpoint'
+        f' ({", ".join(map(repr, out[:5]))}); refused before any read: the metadata was not written by Orbax for'
+        ' this directory')
+
+
 def _open_tree(directory: epath.Path, under: layout.Path = ()) -> tuple[bool, bool, tuple, dict]:
   """(use_ocdbt, use_zarr3, arrays, open stores) of one PyTree directory; its paths and names under `under`."""
   metadata_file = directory / ocp.path.format_utils.PYTREE_METADATA_FILE
@@ -326,6 +364,7 @@ def _open_tree(directory: epath.Path, under: layout.Path = ()) -> tuple[bool, bo
                        parent=ocp.type_handlers.get_ts_context(use_ocdbt=use_ocdbt))
   template = _spec_template(directory, use_ocdbt, use_zarr3, context)
   names = ['.'.join(p) for p in paths]  # Orbax names each stored array by its joined key path
+  _check_names(directory, names, use_ocdbt)
   sites = _name_sites(template)
   opening = [ts.open(_fill(template, sites, n), context=context, open=True, read=True) for n in names]
   stores, broken = {}, []
@@ -368,6 +407,7 @@ def open_checkpoint(path: epath.PathLike, *, step: int | None = None, item: str 
   only: no array data.
   """
   directory = locate(path, step=step, item=item)
+  _check_confined(directory)
   _check_finished(directory)
   use_ocdbt, use_zarr3, arrays, stores = _open_tree(directory)
   sidecar = (directory / SIDECAR_DIR / ocp.path.format_utils.PYTREE_METADATA_FILE).exists()

@@ -168,3 +168,41 @@ def test_plan_json_is_a_documented_schema(tmp_path, capsys):
   assert read == {'target': 'block_1/up/kernel', 'shape': [ports.D, 2 * ports.D], 'dtype': 'float32',
                   'sources': ['params.LBlock_1.Dense_0.kernel'], 'ops': [], 'rules': read['rules']}
   assert got['cost']['processes'] == 1 and got['cost']['summary']['read_bytes']['total'] > 0
+
+
+def test_a_checkpoint_that_links_outside_itself_is_refused_on_every_face(tmp_path, capsys):
+  """A planted symlink inside a checkpoint's item directory, to a file outside: refused before any read,
+  naming the link, by inspect, plan, convert, compare and a restore."""
+  save(tmp_path / 'run', ports.linen_variables(ports.LNet()))
+  secret = tmp_path / 'secret.txt'
+  secret.write_text('not part of any checkpoint')
+  link = tmp_path / 'run' / '1' / 'default' / 'notes'
+  link.symlink_to(secret)
+  src = str(tmp_path / 'run')
+  (tmp_path / 't.py').write_text('import sys\nsys.path.insert(0, %r)\nfrom ports import abstract_net\n'
+                                 % str(ports.__file__.rsplit('/', 1)[0]))
+  for command in (['inspect', src], ['plan', src, '--to', 'nnx'], ['convert', src, str(tmp_path / 'out'), '--to', 'nnx'],
+                  ['compare', src, src]):
+    assert cli.main(command) == cli.EXIT_UNREADABLE, command
+    assert f'{link} is a symlink to {secret}, outside the checkpoint' in capsys.readouterr().err, command
+  assert not (tmp_path / 'out').exists()
+  with pytest.raises(orbax_linen_nnx.UntrustedCheckpointError, match='is a symlink to .*outside the checkpoint'):
+    with ocp.CheckpointManager(tmp_path / 'run') as mngr:
+      mngr.restore(1, args=orbax_linen_nnx.LinenCompatRestore(ports.abstract_net(), rules='auto'))
+  # The fix it names: the file copied in (the link replaced by what it points to) restores.
+  link.unlink()
+  link.write_text(secret.read_text())
+  with ocp.CheckpointManager(tmp_path / 'run') as mngr:
+    assert mngr.restore(1, args=orbax_linen_nnx.LinenCompatRestore(ports.abstract_net(), rules='auto'))
+
+
+def test_array_names_that_climb_out_of_the_checkpoint_are_refused(tmp_path, capsys):
+  """Without OCDBT each array is the directory <item>/<name>: metadata naming '../escape' would open one
+  outside. (Orbax never writes such a name; a planted one is refused before any array is opened.)"""
+  item = tmp_path / 'c'
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False)) as ckptr:
+    ckptr.save(item, args=ocp.args.PyTreeSave({'w': np.ones((4,), np.float32)}))
+  meta = item / '_METADATA'
+  meta.write_text(meta.read_text().replace("('w',)", "('../escape',)").replace('"w"', '"../escape"'))
+  assert cli.main(['inspect', str(item)]) == cli.EXIT_UNREADABLE
+  assert "names arrays outside the checkpoint ('../escape')" in capsys.readouterr().err
