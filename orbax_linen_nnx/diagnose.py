@@ -90,10 +90,13 @@ def auto_error(found: pairing.Pairing, rules: rules_lib.Rules, where: str, linen
          if linen_to_nnx else fix.rstrip(',') + ' (an NNX checkpoint keeps no attribute order to tell them apart)'))
 
 
-def rename_fix(suggestion: dict[str, str], notes: list[str], rules: rules_lib.Rules) -> str:
-  """The rules= that adds `suggestion` to the caller's own rules."""
+def rename_fix(suggestion: dict[str, str], notes: list[str], rules: rules_lib.Rules,
+               unmatched: Sequence[str] = ()) -> str:
+  """The rules= that adds `suggestion` to the caller's own rules, less the entries that matched nothing (a
+  typo such as 'Conv_O' would fail the same way again)."""
   if rules is None or isinstance(rules, Mapping):
-    fix = f'rename modules with rules={({**(rules or {}), **suggestion})!r}'
+    kept = {k: v for k, v in (rules or {}).items() if k not in unmatched}
+    fix = f'rename modules with rules={({**kept, **suggestion})!r}'
   else:
     fix = f'rename modules: add rename({suggestion!r}) to rules='
   return fix + (f" ({'; '.join(notes)})" if notes else '')
@@ -162,7 +165,8 @@ def key_problem(t: Target, s: Any) -> str | None:
 
 
 def error(problems: Sequence[str], *, missing, unused, linen_to_nnx: bool, modules, rules: rules_lib.Rules,
-          where: str, source_layout: str, target_layout: str, action: str | None) -> PlanError:
+          where: str, source_layout: str, target_layout: str, action: str | None,
+          unmatched: Sequence[str] = ()) -> PlanError:
   """The `PlanError` of a plan with `problems`: every problem, then the fixes that apply.
 
   `missing` and `unused` are the (meaning, target) and (meaning, source) pairs
@@ -172,7 +176,7 @@ def error(problems: Sequence[str], *, missing, unused, linen_to_nnx: bool, modul
   fixes = []
   suggestion, unsettled = suggest_renames(missing, unused, linen_to_nnx, modules)
   if suggestion:
-    fixes.append(rename_fix(suggestion, unsettled, rules))
+    fixes.append(rename_fix(suggestion, unsettled, rules, unmatched))
   if (missing or unused) and not action:  # a save has no partial: it writes the whole state
     fixes.append('pass partial=True to restore only the leaves that match')
   head = (action or f'LinenCompatRestore cannot restore from {where} ({source_layout} layout) into the'

@@ -218,6 +218,7 @@ class _Attempt:
   unused: list
   unfit: dict
   unfilled: list = dataclasses.field(default_factory=list)  # targets `partial` keeps, for rules='auto' to pair
+  unmatched: list = dataclasses.field(default_factory=list)  # names of the rules (rename entries) that matched nothing
 
 
 def _pair(sources, targets, *, source_layout, target_layout, rules, partial, stacks, problems, skip) -> _Attempt:
@@ -262,7 +263,8 @@ def _pair(sources, targets, *, source_layout, target_layout, rules, partial, sta
                     and s.path not in matched.used),
       rules_matched=tuple((rule, tuple(sorted(paths))) for rule, paths in tally.matched.items()),
   )
-  return _Attempt(plan, problems, matched.missing, unused, tally.unfit, matched.unfilled)
+  unmatched = [n for r in rule_objs for n in r.names() if not tally.matches.get(n)]
+  return _Attempt(plan, problems, matched.missing, unused, tally.unfit, matched.unfilled, unmatched)
 
 
 def build(
@@ -338,7 +340,7 @@ def build(
     return dataclasses.replace(attempt.plan, notes=attempt.plan.notes + notes)
   error = diagnose.error(first.problems, missing=first.missing, unused=first.unused, linen_to_nnx=linen_to_nnx,
                          modules=modules, rules=rules, where=where, source_layout=source_layout,
-                         target_layout=target_layout, action=action)
+                         target_layout=target_layout, action=action, unmatched=first.unmatched)
   if guessed:
     hint = ', '.join(f"{'/'.join(r)!r}: {{'source': {a}}}" for r, a in guessed.items())
     raise type(error)(f'{error}\n(Rules written for one layer see one only under a stack whose layer axis'

@@ -1,7 +1,9 @@
 """Messages a newcomer trusts (issue 31): a near miss of 'auto' is named as such, alone, on each face."""
 
+import ast
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -206,3 +208,15 @@ def test_array_names_that_climb_out_of_the_checkpoint_are_refused(tmp_path, caps
   meta.write_text(meta.read_text().replace("('w',)", "('../escape',)").replace('"w"', '"../escape"'))
   assert cli.main(['inspect', str(item)]) == cli.EXIT_UNREADABLE
   assert "names arrays outside the checkpoint ('../escape')" in capsys.readouterr().err
+
+
+def test_a_typo_in_the_rules_is_not_kept_in_the_fix(tmp_path):
+  """'Conv_O' (a letter O) matches nothing: the proposed table leaves it out and pairs Conv_0; applied, it works."""
+  save(tmp_path, ports.linen_variables(ports.LNet()))
+  typo = {**ports.NET_RULES, 'Dense_O': 'inp'}
+  del typo['Dense_0']
+  with pytest.raises(PlanError, match="rule 'Dense_O' matched no source leaf") as e:
+    plan(tmp_path, ports.abstract_net(), rules=typo)
+  proposed = ast.literal_eval(re.search(r'rename modules with rules=(\{.*?\})', str(e.value))[1])
+  assert 'Dense_O' not in proposed and proposed['Dense_0'] == 'inp'
+  assert plan(tmp_path, ports.abstract_net(), rules=proposed).reads
