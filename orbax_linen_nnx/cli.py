@@ -27,6 +27,10 @@ from etils import epath
 
 EXIT_OK, EXIT_DIFFER, EXIT_USAGE, EXIT_PLAN, EXIT_UNREADABLE, EXIT_DESTINATION, EXIT_RUNTIME = 0, 1, 2, 3, 4, 5, 6
 
+_EXIT_MEANING = {EXIT_OK: 'done', EXIT_DIFFER: 'values differ', EXIT_USAGE: 'bad command line', EXIT_PLAN: 'cannot plan',
+                 EXIT_UNREADABLE: 'source unreadable', EXIT_DESTINATION: 'destination refused',
+                 EXIT_RUNTIME: 'storage or runtime failure'}
+
 # TensorStore and Orbax report storage failures as errors whose text starts with the status of the failed
 # operation (absl status codes): those are failures of the run, not of the command line.
 _RUNTIME_STATUS = re.compile(r'\s*(RESOURCE_EXHAUSTED|PERMISSION_DENIED|UNAVAILABLE|DEADLINE_EXCEEDED|DATA_LOSS|'
@@ -108,8 +112,7 @@ def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog='orbax-linen-nnx',
       description='Inspect, plan, convert and compare Orbax checkpoints between the Flax Linen and NNX layouts.',
-      epilog='Exit status: 0 done, 1 values differ (compare), 2 bad command line, 3 cannot plan,'
-             ' 4 source unreadable, 5 destination refused, 6 storage or runtime failure.')
+      epilog='exit status: ' + ', '.join(f'{c} {m}' for c, m in _EXIT_MEANING.items()) + ' (compare: 0 they match)')
   from orbax_linen_nnx import __version__
 
   p.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
@@ -129,11 +132,25 @@ def _parser() -> argparse.ArgumentParser:
   def verbose(q, what):
     q.add_argument('--verbose', '-v', action='store_true', help=f'also print {what}')
 
-  q = sub.add_parser('inspect', help='what a checkpoint holds: layout, step, optimizer, stacks, arrays')
+  def command(name, summary, examples, codes):
+    """A subcommand whose --help has its description, examples and its own exit codes."""
+    return sub.add_parser(
+        name, help=summary, description=summary[:1].upper() + summary[1:] + '.',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog='examples:\n' + '\n'.join(f'  orbax-linen-nnx {name} {e}' for e in examples)
+               + '\n\nexit status: ' + ', '.join(f'{c} {_EXIT_MEANING[c]}' for c in codes))
+
+  q = command('inspect', 'what a checkpoint holds: layout, step, optimizer, stacks, arrays',
+              ['ckpts/linen/100', 'ckpts/linen --json | python -m json.tool'],
+              (EXIT_OK, EXIT_USAGE, EXIT_UNREADABLE, EXIT_RUNTIME))
   source(q)
   q.add_argument('--json', action='store_true', help='machine-readable output')
 
-  q = sub.add_parser('plan', help='the plan of restoring SRC into a target, or why it cannot be made')
+  q = command('plan', 'the plan of restoring SRC into a target, or why it cannot be made',
+              ['ckpts/linen/100 --target model.py:abstract_state --rules auto',
+               'ckpts/linen/100 --target model.py:abstract_state --suggest-rules > rules.py',
+               'ckpts/linen/100 --to nnx --processes 64 --budget 256MiB'],
+              (EXIT_OK, EXIT_USAGE, EXIT_PLAN, EXIT_UNREADABLE, EXIT_RUNTIME))
   source(q, 'src')
   how = q.add_mutually_exclusive_group(required=True)
   how.add_argument('--target', metavar='CKPT|MODULE:FUNCTION',
@@ -155,7 +172,10 @@ def _parser() -> argparse.ArgumentParser:
                  help='print the renames inferred from the two trees as a rules module (--rules FILE:RULES loads'
                       ' it); with --rules FILE:NAME, those rules come first and the rest is inferred')
 
-  q = sub.add_parser('convert', help='write SRC in another layout as a new checkpoint, in bounded memory')
+  q = command('convert', 'write SRC in another layout as a new checkpoint, in bounded memory',
+              ['ckpts/linen/100 ckpts/nnx/100 --to nnx --rules rules.py:RULES',
+               'ckpts/linen/100 ckpts/nnx/100 --target model.py:abstract_state --rules auto'],
+              (EXIT_OK, EXIT_USAGE, EXIT_PLAN, EXIT_UNREADABLE, EXIT_DESTINATION, EXIT_RUNTIME))
   source(q, 'src')
   q.add_argument('dst', type=_path, help='the step directory to write (its item goes under it)')
   how = q.add_mutually_exclusive_group(required=True)
@@ -179,7 +199,9 @@ def _parser() -> argparse.ArgumentParser:
   q.add_argument('--process-id', type=int, help='with --distributed: this process, 0 .. --num-processes - 1')
   quiet(q)
 
-  q = sub.add_parser('compare', help='compare two checkpoints in any layouts, leaf by leaf; exit 0 only if they match')
+  q = command('compare', 'compare two checkpoints in any layouts, leaf by leaf; exit 0 only if they match',
+              ['ckpts/linen/100 ckpts/nnx/100 --rules rules.py:RULES', 'a b --rtol 1e-6 --json'],
+              (EXIT_OK, EXIT_DIFFER, EXIT_USAGE, EXIT_PLAN, EXIT_UNREADABLE, EXIT_RUNTIME))
   source(q, 'a')
   source(q, 'b', help='the checkpoint whose tree A is read as')
   mapping(q)

@@ -220,3 +220,13 @@ def test_a_typo_in_the_rules_is_not_kept_in_the_fix(tmp_path):
   proposed = ast.literal_eval(re.search(r'rename modules with rules=(\{.*?\})', str(e.value))[1])
   assert 'Dense_O' not in proposed and proposed['Dense_0'] == 'inp'
   assert plan(tmp_path, ports.abstract_net(), rules=proposed).reads
+
+
+@pytest.mark.parametrize('command', ['inspect', 'plan', 'convert', 'compare'])
+def test_every_subcommand_help_has_a_description_examples_and_its_exit_codes(command, capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main([command, '--help'])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  assert f'examples:\n  orbax-linen-nnx {command} ' in out and 'exit status: 0 done' in out
+  assert '2 bad command line' in out and '6 storage or runtime failure' in out
