@@ -190,6 +190,9 @@ def _parser() -> argparse.ArgumentParser:
                       ' (nnx.state(Model(nnx.Rngs(0)))), not nnx.eval_shape')
   q.add_argument('--item', default='default', help="the item name under DST (default: 'default')")
   verbose(q, 'what the convert reads, writes and holds in memory before it starts')
+  q.add_argument('--json', action='store_true',
+                 help='the summary as JSON: written, layout, arrays, bytes, source, source_layout, filled,'
+                      ' left_out, dropped, skipped')
   q.add_argument('--budget', type=_bytes, default=None, metavar='SIZE',
                  help='decoded bytes per batch of arrays (default 32MiB); a larger array is written in blocks of rows')
   q.add_argument('--distributed', action='store_true',
@@ -328,7 +331,7 @@ def _convert(args) -> int:
                                # a coordinator on this machine's loopback listens there only
                                coordinator_bind_address=args.coordinator if host in ('127.0.0.1', 'localhost')
                                else None)
-  from orbax_linen_nnx import convert, inspection, plans, source
+  from orbax_linen_nnx import convert, inspection, layout, plans, source
 
   src = source.open_checkpoint(args.src)
   plan, tgt, abstract = _plan(args, src)
@@ -354,7 +357,14 @@ def _convert(args) -> int:
     written = convert.convert(src, args.dst, plan, structure=structure, item=args.item, overwrite=args.overwrite,
                               batch_bytes=budget, on_written=advance, names=names,
                               extra={t.path: v for t, v in filled.items()})
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 and args.json:
+    print(json.dumps({'written': os.fspath(written), 'layout': plan.target_layout, 'arrays': len(plan.reads),
+                      'bytes': total, 'source': os.fspath(src.directory), 'source_layout': src.layout,
+                      'filled': [layout.render(t.path) for t in filled],
+                      'left_out': [layout.render(t.path) for t in plan.kept],
+                      'dropped': [x.name for x, _ in plan.dropped], 'skipped': [x.name for x in plan.skipped]},
+                     indent=1))
+  elif jax.process_index() == 0:
     print(f'wrote {written} ({plan.target_layout} layout): {len(plan.reads)} arrays,'
           f' {inspection.size_text(total)} from {src.directory} ({src.layout} layout)')
     if plan.dropped or plan.skipped:

@@ -13,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import models
 import orbax_linen_nnx
 import ports
 from helpers import save
@@ -230,3 +231,19 @@ def test_every_subcommand_help_has_a_description_examples_and_its_exit_codes(com
   out = capsys.readouterr().out
   assert f'examples:\n  orbax-linen-nnx {command} ' in out and 'exit status: 0 done' in out
   assert '2 bad command line' in out and '6 storage or runtime failure' in out
+
+
+def test_convert_json_summary(tmp_path, capsys):
+  save(tmp_path / 'linen', ports.linen_variables(models.LinenMLP(), models.D_IN))
+  (tmp_path / 'target.py').write_text(
+      'import sys\nsys.path.insert(0, %r)\nimport models\nfrom flax import nnx\n\n'
+      'def abstract():\n  return nnx.state(nnx.eval_shape(lambda: models.NnxMLPWithDropout(nnx.Rngs(0))))\n'
+      % str(ports.__file__.rsplit('/', 1)[0]))
+  assert cli.main(['convert', str(tmp_path / 'linen'), str(tmp_path / 'nnx'), '--target',
+                   f'{tmp_path}/target.py:abstract', '--rules', 'auto', '--quiet', '--json']) == cli.EXIT_OK
+  got = json.loads(capsys.readouterr().out)
+  assert got['written'] == str(tmp_path / 'nnx' / 'default') and got['layout'] == 'nnx' and got['arrays'] == 4
+  d_in, d_hid, d_out = models.D_IN, models.D_HID, models.D_OUT
+  assert got['bytes'] == 4 * (d_in * d_hid + d_hid + d_hid * d_out + d_out)  # float32
+  assert sorted(got['left_out']) == ['drop/rngs/count', 'drop/rngs/key'] and got['filled'] == []
+  assert (got['source_layout'], got['dropped'], got['skipped']) == ('linen', [], [])
