@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import sys
 from typing import Any, Sequence
 
@@ -405,6 +406,41 @@ def _compare(args) -> int:
   return EXIT_OK if result.equal else EXIT_DIFFER
 
 
+def _fix_line(error, args) -> str | None:
+  """A `PlanError`'s fixes said as flags and files (the error says them in Python); None keeps its own."""
+  if not error.fixes:
+    return None
+  src, tgt = (args.a, args.b) if args.command == 'compare' else (args.src, getattr(args, 'target', None))
+  given = getattr(args, 'rules', None)
+  suggest = ' '.join(shlex.quote(str(x)) for x in (
+      'orbax-linen-nnx', 'plan', src, '--target', tgt, *(('--rules', given) if given else ()), '--suggest-rules'))
+  said = []
+  for fix in error.fixes:
+    notes = f" ({'; '.join(fix.notes)})" if fix.notes else ''
+    if fix.kind == 'rename' and fix.auto and not given and tgt:
+      pairs = ', '.join(f'{k} -> {v}' for k, v in fix.renames.items())
+      said.append(f'add --rules auto, which pairs {pairs} (to keep them as a file: {suggest} > rules.py, then'
+                  ' --rules rules.py:RULES)')
+    elif fix.kind == 'rename' and fix.rules is not None:
+      said.append(f'write the renames in a file, rules.py holding RULES = {fix.rules!r}, and pass --rules'
+                  f' rules.py:RULES{notes}')
+    elif fix.kind == 'rename':
+      said.append(f'add rename({fix.renames!r}) to the list --rules {given} names (from orbax_linen_nnx import'
+                  f' rename){notes}')
+    elif fix.kind == 'auto_rename' and fix.renames:
+      if given and given != 'auto':
+        said.append(f"add rename({fix.renames!r}) before 'auto' in the list --rules {given} names{notes}, then"
+                    f' {suggest} > rules.py writes every rename')
+      else:
+        said.append(f"write rules.py holding `from orbax_linen_nnx import rename` and RULES = [rename({fix.renames!r}),"
+                    f" 'auto']{notes}, and pass --rules rules.py:RULES (to plan --suggest-rules too)")
+    elif fix.kind == 'auto_rename':
+      said.append("state the pairs in a rules file: RULES = [rename({...}), 'auto'] and --rules rules.py:RULES")
+    elif fix.kind == 'partial' and args.command == 'plan':
+      said.append('add --partial to plan only the leaves that match')
+  return f"Fix: {'; or '.join(said)}." if said else ''
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs one command; returns the exit status (see the module docstring)."""
   args = _parser().parse_args(argv)
@@ -421,10 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (UsageError, rules_lib.RuleError) as e:
     status, message = EXIT_USAGE, str(e)
   except plans.PlanError as e:
-    status, message = EXIT_PLAN, str(e)
-    if "'auto']" in message and (getattr(args, 'suggest_rules', False) or getattr(args, 'rules', None)):
-      message += ('\nOn the command line: write that list in a file, e.g. rules.py with `from orbax_linen_nnx import'
-                  ' rename` and RULES = [...], and pass --rules rules.py:RULES (to plan --suggest-rules too)')
+    status, message = EXIT_PLAN, e.text(_fix_line(e, args), verbose=getattr(args, 'verbose', False), cli=True)
   except (source.CheckpointNotFoundError, source.DamagedCheckpointError, source.UnsupportedStorageError) as e:
     status, message = EXIT_UNREADABLE, str(e)
   except convert.DestinationExistsError as e:

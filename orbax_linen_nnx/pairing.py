@@ -155,6 +155,21 @@ def _compatible(a: Module, b: Module) -> bool | None:
   return b.kind in KINDS.get(a.kind, ()) or a.kind in KINDS.get(b.kind, ())
 
 
+def kinds_agree(a: Module, b: Module) -> bool | None:
+  """Whether two modules' kinds can hold the same weights (None: unknown); see `_compatible`."""
+  return _compatible(a, b)
+
+
+def leaf_modules(root: Module) -> list[Module]:
+  """The modules of a tree that hold leaves of their own, each named as its tree names it (`shown`)."""
+  return [m for m in _walk(root) if m.leaves]
+
+
+def shown(m: Module) -> str:
+  """A module as its own tree names it (`block2_0/bn1`, not the entry `block2/0/bn1` pairing reads it as)."""
+  return _shown(m)
+
+
 def _ordered(assignment, sources, targets) -> bool:
   """Whether an assignment keeps the order of modules of one kind on both sides."""
   pairs = [(s, targets[j]) for s, j in zip(sources, assignment)]

@@ -117,6 +117,7 @@ class _Matched:
   used: set = dataclasses.field(default_factory=set)  # stored source paths something reads
   as_saved: set = dataclasses.field(default_factory=set)  # nnx_aux state, held as the NNX model holds it
   named: dict = dataclasses.field(default_factory=dict)  # target path -> its model path as the target names it
+  meaning: dict = dataclasses.field(default_factory=dict)  # target path -> its meaning, as the target names it
 
 
 def _match(targets, tgt_leaves, index: _Index, partial: bool, problems: list[str]) -> _Matched:
@@ -124,6 +125,7 @@ def _match(targets, tgt_leaves, index: _Index, partial: bool, problems: list[str
   layers = stacks_lib.LayerSources({m: found[0][0] for m, found in index.by_meaning.items()})
   for t, leaf in zip(targets, tgt_leaves):
     out.named[t.path] = leaf.meaning.param
+    out.meaning[t.path] = leaf.meaning
     m = layout.Meaning(leaf.meaning.section, stacks_lib.normalize(leaf.meaning.param))
     found = index.by_meaning.get(m)
     if found:
@@ -156,8 +158,9 @@ def _match(targets, tgt_leaves, index: _Index, partial: bool, problems: list[str
     else:
       out.missing.append((leaf.meaning, t))
       out.looked_for[str(leaf.meaning)] = leaf.meaning
-      problems.append(f"{t} has no source (looked for '{leaf.meaning}')"
-                      + diagnose.near_misses(m, index.by_meaning, index.history, index.named_as))
+      problems.append(plans.LeafProblem(
+          f"{t} has no source (looked for '{leaf.meaning}')"
+          + diagnose.near_misses(m, index.by_meaning, index.history, index.named_as), 'missing', leaf.meaning, t))
   return out
 
 
@@ -178,8 +181,9 @@ def _reads(targets, matched: _Matched, layer_ops: dict, index: _Index, linen_to_
   """One `LeafRead` per target that has a source: its layer ops, then a cast to its dtype."""
   for t, s, _ in matched.direct:
     if t.path not in layer_ops and tuple(s.shape) != tuple(t.shape):
-      problems.append(f'{t} cannot be read from {s}: shapes differ'
-                      + diagnose.shape_fix(t, s, matched.named[t.path], linen_to_nnx))
+      problems.append(plans.LeafProblem(f'{t} cannot be read from {s}: shapes differ'
+                                        + diagnose.shape_fix(t, s, matched.named[t.path], linen_to_nnx),
+                                        'shape', matched.meaning[t.path], (t, s)))
     else:
       layer_ops.setdefault(t.path, ((s,), ()))
   reads = []
@@ -251,7 +255,8 @@ def _pair(sources, targets, *, source_layout, target_layout, rules, partial, sta
     m = raw[s.path].meaning
     unused.append((m, s))
     if not partial and not (model_only and m.section != ('model',)):
-      problems.append(f'{s} is not used by any target' + diagnose.why_not(m, matched.looked_for.get(str(m))))
+      problems.append(plans.LeafProblem(f'{s} is not used by any target'
+                                        + diagnose.why_not(m, matched.looked_for.get(str(m))), 'unused', m, s))
   plan = None if problems else RestorePlan(
       source_layout=source_layout,
       target_layout=target_layout,

@@ -396,8 +396,76 @@ class RestorePlan:
     raise KeyError(f'no read planned for target {layout.render(path)!r}')
 
 
+@dataclasses.dataclass(frozen=True)
+class Fix:
+  """One fix a `PlanError` proposes, as data, so each face can say it in its own language.
+
+  `python` is how the API says it (`rules={...}`, `partial=True`). `kind`
+  says what it is: 'rename' (`rules`: the whole rules= value that works, or
+  None where the given rules are no mapping and `renames` is to be added to
+  them; `auto`: whether `rules='auto'` infers exactly these renames),
+  'auto_rename' (`renames`: the rename to state before 'auto') or 'partial'.
+  """
+
+  kind: str
+  python: str
+  renames: dict = dataclasses.field(default_factory=dict)
+  rules: Any = None
+  auto: bool = False
+  notes: tuple[str, ...] = ()
+
+
+class LeafProblem(str):
+  """One leaf's problem, as its line reads, with what it is about: `kind` 'missing' (a target with no source),
+  'unused' (a source no target reads) or 'shape' (shapes differ); `meaning` the leaf's `layout.Meaning`;
+  `array` the `Target` or `SourceArray`. Errors group these by module (see `diagnose.error`)."""
+
+  kind: str
+  meaning: Any
+  array: Any
+
+  def __new__(cls, text: str, kind: str, meaning: Any, array: Any) -> 'LeafProblem':
+    out = super().__new__(cls, text)
+    out.kind, out.meaning, out.array = kind, meaning, array
+    return out
+
+
 class PlanError(ValueError):
-  """A restore that cannot be planned; lists every problem found. Nothing was read."""
+  """A restore that cannot be planned; lists every problem found. Nothing was read.
+
+  `str(error)` says it as the Python API would (the fix first, then the
+  problems, one line per module). `fixes` holds the fixes as `Fix` data (the
+  command line says them as flags and files); `details` every problem leaf by
+  leaf, where lines were grouped by module.
+  """
+
+  def __init__(self, message: str, *, head: str = '', problems: tuple[str, ...] = (), fixes: tuple[Fix, ...] = (),
+               details: tuple[str, ...] = ()):
+    super().__init__(message)
+    self.head, self.problems, self.fixes, self.details = head, tuple(problems), tuple(fixes), tuple(details)
+
+  @classmethod
+  def of(cls, head: str, problems, fixes, details=()) -> 'PlanError':
+    """The error with its parts; its message says them as the Python API would."""
+    parts = dict(head=head, problems=tuple(problems), fixes=tuple(fixes), details=tuple(details))
+    return cls(cls('', **parts).text(), **parts)
+
+  def text(self, fix_line: str | None = None, verbose: bool = False, cli: bool = False) -> str:
+    """The message with `fix_line` in place of the Python fixes (where it has structure) and, with
+    `verbose`, every problem leaf by leaf after it; `cli` points at --verbose rather than `details`."""
+    if not self.head:
+      return str(self)
+    fix = self.fix_line() if fix_line is None else fix_line
+    lines = [self.head] + ([fix] if fix else []) + [f'  {p}' for p in self.problems]
+    if self.details and verbose:
+      lines += ['Leaf by leaf:'] + [f'  {d}' for d in self.details]
+    elif self.details:
+      lines.append(f"({len(self.details)} leaves in all: {'--verbose' if cli else 'PlanError.details'} lists each)")
+    return '\n'.join(lines)
+
+  def fix_line(self) -> str:
+    """The fixes as the Python API says them."""
+    return f"Fix: {'; or '.join(f.python for f in self.fixes)}." if self.fixes else ''
 
 
 class LinenCompatWarning(UserWarning):

@@ -208,9 +208,17 @@ class AbstractState:
           value = jax.random.wrap_key_data(value, impl=t.key_impl)
         new.append(leaf.copy(value) if _is_variable(leaf) else value)
     rebuilt = self._rebuild(new)
+    restored = lambda _, v: not isinstance(v.get_raw_value() if _is_variable(v) else v, NotRestored)
     if self.left_out:
-      rebuilt = nnx.filter_state(
-          rebuilt, lambda _, v: not isinstance(v.get_raw_value() if _is_variable(v) else v, NotRestored))
+      rebuilt = nnx.filter_state(rebuilt, restored)
+    elif self.placeholders and not isinstance(rebuilt, nnx.Module):
+      # An nnx.State inside another tree ({'model': nnx.state(model), 'optimizer': ...}) leaves them out
+      # too: nnx.update(model, restored['model']) then keeps the model's own values there.
+      rebuilt = jax.tree.map(lambda x: nnx.filter_state(x, restored) if isinstance(x, nnx.State) else x, rebuilt,
+                             is_leaf=lambda x: isinstance(x, nnx.State))
+      still = set(not_restored(rebuilt))
+      self.left_out = [p for p in self.placeholders if p not in still]
+      self.placeholders = [p for p in self.placeholders if p in still]
     return rebuilt
 
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx, struct
+from flax.training import train_state
 
 D_IN, D, D_OUT, BLOCKS = 4, 8, 2, 3
 # The hand-written table for the setattr port: what 'auto' must infer.
@@ -200,3 +201,74 @@ def resnet_rules() -> dict[str, str]:
       if linen[-1] != '2' or (i == 0 and stage > 1):
         table[f'BasicBlock_{k}/{linen}'] = f'block{stage}_{i}/{port}'
   return table
+
+
+# ---------------------------------------------------------------- a small CNN, as a newcomer brings one
+
+class LCNN(nn.Module):
+  """A Linen CNN with BatchNorm and Dropout: six modules named by class and order (Conv_0, BatchNorm_0, ...)."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(8, (3, 3))(x)))
+    x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(16, (3, 3))(x)))
+    x = nn.Dropout(0.5, deterministic=not train)(nn.Dense(32)(x.mean((1, 2))))
+    return nn.Dense(10)(x)
+
+
+class CNN(nnx.Module):
+  """Its NNX port, named as the port's author chose: conv1/bn1/conv2/bn2/fc1/fc2 (`width` is conv1's features)."""
+
+  def __init__(self, rngs: nnx.Rngs, width: int = 8):
+    self.conv1 = nnx.Conv(3, width, (3, 3), rngs=rngs)
+    self.bn1 = nnx.BatchNorm(width, rngs=rngs)
+    self.conv2 = nnx.Conv(width, 16, (3, 3), rngs=rngs)
+    self.bn2 = nnx.BatchNorm(16, rngs=rngs)
+    self.fc1 = nnx.Linear(16, 32, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+    self.fc2 = nnx.Linear(32, 10, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.bn1(self.conv1(x)))
+    x = nnx.relu(self.bn2(self.conv2(x)))
+    return self.fc2(self.drop(self.fc1(x.mean((1, 2)))))
+
+
+CNN_RULES = {'Conv_0': 'conv1', 'BatchNorm_0': 'bn1', 'Conv_1': 'conv2', 'BatchNorm_1': 'bn2', 'Dense_0': 'fc1',
+             'Dense_1': 'fc2'}
+
+
+class CNNTrainState(train_state.TrainState):
+  batch_stats: Any
+
+
+def cnn_images(seed: int = 0, n: int = 8):
+  kx, ky = jax.random.split(jax.random.key(seed))
+  return jax.random.normal(kx, (n, 8, 8, 3)), jax.random.randint(ky, (n,), 0, 10)
+
+
+def linen_cnn_state(seed: int = 0) -> CNNTrainState:
+  """The Linen run's TrainState after one training step (batch statistics and Adam moments not at their init)."""
+  x, y = cnn_images(seed)
+  v = LCNN().init(jax.random.key(seed), x)
+  state = CNNTrainState.create(apply_fn=LCNN().apply, params=v['params'], batch_stats=v['batch_stats'], tx=tx())
+
+  def loss(params):
+    logits, upd = state.apply_fn({'params': params, 'batch_stats': state.batch_stats}, x, train=True,
+                                 rngs={'dropout': jax.random.key(1)}, mutable=['batch_stats'])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
+
+  grads, upd = jax.grad(loss, has_aux=True)(state.params)
+  return state.apply_gradients(grads=grads).replace(batch_stats=upd['batch_stats'])
+
+
+def cnn_train_state(rngs_seed: int = 0, width: int = 8):
+  """The port's model and optimizer, as NNX code builds them."""
+  model = CNN(nnx.Rngs(rngs_seed), width)
+  return model, nnx.Optimizer(model, tx(), wrt=nnx.Param)
+
+
+def abstract_cnn(width: int = 8):
+  """The abstract {'model', 'optimizer'} state (for `--target ports.py:abstract_cnn`)."""
+  return nnx.eval_shape(lambda: (lambda m, o: {'model': nnx.state(m), 'optimizer': nnx.state(o)})(
+      *cnn_train_state(0, width)))

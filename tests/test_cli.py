@@ -157,9 +157,12 @@ def test_plan_with_a_model_target_and_its_errors(tmp_path, linen_mlp):
   # Without the rules: exit 3, every problem named, and the fix.
   r = run('plan', src, '--target', f'{target}:abstract', env=env)
   assert r.returncode == cli.EXIT_PLAN, r.stderr
-  assert "target 'model/fc1/kernel' (16, 32) float32 has no source" in r.stderr
-  assert "rename modules with rules={'Dense_0': 'fc1', 'Dense_1': 'fc2'}" in r.stderr
+  assert "target module 'fc1' has no source: bias (32,), kernel (16, 32) (+4 optimizer leaves)" in r.stderr
+  assert 'Fix: add --rules auto, which pairs Dense_0 -> fc1, Dense_1 -> fc2' in r.stderr
   assert r.stdout == ''
+  # --verbose: leaf by leaf too.
+  r = run('plan', src, '--target', f'{target}:abstract', '--verbose', env=env)
+  assert r.returncode == cli.EXIT_PLAN and "target 'model/fc1/kernel' (16, 32) float32 has no source" in r.stderr
   # A rules module that is not there: exit 2.
   r = run('plan', src, '--to', 'nnx', '--rules', f'{tmp_path}/nope.py:RULES')
   assert r.returncode == cli.EXIT_USAGE and 'no file' in r.stderr, r.stderr

@@ -40,9 +40,14 @@ def test_missing_names_every_target_and_unused_source_with_the_fix(linen_run):
   with pytest.raises(PlanError) as err:
     ocp.CheckpointManager(linen_run).restore(2, args=LinenCompatRestore(abstract_of()))
   text = str(err.value)
-  assert "target 'model/fc1/kernel' (16, 32) float32 has no source" in text
-  assert "target 'optimizer/opt_state/0/nu/fc2/bias' (8,) float32 has no source" in text
-  assert "source 'params/params/Dense_0/kernel' (16, 32) float32 is not used by any target" in text
+  # One line a module (its optimizer mirrors counted), leaf by leaf in `details`.
+  assert "target module 'fc1' has no source: bias (32,), kernel (16, 32) (+4 optimizer leaves)" in text
+  assert "source module 'Dense_0' is not used by any target: bias (32,), kernel (16, 32) (+4 optimizer leaves)" in text
+  details = err.value.details
+  assert any(d.startswith("target 'model/fc1/kernel' (16, 32) float32 has no source (looked for 'model/fc1/kernel')")
+             for d in details)
+  assert any(d.startswith("target 'optimizer/opt_state/0/nu/fc2/bias' (8,) float32 has no source") for d in details)
+  assert "source 'params/params/Dense_0/kernel' (16, 32) float32 is not used by any target" in details
   assert "rules={'Dense_0': 'fc1', 'Dense_1': 'fc2'}" in text
   assert 'partial=True' in text
   assert 'nothing was read' in text

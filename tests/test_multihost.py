@@ -24,8 +24,8 @@ REPO = WORKER.parent.parent
 TIMEOUT_S = 120  # hard limit for one configuration's processes, all together
 CONFIGS = [(2, 4), (4, 2)]  # (processes, CPU devices per process)
 EXPECTED_ERRORS = {
-    'no_rules': ["target 'model/fc1/kernel' (128, 512) float32 has no source",
-                 "source 'params/params/Dense_0/kernel' (128, 512) float32 is not used by any target",
+    'no_rules': ["target module 'fc1' has no source: bias (512,), kernel (128, 512)",
+                 "source module 'Dense_0' is not used by any target: bias (512,), kernel (128, 512)",
                  "rules={'Dense_0': 'fc1', 'Dense_1': 'fc2'}"],
     'shape_mismatch': ["target 'model/fc1/kernel' (128, 384) float32 cannot be read from source"
                        " 'params/params/Dense_0/kernel' (128, 512) float32: shapes differ"],
