@@ -127,8 +127,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="mapping rules (a list, dict or callable; see README), or 'auto' to infer the renames")
     q.add_argument('--stacks', metavar='JSON', help='layer axes: \'{"layers": {"linen": 1, "nnx": 0}}\'')
 
-  def quiet(q):
-    q.add_argument('--quiet', '-q', action='store_true', help='no progress bars (also off when not a terminal)')
+  def quiet(q, what='no progress bars (also off when not a terminal)'):
+    q.add_argument('--quiet', '-q', action='store_true', help=what)
 
   def verbose(q, what):
     q.add_argument('--verbose', '-v', action='store_true', help=f'also print {what}')
@@ -146,6 +146,8 @@ def _parser() -> argparse.ArgumentParser:
               (EXIT_OK, EXIT_USAGE, EXIT_UNREADABLE, EXIT_RUNTIME))
   source(q)
   q.add_argument('--json', action='store_true', help='machine-readable output')
+  quiet(q, 'the header only (layout, step, optimizer, stacks, totals), not the array tree')
+  verbose(q, "each array's stored name (what rules and errors call a source)")
 
   q = command('plan', 'the plan of restoring SRC into a target, or why it cannot be made',
               ['ckpts/linen/100 --target model.py:abstract_state --rules auto',
@@ -167,7 +169,9 @@ def _parser() -> argparse.ArgumentParser:
   q.add_argument('--host-memory-limit', type=_bytes, default=None, metavar='SIZE',
                  help="warn where a process's read, or a convert, may hold more than SIZE on the host")
   q.add_argument('--strict-cost', action='store_true', help='fail (exit 3) where those would warn')
-  verbose(q, "what a convert of it costs each process (also printed with --processes or --budget)")
+  verbose(q, "what a convert of it costs each process (also printed with --processes or --budget), and a plan"
+             " error's problems leaf by leaf")
+  quiet(q, "the plan's first line only (what it reads and keeps); warnings still print")
   q.add_argument('--json', action='store_true', help='the plan as JSON (schema: RestorePlan.as_json)')
   q.add_argument('--suggest-rules', action='store_true',
                  help='print the renames inferred from the two trees as a rules module (--rules FILE:RULES loads'
@@ -190,7 +194,8 @@ def _parser() -> argparse.ArgumentParser:
                       ' the result; --target MODULE:FUNCTION then returns the state of a built model'
                       ' (nnx.state(Model(nnx.Rngs(0)))), not nnx.eval_shape')
   q.add_argument('--item', default='default', help="the item name under DST (default: 'default')")
-  verbose(q, 'what the convert reads, writes and holds in memory before it starts')
+  verbose(q, "what the convert reads, writes and holds in memory before it starts, and a plan error's problems"
+             ' leaf by leaf')
   q.add_argument('--json', action='store_true',
                  help='the summary as JSON: written, layout, arrays, bytes, source, source_layout, filled,'
                       ' left_out, dropped, skipped')
@@ -201,7 +206,8 @@ def _parser() -> argparse.ArgumentParser:
   q.add_argument('--coordinator', help='with --distributed: host:port of process 0')
   q.add_argument('--num-processes', type=int, help='with --distributed: how many processes run this convert')
   q.add_argument('--process-id', type=int, help='with --distributed: this process, 0 .. --num-processes - 1')
-  quiet(q)
+  quiet(q, 'no progress bars (also off when not a terminal), no count of what rules dropped; what it left out'
+           ' of the target, and how to restore it, is still said')
 
   q = command('compare', 'compare two checkpoints in any layouts, leaf by leaf; exit 0 only if they match',
               ['ckpts/linen/100 ckpts/nnx/100 --rules rules.py:RULES', 'a b --rtol 1e-6 --json'],
@@ -213,7 +219,9 @@ def _parser() -> argparse.ArgumentParser:
   q.add_argument('--atol', type=float, default=0.0, help='absolute tolerance (default 0)')
   q.add_argument('--budget', type=_bytes, default=None, metavar='SIZE', help='decoded bytes per batch, each side')
   q.add_argument('--json', action='store_true', help='machine-readable output')
-  quiet(q)
+  quiet(q, 'the verdict and its counts only: no progress bar, no line per leaf')
+  verbose(q, "also the leaves that match, each with the A arrays it was read from, and a plan error's problems"
+             ' leaf by leaf')
   return p
 
 
@@ -276,7 +284,8 @@ def _inspect(args) -> int:
   from orbax_linen_nnx import inspection, source
 
   info = inspection.inspect(source.open_checkpoint(args.ckpt))
-  print(json.dumps(info, indent=1) if args.json else inspection.render_inspection(info))
+  detail = 'header' if args.quiet else 'stored' if args.verbose else 'tree'
+  print(json.dumps(info, indent=1) if args.json else inspection.render_inspection(info, detail))
   return EXIT_OK
 
 
@@ -294,7 +303,8 @@ def _plan_command(args) -> int:
   noted, held = convert.with_cost_note(src, plan, budget, args.processes)
   # The convert's cost where asked for (--verbose, --processes, --budget); the plan's own notes always.
   shown = noted if args.verbose or args.processes > 1 or args.budget else plan
-  print(json.dumps(shown.as_json(), indent=1) if args.json else shown)
+  print(json.dumps(shown.as_json(), indent=1) if args.json else str(shown).split('\n', 1)[0] if args.quiet
+        else shown)
   limit = args.host_memory_limit
   problems = [] if plan.cost is None else cost_lib.problems(plan.cost, max_over_read=args.max_over_read,
                                                             host_memory_limit_bytes=limit)
@@ -368,10 +378,10 @@ def _convert(args) -> int:
   elif jax.process_index() == 0:
     print(f'wrote {written} ({plan.target_layout} layout): {len(plan.reads)} arrays,'
           f' {inspection.size_text(total)} from {src.directory} ({src.layout} layout)')
-    if plan.dropped or plan.skipped:
+    if (plan.dropped or plan.skipped) and not args.quiet:
       print(f'  left out: {len(plan.dropped)} dropped by rules, {len(plan.skipped)} NNX-only arrays skipped'
             ' (the plan command lists them)')
-    if plan.kept:
+    if plan.kept:  # said even with --quiet: restoring the result needs it
       print(convert.kept_note(plan))
   return EXIT_OK
 
@@ -387,20 +397,27 @@ def _compare(args) -> int:
                              batch_bytes=args.budget or convert.DEFAULT_BATCH_BYTES, on_done=advance)
   if args.json:
     print(json.dumps({'equal': result.equal, 'compared': result.compared, 'missing': result.missing,
-                      'extra': result.extra, 'differing': result.differing, 'casts': result.casts}, indent=1))
+                      'extra': result.extra, 'differing': result.differing, 'casts': result.casts,
+                      **({'pairs': {b: list(a) for b, a in result.pairs}} if args.verbose else {})}, indent=1))
   else:
     print(f'A {a.directory} ({a.layout})\nB {b.directory} ({b.layout})')
     print(f'{result.compared} leaves compared: {result.compared - len(result.differing)} match,'
           f' {len(result.differing)} differ; {len(result.missing)} missing from A, {len(result.extra)} extra in A'
           + (f' (rtol={args.rtol}, atol={args.atol})' if args.rtol or args.atol else ' (bit for bit)'))
-    for d in result.differing:
+    shown = [] if args.quiet else result.differing
+    if args.verbose:
+      differ = {d['path'] for d in result.differing}
+      for b_path, a_names in result.pairs:
+        if b_path not in differ:
+          print(f"  same     {b_path}  <-  {', '.join(a_names)}")
+    for d in shown:
       print(f"  differs  {d['path']}: {d['elements']} of {d['of']} elements, max abs diff {d['max_abs']:.6g},"
             f" max rel diff {d['max_rel']:.6g}")
-    for p in result.missing:
+    for p in [] if args.quiet else result.missing:
       print(f'  missing  {p} (in B, nothing in A makes it)')
-    for p in result.extra:
+    for p in [] if args.quiet else result.extra:
       print(f'  extra    {p} (in A, nothing in B uses it)')
-    for c in result.casts:
+    for c in [] if args.quiet else result.casts:
       print(f'  cast     {c}')
     print('MATCH' if result.equal else 'DIFFER')
   return EXIT_OK if result.equal else EXIT_DIFFER

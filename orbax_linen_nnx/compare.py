@@ -31,6 +31,7 @@ class Comparison:
   differing: list[dict] = dataclasses.field(default_factory=list)
   compared: int = 0
   casts: list[str] = dataclasses.field(default_factory=list)
+  pairs: list[tuple[str, tuple[str, ...]]] = dataclasses.field(default_factory=list)  # B path, A's stored names
 
   @property
   def equal(self) -> bool:
@@ -55,6 +56,7 @@ def compare(a: source_lib.Checkpoint, b: source_lib.Checkpoint, *, rules=None, s
   result = Comparison(missing=[layout.render(t.path) for t in plan.kept],
                       extra=[s.name for s in plan.unused])
   for r in plan.reads:
+    result.pairs.append((layout.render(r.target.path), tuple(getattr(x, 'name', str(x)) for x in r.sources)))
     if any(isinstance(op, ops.Cast) for op in r.transform):
       result.casts.append(f'{layout.render(r.target.path)}: A holds {np.dtype(r.sources[0].dtype).name}, compared as'
                           f' {np.dtype(r.target.dtype).name}')

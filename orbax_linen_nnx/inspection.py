@@ -53,7 +53,7 @@ def inspect(ckpt: source_lib.Checkpoint) -> dict:
   for a in ckpt.arrays:
     chunk = ckpt.stores[a.name].chunk_layout.read_chunk.shape
     arrays.append({'path': layout.render(a.path), 'shape': list(a.shape), 'dtype': np.dtype(a.dtype).name,
-                   'chunk': list(chunk or ()), 'bytes': plans.nbytes(a.shape, a.dtype)})
+                   'chunk': list(chunk or ()), 'bytes': plans.nbytes(a.shape, a.dtype), 'stored_as': a.name})
   return {
       'directory': str(ckpt.directory),
       'layout': kind,
@@ -73,8 +73,9 @@ def size_text(n: int) -> str:
   return str(n)
 
 
-def render_inspection(info: dict) -> str:
-  """The `inspect` report as text: a header, then the array tree."""
+def render_inspection(info: dict, detail: str = 'tree') -> str:
+  """The `inspect` report as text: a header, then (`detail` 'tree' or 'stored', which adds each array's
+  stored name) the array tree; 'header' stops after the header."""
   lines = [f"{info['directory']}", f"  layout     {info['layout']}", f"  step       {info['step']}"]
   if info['optimizer']:
     lines += ['  optimizer  opt_state/' + k + ': ' + ', '.join(v) for k, v in info['optimizer'].items()]
@@ -88,6 +89,8 @@ def render_inspection(info: dict) -> str:
       either = ' or '.join(f'{a} ({n} layers)' for a, n in zip(s['layer_axis'], s['layers']))
       lines.append(f"  stack      {s['root']}: stacked at axis {either}: shapes cannot tell, --stacks can")
   lines.append(f"  arrays     {len(info['arrays'])}, {size_text(info['total_bytes'])}")
+  if detail == 'header':
+    return '\n'.join(lines)
   shown: list[str] = []
   for a in info['arrays']:
     parts = a['path'].split('/')
@@ -100,5 +103,6 @@ def render_inspection(info: dict) -> str:
       lines.append('  ' + '  ' * depth + parts[depth] + '/')
     shown = parts[:-1]
     lines.append(f"  {'  ' * (len(parts) - 1)}{parts[-1]}  {tuple(a['shape'])} {a['dtype']}"
-                 f"  chunk {tuple(a['chunk'])}  {size_text(a['bytes'])}")
+                 f"  chunk {tuple(a['chunk'])}  {size_text(a['bytes'])}"
+                 + (f"  stored as {a['stored_as']}" if detail == 'stored' else ''))
   return '\n'.join(lines)

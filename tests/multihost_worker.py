@@ -54,8 +54,9 @@ def parse_args(argv):
   p.add_argument('--dir', required=True)
   p.add_argument('--out', required=True)
   p.add_argument('--hang', action='store_true', help='never start (tests the harness timeout)')
-  p.add_argument('--fault', choices=['die', 'corrupt'],
-                 help='after the save: process 1 dies before restoring, or its stored data is garbled')
+  p.add_argument('--fault', choices=['die', 'hang', 'corrupt'],
+                 help='after the save: process 1 dies (or hangs, alive) as it starts reading its shards, or its'
+                      ' stored data is garbled')
   return p.parse_args(argv)
 
 
@@ -231,7 +232,10 @@ def run(args, result, stage):
   result['errors'] = errors
   stage('errors')
   if args.fault:
-    return inject_fault(args, result, stage, lambda: LinenCompatRestore(abstract_train_state(), rules=RULES, timeout_s=10))
+    # A dead peer is noticed within seconds, whatever timeout_s; one that hangs alive, at timeout_s.
+    timeout_s = 10 if args.fault == 'hang' else 300
+    return inject_fault(args, result, stage,
+                        lambda: LinenCompatRestore(abstract_train_state(), rules=RULES, timeout_s=timeout_s))
 
   # --- 2. The full restore, checked shard by shard against this process's Linen state.
   abstract = abstract_train_state()
@@ -406,6 +410,14 @@ def inject_fault(args, result, stage, make_args):
       os._exit(7)
 
     read.execute = die
+  if args.fault == 'hang' and args.process_id == 1:
+    from orbax_linen_nnx import read
+
+    def hang(*_, **__):
+      stage('hanging')
+      time.sleep(3600)
+
+    read.execute = hang
   start = time.perf_counter()
   try:
     ocp.CheckpointManager(args.dir).restore(1, args=make_args())

@@ -247,3 +247,35 @@ def test_convert_json_summary(tmp_path, capsys):
   assert got['bytes'] == 4 * (d_in * d_hid + d_hid + d_hid * d_out + d_out)  # float32
   assert sorted(got['left_out']) == ['drop/rngs/count', 'drop/rngs/key'] and got['filled'] == []
   assert (got['source_layout'], got['dropped'], got['skipped']) == ('linen', [], [])
+
+
+def test_every_command_takes_quiet_and_verbose_and_they_say_less_and_more(tmp_path, capsys):
+  parser = cli._parser()
+  commands = next(a for a in parser._actions if a.dest == 'command').choices
+  for name, sub in commands.items():
+    flags = {o for a in sub._actions for o in a.option_strings}
+    assert {'--quiet', '--verbose'} <= flags, name
+  save(tmp_path / 'linen', ports.linen_variables(ports.LNet()))
+  (tmp_path / 'rules.py').write_text(f'RULES = {ports.NET_RULES!r}\n')
+  rules = ['--rules', f'{tmp_path}/rules.py:RULES']
+  assert cli.main(['convert', str(tmp_path / 'linen'), str(tmp_path / 'nnx'), '--to', 'nnx', *rules, '--quiet']) == 0
+  said = {}
+  for command in (['inspect', str(tmp_path / 'linen')],
+                  ['plan', str(tmp_path / 'linen'), '--to', 'nnx', *rules],
+                  ['compare', str(tmp_path / 'linen'), str(tmp_path / 'nnx'), *rules]):
+    capsys.readouterr()
+    for level in ('--quiet', None, '--verbose'):
+      assert cli.main(command + ([level] if level else [])) == cli.EXIT_OK
+      said[command[0], level] = capsys.readouterr().out.splitlines()
+  quiet, plain, verbose = (said['inspect', k] for k in ('--quiet', None, '--verbose'))
+  assert quiet == plain[:len(quiet)] and not any('chunk' in line for line in quiet)
+  assert len(plain) == len(verbose) and not any('stored as' in line for line in plain)
+  assert "  stored as params.Dense_0.kernel" in '\n'.join(verbose)
+  quiet, plain, verbose = (said['plan', k] for k in ('--quiet', None, '--verbose'))
+  assert quiet == plain[:1] and len(plain) > 20 and quiet[0].startswith('linen -> nnx: ')
+  assert any('convert: reads' in line for line in verbose) and not any('convert: reads' in line for line in plain)
+  quiet, plain, verbose = (said['compare', k] for k in ('--quiet', None, '--verbose'))
+  assert quiet[-1] == plain[-1] == verbose[-1] == 'MATCH'
+  same = [line for line in verbose if line.startswith('  same     ')]
+  assert len(same) == 22 and '  same     inp/kernel/value  <-  params.Dense_0.kernel' in same, verbose
+  assert not any(line.startswith('  same') for line in plain + quiet)
