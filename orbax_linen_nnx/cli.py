@@ -446,11 +446,11 @@ def _fix_line(error, args) -> str | None:
                   f' rename){notes}')
     elif fix.kind == 'auto_rename' and fix.renames:
       if given and given != 'auto':
-        said.append(f"add rename({fix.renames!r}) before 'auto' in the list --rules {given} names{notes}, then"
-                    f' {suggest} > rules.py writes every rename')
+        said.append(f"add rename({fix.renames!r}) before 'auto' in the list --rules {given} names"
+                    f" {' '.join(fix.notes)}; then {suggest} > rules.py writes every rename")
       else:
         said.append(f"write rules.py holding `from orbax_linen_nnx import rename` and RULES = [rename({fix.renames!r}),"
-                    f" 'auto']{notes}, and pass --rules rules.py:RULES (to plan --suggest-rules too)")
+                    f" 'auto'] {' '.join(fix.notes)}, and pass --rules rules.py:RULES (to plan --suggest-rules too)")
     elif fix.kind == 'auto_rename':
       said.append("state the pairs in a rules file: RULES = [rename({...}), 'auto'] and --rules rules.py:RULES")
     elif fix.kind == 'partial' and args.command == 'plan':

@@ -87,8 +87,8 @@ def auto_error(found: pairing.Pairing, rules: rules_lib.Rules, where: str, linen
     fix = " with a rename before 'auto' (a given rename wins),"
   why = (fix + ' or restore from an initialised nnx.Module (its attribute order tells modules that look alike apart)'
          if linen_to_nnx else fix.rstrip(',') + ' (an NNX checkpoint keeps no attribute order to tell them apart)')
-  head = (f"rules='auto' cannot pair the modules of {where} with the target's one to one{given}; nothing was"
-          ' read.')
+  head = (f"'auto' (the inferred renames) cannot pair the modules of {where} with the target's one to one{given};"
+          ' nothing was read.')
   fixes = (Fix('auto_rename', f'state the pairs it could not tell apart{why}', rename, rules,
                notes=(f'if {next(iter(rename))} is what {rename[next(iter(rename))]} holds (else give its partner'
                       ' instead; a given rename wins)',) if rename else ()),)

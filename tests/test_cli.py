@@ -226,7 +226,7 @@ def test_inspect_shows_layout_step_optimizer_stacks_and_arrays(tmp_path):
   assert info['stacks'] == [{'root': 'layers', 'kind': 'stacked', 'layers': [4], 'layer_axis': [1]}]
   kernel = next(a for a in info['arrays'] if a['path'] == 'params/params/layers/mlp/kernel')
   assert kernel == {'path': 'params/params/layers/mlp/kernel', 'shape': [8, 4, 8], 'dtype': 'float32',
-                    'chunk': [8, 4, 8], 'bytes': 1024}
+                    'chunk': [8, 4, 8], 'bytes': 1024, 'stored_as': 'params.params.layers.mlp.kernel'}
 
 
 def test_progress_bars_on_a_terminal_only(tmp_path, linen_mlp):

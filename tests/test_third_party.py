@@ -156,8 +156,8 @@ def test_resnet_port_restores_computes_and_trains_like_flaxmodels(resnet_run):
   models.assert_all_equal(nnx.state(restored_port(directory, 'auto', target='module')), nnx.state(model))
   # From nnx.eval_shape three alike BatchNorms in a downsampling block (bn1, bn2, downsample_bn) are no
   # numbered family: it raises, naming them and the line that settles one.
-  with pytest.raises(PlanError, match=r'(?s)BasicBlock_2/BatchNorm_0, BasicBlock_2/BatchNorm_1, BasicBlock_2/BatchNorm_2 and'
-                     r" block2_0/bn1, block2_0/bn2, block2_0/downsample_bn all hold .*rules=\[rename\("):
+  with pytest.raises(PlanError, match=r'(?s)Fix: .*rules=\[rename\(.*BasicBlock_2/BatchNorm_0, BasicBlock_2/BatchNorm_1,'
+                     r' BasicBlock_2/BatchNorm_2 and block2_0/bn1, block2_0/bn2, block2_0/downsample_bn all hold '):
     restored_port(directory, 'auto')
 
   x = tp.images()
