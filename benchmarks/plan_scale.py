@@ -114,7 +114,7 @@ def build(directory: Path) -> Path:
     mngr.save(1, args=ocp.args.StandardSave(tree))
   item = directory / '1' / 'default'
   meta = json.loads((item / '_METADATA').read_text())
-  for key, entry in meta['tree_metadata'].items():
+  for _key, entry in meta['tree_metadata'].items():
     name = '.'.join(k['key'] for k in entry['key_metadata'])
     if 'write_shape' in entry['value_metadata']:
       entry['value_metadata']['write_shape'] = list(arrays[name][0])
@@ -303,7 +303,8 @@ def main(argv=None):
           f" device max {s['device_max_bytes']['max'] / gib:.2f} GiB; host bound max"
           f" {s['host_bound_bytes']['max'] / 2**20:.0f} MiB")
     print(f"  every stored chunk read by exactly the processes that need it: {checked['exact']}"
-          f" ({checked['stored_chunks_read']:,} chunks, {checked['reads']:,} reads, {checked['mismatches']} mismatches)")
+          f" ({checked['stored_chunks_read']:,} chunks, {checked['reads']:,} reads,"
+          f" {checked['mismatches']} mismatches)")
   args.json.write_text(json.dumps({'rounds': args.rounds, 'built_s': built, 'disk_bytes': disk,
                                    'results': {str(n): r for n, r in results.items()}}, indent=1))
 

@@ -294,7 +294,8 @@ def measure(root: Path, chunking: str, cell: str, mode: str, profile: bool, budg
 
   phases = {}
   before_rss, _ = rss_now_and_peak()
-  bytes_before, chunks_before = counter('/tensorstore/kvstore/file/bytes_read'), counter('/tensorstore/cache/chunk_cache/reads')
+  bytes_before = counter('/tensorstore/kvstore/file/bytes_read')
+  chunks_before = counter('/tensorstore/cache/chunk_cache/reads')
   start = time.perf_counter()
   if mode == 'native':
     out = ocp.CheckpointManager(nnx_dir).restore(STEP, args=ocp.args.StandardRestore(abstract))
@@ -495,7 +496,8 @@ def main(argv=None):
   roots = {'decoder': build(a.cache, dm, f'decoder_D{dm["D"]}_L{dm["layers"]}')}
   cells = [('decoder', ch, c) for ch in a.chunkings.split(',') for c in a.cells.split(',')]
   if not a.skip_many:
-    roots['many'] = build(a.cache, MANY, 'many_L64x9', chunkings=('host', 'shards'), layouts=('loop', 'unrolled', 'stacked'))
+    roots['many'] = build(a.cache, MANY, 'many_L64x9', chunkings=('host', 'shards'),
+                          layouts=('loop', 'unrolled', 'stacked'))
     cells += [('many', ch, c) for ch in ('host', 'shards') for c in ('plain', 'stack')]
   result = {'machine': f'{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}',
             'command': ' '.join(['python', 'benchmarks/restore_bench.py'] + (argv or sys.argv[1:])),
@@ -538,13 +540,16 @@ def report(result: dict):
     fmt = lambda key: f"{rat[key]['median']:.2f} [{rat[key]['min']:.2f}-{rat[key]['max']:.2f}]" if key in rat else '-'
     naive = f"{res['naive']['median_s']:.2f}" if 'naive' in res else '-'
     over = f" ({rat['naive/ours RSS overhead']['median']:.1f})" if 'naive/ours RSS overhead' in rat else ''
-    print(f"| {name} | {res['native']['state_mb']:.0f} | {res['native']['median_s']:.2f} | {res['ours']['median_s']:.2f}"
+    print(f"| {name} | {res['native']['state_mb']:.0f} | {res['native']['median_s']:.2f}"
+          f" | {res['ours']['median_s']:.2f}"
           f" | {naive} | {fmt('ours/native time')} | {fmt('ours/native peak RSS')} | {fmt('naive/ours time')}"
-          f" | {fmt('naive/ours peak RSS')}{over} | {res['native']['peak_rss_mb']:.0f} / {res['ours']['peak_rss_mb']:.0f} |")
+          f" | {fmt('naive/ours peak RSS')}{over}"
+          f" | {res['native']['peak_rss_mb']:.0f} / {res['ours']['peak_rss_mb']:.0f} |")
   for name, phases in result.get('profile', {}).items():
     print(f'profile {name} (median of 3): ' + ', '.join(f'{k} {v:.3f}s' for k, v in phases.items()))
   for name, s in result.get('sweep', {}).items():
-    print(f"budget {name} MiB: {s['median_s']:.2f}s, peak RSS {s['peak_rss_mb']:.0f} MiB, chunk reads {s['chunk_reads']:.0f}")
+    print(f"budget {name} MiB: {s['median_s']:.2f}s, peak RSS {s['peak_rss_mb']:.0f} MiB,"
+          f" chunk reads {s['chunk_reads']:.0f}")
   if 'multiprocess' in result:
     mp = result['multiprocess']
     print(f"multi-process (4 x 2 devices, shards loop -> stacked): wall {max(p['wall_s'] for p in mp):.3f}s;"

@@ -28,7 +28,8 @@ from etils import epath
 
 EXIT_OK, EXIT_DIFFER, EXIT_USAGE, EXIT_PLAN, EXIT_UNREADABLE, EXIT_DESTINATION, EXIT_RUNTIME = 0, 1, 2, 3, 4, 5, 6
 
-_EXIT_MEANING = {EXIT_OK: 'done', EXIT_DIFFER: 'values differ', EXIT_USAGE: 'bad command line', EXIT_PLAN: 'cannot plan',
+_EXIT_MEANING = {EXIT_OK: 'done', EXIT_DIFFER: 'values differ', EXIT_USAGE: 'bad command line',
+                 EXIT_PLAN: 'cannot plan',
                  EXIT_UNREADABLE: 'source unreadable', EXIT_DESTINATION: 'destination refused',
                  EXIT_RUNTIME: 'storage or runtime failure'}
 
@@ -163,7 +164,8 @@ def _parser() -> argparse.ArgumentParser:
   q.add_argument('--partial', action='store_true', help='restore what has a source; report the rest')
   q.add_argument('--processes', type=int, default=1, metavar='N',
                  help='what a convert of it costs each of N processes (--distributed), from metadata')
-  q.add_argument('--budget', type=_bytes, default=None, metavar='SIZE', help='the convert budget to cost (default 32MiB)')
+  q.add_argument('--budget', type=_bytes, default=None, metavar='SIZE',
+                 help='the convert budget to cost (default 32MiB)')
   q.add_argument('--max-over-read', type=float, default=4.0, metavar='F',
                  help='warn where a process of the restore decodes more than F times what its devices need')
   q.add_argument('--host-memory-limit', type=_bytes, default=None, metavar='SIZE',

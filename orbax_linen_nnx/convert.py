@@ -378,7 +378,8 @@ def convert(src: source_lib.Checkpoint, dst: epath.PathLike, plan: plan_lib.Rest
   overwrite = check_destination(src, dst, overwrite) or overwrite
   plan = with_shardings(plan, sharding_of)
   names = names or {}
-  values = {names.get(r.target.path, r.target.path): Pending(r, tuple(r.target.shape), np.dtype(r.target.dtype), r.target.sharding)
+  values = {names.get(r.target.path, r.target.path):
+            Pending(r, tuple(r.target.shape), np.dtype(r.target.dtype), r.target.sharding)
             for r in plan.reads}
   values.update({names.get(p, p): v for p, v in (extra or {}).items()})
   array_handler = ocp.type_handlers.get_type_handler(jax.Array)  # Orbax's own, with its array metadata store

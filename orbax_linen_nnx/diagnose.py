@@ -25,7 +25,8 @@ Path = layout.Path
 
 def suggest_renames(missing: Sequence[tuple[layout.Meaning, Target]],
                      unused: Sequence[tuple[layout.Meaning, SourceArray]],
-                     linen_to_nnx: bool, modules: Mapping[Path, tuple[int | None, str]] | None) -> tuple[dict, list[str]]:
+                     linen_to_nnx: bool,
+                     modules: Mapping[Path, tuple[int | None, str]] | None) -> tuple[dict, list[str]]:
   """The module renames (Linen name -> NNX name) that pair missing targets with unused sources, one to one.
 
   Modules are paired by all their leaves together (see `pairing`); `modules`

@@ -62,7 +62,8 @@ class Op:
   moves_boxes = True  # whether `image` is exact: every element of an input box lands in the output box
 
   def carry(self, data: np.ndarray, box: Box, index: int, shapes) -> np.ndarray:
-    """The values of `image(box, index, shapes)`, from `data`, the values of that input box (a view where one will do)."""
+    """The values of `image(box, index, shapes)`, from `data`, the values of that input box (a view where one
+    will do)."""
     return data
 
 

@@ -249,7 +249,8 @@ def _entries(children: list[Module]) -> list[Module]:
   """The children, each list of modules (only digit-named children, no leaves) replaced by its entries."""
   out = []
   for c in children:
-    if c.children and not c.leaves and all(k.isdigit() for k in c.children) and all(e.given for e in c.children.values()):
+    if (c.children and not c.leaves and all(k.isdigit() for k in c.children)
+        and all(e.given for e in c.children.values())):
       out += list(c.children.values())
     else:
       out.append(c)

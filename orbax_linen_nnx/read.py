@@ -407,7 +407,7 @@ class _Engine:
           by_array[inp.name].append(inp)
     shared = set()  # ids of inputs that share a chunk with another input
     groups = _Groups()  # slices joined by the chunks they share
-    for name, inputs in by_array.items():
+    for inputs in by_array.values():
       for a, b in itertools.combinations(inputs, 2):
         if _meet(a.chunks, b.chunks):
           shared.update((id(a), id(b)))
@@ -611,7 +611,8 @@ def execute(plan: plan_lib.RestorePlan, ckpt: Checkpoint, *, replica_axis: str |
 
   Each stored chunk under this process's slices is read and decoded once.
   `budget_bytes` bounds the decoded bytes held between read and copy
-  (default: `DEFAULT_READ_BUDGET_BYTES`, or twice the largest stored chunk if more). With `replica_axis`, a target replicated
+  (default: `DEFAULT_READ_BUDGET_BYTES`, or twice the largest stored chunk if more). With `replica_axis`, a target
+  replicated
   along that mesh axis is read from storage only by the devices at index 0 of
   it, then broadcast to the others.
   """

@@ -221,7 +221,7 @@ class _Rename(Rule):
   def apply(self, leaves, made_by, tally):
     out: dict[str, Any] = {}
     moved = {}
-    for path, expr in leaves.items():
+    for path in leaves:
       new, name = self._new(path)
       if new is None:
         continue
@@ -379,7 +379,8 @@ class _Split(_OneToMany):
     sizes = self.sizes
     if sizes == 'equal':
       if shape[axis] % n:
-        tally.problems.append(f"{self!r}: '{path}' {shape} axis {axis} ({shape[axis]}) does not split into {n} equal parts")
+        tally.problems.append(f"{self!r}: '{path}' {shape} axis {axis} ({shape[axis]}) does not split into {n}"
+                              ' equal parts')
         return []
       sizes = [shape[axis] // n] * n
     if sizes is None:
@@ -390,7 +391,8 @@ class _Split(_OneToMany):
       return [(t.format(b), ops.derive(ops.Take(axis, i), [expr], _split_path(t.format(b))))
               for i, t in enumerate(self.targets)]
     if len(sizes) != n or sum(sizes) != shape[axis]:
-      tally.problems.append(f"{self!r}: parts {list(sizes)} do not add up to '{path}' {shape} axis {axis} ({shape[axis]})")
+      tally.problems.append(f"{self!r}: parts {list(sizes)} do not add up to '{path}' {shape} axis {axis}"
+                            f' ({shape[axis]})')
       return []
     made, start = [], 0
     for t, size in zip(self.targets, sizes):

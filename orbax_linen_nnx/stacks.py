@@ -278,7 +278,8 @@ def _stack(entries, stacks, source_layout, target_layout, problems) -> dict:
       elif odd:
         problems.append(f'{t}: the layers to stack differ: {srcs[0]} but {odd[0]}')
       else:
-        wanted = [t.shape[a] for a in range(len(t.shape)) if insert_axis(srcs[0].shape, a, t.shape[a]) == tuple(t.shape)]
+        wanted = [t.shape[a] for a in range(len(t.shape))
+                  if insert_axis(srcs[0].shape, a, t.shape[a]) == tuple(t.shape)]
         if wanted and n not in wanted:
           problems.append(f"{t} holds {wanted[0]} layers of '{layout.render(root)}' but the"
                           f' checkpoint has layers 0..{n - 1} only; layer(s)'

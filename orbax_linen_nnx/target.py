@@ -114,7 +114,7 @@ def not_restored(tree: Any) -> list[str]:
   """Paths of the leaves of a restored tree that hold no value (`NotRestored`)."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: _is_variable(x) or isinstance(x, NotRestored))
   out = []
-  for keys, leaf in flat:
+  for _, leaf in flat:
     value = leaf.get_raw_value() if _is_variable(leaf) else leaf
     if isinstance(value, NotRestored):
       out.append(value.path)

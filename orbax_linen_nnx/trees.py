@@ -50,7 +50,8 @@ def as_linen_lists(node: Any, under_opt_state: bool = False) -> Any:
 
 
 def _rewritten(described, rules, stacks: stacks_lib.Stacks, source: str, to: str) -> tuple[list, dict[Path, int], bool]:
-  """The sources after the rules (`planner.rewrite`'s entries), per-layer stacks' depths, and whether it is a train state."""
+  """The sources after the rules (`planner.rewrite`'s entries), per-layer stacks' depths, and whether it is a
+  train state."""
   rules = rules_lib.split_auto(rules)[0]  # the renames 'auto' infers come later, in planner.build
   rule_objs = planner.rule_list(rules, source == layout.LINEN, [])  # build reports the rules' own problems
   _, entries = planner.rewrite(described, rule_objs, rules_lib.Tally(), stacks, source)
@@ -194,7 +195,8 @@ def build_nnx(
   alone), the optimizer's states under `optimizer/opt_state/...` without the
   `params` level, a uint32 `optimizer/step/value`; per-layer modules keep
   their names (`layers_3/...`: attributes, as MaxText's unscanned NNX decoders
-  name them), and the names the rules write stay as written. The rules (Linen -> NNX) name and shape it; `stacks` moves a
+  name them), and the names the rules write stay as written. The rules (Linen -> NNX) name and shape it; `stacks`
+  moves a
   stack's layer axis (`{'layers': {'linen': 1, 'nnx': 0}}`), unrolls it
   (`{'layers': {'nnx': None}}` -> `layers/0`, ...) or stacks `layers_N`
   (`{'layers': {'nnx': 0}}`). A Linen stack's axis defaults to `nn.scan`'s 1.
@@ -221,7 +223,8 @@ def build_nnx(
       problems.append(f"{ops.stored_leaves(expr)[0]} is neither model variables, optimizer state nor step"
                       " of a Linen TrainState; give the NNX tree it goes to (a target)")
       continue
-    for param, s in (stacks_lib.placed(m.param, shape, stacks, depth, layout.NNX, problems) if m.param else [((), shape)]):
+    placed = stacks_lib.placed(m.param, shape, stacks, depth, layout.NNX, problems) if m.param else [((), shape)]
+    for param, s in placed:
       targets.append(Target(base + param + ('value',), s, dtype, None, key_impl=key_impl))
   targets.sort(key=lambda t: t.path)
   return planner.build(sources, targets, source_layout=layout.LINEN, target_layout=layout.NNX, rules=rules,

@@ -58,7 +58,7 @@ class _Emulator:
       except OSError:
         if self.process.poll() is not None or time.monotonic() > deadline:
           self.stop()
-          raise RuntimeError(f'the {self.name} emulator did not start; its log: {log_path}')
+          raise RuntimeError(f'the {self.name} emulator did not start; its log: {log_path}') from None
         time.sleep(0.1)
     self._saved = {k: os.environ.get(k) for k in environment}
     os.environ.update(environment)

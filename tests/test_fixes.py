@@ -56,7 +56,7 @@ def assert_restored_and_trains(restored, linen):
   nnx.update(optimizer, restored['optimizer'])
   params = {'params': linen.params, 'batch_stats': linen.batch_stats}
   for linen_name, name in ports.CNN_RULES.items():
-    for collection, leaves in params.items():
+    for leaves in params.values():
       for leaf, want in leaves.get(linen_name, {}).items():
         np.testing.assert_array_equal(getattr(getattr(model, name), leaf)[...], want, err_msg=f'{name}/{leaf}')
     for leaf, want in linen.opt_state[0].mu[linen_name].items():

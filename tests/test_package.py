@@ -76,3 +76,34 @@ def test_jax_refuses_a_placeholder_by_name():
   for use in (lambda: jax.jit(lambda a: a)(leaf), lambda: jax.device_put(leaf), lambda: jax.numpy.sum(leaf)):
     with pytest.raises(NotRestoredError, match='model/fc1/kernel'):
       use()
+
+
+def test_the_built_wheel_and_sdist_are_ready_to_publish(tmp_path):
+  """What `python -m build` makes from this checkout passes `twine check`; the wheel holds the package, its
+  `py.typed`, the license, the command line's entry point and the one version `__version__` states."""
+  import subprocess
+  import sys
+  import zipfile
+
+  import orbax_linen_nnx
+
+  repo = PACKAGE.parent
+  done = subprocess.run([sys.executable, '-m', 'build', '--no-isolation', '--outdir', str(tmp_path), str(repo)],
+                        capture_output=True, text=True, timeout=280, cwd=tmp_path)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  version = orbax_linen_nnx.__version__
+  wheel = tmp_path / f'orbax_linen_nnx-{version}-py3-none-any.whl'
+  sdist = tmp_path / f'orbax_linen_nnx-{version}.tar.gz'
+  assert wheel.exists() and sdist.exists(), sorted(p.name for p in tmp_path.iterdir())
+  done = subprocess.run([sys.executable, '-m', 'twine', 'check', '--strict', str(wheel), str(sdist)],
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stdout + done.stderr
+  names = zipfile.ZipFile(wheel).namelist()
+  info = f'orbax_linen_nnx-{version}.dist-info'
+  assert 'orbax_linen_nnx/py.typed' in names and 'orbax_linen_nnx/cli.py' in names
+  assert any(n.startswith(info) and n.endswith('LICENSE') for n in names), names
+  assert not any(n.startswith('tests/') for n in names)
+  metadata = zipfile.ZipFile(wheel).read(f'{info}/METADATA').decode()
+  assert f'Version: {version}\n' in metadata and 'Requires-Python: >=3.11' in metadata
+  entry_points = zipfile.ZipFile(wheel).read(f'{info}/entry_points.txt').decode()
+  assert 'orbax-linen-nnx = orbax_linen_nnx.cli:main' in entry_points
