@@ -61,6 +61,11 @@ class Op:
 
   moves_boxes = True  # whether `image` is exact: every element of an input box lands in the output box
 
+  def spec(self, specs: Sequence[list]) -> list | None:
+    """The output's PartitionSpec entries (one per axis), from each input's (None: none to carry, the
+    output is laid out anew). An op that moves axes moves their entries; every op states its own rule."""
+    raise NotImplementedError(f'{type(self).__name__} states no sharding rule')
+
   def carry(self, data: np.ndarray, box: Box, index: int, shapes) -> np.ndarray:
     """The values of `image(box, index, shapes)`, from `data`, the values of that input box (a view where one
     will do)."""
@@ -100,6 +105,9 @@ class Stack(Op):
 
   def carry(self, data, box, index, shapes):
     return np.expand_dims(data, self.axis)
+
+  def spec(self, specs):
+    return specs[0][: self.axis] + [None] + specs[0][self.axis:]  # the new axis is laid out whole
 
   def lifted(self, layers):
     return Stack(self.axis + 1)
@@ -154,6 +162,9 @@ class Concat(Op):
     lo, hi = box[self.axis]
     return box[: self.axis] + ((lo + start, hi + start),) + box[self.axis + 1:]
 
+  def spec(self, specs):
+    return list(specs[0])  # the axes stay where they are
+
   def lifted(self, layers):
     return Concat(self.axis + 1)
 
@@ -197,6 +208,9 @@ class Slice(Op):
     at = (slice(None),) * self.axis
     return data[at + (slice(max(lo, self.start) - lo, min(hi, self.stop) - lo),)]
 
+  def spec(self, specs):
+    return list(specs[0])
+
   def lifted(self, layers):
     return Slice(self.axis + 1, self.start, self.stop)
 
@@ -229,6 +243,9 @@ class Take(Op):
 
   def carry(self, data, box, index, shapes):
     return data[(slice(None),) * self.axis + (self.index - box[self.axis][0],)]
+
+  def spec(self, specs):
+    return specs[0][: self.axis] + specs[0][self.axis + 1:]  # the taken axis is gone
 
   def lifted(self, layers):
     return Take(self.axis + 1, self.index)
@@ -264,6 +281,9 @@ class Transpose(Op):
 
   def carry(self, data, box, index, shapes):
     return np.transpose(data, self.perm)
+
+  def spec(self, specs):
+    return [specs[0][p] for p in self.perm]
 
   def lifted(self, layers):
     return Transpose((0,) + tuple(p + 1 for p in self.perm))
@@ -302,6 +322,10 @@ class MoveAxis(Op):
   def carry(self, data, box, index, shapes):
     return np.moveaxis(data, self.source, self.destination)
 
+  def spec(self, specs):
+    rest = specs[0][: self.source] + specs[0][self.source + 1:]
+    return rest[: self.destination] + [specs[0][self.source]] + rest[self.destination:]
+
   def lifted(self, layers):
     return MoveAxis(self.source + 1, self.destination + 1)
 
@@ -336,6 +360,9 @@ class Cast(Op):
 
   def carry(self, data, box, index, shapes):
     return data.astype(self.dtype)
+
+  def spec(self, specs):
+    return list(specs[0])
 
   def lifted(self, layers):
     return self
@@ -405,6 +432,9 @@ class Reshape(Op):
 
   moves_boxes = False  # elements move: a box of the source is rows of the target, not a box
 
+
+  def spec(self, specs):
+    return None  # no box image (moves_boxes is False): its output is laid out anew, never carried
 
   def lifted(self, layers):
     return Reshape((layers,) + tuple(self.source_shape), (layers,) + tuple(self.target_shape))

@@ -80,26 +80,18 @@ class Converted(plan_lib.Sized):
 
 
 def _spec_of(expr, shardings: Mapping[str, Any]) -> list | None:
-  """The PartitionSpec entries of an expression's output, moved from its sources' (None: none to move)."""
+  """The PartitionSpec entries of an expression's output, moved from its sources' by each op's own rule
+  (`ops.Op.spec`; None: none to move)."""
   op = getattr(expr, 'op', None)
   if op is None:
     sharding = shardings[expr.name]
     if not isinstance(sharding, jax.sharding.NamedSharding):
       return None
     return list(sharding.spec) + [None] * (len(expr.shape) - len(sharding.spec))
-  spec = _spec_of(expr.args[0], shardings)
-  if spec is None:
+  specs = [_spec_of(a, shardings) for a in expr.args]
+  if any(s is None for s in specs):
     return None
-  if isinstance(op, ops.Stack):
-    return spec[: op.axis] + [None] + spec[op.axis:]
-  if isinstance(op, ops.Take):
-    return spec[: op.axis] + spec[op.axis + 1:]
-  if isinstance(op, ops.Transpose):
-    return [spec[p] for p in op.perm]
-  if isinstance(op, ops.MoveAxis):
-    rest = spec[: op.source] + spec[op.source + 1:]
-    return rest[: op.destination] + [spec[op.source]] + rest[op.destination:]
-  return spec  # slices, concatenations and casts keep the axes where they are
+  return op.spec(specs)
 
 
 def carried(read: plan_lib.LeafRead, values: Mapping[str, Any]) -> Converted | None:

@@ -111,3 +111,42 @@ def test_every_op_is_interpreted_everywhere_or_declared_absent():
     assert (op in read.VIEWS) != (op in read.NO_VIEW), op.__name__
     assert op in save.ON_DEVICE, op.__name__
   assert set(read.VIEWS) | set(read.NO_VIEW) == set(save.ON_DEVICE) == set(ops.ALL)
+
+
+def _where_axes_go(op, shapes):
+  """Where each axis of input 0 goes in the output, read off `image`: {input axis: output axis, or None (gone)}."""
+  full = tuple((0, n) for n in shapes[0])
+  whole = op.image(full, 0, shapes)  # where all of input 0 lands (a stack: one entry of the new axis)
+  went = {}
+  for i, n in enumerate(shapes[0]):
+    for k in range(n):  # an element the op uses (a slice or a take uses only some)
+      image = op.image(full[:i] + ((k, k + 1),) + full[i + 1:], 0, shapes)
+      if image is not None:
+        narrowed = [j for j, (a, b) in enumerate(zip(image, whole)) if a != b]
+        went[i] = narrowed[0] if narrowed else None
+        break
+  return went
+
+
+def test_every_op_states_its_sharding_rule_and_it_moves_entries_as_its_boxes_move():
+  """`spec` is where a save's sharding comes from (save.carried): an op moving an axis must move that axis's
+  PartitionSpec entry exactly where `image` sends its elements, or a shard would be recorded where it is not."""
+  for cls in ops.Op.__subclasses__():
+    assert 'spec' in cls.__dict__, f'{cls.__name__} states no sharding rule'
+  y = X + 100
+  cases = [op for op, _ in CASES] + [ops.Stack(1), ops.Concat(2)]
+  for op in cases:
+    shapes = [X.shape] if op not in (ops.Stack(1), ops.Concat(2)) else [X.shape, y.shape]
+    labels = [f'axis{i}' for i in range(X.ndim)]
+    spec = op.spec([labels] * len(shapes))
+    if not op.moves_boxes:
+      assert spec is None, op  # laid out anew, never carried
+      continue
+    assert len(spec) == len(op.shape(shapes)), op
+    for i, j in _where_axes_go(op, shapes).items():
+      if j is None:
+        assert labels[i] not in spec, (op, spec)
+      else:
+        assert spec[j] == labels[i], (op, i, j, spec)
+    # Axes no input had (a stacked axis) are laid out whole.
+    assert sum(e is None for e in spec) == len(op.shape(shapes)) - len([e for e in spec if e]), op

@@ -296,3 +296,31 @@ def test_a_moved_or_unstacked_stack_is_written_from_its_own_shards(tmp_path, mes
   records = _internals.run_sync(_internals.ArrayMetadataStore().read(item, process_index=0))
   assert sorted(r.param_name for r in records) == sorted(p.replace('/', '.') for p in stored)  # Orbax's names
   assert len(stored) > len(converted)
+
+
+@pytest.mark.parametrize('case', ['scan <- vmap stack', 'loop <- vmap stack'])
+def test_the_sharding_recorded_for_a_moved_axis_is_where_each_shard_lands(tmp_path, mesh, case):
+  """Each op states its own sharding rule (`ops.Op.spec`): a moved layer axis moves its PartitionSpec entry,
+  a taken layer drops it. Checked against the boxes, on every device: the box its NNX shard lands in (the
+  ops' images) is the box the recorded sharding gives that device, for every converted array."""
+  from orbax_linen_nnx import LinenCompatHandler, ops, save as save_lib
+
+  linen_cls, nnx_cls, stacks = LAYER_CASES[case]
+  save(tmp_path / 'linen', step=2, what=ocp.args.StandardSave(decoders.linen_state(linen_cls)))
+  state = nnx_from_linen(tmp_path / 'linen', 2, lambda: decoders.nnx_state(nnx_cls), mesh, stacks=stacks)
+  main, _ = LinenCompatHandler().standard_args(LinenCompatSave(state, stacks=stacks), carry=True)
+  converted = [x for x in jax.tree.leaves(main.item) if isinstance(x, save_lib.Converted)]
+  assert converted
+  moved_sharded_axis = False
+  for c in converted:
+    (name, source), = c.sources.items()
+    assert isinstance(c.sharding, jax.sharding.NamedSharding) and c.sharding.mesh == source.sharding.mesh
+    lands = c.sharding.devices_indices_map(c.shape)
+    for device, index in source.sharding.devices_indices_map(source.shape).items():
+      box = tuple(s.indices(n)[:2] for s, n in zip(index, source.shape))
+      want = tuple(s.indices(n)[:2] for s, n in zip(lands[device], c.shape))
+      for image in ops.images(c.expr, name, box):
+        assert image == want, (c.read.target.path, device, box, image, want)
+    spec = list(source.sharding.spec) + [None] * (len(source.shape) - len(source.sharding.spec))
+    moved_sharded_axis |= any(e is not None for e in spec) and list(c.sharding.spec)[: len(spec)] != spec
+  assert moved_sharded_axis  # some sharded entry really moved: the rule was exercised, not the identity
