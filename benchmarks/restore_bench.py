@@ -300,9 +300,10 @@ def measure(root: Path, chunking: str, cell: str, mode: str, profile: bool, budg
   if mode == 'native':
     out = ocp.CheckpointManager(nnx_dir).restore(STEP, args=ocp.args.StandardRestore(abstract))
   elif mode == 'ours' and profile:
-    from orbax_linen_nnx import planner, read
+    from orbax_linen_nnx import RestoreOptions, planner, read
 
-    prepared = planner.prepare(linen_dir / str(STEP) / 'default', abstract, rules=rules, phases=phases)
+    prepared = planner.prepare(linen_dir / str(STEP) / 'default', abstract, RestoreOptions(rules=rules),
+                               phases=phases)
     state = prepared.state
     t = time.perf_counter()
     values = read.execute(prepared.plan, prepared.checkpoint, budget_bytes=budget)

@@ -8,6 +8,7 @@
 """
 
 from orbax_linen_nnx.args import LinenCompatRestore, LinenCompatSave
+from orbax_linen_nnx.options import RestoreOptions
 from orbax_linen_nnx.handler import LinenCompatHandler, plan, restore
 from orbax_linen_nnx.rules import Rule, RuleError, cast, drop, merge, rearrange, rename, reshape, split, transpose
 from orbax_linen_nnx.outcome import RestoreFailedElsewhere
@@ -21,6 +22,7 @@ from orbax_linen_nnx.save import to_linen
 from orbax_linen_nnx.v1 import LinenCompatCheckpointableHandler  # registers it with Orbax v1
 
 __all__ = [
+    'RestoreOptions',
     'Rule',
     'RuleError',
     'cast',

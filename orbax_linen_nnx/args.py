@@ -13,6 +13,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from orbax_linen_nnx import layout
+from orbax_linen_nnx import options as options_lib
 from orbax_linen_nnx import plans as plan_lib
 from orbax_linen_nnx import save as save_lib
 from orbax_linen_nnx import rules as rules_lib
@@ -33,46 +34,10 @@ class LinenCompatRestore(ocp.args.CheckpointArgs):
       `nnx.Module`, or a pytree (dict, Linen `TrainState`) of
       `jax.ShapeDtypeStruct`/`jax.Array`. The result has the same type.
       None: the checkpoint's own tree, as `StandardRestore()` gives it.
-    rules: renames between the layouts: `{'Dense_0': 'fc1'}` (Linen name ->
-      NNX name, used in both directions) or a callable on source model paths.
-    partial: restore what has a source; leave other targets as given and ignore
-      unused sources (all reported in the plan) instead of raising.
     dry_run: return the `RestorePlan` instead of reading anything.
-    source_layout: 'linen' or 'nnx' to override the layout detected from the
-      checkpoint's metadata.
-    target_layout: 'linen' or 'nnx' to override the layout detected from the
-      abstract state (an `nnx.State` or `nnx.Module` is 'nnx').
-    fill_nnx_only: `fn(path, jax.ShapeDtypeStruct) -> jax.Array` giving values
-      for NNX-only leaves (RNG keys and counts) that no Linen checkpoint holds;
-      without it they are kept as given in `abstract_state`.
-    replica_axis: a mesh axis along which targets are replicated (data
-      parallelism): only the devices at index 0 of it read those targets from
-      storage, and one collective copies them to the other replicas. Saves
-      storage reads (each byte is read once, not once per replica) at the cost
-      of a broadcast. None (default): every process reads what it holds.
-    timeout_s: on many processes, how long each waits for the others to report
-      that their reads succeeded; a failure anywhere (or a process that never
-      reports) then raises on every process instead of leaving it at a barrier.
-    stacks: the layer axis of layer stacks, per layout, where it cannot be
-      inferred from shapes: `{'layers': {'linen': 1, 'nnx': 0}}` (stack root as
-      a model path; Linen `nn.scan` axis 1, NNX `nnx.vmap` axis 0).
-    read_budget_bytes: at most this many decoded bytes are held on the host
-      between their read from storage and their copy into device shards (one
-      larger stored chunk goes alone). More overlaps more reads; it never
-      changes what is read: each stored chunk is decoded once per process
-      whatever the budget. None: `orbax_linen_nnx.DEFAULT_READ_BUDGET_BYTES`
-      (64 MiB), or twice the largest stored chunk read where that is more, so
-      that two large chunks decode at once.
-    mesh: the concrete `jax.sharding.Mesh` for targets sharded over an
-      `AbstractMesh` (`nnx.eval_shape` under `jax.set_mesh`) or by bare
-      `PartitionSpec`s; None: the mesh in context (`with jax.set_mesh(mesh):`).
-    max_over_read: warn when a process would decode more than this many times
-      the stored bytes its devices need (chunks far larger than, or cutting
-      across, the target's shards); None: never.
-    host_memory_limit_bytes: warn when a process's read may hold more than
-      this on the host (the read budget plus its largest stored chunk).
-    strict_cost: raise `PlanError`, before any read, where these (or a large
-      leaf replicated on every device for want of a sharding) would warn.
+
+  Every other field is the `RestoreOptions` field of that name (documented
+  there, the one place every face takes them from); `options` gathers them.
   """
 
   abstract_state: Any = None
@@ -90,6 +55,11 @@ class LinenCompatRestore(ocp.args.CheckpointArgs):
   max_over_read: float | None = 4.0
   host_memory_limit_bytes: int | None = None
   strict_cost: bool = False
+
+  @property
+  def options(self) -> options_lib.RestoreOptions:
+    """This restore's options, as every face passes them on to the planner."""
+    return options_lib.RestoreOptions(**{name: getattr(self, name) for name in options_lib.FIELDS})
 
 
 @dataclasses.dataclass

@@ -275,11 +275,26 @@ def _plan(args, src, rules: Any = None):
   if args.to:
     return convert.plan_to(src, args.to, rules=rules, stacks=stacks), None, None
   tgt, abstract = _target(args.target)
-  partial = getattr(args, 'partial', False)
+  options = restore_options(args, rules)
   if tgt is not None:
-    return (convert.plan_into(src, convert.abstract_of(tgt), tgt.layout, rules=rules, stacks=stacks,
-                              partial=partial), tgt, None)
-  return planner.prepare(src, abstract, rules=rules, stacks=stacks, partial=partial).plan, None, abstract
+    return (convert.plan_into(src, convert.abstract_of(tgt), tgt.layout, rules=options.rules, stacks=options.stacks,
+                              partial=options.partial), tgt, None)
+  return planner.prepare(src, abstract, options).plan, None, abstract
+
+
+def restore_options(args, rules: Any = None):
+  """The `RestoreOptions` a command's flags state (`rules`: these instead of --rules'): each option's flag
+  is the one its field names (`options.flag_of`), parsed as that flag parses."""
+  from orbax_linen_nnx import options as options_lib
+
+  given, stacks = _mapping(args)
+  values = {'rules': given if rules is None else rules, 'stacks': stacks}
+  for name in options_lib.FIELDS:
+    flag = options_lib.flag_of(name)
+    value = getattr(args, flag.lstrip('-').replace('-', '_'), None) if flag and name not in values else None
+    if value is not None:
+      values[name] = value
+  return options_lib.RestoreOptions(**values)
 
 
 def _inspect(args) -> int:

@@ -15,6 +15,7 @@ from etils import epath
 from orbax_linen_nnx import args as args_lib
 from orbax_linen_nnx import cost as cost_lib
 from orbax_linen_nnx import layout
+from orbax_linen_nnx import options as options_lib
 from orbax_linen_nnx import outcome
 from orbax_linen_nnx import planner
 from orbax_linen_nnx import plans
@@ -42,44 +43,18 @@ def _gc_paused():
       gc.enable()
 
 
-def _option_problems(args, state: target.AbstractState) -> list[str]:
-  """Options that name what the target does not have."""
-  problems = []
-  if args.replica_axis is not None:
-    axes = sorted({a for t in state.targets if isinstance(t.sharding, jax.sharding.NamedSharding)
-                   for a in t.sharding.mesh.axis_names})
-    if args.replica_axis not in axes:
-      problems.append(f'replica_axis={args.replica_axis!r} is no axis of the target meshes'
-                      f' (axes: {", ".join(map(repr, axes)) or "none: no target has a NamedSharding"})')
-  if args.read_budget_bytes is not None and args.read_budget_bytes <= 0:
-    problems.append(f'read_budget_bytes={args.read_budget_bytes!r} must be a positive number of bytes')
-  if args.max_over_read is not None and not args.max_over_read >= 1:
-    problems.append(f'max_over_read={args.max_over_read!r} must be a factor of at least 1 (or None)')
-  if args.host_memory_limit_bytes is not None and args.host_memory_limit_bytes <= 0:
-    problems.append(f'host_memory_limit_bytes={args.host_memory_limit_bytes!r} must be a positive number of bytes')
-  return problems
-
-
-def _check_cost(args, prepared: planner.Prepared) -> None:
+def check_cost(options: options_lib.RestoreOptions, prepared: planner.Prepared) -> None:
   """Warns of the expensive mistakes the plan's cost shows; with `strict_cost`, raises `PlanError` instead
   (before any read, alike on every process: each sees every process's cost)."""
-  found = cost_lib.problems(prepared.plan.cost, max_over_read=args.max_over_read,
-                            host_memory_limit_bytes=args.host_memory_limit_bytes)
-  if args.strict_cost:
+  found = cost_lib.problems(prepared.plan.cost, max_over_read=options.max_over_read,
+                            host_memory_limit_bytes=options.host_memory_limit_bytes)
+  if options.strict_cost:
     found = list(prepared.state.large_replicated) + found
     if found:
       raise plans.PlanError(f'{len(found)} cost problem(s) with strict_cost=True; nothing was read.\n  '
                             + '\n  '.join(found))
   for line in found:
     plans.warn(line)
-
-
-def _prepare(directory: epath.PathLike, args: args_lib.LinenCompatRestore,
-             topology: cost_lib.Topology | None = None) -> planner.Prepared:
-  return planner.prepare(directory, args.abstract_state, rules=args.rules, partial=args.partial, stacks=args.stacks,
-                         source_layout=args.source_layout, target_layout=args.target_layout, mesh=args.mesh,
-                         option_problems=lambda state: _option_problems(args, state), topology=topology,
-                         replica_axis=args.replica_axis, budget_bytes=args.read_budget_bytes)
 
 
 def plan(directory: epath.PathLike, abstract_state: Any, *, processes: int | None = None,
@@ -101,8 +76,8 @@ def plan(directory: epath.PathLike, abstract_state: Any, *, processes: int | Non
   topology = cost_lib.Topology(processes, device_process) if processes or device_process is not None else None
   args = args_lib.LinenCompatRestore(abstract_state, **options)
   with _gc_paused():
-    prepared = _prepare(directory, args, topology)
-  _check_cost(args, prepared)
+    prepared = planner.prepare(directory, args.abstract_state, args.options, topology=topology)
+  check_cost(args.options, prepared)
   return prepared.plan
 
 
@@ -250,25 +225,27 @@ class LinenCompatHandler(ocp.AsyncCheckpointHandler):
       if args is not None and not hasattr(args, 'abstract_state'):
         raise TypeError(f'LinenCompatHandler restores LinenCompatRestore args, not {type(args).__name__}')
       return self._standard.restore(directory)  # no target: the tree as saved, like StandardRestore()
-    with outcome.shared(timeout_s=args.timeout_s), _gc_paused():
+    options = args.options
+    with outcome.shared(timeout_s=options.timeout_s), _gc_paused():
       # Its own process's cost, or every process's where strict_cost must fail alike on all.
-      prepared = _prepare(directory, args, cost_lib.Topology(only=None if args.strict_cost else jax.process_index()))
-      _check_cost(args, prepared)
+      topology = cost_lib.Topology(only=None if options.strict_cost else jax.process_index())
+      prepared = planner.prepare(directory, args.abstract_state, options, topology=topology)
+      check_cost(options, prepared)
       restore_plan, state = prepared.plan, prepared.state
       if args.dry_run:
         return restore_plan
-      values = read.execute(restore_plan, prepared.checkpoint, replica_axis=args.replica_axis,
-                            budget_bytes=args.read_budget_bytes)
-    if args.fill_nnx_only is not None:
+      values = read.execute(restore_plan, prepared.checkpoint, replica_axis=options.replica_axis,
+                            budget_bytes=options.read_budget_bytes)
+    if options.fill_nnx_only is not None:
       for t in restore_plan.kept:
         if t.nnx_only:
           abstract = jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=t.sharding)
           if t.key_impl is None:
-            values[t.path] = args.fill_nnx_only(layout.render(t.path), abstract)
+            values[t.path] = options.fill_nnx_only(layout.render(t.path), abstract)
             continue
           keys = jax.eval_shape(lambda d, impl=t.key_impl: jax.random.wrap_key_data(d, impl=impl), abstract)
           keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=target.key_sharding(t.sharding, keys.ndim))
-          values[t.path] = jax.random.key_data(args.fill_nnx_only(layout.render(t.path), keys))
+          values[t.path] = jax.random.key_data(options.fill_nnx_only(layout.render(t.path), keys))
     restored = state.rebuild(values)
     _warn_unfilled(state)
     return restored

@@ -27,6 +27,7 @@ from orbax_linen_nnx import cost as cost_lib
 from orbax_linen_nnx import diagnose
 from orbax_linen_nnx import layout
 from orbax_linen_nnx import ops
+from orbax_linen_nnx import options as options_lib
 from orbax_linen_nnx import plans
 from orbax_linen_nnx import rules as rules_lib
 from orbax_linen_nnx import source as source_lib
@@ -362,39 +363,36 @@ class Prepared:
   state: Any  # target.AbstractState
 
 
-def prepare(checkpoint: Any, abstract: Any, *, rules: rules_lib.Rules = None, partial: bool = False,
-            stacks: stacks_lib.StackAxes | None = None, source_layout: str | None = None,
-            target_layout: str | None = None, mesh: Any = None, problems: Sequence[str] = (),
-            option_problems=None, phases: dict[str, float] | None = None, topology: Any = None,
-            replica_axis: str | None = None, budget_bytes: int | None = None) -> Prepared:
-  """Opens `checkpoint` (a path, or an opened `source.Checkpoint`), flattens `abstract` and plans.
+def prepare(checkpoint: Any, abstract: Any, options: options_lib.RestoreOptions = options_lib.DEFAULTS, *,
+            problems: Sequence[str] = (), phases: dict[str, float] | None = None, topology: Any = None) -> Prepared:
+  """Opens `checkpoint` (a path, or an opened `source.Checkpoint`), flattens `abstract` and plans with `options`.
 
   The one way every face goes from a checkpoint and an abstract state to a
   plan: `LinenCompatHandler`, `orbax_linen_nnx.plan`, the command line and the
-  benchmarks. `option_problems(state)` adds problems the options find in the
-  flattened state; `phases`, where given, gets the seconds each step took.
-  The plan's `cost` is every process's (`topology`: a `cost.Topology`, default
-  the devices' own processes) for a read with `replica_axis` and
-  `budget_bytes`. Raises `PlanError` with every problem; reads no array.
+  benchmarks. The options' own problems (`RestoreOptions.problems`) are the
+  plan's; `phases`, where given, gets the seconds each step took. The plan's
+  `cost` is every process's (`topology`: a `cost.Topology`, default the
+  devices' own processes) for a read with the options' `replica_axis` and
+  `read_budget_bytes`. Raises `PlanError` with every problem; reads no array.
   """
+  source_layout, target_layout = options.source_layout, options.target_layout
   for name, value in (('source_layout', source_layout), ('target_layout', target_layout)):
     if value is not None and value not in layout.LAYOUTS:
       raise ValueError(f'{name} must be one of {layout.LAYOUTS} or None, got {value!r}')
   clock = time.perf_counter()
   ckpt = checkpoint if isinstance(checkpoint, source_lib.Checkpoint) else source_lib.open_checkpoint(checkpoint)
   opened = time.perf_counter()
-  state = target_lib.flatten(abstract, layout_name=target_layout, mesh=mesh,
+  state = target_lib.flatten(abstract, layout_name=target_layout, mesh=options.mesh,
                              keep_abstract=topology is not None and topology.simulated)
   plan = build(ckpt.arrays, state.targets, source_layout=source_layout or ckpt.layout, target_layout=state.layout,
-               rules=rules, partial=partial, stacks=stacks, where=str(ckpt.directory),
-               problems=list(problems) + state.problems + list(option_problems(state) if option_problems else ()),
-               modules=state.modules)
+               rules=options.rules, partial=options.partial, stacks=options.stacks, where=str(ckpt.directory),
+               problems=list(problems) + state.problems + options.problems(state), modules=state.modules)
   if state.notes:
     plan = dataclasses.replace(plan, notes=plan.notes + tuple(state.notes))
   planned = time.perf_counter()
   plan = dataclasses.replace(plan, cost=cost_lib.estimate(plan, cost_lib.grids_of(plan, ckpt.stores),
-                                                          topology=topology, replica_axis=replica_axis,
-                                                          budget_bytes=budget_bytes))
+                                                          topology=topology, replica_axis=options.replica_axis,
+                                                          budget_bytes=options.read_budget_bytes))
   if phases is not None:
     phases['open_and_list'] = opened - clock
     phases['plan'] = planned - opened

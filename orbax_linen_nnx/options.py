@@ -1,0 +1,115 @@
+"""`RestoreOptions`: every option of a restore, in one place, for every face.
+
+`LinenCompatRestore`, `orbax_linen_nnx.plan()` and `restore()`, Orbax v1 and
+the command line each build one; `planner.prepare(source, abstract, options)`
+plans with it. Each field says how the command line spells it (its `flag`),
+or why it has no flag; `tests/test_options.py` holds the faces to that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+
+from orbax_linen_nnx import rules as rules_lib
+from orbax_linen_nnx import stacks as stacks_lib
+
+
+def _option(default: Any, flag: str | None, why: str = '') -> Any:
+  """A field with its command-line flag, or (flag None) the reason it has none."""
+  assert flag or why, 'an option without a flag says why'
+  return dataclasses.field(default=default, metadata={'flag': flag, 'why': why})
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreOptions:
+  """How a restore pairs, reads and checks; the same for every face.
+
+  Attributes:
+    rules: renames between the layouts: `{'Dense_0': 'fc1'}` (Linen name ->
+      NNX name, used in both directions), a list of rules (see README, Rules),
+      a callable on source model paths, or `'auto'` (alone, or last in a
+      list) to infer the renames left.
+    partial: restore what has a source; leave other targets as given and ignore
+      unused sources (all reported in the plan) instead of raising.
+    source_layout: 'linen' or 'nnx' to override the layout detected from the
+      checkpoint's metadata.
+    target_layout: 'linen' or 'nnx' to override the layout detected from the
+      abstract state (an `nnx.State` or `nnx.Module` is 'nnx').
+    fill_nnx_only: `fn(path, jax.ShapeDtypeStruct) -> jax.Array` giving values
+      for NNX-only leaves (RNG keys and counts) that no Linen checkpoint holds;
+      without it they are kept as given in the abstract state.
+    stacks: the layer axis of layer stacks, per layout, where it cannot be
+      inferred from shapes: `{'layers': {'linen': 1, 'nnx': 0}}` (stack root as
+      a model path; Linen `nn.scan` axis 1, NNX `nnx.vmap` axis 0).
+    replica_axis: a mesh axis along which targets are replicated (data
+      parallelism): only the devices at index 0 of it read those targets from
+      storage, and one collective copies them to the other replicas. Saves
+      storage reads (each byte is read once, not once per replica) at the cost
+      of a broadcast. None (default): every process reads what it holds.
+    timeout_s: on many processes, how long each waits for the others to report
+      that their reads succeeded; a failure anywhere then raises on every
+      process instead of leaving it at a barrier. A process that dies is named
+      within seconds whatever this is; one that hangs alive, after it.
+    read_budget_bytes: at most this many decoded bytes are held on the host
+      between their read from storage and their copy into device shards (one
+      larger stored chunk goes alone). More overlaps more reads; it never
+      changes what is read: each stored chunk is decoded once per process
+      whatever the budget. None: `orbax_linen_nnx.DEFAULT_READ_BUDGET_BYTES`
+      (64 MiB), or twice the largest stored chunk read where that is more.
+    mesh: the concrete `jax.sharding.Mesh` for targets sharded over an
+      `AbstractMesh` (`nnx.eval_shape` under `jax.set_mesh`) or by bare
+      `PartitionSpec`s; None: the mesh in context (`with jax.set_mesh(mesh):`).
+    max_over_read: warn when a process would decode more than this many times
+      the stored bytes its devices need (chunks far larger than, or cutting
+      across, the target's shards); None: never.
+    host_memory_limit_bytes: warn when a process's read may hold more than
+      this on the host (the read budget plus its largest stored chunk).
+    strict_cost: raise `PlanError`, before any read, where these (or a large
+      leaf replicated on every device for want of a sharding) would warn.
+  """
+
+  rules: rules_lib.Rules = _option(None, '--rules')
+  partial: bool = _option(False, '--partial')
+  source_layout: str | None = _option(None, None, 'the command line reads the layout a checkpoint records')
+  target_layout: str | None = _option(None, None, "a target's layout is its own there (plan --to and convert --to"
+                                                   ' name the layout of a conversion with no target)')
+  fill_nnx_only: Callable[[str, jax.ShapeDtypeStruct], Any] | None = _option(
+      None, None, 'a Python callable (convert --fill-nnx-only from-target writes a built target model\'s own values)')
+  stacks: stacks_lib.StackAxes | None = _option(None, '--stacks')
+  replica_axis: str | None = _option(None, None, "a restore onto a device mesh's replicas: no command reads onto one")
+  timeout_s: float = _option(300.0, None, 'a restore across processes: convert --distributed writes, it restores'
+                                          ' nothing to wait for')
+  read_budget_bytes: int | None = _option(None, '--budget')
+  mesh: jax.sharding.Mesh | None = _option(None, None, 'a Python object: the command line reads onto one device')
+  max_over_read: float | None = _option(4.0, '--max-over-read')
+  host_memory_limit_bytes: int | None = _option(None, '--host-memory-limit')
+  strict_cost: bool = _option(False, '--strict-cost')
+
+  def problems(self, state: Any) -> list[str]:
+    """The options that name what the flattened target (`target.AbstractState`) lacks, or that make no sense."""
+    found = []
+    if self.replica_axis is not None:
+      axes = sorted({a for t in state.targets if isinstance(t.sharding, jax.sharding.NamedSharding)
+                     for a in t.sharding.mesh.axis_names})
+      if self.replica_axis not in axes:
+        found.append(f'replica_axis={self.replica_axis!r} is no axis of the target meshes'
+                     f' (axes: {", ".join(map(repr, axes)) or "none: no target has a NamedSharding"})')
+    if self.read_budget_bytes is not None and self.read_budget_bytes <= 0:
+      found.append(f'read_budget_bytes={self.read_budget_bytes!r} must be a positive number of bytes')
+    if self.max_over_read is not None and not self.max_over_read >= 1:
+      found.append(f'max_over_read={self.max_over_read!r} must be a factor of at least 1 (or None)')
+    if self.host_memory_limit_bytes is not None and self.host_memory_limit_bytes <= 0:
+      found.append(f'host_memory_limit_bytes={self.host_memory_limit_bytes!r} must be a positive number of bytes')
+    return found
+
+
+DEFAULTS = RestoreOptions()
+FIELDS = tuple(f.name for f in dataclasses.fields(RestoreOptions))
+
+
+def flag_of(name: str) -> str | None:
+  """The command line's flag for option `name` (None: it has none; see the field's `why`)."""
+  return next(f.metadata['flag'] for f in dataclasses.fields(RestoreOptions) if f.name == name)
