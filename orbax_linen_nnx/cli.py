@@ -326,9 +326,16 @@ def _plan_command(args) -> int:
   problems = [] if plan.cost is None else cost_lib.problems(plan.cost, max_over_read=args.max_over_read,
                                                             host_memory_limit_bytes=limit)
   if limit is not None and held > limit:
+    # A stored chunk is decoded whole: no budget holds less than the largest one (nor a held chunk and it).
+    floor = convert.largest_chunk_bytes(src, plan)
+    fits = limit - (held - budget)
+    beside = f' beside {plans.size_text(held - budget)} of chunks held for several blocks' if held > budget else ''
+    fix = (f'--budget {fits}, or convert on more processes (--processes to cost it)' if fits >= floor else
+           f'no --budget fits under it: one stored chunk is {plans.size_text(floor)} and is decoded whole{beside};'
+           f' raise --host-memory-limit to at least {plans.size_text(held - budget + floor)}'
+           f' ({held - budget + floor} bytes) with --budget {floor}, or convert on a machine with that much memory')
     problems.append(f'a convert of it holds about {plans.size_text(held)} on the host (budget + stored chunks held'
-                    f' for several blocks), above --host-memory-limit {plans.size_text(limit)}. Fix: --budget'
-                    f' {max(limit - (held - budget), 1)}, or convert on more processes (--processes to cost it)')
+                    f' for several blocks), above --host-memory-limit {plans.size_text(limit)}. Fix: {fix}')
   if problems and args.strict_cost:
     raise plans.PlanError(f'{len(problems)} cost problem(s) with --strict-cost:\n  ' + '\n  '.join(problems))
   for line in problems:

@@ -41,6 +41,7 @@ from etils import epath
 from flax import nnx
 
 from orbax_linen_nnx import layout
+from orbax_linen_nnx import ops
 from orbax_linen_nnx import planner
 from orbax_linen_nnx import plans as plan_lib
 from orbax_linen_nnx import trees
@@ -120,6 +121,16 @@ def with_cost_note(src: source_lib.Checkpoint, plan: plan_lib.RestorePlan, budge
              ' while they are written)')
   note += ' + the caches and buffers of any convert (120-410 MiB measured: README, Benchmarks, Convert)'
   return dataclasses.replace(plan, notes=plan.notes + (note,)), budget + job.held_chunk
+
+
+def largest_chunk_bytes(src: source_lib.Checkpoint, plan: plan_lib.RestorePlan) -> int:
+  """The bytes of the largest stored chunk a plan reads, decoded (the least any read of it holds)."""
+  sizes = [0]
+  for r in plan.reads:
+    for x in ops.stored_leaves(r.expression()):
+      chunk = src.stores[x.name].chunk_layout.read_chunk.shape or tuple(x.shape)
+      sizes.append(plan_lib.nbytes(chunk, x.dtype))
+  return max(sizes)
 
 
 def target_values(kept: Sequence[plan_lib.Target], state: Any) -> dict[plan_lib.Target, jax.Array]:

@@ -10,9 +10,11 @@ the read engine restores from the same plan, bit for bit.
 import asyncio
 import collections
 import math
+import re
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import tensorstore as ts
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -134,3 +136,18 @@ def test_a_chunk_larger_than_the_cache_is_decoded_once_and_held_for_its_blocks(t
   budget = err.split('Fix: --budget ')[1].split(',')[0]
   assert cli.main(limit + ['--strict-cost', '--budget', budget]) == cli.EXIT_OK
   assert 'warning' not in capsys.readouterr().err
+
+
+def test_a_host_memory_limit_below_one_stored_chunk_proposes_no_budget_that_cannot_fit(tmp_path, capsys):
+  """Issue 30: `--host-memory-limit 1K --strict-cost` used to propose `--budget 1`, which fails the same way
+  (a stored chunk is decoded whole). Now it says no budget fits and the limit that does; that limit, applied,
+  plans."""
+  ocp.PyTreeCheckpointer().save(tmp_path / 'c', {'params': {'Dense_0': {'kernel': np.ones((256, 512), np.float32)}}})
+  plan = ['plan', str(tmp_path / 'c'), '--to', 'nnx', '--strict-cost']
+  assert cli.main(plan + ['--host-memory-limit', '1K']) == cli.EXIT_PLAN
+  err = capsys.readouterr().err
+  assert 'no --budget fits under it: one stored chunk is 512.0 KiB and is decoded whole' in err, err
+  assert 'Fix: --budget' not in err
+  limit, budget = re.search(r'raise --host-memory-limit to at least [\d.]+ \w+ \((\d+) bytes\) with --budget (\d+)',
+                            err).groups()
+  assert cli.main(plan + ['--host-memory-limit', limit, '--budget', budget]) == cli.EXIT_OK, capsys.readouterr().err
