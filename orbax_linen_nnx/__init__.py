@@ -12,7 +12,7 @@ from orbax_linen_nnx.options import RestoreOptions
 from orbax_linen_nnx.handler import LinenCompatHandler, plan, restore
 from orbax_linen_nnx.rules import Rule, RuleError, cast, drop, merge, rearrange, rename, reshape, split, transpose
 from orbax_linen_nnx.outcome import RestoreFailedElsewhere
-from orbax_linen_nnx.read import DEFAULT_READ_BUDGET_BYTES
+from orbax_linen_nnx.grid import DEFAULT_READ_BUDGET_BYTES
 from orbax_linen_nnx.plans import LeafRead, LinenCompatWarning, PlanError, RestorePlan, SourceArray, Target
 from orbax_linen_nnx.source import (CheckpointNotFoundError, DamagedCheckpointError, UnsupportedStorageError,
                                     UntrustedCheckpointError)

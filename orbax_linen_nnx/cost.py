@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from orbax_linen_nnx import ops
-from orbax_linen_nnx import read as read_lib
+from orbax_linen_nnx import grid as grid_lib
 from orbax_linen_nnx import plans
 
 Box = tuple[tuple[int, int], ...]
@@ -102,10 +102,10 @@ class Topology:
         readers = {i for i, pos in enumerate(np.ndindex(*sizes.values())) if pos[at] == 0}
       return [(process_of(i), i, box, readers is None or i in readers) for i, box in enumerate(boxes)]
     indices = sharding.devices_indices_map(shape)
-    primary = read_lib.primary_devices(sharding, replica_axis)
+    primary = grid_lib.primary_devices(sharding, replica_axis)
     devices = sorted(indices, key=lambda d: d.id)
     process_of = self._process_of(len(devices)) if self.simulated else None
-    return [(process_of(i) if process_of else d.process_index, d, read_lib.box_of(indices[d], shape),
+    return [(process_of(i) if process_of else d.process_index, d, grid_lib.box_of(indices[d], shape),
              primary is None or d in primary) for i, d in enumerate(devices)]
 
   def _process_of(self, devices: int):
@@ -121,10 +121,10 @@ class Topology:
 
 
 def _union(chunk_boxes: set) -> set:
-  return {c for b in chunk_boxes for c in read_lib.Grid.chunks(b)}
+  return {c for b in chunk_boxes for c in grid_lib.Grid.chunks(b)}
 
 
-def estimate(plan: plans.RestorePlan, grids: dict[str, read_lib.Grid], *, topology: Topology | None = None,
+def estimate(plan: plans.RestorePlan, grids: dict[str, grid_lib.Grid], *, topology: Topology | None = None,
              replica_axis: str | None = None, budget_bytes: int | None = None,
              chunks_of: bool = False) -> plans.Cost:
   """Every process's reads, decodes, device bytes and host bound for `plan` (see the module docstring).
@@ -141,7 +141,7 @@ def estimate(plan: plans.RestorePlan, grids: dict[str, read_lib.Grid], *, topolo
   per_leaf: dict[int, dict[str, list]] = collections.defaultdict(dict)  # process -> leaf -> [names, need, max]
   memo: dict = {}  # the same box of arrays with the same grid (the layers of a stack): computed once
 
-  def chunked(grid: read_lib.Grid, box: Box) -> tuple[Box, int]:
+  def chunked(grid: grid_lib.Grid, box: Box) -> tuple[Box, int]:
     key = (grid.chunk, grid.origin, grid.itemsize, box)
     hit = memo.get(key)
     if hit is None:
@@ -157,7 +157,7 @@ def estimate(plan: plans.RestorePlan, grids: dict[str, read_lib.Grid], *, topolo
     for process, device, box, reads in topology.placements(t.sharding, t.shape, replica_axis):
       if topology.only is not None and process != topology.only:
         continue
-      size = read_lib.box_size(box)
+      size = grid_lib.box_size(box)
       device_bytes[process][device] += size * itemsize
       placed[process] += size * itemsize
       if not reads or not size or (process, box) in seen:
@@ -179,11 +179,11 @@ def estimate(plan: plans.RestorePlan, grids: dict[str, read_lib.Grid], *, topolo
   chunk_bytes = {n: g.chunk_nbytes for n, g in grids.items()}
   unions: dict = {}
 
-  def union(grid: read_lib.Grid, boxes: set) -> int:
+  def union(grid: grid_lib.Grid, boxes: set) -> int:
     key = frozenset(boxes)
     hit = unions.get(key)
     if hit is None:  # chunk indices: the same for any grid
-      hit = unions[key] = read_lib.union_count(grid, boxes)
+      hit = unions[key] = grid_lib.union_count(grid, boxes)
     return hit
 
   processes = sorted(set(device_bytes) | (set(range(topology.processes or 0)) if topology.only is None else set()))
@@ -192,7 +192,7 @@ def estimate(plan: plans.RestorePlan, grids: dict[str, read_lib.Grid], *, topolo
     counts = {n: union(grids[n], boxes) for n, boxes in chunks[p].items()}
     decoded = {n: c * chunk_bytes[n] for n, c in counts.items()}
     largest = max((chunk_bytes[n] for n in counts), default=0)
-    budget = budget_bytes if budget_bytes is not None else max(read_lib.DEFAULT_READ_BUDGET_BYTES, 2 * largest)
+    budget = budget_bytes if budget_bytes is not None else grid_lib.default_budget(largest)
     leaves = [plans.LeafCost(leaf, sum(decoded[n] for n in names), need, max(chunk_bytes[n] for n in names), most)
               for leaf, (names, need, most) in per_leaf[p].items()]
     out.append(plans.ProcessCost(
@@ -206,10 +206,10 @@ def estimate(plan: plans.RestorePlan, grids: dict[str, read_lib.Grid], *, topolo
                     caller=None if topology.simulated else jax.process_index())
 
 
-def grids_of(plan: plans.RestorePlan, stores: dict) -> dict[str, read_lib.Grid]:
+def grids_of(plan: plans.RestorePlan, stores: dict) -> dict[str, grid_lib.Grid]:
   """The chunk grid of every stored array the plan reads, from the opened stores."""
   names = {x.name for r in plan.reads for s in r.sources for x in ops.stored_leaves(s)}
-  return {n: read_lib.Grid(stores[n]) for n in names}
+  return {n: grid_lib.Grid(stores[n]) for n in names}
 
 
 
@@ -303,11 +303,11 @@ def save_estimate(plan: plans.RestorePlan, shardings: dict[str, Any], on_device:
           continue
         devices[process].add(device)
         if computed:
-          extra[process][device] += int(read_lib.box_size(box) * np.dtype(src.dtype).itemsize * ratio)
+          extra[process][device] += int(grid_lib.box_size(box) * np.dtype(src.dtype).itemsize * ratio)
         if box not in first:
           first[box] = process
-          written[process] += (int(read_lib.box_size(box) * np.dtype(src.dtype).itemsize * ratio) if computed
-                               else sum(read_lib.box_size(b) for b in ops.images(expr, n, box)) * itemsize)
+          written[process] += (int(grid_lib.box_size(box) * np.dtype(src.dtype).itemsize * ratio) if computed
+                               else sum(grid_lib.box_size(b) for b in ops.images(expr, n, box)) * itemsize)
   processes = sorted(set(devices) | (set(range(topology.processes or 0)) if topology.only is None else set()))
   return plans.Cost(processes=tuple(
       plans.WriteCost(process=p, devices=len(devices[p]), written_bytes=written[p],

@@ -36,7 +36,6 @@ import collections
 import ctypes
 import dataclasses
 import itertools
-import math
 from typing import Any, Sequence
 
 import jax
@@ -44,6 +43,11 @@ import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
+from orbax_linen_nnx import grid as grid_lib
+# The chunk grid and box arithmetic live in `grid`, which the cost model uses without this engine.
+from orbax_linen_nnx.grid import (DEFAULT_READ_BUDGET_BYTES, Grid, box_of, box_size,  # noqa: F401
+                                  primary_devices, union_count)
+from orbax_linen_nnx.grid import meet as _meet
 from orbax_linen_nnx import ops
 from orbax_linen_nnx import plans as plan_lib
 from orbax_linen_nnx.source import Checkpoint
@@ -57,7 +61,6 @@ Box = ops.Box
 # chunk decodes on one thread, and two must be in flight to keep two cores
 # decoding (a Linen `nn.scan` saved from host holds 88 MiB single chunks in the
 # benchmark; one at a time took 1.3x native Orbax's time).
-DEFAULT_READ_BUDGET_BYTES = 64 * 2**20
 
 
 
@@ -206,10 +209,6 @@ def view(expr, stores):
   return VIEWS[type(op)](op, [view(a, stores) for a in expr.args])
 
 
-def box_of(index: tuple[slice, ...], shape: Sequence[int]) -> Box:
-  return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
-
-
 def _slices(box: Box) -> tuple[slice, ...]:
   return tuple(slice(lo, hi) for lo, hi in box)
 
@@ -217,65 +216,6 @@ def _slices(box: Box) -> tuple[slice, ...]:
 def _within(inner: Box, outer: Box) -> tuple[slice, ...]:
   """`inner` in the coordinates of `outer`, which holds it."""
   return tuple(slice(ilo - olo, ihi - olo) for (ilo, ihi), (olo, _) in zip(inner, outer))
-
-
-def box_size(box: Box) -> int:
-  return math.prod(hi - lo for lo, hi in box)
-
-
-_count = box_size  # chunks in a box of chunk indices
-
-
-def _meet(a: Box, b: Box) -> bool:
-  """Whether two boxes share an element."""
-  for (alo, ahi), (blo, bhi) in zip(a, b):
-    if alo >= bhi or blo >= ahi:
-      return False
-  return True
-
-
-def union_count(grid, boxes: set) -> int:
-  """How many distinct chunks some boxes of chunk indices cover together."""
-  boxes = [b for b in boxes if _count(b)]
-  if all(not _meet(a, b) for a, b in itertools.combinations(boxes, 2)):
-    return sum(_count(b) for b in boxes)
-  return len({c for b in boxes for c in grid.chunks(b)})
-
-
-class Grid:
-  """The chunk grid of one stored array."""
-
-  def __init__(self, store):
-    self.shape = tuple(store.shape)
-    chunk = store.chunk_layout.read_chunk.shape
-    origin = store.chunk_layout.grid_origin
-    self.chunk = tuple((c or max(n, 1)) for c, n in zip(chunk or self.shape, self.shape))
-    self.origin = tuple(origin) if origin is not None else (0,) * len(self.shape)
-    self.itemsize = store.dtype.numpy_dtype.itemsize
-
-  def chunk_box(self, box: Box) -> Box:
-    """The grid indices [lo, hi) per dimension of the chunks under `box` (empty for an empty box)."""
-    out = []
-    for (lo, hi), c, o in zip(box, self.chunk, self.origin):
-      if hi <= lo:
-        return tuple((0, 0) for _ in box)
-      out.append(((lo - o) // c, (hi - 1 - o) // c + 1))
-    return tuple(out)
-
-  @staticmethod
-  def chunks(chunk_box: Box) -> list[tuple[int, ...]]:
-    return list(itertools.product(*(range(lo, hi) for lo, hi in chunk_box)))
-
-  def box(self, chunk: tuple[int, ...]) -> Box:
-    return tuple((max(i * c + o, 0), min((i + 1) * c + o, n))
-                 for i, c, o, n in zip(chunk, self.chunk, self.origin, self.shape))
-
-  def nbytes(self, box: Box) -> int:
-    return box_size(box) * self.itemsize
-
-  @property
-  def chunk_nbytes(self) -> int:
-    return math.prod(self.chunk) * self.itemsize
 
 
 def _copy_in(inp: _Input, box: Box, data: np.ndarray) -> None:
@@ -346,8 +286,8 @@ class _Engine:
     self.alone = {name for name, n in readers.items() if n == 1}  # stored arrays that only one leaf reads
     self.leaves = [self._leaf(r, replica_axis) for r in plan.reads]
     self.reads = self._schedule()
-    self.budget = budget if budget is not None else max(
-        DEFAULT_READ_BUDGET_BYTES, 2 * max((g.chunk_nbytes for g in self.grids.values()), default=0))
+    self.budget = budget if budget is not None else grid_lib.default_budget(
+        max((g.chunk_nbytes for g in self.grids.values()), default=0))
 
   def grid(self, name: str) -> Grid:
     if name not in self.grids:
@@ -445,7 +385,7 @@ class _Engine:
         for inp in s.inputs:
           grid = self.grid(inp.name)
           if id(inp) not in shared:
-            inp.waiting = 1 if _count(inp.chunks) else 0  # a 0-d array has one chunk, an empty box none
+            inp.waiting = 1 if box_size(inp.chunks) else 0  # a 0-d array has one chunk, an empty box none
             if inp.waiting:
               reads.append(_Read(inp.box, grid.nbytes(inp.box), [inp], name=inp.name))
             continue
@@ -569,20 +509,6 @@ class _Engine:
       devices = leaf.sharding.addressable_devices_indices_map(shape)
       leaf.array = jax.make_array_from_single_device_arrays(shape, leaf.sharding, [leaf.placed[d] for d in devices])
     leaf.host, leaf.placed, leaf.slices, leaf.view = {}, {}, [], None
-
-
-def primary_devices(sharding, replica_axis: str | None) -> set | None:
-  """Devices at index 0 of `replica_axis`, if the target is replicated along it."""
-  if replica_axis is None or not isinstance(sharding, jax.sharding.NamedSharding):
-    return None
-  mesh = sharding.mesh
-  if replica_axis not in mesh.axis_names or mesh.shape[replica_axis] == 1:
-    return None
-  used = {a for entry in sharding.spec if entry is not None
-          for a in (entry if isinstance(entry, tuple) else (entry,))}
-  if replica_axis in used:
-    return None  # sharded along it: every device holds different data
-  return set(np.take(mesh.devices, 0, axis=mesh.axis_names.index(replica_axis)).flat)
 
 
 def _broadcast(arr: jax.Array, replica_axis: str) -> jax.Array:

@@ -40,6 +40,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 
 from orbax_linen_nnx import _internals
+from orbax_linen_nnx import grid as grid_lib
 from orbax_linen_nnx import ops
 from orbax_linen_nnx import plans
 from orbax_linen_nnx import read as read_lib
@@ -230,11 +231,11 @@ class Job:
     Blocks are about budget / BLOCKS_IN_FLIGHT, and small enough that every
     process gets several of them.
     """
-    grids: dict[str, read_lib.Grid] = {}
+    grids: dict[str, grid_lib.Grid] = {}
 
-    def grid(name: str) -> read_lib.Grid:
+    def grid(name: str) -> grid_lib.Grid:
       if name not in grids:
-        grids[name] = read_lib.Grid(ckpt.stores[name])
+        grids[name] = grid_lib.Grid(ckpt.stores[name])
       return grids[name]
 
     total = sum(plans.nbytes(r.target.shape, r.target.dtype) for r in reads)
@@ -258,7 +259,7 @@ class Job:
     for p in range(processes):
       mine = share(self.every, processes, p)
       chunks = {c for b in mine for c in b.chunks}
-      grids = {n: read_lib.Grid(self.ckpt.stores[n]) for n in {n for n, _ in chunks}}
+      grids = {n: grid_lib.Grid(self.ckpt.stores[n]) for n in {n for n, _ in chunks}}
       out.append((len(mine), len(chunks), sum(grids[n].chunk_nbytes for n, _ in chunks),
                   sum(b.nbytes for b in mine)))
     return out
