@@ -326,14 +326,16 @@ def _plan_command(args) -> int:
   problems = [] if plan.cost is None else cost_lib.problems(plan.cost, max_over_read=args.max_over_read,
                                                             host_memory_limit_bytes=limit)
   if limit is not None and held > limit:
-    # A stored chunk is decoded whole: no budget holds less than the largest one (nor a held chunk and it).
-    floor = convert.largest_chunk_bytes(src, plan)
-    fits = limit - (held - budget)
-    beside = f' beside {plans.size_text(held - budget)} of chunks held for several blocks' if held > budget else ''
-    fix = (f'--budget {fits}, or convert on more processes (--processes to cost it)' if fits >= floor else
-           f'no --budget fits under it: one stored chunk is {plans.size_text(floor)} and is decoded whole{beside};'
-           f' raise --host-memory-limit to at least {plans.size_text(held - budget + floor)}'
-           f' ({held - budget + floor} bytes) with --budget {floor}, or convert on a machine with that much memory')
+    fits = _fitting_budget(src, plan, limit, [limit - (held - budget), limit - convert.largest_chunk_bytes(src, plan)],
+                           args.processes)
+    if fits is not None:
+      fix = f'--budget {fits}, or convert on more processes (--processes to cost it)'
+    else:  # a stored chunk is decoded whole: below it, no budget fits
+      floor = convert.largest_chunk_bytes(src, plan)
+      _, least = convert.with_cost_note(src, plan, floor, args.processes)
+      fix = (f'no --budget fits under it: one stored chunk is {plans.size_text(floor)} and is decoded whole;'
+             f' raise --host-memory-limit to at least {plans.size_text(least)} ({least} bytes) with --budget {floor},'
+             ' or convert on a machine with that much memory')
     problems.append(f'a convert of it holds about {plans.size_text(held)} on the host (budget + stored chunks held'
                     f' for several blocks), above --host-memory-limit {plans.size_text(limit)}. Fix: {fix}')
   if problems and args.strict_cost:
@@ -341,6 +343,17 @@ def _plan_command(args) -> int:
   for line in problems:
     print(f'warning: {line}', file=sys.stderr)
   return EXIT_OK
+
+
+def _fitting_budget(src, plan, limit: int, candidates, processes: int) -> int | None:
+  """The first candidate budget whose convert holds at most `limit` (what it holds changes with the budget:
+  smaller blocks make more stored chunks feed several of them), or None."""
+  from orbax_linen_nnx import convert
+
+  for b in candidates:
+    if b >= 1 and convert.with_cost_note(src, plan, b, processes)[1] <= limit:
+      return b
+  return None
 
 
 def _suggest_rules(args, src) -> int:
