@@ -40,6 +40,7 @@ from orbax.checkpoint import future
 from etils import epath
 from flax import nnx
 
+from orbax_linen_nnx import grid as grid_lib
 from orbax_linen_nnx import layout
 from orbax_linen_nnx import ops
 from orbax_linen_nnx import planner
@@ -125,12 +126,8 @@ def with_cost_note(src: source_lib.Checkpoint, plan: plan_lib.RestorePlan, budge
 
 def largest_chunk_bytes(src: source_lib.Checkpoint, plan: plan_lib.RestorePlan) -> int:
   """The bytes of the largest stored chunk a plan reads, decoded (the least any read of it holds)."""
-  sizes = [0]
-  for r in plan.reads:
-    for x in ops.stored_leaves(r.expression()):
-      chunk = src.stores[x.name].chunk_layout.read_chunk.shape or tuple(x.shape)
-      sizes.append(plan_lib.nbytes(chunk, x.dtype))
-  return max(sizes)
+  names = {x.name for r in plan.reads for x in ops.stored_leaves(r.expression())}
+  return max((grid_lib.Grid(src.stores[n]).chunk_nbytes for n in names), default=0)
 
 
 def target_values(kept: Sequence[plan_lib.Target], state: Any) -> dict[plan_lib.Target, jax.Array]:

@@ -18,28 +18,9 @@ from typing import Any, Mapping, Sequence
 from orbax_linen_nnx import layout
 from orbax_linen_nnx import pairing
 from orbax_linen_nnx import rules as rules_lib
-from orbax_linen_nnx.plans import Fix, LeafProblem, PlanError, SourceArray, Target
+from orbax_linen_nnx.plans import Fix, LeafProblem, PlanError, Target
 
 Path = layout.Path
-
-
-def suggest_renames(missing: Sequence[tuple[layout.Meaning, Target]],
-                     unused: Sequence[tuple[layout.Meaning, SourceArray]],
-                     linen_to_nnx: bool,
-                     modules: Mapping[Path, tuple[int | None, str]] | None) -> tuple[dict, list[str]]:
-  """The module renames (Linen name -> NNX name) that pair missing targets with unused sources, one to one.
-
-  Modules are paired by all their leaves together (see `pairing`); `modules`
-  gives the NNX target's attribute order and classes where the target is an
-  `nnx.Module`. Returns the renames and what the shapes could not settle.
-  """
-  want = {m.param: tuple(t.shape) for m, t in missing if m.section == ('model',) and len(m.param) > 1}
-  have = {m.param: tuple(s.shape) for m, s in unused if m.section == ('model',) and len(m.param) > 1}
-  if not want or not have:
-    return {}, []
-  linen, nnx_side = (have, want) if linen_to_nnx else (want, have)
-  found = pairing.pair(pairing.tree(linen), pairing.tree(nnx_side, modules if linen_to_nnx else None))
-  return found.renames, found.by_order + found.unsettled
 
 
 def inferred_renames(missing, unused, linen_to_nnx: bool, modules) -> pairing.Pairing:
