@@ -528,7 +528,7 @@ def main(argv=None):
 
 
 def report(result: dict):
-  """The table (the README's), printed last."""
+  """The table (docs/benchmarks.md's), printed last."""
   dm = result['dims']
   print(f"\nDecoder D={dm['D']} F={dm['F']} V={dm['V']} x {dm['layers']} layers, float32 params + Adam mu, nu;"
         f" target NNX sharded fsdp x tp on a (2, 4) mesh of 8 CPU devices; {result['runs']} runs per mode,"

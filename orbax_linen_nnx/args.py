@@ -30,10 +30,21 @@ class LinenCompatRestore(ocp.args.CheckpointArgs):
       state = mngr.restore(step, args=LinenCompatRestore(abstract_nnx_state))
 
   Attributes:
-    abstract_state: what to restore into: an `nnx.State`, an abstract
-      `nnx.Module`, or a pytree (dict, Linen `TrainState`) of
-      `jax.ShapeDtypeStruct`/`jax.Array`. The result has the same type.
-      None: the checkpoint's own tree, as `StandardRestore()` gives it.
+    abstract_state: what to restore into: an `nnx.State` (Variables holding
+      `jax.ShapeDtypeStruct`s with shardings), an abstract `nnx.Module`
+      (`nnx.eval_shape`), or a pytree (dict, Linen `TrainState`) of
+      `jax.ShapeDtypeStruct`/`jax.Array`. The result has the same type and
+      structure, every array exactly the sharding and dtype its leaf asks for
+      (cast on read where the checkpoint's dtype differs). A leaf with no
+      sharding is replicated on the mesh the other leaves use, so the result
+      computes in one `jit` (several meshes: pass `mesh`; none anywhere: all
+      devices, `orbax_linen_nnx.default_sharding()`); one above 16 MiB on
+      several devices is noted in the plan and warned of. Shardings over an
+      `AbstractMesh` and bare `PartitionSpec`s take the mesh in context, or
+      `mesh`. Every sharding is checked while planning (a dimension a mesh
+      axis does not divide, an axis the mesh lacks or used twice, devices
+      outside `jax.devices()`), with the plan's other problems. None: the
+      checkpoint's own tree, as `StandardRestore()` gives it.
     dry_run: return the `RestorePlan` instead of reading anything.
 
   Every other field is the `RestoreOptions` field of that name (documented

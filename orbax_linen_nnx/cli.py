@@ -125,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
 
   def mapping(q):
     q.add_argument('--rules', metavar='MODULE:NAME',
-                   help="mapping rules (a list, dict or callable; see README), or 'auto' to infer the renames")
+                   help="mapping rules (a list, dict or callable; see docs/rules.md), or 'auto' to infer the renames")
     q.add_argument('--stacks', metavar='JSON', help='layer axes: \'{"layers": {"linen": 1, "nnx": 0}}\'')
 
   def quiet(q, what='no progress bars (also off when not a terminal)'):

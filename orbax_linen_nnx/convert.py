@@ -120,7 +120,7 @@ def with_cost_note(src: source_lib.Checkpoint, plan: plan_lib.RestorePlan, budge
   if job.held_chunk:
     note += (f' + {z(job.held_chunk)} of stored chunks that feed several blocks each (each decoded once and held'
              ' while they are written)')
-  note += ' + the caches and buffers of any convert (120-410 MiB measured: README, Benchmarks, Convert)'
+  note += ' + the caches and buffers of any convert (120-410 MiB measured: docs/benchmarks.md, Convert)'
   return dataclasses.replace(plan, notes=plan.notes + (note,)), budget + job.held_chunk
 
 

@@ -1,6 +1,6 @@
 """What a training-state tree looks like, and what each of its leaves *means*.
 
-Linen and NNX store the same training state under different paths (see README):
+Linen and NNX store the same training state under different paths (see docs/layouts.md):
 
     linen  params/params/Dense_0/kernel          nnx  model/Dense_0/kernel/value
     linen  opt_state/0/mu/params/Dense_0/kernel  nnx  optimizer/opt_state/0/mu/Dense_0/kernel/value

@@ -29,11 +29,19 @@ class RestoreOptions:
 
   Attributes:
     rules: renames between the layouts: `{'Dense_0': 'fc1'}` (Linen name ->
-      NNX name, used in both directions), a list of rules (see README, Rules),
+      NNX name, used in both directions), a list of rules (see Rules),
       a callable on source model paths, or `'auto'` (alone, or last in a
       list) to infer the renames left.
     partial: restore what has a source; leave other targets as given and ignore
-      unused sources (all reported in the plan) instead of raising.
+      unused sources (all reported in the plan) instead of raising. A kept
+      leaf the abstract state gave only as a `jax.ShapeDtypeStruct` holds no
+      value: an `nnx.State` result leaves it out (`nnx.update(model,
+      restored)` then keeps the model's own value), any other tree holds an
+      `orbax_linen_nnx.NotRestored` placeholder, which raises
+      `NotRestoredError` naming the leaf where it is used as an array
+      (`orbax_linen_nnx.not_restored(tree)` lists them). A
+      `LinenCompatWarning` names them all (RNG streams left to an
+      `nnx.State`'s model excepted: the plan lists those).
     source_layout: 'linen' or 'nnx' to override the layout detected from the
       checkpoint's metadata.
     target_layout: 'linen' or 'nnx' to override the layout detected from the
@@ -63,10 +71,12 @@ class RestoreOptions:
       `AbstractMesh` (`nnx.eval_shape` under `jax.set_mesh`) or by bare
       `PartitionSpec`s; None: the mesh in context (`with jax.set_mesh(mesh):`).
     max_over_read: warn when a process would decode more than this many times
-      the stored bytes its devices need (chunks far larger than, or cutting
-      across, the target's shards); None: never.
+      the stored bytes its devices need, for the process as a whole or for a
+      leaf that wastes 8 MiB or more (chunks far larger than, or cutting
+      across, the target's shards); None: never. Default 4.
     host_memory_limit_bytes: warn when a process's read may hold more than
-      this on the host (the read budget plus its largest stored chunk).
+      this on the host (the read budget plus its largest stored chunk); the
+      warning names the `read_budget_bytes` that fits.
     strict_cost: raise `PlanError`, before any read, where these (or a large
       leaf replicated on every device for want of a sharding) would warn.
   """

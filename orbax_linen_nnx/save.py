@@ -410,8 +410,8 @@ def to_linen(
   keep their devices: converted ones are computed where their shards live, the
   others are the state's own arrays.
 
-  >>> items = to_linen(nnx.state({'model': model, 'optimizer': optimizer}))  # doctest: +SKIP
-  >>> items['params']['params']['fc1']['kernel'].sharding                    # doctest: +SKIP
+      items = to_linen({'model': model, 'optimizer': optimizer}, rules={'Dense_0': 'fc1'})
+      mngr.save(step, args=ocp.args.Composite(items=ocp.args.PyTreeSave(items)))
   """
   if aux == layout.SIDECAR:
     raise ValueError("to_linen returns one tree: NNX-only state goes in it (aux='nnx_aux') or nowhere"

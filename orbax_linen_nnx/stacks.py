@@ -1,6 +1,6 @@
 """Layer stacks: pairing per-layer leaves with stacked ones, and finding the layer axis.
 
-Four layouts hold the same blocks (see README):
+Four layouts hold the same blocks (see docs/layer-stacks.md):
 
     linen loop      layers_0/mlp/kernel (D, D) ... layers_{N-1}/...
     nnx unrolled    layers/0/mlp/kernel (D, D) ...

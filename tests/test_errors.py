@@ -125,7 +125,7 @@ def test_missing_step(linen_run):
   with pytest.raises(FileNotFoundError, match='99'):
     mngr.restore(99, args=LinenCompatRestore(abstract_of(), rules=MLP_RULES))
   # A fresh manager fails inside Orbax, before this package runs, with Orbax's
-  # own (misleading) message; the README tells users to check mngr.all_steps().
+  # own (misleading) message; the docs (Errors) tell users to check mngr.all_steps().
   with pytest.raises(ValueError, match='Composite'):
     ocp.CheckpointManager(linen_run).restore(99, args=LinenCompatRestore(abstract_of(), rules=MLP_RULES))
 
