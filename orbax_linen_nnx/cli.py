@@ -44,7 +44,7 @@ def _runtime_failure(e: BaseException) -> bool:
   while e is not None:
     if isinstance(e, OSError) or (isinstance(e, ValueError) and _RUNTIME_STATUS.match(str(e))):
       return True
-    e = e.__cause__ or e.__context__
+    e = e.__cause__ or e.__context__  # type: ignore[assignment]  # None ends the loop
   return False
 
 
@@ -60,7 +60,7 @@ def _load(spec: str, what: str) -> Any:
   try:
     if module_name.endswith('.py'):
       loader = importlib.util.spec_from_file_location(epath.Path(module_name).stem, module_name)
-      if loader is None or not epath.Path(module_name).exists():
+      if loader is None or loader.loader is None or not epath.Path(module_name).exists():
         raise UsageError(f'{what} {spec!r}: no file {module_name}')
       module = importlib.util.module_from_spec(loader)
       loader.loader.exec_module(module)

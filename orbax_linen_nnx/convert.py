@@ -178,7 +178,7 @@ def spread(t: plan_lib.Target) -> jax.sharding.Sharding:
   """Over every device of every process: the first axis they divide, else replicated."""
   devices = jax.devices()
   mesh = jax.sharding.Mesh(np.array(devices), ('all',))
-  spec = [None] * len(t.shape)
+  spec: list[str | None] = [None] * len(t.shape)
   for axis, n in enumerate(t.shape):
     if n >= len(devices) and n % len(devices) == 0:
       spec[axis] = 'all'
@@ -188,7 +188,8 @@ def spread(t: plan_lib.Target) -> jax.sharding.Sharding:
 
 def batches(reads: Sequence[plan_lib.LeafRead], budget: int) -> list[list[plan_lib.LeafRead]]:
   """Consecutive reads whose targets together hold at most `budget` bytes (a larger one alone)."""
-  out, size = [], 0
+  out: list[list[plan_lib.LeafRead]] = []
+  size = 0
   for r in reads:
     n = plan_lib.nbytes(r.target.shape, r.target.dtype)
     if not out or size + n > budget:
@@ -386,7 +387,7 @@ def convert(src: source_lib.Checkpoint, dst: epath.PathLike, plan: plan_lib.Rest
   overwrite = check_destination(src, dst, overwrite) or overwrite
   plan = with_shardings(plan, sharding_of)
   names = names or {}
-  values = {names.get(r.target.path, r.target.path):
+  values: dict[Any, Any] = {names.get(r.target.path, r.target.path):
             Pending(r, tuple(r.target.shape), np.dtype(r.target.dtype), r.target.sharding)
             for r in plan.reads}
   values.update({names.get(p, p): v for p, v in (extra or {}).items()})

@@ -98,7 +98,7 @@ class Topology:
       readers = None
       if _replicated_along(sharding, replica_axis):
         sizes = _mesh_shape(sharding.mesh)
-        at = list(sizes).index(replica_axis)
+        at = list(sizes).index(replica_axis)  # type: ignore[arg-type]  # replicated along it: an axis
         readers = {i for i, pos in enumerate(np.ndindex(*sizes.values())) if pos[at] == 0}
       return [(process_of(i), i, box, readers is None or i in readers) for i, box in enumerate(boxes)]
     indices = sharding.devices_indices_map(shape)
@@ -263,7 +263,8 @@ class _Alike:
   def lines(self) -> list[str]:
     out = []
     for text, who in self._who.items():
-      runs, start = [], who[0]
+      runs: list[str] = []
+      start: int | None = who[0]
       for a, b in zip(who, who[1:] + [None]):
         if b != a + 1:
           runs.append(str(start) if start == a else f'{start}-{a}')

@@ -55,7 +55,7 @@ def auto_error(found: pairing.Pairing, rules: rules_lib.Rules, where: str, linen
   then the modules it could not tell apart and what it did settle."""
   guessed = [k for k, _ in found.open if k]
   settled = {k: v for k, v in found.renames.items() if not any(k == g or k.startswith(g + '/') for g in guessed)}
-  settled = f'It settled rename({settled!r}).' if settled else 'It settled no rename.'
+  settled_text = f'It settled rename({settled!r}).' if settled else 'It settled no rename.'
   given = '' if rules is None else f' after the given rules {rules!r}'
   rename = {}
   if open_pairs := [(a, b) for a, b in found.open if a and b]:
@@ -74,7 +74,7 @@ def auto_error(found: pairing.Pairing, rules: rules_lib.Rules, where: str, linen
   fixes = (Fix('auto_rename', f'state the pairs it could not tell apart{why}', rename, rules,
                notes=(f'if {next(iter(rename))} is what {rename[next(iter(rename))]} holds (else give its partner'
                       ' instead; a given rename wins)',) if rename else ()),)
-  problems = tuple(found.unsettled) + (settled,)
+  problems = tuple(found.unsettled) + (settled_text,)
   return PlanError.of(head, problems, fixes)
 
 

@@ -50,7 +50,7 @@ def meet(a: Box, b: Box) -> bool:
 
 def union_count(grid, boxes: set) -> int:
   """How many distinct chunks some boxes of chunk indices cover together."""
-  boxes = [b for b in boxes if _count(b)]
+  boxes = {b for b in boxes if _count(b)}
   if all(not meet(a, b) for a, b in itertools.combinations(boxes, 2)):
     return sum(_count(b) for b in boxes)
   return len({c for b in boxes for c in grid.chunks(b)})

@@ -46,6 +46,7 @@ def _gc_paused():
 def check_cost(options: options_lib.RestoreOptions, prepared: planner.Prepared) -> None:
   """Warns of the expensive mistakes the plan's cost shows; with `strict_cost`, raises `PlanError` instead
   (before any read, alike on every process: each sees every process's cost)."""
+  assert prepared.plan.cost is not None  # prepare costs every plan it makes
   found = cost_lib.problems(prepared.plan.cost, max_over_read=options.max_over_read,
                             host_memory_limit_bytes=options.host_memory_limit_bytes)
   if options.strict_cost:

@@ -65,7 +65,7 @@ def inspect(ckpt: source_lib.Checkpoint) -> dict:
   }
 
 
-def size_text(n: int) -> str:
+def size_text(n: float) -> str:
   for unit in ('B', 'KiB', 'MiB', 'GiB'):
     if n < 1024 or unit == 'GiB':
       return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'

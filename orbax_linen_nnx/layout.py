@@ -217,7 +217,9 @@ def describe(paths: Iterable[Path], layout: str) -> list[Leaf]:
 
   # Where the model, the optimizer state and the step live in this layout.
   if layout == LINEN and 'params' in top and top & {'opt_state', 'step'}:
-    model_root, opt_root, step_path = ('params',), ('opt_state',), ('step',)
+    model_root: Path = ('params',)
+    opt_root: Path | None = ('opt_state',)
+    step_path: Path | None = ('step',)
     extra_collections = top - {'params', 'opt_state', 'step'}
   elif layout == NNX and 'model' in top and top <= {'model', 'optimizer'}:
     model_root, opt_root = ('model',), ('optimizer', 'opt_state')

@@ -41,6 +41,10 @@ def box_shape(box: Box) -> Shape:
 class Op:
   """What every op says about itself besides its boxes: the dtype it makes, and its form over a layer stack."""
 
+  def shape(self, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+    """The output shape from the inputs' `shapes`."""
+    raise TypeError(f'{self} states no shape')  # every op below does
+
   def out_dtype(self, dtypes: Sequence[Any]) -> np.dtype:
     """The dtype made from inputs of `dtypes`: the first input's, unless the op casts."""
     return np.dtype(dtypes[0])

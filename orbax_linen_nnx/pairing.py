@@ -28,7 +28,7 @@ import dataclasses
 import functools
 import itertools
 import re
-from typing import Mapping
+from typing import Mapping, cast
 
 from orbax_linen_nnx import layout
 
@@ -93,7 +93,7 @@ def tree(leaves: Mapping[Path, tuple[int, ...]], info: Mapping[Path, tuple[int |
   """
   root = Module(())
   for path, shape in leaves.items():
-    node, at = root, ()
+    node, at = root, cast(tuple[str, ...], ())
     for seg in path[:-1]:
       parts = layout.nnx_names((seg,))
       given = '/'.join(filter(None, (node.given if node is not root else '', seg)))
@@ -240,9 +240,11 @@ def _by_numbers(targets: list[Module]) -> list[Module] | None:
   `conv_0`, `conv_1`; list entries) whose order is not known otherwise; else None. Only a guess: `nnx.eval_shape`
   and `nnx.State` keep no attribute order, and names like these usually count in the order modules are made."""
   found = [_NUMBERED.fullmatch((t.given or '/'.join(t.path)).rsplit('/', 1)[-1]) for t in targets]
-  if not all(found) or len({m[1] for m in found}) != 1 or len({int(m[2]) for m in found}) != len(found):
+  matched = [m for m in found if m]
+  if (len(matched) != len(found) or len({m[1] for m in matched}) != 1
+      or len({int(m[2]) for m in matched}) != len(matched)):
     return None
-  return [dataclasses.replace(t, order=int(m[2])) for t, m in zip(targets, found)]
+  return [dataclasses.replace(t, order=int(m[2])) for t, m in zip(targets, matched)]
 
 
 def _entries(children: list[Module]) -> list[Module]:

@@ -332,6 +332,7 @@ def build(
             f"rules='auto' found no partner for {m} (partial=True: kept as given, or unused)"
             for m in found.unpaired) + (
             f"rules='auto' inferred rules=[rename({renames!r})] (plan --suggest-rules writes them as a module)",)
+        assert attempt.plan is not None  # a pairing without problems has its plan
         return dataclasses.replace(attempt.plan, notes=attempt.plan.notes + notes, inferred_renames=renames)
       first, pair = attempt, inferred
   # Rules written for one layer fail on a stack whose layer axis nobody stated.
@@ -343,6 +344,7 @@ def build(
   if not attempt.problems:
     notes = tuple(f"layer axis {a} of source stack '{'/'.join(r)}' inferred from its shapes: rules see one layer"
                   for r, a in guessed.items())
+    assert attempt.plan is not None  # a pairing without problems has its plan
     return dataclasses.replace(attempt.plan, notes=attempt.plan.notes + notes)
   error = diagnose.error(first.problems, missing=first.missing, unused=first.unused, linen_to_nnx=linen_to_nnx,
                          modules=modules, rules=rules, where=where, source_layout=source_layout,

@@ -38,6 +38,9 @@ def nbytes(shape, dtype) -> int:
 class Sized:
   """`nbytes` and `ndim` from `shape` and `dtype`: what Orbax asks of a leaf it writes as an array."""
 
+  shape: tuple[int, ...]
+  dtype: Any
+
   @property
   def nbytes(self) -> int:
     return nbytes(self.shape, self.dtype)
@@ -258,11 +261,11 @@ class Cost:
   """Every process's `ProcessCost` for one restore (`simulated`: processes from `processes=`, not devices;
   `caller`: the process that made a real plan, whose cost its printout shows)."""
 
-  processes: tuple[ProcessCost, ...] | tuple[WriteCost, ...]
+  processes: tuple[Any, ...]  # every ProcessCost (a restore's) or every WriteCost (a save's)
   simulated: bool = False
   caller: int | None = None
 
-  def of(self, process: int) -> ProcessCost:
+  def of(self, process: int) -> Any:
     for p in self.processes:
       if p.process == process:
         return p
@@ -447,8 +450,8 @@ class PlanError(ValueError):
   @classmethod
   def of(cls, head: str, problems, fixes, details=()) -> 'PlanError':
     """The error with its parts; its message says them as the Python API would."""
-    parts = dict(head=head, problems=tuple(problems), fixes=tuple(fixes), details=tuple(details))
-    return cls(cls('', **parts).text(), **parts)
+    shown = cls('', head=head, problems=tuple(problems), fixes=tuple(fixes), details=tuple(details)).text()
+    return cls(shown, head=head, problems=tuple(problems), fixes=tuple(fixes), details=tuple(details))
 
   def text(self, fix_line: str | None = None, verbose: bool = False, cli: bool = False) -> str:
     """The message with `fix_line` in place of the Python fixes (where it has structure) and, with
@@ -477,5 +480,5 @@ def warn(message: str) -> None:
   level, frame = 2, sys._getframe(1)  # stacklevel 2 is the frame that called warn
   while frame is not None and any(f'{os.sep}{pkg}{os.sep}' in frame.f_code.co_filename
                                   for pkg in ('orbax', 'orbax_linen_nnx', 'concurrent')):
-    level, frame = level + 1, frame.f_back
+    level, frame = level + 1, frame.f_back  # type: ignore[assignment]
   warnings.warn(f'orbax_linen_nnx: {message}', LinenCompatWarning, stacklevel=level)

@@ -176,7 +176,7 @@ def _then(place, region):
 
 def _evaluate(recipe, inputs: Sequence[_Input]) -> np.ndarray:
   if isinstance(recipe, int):
-    return inputs[recipe].buf
+    return inputs[recipe].buf  # type: ignore[return-value]  # filled before any recipe is evaluated
   op, box, parts = recipe
   return op.apply(box, [_evaluate(p, inputs) for p in parts])
 
@@ -345,14 +345,16 @@ class _Engine:
         for inp in s.inputs:
           inp.chunks = self.grid(inp.name).chunk_box(inp.box)
           by_array[inp.name].append(inp)
-    shared = set()  # ids of inputs that share a chunk with another input
+    shared: set[int] = set()  # ids of inputs that share a chunk with another input
     groups = _Groups()  # slices joined by the chunks they share
     for inputs in by_array.values():
       for a, b in itertools.combinations(inputs, 2):
         if _meet(a.chunks, b.chunks):
           shared.update((id(a), id(b)))
           groups.join(a.owner, b.owner)
-    reads, by_chunk, grouped = [], {}, set()
+    reads: list[_Read] = []
+    by_chunk: dict[tuple[str, tuple[int, ...]], _Read] = {}
+    grouped: set[int] = set()
     for leaf in self.leaves:
       if leaf.whole is not None:
         reads.append(leaf.whole)
@@ -389,9 +391,9 @@ class _Engine:
             if inp.waiting:
               reads.append(_Read(inp.box, grid.nbytes(inp.box), [inp], name=inp.name))
             continue
-          chunks = grid.chunks(inp.chunks)
-          inp.waiting = len(chunks)
-          for c in chunks:  # shared chunks: each read once, every input copies its part
+          under = grid.chunks(inp.chunks)
+          inp.waiting = len(under)
+          for c in under:  # shared chunks: each read once, every input copies its part
             r = by_chunk.get((inp.name, c))
             if r is None:
               box = grid.box(c)
@@ -441,7 +443,7 @@ class _Engine:
     if r.group is not None:
       r.future = [self._view(g.leaf)[_slices(g.box)].read() for g in r.group]
     else:
-      source = self.stores[r.name] if r.leaf is None else self._view(r.leaf)
+      source = self.stores[r.name] if r.leaf is None else self._view(r.leaf)  # type: ignore[index]  # a leafless read names its array
       r.future = source[_slices(r.box)].read()
 
   def _view(self, leaf: _Leaf):
@@ -504,7 +506,8 @@ class _Engine:
     shape = tuple(t.shape)
     if leaf.small:
       host = leaf.host
-      leaf.array = jax.make_array_from_callback(shape, leaf.sharding, lambda index: host[box_of(index, shape)])
+      leaf.array = jax.make_array_from_callback(shape, leaf.sharding,
+                                                lambda index: host[box_of(index, shape)])  # type: ignore[arg-type]
     else:
       devices = leaf.sharding.addressable_devices_indices_map(shape)
       leaf.array = jax.make_array_from_single_device_arrays(shape, leaf.sharding, [leaf.placed[d] for d in devices])
@@ -519,6 +522,7 @@ def _broadcast(arr: jax.Array, replica_axis: str) -> jax.Array:
   through exactly.
   """
   sharding = arr.sharding
+  assert isinstance(sharding, jax.sharding.NamedSharding)  # replicated along a mesh axis
   bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[np.dtype(arr.dtype).itemsize]
 
   def spread(x):

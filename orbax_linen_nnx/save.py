@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -283,7 +283,7 @@ def _empties(tree: Any, at: Path = ()) -> list[Path]:
   if isinstance(tree, (nnx.Variable, nnx.State)):
     return []
   if isinstance(tree, tuple) and hasattr(tree, '_fields'):
-    items = zip(tree._fields, tree)
+    items: Iterable[tuple[Any, Any]] = zip(tree._fields, tree)
   elif isinstance(tree, (tuple, list)):
     items = enumerate(tree)
   elif isinstance(tree, Mapping):

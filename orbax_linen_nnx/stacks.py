@@ -215,7 +215,7 @@ def plan(direct, to_stack, to_unstack, stacks, source_layout, target_layout, pro
   out.update(_unstack(to_unstack, stacks, source_layout, target_layout, problems))
   # Layer counts that per-layer leaves of a stack tell (a converter's per-layer
   # moments beside stacked params): a move of that stack's axis must keep them.
-  depth = {}
+  depth: dict[Path, int] = {}
   for _, root, layers in to_stack:
     depth[root] = max(depth.get(root, 0), max(layers) + 1)
   for _, root, _, index in to_unstack:
@@ -444,7 +444,7 @@ def guess_source_axes(unfit, sources, source_layout: str, stacks: Stacks) -> dic
   two arrays sit and exactly one axis has the same size in all of them.
   """
   params: dict[Path, dict[Path, tuple]] = {}  # per section: model path -> shape
-  of_path: dict[Path, Path] = {}
+  of_path: dict[Path, tuple[Path, Path]] = {}  # source path -> (section, model path)
   for s, leaf in zip(sources, layout.describe([s.path for s in sources], source_layout)):
     if leaf.meaning.param:
       norm = normalize(leaf.meaning.param)

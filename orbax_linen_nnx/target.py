@@ -249,7 +249,7 @@ class _Shardings:
     self.keep_abstract = keep_abstract  # a plan of a simulated run: devices that need not exist
     self.unmeshed: dict[str, list[str]] = collections.defaultdict(list)  # abstract mesh -> leaf paths
     self.problems: list[str] = []
-    self._world = None
+    self._world: set | None = None
 
   def resolve(self, path: Path, value) -> Any:
     """The concrete sharding of a leaf; None where it gives none (see `for_unsharded`), or cannot be made."""
@@ -269,7 +269,8 @@ class _Shardings:
         axes = ', '.join(f'{a}={n}' for a, n in zip(sharding.mesh.axis_names, sharding.mesh.axis_sizes))
         self.unmeshed[f'an AbstractMesh ({axes})'].append(layout.render(path))
         return None
-      sharding = jax.sharding.NamedSharding(self.mesh, sharding.spec, memory_kind=sharding.memory_kind)
+      sharding = jax.sharding.NamedSharding(self.mesh, sharding.spec,  # type: ignore[arg-type]  # _fits: a mesh
+                                            memory_kind=sharding.memory_kind)
     self._check(path, tuple(value.shape), sharding)
     return sharding
 
@@ -277,7 +278,8 @@ class _Shardings:
     where = f"target '{layout.render(path)}' {shape}"
     if self._world is None:
       self._world = set(jax.devices())
-    outside = [] if _abstract(sharding) else sorted(d.id for d in sharding.device_set if d not in self._world)
+    world = self._world
+    outside = [] if _abstract(sharding) else sorted(d.id for d in sharding.device_set if d not in world)
     if outside:
       self.problems.append(f'{where}: its sharding uses devices {outside}, which are not among this run\'s'
                            ' devices (jax.devices()); build the mesh from jax.devices()')
@@ -288,7 +290,7 @@ class _Shardings:
       self.problems.append(f'{where}: its PartitionSpec {sharding.spec} has {len(spec)} entries for'
                            f' {len(shape)} dimensions; drop the extra entries')
       return
-    seen = collections.Counter()
+    seen: collections.Counter = collections.Counter()
     for d, entry in enumerate(spec):
       names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
       seen.update(names)
@@ -333,7 +335,7 @@ class _Shardings:
       return default_sharding()
     else:
       devices = {frozenset(s.device_set) for s in given}
-      sharding = given[0] if given and len(devices) == 1 and len(given[0].device_set) == 1 else default_sharding()
+      sharding = given[0] if given and len(devices) == 1 and len(given[0].device_set) == 1 else default_sharding()  # type: ignore[assignment]
     where = (f"mesh ({', '.join(f'{a}={n}' for a, n in sharding.mesh.shape.items())})"
              if isinstance(sharding, jax.sharding.NamedSharding) else f'{_device_count(sharding)} device(s)')
     if given:  # beside sharded leaves: say where these went
@@ -373,7 +375,7 @@ def module_order(module: nnx.Module) -> dict[Path, tuple[int | None, str]]:
         out[at] = (len(out) if concrete else None, type(node).__name__)
       items = [(k, v) for k, v in vars(node).items() if not k.startswith('_')]
     elif isinstance(node, (list, tuple)):
-      items = list(enumerate(node))
+      items = [(str(k), v) for k, v in enumerate(node)]
     elif isinstance(node, dict):
       items = list(node.items())
     else:
@@ -405,7 +407,8 @@ def flatten(abstract: Any, *, layout_name: str | None = None, mesh: jax.sharding
                          inner.large_replicated, modules=module_order(abstract))
   is_nnx = isinstance(abstract, nnx.State)
   flat, treedef = jax.tree_util.tree_flatten_with_path(abstract, is_leaf=_is_variable)
-  found, leaves = [], []  # per leaf: (path, value, sharding) or None (no array)
+  found: list[Any] = []  # per leaf: (path, value, sharding) or None (no array)
+  leaves: list[Any] = []
   shardings = _Shardings(mesh, keep_abstract)
   not_arrays = []
   for keys, leaf in flat:
@@ -427,7 +430,7 @@ def flatten(abstract: Any, *, layout_name: str | None = None, mesh: jax.sharding
   large: list[str] = []
   default = shardings.for_unsharded([s for _, _, s, _ in filter(None, found) if s is not None], unsharded,
                                     notes, large) if unsharded else None
-  slots = []
+  slots: list[Target | None] = []
   for entry, leaf in zip(found, leaves):
     if entry is None:
       slots.append(None)
@@ -446,5 +449,5 @@ def flatten(abstract: Any, *, layout_name: str | None = None, mesh: jax.sharding
         ' jax.eval_shape) or jax.Array; nothing was read.')
   if layout_name is None:
     layout_name = layout.NNX if is_nnx else layout.detect(t.path for t in slots if t is not None)
-  return AbstractState(layout_name, slots, leaves, treedef.unflatten, shardings.finish(), notes, large,
+  return AbstractState(layout_name, slots, leaves, treedef.unflatten, shardings.finish(), notes, large,  # type: ignore[attr-defined]
                        leaves_out_unfilled=is_nnx)

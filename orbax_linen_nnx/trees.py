@@ -125,14 +125,14 @@ def build_save(
     problems.append(f'aux={aux!r}: NNX-only state goes in {layout.SIDECAR!r} (beside the Linen tree),'
                     f' {layout.NNX_AUX!r} (in it, as MaxText writes it) or, with aux=None, nowhere')
     aux = layout.SIDECAR
-  stacks = stacks_lib.Stacks.parse(stacks, problems).with_default(layout.NNX, layout.LINEN)
+  spec = stacks_lib.Stacks.parse(stacks, problems).with_default(layout.NNX, layout.LINEN)
   if targets is None:
     problems += _auto_without_target(rules, layout.NNX, layout.LINEN)
   described = list(zip(sources, layout.describe([s.path for s in sources], layout.NNX)))
   skip = [s.path for s, leaf in described if variable_types.get(s.path) in EPHEMERAL_TYPES
           or (aux is None and nnx_only_type(variable_types.get(s.path)) and leaf.meaning.section == ('model',))]
   described = [(s, leaf) for s, leaf in described if s.path not in skip]
-  entries, depth, train_state = _rewritten(described, rules, stacks, layout.NNX, layout.LINEN)
+  entries, depth, train_state = _rewritten(described, rules, spec, layout.NNX, layout.LINEN)
   original = {src.path: leaf.meaning.param for src, leaf in described}
   kinds = {m: variable_types.get(ops.stored_leaves(expr)[0].path) for expr, m, _, _ in entries}
   # Batch statistics beside the params (Flax's BatchNorm guide): `params` then holds variables['params'].
@@ -161,8 +161,8 @@ def build_save(
     if not m.param:
       derived.append(Target(base, shape, dtype, None, key_impl=key_impl))
       continue
-    written = None if stacks.declared(m.param, layout.LINEN) else _as_written(m.param, original.get(first.path))
-    for param, s in stacks_lib.placed(m.param, shape, stacks, depth, layout.LINEN, problems):
+    written = None if spec.declared(m.param, layout.LINEN) else _as_written(m.param, original.get(first.path))
+    for param, s in stacks_lib.placed(m.param, shape, spec, depth, layout.LINEN, problems):
       derived.append(Target(base + (written or param), s, dtype, None, key_impl=key_impl))
   if targets is not None:
     # Exactly the caller's Linen tree; NNX-only state it has no place for goes in `aux`'s place.
@@ -171,7 +171,7 @@ def build_save(
     derived = list(targets) + extra
   derived.sort(key=lambda t: t.path)
   plan = planner.build(sources, derived, source_layout=layout.NNX, target_layout=layout.LINEN, rules=rules,
-               stacks=stacks, where='the NNX state', problems=problems, skip=skip, action=action)
+               stacks=spec, where='the NNX state', problems=problems, skip=skip, action=action)
   aside = [r for r in plan.reads if r.target.path[:1] == (layout.NNX_AUX,)] if aux == layout.SIDECAR else []
   if aside and not (targets is not None and any(t.path[:1] == (layout.NNX_AUX,) for t in targets)):
     plan = dataclasses.replace(plan, notes=plan.notes + (
@@ -206,9 +206,9 @@ def build_nnx(
   fc1/kernel/value (3, 8) float32  <-  params.Dense_0.kernel  (by rename Dense_0)
   """
   problems: list[str] = _auto_without_target(rules, layout.LINEN, layout.NNX)
-  stacks = stacks_lib.Stacks.parse(stacks, problems).with_default(layout.LINEN, layout.NNX)
+  spec = stacks_lib.Stacks.parse(stacks, problems).with_default(layout.LINEN, layout.NNX)
   described = list(zip(sources, layout.describe([s.path for s in sources], layout.LINEN)))
-  entries, depth, train_state = _rewritten(described, rules, stacks, layout.LINEN, layout.NNX)
+  entries, depth, train_state = _rewritten(described, rules, spec, layout.LINEN, layout.NNX)
   targets = []
   for expr, m, _, _ in entries:
     shape, dtype, key_impl = tuple(expr.shape), expr.dtype, getattr(expr, 'key_impl', None)
@@ -223,9 +223,9 @@ def build_nnx(
       problems.append(f"{ops.stored_leaves(expr)[0]} is neither model variables, optimizer state nor step"
                       " of a Linen TrainState; give the NNX tree it goes to (a target)")
       continue
-    placed = stacks_lib.placed(m.param, shape, stacks, depth, layout.NNX, problems) if m.param else [((), shape)]
+    placed = stacks_lib.placed(m.param, shape, spec, depth, layout.NNX, problems) if m.param else [((), shape)]
     for param, s in placed:
       targets.append(Target(base + param + ('value',), s, dtype, None, key_impl=key_impl))
   targets.sort(key=lambda t: t.path)
   return planner.build(sources, targets, source_layout=layout.LINEN, target_layout=layout.NNX, rules=rules,
-               stacks=stacks, where=where, problems=problems)
+               stacks=spec, where=where, problems=problems)

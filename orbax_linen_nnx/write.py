@@ -295,7 +295,7 @@ async def within(items: Sequence[Any], cost: Callable[[Any], int], work: Callabl
   for item in items:
     n = cost(item)
     async with done:
-      await done.wait_for(lambda n=n: held == 0 or held + n <= budget)
+      await done.wait_for(lambda: held == 0 or held + n <= budget)
       held += n
     tasks.append(asyncio.ensure_future(one(item, n)))
     for t in [t for t in tasks if t.done()]:
