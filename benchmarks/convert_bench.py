@@ -49,11 +49,11 @@ import restore_bench as rb  # noqa: E402
 
 # transform -> (the Linen layout converted, the convert options, what the naive converter does)
 TRANSFORMS = {
-    'plain': ('loop', [], 'plain'),
-    'stack': ('loop', ['--stacks', '{"layers": {"nnx": 0}}'], 'stack'),
-    'unstack': ('scan', ['--stacks', '{"layers": {"nnx": null}}'], 'unstack'),
-    'move': ('scan', ['--stacks', '{"layers": {"nnx": 0}}'], 'move'),
-    'split': ('fused', ['--rules', '{rules}:RULES'], 'split'),
+  'plain': ('loop', [], 'plain'),
+  'stack': ('loop', ['--stacks', '{"layers": {"nnx": 0}}'], 'stack'),
+  'unstack': ('scan', ['--stacks', '{"layers": {"nnx": null}}'], 'unstack'),
+  'move': ('scan', ['--stacks', '{"layers": {"nnx": 0}}'], 'move'),
+  'split': ('fused', ['--rules', '{rules}:RULES'], 'split'),
 }
 MODES = ('ours', 'naive')
 RULES = f'from orbax_linen_nnx import split\nRULES = [split({rb.SPLIT_RULE[0]!r}, {rb.SPLIT_RULE[1]!r}, axis=0)]\n'
@@ -94,9 +94,9 @@ def naive(src: str, dst: str, kind: str) -> None:
     if layer is not None:  # a Linen loop: layers_3 -> layers/3, or gathered for a stack
       k = new.index(layer.group(0))
       if kind == 'stack':
-        stacked.setdefault(new[:k] + ('layers',) + new[k + 1:], {})[int(layer.group(1))] = value
+        stacked.setdefault(new[:k] + ('layers',) + new[k + 1 :], {})[int(layer.group(1))] = value
         continue
-      new = new[:k] + ('layers', layer.group(1)) + new[k + 1:]
+      new = new[:k] + ('layers', layer.group(1)) + new[k + 1 :]
     if kind == 'split' and new[-3:] == ('mlp', 'gating', 'kernel'):
       put(new[:-2] + ('gate', 'kernel'), value[0])
       put(new[:-2] + ('up', 'kernel'), value[1])
@@ -105,7 +105,7 @@ def naive(src: str, dst: str, kind: str) -> None:
       if kind == 'unstack':
         k = new.index('layers')
         for i in range(value.shape[1]):
-          put(new[:k + 1] + (str(i),) + new[k + 1:], np.ascontiguousarray(value[:, i]))
+          put(new[: k + 1] + (str(i),) + new[k + 1 :], np.ascontiguousarray(value[:, i]))
         continue
       value = np.ascontiguousarray(np.moveaxis(value, 1, 0))
     put(new, value)
@@ -121,6 +121,7 @@ def baseline() -> None:
   import orbax.checkpoint  # noqa: F401
 
   import orbax_linen_nnx  # noqa: F401
+
   jax.devices()
 
 
@@ -154,16 +155,28 @@ def peak_of(cmd: list[str]) -> dict:
   if done.returncode:
     print(done.stderr[-3000:], file=sys.stderr)
     sys.exit(1)
-  return {'wall_s': time.perf_counter() - start,
-          'peak_rss': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}
+  return {
+    'wall_s': time.perf_counter() - start,
+    'peak_rss': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+  }
 
 
 def largest_chunk(root: Path, cell: str) -> int:
   """Bytes of the largest stored chunk of the cell's source (what one decode holds)."""
   chunking, transform = cell.split('/')
-  out = subprocess.run([sys.executable, '-m', 'orbax_linen_nnx', 'inspect', '--json',
-                        str(root / chunking / TRANSFORMS[transform][0] / str(rb.STEP))],
-                       capture_output=True, text=True, check=True)
+  out = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'orbax_linen_nnx',
+      'inspect',
+      '--json',
+      str(root / chunking / TRANSFORMS[transform][0] / str(rb.STEP)),
+    ],
+    capture_output=True,
+    text=True,
+    check=True,
+  )
   arrays = json.loads(out.stdout)['arrays']
   return max(4 * math.prod(a["chunk"] or [1]) for a in arrays)
 
@@ -173,8 +186,19 @@ def outputs_match(root: Path, cell: str) -> bool:
   with tempfile.TemporaryDirectory(dir=root) as tmp:
     run_one(root, cell, 'ours', keep=Path(tmp) / 'ours')
     run_one(root, cell, 'naive', keep=Path(tmp) / 'naive')
-    done = subprocess.run([sys.executable, '-m', 'orbax_linen_nnx', 'compare', str(Path(tmp) / 'ours' / '1'),
-                           str(Path(tmp) / 'naive' / '1'), '--quiet'], capture_output=True, text=True)
+    done = subprocess.run(
+      [
+        sys.executable,
+        '-m',
+        'orbax_linen_nnx',
+        'compare',
+        str(Path(tmp) / 'ours' / '1'),
+        str(Path(tmp) / 'naive' / '1'),
+        '--quiet',
+      ],
+      capture_output=True,
+      text=True,
+    )
     return done.returncode == 0
 
 
@@ -185,7 +209,8 @@ def summary(rounds: list[dict], cell: str) -> dict:
     runs = {mode: [x[key] for x in rounds if x['cell'] == cell and x['mode'] == mode] for mode in MODES}
     out.update({f'{mode}_{name}': statistics.median(v) / scale for mode, v in runs.items()})
     out[f"{'time' if key == 'wall_s' else 'extra'}_ratio"] = statistics.median(
-        o / n for o, n in zip(runs['ours'], runs['naive']))
+      o / n for o, n in zip(runs['ours'], runs['naive'])
+    )
   return out
 
 
@@ -208,30 +233,53 @@ def main(argv=None):
     return
   dm = rb.dims(args.size_mb)
   root = rb.build(args.cache, dm, f'decoder_D{dm["D"]}_L{dm["layers"]}')
-  base = json.loads(subprocess.run([sys.executable, __file__, '--peak', json.dumps(
-      [sys.executable, __file__, '--baseline'])], capture_output=True, text=True, check=True).stdout)['peak_rss']
+  base = json.loads(
+    subprocess.run(
+      [sys.executable, __file__, '--peak', json.dumps([sys.executable, __file__, '--baseline'])],
+      capture_output=True,
+      text=True,
+      check=True,
+    ).stdout
+  )['peak_rss']
   cells = [f'{ch}/{t}' for ch in args.chunkings.split(',') for t in args.cells.split(',')]
-  checks = {cell: {'outputs_match': outputs_match(root, cell), 'largest_chunk_mib': largest_chunk(root, cell) / 2**20}
-            for cell in cells}
+  checks = {
+    cell: {'outputs_match': outputs_match(root, cell), 'largest_chunk_mib': largest_chunk(root, cell) / 2**20}
+    for cell in cells
+  }
   print(checks, file=sys.stderr, flush=True)
   rounds = []
   for r in range(args.runs):
     for cell in cells:
-      for mode in (MODES if r % 2 == 0 else MODES[::-1]):
+      for mode in MODES if r % 2 == 0 else MODES[::-1]:
         rounds.append({**run_one(root, cell, mode), 'round': r})
         rounds[-1]['extra_rss'] = rounds[-1]['peak_rss'] - base
         print(rounds[-1], file=sys.stderr, flush=True)
   size = sum(f.stat().st_size for f in (root / 'host' / 'loop' / str(rb.STEP)).rglob('*') if f.is_file())
   table = {cell: {**summary(rounds, cell), **checks[cell]} for cell in cells}
-  print('| cell | ours s | naive s | ours/naive time | ours MiB | naive MiB | ours/naive memory | largest chunk MiB'
-        ' | outputs equal |')
+  print(
+    '| cell | ours s | naive s | ours/naive time | ours MiB | naive MiB | ours/naive memory | largest chunk MiB'
+    ' | outputs equal |'
+  )
   print('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |')
   for cell, t in table.items():
-    print(f"| {cell} | {t['ours_s']:.2f} | {t['naive_s']:.2f} | {t['time_ratio']:.2f} | {t['ours_extra_mib']:.0f}"
-          f" | {t['naive_extra_mib']:.0f} | {t['extra_ratio']:.2f} | {t['largest_chunk_mib']:.1f}"
-          f" | {'yes' if t['outputs_match'] else 'NO'} |")
-  args.json.write_text(json.dumps({'dims': dm, 'runs': args.runs, 'baseline_rss_mib': base / 2**20,
-                                   'checkpoint_bytes': size, 'cells': table, 'raw': rounds}, indent=1))
+    print(
+      f"| {cell} | {t['ours_s']:.2f} | {t['naive_s']:.2f} | {t['time_ratio']:.2f} | {t['ours_extra_mib']:.0f}"
+      f" | {t['naive_extra_mib']:.0f} | {t['extra_ratio']:.2f} | {t['largest_chunk_mib']:.1f}"
+      f" | {'yes' if t['outputs_match'] else 'NO'} |"
+    )
+  args.json.write_text(
+    json.dumps(
+      {
+        'dims': dm,
+        'runs': args.runs,
+        'baseline_rss_mib': base / 2**20,
+        'checkpoint_bytes': size,
+        'cells': table,
+        'raw': rounds,
+      },
+      indent=1,
+    )
+  )
 
 
 if __name__ == '__main__':

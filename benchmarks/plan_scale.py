@@ -51,20 +51,20 @@ CHUNK_LIMIT = 2 * 2**20  # Orbax's OCDBT chunk_byte_size (its target data file s
 
 # Per layer: name -> (shape, the saving mesh axes per dimension).
 LAYER = {
-    'attention/query/kernel': ((D, H, DH), ('fsdp', 'tp', None)),
-    'attention/key/kernel': ((D, KV, DH), ('fsdp', 'tp', None)),
-    'attention/value/kernel': ((D, KV, DH), ('fsdp', 'tp', None)),
-    'attention/out/kernel': ((H, DH, D), ('tp', None, 'fsdp')),
-    'mlp/wi_0/kernel': ((D, F), ('fsdp', 'tp')),
-    'mlp/wi_1/kernel': ((D, F), ('fsdp', 'tp')),
-    'mlp/wo/kernel': ((F, D), ('tp', 'fsdp')),
-    'pre_attention_norm/scale': ((D,), ('fsdp',)),
-    'post_attention_norm/scale': ((D,), ('fsdp',)),
+  'attention/query/kernel': ((D, H, DH), ('fsdp', 'tp', None)),
+  'attention/key/kernel': ((D, KV, DH), ('fsdp', 'tp', None)),
+  'attention/value/kernel': ((D, KV, DH), ('fsdp', 'tp', None)),
+  'attention/out/kernel': ((H, DH, D), ('tp', None, 'fsdp')),
+  'mlp/wi_0/kernel': ((D, F), ('fsdp', 'tp')),
+  'mlp/wi_1/kernel': ((D, F), ('fsdp', 'tp')),
+  'mlp/wo/kernel': ((F, D), ('tp', 'fsdp')),
+  'pre_attention_norm/scale': ((D,), ('fsdp',)),
+  'post_attention_norm/scale': ((D,), ('fsdp',)),
 }
 TOP = {
-    'token_embedder/embedding': ((VOCAB, D), ('tp', 'fsdp')),
-    'decoder_norm/scale': ((D,), (None,)),
-    'logits_dense/kernel': ((D, VOCAB), ('fsdp', 'tp')),
+  'token_embedder/embedding': ((VOCAB, D), ('tp', 'fsdp')),
+  'decoder_norm/scale': ((D,), (None,)),
+  'logits_dense/kernel': ((D, VOCAB), ('fsdp', 'tp')),
 }
 
 
@@ -129,10 +129,16 @@ def build(directory: Path) -> Path:
   context = ts.Context()
   opening = []
   for name, (shape, dtype, axes) in arrays.items():
-    spec = {'driver': 'zarr', 'kvstore': {'driver': 'ocdbt', 'base': f'file://{item}/', 'path': name},
-            'metadata': {'shape': list(shape), 'chunks': list(chunk_of(shape, axes, itemsize(dtype))),
-                         'dtype': {'bfloat16': 'bfloat16', 'float32': '<f4', 'int32': '<i4'}[dtype],
-                         'compressor': {'id': 'zstd', 'level': 1}}}
+    spec = {
+      'driver': 'zarr',
+      'kvstore': {'driver': 'ocdbt', 'base': f'file://{item}/', 'path': name},
+      'metadata': {
+        'shape': list(shape),
+        'chunks': list(chunk_of(shape, axes, itemsize(dtype))),
+        'dtype': {'bfloat16': 'bfloat16', 'float32': '<f4', 'int32': '<i4'}[dtype],
+        'compressor': {'id': 'zstd', 'level': 1},
+      },
+    }
     opening.append(ts.open(spec, create=True, delete_existing=True, context=context))
   for f in opening:
     f.result()
@@ -164,8 +170,13 @@ def _abstract(processes: int):
 
   scalar = jax.ShapeDtypeStruct((), np.int32, sharding=NamedSharding(pod, P()))
   bf16 = jax.numpy.bfloat16
-  return {'model': tree(bf16), 'optimizer': {'step': scalar, 'opt_state': {'0': {
-      'count': scalar, 'mu': tree(np.float32), 'nu': tree(np.float32)}}}}
+  return {
+    'model': tree(bf16),
+    'optimizer': {
+      'step': scalar,
+      'opt_state': {'0': {'count': scalar, 'mu': tree(np.float32), 'nu': tree(np.float32)}},
+    },
+  }
 
 
 def one(item: str, mode: str, processes: int) -> dict:
@@ -181,8 +192,9 @@ def one(item: str, mode: str, processes: int) -> dict:
     if mode == 'all':
       return orbax_linen_nnx.plan(item, abstract, processes=processes, target_layout='nnx', max_over_read=None)
     args = args_lib.LinenCompatRestore(abstract, target_layout='nnx', max_over_read=None)
-    return planner.prepare(item, args.abstract_state, args.options,
-                           topology=cost_lib.Topology(processes, only=processes // 2)).plan
+    return planner.prepare(
+      item, args.abstract_state, args.options, topology=cost_lib.Topology(processes, only=processes // 2)
+    ).plan
 
   start = time.perf_counter()
   plan = run()
@@ -192,13 +204,27 @@ def one(item: str, mode: str, processes: int) -> dict:
   run()
   _, peak_py = tracemalloc.get_traced_memory()
   tracemalloc.stop()
-  row = {'mode': mode, 'wall_s': wall, 'peak_python_bytes': peak_py, 'max_rss_bytes': rss,
-         'arrays': sum(len(r.sources) for r in plan.reads) + 3, 'targets': len(plan.reads),
-         'cost_processes': len(plan.cost.processes)}
+  row = {
+    'mode': mode,
+    'wall_s': wall,
+    'peak_python_bytes': peak_py,
+    'max_rss_bytes': rss,
+    'arrays': sum(len(r.sources) for r in plan.reads) + 3,
+    'targets': len(plan.reads),
+    'cost_processes': len(plan.cost.processes),
+  }
   if mode == 'all':
-    row['per_process'] = [{'process': p.process, 'read_bytes': p.read_bytes, 'chunks': p.chunks,
-                           'placed_bytes': p.placed_bytes, 'device_max_bytes': p.device_max_bytes,
-                           'host_bound_bytes': p.host_bound_bytes} for p in plan.cost.processes]
+    row['per_process'] = [
+      {
+        'process': p.process,
+        'read_bytes': p.read_bytes,
+        'chunks': p.chunks,
+        'placed_bytes': p.placed_bytes,
+        'device_max_bytes': p.device_max_bytes,
+        'host_bound_bytes': p.host_bound_bytes,
+      }
+      for p in plan.cost.processes
+    ]
     row['summary'] = plan.cost.summary()
   return row
 
@@ -240,23 +266,32 @@ def check(item: str, processes: int) -> dict:
         parts = n // (sizes[entry] if entry else 1)
         i = coord[entry] if entry else 0
         box.append((i * parts, (i + 1) * parts))
-      for layer in (range(*box[0]) if stacked else [None]):
+      for layer in range(*box[0]) if stacked else [None]:
         name, rest = (by_layer[layer], box[1:]) if stacked else (names[0], box)
         shape, dtype, axes = arrays[name]
         chunk = chunk_of(shape, axes, itemsize(dtype))
         ranges = [range(lo // c, (hi - 1) // c + 1) for (lo, hi), c in zip(rest, chunk)]
         for c in itertools.product(*ranges):
           needed.setdefault((name, c), set()).add(position // per)
-  return {'stored_chunks_read': len(planned), 'exact': planned == needed,
-          'mismatches': sum(1 for k in set(planned) | set(needed) if planned.get(k) != needed.get(k)),
-          'reads': sum(len(v) for v in planned.values()), 'jax': jax.__version__}
+  return {
+    'stored_chunks_read': len(planned),
+    'exact': planned == needed,
+    'mismatches': sum(1 for k in set(planned) | set(needed) if planned.get(k) != needed.get(k)),
+    'reads': sum(len(v) for v in planned.values()),
+    'jax': jax.__version__,
+  }
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument('--rounds', type=int, default=3)
-  ap.add_argument('--processes', type=int, nargs='+', default=[64, 256],
-                  help='simulated process counts (each divides the 256 devices)')
+  ap.add_argument(
+    '--processes',
+    type=int,
+    nargs='+',
+    default=[64, 256],
+    help='simulated process counts (each divides the 256 devices)',
+  )
   ap.add_argument('--json', type=Path, default=HERE / 'plan_scale_results.json')
   ap.add_argument('--one', nargs=3, help=argparse.SUPPRESS)
   ap.add_argument('--check', nargs=2, help=argparse.SUPPRESS)
@@ -287,27 +322,44 @@ def main(argv=None):
   gib = 2**30
   for n, res in results.items():
     rows, checked = res['rows'], res['check']
-    median = {m: {k: statistics.median(r[k] for r in rows if r['mode'] == m)
-                  for k in ('wall_s', 'max_rss_bytes', 'peak_python_bytes')} for m in ('all', 'one')}
+    median = {
+      m: {
+        k: statistics.median(r[k] for r in rows if r['mode'] == m)
+        for k in ('wall_s', 'max_rss_bytes', 'peak_python_bytes')
+      }
+      for m in ('all', 'one')
+    }
     res['median'] = median
     all_row = next(r for r in rows if r['mode'] == 'all')
     s = all_row['summary']
-    print(f"\n{n} processes x {SAVE_MESH[0] * SAVE_MESH[1] // n} devices (simulated): {all_row['targets']} targets"
-          f" from {len(linen_arrays())} stored arrays")
+    print(
+      f"\n{n} processes x {SAVE_MESH[0] * SAVE_MESH[1] // n} devices (simulated): {all_row['targets']} targets"
+      f" from {len(linen_arrays())} stored arrays"
+    )
     for m, label in (('all', "plan + every process's cost"), ('one', "one process's plan + own cost")):
       walls = ', '.join(f"{r['wall_s']:.2f}" for r in rows if r['mode'] == m)
-      print(f"  {label}: {median[m]['wall_s']:.2f} s (rounds {walls}), peak RSS"
-            f" {median[m]['max_rss_bytes'] / 2**20:.0f} MiB, planner Python peak"
-            f" {median[m]['peak_python_bytes'] / 2**20:.0f} MiB")
-    print(f"  reads per process: {s['read_bytes']['min'] / gib:.2f}-{s['read_bytes']['max'] / gib:.2f} GiB,"
-          f" {s['chunks']['min']:,}-{s['chunks']['max']:,} chunks; {s['read_bytes']['total'] / gib:.1f} GiB in all;"
-          f" device max {s['device_max_bytes']['max'] / gib:.2f} GiB; host bound max"
-          f" {s['host_bound_bytes']['max'] / 2**20:.0f} MiB")
-    print(f"  every stored chunk read by exactly the processes that need it: {checked['exact']}"
-          f" ({checked['stored_chunks_read']:,} chunks, {checked['reads']:,} reads,"
-          f" {checked['mismatches']} mismatches)")
-  args.json.write_text(json.dumps({'rounds': args.rounds, 'built_s': built, 'disk_bytes': disk,
-                                   'results': {str(n): r for n, r in results.items()}}, indent=1))
+      print(
+        f"  {label}: {median[m]['wall_s']:.2f} s (rounds {walls}), peak RSS"
+        f" {median[m]['max_rss_bytes'] / 2**20:.0f} MiB, planner Python peak"
+        f" {median[m]['peak_python_bytes'] / 2**20:.0f} MiB"
+      )
+    print(
+      f"  reads per process: {s['read_bytes']['min'] / gib:.2f}-{s['read_bytes']['max'] / gib:.2f} GiB,"
+      f" {s['chunks']['min']:,}-{s['chunks']['max']:,} chunks; {s['read_bytes']['total'] / gib:.1f} GiB in all;"
+      f" device max {s['device_max_bytes']['max'] / gib:.2f} GiB; host bound max"
+      f" {s['host_bound_bytes']['max'] / 2**20:.0f} MiB"
+    )
+    print(
+      f"  every stored chunk read by exactly the processes that need it: {checked['exact']}"
+      f" ({checked['stored_chunks_read']:,} chunks, {checked['reads']:,} reads,"
+      f" {checked['mismatches']} mismatches)"
+    )
+  args.json.write_text(
+    json.dumps(
+      {'rounds': args.rounds, 'built_s': built, 'disk_bytes': disk, 'results': {str(n): r for n, r in results.items()}},
+      indent=1,
+    )
+  )
 
 
 if __name__ == '__main__':

@@ -54,8 +54,13 @@ from pathlib import Path
 
 STEP = 5
 CHUNKINGS = ('host', 'shards', 'mesh')
-CELLS = {'plain': ('loop', 'unrolled'), 'stack': ('loop', 'stacked'), 'unstack': ('scan', 'unrolled'),
-         'move': ('scan', 'stacked'), 'split': ('fused', 'unrolled')}
+CELLS = {
+  'plain': ('loop', 'unrolled'),
+  'stack': ('loop', 'stacked'),
+  'unstack': ('scan', 'unrolled'),
+  'move': ('scan', 'stacked'),
+  'split': ('fused', 'unrolled'),
+}
 LAYOUTS = ('loop', 'fused', 'scan', 'unrolled', 'stacked')
 LAYER_AXIS = {'scan': 1, 'stacked': 0}
 MODES = ('native', 'ours', 'naive')
@@ -73,10 +78,18 @@ MANY = {'D': 96, 'F': 192, 'V': 384, 'layers': 64, 'norms': True}  # 64 x 9 weig
 
 # ------------------------------------------------------------------ the trees
 
+
 def layer_shapes(dm) -> dict:
   d, f = dm['D'], dm['F']
-  shapes = {('attn', 'q'): (d, d), ('attn', 'k'): (d, d), ('attn', 'v'): (d, d), ('attn', 'o'): (d, d),
-            ('mlp', 'gate'): (d, f), ('mlp', 'up'): (d, f), ('mlp', 'down'): (f, d)}
+  shapes = {
+    ('attn', 'q'): (d, d),
+    ('attn', 'k'): (d, d),
+    ('attn', 'v'): (d, d),
+    ('attn', 'o'): (d, d),
+    ('mlp', 'gate'): (d, f),
+    ('mlp', 'up'): (d, f),
+    ('mlp', 'down'): (f, d),
+  }
   if dm.get('norms'):
     shapes.update({('ln1',): (d,), ('ln2',): (d,)})
   return shapes
@@ -96,8 +109,10 @@ def model_tree(dm, values, layout: str) -> dict:
   """One copy (params, mu or nu) of the model, as nested dicts of numpy arrays, in `layout`."""
   import numpy as np
 
-  tree = {'embed': {'embedding': values(('embed',), (dm['V'], dm['D']))},
-          'head': {'kernel': values(('head',), (dm['D'], dm['V']))}}
+  tree = {
+    'embed': {'embedding': values(('embed',), (dm['V'], dm['D']))},
+    'head': {'kernel': values(('head',), (dm['D'], dm['V']))},
+  }
   per = []
   for i in range(dm['layers']):
     layer = {}
@@ -130,12 +145,18 @@ def train_state_tree(dm, values_of, layout: str) -> dict:
 
   p, mu, nu = (model_tree(dm, values_of(k), layout) for k in ('params', 'mu', 'nu'))
   if layout in ('loop', 'fused', 'scan'):
-    return {'params': {'params': p},
-            'opt_state': [{'count': np.int32(STEP), 'mu': {'params': mu}, 'nu': {'params': nu}}, None],
-            'step': np.int32(STEP)}
-  return {'model': wrap(p), 'optimizer': {'opt_state': {'0': {'count': {'value': np.int32(STEP)}, 'mu': wrap(mu),
-                                                              'nu': wrap(nu)}},
-                                          'step': {'value': np.uint32(STEP)}}}
+    return {
+      'params': {'params': p},
+      'opt_state': [{'count': np.int32(STEP), 'mu': {'params': mu}, 'nu': {'params': nu}}, None],
+      'step': np.int32(STEP),
+    }
+  return {
+    'model': wrap(p),
+    'optimizer': {
+      'opt_state': {'0': {'count': {'value': np.int32(STEP)}, 'mu': wrap(mu), 'nu': wrap(nu)}},
+      'step': {'value': np.uint32(STEP)},
+    },
+  }
 
 
 def wrap(t):
@@ -206,6 +227,7 @@ def standard_args(ap, results: str):
 
 # ------------------------------------------------------------------ building
 
+
 def random_values():
   """`values_of(copy)(key, shape)`: standard-normal float32 values, the same for a key in every layout."""
   import numpy as np
@@ -218,7 +240,9 @@ def random_values():
       if (copy, key) not in base:
         base[(copy, key)] = rng.standard_normal(shape, dtype=np.float32)
       return base[(copy, key)]
+
     return values
+
   return values_of
 
 
@@ -241,6 +265,7 @@ def build(cache: Path, dm: dict, name: str, chunkings=CHUNKINGS, layouts=LAYOUTS
   for layout in layouts:
     tree = train_state_tree(dm, values_of, layout)
     for chunking in chunkings:
+
       def place(path, a):
         a = np.asarray(a)
         if chunking == 'host' or a.ndim == 0:
@@ -259,6 +284,7 @@ def build(cache: Path, dm: dict, name: str, chunkings=CHUNKINGS, layouts=LAYOUTS
 
 # ------------------------------------------------------------------ one measurement (a fresh process)
 
+
 def rss_now_and_peak() -> tuple[int, int]:
   status = Path('/proc/self/status').read_text().splitlines()
   get = lambda key: next(int(line.split()[1]) * 1024 for line in status if line.startswith(key))
@@ -268,8 +294,9 @@ def rss_now_and_peak() -> tuple[int, int]:
 def counter(name: str) -> int:
   import tensorstore as ts
 
-  return sum(v.get('value', 0) for m in ts.experimental_collect_matching_metrics(name) if m['name'] == name
-             for v in m['values'])
+  return sum(
+    v.get('value', 0) for m in ts.experimental_collect_matching_metrics(name) if m['name'] == name for v in m['values']
+  )
 
 
 def measure(root: Path, chunking: str, cell: str, mode: str, profile: bool, budget_mb: float | None) -> dict:
@@ -286,8 +313,12 @@ def measure(root: Path, chunking: str, cell: str, mode: str, profile: bool, budg
   source, target = CELLS[cell]
   nnx_dir, linen_dir = root / chunking / target, root / chunking / source
   meta = ocp.PyTreeCheckpointHandler().metadata(nnx_dir / str(STEP) / 'default').tree
-  abstract = map_tree(lambda path, m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=NamedSharding(
-      mesh, spec_of(tuple(m.shape), stack_axis_of(path, target)))), meta)
+  abstract = map_tree(
+    lambda path, m: jax.ShapeDtypeStruct(
+      tuple(m.shape), m.dtype, sharding=NamedSharding(mesh, spec_of(tuple(m.shape), stack_axis_of(path, target)))
+    ),
+    meta,
+  )
   state_bytes = sum(math.prod(m.shape) * np.dtype(m.dtype).itemsize for _, m in flat_paths(meta))
   rules = [orbax_linen_nnx.split(*SPLIT_RULE, axis=0)] if source == 'fused' else None
   budget = None if budget_mb is None else int(budget_mb * 2**20)
@@ -302,8 +333,7 @@ def measure(root: Path, chunking: str, cell: str, mode: str, profile: bool, budg
   elif mode == 'ours' and profile:
     from orbax_linen_nnx import RestoreOptions, planner, read
 
-    prepared = planner.prepare(linen_dir / str(STEP) / 'default', abstract, RestoreOptions(rules=rules),
-                               phases=phases)
+    prepared = planner.prepare(linen_dir / str(STEP) / 'default', abstract, RestoreOptions(rules=rules), phases=phases)
     state = prepared.state
     t = time.perf_counter()
     values = read.execute(prepared.plan, prepared.checkpoint, budget_bytes=budget)
@@ -314,7 +344,8 @@ def measure(root: Path, chunking: str, cell: str, mode: str, profile: bool, budg
     phases['rebuild'] = time.perf_counter() - t
   elif mode == 'ours':
     out = ocp.CheckpointManager(linen_dir).restore(
-        STEP, args=orbax_linen_nnx.LinenCompatRestore(abstract, rules=rules, read_budget_bytes=budget))
+      STEP, args=orbax_linen_nnx.LinenCompatRestore(abstract, rules=rules, read_budget_bytes=budget)
+    )
   else:
     out = naive(linen_dir, source, target, abstract)
   jax.block_until_ready(out)
@@ -322,11 +353,20 @@ def measure(root: Path, chunking: str, cell: str, mode: str, profile: bool, budg
   _, peak = rss_now_and_peak()
   got = dict(flat_paths(out))
   assert len(got) == len(dict(flat_paths(abstract))), 'restored tree is incomplete'
-  return {'mode': mode, 'chunking': chunking, 'cell': cell, 'wall_s': wall, 'peak_rss': peak,
-          'rss_before': before_rss, 'state_bytes': state_bytes, 'overhead_bytes': peak - before_rss - state_bytes,
-          'bytes_read': counter('/tensorstore/kvstore/file/bytes_read') - bytes_before,
-          'chunk_reads': counter('/tensorstore/cache/chunk_cache/reads') - chunks_before,
-          'phases': phases, 'budget_mb': budget_mb}
+  return {
+    'mode': mode,
+    'chunking': chunking,
+    'cell': cell,
+    'wall_s': wall,
+    'peak_rss': peak,
+    'rss_before': before_rss,
+    'state_bytes': state_bytes,
+    'overhead_bytes': peak - before_rss - state_bytes,
+    'bytes_read': counter('/tensorstore/kvstore/file/bytes_read') - bytes_before,
+    'chunk_reads': counter('/tensorstore/cache/chunk_cache/reads') - chunks_before,
+    'phases': phases,
+    'budget_mb': budget_mb,
+  }
 
 
 def naive(linen_dir: Path, source: str, target: str, abstract):
@@ -355,21 +395,32 @@ def naive(linen_dir: Path, source: str, target: str, abstract):
     return out
 
   opt = linen['opt_state'][0]
-  host = {'model': wrap(to_nnx(linen['params']['params'])),
-          'optimizer': {'opt_state': {'0': {'count': {'value': opt['count']}, 'mu': wrap(to_nnx(opt['mu']['params'])),
-                                            'nu': wrap(to_nnx(opt['nu']['params']))}},
-                        'step': {'value': np.asarray(linen['step'], np.uint32)}}}
+  host = {
+    'model': wrap(to_nnx(linen['params']['params'])),
+    'optimizer': {
+      'opt_state': {
+        '0': {
+          'count': {'value': opt['count']},
+          'mu': wrap(to_nnx(opt['mu']['params'])),
+          'nu': wrap(to_nnx(opt['nu']['params'])),
+        }
+      },
+      'step': {'value': np.asarray(linen['step'], np.uint32)},
+    },
+  }
   return jax.device_put(host, map_tree(lambda _, a: a.sharding, abstract))
 
 
 # ------------------------------------------------------------------ multi-process restore
 
+
 def mp_worker(root: Path, port: int, pid: int, n: int, out: Path):
   import jax
 
   jax.config.update('jax_num_cpu_devices', 8 // n)
-  jax.distributed.initialize(f'127.0.0.1:{port}', n, pid, coordinator_bind_address=f'127.0.0.1:{port}',
-                             initialization_timeout=60)
+  jax.distributed.initialize(
+    f'127.0.0.1:{port}', n, pid, coordinator_bind_address=f'127.0.0.1:{port}', initialization_timeout=60
+  )
   import numpy as np
   import orbax.checkpoint as ocp
   from jax.sharding import Mesh, NamedSharding
@@ -379,16 +430,22 @@ def mp_worker(root: Path, port: int, pid: int, n: int, out: Path):
   devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
   mesh = Mesh(np.array(devices).reshape(2, 4), ('fsdp', 'tp'))
   meta = ocp.PyTreeCheckpointHandler().metadata(root / 'shards' / 'stacked' / str(STEP) / 'default').tree
-  abstract = map_tree(lambda path, m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=NamedSharding(
-      mesh, spec_of(tuple(m.shape), stack_axis_of(path, 'stacked')))), meta)
+  abstract = map_tree(
+    lambda path, m: jax.ShapeDtypeStruct(
+      tuple(m.shape), m.dtype, sharding=NamedSharding(mesh, spec_of(tuple(m.shape), stack_axis_of(path, 'stacked')))
+    ),
+    meta,
+  )
   before = counter('/tensorstore/kvstore/file/bytes_read')
   start = time.perf_counter()
   restored = ocp.CheckpointManager(root / 'shards' / 'loop').restore(
-      STEP, args=orbax_linen_nnx.LinenCompatRestore(abstract))
+    STEP, args=orbax_linen_nnx.LinenCompatRestore(abstract)
+  )
   jax.block_until_ready(restored)
   wall = time.perf_counter() - start
-  out.write_text(json.dumps({'process': pid, 'wall_s': wall,
-                             'bytes_read': counter('/tensorstore/kvstore/file/bytes_read') - before}))
+  out.write_text(
+    json.dumps({'process': pid, 'wall_s': wall, 'bytes_read': counter('/tensorstore/kvstore/file/bytes_read') - before})
+  )
   os._exit(0)  # skip the distributed shutdown handshake
 
 
@@ -398,9 +455,26 @@ def multiprocess(root: Path, workdir: Path, n: int = 4, timeout_s: float = 300) 
     port = s.getsockname()[1]
   outs = [workdir / f'mp_{i}.json' for i in range(n)]
   env = {k: v for k, v in os.environ.items() if not k.startswith(('XLA_', 'JAX_'))} | {'JAX_PLATFORMS': 'cpu'}
-  procs = [subprocess.Popen([sys.executable, __file__, '--mp-worker', str(i), '--port', str(port),
-                             '--root', str(root), '--out', str(outs[i]), '--procs', str(n)], env=env)
-           for i in range(n)]
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        __file__,
+        '--mp-worker',
+        str(i),
+        '--port',
+        str(port),
+        '--root',
+        str(root),
+        '--out',
+        str(outs[i]),
+        '--procs',
+        str(n),
+      ],
+      env=env,
+    )
+    for i in range(n)
+  ]
   try:
     deadline = time.monotonic() + timeout_s
     while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
@@ -414,6 +488,7 @@ def multiprocess(root: Path, workdir: Path, n: int = 4, timeout_s: float = 300) 
 
 
 # ------------------------------------------------------------------ driver
+
 
 def run_one(root: Path, chunking: str, cell: str, mode: str, profile=False, budget_mb=None) -> dict:
   cmd = [sys.executable, __file__, '--one', mode, '--cell', cell, '--chunking', chunking, '--root', str(root)]
@@ -430,10 +505,16 @@ def run_one(root: Path, chunking: str, cell: str, mode: str, profile=False, budg
 def summarize(runs: list[dict]) -> dict:
   med = lambda key: statistics.median(r[key] for r in runs)
   walls = [r['wall_s'] for r in runs]
-  return {'median_s': statistics.median(walls), 'min_s': min(walls), 'max_s': max(walls),
-          'peak_rss_mb': med('peak_rss') / 2**20, 'overhead_mb': med('overhead_bytes') / 2**20,
-          'state_mb': runs[0]['state_bytes'] / 2**20, 'read_mb': med('bytes_read') / 2**20,
-          'chunk_reads': med('chunk_reads')}
+  return {
+    'median_s': statistics.median(walls),
+    'min_s': min(walls),
+    'max_s': max(walls),
+    'peak_rss_mb': med('peak_rss') / 2**20,
+    'overhead_mb': med('overhead_bytes') / 2**20,
+    'state_mb': runs[0]['state_bytes'] / 2**20,
+    'read_mb': med('bytes_read') / 2**20,
+    'chunk_reads': med('chunk_reads'),
+  }
 
 
 def paired(rounds: list[dict], a: str, b: str, key: str) -> dict:
@@ -452,10 +533,14 @@ def matrix(roots: dict, cells: list[tuple[str, str, str]], runs: int, modes_of) 
   out = {}
   for c, rs in rounds.items():
     modes = modes_of(c)
-    entry = {'results': {m: summarize([r[m] for r in rs]) for m in modes},
-             'ratios': {'ours/native time': paired(rs, 'ours', 'native', 'wall_s'),
-                        'ours/native peak RSS': paired(rs, 'ours', 'native', 'peak_rss')},
-             'raw': rs}
+    entry = {
+      'results': {m: summarize([r[m] for r in rs]) for m in modes},
+      'ratios': {
+        'ours/native time': paired(rs, 'ours', 'native', 'wall_s'),
+        'ours/native peak RSS': paired(rs, 'ours', 'native', 'peak_rss'),
+      },
+      'raw': rs,
+    }
     if 'naive' in modes:
       entry['ratios']['naive/ours time'] = paired(rs, 'naive', 'ours', 'wall_s')
       entry['ratios']['naive/ours peak RSS'] = paired(rs, 'naive', 'ours', 'peak_rss')
@@ -497,17 +582,23 @@ def main(argv=None):
   roots = {'decoder': build(a.cache, dm, f'decoder_D{dm["D"]}_L{dm["layers"]}')}
   cells = [('decoder', ch, c) for ch in a.chunkings.split(',') for c in a.cells.split(',')]
   if not a.skip_many:
-    roots['many'] = build(a.cache, MANY, 'many_L64x9', chunkings=('host', 'shards'),
-                          layouts=('loop', 'unrolled', 'stacked'))
+    roots['many'] = build(
+      a.cache, MANY, 'many_L64x9', chunkings=('host', 'shards'), layouts=('loop', 'unrolled', 'stacked')
+    )
     cells += [('many', ch, c) for ch in ('host', 'shards') for c in ('plain', 'stack')]
-  result = {'machine': f'{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}',
-            'command': ' '.join(['python', 'benchmarks/restore_bench.py'] + (argv or sys.argv[1:])),
-            'dims': dm, 'many_dims': MANY, 'runs': a.runs,
-            'cells': matrix(roots, cells, a.runs, lambda c: MODES if c[0] == 'decoder' else ('native', 'ours'))}
+  result = {
+    'machine': f'{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}',
+    'command': ' '.join(['python', 'benchmarks/restore_bench.py'] + (argv or sys.argv[1:])),
+    'dims': dm,
+    'many_dims': MANY,
+    'runs': a.runs,
+    'cells': matrix(roots, cells, a.runs, lambda c: MODES if c[0] == 'decoder' else ('native', 'ours')),
+  }
   if a.profile:
     prof = {}
     for c in [('decoder', 'host', 'stack'), ('decoder', 'shards', 'plain')] + (
-        [('many', 'shards', 'stack')] if 'many' in roots else []):
+      [('many', 'shards', 'stack')] if 'many' in roots else []
+    ):
       ps = [run_one(roots[c[0]], c[1], c[2], 'ours', profile=True) for _ in range(3)]
       prof['/'.join(c)] = {k: statistics.median(p['phases'][k] for p in ps) for k in ps[0]['phases']}
     result['profile'] = prof
@@ -530,31 +621,41 @@ def main(argv=None):
 def report(result: dict):
   """The table (docs/benchmarks.md's), printed last."""
   dm = result['dims']
-  print(f"\nDecoder D={dm['D']} F={dm['F']} V={dm['V']} x {dm['layers']} layers, float32 params + Adam mu, nu;"
-        f" target NNX sharded fsdp x tp on a (2, 4) mesh of 8 CPU devices; {result['runs']} runs per mode,"
-        ' fresh process per run; ratios are medians of per-round pairs')
-  print('| cell | state MiB | native s | ours s | naive s | ours/native time | ours/native peak RSS'
-        ' | naive/ours time | naive/ours peak RSS (overhead) | peak RSS MiB native / ours |')
+  print(
+    f"\nDecoder D={dm['D']} F={dm['F']} V={dm['V']} x {dm['layers']} layers, float32 params + Adam mu, nu;"
+    f" target NNX sharded fsdp x tp on a (2, 4) mesh of 8 CPU devices; {result['runs']} runs per mode,"
+    ' fresh process per run; ratios are medians of per-round pairs'
+  )
+  print(
+    '| cell | state MiB | native s | ours s | naive s | ours/native time | ours/native peak RSS'
+    ' | naive/ours time | naive/ours peak RSS (overhead) | peak RSS MiB native / ours |'
+  )
   print('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
   for name, cell in result['cells'].items():
     res, rat = cell['results'], cell['ratios']
     fmt = lambda key: f"{rat[key]['median']:.2f} [{rat[key]['min']:.2f}-{rat[key]['max']:.2f}]" if key in rat else '-'
     naive = f"{res['naive']['median_s']:.2f}" if 'naive' in res else '-'
     over = f" ({rat['naive/ours RSS overhead']['median']:.1f})" if 'naive/ours RSS overhead' in rat else ''
-    print(f"| {name} | {res['native']['state_mb']:.0f} | {res['native']['median_s']:.2f}"
-          f" | {res['ours']['median_s']:.2f}"
-          f" | {naive} | {fmt('ours/native time')} | {fmt('ours/native peak RSS')} | {fmt('naive/ours time')}"
-          f" | {fmt('naive/ours peak RSS')}{over}"
-          f" | {res['native']['peak_rss_mb']:.0f} / {res['ours']['peak_rss_mb']:.0f} |")
+    print(
+      f"| {name} | {res['native']['state_mb']:.0f} | {res['native']['median_s']:.2f}"
+      f" | {res['ours']['median_s']:.2f}"
+      f" | {naive} | {fmt('ours/native time')} | {fmt('ours/native peak RSS')} | {fmt('naive/ours time')}"
+      f" | {fmt('naive/ours peak RSS')}{over}"
+      f" | {res['native']['peak_rss_mb']:.0f} / {res['ours']['peak_rss_mb']:.0f} |"
+    )
   for name, phases in result.get('profile', {}).items():
     print(f'profile {name} (median of 3): ' + ', '.join(f'{k} {v:.3f}s' for k, v in phases.items()))
   for name, s in result.get('sweep', {}).items():
-    print(f"budget {name} MiB: {s['median_s']:.2f}s, peak RSS {s['peak_rss_mb']:.0f} MiB,"
-          f" chunk reads {s['chunk_reads']:.0f}")
+    print(
+      f"budget {name} MiB: {s['median_s']:.2f}s, peak RSS {s['peak_rss_mb']:.0f} MiB,"
+      f" chunk reads {s['chunk_reads']:.0f}"
+    )
   if 'multiprocess' in result:
     mp = result['multiprocess']
-    print(f"multi-process (4 x 2 devices, shards loop -> stacked): wall {max(p['wall_s'] for p in mp):.3f}s;"
-          f" read per process MiB {[round(p['bytes_read'] / 2**20, 1) for p in mp]}")
+    print(
+      f"multi-process (4 x 2 devices, shards loop -> stacked): wall {max(p['wall_s'] for p in mp):.3f}s;"
+      f" read per process MiB {[round(p['bytes_read'] / 2**20, 1) for p in mp]}"
+    )
 
 
 if __name__ == '__main__':

@@ -34,8 +34,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import restore_bench as rb  # noqa: E402
 
-CELLS = {'plain': ('unrolled', None), 'unstack': ('stacked', {'layers': {'nnx': 0, 'linen': None}}),
-         'move': ('stacked', {'layers': {'nnx': 0, 'linen': 1}})}
+CELLS = {
+  'plain': ('unrolled', None),
+  'unstack': ('stacked', {'layers': {'nnx': 0, 'linen': None}}),
+  'move': ('stacked', {'layers': {'nnx': 0, 'linen': 1}}),
+}
 MODES = ('native', 'ours')
 
 
@@ -52,8 +55,12 @@ def measure(root: Path, cell: str, mode: str) -> dict:
   mesh = jax.make_mesh((2, 4), ('fsdp', 'tp'))
   nnx_dir = root / 'shards' / layout
   meta = ocp.PyTreeCheckpointHandler().metadata(nnx_dir / str(rb.STEP) / 'default').tree
-  abstract = rb.map_tree(lambda path, m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=NamedSharding(
-      mesh, rb.spec_of(tuple(m.shape), rb.stack_axis_of(path, layout)))), meta)
+  abstract = rb.map_tree(
+    lambda path, m: jax.ShapeDtypeStruct(
+      tuple(m.shape), m.dtype, sharding=NamedSharding(mesh, rb.spec_of(tuple(m.shape), rb.stack_axis_of(path, layout)))
+    ),
+    meta,
+  )
   with ocp.CheckpointManager(nnx_dir) as mngr:
     state = mngr.restore(rb.STEP, args=ocp.args.StandardRestore(abstract))
   jax.block_until_ready(state)
@@ -86,14 +93,16 @@ def main(argv=None):
     print(json.dumps(measure(Path(root), cell, mode)))
     return
   dm = rb.dims(args.size_mb)
-  root = rb.build(args.cache, dm, f'decoder_D{dm["D"]}_L{dm["layers"]}', chunkings=('shards',),
-                  layouts=('unrolled', 'stacked'))
+  root = rb.build(
+    args.cache, dm, f'decoder_D{dm["D"]}_L{dm["layers"]}', chunkings=('shards',), layouts=('unrolled', 'stacked')
+  )
   rounds = []
   for r in range(args.runs):
     for cell in CELLS:
       for mode in MODES:
-        done = subprocess.run([sys.executable, __file__, '--one', str(root), cell, mode], capture_output=True,
-                              text=True, check=True)
+        done = subprocess.run(
+          [sys.executable, __file__, '--one', str(root), cell, mode], capture_output=True, text=True, check=True
+        )
         rounds.append({**json.loads(done.stdout.strip().splitlines()[-1]), 'round': r})
         print(rounds[-1], file=sys.stderr, flush=True)
   table = {}
@@ -101,16 +110,19 @@ def main(argv=None):
     get = lambda mode, key: [x[key] for x in rounds if x['cell'] == cell and x['mode'] == mode]
     ratio = lambda key: statistics.median(o / n for o, n in zip(get('ours', key), get('native', key)))
     table[cell] = {
-        'native_s': statistics.median(get('native', 'wall_s')), 'ours_s': statistics.median(get('ours', 'wall_s')),
-        'time_ratio': ratio('wall_s'),
-        'native_peak_mib': statistics.median(get('native', 'peak_over_state')) / 2**20,
-        'ours_peak_mib': statistics.median(get('ours', 'peak_over_state')) / 2**20,
-        'peak_ratio': ratio('peak_over_state'),
+      'native_s': statistics.median(get('native', 'wall_s')),
+      'ours_s': statistics.median(get('ours', 'wall_s')),
+      'time_ratio': ratio('wall_s'),
+      'native_peak_mib': statistics.median(get('native', 'peak_over_state')) / 2**20,
+      'ours_peak_mib': statistics.median(get('ours', 'peak_over_state')) / 2**20,
+      'peak_ratio': ratio('peak_over_state'),
     }
     t = table[cell]
-    print(f"{cell:8s} native {t['native_s']:.2f} s, ours {t['ours_s']:.2f} s ({t['time_ratio']:.2f}x);"
-          f" peak over state: native {t['native_peak_mib']:.0f} MiB, ours {t['ours_peak_mib']:.0f} MiB"
-          f" ({t['peak_ratio']:.2f}x)")
+    print(
+      f"{cell:8s} native {t['native_s']:.2f} s, ours {t['ours_s']:.2f} s ({t['time_ratio']:.2f}x);"
+      f" peak over state: native {t['native_peak_mib']:.0f} MiB, ours {t['ours_peak_mib']:.0f} MiB"
+      f" ({t['peak_ratio']:.2f}x)"
+    )
   args.json.write_text(json.dumps({'dims': dm, 'runs': args.runs, 'cells': table, 'raw': rounds}, indent=1))
 
 

@@ -103,10 +103,11 @@ def one(root: str, mode: str) -> dict:
   else:
     from orbax_linen_nnx import cli
 
-    assert cli.main(['convert', f'{root}/loop/{rb.STEP}', f'{root}/converted-{time.time_ns()}', '--to', 'nnx',
-                     '--quiet']) == cli.EXIT_OK
-  return {'mode': mode, 'wall_s': time.perf_counter() - start, 'tensorstore_http': http() - before,
-          'arrays': arrays}
+    assert (
+      cli.main(['convert', f'{root}/loop/{rb.STEP}', f'{root}/converted-{time.time_ns()}', '--to', 'nnx', '--quiet'])
+      == cli.EXIT_OK
+    )
+  return {'mode': mode, 'wall_s': time.perf_counter() - start, 'tensorstore_http': http() - before, 'arrays': arrays}
 
 
 def main(argv=None):
@@ -129,27 +130,39 @@ def main(argv=None):
       for round_ in range(args.rounds):
         for mode in MODES:
           before = len(emulator.request_log())
-          done = subprocess.run([sys.executable, __file__, '--one', root, mode], capture_output=True, text=True,
-                                timeout=900, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+          done = subprocess.run(
+            [sys.executable, __file__, '--one', root, mode],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+          )
           assert done.returncode == 0, done.stderr[-3000:]
           row = json.loads(done.stdout.strip().splitlines()[-1])
           asked = emulator.request_log()[before:]
-          row.update(round=round_, requests=len(asked),
-                     by_what=dict(sorted(collections.Counter(map(what, asked)).items())))
+          row.update(
+            round=round_, requests=len(asked), by_what=dict(sorted(collections.Counter(map(what, asked)).items()))
+          )
           rows.append(row)
           print({k: v for k, v in row.items() if k != 'by_what'}, file=sys.stderr, flush=True)
     finally:
       emulator.stop()
-  median = {mode: {k: statistics.median(r[k] for r in rows if r['mode'] == mode)
-                   for k in ('requests', 'tensorstore_http', 'wall_s')} for mode in MODES}
+  median = {
+    mode: {
+      k: statistics.median(r[k] for r in rows if r['mode'] == mode) for k in ('requests', 'tensorstore_http', 'wall_s')
+    }
+    for mode in MODES
+  }
   arrays = rows[0]['arrays']
   print(f'medians of {args.rounds} rounds; each row: every round\'s requests')
   print('| mode | requests | per array | TensorStore HTTP | vs native restore | wall s | rounds |')
   print('| --- | ---: | ---: | ---: | ---: | ---: | --- |')
   for mode, m in median.items():
     every = ', '.join(str(r['requests']) for r in rows if r['mode'] == mode)
-    print(f"| {mode} | {m['requests']:g} | {m['requests'] / arrays:.2f} | {m['tensorstore_http']:g} |"
-          f" {m['requests'] - median['native']['requests']:+g} | {m['wall_s']:.2f} | {every} |")
+    print(
+      f"| {mode} | {m['requests']:g} | {m['requests'] / arrays:.2f} | {m['tensorstore_http']:g} |"
+      f" {m['requests'] - median['native']['requests']:+g} | {m['wall_s']:.2f} | {every} |"
+    )
   kinds = sorted({k for r in rows for k in r['by_what']})
   print()
   print('| request (median) | ' + ' | '.join(MODES) + ' |')
@@ -157,8 +170,7 @@ def main(argv=None):
   for k in kinds:
     cells = [statistics.median(r['by_what'].get(k, 0) for r in rows if r['mode'] == mode) for mode in MODES]
     print(f'| {k} | ' + ' | '.join(f'{c:g}' for c in cells) + ' |')
-  args.json.write_text(json.dumps({'arrays': arrays, 'rounds': args.rounds, 'median': median, 'rows': rows},
-                                  indent=1))
+  args.json.write_text(json.dumps({'arrays': arrays, 'rounds': args.rounds, 'median': median, 'rows': rows}, indent=1))
 
 
 if __name__ == '__main__':

@@ -13,10 +13,21 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-__all__ = ['InternalTreeMetadata', 'build_array_read_spec', 'build_array_write_spec', 'RANDOM_KEY_IMPL',
-           'ArrayMetadataStore', 'run_sync', 'get_process_index_for_subdir', 'serialize_shardings',
-           'array_metadata_store', 'share_array_metadata_store', 'distributed_client', 'key_impl_name',
-           'refuse_as_jax_value']
+__all__ = [
+  'InternalTreeMetadata',
+  'build_array_read_spec',
+  'build_array_write_spec',
+  'RANDOM_KEY_IMPL',
+  'ArrayMetadataStore',
+  'run_sync',
+  'get_process_index_for_subdir',
+  'serialize_shardings',
+  'array_metadata_store',
+  'share_array_metadata_store',
+  'distributed_client',
+  'key_impl_name',
+  'refuse_as_jax_value',
+]
 
 # -- Orbax: reading a checkpoint's tree and arrays exactly as Orbax wrote them.
 

@@ -131,5 +131,4 @@ class LinenCompatSave(ocp.args.CheckpointArgs):
   def __post_init__(self):
     # Planned here, from shapes alone, so that every problem is raised before
     # the manager creates the step's directory.
-    self.plan = save_lib.plan_save(self.state, rules=self.rules, stacks=self.stacks, aux=self.aux,
-                                   target=self.target)
+    self.plan = save_lib.plan_save(self.state, rules=self.rules, stacks=self.stacks, aux=self.aux, target=self.target)

@@ -28,15 +28,22 @@ from etils import epath
 
 EXIT_OK, EXIT_DIFFER, EXIT_USAGE, EXIT_PLAN, EXIT_UNREADABLE, EXIT_DESTINATION, EXIT_RUNTIME = 0, 1, 2, 3, 4, 5, 6
 
-_EXIT_MEANING = {EXIT_OK: 'done', EXIT_DIFFER: 'values differ', EXIT_USAGE: 'bad command line',
-                 EXIT_PLAN: 'cannot plan',
-                 EXIT_UNREADABLE: 'source unreadable', EXIT_DESTINATION: 'destination refused',
-                 EXIT_RUNTIME: 'storage or runtime failure'}
+_EXIT_MEANING = {
+  EXIT_OK: 'done',
+  EXIT_DIFFER: 'values differ',
+  EXIT_USAGE: 'bad command line',
+  EXIT_PLAN: 'cannot plan',
+  EXIT_UNREADABLE: 'source unreadable',
+  EXIT_DESTINATION: 'destination refused',
+  EXIT_RUNTIME: 'storage or runtime failure',
+}
 
 # TensorStore and Orbax report storage failures as errors whose text starts with the status of the failed
 # operation (absl status codes): those are failures of the run, not of the command line.
-_RUNTIME_STATUS = re.compile(r'\s*(RESOURCE_EXHAUSTED|PERMISSION_DENIED|UNAVAILABLE|DEADLINE_EXCEEDED|DATA_LOSS|'
-                             r'ABORTED|INTERNAL|UNKNOWN|CANCELLED|UNAUTHENTICATED):')
+_RUNTIME_STATUS = re.compile(
+  r'\s*(RESOURCE_EXHAUSTED|PERMISSION_DENIED|UNAVAILABLE|DEADLINE_EXCEEDED|DATA_LOSS|'
+  r'ABORTED|INTERNAL|UNKNOWN|CANCELLED|UNAUTHENTICATED):'
+)
 
 
 def _runtime_failure(e: BaseException) -> bool:
@@ -99,8 +106,19 @@ def _mapping(args) -> tuple[Any, Any]:
   return (_load(args.rules, '--rules') if args.rules else None), _stacks(args.stacks)
 
 
-_UNITS = {'': 1, 'b': 1, 'k': 10**3, 'kb': 10**3, 'kib': 2**10, 'm': 10**6, 'mb': 10**6, 'mib': 2**20,
-          'g': 10**9, 'gb': 10**9, 'gib': 2**30}
+_UNITS = {
+  '': 1,
+  'b': 1,
+  'k': 10**3,
+  'kb': 10**3,
+  'kib': 2**10,
+  'm': 10**6,
+  'mb': 10**6,
+  'mib': 2**20,
+  'g': 10**9,
+  'gb': 10**9,
+  'gib': 2**30,
+}
 
 
 def _bytes(text: str) -> int:
@@ -112,9 +130,10 @@ def _bytes(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog='orbax-linen-nnx',
-      description='Inspect, plan, convert and compare Orbax checkpoints between the Flax Linen and NNX layouts.',
-      epilog='exit status: ' + ', '.join(f'{c} {m}' for c, m in _EXIT_MEANING.items()) + ' (compare: 0 they match)')
+    prog='orbax-linen-nnx',
+    description='Inspect, plan, convert and compare Orbax checkpoints between the Flax Linen and NNX layouts.',
+    epilog='exit status: ' + ', '.join(f'{c} {m}' for c, m in _EXIT_MEANING.items()) + ' (compare: 0 they match)',
+  )
   from orbax_linen_nnx import __version__
 
   p.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
@@ -124,8 +143,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument(name, type=_path, help=help)
 
   def mapping(q):
-    q.add_argument('--rules', metavar='MODULE:NAME',
-                   help="mapping rules (a list, dict or callable; see docs/rules.md), or 'auto' to infer the renames")
+    q.add_argument(
+      '--rules',
+      metavar='MODULE:NAME',
+      help="mapping rules (a list, dict or callable; see docs/rules.md), or 'auto' to infer the renames",
+    )
     q.add_argument('--stacks', metavar='JSON', help='layer axes: \'{"layers": {"linen": 1, "nnx": 0}}\'')
 
   def quiet(q, what='no progress bars (also off when not a terminal)'):
@@ -137,52 +159,95 @@ def _parser() -> argparse.ArgumentParser:
   def command(name, summary, examples, codes):
     """A subcommand whose --help has its description, examples and its own exit codes."""
     return sub.add_parser(
-        name, help=summary, description=summary[:1].upper() + summary[1:] + '.',
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog='examples:\n' + '\n'.join(f'  orbax-linen-nnx {name} {e}' for e in examples)
-               + '\n\nexit status: ' + ', '.join(f'{c} {_EXIT_MEANING[c]}' for c in codes))
+      name,
+      help=summary,
+      description=summary[:1].upper() + summary[1:] + '.',
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog='examples:\n'
+      + '\n'.join(f'  orbax-linen-nnx {name} {e}' for e in examples)
+      + '\n\nexit status: '
+      + ', '.join(f'{c} {_EXIT_MEANING[c]}' for c in codes),
+    )
 
-  q = command('inspect', 'what a checkpoint holds: layout, step, optimizer, stacks, arrays',
-              ['ckpts/linen/100', 'ckpts/linen --json | python -m json.tool'],
-              (EXIT_OK, EXIT_USAGE, EXIT_UNREADABLE, EXIT_RUNTIME))
+  q = command(
+    'inspect',
+    'what a checkpoint holds: layout, step, optimizer, stacks, arrays',
+    ['ckpts/linen/100', 'ckpts/linen --json | python -m json.tool'],
+    (EXIT_OK, EXIT_USAGE, EXIT_UNREADABLE, EXIT_RUNTIME),
+  )
   source(q)
   q.add_argument('--json', action='store_true', help='machine-readable output')
   quiet(q, 'the header only (layout, step, optimizer, stacks, totals), not the array tree')
   verbose(q, "each array's stored name (what rules and errors call a source)")
 
-  q = command('plan', 'the plan of restoring SRC into a target, or why it cannot be made',
-              ['ckpts/linen/100 --target model.py:abstract_state --rules auto',
-               'ckpts/linen/100 --target model.py:abstract_state --suggest-rules > rules.py',
-               'ckpts/linen/100 --to nnx --processes 64 --budget 256MiB'],
-              (EXIT_OK, EXIT_USAGE, EXIT_PLAN, EXIT_UNREADABLE, EXIT_RUNTIME))
+  q = command(
+    'plan',
+    'the plan of restoring SRC into a target, or why it cannot be made',
+    [
+      'ckpts/linen/100 --target model.py:abstract_state --rules auto',
+      'ckpts/linen/100 --target model.py:abstract_state --suggest-rules > rules.py',
+      'ckpts/linen/100 --to nnx --processes 64 --budget 256MiB',
+    ],
+    (EXIT_OK, EXIT_USAGE, EXIT_PLAN, EXIT_UNREADABLE, EXIT_RUNTIME),
+  )
   source(q, 'src')
   how = q.add_mutually_exclusive_group(required=True)
-  how.add_argument('--target', metavar='CKPT|MODULE:FUNCTION',
-                   help='a checkpoint whose tree to match, or a function returning an abstract state')
+  how.add_argument(
+    '--target',
+    metavar='CKPT|MODULE:FUNCTION',
+    help='a checkpoint whose tree to match, or a function returning an abstract state',
+  )
   how.add_argument('--to', choices=('nnx', 'linen'), help='the layout, with no model (the tree it saves)')
   mapping(q)
   q.add_argument('--partial', action='store_true', help='restore what has a source; report the rest')
-  q.add_argument('--processes', type=int, default=1, metavar='N',
-                 help='what a convert of it costs each of N processes (--distributed), from metadata')
-  q.add_argument('--budget', type=_bytes, default=None, metavar='SIZE',
-                 help='the convert budget to cost (default 32MiB)')
-  q.add_argument('--max-over-read', type=float, default=4.0, metavar='F',
-                 help='warn where a process of the restore decodes more than F times what its devices need')
-  q.add_argument('--host-memory-limit', type=_bytes, default=None, metavar='SIZE',
-                 help="warn where a process's read, or a convert, may hold more than SIZE on the host")
+  q.add_argument(
+    '--processes',
+    type=int,
+    default=1,
+    metavar='N',
+    help='what a convert of it costs each of N processes (--distributed), from metadata',
+  )
+  q.add_argument(
+    '--budget', type=_bytes, default=None, metavar='SIZE', help='the convert budget to cost (default 32MiB)'
+  )
+  q.add_argument(
+    '--max-over-read',
+    type=float,
+    default=4.0,
+    metavar='F',
+    help='warn where a process of the restore decodes more than F times what its devices need',
+  )
+  q.add_argument(
+    '--host-memory-limit',
+    type=_bytes,
+    default=None,
+    metavar='SIZE',
+    help="warn where a process's read, or a convert, may hold more than SIZE on the host",
+  )
   q.add_argument('--strict-cost', action='store_true', help='fail (exit 3) where those would warn')
-  verbose(q, "what a convert of it costs each process (also printed with --processes or --budget), and a plan"
-             " error's problems leaf by leaf")
+  verbose(
+    q,
+    "what a convert of it costs each process (also printed with --processes or --budget), and a plan"
+    " error's problems leaf by leaf",
+  )
   quiet(q, "the plan's first line only (what it reads and keeps); warnings still print")
   q.add_argument('--json', action='store_true', help='the plan as JSON (schema: RestorePlan.as_json)')
-  q.add_argument('--suggest-rules', action='store_true',
-                 help='print the renames inferred from the two trees as a rules module (--rules FILE:RULES loads'
-                      ' it); with --rules FILE:NAME, those rules come first and the rest is inferred')
+  q.add_argument(
+    '--suggest-rules',
+    action='store_true',
+    help='print the renames inferred from the two trees as a rules module (--rules FILE:RULES loads'
+    ' it); with --rules FILE:NAME, those rules come first and the rest is inferred',
+  )
 
-  q = command('convert', 'write SRC in another layout as a new checkpoint, in bounded memory',
-              ['ckpts/linen/100 ckpts/nnx/100 --to nnx --rules rules.py:RULES',
-               'ckpts/linen/100 ckpts/nnx/100 --target model.py:abstract_state --rules auto'],
-              (EXIT_OK, EXIT_USAGE, EXIT_PLAN, EXIT_UNREADABLE, EXIT_DESTINATION, EXIT_RUNTIME))
+  q = command(
+    'convert',
+    'write SRC in another layout as a new checkpoint, in bounded memory',
+    [
+      'ckpts/linen/100 ckpts/nnx/100 --to nnx --rules rules.py:RULES',
+      'ckpts/linen/100 ckpts/nnx/100 --target model.py:abstract_state --rules auto',
+    ],
+    (EXIT_OK, EXIT_USAGE, EXIT_PLAN, EXIT_UNREADABLE, EXIT_DESTINATION, EXIT_RUNTIME),
+  )
   source(q, 'src')
   q.add_argument('dst', type=_path, help='the step directory to write (its item goes under it)')
   how = q.add_mutually_exclusive_group(required=True)
@@ -190,30 +255,51 @@ def _parser() -> argparse.ArgumentParser:
   how.add_argument('--target', metavar='CKPT|MODULE:FUNCTION', help='write exactly this tree')
   mapping(q)
   q.add_argument('--overwrite', action='store_true', help='replace DST if it exists')
-  q.add_argument('--fill-nnx-only', choices=('from-target',),
-                 help="write the --target model's own values for the leaves no source holds (a Dropout's RNG"
-                      ' stream: a Linen run has none), so plain StandardRestore(nnx.state(abstract_model)) reads'
-                      ' the result; --target MODULE:FUNCTION then returns the state of a built model'
-                      ' (nnx.state(Model(nnx.Rngs(0)))), not nnx.eval_shape')
+  q.add_argument(
+    '--fill-nnx-only',
+    choices=('from-target',),
+    help="write the --target model's own values for the leaves no source holds (a Dropout's RNG"
+    ' stream: a Linen run has none), so plain StandardRestore(nnx.state(abstract_model)) reads'
+    ' the result; --target MODULE:FUNCTION then returns the state of a built model'
+    ' (nnx.state(Model(nnx.Rngs(0)))), not nnx.eval_shape',
+  )
   q.add_argument('--item', default='default', help="the item name under DST (default: 'default')")
-  verbose(q, "what the convert reads, writes and holds in memory before it starts, and a plan error's problems"
-             ' leaf by leaf')
-  q.add_argument('--json', action='store_true',
-                 help='the summary as JSON: written, layout, arrays, bytes, source, source_layout, filled,'
-                      ' left_out, dropped, skipped')
-  q.add_argument('--budget', type=_bytes, default=None, metavar='SIZE',
-                 help='decoded bytes per batch of arrays (default 32MiB); a larger array is written in blocks of rows')
-  q.add_argument('--distributed', action='store_true',
-                 help='run as one of several processes (jax.distributed.initialize; each writes its share)')
+  verbose(
+    q, "what the convert reads, writes and holds in memory before it starts, and a plan error's problems leaf by leaf"
+  )
+  q.add_argument(
+    '--json',
+    action='store_true',
+    help='the summary as JSON: written, layout, arrays, bytes, source, source_layout, filled,'
+    ' left_out, dropped, skipped',
+  )
+  q.add_argument(
+    '--budget',
+    type=_bytes,
+    default=None,
+    metavar='SIZE',
+    help='decoded bytes per batch of arrays (default 32MiB); a larger array is written in blocks of rows',
+  )
+  q.add_argument(
+    '--distributed',
+    action='store_true',
+    help='run as one of several processes (jax.distributed.initialize; each writes its share)',
+  )
   q.add_argument('--coordinator', help='with --distributed: host:port of process 0')
   q.add_argument('--num-processes', type=int, help='with --distributed: how many processes run this convert')
   q.add_argument('--process-id', type=int, help='with --distributed: this process, 0 .. --num-processes - 1')
-  quiet(q, 'no progress bars (also off when not a terminal), no count of what rules dropped; what it left out'
-           ' of the target, and how to restore it, is still said')
+  quiet(
+    q,
+    'no progress bars (also off when not a terminal), no count of what rules dropped; what it left out'
+    ' of the target, and how to restore it, is still said',
+  )
 
-  q = command('compare', 'compare two checkpoints in any layouts, leaf by leaf; exit 0 only if they match',
-              ['ckpts/linen/100 ckpts/nnx/100 --rules rules.py:RULES', 'a b --rtol 1e-6 --json'],
-              (EXIT_OK, EXIT_DIFFER, EXIT_USAGE, EXIT_PLAN, EXIT_UNREADABLE, EXIT_RUNTIME))
+  q = command(
+    'compare',
+    'compare two checkpoints in any layouts, leaf by leaf; exit 0 only if they match',
+    ['ckpts/linen/100 ckpts/nnx/100 --rules rules.py:RULES', 'a b --rtol 1e-6 --json'],
+    (EXIT_OK, EXIT_DIFFER, EXIT_USAGE, EXIT_PLAN, EXIT_UNREADABLE, EXIT_RUNTIME),
+  )
   source(q, 'a')
   source(q, 'b', help='the checkpoint whose tree A is read as')
   mapping(q)
@@ -222,8 +308,9 @@ def _parser() -> argparse.ArgumentParser:
   q.add_argument('--budget', type=_bytes, default=None, metavar='SIZE', help='decoded bytes per batch, each side')
   q.add_argument('--json', action='store_true', help='machine-readable output')
   quiet(q, 'the verdict and its counts only: no progress bar, no line per leaf')
-  verbose(q, "also the leaves that match, each with the A arrays it was read from, and a plan error's problems"
-             ' leaf by leaf')
+  verbose(
+    q, "also the leaves that match, each with the A arrays it was read from, and a plan error's problems leaf by leaf"
+  )
   return p
 
 
@@ -234,8 +321,14 @@ def _progress(description: str, total_bytes: int, arrays: int, quiet: bool):
   from rich import progress as rp
 
   console = Console(stderr=True)
-  columns = (rp.TextColumn('{task.description}'), rp.BarColumn(), rp.DownloadColumn(),
-             rp.TextColumn('{task.fields[arrays]}'), rp.TransferSpeedColumn(), rp.TimeRemainingColumn())
+  columns = (
+    rp.TextColumn('{task.description}'),
+    rp.BarColumn(),
+    rp.DownloadColumn(),
+    rp.TextColumn('{task.fields[arrays]}'),
+    rp.TransferSpeedColumn(),
+    rp.TimeRemainingColumn(),
+  )
   with rp.Progress(*columns, console=console, disable=quiet or not console.is_terminal) as bar:
     task = bar.add_task(description, total=total_bytes, arrays=f'0/{arrays} arrays')
     done = [0]
@@ -260,9 +353,9 @@ def _target(spec: str):
     return None, make()
   except TypeError as e:  # a class or function that needs arguments
     raise UsageError(
-        f'--target {spec}: calling it with no arguments failed ({e}). --target names a function with no arguments'
-        ' that returns the abstract state; write one beside your model, e.g. def abstract(): return'
-        ' nnx.state(nnx.eval_shape(lambda: Model(config, rngs=nnx.Rngs(0)))), and pass --target FILE.py:abstract'
+      f'--target {spec}: calling it with no arguments failed ({e}). --target names a function with no arguments'
+      ' that returns the abstract state; write one beside your model, e.g. def abstract(): return'
+      ' nnx.state(nnx.eval_shape(lambda: Model(config, rngs=nnx.Rngs(0)))), and pass --target FILE.py:abstract'
     ) from e
 
 
@@ -277,8 +370,13 @@ def _plan(args, src, rules: Any = None):
   tgt, abstract = _target(args.target)
   options = restore_options(args, rules)
   if tgt is not None:
-    return (convert.plan_into(src, convert.abstract_of(tgt), tgt.layout, rules=options.rules, stacks=options.stacks,
-                              partial=options.partial), tgt, None)
+    return (
+      convert.plan_into(
+        src, convert.abstract_of(tgt), tgt.layout, rules=options.rules, stacks=options.stacks, partial=options.partial
+      ),
+      tgt,
+      None,
+    )
   return planner.prepare(src, abstract, options).plan, None, abstract
 
 
@@ -320,24 +418,31 @@ def _plan_command(args) -> int:
   noted, held = convert.with_cost_note(src, plan, budget, args.processes)
   # The convert's cost where asked for (--verbose, --processes, --budget); the plan's own notes always.
   shown = noted if args.verbose or args.processes > 1 or args.budget else plan
-  print(json.dumps(shown.as_json(), indent=1) if args.json else str(shown).split('\n', 1)[0] if args.quiet
-        else shown)
+  print(json.dumps(shown.as_json(), indent=1) if args.json else str(shown).split('\n', 1)[0] if args.quiet else shown)
   limit = args.host_memory_limit
-  problems = [] if plan.cost is None else cost_lib.problems(plan.cost, max_over_read=args.max_over_read,
-                                                            host_memory_limit_bytes=limit)
+  problems = (
+    []
+    if plan.cost is None
+    else cost_lib.problems(plan.cost, max_over_read=args.max_over_read, host_memory_limit_bytes=limit)
+  )
   if limit is not None and held > limit:
-    fits = _fitting_budget(src, plan, limit, [limit - (held - budget), limit - convert.largest_chunk_bytes(src, plan)],
-                           args.processes)
+    fits = _fitting_budget(
+      src, plan, limit, [limit - (held - budget), limit - convert.largest_chunk_bytes(src, plan)], args.processes
+    )
     if fits is not None:
       fix = f'--budget {fits}, or convert on more processes (--processes to cost it)'
     else:  # a stored chunk is decoded whole: below it, no budget fits
       floor = convert.largest_chunk_bytes(src, plan)
       _, least = convert.with_cost_note(src, plan, floor, args.processes)
-      fix = (f'no --budget fits under it: one stored chunk is {plans.size_text(floor)} and is decoded whole;'
-             f' raise --host-memory-limit to at least {plans.size_text(least)} ({least} bytes) with --budget {floor},'
-             ' or convert on a machine with that much memory')
-    problems.append(f'a convert of it holds about {plans.size_text(held)} on the host (budget + stored chunks held'
-                    f' for several blocks), above --host-memory-limit {plans.size_text(limit)}. Fix: {fix}')
+      fix = (
+        f'no --budget fits under it: one stored chunk is {plans.size_text(floor)} and is decoded whole;'
+        f' raise --host-memory-limit to at least {plans.size_text(least)} ({least} bytes) with --budget {floor},'
+        ' or convert on a machine with that much memory'
+      )
+    problems.append(
+      f'a convert of it holds about {plans.size_text(held)} on the host (budget + stored chunks held'
+      f' for several blocks), above --host-memory-limit {plans.size_text(limit)}. Fix: {fix}'
+    )
   if problems and args.strict_cost:
     raise plans.PlanError(f'{len(problems)} cost problem(s) with --strict-cost:\n  ' + '\n  '.join(problems))
   for line in problems:
@@ -375,10 +480,13 @@ def _convert(args) -> int:
 
   if args.distributed:
     host = (args.coordinator or '').rpartition(':')[0]
-    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
-                               # a coordinator on this machine's loopback listens there only
-                               coordinator_bind_address=args.coordinator if host in ('127.0.0.1', 'localhost')
-                               else None)
+    jax.distributed.initialize(
+      args.coordinator,
+      args.num_processes,
+      args.process_id,
+      # a coordinator on this machine's loopback listens there only
+      coordinator_bind_address=args.coordinator if host in ('127.0.0.1', 'localhost') else None,
+    )
   from orbax_linen_nnx import convert, inspection, layout, plans, source
 
   src = source.open_checkpoint(args.src)
@@ -387,14 +495,17 @@ def _convert(args) -> int:
   filled = {}
   if args.fill_nnx_only:
     if abstract is None or args.distributed:
-      raise UsageError('--fill-nnx-only from-target writes the values of a --target MODULE:FUNCTION model, on one'
-                       ' process: give --target a function returning nnx.state(Model(...)) of a built model')
+      raise UsageError(
+        '--fill-nnx-only from-target writes the values of a --target MODULE:FUNCTION model, on one'
+        ' process: give --target a function returning nnx.state(Model(...)) of a built model'
+      )
     filled = convert.target_values(plan.kept, abstract)
     plan = dataclasses.replace(plan, kept=())
   names = None
   if abstract is not None:  # NNX Variables are saved as {'value': ...} nodes
-    names = {t.path: t.path + (('value',) if t.variable_type else ())
-             for t in [r.target for r in plan.reads] + list(filled)}
+    names = {
+      t.path: t.path + (('value',) if t.variable_type else ()) for t in [r.target for r in plan.reads] + list(filled)
+    }
   total = sum(plans.nbytes(r.target.shape, r.target.dtype) for r in plan.reads)
   budget = args.budget or convert.DEFAULT_BATCH_BYTES
   if args.verbose and jax.process_index() == 0:  # asked for, and never before a refusal of the destination
@@ -402,22 +513,46 @@ def _convert(args) -> int:
     noted, _ = convert.with_cost_note(src, plan, budget, jax.process_count())
     print(f'  note    {noted.notes[-1]}', file=sys.stderr)
   with _progress('convert', total, len(plan.reads), args.quiet or jax.process_index() != 0) as advance:
-    written = convert.convert(src, args.dst, plan, structure=structure, item=args.item, overwrite=args.overwrite,
-                              batch_bytes=budget, on_written=advance, names=names,
-                              extra={t.path: v for t, v in filled.items()})
+    written = convert.convert(
+      src,
+      args.dst,
+      plan,
+      structure=structure,
+      item=args.item,
+      overwrite=args.overwrite,
+      batch_bytes=budget,
+      on_written=advance,
+      names=names,
+      extra={t.path: v for t, v in filled.items()},
+    )
   if jax.process_index() == 0 and args.json:
-    print(json.dumps({'written': os.fspath(written), 'layout': plan.target_layout, 'arrays': len(plan.reads),
-                      'bytes': total, 'source': os.fspath(src.directory), 'source_layout': src.layout,
-                      'filled': [layout.render(t.path) for t in filled],
-                      'left_out': [layout.render(t.path) for t in plan.kept],
-                      'dropped': [x.name for x, _ in plan.dropped], 'skipped': [x.name for x in plan.skipped]},
-                     indent=1))
+    print(
+      json.dumps(
+        {
+          'written': os.fspath(written),
+          'layout': plan.target_layout,
+          'arrays': len(plan.reads),
+          'bytes': total,
+          'source': os.fspath(src.directory),
+          'source_layout': src.layout,
+          'filled': [layout.render(t.path) for t in filled],
+          'left_out': [layout.render(t.path) for t in plan.kept],
+          'dropped': [x.name for x, _ in plan.dropped],
+          'skipped': [x.name for x in plan.skipped],
+        },
+        indent=1,
+      )
+    )
   elif jax.process_index() == 0:
-    print(f'wrote {written} ({plan.target_layout} layout): {len(plan.reads)} arrays,'
-          f' {inspection.size_text(total)} from {src.directory} ({src.layout} layout)')
+    print(
+      f'wrote {written} ({plan.target_layout} layout): {len(plan.reads)} arrays,'
+      f' {inspection.size_text(total)} from {src.directory} ({src.layout} layout)'
+    )
     if (plan.dropped or plan.skipped) and not args.quiet:
-      print(f'  left out: {len(plan.dropped)} dropped by rules, {len(plan.skipped)} NNX-only arrays skipped'
-            ' (the plan command lists them)')
+      print(
+        f'  left out: {len(plan.dropped)} dropped by rules, {len(plan.skipped)} NNX-only arrays skipped'
+        ' (the plan command lists them)'
+      )
     if plan.kept:  # said even with --quiet: restoring the result needs it
       print(convert.kept_note(plan))
   return EXIT_OK
@@ -430,17 +565,38 @@ def _compare(args) -> int:
   rules, stacks = _mapping(args)
   total = sum(plans.nbytes(x.shape, x.dtype) for x in b.arrays)
   with _progress('compare', total, len(b.arrays), args.quiet) as advance:
-    result = compare.compare(a, b, rules=rules, stacks=stacks, rtol=args.rtol, atol=args.atol,
-                             batch_bytes=args.budget or convert.DEFAULT_BATCH_BYTES, on_done=advance)
+    result = compare.compare(
+      a,
+      b,
+      rules=rules,
+      stacks=stacks,
+      rtol=args.rtol,
+      atol=args.atol,
+      batch_bytes=args.budget or convert.DEFAULT_BATCH_BYTES,
+      on_done=advance,
+    )
   if args.json:
-    print(json.dumps({'equal': result.equal, 'compared': result.compared, 'missing': result.missing,
-                      'extra': result.extra, 'differing': result.differing, 'casts': result.casts,
-                      **({'pairs': {b: list(a) for b, a in result.pairs}} if args.verbose else {})}, indent=1))
+    print(
+      json.dumps(
+        {
+          'equal': result.equal,
+          'compared': result.compared,
+          'missing': result.missing,
+          'extra': result.extra,
+          'differing': result.differing,
+          'casts': result.casts,
+          **({'pairs': {b: list(a) for b, a in result.pairs}} if args.verbose else {}),
+        },
+        indent=1,
+      )
+    )
   else:
     print(f'A {a.directory} ({a.layout})\nB {b.directory} ({b.layout})')
-    print(f'{result.compared} leaves compared: {result.compared - len(result.differing)} match,'
-          f' {len(result.differing)} differ; {len(result.missing)} missing from A, {len(result.extra)} extra in A'
-          + (f' (rtol={args.rtol}, atol={args.atol})' if args.rtol or args.atol else ' (bit for bit)'))
+    print(
+      f'{result.compared} leaves compared: {result.compared - len(result.differing)} match,'
+      f' {len(result.differing)} differ; {len(result.missing)} missing from A, {len(result.extra)} extra in A'
+      + (f' (rtol={args.rtol}, atol={args.atol})' if args.rtol or args.atol else ' (bit for bit)')
+    )
     shown = [] if args.quiet else result.differing
     if args.verbose:
       differ = {d['path'] for d in result.differing}
@@ -448,8 +604,10 @@ def _compare(args) -> int:
         if b_path not in differ:
           print(f"  same     {b_path}  <-  {', '.join(a_names)}")
     for d in shown:
-      print(f"  differs  {d['path']}: {d['elements']} of {d['of']} elements, max abs diff {d['max_abs']:.6g},"
-            f" max rel diff {d['max_rel']:.6g}")
+      print(
+        f"  differs  {d['path']}: {d['elements']} of {d['of']} elements, max abs diff {d['max_abs']:.6g},"
+        f" max rel diff {d['max_rel']:.6g}"
+      )
     for p in [] if args.quiet else result.missing:
       print(f'  missing  {p} (in B, nothing in A makes it)')
     for p in [] if args.quiet else result.extra:
@@ -466,28 +624,46 @@ def _fix_line(error, args) -> str | None:
     return None
   src, tgt = (args.a, args.b) if args.command == 'compare' else (args.src, getattr(args, 'target', None))
   given = getattr(args, 'rules', None)
-  suggest = ' '.join(shlex.quote(str(x)) for x in (
-      'orbax-linen-nnx', 'plan', src, '--target', tgt, *(('--rules', given) if given else ()), '--suggest-rules'))
+  suggest = ' '.join(
+    shlex.quote(str(x))
+    for x in (
+      'orbax-linen-nnx',
+      'plan',
+      src,
+      '--target',
+      tgt,
+      *(('--rules', given) if given else ()),
+      '--suggest-rules',
+    )
+  )
   said = []
   for fix in error.fixes:
     notes = f" ({'; '.join(fix.notes)})" if fix.notes else ''
     if fix.kind == 'rename' and fix.auto and not given and tgt:
       pairs = ', '.join(f'{k} -> {v}' for k, v in fix.renames.items())
-      said.append(f'add --rules auto, which pairs {pairs} (to keep them as a file: {suggest} > rules.py, then'
-                  ' --rules rules.py:RULES)')
+      said.append(
+        f'add --rules auto, which pairs {pairs} (to keep them as a file: {suggest} > rules.py, then'
+        ' --rules rules.py:RULES)'
+      )
     elif fix.kind == 'rename' and fix.rules is not None:
-      said.append(f'write the renames in a file, rules.py holding RULES = {fix.rules!r}, and pass --rules'
-                  f' rules.py:RULES{notes}')
+      said.append(
+        f'write the renames in a file, rules.py holding RULES = {fix.rules!r}, and pass --rules rules.py:RULES{notes}'
+      )
     elif fix.kind == 'rename':
-      said.append(f'add rename({fix.renames!r}) to the list --rules {given} names (from orbax_linen_nnx import'
-                  f' rename){notes}')
+      said.append(
+        f'add rename({fix.renames!r}) to the list --rules {given} names (from orbax_linen_nnx import rename){notes}'
+      )
     elif fix.kind == 'auto_rename' and fix.renames:
       if given and given != 'auto':
-        said.append(f"add rename({fix.renames!r}) before 'auto' in the list --rules {given} names"
-                    f" {' '.join(fix.notes)}; then {suggest} > rules.py writes every rename")
+        said.append(
+          f"add rename({fix.renames!r}) before 'auto' in the list --rules {given} names"
+          f" {' '.join(fix.notes)}; then {suggest} > rules.py writes every rename"
+        )
       else:
-        said.append(f"write rules.py holding `from orbax_linen_nnx import rename` and RULES = [rename({fix.renames!r}),"
-                    f" 'auto'] {' '.join(fix.notes)}, and pass --rules rules.py:RULES (to plan --suggest-rules too)")
+        said.append(
+          f"write rules.py holding `from orbax_linen_nnx import rename` and RULES = [rename({fix.renames!r}),"
+          f" 'auto'] {' '.join(fix.notes)}, and pass --rules rules.py:RULES (to plan --suggest-rules too)"
+        )
     elif fix.kind == 'auto_rename':
       said.append("state the pairs in a rules file: RULES = [rename({...}), 'auto'] and --rules rules.py:RULES")
     elif fix.kind == 'partial' and args.command == 'plan':
@@ -519,8 +695,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (OSError, ValueError) as e:
     if _runtime_failure(e):
       status, message = EXIT_RUNTIME, f'the run failed in storage or at run time, not on the command line: {e}.'
-      message += (' Nothing finished was left at the destination: fix the cause (space, permissions, network) and'
-                  ' run the same command again' if args.command == 'convert' else '')
+      message += (
+        ' Nothing finished was left at the destination: fix the cause (space, permissions, network) and'
+        ' run the same command again'
+        if args.command == 'convert'
+        else ''
+      )
     else:  # e.g. a checkpoint already in the layout asked for, several items in a step
       status, message = EXIT_USAGE, str(e)
   print(f'orbax-linen-nnx {args.command}: error: {message}', file=sys.stderr)

@@ -27,7 +27,7 @@ class Comparison:
   """What `compare` found: leaves only one side has, and leaves whose values differ."""
 
   missing: list[str]  # in B, not made from A
-  extra: list[str]    # in A, used by nothing in B
+  extra: list[str]  # in A, used by nothing in B
   differing: list[dict] = dataclasses.field(default_factory=list)
   compared: int = 0
   casts: list[str] = dataclasses.field(default_factory=list)
@@ -38,9 +38,17 @@ class Comparison:
     return not (self.missing or self.extra or self.differing)
 
 
-def compare(a: source_lib.Checkpoint, b: source_lib.Checkpoint, *, rules=None, stacks=None, rtol: float = 0.0,
-            atol: float = 0.0, batch_bytes: int = DEFAULT_BATCH_BYTES,
-            on_done: Callable[[int, int], None] = lambda n, k: None) -> Comparison:
+def compare(
+  a: source_lib.Checkpoint,
+  b: source_lib.Checkpoint,
+  *,
+  rules=None,
+  stacks=None,
+  rtol: float = 0.0,
+  atol: float = 0.0,
+  batch_bytes: int = DEFAULT_BATCH_BYTES,
+  on_done: Callable[[int, int], None] = lambda n, k: None,
+) -> Comparison:
   """Compares A, read as B's tree through the same plan as a restore, with B, leaf by leaf, a batch at a time.
 
   A leaf matches when every element satisfies |a - b| <= atol + rtol * |b|
@@ -53,17 +61,19 @@ def compare(a: source_lib.Checkpoint, b: source_lib.Checkpoint, *, rules=None, s
   one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   plan, own = with_shardings(plan, lambda t: one), with_shardings(own, lambda t: one)
   own_reads = {r.target.path: r for r in own.reads}
-  result = Comparison(missing=[layout.render(t.path) for t in plan.kept],
-                      extra=[s.name for s in plan.unused])
+  result = Comparison(missing=[layout.render(t.path) for t in plan.kept], extra=[s.name for s in plan.unused])
   for r in plan.reads:
     result.pairs.append((layout.render(r.target.path), tuple(getattr(x, 'name', str(x)) for x in r.sources)))
     if any(isinstance(op, ops.Cast) for op in r.transform):
-      result.casts.append(f'{layout.render(r.target.path)}: A holds {np.dtype(r.sources[0].dtype).name}, compared as'
-                          f' {np.dtype(r.target.dtype).name}')
+      result.casts.append(
+        f'{layout.render(r.target.path)}: A holds {np.dtype(r.sources[0].dtype).name}, compared as'
+        f' {np.dtype(r.target.dtype).name}'
+      )
   for batch in batches(plan.reads, batch_bytes):
     mine = read_lib.execute(dataclasses.replace(plan, reads=tuple(batch), kept=()), a)
-    theirs = read_lib.execute(dataclasses.replace(own, reads=tuple(own_reads[r.target.path] for r in batch),
-                                                  kept=()), b)
+    theirs = read_lib.execute(
+      dataclasses.replace(own, reads=tuple(own_reads[r.target.path] for r in batch), kept=()), b
+    )
     for r in batch:
       x, y = np.asarray(mine.pop(r.target.path)), np.asarray(theirs.pop(r.target.path))
       diff = _difference(x, y, rtol, atol)
@@ -90,5 +100,9 @@ def _difference(x: np.ndarray, y: np.ndarray, rtol: float, atol: float) -> dict 
   with np.errstate(invalid='ignore', divide='ignore'):
     absolute = np.abs(x64 - y64)[bad]
     relative = absolute / np.abs(y64[bad])
-  return {'elements': int(bad.sum()), 'of': int(bad.size), 'max_abs': float(np.nanmax(absolute)),
-          'max_rel': float(np.nanmax(relative)) if np.isfinite(relative).any() else float('inf')}
+  return {
+    'elements': int(bad.sum()),
+    'of': int(bad.size),
+    'max_abs': float(np.nanmax(absolute)),
+    'max_rel': float(np.nanmax(relative)) if np.isfinite(relative).any() else float('inf'),
+  }

@@ -70,15 +70,29 @@ class ConvertInProgressError(DestinationExistsError):
 
 def abstract_of(ckpt: source_lib.Checkpoint) -> list[plan_lib.Target]:
   """A checkpoint's own tree as restore targets (its paths, shapes and dtypes)."""
-  return [plan_lib.Target(a.path, tuple(a.shape), np.dtype(a.dtype), None, key_impl=a.key_impl)
-          for a in ckpt.arrays]
+  return [plan_lib.Target(a.path, tuple(a.shape), np.dtype(a.dtype), None, key_impl=a.key_impl) for a in ckpt.arrays]
 
 
-def plan_into(src: source_lib.Checkpoint, targets: Sequence[plan_lib.Target], target_layout: str, *,
-              rules=None, stacks=None, partial: bool = False) -> plan_lib.RestorePlan:
+def plan_into(
+  src: source_lib.Checkpoint,
+  targets: Sequence[plan_lib.Target],
+  target_layout: str,
+  *,
+  rules=None,
+  stacks=None,
+  partial: bool = False,
+) -> plan_lib.RestorePlan:
   """The plan of reading `src` as `targets` (another checkpoint's tree, or a model's)."""
-  return planner.build(src.arrays, targets, source_layout=src.layout, target_layout=target_layout, rules=rules,
-                        stacks=stacks, partial=partial, where=str(src.directory))
+  return planner.build(
+    src.arrays,
+    targets,
+    source_layout=src.layout,
+    target_layout=target_layout,
+    rules=rules,
+    stacks=stacks,
+    partial=partial,
+    where=str(src.directory),
+  )
 
 
 def plan_to(src: source_lib.Checkpoint, to: str, *, rules=None, stacks=None) -> plan_lib.RestorePlan:
@@ -86,19 +100,23 @@ def plan_to(src: source_lib.Checkpoint, to: str, *, rules=None, stacks=None) -> 
   if to not in layout.LAYOUTS:
     raise ValueError(f'to must be one of {layout.LAYOUTS}, got {to!r}')
   if src.layout == to:
-    raise ValueError(f'{src.directory} is already in the {to} layout; to restack or rename it, give the'
-                     ' tree it should become as a target (a checkpoint, or module:function returning an'
-                     ' abstract state)')
+    raise ValueError(
+      f'{src.directory} is already in the {to} layout; to restack or rename it, give the'
+      ' tree it should become as a target (a checkpoint, or module:function returning an'
+      ' abstract state)'
+    )
   if to == layout.NNX:
     return trees.build_nnx(src.arrays, rules=rules, stacks=stacks, where=str(src.directory))
   # NNX state Linen has no place for (RNG streams) goes under nnx_aux, as MaxText writes it.
   types = {a.path: 'RngState' for a in src.arrays if layout.is_rng_path(a.path)}
-  return trees.build_save(src.arrays, types, rules=rules, stacks=stacks,
-                             action=f'cannot convert {src.directory} to the linen layout')
+  return trees.build_save(
+    src.arrays, types, rules=rules, stacks=stacks, action=f'cannot convert {src.directory} to the linen layout'
+  )
 
 
-def with_cost_note(src: source_lib.Checkpoint, plan: plan_lib.RestorePlan, budget: int = DEFAULT_BATCH_BYTES,
-                   processes: int = 1) -> tuple[plan_lib.RestorePlan, int]:
+def with_cost_note(
+  src: source_lib.Checkpoint, plan: plan_lib.RestorePlan, budget: int = DEFAULT_BATCH_BYTES, processes: int = 1
+) -> tuple[plan_lib.RestorePlan, int]:
   """The plan with a note of what converting it costs each of `processes`, and its host memory bound.
 
   From metadata alone.
@@ -114,12 +132,16 @@ def with_cost_note(src: source_lib.Checkpoint, plan: plan_lib.RestorePlan, budge
   reads, writes = [s[2] for s in shares], [s[3] for s in shares]
   span = lambda v: z(v[0]) if min(v) == max(v) else f'{z(min(v))}-{z(max(v))}'  # noqa: E731
   each = 'reads' if processes == 1 else f'on {processes} processes each reads'
-  note = (f'convert: {each} {span(reads)} of stored chunks ({sum(s[1] for s in shares):,} chunk reads in all) and'
-          f' writes {span(writes)} ({sum(s[0] for s in shares):,} blocks in all); host memory about the'
-          f' {z(budget)} budget')
+  note = (
+    f'convert: {each} {span(reads)} of stored chunks ({sum(s[1] for s in shares):,} chunk reads in all) and'
+    f' writes {span(writes)} ({sum(s[0] for s in shares):,} blocks in all); host memory about the'
+    f' {z(budget)} budget'
+  )
   if job.held_chunk:
-    note += (f' + {z(job.held_chunk)} of stored chunks that feed several blocks each (each decoded once and held'
-             ' while they are written)')
+    note += (
+      f' + {z(job.held_chunk)} of stored chunks that feed several blocks each (each decoded once and held'
+      ' while they are written)'
+    )
   note += ' + the caches and buffers of any convert (120-410 MiB measured: docs/benchmarks.md, Convert)'
   return dataclasses.replace(plan, notes=plan.notes + (note,)), budget + job.held_chunk
 
@@ -135,8 +157,10 @@ def target_values(kept: Sequence[plan_lib.Target], state: Any) -> dict[plan_lib.
 
   `state` must hold arrays there (the state of a built model); a leaf that holds none is a `ValueError`.
   """
-  by_path = {layout.key_path(k): v for k, v in jax.tree_util.tree_leaves_with_path(
-      state, is_leaf=lambda x: isinstance(x, nnx.Variable))}
+  by_path = {
+    layout.key_path(k): v
+    for k, v in jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  }
   out, missing = {}, []
   for t in kept:
     leaf = by_path.get(t.path, by_path.get(t.path + ('value',)))
@@ -146,9 +170,11 @@ def target_values(kept: Sequence[plan_lib.Target], state: Any) -> dict[plan_lib.
     else:
       missing.append(layout.render(t.path))
   if missing:
-    raise ValueError(f'--fill-nnx-only from-target needs the target\'s values, and {", ".join(missing)} hold none (an'
-                     ' abstract state, from nnx.eval_shape): make --target MODULE:FUNCTION return the state of a built'
-                     ' model, nnx.state(Model(nnx.Rngs(0)))')
+    raise ValueError(
+      f'--fill-nnx-only from-target needs the target\'s values, and {", ".join(missing)} hold none (an'
+      ' abstract state, from nnx.eval_shape): make --target MODULE:FUNCTION return the state of a built'
+      ' model, nnx.state(Model(nnx.Rngs(0)))'
+    )
   return out
 
 
@@ -157,20 +183,28 @@ def kept_note(plan: plan_lib.RestorePlan) -> str:
   stream), and how plain Orbax restores the result all the same."""
   shown = ', '.join(layout.render(t.path) for t in plan.kept[:6]) + (' ...' if len(plan.kept) > 6 else '')
   rng = all(layout.is_rng_path(t.path) for t in plan.kept)
-  how = ('restore it with plain Orbax as nnx.state(abstract_model, nnx.Not(nnx.RngState)) and nnx.update the'
-         ' model, which keeps the RNG streams it was built with (or convert with --fill-nnx-only from-target'
-         ' to write a built target model\'s own)' if rng else
-         'restore it with plain Orbax into a state without them (nnx.state(abstract_model, nnx.Not(...)) of their'
-         ' Variable types), or with LinenCompatRestore(..., partial=True)')
-  return (f'  left out: {len(plan.kept)} target leaves that no source holds ({shown}); the checkpoint written does'
-          f' not hold them: {how}')
+  how = (
+    'restore it with plain Orbax as nnx.state(abstract_model, nnx.Not(nnx.RngState)) and nnx.update the'
+    ' model, which keeps the RNG streams it was built with (or convert with --fill-nnx-only from-target'
+    ' to write a built target model\'s own)'
+    if rng
+    else 'restore it with plain Orbax into a state without them (nnx.state(abstract_model, nnx.Not(...)) of their'
+    ' Variable types), or with LinenCompatRestore(..., partial=True)'
+  )
+  return (
+    f'  left out: {len(plan.kept)} target leaves that no source holds ({shown}); the checkpoint written does'
+    f' not hold them: {how}'
+  )
 
 
 def with_shardings(plan: plan_lib.RestorePlan, sharding_of: Callable[[plan_lib.Target], Any]) -> plan_lib.RestorePlan:
   """The plan with every target given `sharding_of(target)`, where it has none."""
-  reads = tuple(r if r.target.sharding is not None else
-                dataclasses.replace(r, target=dataclasses.replace(r.target, sharding=sharding_of(r.target)))
-                for r in plan.reads)
+  reads = tuple(
+    r
+    if r.target.sharding is not None
+    else dataclasses.replace(r, target=dataclasses.replace(r.target, sharding=sharding_of(r.target)))
+    for r in plan.reads
+  )
   return dataclasses.replace(plan, reads=reads)
 
 
@@ -243,8 +277,9 @@ class _PendingHandler(ocp.type_handlers.TypeHandler):
     blocked = [i for i in range(len(values)) if i not in whole]
     if blocked:
       written = future.CommitFutureAwaitingContractedSignals(
-          self._write_blocks([values[i] for i in blocked], [infos[i] for i in blocked], [args[i] for i in blocked]),
-          name='orbax_linen_nnx_write_blocks')
+        self._write_blocks([values[i] for i in blocked], [infos[i] for i in blocked], [args[i] for i in blocked]),
+        name='orbax_linen_nnx_write_blocks',
+      )
       await asyncio.to_thread(written.result)
     at = {id(values[i].read): i for i in whole}
     for batch in batches([values[i].read for i in whole], self._budget):
@@ -275,11 +310,14 @@ class _PendingHandler(ocp.type_handlers.TypeHandler):
     checkpoint. Processes take contiguous runs of blocks, each into its own
     OCDBT files.
     """
-    job = write_lib.Job.make([v.read for v in values], self._ckpt, self._budget, processes=jax.process_count(),
-                             me=jax.process_index())
+    job = write_lib.Job.make(
+      [v.read for v in values], self._ckpt, self._budget, processes=jax.process_count(), me=jax.process_index()
+    )
     layouts, mine = job.layouts, job.blocks
-    specs = [write_lib.write_spec(info, arg, v.shape, lay.block_shape, v.dtype)
-             for v, info, arg, lay in zip(values, infos, args, layouts)]
+    specs = [
+      write_lib.write_spec(info, arg, v.shape, lay.block_shape, v.dtype)
+      for v, info, arg, lay in zip(values, infos, args, layouts)
+    ]
     destinations = await write_lib.open_arrays(specs, infos)
     left = collections.Counter(b.array for b in mine)
 
@@ -343,19 +381,23 @@ def check_destination(src: source_lib.Checkpoint, dst: epath.Path, overwrite: bo
   s, d = _named(src.directory), _named(dst)
   if (src.directory.parent / source_lib.STEP_METADATA_FILE).exists():  # the item of a step: the whole step
     s = s[:-1]
-  if s[:len(d)] == d or d[:len(s)] == s:
-    raise DestinationExistsError(f'{dst} and the source {src.directory} overlap; convert writes a new'
-                                 ' checkpoint and never into its source: choose another destination')
+  if s[: len(d)] == d or d[: len(s)] == s:
+    raise DestinationExistsError(
+      f'{dst} and the source {src.directory} overlap; convert writes a new'
+      ' checkpoint and never into its source: choose another destination'
+    )
   if not dst.exists() or overwrite:
     return False
   if _left_by_convert(dst):
     return True
   if not source_lib.is_finished(dst):
     raise DestinationExistsError(
-        f'{dst} holds a save that did not finish (no {source_lib.COMMIT_MARKER}) and that no convert started'
-        f' (no {STARTED_FILE}); pass overwrite=True (--overwrite) to replace it, or choose another destination')
-  raise DestinationExistsError(f'{dst} already exists; pass overwrite=True (--overwrite) to replace it, or'
-                               ' choose another destination')
+      f'{dst} holds a save that did not finish (no {source_lib.COMMIT_MARKER}) and that no convert started'
+      f' (no {STARTED_FILE}); pass overwrite=True (--overwrite) to replace it, or choose another destination'
+    )
+  raise DestinationExistsError(
+    f'{dst} already exists; pass overwrite=True (--overwrite) to replace it, or choose another destination'
+  )
 
 
 def _mark_started(directory: epath.Path, src: source_lib.Checkpoint) -> None:
@@ -364,11 +406,20 @@ def _mark_started(directory: epath.Path, src: source_lib.Checkpoint) -> None:
     (directory / STARTED_FILE).write_text(json.dumps({'source': os.fspath(src.directory)}))
 
 
-def convert(src: source_lib.Checkpoint, dst: epath.PathLike, plan: plan_lib.RestorePlan, *,
-            structure: Any | None = None, item: str = 'default', overwrite: bool = False,
-            batch_bytes: int = DEFAULT_BATCH_BYTES, on_written: Callable[[int, int], None] = lambda n, k: None,
-            sharding_of: Callable[[plan_lib.Target], Any] = spread,
-            names: dict[Path, Path] | None = None, extra: Mapping[Path, jax.Array] | None = None) -> epath.Path:
+def convert(
+  src: source_lib.Checkpoint,
+  dst: epath.PathLike,
+  plan: plan_lib.RestorePlan,
+  *,
+  structure: Any | None = None,
+  item: str = 'default',
+  overwrite: bool = False,
+  batch_bytes: int = DEFAULT_BATCH_BYTES,
+  on_written: Callable[[int, int], None] = lambda n, k: None,
+  sharding_of: Callable[[plan_lib.Target], Any] = spread,
+  names: dict[Path, Path] | None = None,
+  extra: Mapping[Path, jax.Array] | None = None,
+) -> epath.Path:
   """Writes what `plan` reads from `src` as a checkpoint at `dst` (`<dst>/<item>`), batch by batch.
 
   `structure` is the tree to write (a target checkpoint's, see
@@ -387,20 +438,26 @@ def convert(src: source_lib.Checkpoint, dst: epath.PathLike, plan: plan_lib.Rest
   overwrite = check_destination(src, dst, overwrite) or overwrite
   plan = with_shardings(plan, sharding_of)
   names = names or {}
-  values: dict[Any, Any] = {names.get(r.target.path, r.target.path):
-            Pending(r, tuple(r.target.shape), np.dtype(r.target.dtype), r.target.sharding)
-            for r in plan.reads}
+  values: dict[Any, Any] = {
+    names.get(r.target.path, r.target.path): Pending(
+      r, tuple(r.target.shape), np.dtype(r.target.dtype), r.target.sharding
+    )
+    for r in plan.reads
+  }
   values.update({names.get(p, p): v for p, v in (extra or {}).items()})
   array_handler = ocp.type_handlers.get_type_handler(jax.Array)  # Orbax's own, with its array metadata store
   registry = ocp.type_handlers.create_type_handler_registry(
-      (jax.Array, array_handler),  # also keeps Orbax's per-array metadata (PRNG key types) on
-      (Pending, _PendingHandler(array_handler, src, plan, batch_bytes, on_written)))
+    (jax.Array, array_handler),  # also keeps Orbax's per-array metadata (PRNG key types) on
+    (Pending, _PendingHandler(array_handler, src, plan, batch_bytes, on_written)),
+  )
   handler = _ConvertHandler(type_handler_registry=registry)
   tree = _tree_for(plan, structure, values)
   handlers = ocp.handlers.DefaultCheckpointHandlerRegistry()
   handlers.add(item, ocp.args.PyTreeSave, handler)
-  with _claimed(dst, src, overwrite), ocp.Checkpointer(
-      ocp.CompositeCheckpointHandler(handler_registry=handlers)) as checkpointer:
+  with (
+    _claimed(dst, src, overwrite),
+    ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=handlers)) as checkpointer,
+  ):
     checkpointer.save(dst, ocp.args.Composite(**{item: ocp.args.PyTreeSave(tree)}), force=overwrite)
   return dst / item
 
@@ -437,8 +494,14 @@ def _claimed(dst: epath.Path, src: source_lib.Checkpoint, overwrite: bool):
     return
   claim = _claim_file(dst)
   claim.parent.mkdir(parents=True, exist_ok=True)  # as Orbax makes DST's parents
-  mine = json.dumps({'pid': os.getpid(), 'host': socket.gethostname(), 'source': os.fspath(src.directory),
-                     'started': time.strftime('%Y-%m-%d %H:%M:%S')})
+  mine = json.dumps(
+    {
+      'pid': os.getpid(),
+      'host': socket.gethostname(),
+      'source': os.fspath(src.directory),
+      'started': time.strftime('%Y-%m-%d %H:%M:%S'),
+    }
+  )
   for _ in range(2):
     try:
       fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -450,10 +513,11 @@ def _claimed(dst: epath.Path, src: source_lib.Checkpoint, overwrite: bool):
         held = {}
       if _alive(held) and not overwrite:
         raise ConvertInProgressError(
-            f'another convert is writing {dst} now (process {held.get("pid", "?")} on {held.get("host", "?")},'
-            f' from {held.get("source", "?")}, since {held.get("started", "?")}): wait for it to finish (then'
-            f' this one finds {dst} written), or, if it is no longer running, pass --overwrite'
-            f' (overwrite=True) to replace what it left ({claim} is its claim)') from None
+          f'another convert is writing {dst} now (process {held.get("pid", "?")} on {held.get("host", "?")},'
+          f' from {held.get("source", "?")}, since {held.get("started", "?")}): wait for it to finish (then'
+          f' this one finds {dst} written), or, if it is no longer running, pass --overwrite'
+          f' (overwrite=True) to replace what it left ({claim} is its claim)'
+        ) from None
       claim.unlink(missing_ok=True)  # its process is gone (or overwrite): take it over
   else:
     raise ConvertInProgressError(f'another convert took the claim on {dst} ({claim}) as this one did; try again')
@@ -463,5 +527,3 @@ def _claimed(dst: epath.Path, src: source_lib.Checkpoint, overwrite: bool):
     yield
   finally:
     claim.unlink(missing_ok=True)
-
-

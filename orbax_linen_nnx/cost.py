@@ -75,8 +75,9 @@ def _replicated_along(sharding, axis: str | None) -> bool:
 class Topology:
   """Which process holds each device of a sharding: real (`process_index`) or simulated."""
 
-  def __init__(self, processes: int | None = None, device_process: Sequence[int] | None = None,
-               only: int | None = None):
+  def __init__(
+    self, processes: int | None = None, device_process: Sequence[int] | None = None, only: int | None = None
+  ):
     if processes is not None and processes < 1:
       raise ValueError(f'processes must be at least 1, got {processes}')
     if device_process is not None:
@@ -86,12 +87,12 @@ class Topology:
     self.simulated = processes is not None
     self.only = only  # the one process whose cost is wanted (a real restore's own), or None: all
 
-  def placements(self, sharding, shape: Sequence[int], replica_axis: str | None = None
-                 ) -> list[tuple[int, Any, Box, bool]]:
+  def placements(
+    self, sharding, shape: Sequence[int], replica_axis: str | None = None
+  ) -> list[tuple[int, Any, Box, bool]]:
     """(process, device key, box, reads from storage) for every device the sharding places the leaf on."""
     shape = tuple(shape)
-    abstract = isinstance(sharding, jax.sharding.NamedSharding) and isinstance(sharding.mesh,
-                                                                                jax.sharding.AbstractMesh)
+    abstract = isinstance(sharding, jax.sharding.NamedSharding) and isinstance(sharding.mesh, jax.sharding.AbstractMesh)
     if isinstance(sharding, jax.sharding.NamedSharding) and (abstract or self.simulated):
       boxes = named_boxes(sharding, shape)
       process_of = self._process_of(len(boxes))
@@ -105,8 +106,15 @@ class Topology:
     primary = grid_lib.primary_devices(sharding, replica_axis)
     devices = sorted(indices, key=lambda d: d.id)
     process_of = self._process_of(len(devices)) if self.simulated else None
-    return [(process_of(i) if process_of else d.process_index, d, grid_lib.box_of(indices[d], shape),
-             primary is None or d in primary) for i, d in enumerate(devices)]
+    return [
+      (
+        process_of(i) if process_of else d.process_index,
+        d,
+        grid_lib.box_of(indices[d], shape),
+        primary is None or d in primary,
+      )
+      for i, d in enumerate(devices)
+    ]
 
   def _process_of(self, devices: int):
     if self.device_process is not None:
@@ -124,9 +132,15 @@ def _union(chunk_boxes: set) -> set:
   return {c for b in chunk_boxes for c in grid_lib.Grid.chunks(b)}
 
 
-def estimate(plan: plans.RestorePlan, grids: dict[str, grid_lib.Grid], *, topology: Topology | None = None,
-             replica_axis: str | None = None, budget_bytes: int | None = None,
-             chunks_of: bool = False) -> plans.Cost:
+def estimate(
+  plan: plans.RestorePlan,
+  grids: dict[str, grid_lib.Grid],
+  *,
+  topology: Topology | None = None,
+  replica_axis: str | None = None,
+  budget_bytes: int | None = None,
+  chunks_of: bool = False,
+) -> plans.Cost:
   """Every process's reads, decodes, device bytes and host bound for `plan` (see the module docstring).
 
   `grids`: the chunk grid of every stored array the plan reads. With
@@ -193,17 +207,28 @@ def estimate(plan: plans.RestorePlan, grids: dict[str, grid_lib.Grid], *, topolo
     decoded = {n: c * chunk_bytes[n] for n, c in counts.items()}
     largest = max((chunk_bytes[n] for n in counts), default=0)
     budget = budget_bytes if budget_bytes is not None else grid_lib.default_budget(largest)
-    leaves = [plans.LeafCost(leaf, sum(decoded[n] for n in names), need, max(chunk_bytes[n] for n in names), most)
-              for leaf, (names, need, most) in per_leaf[p].items()]
-    out.append(plans.ProcessCost(
-        process=p, devices=len(device_bytes[p]), read_bytes=sum(decoded.values()),
-        needed_bytes=needed[p], chunks=sum(counts.values()), placed_bytes=placed[p],
-        device_max_bytes=max(device_bytes[p].values(), default=0), budget_bytes=budget,
-        largest_chunk_bytes=largest, leaves=tuple(sorted(leaves, key=lambda c: c.decoded - c.needed,
-                                                          reverse=True)),
-        chunk_ids={n: frozenset(_union(b)) for n, b in chunks[p].items()} if chunks_of else None))
-  return plans.Cost(processes=tuple(out), simulated=topology.simulated,
-                    caller=None if topology.simulated else jax.process_index())
+    leaves = [
+      plans.LeafCost(leaf, sum(decoded[n] for n in names), need, max(chunk_bytes[n] for n in names), most)
+      for leaf, (names, need, most) in per_leaf[p].items()
+    ]
+    out.append(
+      plans.ProcessCost(
+        process=p,
+        devices=len(device_bytes[p]),
+        read_bytes=sum(decoded.values()),
+        needed_bytes=needed[p],
+        chunks=sum(counts.values()),
+        placed_bytes=placed[p],
+        device_max_bytes=max(device_bytes[p].values(), default=0),
+        budget_bytes=budget,
+        largest_chunk_bytes=largest,
+        leaves=tuple(sorted(leaves, key=lambda c: c.decoded - c.needed, reverse=True)),
+        chunk_ids={n: frozenset(_union(b)) for n, b in chunks[p].items()} if chunks_of else None,
+      )
+    )
+  return plans.Cost(
+    processes=tuple(out), simulated=topology.simulated, caller=None if topology.simulated else jax.process_index()
+  )
 
 
 def grids_of(plan: plans.RestorePlan, stores: dict) -> dict[str, grid_lib.Grid]:
@@ -212,14 +237,14 @@ def grids_of(plan: plans.RestorePlan, stores: dict) -> dict[str, grid_lib.Grid]:
   return {n: grid_lib.Grid(stores[n]) for n in names}
 
 
-
 # A leaf above max_over_read is named only where it decodes this much more than it needs (a small array in
 # one chunk, read in slices, costs nothing worth saying).
 OVER_READ_NOTE_BYTES = 8 * 2**20
 
 
-def problems(cost: plans.Cost, *, max_over_read: float | None = None, host_memory_limit_bytes: int | None = None
-             ) -> list[str]:
+def problems(
+  cost: plans.Cost, *, max_over_read: float | None = None, host_memory_limit_bytes: int | None = None
+) -> list[str]:
   """The expensive mistakes the cost shows, one line each, with the fix: a process whose over-read is above
   `max_over_read`, or whose read's host memory bound is above `host_memory_limit_bytes`. Every process's
   (each process of a run sees them all, so all decide alike)."""
@@ -230,24 +255,36 @@ def problems(cost: plans.Cost, *, max_over_read: float | None = None, host_memor
       # The process as a whole, or any leaf of it that wastes OVER_READ_NOTE_BYTES or more.
       leaves = [c for c in p.leaves if c.over_read > max_over_read and c.decoded - c.needed >= OVER_READ_NOTE_BYTES]
       if p.over_read > max_over_read or leaves:
-        worst = ', '.join(f'{c.path} ({z(c.decoded)} decoded for {z(c.needed)}, {c.over_read:.1f}x)'
-                          for c in (leaves or [c for c in p.leaves if c.decoded > c.needed])[:3])
-        out.append(p.process, f'{{who}} decodes {z(p.read_bytes)} of stored chunks for the {z(p.needed_bytes)}'
-                   f' its devices need (over-read {p.over_read:.1f}x), above max_over_read={max_over_read:g} for'
-                   f' {worst}: the stored chunks are much larger than, or cut across, the target\'s shards.'
-                   ' Fix: shard the target along the dimensions the checkpoint was saved on, or convert the'
-                   ' checkpoint once (orbax-linen-nnx convert) to chunks that fit the target, or pass a higher'
-                   ' max_over_read')
+        worst = ', '.join(
+          f'{c.path} ({z(c.decoded)} decoded for {z(c.needed)}, {c.over_read:.1f}x)'
+          for c in (leaves or [c for c in p.leaves if c.decoded > c.needed])[:3]
+        )
+        out.append(
+          p.process,
+          f'{{who}} decodes {z(p.read_bytes)} of stored chunks for the {z(p.needed_bytes)}'
+          f' its devices need (over-read {p.over_read:.1f}x), above max_over_read={max_over_read:g} for'
+          f' {worst}: the stored chunks are much larger than, or cut across, the target\'s shards.'
+          ' Fix: shard the target along the dimensions the checkpoint was saved on, or convert the'
+          ' checkpoint once (orbax-linen-nnx convert) to chunks that fit the target, or pass a higher'
+          ' max_over_read',
+        )
     if host_memory_limit_bytes is not None and p.host_bound_bytes > host_memory_limit_bytes:
       if p.largest_chunk_bytes > host_memory_limit_bytes:
-        fix = (f'one stored chunk alone is {z(p.largest_chunk_bytes)}: convert the checkpoint to smaller chunks'
-               ' (orbax-linen-nnx convert), or allow more memory')
+        fix = (
+          f'one stored chunk alone is {z(p.largest_chunk_bytes)}: convert the checkpoint to smaller chunks'
+          ' (orbax-linen-nnx convert), or allow more memory'
+        )
       else:
-        fix = (f'pass read_budget_bytes={max(host_memory_limit_bytes - p.largest_chunk_bytes, 1)} (the limit less'
-               ' the largest chunk): the same chunks are read, fewer at a time')
-      out.append(p.process, f'{{who}} may hold {z(p.host_bound_bytes)} on the host while it reads (budget'
-                 f' {z(p.budget_bytes)} + largest chunk {z(p.largest_chunk_bytes)}), above'
-                 f' host_memory_limit_bytes={host_memory_limit_bytes} ({z(host_memory_limit_bytes)}). Fix: {fix}')
+        fix = (
+          f'pass read_budget_bytes={max(host_memory_limit_bytes - p.largest_chunk_bytes, 1)} (the limit less'
+          ' the largest chunk): the same chunks are read, fewer at a time'
+        )
+      out.append(
+        p.process,
+        f'{{who}} may hold {z(p.host_bound_bytes)} on the host while it reads (budget'
+        f' {z(p.budget_bytes)} + largest chunk {z(p.largest_chunk_bytes)}), above'
+        f' host_memory_limit_bytes={host_memory_limit_bytes} ({z(host_memory_limit_bytes)}). Fix: {fix}',
+      )
   return out.lines()
 
 
@@ -269,13 +306,17 @@ class _Alike:
         if b != a + 1:
           runs.append(str(start) if start == a else f'{start}-{a}')
           start = b
-      out.append(text.format(who=('process ' if len(who) == 1 else 'processes ') + ', '.join(runs)
-                             + ('' if len(who) == 1 else ' each')))
+      out.append(
+        text.format(
+          who=('process ' if len(who) == 1 else 'processes ') + ', '.join(runs) + ('' if len(who) == 1 else ' each')
+        )
+      )
     return out
 
 
-def save_estimate(plan: plans.RestorePlan, shardings: dict[str, Any], on_device: set, *,
-                  topology: Topology | None = None) -> plans.Cost:
+def save_estimate(
+  plan: plans.RestorePlan, shardings: dict[str, Any], on_device: set, *, topology: Topology | None = None
+) -> plans.Cost:
   """Every process's share of a save in the Linen layout (`plan` from `trees.build_save`), from shardings.
 
   `shardings`: each NNX array's, by plan name. Orbax writes each distinct
@@ -296,7 +337,7 @@ def save_estimate(plan: plans.RestorePlan, shardings: dict[str, Any], on_device:
     itemsize = np.dtype(t.dtype).itemsize
     stored = {x.name: x for x in ops.stored_leaves(expr)}
     computed = t.path in on_device
-    for n, src in (list(stored.items())[:1] if computed else stored.items()):
+    for n, src in list(stored.items())[:1] if computed else stored.items():
       ratio = plans.nbytes(t.shape, t.dtype) / max(plans.nbytes(src.shape, src.dtype), 1)
       first: dict[Box, int] = {}
       for process, device, box, _ in topology.placements(shardings[n], src.shape):
@@ -307,11 +348,23 @@ def save_estimate(plan: plans.RestorePlan, shardings: dict[str, Any], on_device:
           extra[process][device] += int(grid_lib.box_size(box) * np.dtype(src.dtype).itemsize * ratio)
         if box not in first:
           first[box] = process
-          written[process] += (int(grid_lib.box_size(box) * np.dtype(src.dtype).itemsize * ratio) if computed
-                               else sum(grid_lib.box_size(b) for b in ops.images(expr, n, box)) * itemsize)
+          written[process] += (
+            int(grid_lib.box_size(box) * np.dtype(src.dtype).itemsize * ratio)
+            if computed
+            else sum(grid_lib.box_size(b) for b in ops.images(expr, n, box)) * itemsize
+          )
   processes = sorted(set(devices) | (set(range(topology.processes or 0)) if topology.only is None else set()))
-  return plans.Cost(processes=tuple(
-      plans.WriteCost(process=p, devices=len(devices[p]), written_bytes=written[p],
-                      device_extra_bytes=sum(extra[p].values()),
-                      device_extra_max_bytes=max(extra[p].values(), default=0)) for p in processes),
-      simulated=topology.simulated, caller=None if topology.simulated else jax.process_index())
+  return plans.Cost(
+    processes=tuple(
+      plans.WriteCost(
+        process=p,
+        devices=len(devices[p]),
+        written_bytes=written[p],
+        device_extra_bytes=sum(extra[p].values()),
+        device_extra_max_bytes=max(extra[p].values(), default=0),
+      )
+      for p in processes
+    ),
+    simulated=topology.simulated,
+    caller=None if topology.simulated else jax.process_index(),
+  )

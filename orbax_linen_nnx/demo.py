@@ -90,8 +90,7 @@ def run(ckpt_dir: str) -> bool:
 
   # --- Linen: train 3 steps, save, train 3 more (the reference losses). ---
   model = LinenMLP()
-  state = train_state.TrainState.create(
-      apply_fn=model.apply, params=model.init(jax.random.key(1), x)['params'], tx=TX)
+  state = train_state.TrainState.create(apply_fn=model.apply, params=model.init(jax.random.key(1), x)['params'], tx=TX)
   state = jax.device_put(state, jax.tree.map(lambda a: sharding_for(np.shape(a)), state))
   for _ in range(3):
     state, _ = linen_step(state, x, y)
@@ -106,8 +105,10 @@ def run(ckpt_dir: str) -> bool:
   # --- NNX: an abstract state (no arrays allocated) with the shardings we want. ---
   abstract = nnx.state(nnx.eval_shape(make_nnx))
   abstract = jax.tree.map(
-      lambda v: v.copy(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding_for(v.shape))),
-      abstract, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    lambda v: v.copy(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding_for(v.shape))),
+    abstract,
+    is_leaf=lambda v: isinstance(v, nnx.Variable),
+  )
   # @nn.compact names cannot be guessed from NNX attribute names: state the pairing.
   rules = {'Dense_0': 'fc1', 'Dense_1': 'fc2'}
 
@@ -118,8 +119,7 @@ def run(ckpt_dir: str) -> bool:
     restored = mngr.restore(3, args=LinenCompatRestore(abstract, rules=rules))
 
   print('\nRestored shardings (each array read shard by shard, straight into place):')
-  for path in [('model', 'fc1', 'kernel'), ('optimizer', 'opt_state', 0, 'mu', 'fc2', 'kernel'),
-               ('optimizer', 'step')]:
+  for path in [('model', 'fc1', 'kernel'), ('optimizer', 'opt_state', 0, 'mu', 'fc2', 'kernel'), ('optimizer', 'step')]:
     leaf = restored
     for key in path:
       leaf = leaf[key]

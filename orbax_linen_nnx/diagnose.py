@@ -44,10 +44,12 @@ def auto_paired_nothing(missing, unused, where: str) -> str | None:
   if not want or not have:
     return None
   shown = lambda names: ', '.join(names[:6]) + (f' (+{len(names) - 6} more)' if len(names) > 6 else '')
-  return (f"rules='auto' paired nothing: the target's modules {shown(want)} have no source and {where}'s"
-          f' modules {shown(have)} are unused, and no module of one holds what a module of the other holds'
-          ' (the same leaves, the same shapes). Fix: state the renames (and any transpose or reshape) as rules;'
-          ' the error without rules proposes them')
+  return (
+    f"rules='auto' paired nothing: the target's modules {shown(want)} have no source and {where}'s"
+    f' modules {shown(have)} are unused, and no module of one holds what a module of the other holds'
+    ' (the same leaves, the same shapes). Fix: state the renames (and any transpose or reshape) as rules;'
+    ' the error without rules proposes them'
+  )
 
 
 def auto_error(found: pairing.Pairing, rules: rules_lib.Rules, where: str, linen_to_nnx: bool = True) -> PlanError:
@@ -61,35 +63,64 @@ def auto_error(found: pairing.Pairing, rules: rules_lib.Rules, where: str, linen
   if open_pairs := [(a, b) for a, b in found.open if a and b]:
     linen, nnx_name = open_pairs[0]
     rename = {linen: nnx_name}
-    line = (f"rules=[rename({rename!r}), 'auto']" if rules is None else
-            f"add rename({rename!r}) before 'auto' in rules=")
-    fix = (f" with a rename before 'auto', e.g. {line} if {linen} is what {nnx_name} holds (else give its partner"
-           ' instead; a given rename wins),')
+    line = f"rules=[rename({rename!r}), 'auto']" if rules is None else f"add rename({rename!r}) before 'auto' in rules="
+    fix = (
+      f" with a rename before 'auto', e.g. {line} if {linen} is what {nnx_name} holds (else give its partner"
+      ' instead; a given rename wins),'
+    )
   else:
     fix = " with a rename before 'auto' (a given rename wins),"
-  why = (fix + ' or restore from an initialised nnx.Module (its attribute order tells modules that look alike apart)'
-         if linen_to_nnx else fix.rstrip(',') + ' (an NNX checkpoint keeps no attribute order to tell them apart)')
-  head = (f"'auto' (the inferred renames) cannot pair the modules of {where} with the target's one to one{given};"
-          ' nothing was read.')
-  fixes = (Fix('auto_rename', f'state the pairs it could not tell apart{why}', rename, rules,
-               notes=(f'if {next(iter(rename))} is what {rename[next(iter(rename))]} holds (else give its partner'
-                      ' instead; a given rename wins)',) if rename else ()),)
+  why = (
+    fix + ' or restore from an initialised nnx.Module (its attribute order tells modules that look alike apart)'
+    if linen_to_nnx
+    else fix.rstrip(',') + ' (an NNX checkpoint keeps no attribute order to tell them apart)'
+  )
+  head = (
+    f"'auto' (the inferred renames) cannot pair the modules of {where} with the target's one to one{given};"
+    ' nothing was read.'
+  )
+  fixes = (
+    Fix(
+      'auto_rename',
+      f'state the pairs it could not tell apart{why}',
+      rename,
+      rules,
+      notes=(
+        f'if {next(iter(rename))} is what {rename[next(iter(rename))]} holds (else give its partner'
+        ' instead; a given rename wins)',
+      )
+      if rename
+      else (),
+    ),
+  )
   problems = tuple(found.unsettled) + (settled_text,)
   return PlanError.of(head, problems, fixes)
 
 
-def rename_fix(suggestion: dict[str, str], notes: list[str], rules: rules_lib.Rules,
-               unmatched: Sequence[str] = (), auto: bool = False) -> Fix:
+def rename_fix(
+  suggestion: dict[str, str],
+  notes: list[str],
+  rules: rules_lib.Rules,
+  unmatched: Sequence[str] = (),
+  auto: bool = False,
+) -> Fix:
   """The rules= that adds `suggestion` to the caller's own rules, less the entries that matched nothing (a
   typo such as 'Conv_O' would fail the same way again)."""
   said = f" ({'; '.join(notes)})" if notes else ''
   if rules is None or isinstance(rules, Mapping):
     kept = {k: v for k, v in (rules or {}).items() if k not in unmatched}
     whole = {**kept, **suggestion}
-    return Fix('rename', f'rename modules with rules={whole!r}{said}', dict(suggestion), whole,
-               auto and rules is None, tuple(notes))
-  return Fix('rename', f'rename modules: add rename({suggestion!r}) to rules={said}', dict(suggestion), None,
-             False, tuple(notes))
+    return Fix(
+      'rename',
+      f'rename modules with rules={whole!r}{said}',
+      dict(suggestion),
+      whole,
+      auto and rules is None,
+      tuple(notes),
+    )
+  return Fix(
+    'rename', f'rename modules: add rename({suggestion!r}) to rules={said}', dict(suggestion), None, False, tuple(notes)
+  )
 
 
 def shape_fix(t: Target, s: Any, param: Path, linen_to_nnx: bool) -> str:
@@ -112,8 +143,10 @@ def shape_fix(t: Target, s: Any, param: Path, linen_to_nnx: bool) -> str:
     dims = [i for i, (a, b) in enumerate(zip(t.shape, s.shape)) if a != b]
     if len(dims) == 1:
       d = dims[0]
-      return (f'; only dimension {d} differs ({t.shape[d]} in the target, {s.shape[d]} in the checkpoint): the'
-              ' model is configured differently from the run that saved it')
+      return (
+        f'; only dimension {d} differs ({t.shape[d]} in the target, {s.shape[d]} in the checkpoint): the'
+        ' model is configured differently from the run that saved it'
+      )
   return ''
 
 
@@ -122,9 +155,11 @@ def why_not(source: layout.Meaning, target: layout.Meaning | None) -> str:
   if target is None or target == source:
     return ''
   if target.param and not source.param:
-    return (f"; it reads like '{target}', but is not read as a mirror of model variable"
-            f" '{'/'.join(target.param)}': no optimizer subtree above it holds only paths of model"
-            ' variables')
+    return (
+      f"; it reads like '{target}', but is not read as a mirror of model variable"
+      f" '{'/'.join(target.param)}': no optimizer subtree above it holds only paths of model"
+      ' variables'
+    )
   return f"; it reads like '{target}', but as '{'/'.join(source.section)}' + '{'/'.join(source.param)}'"
 
 
@@ -139,9 +174,11 @@ def near_misses(m: layout.Meaning, by_meaning, history, named_as) -> str:
   close = difflib.get_close_matches(str(m), list(same), n=3, cutoff=0.75)
   if not close:
     return ''
-  named = [f"'{named_as.get(id(same[c]), c)}'"
-           f" ({'made by ' + ' then '.join(history[id(same[c])]) if history.get(id(same[c])) else 'as stored'})"
-           for c in close]
+  named = [
+    f"'{named_as.get(id(same[c]), c)}'"
+    f" ({'made by ' + ' then '.join(history[id(same[c])]) if history.get(id(same[c])) else 'as stored'})"
+    for c in close
+  ]
   return f"; closest sources after the rules: {', '.join(named)}"
 
 
@@ -149,14 +186,27 @@ def key_problem(t: Target, s: Any) -> str | None:
   """Why typed PRNG keys cannot be read from `s` into `t`, if they cannot."""
   held = getattr(s, 'key_impl', None)
   if t.key_impl and held and held != t.key_impl:
-    return (f"{t} holds {t.key_impl} keys but {s} holds {held} keys; make the target's keys as"
-            f" jax.random.key(seed, impl='{held}') (nnx.Rngs takes keys as well as seeds)")
+    return (
+      f"{t} holds {t.key_impl} keys but {s} holds {held} keys; make the target's keys as"
+      f" jax.random.key(seed, impl='{held}') (nnx.Rngs takes keys as well as seeds)"
+    )
   return None
 
 
-def error(problems: Sequence[str], *, missing, unused, linen_to_nnx: bool, modules, rules: rules_lib.Rules,
-          where: str, source_layout: str, target_layout: str, action: str | None,
-          unmatched: Sequence[str] = ()) -> PlanError:
+def error(
+  problems: Sequence[str],
+  *,
+  missing,
+  unused,
+  linen_to_nnx: bool,
+  modules,
+  rules: rules_lib.Rules,
+  where: str,
+  source_layout: str,
+  target_layout: str,
+  action: str | None,
+  unmatched: Sequence[str] = (),
+) -> PlanError:
   """The `PlanError` of a plan with `problems`: the fixes that apply, then every problem, by module.
 
   `missing` and `unused` are the (meaning, target) and (meaning, source) pairs
@@ -171,18 +221,25 @@ def error(problems: Sequence[str], *, missing, unused, linen_to_nnx: bool, modul
     fixes.append(Fix('partial', 'pass partial=True to restore only the leaves that match'))
   lines = by_module(problems, modules if linen_to_nnx else None, linen_to_nnx)
   grouped = len(lines) < len(problems)
-  head = (action or f'LinenCompatRestore cannot restore from {where} ({source_layout} layout) into the'
-          f' given {target_layout} state') + (f': {len(lines)} problem(s)'
-                                              + (f' ({len(problems)} leaves)' if grouped else '')
-                                              + f'; nothing was {"written" if action else "read"}.')
+  head = (
+    action
+    or f'LinenCompatRestore cannot restore from {where} ({source_layout} layout) into the given {target_layout} state'
+  ) + (
+    f': {len(lines)} problem(s)'
+    + (f' ({len(problems)} leaves)' if grouped else '')
+    + f'; nothing was {"written" if action else "read"}.'
+  )
   return PlanError.of(head, lines, fixes, tuple(problems) if grouped else ())
 
 
 def _suggestion(missing, unused, linen_to_nnx: bool, modules) -> tuple[dict, list[str], bool]:
   """The renames an error proposes, its notes, and whether rules='auto' infers exactly them."""
   found = inferred_renames(missing, unused, linen_to_nnx, modules)
-  return found.renames, found.by_order + [u for u in found.unsettled if not u.endswith(' has no partner')], \
-      bool(found.renames) and not found.unsettled
+  return (
+    found.renames,
+    found.by_order + [u for u in found.unsettled if not u.endswith(' has no partner')],
+    bool(found.renames) and not found.unsettled,
+  )
 
 
 def _model_leaves(group: Sequence[LeafProblem]) -> tuple[dict[str, tuple], int]:
@@ -197,8 +254,7 @@ def _model_leaves(group: Sequence[LeafProblem]) -> tuple[dict[str, tuple], int]:
 def _leaves_text(shapes: Mapping[str, tuple], others: int, group: Sequence[LeafProblem]) -> str:
   if not shapes:  # only mirrors (an optimizer's) of a module the model section pairs
     return ', '.join(f"{'/'.join(p.meaning.section)}/{p.meaning.param[-1]} {tuple(p.array.shape)}" for p in group)
-  return ', '.join(f'{k} {v}' for k, v in sorted(shapes.items())) + (
-      f' (+{others} optimizer leaves)' if others else '')
+  return ', '.join(f'{k} {v}' for k, v in sorted(shapes.items())) + (f' (+{others} optimizer leaves)' if others else '')
 
 
 def by_module(problems: Sequence[str], modules, linen_to_nnx: bool) -> list[str]:
@@ -245,8 +301,14 @@ def by_module(problems: Sequence[str], modules, linen_to_nnx: bool) -> list[str]
   return out
 
 
-def closest_modules(path: Path, shapes: Mapping[str, tuple], candidates: Mapping[Path, Mapping[str, tuple]],
-                    modules, linen_to_nnx: bool, n: int = 2) -> str:
+def closest_modules(
+  path: Path,
+  shapes: Mapping[str, tuple],
+  candidates: Mapping[Path, Mapping[str, tuple]],
+  modules,
+  linen_to_nnx: bool,
+  n: int = 2,
+) -> str:
   """The unused source modules most like a target module: kind and shapes together, then leaf names,
   then the name. Offered only where a candidate holds the same leaves or is of the same kind."""
   if not shapes or not candidates:
@@ -264,11 +326,16 @@ def closest_modules(path: Path, shapes: Mapping[str, tuple], candidates: Mapping
     ranks = sorted(len(v) for v in leaves.values()) == sorted(len(v) for v in shapes.values())
     if kind is False or not (same_names or kind):
       continue
-    score = (same_names and same_shapes, kind is True, same_names, ranks,
-             difflib.SequenceMatcher(None, layout.render(path), layout.render(other)).ratio())
+    score = (
+      same_names and same_shapes,
+      kind is True,
+      same_names,
+      ranks,
+      difflib.SequenceMatcher(None, layout.render(path), layout.render(other)).ratio(),
+    )
     why = ([f'a {have.kind}'] if kind is True else []) + [
-        'the same leaves and shapes' if same_shapes else 'the same leaves, other shapes' if same_names
-        else 'other leaves']
+      'the same leaves and shapes' if same_shapes else 'the same leaves, other shapes' if same_names else 'other leaves'
+    ]
     ranked.append((score, f"'{layout.render(other)}' ({', '.join(why)})"))
   ranked.sort(key=lambda r: r[0], reverse=True)
   return f"; closest unused: {', '.join(t for _, t in ranked[:n])}" if ranked else ''

@@ -81,8 +81,9 @@ class Grid:
     return list(itertools.product(*(range(lo, hi) for lo, hi in chunk_box)))
 
   def box(self, chunk: tuple[int, ...]) -> Box:
-    return tuple((max(i * c + o, 0), min((i + 1) * c + o, n))
-                 for i, c, o, n in zip(chunk, self.chunk, self.origin, self.shape))
+    return tuple(
+      (max(i * c + o, 0), min((i + 1) * c + o, n)) for i, c, o, n in zip(chunk, self.chunk, self.origin, self.shape)
+    )
 
   def nbytes(self, box: Box) -> int:
     return box_size(box) * self.itemsize
@@ -99,10 +100,7 @@ def primary_devices(sharding, replica_axis: str | None) -> set | None:
   mesh = sharding.mesh
   if replica_axis not in mesh.axis_names or mesh.shape[replica_axis] == 1:
     return None
-  used = {a for entry in sharding.spec if entry is not None
-          for a in (entry if isinstance(entry, tuple) else (entry,))}
+  used = {a for entry in sharding.spec if entry is not None for a in (entry if isinstance(entry, tuple) else (entry,))}
   if replica_axis in used:
     return None  # sharded along it: every device holds different data
   return set(np.take(mesh.devices, 0, axis=mesh.axis_names.index(replica_axis)).flat)
-
-

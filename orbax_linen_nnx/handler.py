@@ -47,19 +47,27 @@ def check_cost(options: options_lib.RestoreOptions, prepared: planner.Prepared) 
   """Warns of the expensive mistakes the plan's cost shows; with `strict_cost`, raises `PlanError` instead
   (before any read, alike on every process: each sees every process's cost)."""
   assert prepared.plan.cost is not None  # prepare costs every plan it makes
-  found = cost_lib.problems(prepared.plan.cost, max_over_read=options.max_over_read,
-                            host_memory_limit_bytes=options.host_memory_limit_bytes)
+  found = cost_lib.problems(
+    prepared.plan.cost, max_over_read=options.max_over_read, host_memory_limit_bytes=options.host_memory_limit_bytes
+  )
   if options.strict_cost:
     found = list(prepared.state.large_replicated) + found
     if found:
-      raise plans.PlanError(f'{len(found)} cost problem(s) with strict_cost=True; nothing was read.\n  '
-                            + '\n  '.join(found))
+      raise plans.PlanError(
+        f'{len(found)} cost problem(s) with strict_cost=True; nothing was read.\n  ' + '\n  '.join(found)
+      )
   for line in found:
     plans.warn(line)
 
 
-def plan(directory: epath.PathLike, abstract_state: Any, *, processes: int | None = None,
-         device_process: Sequence[int] | None = None, **options) -> plans.RestorePlan:
+def plan(
+  directory: epath.PathLike,
+  abstract_state: Any,
+  *,
+  processes: int | None = None,
+  device_process: Sequence[int] | None = None,
+  **options,
+) -> plans.RestorePlan:
   """The `RestorePlan` of restoring `abstract_state` from a checkpoint; reads no array.
 
   `directory` is the item directory (`<run>/<step>/default`), a step directory
@@ -82,8 +90,7 @@ def plan(directory: epath.PathLike, abstract_state: Any, *, processes: int | Non
   return prepared.plan
 
 
-def restore(source: Any, abstract_state: Any, *, step: int | None = None, item: str | None = None,
-            **options) -> Any:
+def restore(source: Any, abstract_state: Any, *, step: int | None = None, item: str | None = None, **options) -> Any:
   """Restores `abstract_state` from a checkpoint a manager cannot route `LinenCompatRestore` to.
 
   `source` is either
@@ -118,15 +125,17 @@ def _warn_unfilled(state: target.AbstractState) -> None:
   surprising = [p for p in state.left_out if not layout.is_rng_path(p.split('/'))]
   if surprising:
     plans.warn(
-        f'{len(surprising)} leaves have no source in the checkpoint and are left out of the'
-        f' restored nnx.State: {", ".join(surprising)}. nnx.update(model, restored) keeps the model\'s own'
-        ' values there; the plan lists them as kept.')
+      f'{len(surprising)} leaves have no source in the checkpoint and are left out of the'
+      f' restored nnx.State: {", ".join(surprising)}. nnx.update(model, restored) keeps the model\'s own'
+      ' values there; the plan lists them as kept.'
+    )
   if state.placeholders:
     plans.warn(
-        f'{len(state.placeholders)} leaves were not restored (no source; the abstract state gave'
-        f' no value) and hold NotRestored placeholders that raise when used as arrays: {", ".join(state.placeholders)}.'
-        ' Restore into an nnx.State (then nnx.update(model, restored) keeps the model\'s values there) or into a'
-        ' state with values there (nnx.state(model) of an initialised model), or fill them before use.')
+      f'{len(state.placeholders)} leaves were not restored (no source; the abstract state gave'
+      f' no value) and hold NotRestored placeholders that raise when used as arrays: {", ".join(state.placeholders)}.'
+      ' Restore into an nnx.State (then nnx.update(model, restored) keeps the model\'s values there) or into a'
+      ' state with values there (nnx.state(model) of an initialised model), or fill them before use.'
+    )
   if state.large_replicated:
     plans.warn('; '.join(state.large_replicated))
 
@@ -151,6 +160,7 @@ class SavedAsStandard:
 @dataclasses.dataclass(frozen=True)
 class _Refused:
   """A commit future that raises the save's refusal (for `wait_until_finished` to surface)."""
+
   error: Exception
 
   def result(self, timeout: float | None = None) -> None:
@@ -175,8 +185,10 @@ class LinenCompatHandler(ocp.AsyncCheckpointHandler):
     # One handler for every array, converted or not (see ConvertedHandler), over Orbax's own ArrayHandler.
     arrays = save_lib.ConvertedHandler(ocp.type_handlers.get_type_handler(jax.Array))
     registry = ocp.type_handlers.create_type_handler_registry(
-        *((t, ocp.type_handlers.get_type_handler(t)) for t in (int, float, bytes, np.number, np.ndarray, str)),
-        (jax.Array, arrays), (save_lib.Converted, arrays))
+      *((t, ocp.type_handlers.get_type_handler(t)) for t in (int, float, bytes, np.number, np.ndarray, str)),
+      (jax.Array, arrays),
+      (save_lib.Converted, arrays),
+    )
     self._writer = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)  # the Linen tree
     self._sidecar = ocp.StandardCheckpointHandler()  # NNX-only state, in the item's nnx_aux/ directory
 
@@ -190,12 +202,15 @@ class LinenCompatHandler(ocp.AsyncCheckpointHandler):
     they are computed on their devices and any PyTree save writes the tree.
     """
     if not isinstance(args, args_lib.LinenCompatSave):
-      raise TypeError(f'LinenCompatHandler saves LinenCompatSave(state) args, not {type(args).__name__}:'
-                      ' LinenCompatRestore only restores. Save with LinenCompatSave(state) (the Linen layout)'
-                      ' or ocp.args.StandardSave(state) (the state as it is)')
+      raise TypeError(
+        f'LinenCompatHandler saves LinenCompatSave(state) args, not {type(args).__name__}:'
+        ' LinenCompatRestore only restores. Save with LinenCompatSave(state) (the Linen layout)'
+        ' or ocp.args.StandardSave(state) (the state as it is)'
+      )
     with _gc_paused():
-      tree, sidecar = save_lib.linen_trees(args.state, rules=args.rules, stacks=args.stacks, aux=args.aux,
-                                           target=args.target, plan=args.plan, carry=carry)
+      tree, sidecar = save_lib.linen_trees(
+        args.state, rules=args.rules, stacks=args.stacks, aux=args.aux, target=args.target, plan=args.plan, carry=carry
+      )
     save_args = None if args.save_args is None else jax.tree.map(lambda _: args.save_args, tree)
     main = ocp.args.PyTreeSave(tree, save_args=save_args, custom_metadata=args.custom_metadata)
     return main, (None if sidecar is None else ocp.args.StandardSave(sidecar))
@@ -235,8 +250,9 @@ class LinenCompatHandler(ocp.AsyncCheckpointHandler):
       restore_plan, state = prepared.plan, prepared.state
       if args.dry_run:
         return restore_plan
-      values = read.execute(restore_plan, prepared.checkpoint, replica_axis=options.replica_axis,
-                            budget_bytes=options.read_budget_bytes)
+      values = read.execute(
+        restore_plan, prepared.checkpoint, replica_axis=options.replica_axis, budget_bytes=options.read_budget_bytes
+      )
     if options.fill_nnx_only is not None:
       for t in restore_plan.kept:
         if t.nnx_only:

@@ -30,8 +30,14 @@ def step_of(ckpt: source_lib.Checkpoint) -> int | None:
 def stacks_found(ckpt: source_lib.Checkpoint) -> list[dict]:
   """Layer stacks the checkpoint's model holds: per-layer modules and stacked ones (see `stacks.found_in`)."""
   described = layout.describe([a.path for a in ckpt.arrays], ckpt.layout)
-  return stacks_lib.found_in({l.meaning.param: tuple(a.shape) for a, l in zip(ckpt.arrays, described)
-                              if l.meaning.section == ('model',) and l.meaning.param}, ckpt.layout)
+  return stacks_lib.found_in(
+    {
+      l.meaning.param: tuple(a.shape)
+      for a, l in zip(ckpt.arrays, described)
+      if l.meaning.section == ('model',) and l.meaning.param
+    },
+    ckpt.layout,
+  )
 
 
 def inspect(ckpt: source_lib.Checkpoint) -> dict:
@@ -52,16 +58,24 @@ def inspect(ckpt: source_lib.Checkpoint) -> dict:
   arrays = []
   for a in ckpt.arrays:
     chunk = ckpt.stores[a.name].chunk_layout.read_chunk.shape
-    arrays.append({'path': layout.render(a.path), 'shape': list(a.shape), 'dtype': np.dtype(a.dtype).name,
-                   'chunk': list(chunk or ()), 'bytes': plans.nbytes(a.shape, a.dtype), 'stored_as': a.name})
+    arrays.append(
+      {
+        'path': layout.render(a.path),
+        'shape': list(a.shape),
+        'dtype': np.dtype(a.dtype).name,
+        'chunk': list(chunk or ()),
+        'bytes': plans.nbytes(a.shape, a.dtype),
+        'stored_as': a.name,
+      }
+    )
   return {
-      'directory': str(ckpt.directory),
-      'layout': kind,
-      'step': step_of(ckpt),
-      'optimizer': {k: v for k, v in sorted(optimizer.items())},
-      'stacks': stacks_found(ckpt),
-      'arrays': arrays,
-      'total_bytes': sum(x['bytes'] for x in arrays),
+    'directory': str(ckpt.directory),
+    'layout': kind,
+    'step': step_of(ckpt),
+    'optimizer': {k: v for k, v in sorted(optimizer.items())},
+    'stacks': stacks_found(ckpt),
+    'arrays': arrays,
+    'total_bytes': sum(x['bytes'] for x in arrays),
   }
 
 
@@ -83,8 +97,9 @@ def render_inspection(info: dict, detail: str = 'tree') -> str:
     if s['kind'] == 'per-layer':
       lines.append(f"  stack      {s['root']}: {s['layers']} layers, one module each")
     elif len(s['layer_axis']) == 1:
-      lines.append(f"  stack      {s['root']}: {s['layers'][0]} layers, stacked at axis {s['layer_axis'][0]}"
-                   ' (from shapes)')
+      lines.append(
+        f"  stack      {s['root']}: {s['layers'][0]} layers, stacked at axis {s['layer_axis'][0]} (from shapes)"
+      )
     else:
       either = ' or '.join(f'{a} ({n} layers)' for a, n in zip(s['layer_axis'], s['layers']))
       lines.append(f"  stack      {s['root']}: stacked at axis {either}: shapes cannot tell, --stacks can")
@@ -102,7 +117,9 @@ def render_inspection(info: dict, detail: str = 'tree') -> str:
     for depth in range(common, len(parts) - 1):
       lines.append('  ' + '  ' * depth + parts[depth] + '/')
     shown = parts[:-1]
-    lines.append(f"  {'  ' * (len(parts) - 1)}{parts[-1]}  {tuple(a['shape'])} {a['dtype']}"
-                 f"  chunk {tuple(a['chunk'])}  {size_text(a['bytes'])}"
-                 + (f"  stored as {a['stored_as']}" if detail == 'stored' else ''))
+    lines.append(
+      f"  {'  ' * (len(parts) - 1)}{parts[-1]}  {tuple(a['shape'])} {a['dtype']}"
+      f"  chunk {tuple(a['chunk'])}  {size_text(a['bytes'])}"
+      + (f"  stored as {a['stored_as']}" if detail == 'stored' else '')
+    )
   return '\n'.join(lines)

@@ -35,9 +35,7 @@ AUX_PLACES = (SIDECAR, NNX_AUX, None)
 
 # Linen collections whose name may sit right under `params` when a TrainState was
 # created with `params=variables` (the 'params' level seen twice on disk).
-_KNOWN_COLLECTIONS = frozenset(
-    {'params', 'batch_stats', 'cache', 'intermediates', 'losses', 'spectral'}
-)
+_KNOWN_COLLECTIONS = frozenset({'params', 'batch_stats', 'cache', 'intermediates', 'losses', 'spectral'})
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -177,7 +175,7 @@ def _mirrors_variable(rel: Path, model: set[Path]) -> bool:
   under a stacked params tree).
   """
   n = normalize_layers(rel)
-  return n in model or any(n[:i] + n[i + 1:] in model for i in range(1, len(n)) if n[i].isdigit())
+  return n in model or any(n[:i] + n[i + 1 :] in model for i in range(1, len(n)) if n[i].isdigit())
 
 
 def _mirror_roots(rel_paths: Sequence[Path], model: set[Path]) -> dict[Path, int]:
@@ -230,7 +228,7 @@ def describe(paths: Iterable[Path], layout: str) -> list[Leaf]:
     extra_collections = set()
 
   def rel(c: Path, root: Path) -> Path | None:
-    return c[len(root):] if c[: len(root)] == root and len(c) > len(root) else None
+    return c[len(root) :] if c[: len(root)] == root and len(c) > len(root) else None
 
   model_rel = [r for c in clean.values() if (r := rel(c, model_root)) is not None]
   model_rel = [r for r in model_rel if not (model_root == () and (r[0] in extra_collections or r[0] == NNX_AUX))]

@@ -88,11 +88,11 @@ class Stack(Op):
   axis: int
 
   def shape(self, shapes):
-    return tuple(shapes[0][: self.axis]) + (len(shapes),) + tuple(shapes[0][self.axis:])
+    return tuple(shapes[0][: self.axis]) + (len(shapes),) + tuple(shapes[0][self.axis :])
 
   def needs(self, box, shapes):
     lo, hi = box[self.axis]
-    rest = box[: self.axis] + box[self.axis + 1:]
+    rest = box[: self.axis] + box[self.axis + 1 :]
     return [rest if lo <= i < hi else None for i in range(len(shapes))]
 
   def apply(self, box, parts):
@@ -101,17 +101,18 @@ class Stack(Op):
   def regions(self, box, shapes):
     lo = box[self.axis][0]
     at = (slice(None),) * self.axis
-    return [(lambda out, i=i: out[at + (i - lo,)]) if b is not None else None
-            for i, b in enumerate(self.needs(box, shapes))]
+    return [
+      (lambda out, i=i: out[at + (i - lo,)]) if b is not None else None for i, b in enumerate(self.needs(box, shapes))
+    ]
 
   def image(self, box, index, shapes):
-    return box[: self.axis] + ((index, index + 1),) + box[self.axis:]
+    return box[: self.axis] + ((index, index + 1),) + box[self.axis :]
 
   def carry(self, data, box, index, shapes):
     return np.expand_dims(data, self.axis)
 
   def spec(self, specs):
-    return specs[0][: self.axis] + [None] + specs[0][self.axis:]  # the new axis is laid out whole
+    return specs[0][: self.axis] + [None] + specs[0][self.axis :]  # the new axis is laid out whole
 
   def lifted(self, layers):
     return Stack(self.axis + 1)
@@ -164,7 +165,7 @@ class Concat(Op):
   def image(self, box, index, shapes):
     start = sum(s[self.axis] for s in shapes[:index])
     lo, hi = box[self.axis]
-    return box[: self.axis] + ((lo + start, hi + start),) + box[self.axis + 1:]
+    return box[: self.axis] + ((lo + start, hi + start),) + box[self.axis + 1 :]
 
   def spec(self, specs):
     return list(specs[0])  # the axes stay where they are
@@ -205,7 +206,7 @@ class Slice(Op):
     lo, hi = max(box[self.axis][0], self.start), min(box[self.axis][1], self.stop)
     if lo >= hi:
       return None
-    return box[: self.axis] + ((lo - self.start, hi - self.start),) + box[self.axis + 1:]
+    return box[: self.axis] + ((lo - self.start, hi - self.start),) + box[self.axis + 1 :]
 
   def carry(self, data, box, index, shapes):
     lo, hi = box[self.axis]
@@ -230,10 +231,10 @@ class Take(Op):
   index: int
 
   def shape(self, shapes):
-    return tuple(shapes[0][: self.axis]) + tuple(shapes[0][self.axis + 1:])
+    return tuple(shapes[0][: self.axis]) + tuple(shapes[0][self.axis + 1 :])
 
   def needs(self, box, shapes):
-    return [box[: self.axis] + ((self.index, self.index + 1),) + box[self.axis:]]
+    return [box[: self.axis] + ((self.index, self.index + 1),) + box[self.axis :]]
 
   def apply(self, box, parts):
     return np.squeeze(parts[0], axis=self.axis)
@@ -243,13 +244,13 @@ class Take(Op):
 
   def image(self, box, index, shapes):
     lo, hi = box[self.axis]
-    return box[: self.axis] + box[self.axis + 1:] if lo <= self.index < hi else None
+    return box[: self.axis] + box[self.axis + 1 :] if lo <= self.index < hi else None
 
   def carry(self, data, box, index, shapes):
     return data[(slice(None),) * self.axis + (self.index - box[self.axis][0],)]
 
   def spec(self, specs):
-    return specs[0][: self.axis] + specs[0][self.axis + 1:]  # the taken axis is gone
+    return specs[0][: self.axis] + specs[0][self.axis + 1 :]  # the taken axis is gone
 
   def lifted(self, layers):
     return Take(self.axis + 1, self.index)
@@ -327,8 +328,8 @@ class MoveAxis(Op):
     return np.moveaxis(data, self.source, self.destination)
 
   def spec(self, specs):
-    rest = specs[0][: self.source] + specs[0][self.source + 1:]
-    return rest[: self.destination] + [specs[0][self.source]] + rest[self.destination:]
+    rest = specs[0][: self.source] + specs[0][self.source + 1 :]
+    return rest[: self.destination] + [specs[0][self.source]] + rest[self.destination :]
 
   def lifted(self, layers):
     return MoveAxis(self.source + 1, self.destination + 1)
@@ -435,7 +436,6 @@ class Reshape(Op):
     return [None]  # elements move: computed by `apply` on the host
 
   moves_boxes = False  # elements move: a box of the source is rows of the target, not a box
-
 
   def spec(self, specs):
     return None  # no box image (moves_boxes is False): its output is laid out anew, never carried

@@ -84,14 +84,19 @@ class RestoreOptions:
   rules: rules_lib.Rules = _option(None, '--rules')
   partial: bool = _option(False, '--partial')
   source_layout: str | None = _option(None, None, 'the command line reads the layout a checkpoint records')
-  target_layout: str | None = _option(None, None, "a target's layout is its own there (plan --to and convert --to"
-                                                   ' name the layout of a conversion with no target)')
+  target_layout: str | None = _option(
+    None,
+    None,
+    "a target's layout is its own there (plan --to and convert --to name the layout of a conversion with no target)",
+  )
   fill_nnx_only: Callable[[str, jax.ShapeDtypeStruct], Any] | None = _option(
-      None, None, 'a Python callable (convert --fill-nnx-only from-target writes a built target model\'s own values)')
+    None, None, 'a Python callable (convert --fill-nnx-only from-target writes a built target model\'s own values)'
+  )
   stacks: stacks_lib.StackAxes | None = _option(None, '--stacks')
   replica_axis: str | None = _option(None, None, "a restore onto a device mesh's replicas: no command reads onto one")
-  timeout_s: float = _option(300.0, None, 'a restore across processes: convert --distributed writes, it restores'
-                                          ' nothing to wait for')
+  timeout_s: float = _option(
+    300.0, None, 'a restore across processes: convert --distributed writes, it restores nothing to wait for'
+  )
   read_budget_bytes: int | None = _option(None, '--budget')
   mesh: jax.sharding.Mesh | None = _option(None, None, 'a Python object: the command line reads onto one device')
   max_over_read: float | None = _option(4.0, '--max-over-read')
@@ -102,11 +107,19 @@ class RestoreOptions:
     """The options that name what the flattened target (`target.AbstractState`) lacks, or that make no sense."""
     found = []
     if self.replica_axis is not None:
-      axes = sorted({a for t in state.targets if isinstance(t.sharding, jax.sharding.NamedSharding)
-                     for a in t.sharding.mesh.axis_names})
+      axes = sorted(
+        {
+          a
+          for t in state.targets
+          if isinstance(t.sharding, jax.sharding.NamedSharding)
+          for a in t.sharding.mesh.axis_names
+        }
+      )
       if self.replica_axis not in axes:
-        found.append(f'replica_axis={self.replica_axis!r} is no axis of the target meshes'
-                     f' (axes: {", ".join(map(repr, axes)) or "none: no target has a NamedSharding"})')
+        found.append(
+          f'replica_axis={self.replica_axis!r} is no axis of the target meshes'
+          f' (axes: {", ".join(map(repr, axes)) or "none: no target has a NamedSharding"})'
+        )
     if self.read_budget_bytes is not None and self.read_budget_bytes <= 0:
       found.append(f'read_budget_bytes={self.read_budget_bytes!r} must be a positive number of bytes')
     if self.max_over_read is not None and not self.max_over_read >= 1:

@@ -60,7 +60,8 @@ def shared(*, timeout_s: float):
     failures = _collect(client, key, me, timeout_s)
   if failures:
     raise RestoreFailedElsewhere(
-        f'process {me} read its shards, but the restore failed elsewhere: ' + '; '.join(failures))
+      f'process {me} read its shards, but the restore failed elsewhere: ' + '; '.join(failures)
+    )
 
 
 @contextlib.contextmanager
@@ -113,13 +114,17 @@ def _wait_for(client, key: str, p: int, deadline: float, timeout_s: float) -> st
       beat = client.key_value_try_get(f'{key}/alive/{p}')
     except Exception as e:  # noqa: BLE001 - NOT_FOUND before its first beat; anything else: no service
       if 'NOT_FOUND' not in str(e).upper().replace(' ', '_'):
-        return (f'process {p} could not be asked for its outcome: JAX\'s coordination service is unreachable'
-                f' ({str(e).strip()[:200]}); process 0 runs it, so it most likely died')
+        return (
+          f'process {p} could not be asked for its outcome: JAX\'s coordination service is unreachable'
+          f' ({str(e).strip()[:200]}); process 0 runs it, so it most likely died'
+        )
       beat = None
     if beat != last:
       last, since = beat, now
     elif now - since >= (_DEAD_AFTER_S if last is not None else 3 * _DEAD_AFTER_S):  # never heard: more grace
-      return (f'process {p} died: it stopped saying it is alive {now - since:.0f} s before reporting its outcome'
-              ' (killed, out of memory or crashed; its own log says why)')
+      return (
+        f'process {p} died: it stopped saying it is alive {now - since:.0f} s before reporting its outcome'
+        ' (killed, out of memory or crashed; its own log says why)'
+      )
     if now >= deadline:
       return f'process {p} did not report within {timeout_s:g} s (it died or hangs)'

@@ -36,21 +36,21 @@ Path = layout.Path
 
 # Linen module classes and the NNX classes that hold the same parameters.
 KINDS = {
-    'Dense': ('Linear',),
-    'DenseGeneral': ('LinearGeneral', 'Linear'),
-    'Conv': ('Conv',),
-    'ConvTranspose': ('ConvTranspose',),
-    'Embed': ('Embed',),
-    'LayerNorm': ('LayerNorm',),
-    'RMSNorm': ('RMSNorm',),
-    'GroupNorm': ('GroupNorm',),
-    'BatchNorm': ('BatchNorm',),
-    'MultiHeadDotProductAttention': ('MultiHeadAttention',),
-    'MultiHeadAttention': ('MultiHeadAttention',),
-    'SelfAttention': ('MultiHeadAttention',),
-    'Einsum': ('Einsum',),
-    'LSTMCell': ('LSTMCell',),
-    'GRUCell': ('GRUCell',),
+  'Dense': ('Linear',),
+  'DenseGeneral': ('LinearGeneral', 'Linear'),
+  'Conv': ('Conv',),
+  'ConvTranspose': ('ConvTranspose',),
+  'Embed': ('Embed',),
+  'LayerNorm': ('LayerNorm',),
+  'RMSNorm': ('RMSNorm',),
+  'GroupNorm': ('GroupNorm',),
+  'BatchNorm': ('BatchNorm',),
+  'MultiHeadDotProductAttention': ('MultiHeadAttention',),
+  'MultiHeadAttention': ('MultiHeadAttention',),
+  'SelfAttention': ('MultiHeadAttention',),
+  'Einsum': ('Einsum',),
+  'LSTMCell': ('LSTMCell',),
+  'GRUCell': ('GRUCell',),
 }
 
 _LINEN_NAME = re.compile(r'([A-Za-z]\w*?)_(\d+)')
@@ -199,13 +199,17 @@ def _settle(sources: list[Module], targets: list[Module], out: Pairing) -> list[
     paired = list(zip(sorted(sources, key=lambda m: m.path), sorted(targets, key=lambda m: m.path)))
     left = [m for m in sources + targets if not any(m is a or m is b for a, b in paired)]
     out.unsettled.append(
-        f"{', '.join(_shown(m) for m in sources)} and {', '.join(_shown(m) for m in targets)} all hold"
-        f' {sources[0].describe()}: {len(sources)} against {len(targets)}, paired in name order')
+      f"{', '.join(_shown(m) for m in sources)} and {', '.join(_shown(m) for m in targets)} all hold"
+      f' {sources[0].describe()}: {len(sources)} against {len(targets)}, paired in name order'
+    )
     out.unpaired += [_shown(m) for m in left]
     out.open += [(a.given, b.given) for a, b in paired]
     return paired
-  fits = [p for p in itertools.permutations(range(n))
-          if all(_compatible(s, targets[j]) is not False for s, j in zip(sources, p))]
+  fits = [
+    p
+    for p in itertools.permutations(range(n))
+    if all(_compatible(s, targets[j]) is not False for s, j in zip(sources, p))
+  ]
   ordered = [p for p in fits if _ordered(p, sources, targets)]
   names = f"{', '.join(_shown(m) for m in sources)} and {', '.join(_shown(m) for m in targets)}"
   numbered = _by_numbers(targets) if len(ordered) != 1 and any(t.order is None for t in targets) else None
@@ -218,15 +222,20 @@ def _settle(sources: list[Module], targets: list[Module], out: Pairing) -> list[
   elif len(guessed) == 1:
     chosen = guessed[0]
     shown = ', '.join(f'{s.given} -> {targets[j].given}' for s, j in zip(sources, chosen))
-    out.by_order.append(f'{names} all hold {sources[0].describe()}: paired as a guess, creation order against'
-                        f' the numbers in the NNX names ({shown}); if the numbers do not follow the order the'
-                        ' modules are made in, state the renames')
+    out.by_order.append(
+      f'{names} all hold {sources[0].describe()}: paired as a guess, creation order against'
+      f' the numbers in the NNX names ({shown}); if the numbers do not follow the order the'
+      ' modules are made in, state the renames'
+    )
   else:
     chosen = (ordered or fits or [tuple(range(n))])[0]
-    why = ('no attribute order on the NNX side: an NNX checkpoint, an nnx.State and nnx.eval_shape sort attributes'
-           ' by name; only the model itself (an initialised nnx.Module) as the target keeps the order its __init__'
-           ' made them'
-           if any(t.order is None for t in targets) else 'neither kinds nor order tell them apart')
+    why = (
+      'no attribute order on the NNX side: an NNX checkpoint, an nnx.State and nnx.eval_shape sort attributes'
+      ' by name; only the model itself (an initialised nnx.Module) as the target keeps the order its __init__'
+      ' made them'
+      if any(t.order is None for t in targets)
+      else 'neither kinds nor order tell them apart'
+    )
     out.unsettled.append(f'{names} all hold {sources[0].describe()} ({why}): paired in name order, check them')
     out.open += [(s.given, targets[j].given) for s, j in zip(sources, chosen)]
   return [(s, targets[j]) for s, j in zip(sources, chosen)]
@@ -241,8 +250,9 @@ def _by_numbers(targets: list[Module]) -> list[Module] | None:
   and `nnx.State` keep no attribute order, and names like these usually count in the order modules are made."""
   found = [_NUMBERED.fullmatch((t.given or '/'.join(t.path)).rsplit('/', 1)[-1]) for t in targets]
   matched = [m for m in found if m]
-  if (len(matched) != len(found) or len({m[1] for m in matched}) != 1
-      or len({int(m[2]) for m in matched}) != len(matched)):
+  if (
+    len(matched) != len(found) or len({m[1] for m in matched}) != 1 or len({int(m[2]) for m in matched}) != len(matched)
+  ):
     return None
   return [dataclasses.replace(t, order=int(m[2])) for t, m in zip(targets, matched)]
 
@@ -251,8 +261,9 @@ def _entries(children: list[Module]) -> list[Module]:
   """The children, each list of modules (only digit-named children, no leaves) replaced by its entries."""
   out = []
   for c in children:
-    if (c.children and not c.leaves and all(k.isdigit() for k in c.children)
-        and all(e.given for e in c.children.values())):
+    if (
+      c.children and not c.leaves and all(k.isdigit() for k in c.children) and all(e.given for e in c.children.values())
+    ):
       out += list(c.children.values())
     else:
       out.append(c)
@@ -292,7 +303,7 @@ def _unstacked(m: Module, layers: int, axis: int = 0) -> Module | None:
   for k, shape in m.leaves.items():
     if len(shape) <= axis or shape[axis] != layers:
       return None
-    leaves[k] = shape[:axis] + shape[axis + 1:]
+    leaves[k] = shape[:axis] + shape[axis + 1 :]
   children = {}
   for k, c in m.children.items():
     one = _unstacked(c, layers, axis)
@@ -309,8 +320,13 @@ def _pair_stack(a: Module, b: Module, out: Pairing) -> bool:
   entries = list(a.children.values())
   if a.children and b.children and not any(k.isdigit() for k in (*a.children, *b.children)):
     return _pair_stacks(a, b, out)
-  if not (entries and not a.leaves and all(k.isdigit() for k in a.children) and b.children
-          and not any(k.isdigit() for k in b.children)):
+  if not (
+    entries
+    and not a.leaves
+    and all(k.isdigit() for k in a.children)
+    and b.children
+    and not any(k.isdigit() for k in b.children)
+  ):
     return False
   first = a.children[min(a.children, key=int)]
   one = _unstacked(b, len(entries))
@@ -320,11 +336,11 @@ def _pair_stack(a: Module, b: Module, out: Pairing) -> bool:
   _pair_children(first, one, first.path, layer)
   per_layer = first.given[:-1] + '{i}'
   for k, v in _pruned(layer.renames, first).items():
-    out.renames[per_layer + k[len(first.given):]] = per_layer + v[len(b.given):]
+    out.renames[per_layer + k[len(first.given) :]] = per_layer + v[len(b.given) :]
   out.by_order += layer.by_order
   out.unsettled += layer.unsettled
   out.unpaired += layer.unpaired
-  out.open += [(per_layer + k[len(first.given):], per_layer + v[len(b.given):]) for k, v in layer.open]
+  out.open += [(per_layer + k[len(first.given) :], per_layer + v[len(b.given) :]) for k, v in layer.open]
   return True
 
 
@@ -350,8 +366,12 @@ def _pair_stacks(a: Module, b: Module, out: Pairing) -> bool:
   one_b = _unstacked(b, first[0], 0)
   for axis in (1, 0):
     one_a = _unstacked(a, first[0], axis)
-    if one_a is not None and one_b is not None and sorted(c.signature for c in one_a.children.values()) == sorted(
-        c.signature for c in one_b.children.values()) and one_a.signature != a.signature:
+    if (
+      one_a is not None
+      and one_b is not None
+      and sorted(c.signature for c in one_a.children.values()) == sorted(c.signature for c in one_b.children.values())
+      and one_a.signature != a.signature
+    ):
       layer = Pairing()
       _pair_children(one_a, one_b, one_a.path, layer)
       out.renames.update(_pruned(layer.renames, one_a))
@@ -376,8 +396,11 @@ def pair(source: Module, target: Module) -> Pairing:
 def _pruned(renames: Mapping[str, str], source: Module) -> dict[str, str]:
   """The renames some leaf of `source` needs, in Linen's creation order."""
   by_given = {m.given: m for m in _walk(source) if m.given}
-  return {k: v for k, v in sorted(renames.items(), key=lambda kv: _sort_key(kv[0]))
-          if k not in by_given or _needs(by_given[k], renames, own=True)}
+  return {
+    k: v
+    for k, v in sorted(renames.items(), key=lambda kv: _sort_key(kv[0]))
+    if k not in by_given or _needs(by_given[k], renames, own=True)
+  }
 
 
 def _needs(m: Module, renames: Mapping[str, str], own: bool = False) -> bool:

@@ -38,8 +38,7 @@ from orbax_linen_nnx.plans import LeafRead, RestorePlan, SourceArray, Target
 Path = layout.Path
 
 # Which Linen collection each NNX variable type lives in.
-_COLLECTION_OF_TYPE = {'Param': 'params', 'BatchStat': 'batch_stats', 'Cache': 'cache',
-                       'Intermediate': 'intermediates'}
+_COLLECTION_OF_TYPE = {'Param': 'params', 'BatchStat': 'batch_stats', 'Cache': 'cache', 'Intermediate': 'intermediates'}
 
 
 def rule_list(rules: rules_lib.Rules, linen_to_nnx: bool, problems: list[str]) -> list[rules_lib.Rule]:
@@ -51,8 +50,13 @@ def rule_list(rules: rules_lib.Rules, linen_to_nnx: bool, problems: list[str]) -
     return []
 
 
-def rewrite(described: Sequence[tuple[SourceArray, layout.Leaf]], rules: Sequence[rules_lib.Rule],
-            tally: rules_lib.Tally, stacks: stacks_lib.Stacks, source_layout: str) -> tuple[dict, list]:
+def rewrite(
+  described: Sequence[tuple[SourceArray, layout.Leaf]],
+  rules: Sequence[rules_lib.Rule],
+  tally: rules_lib.Tally,
+  stacks: stacks_lib.Stacks,
+  source_layout: str,
+) -> tuple[dict, list]:
   """What every source means, after the rules rewrote each model subtree into the target's names.
 
   Rules rewrite each model subtree (the params, and every optimizer subtree
@@ -69,7 +73,8 @@ def rewrite(described: Sequence[tuple[SourceArray, layout.Leaf]], rules: Sequenc
     raw[s.path] = leaf
     if leaf.meaning.param:
       subtrees[leaf.meaning.section]['/'.join(leaf.meaning.param)] = stacks_lib.one_layer(
-          s, leaf.meaning.param, stacks, source_layout)
+        s, leaf.meaning.param, stacks, source_layout
+      )
     else:
       entries.append((s, leaf.meaning, leaf.collection, ()))
   for section, leaves in subtrees.items():
@@ -136,8 +141,9 @@ def _match(targets, tgt_leaves, index: _Index, partial: bool, problems: list[str
       if collection == layout.NNX_AUX:
         want = 'params' if want == 'params' else None  # nnx_aux holds every Variable type but Param
       if want and collection and collection != want:
-        problems.append(f"{t} is an nnx.{t.variable_type} but {s} is in Linen collection '{collection}'"
-                        f" (expected '{want}')")
+        problems.append(
+          f"{t} is an nnx.{t.variable_type} but {s} is in Linen collection '{collection}' (expected '{want}')"
+        )
       elif (k := diagnose.key_problem(t, s)) is not None:
         problems.append(k)
       else:
@@ -159,9 +165,15 @@ def _match(targets, tgt_leaves, index: _Index, partial: bool, problems: list[str
     else:
       out.missing.append((leaf.meaning, t))
       out.looked_for[str(leaf.meaning)] = leaf.meaning
-      problems.append(plans.LeafProblem(
+      problems.append(
+        plans.LeafProblem(
           f"{t} has no source (looked for '{leaf.meaning}')"
-          + diagnose.near_misses(m, index.by_meaning, index.history, index.named_as), 'missing', leaf.meaning, t))
+          + diagnose.near_misses(m, index.by_meaning, index.history, index.named_as),
+          'missing',
+          leaf.meaning,
+          t,
+        )
+      )
   return out
 
 
@@ -171,20 +183,28 @@ def _unknown_stacks(stacks: stacks_lib.Stacks, index: _Index, matched: _Matched)
   problems = []
   for name, root, _ in stacks.items():
     if not any(p[: len(root)] == root for p in params):
-      roots = sorted({'/'.join(p[: k]) for p in params for k in range(1, len(p)) if p[k].isdigit()})
-      problems.append(f"stacks= names {name!r}, which is no model path of the checkpoint or the target"
-                      f" (layer stacks found: {', '.join(map(repr, roots)) or 'none per layer'})")
+      roots = sorted({'/'.join(p[:k]) for p in params for k in range(1, len(p)) if p[k].isdigit()})
+      problems.append(
+        f"stacks= names {name!r}, which is no model path of the checkpoint or the target"
+        f" (layer stacks found: {', '.join(map(repr, roots)) or 'none per layer'})"
+      )
   return problems
 
 
-def _reads(targets, matched: _Matched, layer_ops: dict, index: _Index, linen_to_nnx: bool,
-           problems: list[str]) -> list[LeafRead]:
+def _reads(
+  targets, matched: _Matched, layer_ops: dict, index: _Index, linen_to_nnx: bool, problems: list[str]
+) -> list[LeafRead]:
   """One `LeafRead` per target that has a source: its layer ops, then a cast to its dtype."""
   for t, s, _ in matched.direct:
     if t.path not in layer_ops and tuple(s.shape) != tuple(t.shape):
-      problems.append(plans.LeafProblem(f'{t} cannot be read from {s}: shapes differ'
-                                        + diagnose.shape_fix(t, s, matched.named[t.path], linen_to_nnx),
-                                        'shape', matched.meaning[t.path], (t, s)))
+      problems.append(
+        plans.LeafProblem(
+          f'{t} cannot be read from {s}: shapes differ' + diagnose.shape_fix(t, s, matched.named[t.path], linen_to_nnx),
+          'shape',
+          matched.meaning[t.path],
+          (t, s),
+        )
+      )
     else:
       layer_ops.setdefault(t.path, ((s,), ()))
   reads = []
@@ -207,8 +227,11 @@ def _skipped(described, target_layout: str, tgt_leaves, skip: Sequence[Path]) ->
   aux_place = any(l.collection == layout.NNX_AUX for l in tgt_leaves)
   out = set(skip)
   for s, leaf in described:
-    if (layout.is_rng_path(s.path) or leaf.collection == layout.NNX_AUX) and target_layout == layout.LINEN \
-        and not aux_place:
+    if (
+      (layout.is_rng_path(s.path) or leaf.collection == layout.NNX_AUX)
+      and target_layout == layout.LINEN
+      and not aux_place
+    ):
       out.add(s.path)
   return out
 
@@ -235,14 +258,22 @@ def _pair(sources, targets, *, source_layout, target_layout, rules, partial, sta
   described = list(zip(sources, layout.describe([s.path for s in sources], source_layout)))
   skip = _skipped(described, target_layout, tgt_leaves, skip)
   tally.targets = stacks_lib.target_shapes(targets, tgt_leaves, stacks, target_layout)
-  raw, entries = rewrite([(s, leaf) for s, leaf in described if s.path not in skip], rule_objs, tally, stacks,
-                         source_layout)
+  raw, entries = rewrite(
+    [(s, leaf) for s, leaf in described if s.path not in skip], rule_objs, tally, stacks, source_layout
+  )
   problems += tally.problems + rules_lib.unmatched_problems(rule_objs, tally)
 
   index = _Index.of(entries, problems)
   matched = _match(targets, tgt_leaves, index, partial, problems)
-  layer_ops = stacks_lib.plan([d for d in matched.direct if d[0].path not in matched.as_saved], matched.to_stack,
-                              matched.to_unstack, stacks, source_layout, target_layout, problems)
+  layer_ops = stacks_lib.plan(
+    [d for d in matched.direct if d[0].path not in matched.as_saved],
+    matched.to_stack,
+    matched.to_unstack,
+    stacks,
+    source_layout,
+    target_layout,
+    problems,
+  )
   problems += _unknown_stacks(stacks, index, matched)
   reads = _reads(targets, matched, layer_ops, index, linen_to_nnx, problems)
 
@@ -256,37 +287,45 @@ def _pair(sources, targets, *, source_layout, target_layout, rules, partial, sta
     m = raw[s.path].meaning
     unused.append((m, s))
     if not partial and not (model_only and m.section != ('model',)):
-      problems.append(plans.LeafProblem(f'{s} is not used by any target'
-                                        + diagnose.why_not(m, matched.looked_for.get(str(m))), 'unused', m, s))
-  plan = None if problems else RestorePlan(
+      problems.append(
+        plans.LeafProblem(
+          f'{s} is not used by any target' + diagnose.why_not(m, matched.looked_for.get(str(m))), 'unused', m, s
+        )
+      )
+  plan = (
+    None
+    if problems
+    else RestorePlan(
       source_layout=source_layout,
       target_layout=target_layout,
       reads=tuple(reads),
       kept=tuple(matched.kept),
       unused=tuple(s for _, s in unused),
       skipped=tuple(s for s in sources if s.path in skip),
-      dropped=tuple((s, tally.dropped[s.path]) for s in sources if s.path in tally.dropped
-                    and s.path not in matched.used),
+      dropped=tuple(
+        (s, tally.dropped[s.path]) for s in sources if s.path in tally.dropped and s.path not in matched.used
+      ),
       rules_matched=tuple((rule, tuple(sorted(paths))) for rule, paths in tally.matched.items()),
+    )
   )
   unmatched = [n for r in rule_objs for n in r.names() if not tally.matches.get(n)]
   return _Attempt(plan, problems, matched.missing, unused, tally.unfit, matched.unfilled, unmatched)
 
 
 def build(
-    sources: Sequence[SourceArray],
-    targets: Sequence[Target],
-    *,
-    source_layout: str,
-    target_layout: str,
-    rules: rules_lib.Rules = None,
-    partial: bool = False,
-    stacks: stacks_lib.StackAxes | stacks_lib.Stacks | None = None,
-    where: str = 'the checkpoint',
-    problems: Sequence[str] = (),
-    skip: Sequence[Path] = (),
-    action: str | None = None,
-    modules: Mapping[Path, tuple[int | None, str]] | None = None,
+  sources: Sequence[SourceArray],
+  targets: Sequence[Target],
+  *,
+  source_layout: str,
+  target_layout: str,
+  rules: rules_lib.Rules = None,
+  partial: bool = False,
+  stacks: stacks_lib.StackAxes | stacks_lib.Stacks | None = None,
+  where: str = 'the checkpoint',
+  problems: Sequence[str] = (),
+  skip: Sequence[Path] = (),
+  action: str | None = None,
+  modules: Mapping[Path, tuple[int | None, str]] | None = None,
 ) -> RestorePlan:
   """Pairs every target leaf with its source array(s), from metadata alone.
 
@@ -327,11 +366,14 @@ def build(
       inferred = dict(pair, rules=rules_lib.with_renames(rules, renames, linen_to_nnx=linen_to_nnx))
       attempt = _pair(sources, targets, stacks=spec, problems=list(problems), **inferred)
       if not attempt.problems:
-        notes = tuple(f"rules='auto' paired {k} -> {v}" for k, v in renames.items()) + tuple(
-            f"rules='auto': {line}" for line in by_order) + tuple(
-            f"rules='auto' found no partner for {m} (partial=True: kept as given, or unused)"
-            for m in found.unpaired) + (
-            f"rules='auto' inferred rules=[rename({renames!r})] (plan --suggest-rules writes them as a module)",)
+        notes = (
+          tuple(f"rules='auto' paired {k} -> {v}" for k, v in renames.items())
+          + tuple(f"rules='auto': {line}" for line in by_order)
+          + tuple(
+            f"rules='auto' found no partner for {m} (partial=True: kept as given, or unused)" for m in found.unpaired
+          )
+          + (f"rules='auto' inferred rules=[rename({renames!r})] (plan --suggest-rules writes them as a module)",)
+        )
         assert attempt.plan is not None  # a pairing without problems has its plan
         return dataclasses.replace(attempt.plan, notes=attempt.plan.notes + notes, inferred_renames=renames)
       first, pair = attempt, inferred
@@ -342,17 +384,31 @@ def build(
   if guessed:
     attempt = _pair(sources, targets, stacks=spec.with_source(guessed), problems=problems, **pair)
   if not attempt.problems:
-    notes = tuple(f"layer axis {a} of source stack '{'/'.join(r)}' inferred from its shapes: rules see one layer"
-                  for r, a in guessed.items())
+    notes = tuple(
+      f"layer axis {a} of source stack '{'/'.join(r)}' inferred from its shapes: rules see one layer"
+      for r, a in guessed.items()
+    )
     assert attempt.plan is not None  # a pairing without problems has its plan
     return dataclasses.replace(attempt.plan, notes=attempt.plan.notes + notes)
-  error = diagnose.error(first.problems, missing=first.missing, unused=first.unused, linen_to_nnx=linen_to_nnx,
-                         modules=modules, rules=rules, where=where, source_layout=source_layout,
-                         target_layout=target_layout, action=action, unmatched=first.unmatched)
+  error = diagnose.error(
+    first.problems,
+    missing=first.missing,
+    unused=first.unused,
+    linen_to_nnx=linen_to_nnx,
+    modules=modules,
+    rules=rules,
+    where=where,
+    source_layout=source_layout,
+    target_layout=target_layout,
+    action=action,
+    unmatched=first.unmatched,
+  )
   if guessed:
     hint = ', '.join(f"{'/'.join(r)!r}: {{'source': {a}}}" for r, a in guessed.items())
-    raise type(error)(f'{error}\n(Rules written for one layer see one only under a stack whose layer axis'
-                      f' stacks= states; the shapes suggest stacks={{{hint}}}, which did not plan either.)')
+    raise type(error)(
+      f'{error}\n(Rules written for one layer see one only under a stack whose layer axis'
+      f' stacks= states; the shapes suggest stacks={{{hint}}}, which did not plan either.)'
+    )
   raise error
 
 
@@ -365,8 +421,15 @@ class Prepared:
   state: Any  # target.AbstractState
 
 
-def prepare(checkpoint: Any, abstract: Any, options: options_lib.RestoreOptions = options_lib.DEFAULTS, *,
-            problems: Sequence[str] = (), phases: dict[str, float] | None = None, topology: Any = None) -> Prepared:
+def prepare(
+  checkpoint: Any,
+  abstract: Any,
+  options: options_lib.RestoreOptions = options_lib.DEFAULTS,
+  *,
+  problems: Sequence[str] = (),
+  phases: dict[str, float] | None = None,
+  topology: Any = None,
+) -> Prepared:
   """Opens `checkpoint` (a path, or an opened `source.Checkpoint`), flattens `abstract` and plans with `options`.
 
   The one way every face goes from a checkpoint and an abstract state to a
@@ -384,17 +447,34 @@ def prepare(checkpoint: Any, abstract: Any, options: options_lib.RestoreOptions 
   clock = time.perf_counter()
   ckpt = checkpoint if isinstance(checkpoint, source_lib.Checkpoint) else source_lib.open_checkpoint(checkpoint)
   opened = time.perf_counter()
-  state = target_lib.flatten(abstract, layout_name=target_layout, mesh=options.mesh,
-                             keep_abstract=topology is not None and topology.simulated)
-  plan = build(ckpt.arrays, state.targets, source_layout=source_layout or ckpt.layout, target_layout=state.layout,
-               rules=options.rules, partial=options.partial, stacks=options.stacks, where=str(ckpt.directory),
-               problems=list(problems) + state.problems + options.problems(state), modules=state.modules)
+  state = target_lib.flatten(
+    abstract, layout_name=target_layout, mesh=options.mesh, keep_abstract=topology is not None and topology.simulated
+  )
+  plan = build(
+    ckpt.arrays,
+    state.targets,
+    source_layout=source_layout or ckpt.layout,
+    target_layout=state.layout,
+    rules=options.rules,
+    partial=options.partial,
+    stacks=options.stacks,
+    where=str(ckpt.directory),
+    problems=list(problems) + state.problems + options.problems(state),
+    modules=state.modules,
+  )
   if state.notes:
     plan = dataclasses.replace(plan, notes=plan.notes + tuple(state.notes))
   planned = time.perf_counter()
-  plan = dataclasses.replace(plan, cost=cost_lib.estimate(plan, cost_lib.grids_of(plan, ckpt.stores),
-                                                          topology=topology, replica_axis=options.replica_axis,
-                                                          budget_bytes=options.read_budget_bytes))
+  plan = dataclasses.replace(
+    plan,
+    cost=cost_lib.estimate(
+      plan,
+      cost_lib.grids_of(plan, ckpt.stores),
+      topology=topology,
+      replica_axis=options.replica_axis,
+      budget_bytes=options.read_budget_bytes,
+    ),
+  )
   if phases is not None:
     phases['open_and_list'] = opened - clock
     phases['plan'] = planned - opened

@@ -108,8 +108,8 @@ def _compact(names: list[str]) -> str:
   if len(names) > 2 and len({len(p) for p in parts}) == 1:
     differ = [i for i in range(len(parts[0])) if len({p[i] for p in parts}) > 1]
     if len(differ) == 1 and [p[differ[0]] for p in parts] == [str(i) for i in range(len(names))]:
-      head = parts[0][:differ[0]]
-      return ''.join(head) + f'{{0..{len(names) - 1}}}' + ''.join(parts[0][differ[0] + 1:])
+      head = parts[0][: differ[0]]
+      return ''.join(head) + f'{{0..{len(names) - 1}}}' + ''.join(parts[0][differ[0] + 1 :])
   return ', '.join(names)
 
 
@@ -142,8 +142,7 @@ class LeafRead:
     made = f"  (by {', '.join(self.rules)})" if self.rules else ''
     keys = f'  (as {self.target.key_impl} key data)' if self.target.key_impl else ''
     return (
-        f'{layout.render(self.target.path)} {fmt(self.target.shape, self.target.dtype)}'
-        f'  <-  {names}{ops}{made}{keys}'
+      f'{layout.render(self.target.path)} {fmt(self.target.shape, self.target.dtype)}  <-  {names}{ops}{made}{keys}'
     )
 
 
@@ -213,22 +212,31 @@ class ProcessCost:
     return min(self.budget_bytes, self.read_bytes) + self.largest_chunk_bytes
 
   def big_chunks(self) -> list[LeafCost]:
-    return [c for c in self.leaves if c.largest_chunk >= BIG_CHUNK_BYTES
-            and c.largest_chunk >= BIG_CHUNK_FACTOR * c.largest_need]
+    return [
+      c
+      for c in self.leaves
+      if c.largest_chunk >= BIG_CHUNK_BYTES and c.largest_chunk >= BIG_CHUNK_FACTOR * c.largest_need
+    ]
 
   def lines(self) -> list[str]:
     z = size_text
-    out = [f'process {self.process} ({self.devices} devices): reads {z(self.read_bytes)} in {self.chunks:,}'
-           f' chunks for {z(self.needed_bytes)} needed (over-read {self.over_read:.2f}x); places'
-           f' {z(self.placed_bytes)}, at most {z(self.device_max_bytes)} on one device; host memory of the read'
-           f' at most {z(self.host_bound_bytes)} (budget {z(self.budget_bytes)} + largest chunk'
-           f' {z(self.largest_chunk_bytes)})']
+    out = [
+      f'process {self.process} ({self.devices} devices): reads {z(self.read_bytes)} in {self.chunks:,}'
+      f' chunks for {z(self.needed_bytes)} needed (over-read {self.over_read:.2f}x); places'
+      f' {z(self.placed_bytes)}, at most {z(self.device_max_bytes)} on one device; host memory of the read'
+      f' at most {z(self.host_bound_bytes)} (budget {z(self.budget_bytes)} + largest chunk'
+      f' {z(self.largest_chunk_bytes)})'
+    ]
     worst = [c for c in self.leaves[:3] if c.decoded > c.needed]
     if worst and self.over_read > 1.05:
-      out.append('  over-read mostly from ' + ', '.join(
-          f'{c.path} ({z(c.decoded)} decoded for {z(c.needed)})' for c in worst))
-    out += [f'  {c.path}: stored chunks of {z(c.largest_chunk)} for slices of at most {z(c.largest_need)}'
-            f' (each process decodes whole chunks)' for c in self.big_chunks()]
+      out.append(
+        '  over-read mostly from ' + ', '.join(f'{c.path} ({z(c.decoded)} decoded for {z(c.needed)})' for c in worst)
+      )
+    out += [
+      f'  {c.path}: stored chunks of {z(c.largest_chunk)} for slices of at most {z(c.largest_need)}'
+      f' (each process decodes whole chunks)'
+      for c in self.big_chunks()
+    ]
     return out
 
 
@@ -251,8 +259,12 @@ class WriteCost:
 
   def lines(self) -> list[str]:
     z = size_text
-    extra = (f'; conversions on its devices hold {z(self.device_extra_bytes)}, up to {z(self.device_extra_max_bytes)}'
-             ' on one device, until written' if self.device_extra_bytes else '; nothing is converted on its devices')
+    extra = (
+      f'; conversions on its devices hold {z(self.device_extra_bytes)}, up to {z(self.device_extra_max_bytes)}'
+      ' on one device, until written'
+      if self.device_extra_bytes
+      else '; nothing is converted on its devices'
+    )
     return [f'process {self.process} ({self.devices} devices): writes {z(self.written_bytes)}{extra}']
 
 
@@ -273,11 +285,19 @@ class Cost:
 
   def summary(self) -> dict[str, dict[str, int]]:
     """Max, min and total over processes of each byte count."""
-    fields = (('written_bytes', 'device_extra_bytes', 'device_extra_max_bytes')
-              if self.processes and isinstance(self.processes[0], WriteCost) else
-              ('read_bytes', 'chunks', 'placed_bytes', 'device_max_bytes', 'host_bound_bytes'))
-    return {f: {'max': max(getattr(p, f) for p in self.processes), 'min': min(getattr(p, f) for p in self.processes),
-                'total': sum(getattr(p, f) for p in self.processes)} for f in fields}
+    fields = (
+      ('written_bytes', 'device_extra_bytes', 'device_extra_max_bytes')
+      if self.processes and isinstance(self.processes[0], WriteCost)
+      else ('read_bytes', 'chunks', 'placed_bytes', 'device_max_bytes', 'host_bound_bytes')
+    )
+    return {
+      f: {
+        'max': max(getattr(p, f) for p in self.processes),
+        'min': min(getattr(p, f) for p in self.processes),
+        'total': sum(getattr(p, f) for p in self.processes),
+      }
+      for f in fields
+    }
 
   def lines(self, process: int | None = None, every: bool = False) -> list[str]:
     if not self.processes:
@@ -288,14 +308,18 @@ class Cost:
     simulated = " (simulated)" if self.simulated else ""
     if 'written_bytes' in s:
       w = s['written_bytes']
-      out = [f'{len(self.processes)} processes{simulated}: write {z(w["total"])} in all, {z(w["min"])}-{z(w["max"])}'
-             f' a process; conversions on devices hold up to {z(s["device_extra_max_bytes"]["max"])} on one']
+      out = [
+        f'{len(self.processes)} processes{simulated}: write {z(w["total"])} in all, {z(w["min"])}-{z(w["max"])}'
+        f' a process; conversions on devices hold up to {z(s["device_extra_max_bytes"]["max"])} on one'
+      ]
       most = 'written_bytes'
     else:
-      out = [f'{len(self.processes)} processes{simulated}: reads'
-             f' {z(s["read_bytes"]["total"])} in all, {z(s["read_bytes"]["min"])}-{z(s["read_bytes"]["max"])} a'
-             f' process; devices hold up to {z(s["device_max_bytes"]["max"])}; host memory of the read up to'
-             f' {z(s["host_bound_bytes"]["max"])} a process']
+      out = [
+        f'{len(self.processes)} processes{simulated}: reads'
+        f' {z(s["read_bytes"]["total"])} in all, {z(s["read_bytes"]["min"])}-{z(s["read_bytes"]["max"])} a'
+        f' process; devices hold up to {z(s["device_max_bytes"]["max"])}; host memory of the read up to'
+        f' {z(s["host_bound_bytes"]["max"])} a process'
+      ]
       most = 'read_bytes'
     shown = self.processes if every else [max(self.processes, key=lambda p: getattr(p, most))]
     if not every:
@@ -338,16 +362,15 @@ class RestorePlan:
 
   def __str__(self) -> str:
     lines = [
-        f'{self.source_layout} -> {self.target_layout}: {len(self.reads)} arrays to'
-        f' read, {len(self.kept)} kept as given, {len(self.unused)} unused sources,'
-        f' {len(self.skipped)} NNX-only sources skipped'
-        + (f', {len(self.dropped)} dropped by rules' if self.dropped else '')
+      f'{self.source_layout} -> {self.target_layout}: {len(self.reads)} arrays to'
+      f' read, {len(self.kept)} kept as given, {len(self.unused)} unused sources,'
+      f' {len(self.skipped)} NNX-only sources skipped'
+      + (f', {len(self.dropped)} dropped by rules' if self.dropped else '')
     ]
     lines += [f'  {r}' for r in self.reads]
     lines += [
-        f"  kept    {layout.render(t.path)} {fmt(t.shape, t.dtype)}"
-        f"  ({'NNX-only state' if t.nnx_only else 'no source'})"
-        for t in self.kept
+      f"  kept    {layout.render(t.path)} {fmt(t.shape, t.dtype)}  ({'NNX-only state' if t.nnx_only else 'no source'})"
+      for t in self.kept
     ]
     lines += [f'  unused  {s.name} {fmt(s.shape, s.dtype)}' for s in self.unused]
     lines += [f'  skipped {s.name} {fmt(s.shape, s.dtype)} (NNX-only)' for s in self.skipped]
@@ -372,21 +395,29 @@ class RestorePlan:
     """
     leaf = lambda key, path, shape, dtype: {key: path, 'shape': list(shape), 'dtype': np.dtype(dtype).name}
     return {
-        'source_layout': self.source_layout,
-        'target_layout': self.target_layout,
-        'reads': [{**leaf('target', layout.render(r.target.path), r.target.shape, r.target.dtype),
-                   'sources': [x.name for src in r.sources for x in ops.stored_leaves(src)],
-                   'ops': [str(t) for t in r.transform], 'rules': list(r.rules)} for r in self.reads],
-        'kept': [{**leaf('target', layout.render(t.path), t.shape, t.dtype),
-                  'why': 'nnx-only' if t.nnx_only else 'no source'} for t in self.kept],
-        'unused': [leaf('source', x.name, x.shape, x.dtype) for x in self.unused],
-        'skipped': [leaf('source', x.name, x.shape, x.dtype) for x in self.skipped],
-        'dropped': [{'source': x.name, 'rule': rule} for x, rule in self.dropped],
-        'notes': list(self.notes),
-        'inferred_renames': dict(self.inferred_renames),
-        'cost': None if self.cost is None else {'simulated': self.cost.simulated,
-                                                'processes': len(self.cost.processes),
-                                                'summary': self.cost.summary()},
+      'source_layout': self.source_layout,
+      'target_layout': self.target_layout,
+      'reads': [
+        {
+          **leaf('target', layout.render(r.target.path), r.target.shape, r.target.dtype),
+          'sources': [x.name for src in r.sources for x in ops.stored_leaves(src)],
+          'ops': [str(t) for t in r.transform],
+          'rules': list(r.rules),
+        }
+        for r in self.reads
+      ],
+      'kept': [
+        {**leaf('target', layout.render(t.path), t.shape, t.dtype), 'why': 'nnx-only' if t.nnx_only else 'no source'}
+        for t in self.kept
+      ],
+      'unused': [leaf('source', x.name, x.shape, x.dtype) for x in self.unused],
+      'skipped': [leaf('source', x.name, x.shape, x.dtype) for x in self.skipped],
+      'dropped': [{'source': x.name, 'rule': rule} for x, rule in self.dropped],
+      'notes': list(self.notes),
+      'inferred_renames': dict(self.inferred_renames),
+      'cost': None
+      if self.cost is None
+      else {'simulated': self.cost.simulated, 'processes': len(self.cost.processes), 'summary': self.cost.summary()},
     }
 
   def read_for(self, path: str | Path) -> LeafRead:
@@ -442,8 +473,15 @@ class PlanError(ValueError):
   leaf, where lines were grouped by module.
   """
 
-  def __init__(self, message: str, *, head: str = '', problems: tuple[str, ...] = (), fixes: tuple[Fix, ...] = (),
-               details: tuple[str, ...] = ()):
+  def __init__(
+    self,
+    message: str,
+    *,
+    head: str = '',
+    problems: tuple[str, ...] = (),
+    fixes: tuple[Fix, ...] = (),
+    details: tuple[str, ...] = (),
+  ):
     super().__init__(message)
     self.head, self.problems, self.fixes, self.details = head, tuple(problems), tuple(fixes), tuple(details)
 
@@ -478,7 +516,8 @@ class LinenCompatWarning(UserWarning):
 def warn(message: str) -> None:
   """A `LinenCompatWarning` attributed to the caller's line: the first frame outside Orbax and this package."""
   level, frame = 2, sys._getframe(1)  # stacklevel 2 is the frame that called warn
-  while frame is not None and any(f'{os.sep}{pkg}{os.sep}' in frame.f_code.co_filename
-                                  for pkg in ('orbax', 'orbax_linen_nnx', 'concurrent')):
+  while frame is not None and any(
+    f'{os.sep}{pkg}{os.sep}' in frame.f_code.co_filename for pkg in ('orbax', 'orbax_linen_nnx', 'concurrent')
+  ):
     level, frame = level + 1, frame.f_back  # type: ignore[assignment]
   warnings.warn(f'orbax_linen_nnx: {message}', LinenCompatWarning, stacklevel=level)

@@ -44,9 +44,15 @@ import numpy as np
 import tensorstore as ts
 
 from orbax_linen_nnx import grid as grid_lib
+
 # The chunk grid and box arithmetic live in `grid`, which the cost model uses without this engine.
-from orbax_linen_nnx.grid import (DEFAULT_READ_BUDGET_BYTES, Grid, box_of, box_size,  # noqa: F401
-                                  primary_devices, union_count)
+from orbax_linen_nnx.grid import (
+  Grid,
+  box_of,
+  box_size,
+  primary_devices,
+  union_count,
+)
 from orbax_linen_nnx.grid import meet as _meet
 from orbax_linen_nnx import ops
 from orbax_linen_nnx import plans as plan_lib
@@ -61,7 +67,6 @@ Box = ops.Box
 # chunk decodes on one thread, and two must be in flight to keep two cores
 # decoding (a Linen `nn.scan` saved from host holds 88 MiB single chunks in the
 # benchmark; one at a time took 1.3x native Orbax's time).
-
 
 
 def _libc_malloc_trim():
@@ -164,8 +169,7 @@ def _walk(expr, box: Box, s: '_Slice', place=None):
   shapes = [tuple(a.shape) for a in expr.args]
   needs = op.needs(box, shapes)
   regions = op.regions(box, shapes) if place is not None else [None] * len(needs)
-  return (op, box, [_walk(a, b, s, _then(place, r)) for a, b, r in zip(expr.args, needs, regions)
-                    if b is not None])
+  return (op, box, [_walk(a, b, s, _then(place, r)) for a, b, r in zip(expr.args, needs, regions) if b is not None])
 
 
 def _then(place, region):
@@ -185,13 +189,13 @@ def _evaluate(recipe, inputs: Sequence[_Input]) -> np.ndarray:
 # chunks under it, and TensorStore does the copy, in C++, into the result.
 # An op with no view (NO_VIEW) is computed on the host by its own `apply`.
 VIEWS = {
-    ops.Stack: lambda op, v: ts.stack(v, axis=op.axis),
-    ops.Concat: lambda op, v: ts.concat(v, axis=op.axis),
-    ops.Slice: lambda op, v: v[0][ts.d[op.axis][op.start:op.stop].translate_to[0]],
-    ops.Take: lambda op, v: v[0][ts.d[op.axis][op.index]],
-    ops.Transpose: lambda op, v: v[0][ts.d[list(op.perm)].transpose[:]],
-    ops.MoveAxis: lambda op, v: v[0][ts.d[op.source].transpose[op.destination]],
-    ops.Cast: lambda op, v: ts.cast(v[0], ts.dtype(np.dtype(op.dtype).name)),
+  ops.Stack: lambda op, v: ts.stack(v, axis=op.axis),
+  ops.Concat: lambda op, v: ts.concat(v, axis=op.axis),
+  ops.Slice: lambda op, v: v[0][ts.d[op.axis][op.start : op.stop].translate_to[0]],
+  ops.Take: lambda op, v: v[0][ts.d[op.axis][op.index]],
+  ops.Transpose: lambda op, v: v[0][ts.d[list(op.perm)].transpose[:]],
+  ops.MoveAxis: lambda op, v: v[0][ts.d[op.source].transpose[op.destination]],
+  ops.Cast: lambda op, v: ts.cast(v[0], ts.dtype(np.dtype(op.dtype).name)),
 }
 NO_VIEW = (ops.Reshape,)  # elements move: no index transform expresses it
 
@@ -277,17 +281,20 @@ class _Groups:
 
 
 class _Engine:
-  def __init__(self, plan: plan_lib.RestorePlan, ckpt: Checkpoint, replica_axis: str | None,
-               budget: int | None):
+  def __init__(self, plan: plan_lib.RestorePlan, ckpt: Checkpoint, replica_axis: str | None, budget: int | None):
     self.stores = ckpt.stores
     self.grids: dict[str, Grid] = {}
-    readers = collections.Counter(name for r in plan.reads
-                                  for name in {x.name for src in r.sources for x in ops.stored_leaves(src)})
+    readers = collections.Counter(
+      name for r in plan.reads for name in {x.name for src in r.sources for x in ops.stored_leaves(src)}
+    )
     self.alone = {name for name, n in readers.items() if n == 1}  # stored arrays that only one leaf reads
     self.leaves = [self._leaf(r, replica_axis) for r in plan.reads]
     self.reads = self._schedule()
-    self.budget = budget if budget is not None else grid_lib.default_budget(
-        max((g.chunk_nbytes for g in self.grids.values()), default=0))
+    self.budget = (
+      budget
+      if budget is not None
+      else grid_lib.default_budget(max((g.chunk_nbytes for g in self.grids.values()), default=0))
+    )
 
   def grid(self, name: str) -> Grid:
     if name not in self.grids:
@@ -303,8 +310,15 @@ class _Engine:
       by_box[box_of(index, shape)].append(device)
     local = sum(box_size(b) for b in by_box) * np.dtype(t.dtype).itemsize
     expr = read.expression()
-    leaf = _Leaf(read, expr, sharding, primary, small=primary is None and local <= _SMALL_LEAF_BYTES,
-                 viewable=_viewable(expr), slices_left=len(by_box))
+    leaf = _Leaf(
+      read,
+      expr,
+      sharding,
+      primary,
+      small=primary is None and local <= _SMALL_LEAF_BYTES,
+      viewable=_viewable(expr),
+      slices_left=len(by_box),
+    )
     whole = self._whole_leaf_read(leaf, list(by_box))
     for box, devices in by_box.items():
       readers = devices if primary is None else [d for d in devices if d in primary]
@@ -506,8 +520,7 @@ class _Engine:
     shape = tuple(t.shape)
     if leaf.small:
       host = leaf.host
-      leaf.array = jax.make_array_from_callback(shape, leaf.sharding,
-                                                lambda index: host[box_of(index, shape)])  # type: ignore[arg-type]
+      leaf.array = jax.make_array_from_callback(shape, leaf.sharding, lambda index: host[box_of(index, shape)])  # type: ignore[arg-type]
     else:
       devices = leaf.sharding.addressable_devices_indices_map(shape)
       leaf.array = jax.make_array_from_single_device_arrays(shape, leaf.sharding, [leaf.placed[d] for d in devices])
@@ -530,21 +543,21 @@ def _broadcast(arr: jax.Array, replica_axis: str) -> jax.Array:
     total = jax.lax.psum(as_bits, replica_axis)
     return total.astype(jnp.bool_) if x.dtype == jnp.bool_ else jax.lax.bitcast_convert_type(total, x.dtype)
 
-  fn = jax.shard_map(spread, mesh=sharding.mesh, in_specs=sharding.spec, out_specs=sharding.spec,
-                     check_vma=False)
+  fn = jax.shard_map(spread, mesh=sharding.mesh, in_specs=sharding.spec, out_specs=sharding.spec, check_vma=False)
   return jax.jit(fn, out_shardings=sharding)(arr)
 
 
-def execute(plan: plan_lib.RestorePlan, ckpt: Checkpoint, *, replica_axis: str | None = None,
-            budget_bytes: int | None = None) -> dict:
+def execute(
+  plan: plan_lib.RestorePlan, ckpt: Checkpoint, *, replica_axis: str | None = None, budget_bytes: int | None = None
+) -> dict:
   """Reads every planned leaf into its target sharding; {target path: jax.Array}.
 
   Each stored chunk under this process's slices is read and decoded once.
   `budget_bytes` bounds the decoded bytes held between read and copy
-  (default: `DEFAULT_READ_BUDGET_BYTES`, or twice the largest stored chunk if more). With `replica_axis`, a target
-  replicated
-  along that mesh axis is read from storage only by the devices at index 0 of
-  it, then broadcast to the others.
+  (default: `grid.default_budget`, 64 MiB or twice the largest stored chunk
+  if more). With `replica_axis`, a target replicated along that mesh axis is
+  read from storage only by the devices at index 0 of it, then broadcast to
+  the others.
   """
   engine = _Engine(plan, ckpt, replica_axis, budget_bytes)
   values = engine.run()

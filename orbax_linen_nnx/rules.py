@@ -91,8 +91,9 @@ class _Pattern:
     missing = set(self.names) - set(bindings)
     if missing:
       raise RuleError(f"'{self.text}' uses {sorted(missing)}, which the other side does not bind")
-    return _PLACEHOLDER.sub(lambda m: str(int(bindings[m.group(1)]) + int(m.group(3))) if m.group(3)
-                            else bindings[m.group(1)], self.text)
+    return _PLACEHOLDER.sub(
+      lambda m: str(int(bindings[m.group(1)]) + int(m.group(3))) if m.group(3) else bindings[m.group(1)], self.text
+    )
 
 
 def _split_path(text: str) -> Path:
@@ -135,8 +136,9 @@ class Rule(abc.ABC):
     """The subtree after this rule; `made_by` and `tally` record what it did."""
 
   def inverse(self) -> 'Rule':
-    raise RuleError(f'{self!r} has no inverse, so it cannot restore the Linen side from'
-                    ' the NNX side; pass inverse= to state it')
+    raise RuleError(
+      f'{self!r} has no inverse, so it cannot restore the Linen side from the NNX side; pass inverse= to state it'
+    )
 
   def only(self, name: str) -> 'Rule':
     """The rule restricted to the entry `name` (of `names()`): itself unless it has several."""
@@ -152,8 +154,10 @@ def _put(out: dict, made_by: dict, path: str, expr, rule: str, tally: Tally):
   if path in out:
     earlier = made_by.get(path)
     tally.problems.append(
-        f"{rule} makes '{path}', which {' then '.join(earlier)} already made: two rules claim one target"
-        if earlier else f"{rule} makes '{path}', which the checkpoint already holds under that name")
+      f"{rule} makes '{path}', which {' then '.join(earlier)} already made: two rules claim one target"
+      if earlier
+      else f"{rule} makes '{path}', which the checkpoint already holds under that name"
+    )
   out[path] = expr
 
 
@@ -241,8 +245,10 @@ class _Rename(Rule):
     if self.mapping:
       back = [v.text for v in self.mapping.values()]
       if len(set(back)) < len(back):
-        raise RuleError(f'{self!r} maps several Linen names to one NNX name, so it cannot be'
-                        ' inverted to restore a Linen target; give inverse=')
+        raise RuleError(
+          f'{self!r} maps several Linen names to one NNX name, so it cannot be'
+          ' inverted to restore a Linen target; give inverse='
+        )
       return _Rename({v.text: k.text for k, v in self.mapping.items()})
     return super().inverse()
 
@@ -379,20 +385,26 @@ class _Split(_OneToMany):
     sizes = self.sizes
     if sizes == 'equal':
       if shape[axis] % n:
-        tally.problems.append(f"{self!r}: '{path}' {shape} axis {axis} ({shape[axis]}) does not split into {n}"
-                              ' equal parts')
+        tally.problems.append(
+          f"{self!r}: '{path}' {shape} axis {axis} ({shape[axis]}) does not split into {n} equal parts"
+        )
         return []
       sizes = [shape[axis] // n] * n
     if sizes is None:
       if shape[axis] != n:
-        tally.problems.append(f"{self!r}: '{path}' {shape} has {shape[axis]} entries on axis {axis}, not one per"
-                              f' target ({n}); give sizes= to split it into slices')
+        tally.problems.append(
+          f"{self!r}: '{path}' {shape} has {shape[axis]} entries on axis {axis}, not one per"
+          f' target ({n}); give sizes= to split it into slices'
+        )
         return []
-      return [(t.format(b), ops.derive(ops.Take(axis, i), [expr], _split_path(t.format(b))))
-              for i, t in enumerate(self.targets)]
+      return [
+        (t.format(b), ops.derive(ops.Take(axis, i), [expr], _split_path(t.format(b))))
+        for i, t in enumerate(self.targets)
+      ]
     if len(sizes) != n or sum(sizes) != shape[axis]:
-      tally.problems.append(f"{self!r}: parts {list(sizes)} do not add up to '{path}' {shape} axis {axis}"
-                            f' ({shape[axis]})')
+      tally.problems.append(
+        f"{self!r}: parts {list(sizes)} do not add up to '{path}' {shape} axis {axis} ({shape[axis]})"
+      )
       return []
     made, start = [], 0
     for t, size in zip(self.targets, sizes):
@@ -401,8 +413,9 @@ class _Split(_OneToMany):
     return made
 
   def inverse(self):
-    return _Merge([t.text for t in self.targets], self.source.text, self.axis,
-                  stack=self.sizes is None, sizes=self.sizes)
+    return _Merge(
+      [t.text for t in self.targets], self.source.text, self.axis, stack=self.sizes is None, sizes=self.sizes
+    )
 
 
 def split(source: str, targets: Sequence[str], axis: int, sizes: Sequence[int] | str | None = None) -> Rule:
@@ -460,8 +473,9 @@ class _Merge(Rule):
     return _Split(self.target.text, [s.text for s in self.sources], self.axis, sizes)
 
 
-def merge(sources: Sequence[str], target: str, axis: int, *, stack: bool = False,
-          sizes: Sequence[int] | None = None) -> Rule:
+def merge(
+  sources: Sequence[str], target: str, axis: int, *, stack: bool = False, sizes: Sequence[int] | None = None
+) -> Rule:
   """Several stored arrays -> one target, concatenated along `axis` (or stacked).
 
   `sizes` tells the inverse split where the parts end (default: equal parts).
@@ -574,8 +588,9 @@ class _Rearrange(_OneToMany):
     self.left, self.right = _axes(left), _axes(right)
     names = [n for g in self.left for n in g]
     if not arrow or sorted(names) != sorted(n for g in self.right for n in g) or len(set(names)) != len(names):
-      raise RuleError(f"rearrange pattern {pattern!r} must name each axis once on each side of '->'"
-                      " ('d (h k) -> d h k')")
+      raise RuleError(
+        f"rearrange pattern {pattern!r} must name each axis once on each side of '->' ('d (h k) -> d h k')"
+      )
 
   def __repr__(self):
     sizes = ''.join(f', {k}={v}' for k, v in self.sizes.items())
@@ -584,8 +599,9 @@ class _Rearrange(_OneToMany):
   def _sizes(self, path, shape, tally) -> dict[str, int] | None:
     """Every axis size: from `sizes=`, the leaf's shape, then the target's shape at `path`."""
     if len(shape) != len(self.left):
-      tally.problems.append(f"{self!r}: '{path}' {shape} has {len(shape)} axes, the pattern's left side"
-                            f" {len(self.left)}")
+      tally.problems.append(
+        f"{self!r}: '{path}' {shape} has {len(shape)} axes, the pattern's left side {len(self.left)}"
+      )
       return None
     sizes = dict(self.sizes)
     unfit = _bind(sizes, list(zip(self.left, shape)))
@@ -608,8 +624,10 @@ class _Rearrange(_OneToMany):
     for group, n in zip(self.left, shape):
       unknown = [a for a in group if a not in sizes]
       if unknown:
-        tally.problems.append(f"{self!r}: '{path}' {shape} leaves {' and '.join(unknown)} in ({' '.join(group)}) = {n}"
-                              f" open; give all but one of them as sizes ({unknown[0]}=...)")
+        tally.problems.append(
+          f"{self!r}: '{path}' {shape} leaves {' and '.join(unknown)} in ({' '.join(group)}) = {n}"
+          f" open; give all but one of them as sizes ({unknown[0]}=...)"
+        )
         return None
     return None
 
@@ -688,8 +706,11 @@ AUTO = 'auto'
 
 def near_auto(text: Any) -> bool:
   """Whether a string reads like 'auto' ('Auto', 'AUTO', 'atuo') without being it."""
-  return (isinstance(text, str) and text != AUTO
-          and bool(difflib.get_close_matches(text.strip().lower(), [AUTO], n=1, cutoff=0.6)))
+  return (
+    isinstance(text, str)
+    and text != AUTO
+    and bool(difflib.get_close_matches(text.strip().lower(), [AUTO], n=1, cutoff=0.6))
+  )
 
 
 def _like_auto(value: Any) -> str | None:
@@ -740,8 +761,10 @@ def as_python(renames: Mapping[str, str], given: Rules = None) -> str:
   for rule in as_rules(given, backward=False):
     text = rule.python()
     if text is None:
-      raise RuleError(f'{rule!r} is made from a function, which has no Python text to print: keep your own'
-                      f' rules and add rename({dict(renames)!r}) after them (before any \'auto\')')
+      raise RuleError(
+        f'{rule!r} is made from a function, which has no Python text to print: keep your own'
+        f' rules and add rename({dict(renames)!r}) after them (before any \'auto\')'
+      )
     shown.append(text)
   calls = sorted({t.split('(')[0] for t in shown} | {'rename'})
   lines = [doc, '', f"from orbax_linen_nnx import {', '.join(calls)}", '', 'RULES = [']
@@ -787,20 +810,25 @@ def as_rules(rules: Rules, *, backward: bool) -> list[Rule]:
   elif isinstance(rules, Rule):
     rules = [rules]
   if isinstance(rules, (str, bytes)) or not isinstance(rules, Iterable):
-    raise RuleError(_like_auto(rules) or f'rules= must be a dict {{linen_name: nnx_name}}, a rule, a list of rules'
-                    f' (rename/split/merge/transpose/reshape/cast), a callable or \'auto\'; got {rules!r}')
+    raise RuleError(
+      _like_auto(rules)
+      or f'rules= must be a dict {{linen_name: nnx_name}}, a rule, a list of rules'
+      f' (rename/split/merge/transpose/reshape/cast), a callable or \'auto\'; got {rules!r}'
+    )
   rules = list(rules)
   for r in rules:
     if not isinstance(r, Rule):
-      raise RuleError(_like_auto(r) or f'rules= must be rename/split/merge/transpose/reshape/cast rules, a dict'
-                      f' {{linen_name: nnx_name}}, a callable or \'auto\'; got {r!r} in the list')
+      raise RuleError(
+        _like_auto(r)
+        or f'rules= must be rename/split/merge/transpose/reshape/cast rules, a dict'
+        f' {{linen_name: nnx_name}}, a callable or \'auto\'; got {r!r} in the list'
+      )
   if backward:
     return [r.inverse() for r in reversed(rules)]
   return rules
 
 
-def apply_all(rules: Sequence[Rule], leaves: dict[str, Any], made_by: dict[str, tuple],
-              tally: Tally) -> dict[str, Any]:
+def apply_all(rules: Sequence[Rule], leaves: dict[str, Any], made_by: dict[str, tuple], tally: Tally) -> dict[str, Any]:
   """Runs every rule, in order, over one model subtree ({path: array})."""
   stages = [leaves]
   for r in rules:
@@ -829,8 +857,10 @@ def _why_unmatched(rules: Sequence[Rule], i: int, name: str, tally: Tally) -> st
           continue
         moved = [p for p, e in stages[k + 1].items() if e is expr]
         where = f" to '{moved[0]}'" if moved else ''
-        return (f": {rules[k]!r}, earlier in the list, moved '{path}' (which it matches){where}; write it for the"
-                f' new name, or put it before {rules[k]!r}')
+        return (
+          f": {rules[k]!r}, earlier in the list, moved '{path}' (which it matches){where}; write it for the"
+          f' new name, or put it before {rules[k]!r}'
+        )
   pattern = getattr(rules[i], 'source', None) or (getattr(rules[i], 'sources', None) or [None])[0]
   text = _PLACEHOLDER.sub('', name if pattern is None else pattern.text)
   seen = sorted({p for stages in tally.stages for p in stages[i]})
@@ -840,5 +870,9 @@ def _why_unmatched(rules: Sequence[Rule], i: int, name: str, tally: Tally) -> st
 
 def unmatched_problems(rules: Sequence[Rule], tally: Tally) -> list[str]:
   """One problem per rule (or rename entry) that matched no leaf, saying why where the rules tell."""
-  return [f"rule '{n}' matched no source leaf" + _why_unmatched(rules, i, n, tally)
-          for i, r in enumerate(rules) for n in r.names() if not tally.matches.get(n)]
+  return [
+    f"rule '{n}' matched no source leaf" + _why_unmatched(rules, i, n, tally)
+    for i, r in enumerate(rules)
+    for n in r.names()
+    if not tally.matches.get(n)
+  ]

@@ -44,14 +44,14 @@ Path = layout.Path
 # How each op is computed on device arrays (read.py realises the same ops as
 # TensorStore views, and each op computes itself on the host with `apply`).
 ON_DEVICE = {
-    ops.Stack: lambda op, v: jnp.stack(v, axis=op.axis),
-    ops.Concat: lambda op, v: jnp.concatenate(v, axis=op.axis),
-    ops.Slice: lambda op, v: jax.lax.slice_in_dim(v[0], op.start, op.stop, axis=op.axis),
-    ops.Take: lambda op, v: jax.lax.index_in_dim(v[0], op.index, axis=op.axis, keepdims=False),
-    ops.Transpose: lambda op, v: jnp.transpose(v[0], op.perm),
-    ops.MoveAxis: lambda op, v: jnp.moveaxis(v[0], op.source, op.destination),
-    ops.Cast: lambda op, v: v[0].astype(op.dtype),
-    ops.Reshape: lambda op, v: jnp.reshape(v[0], op.target_shape),
+  ops.Stack: lambda op, v: jnp.stack(v, axis=op.axis),
+  ops.Concat: lambda op, v: jnp.concatenate(v, axis=op.axis),
+  ops.Slice: lambda op, v: jax.lax.slice_in_dim(v[0], op.start, op.stop, axis=op.axis),
+  ops.Take: lambda op, v: jax.lax.index_in_dim(v[0], op.index, axis=op.axis, keepdims=False),
+  ops.Transpose: lambda op, v: jnp.transpose(v[0], op.perm),
+  ops.MoveAxis: lambda op, v: jnp.moveaxis(v[0], op.source, op.destination),
+  ops.Cast: lambda op, v: v[0].astype(op.dtype),
+  ops.Reshape: lambda op, v: jnp.reshape(v[0], op.target_shape),
 }
 
 
@@ -106,16 +106,19 @@ def carried(read: plan_lib.LeafRead, values: Mapping[str, Any]) -> Converted | N
     return None
   images = []  # every shard's box in the Linen array, over all processes (the chunk grid is one for all)
   for n, a in arrays.items():
-    boxes = {tuple(s.indices(d)[:2] for s, d in zip(index, a.shape))
-             for index in a.sharding.devices_indices_map(a.shape).values()}
+    boxes = {
+      tuple(s.indices(d)[:2] for s, d in zip(index, a.shape))
+      for index in a.sharding.devices_indices_map(a.shape).values()
+    }
     images += [b for box in boxes for b in ops.images(expr, n, box)]
   step = write.steps(images, t.shape)
   if step is None:
     return None
   first = next(iter(arrays.values())).sharding
   entries = _spec_of(expr, {n: a.sharding for n, a in arrays.items()})
-  sharding = (jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec(*entries))
-              if entries is not None else first)
+  sharding = (
+    jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec(*entries)) if entries is not None else first
+  )
   return Converted(read, expr, arrays, tuple(t.shape), np.dtype(t.dtype), sharding, step)
 
 
@@ -148,8 +151,14 @@ class ConvertedHandler(ocp.type_handlers.TypeHandler):
     args = list(args or [ocp.type_handlers.SaveArgs()] * len(values))
     mine = [i for i, v in enumerate(values) if isinstance(v, Converted)]
     plain = [i for i, v in enumerate(values) if not isinstance(v, Converted)]
-    futures = list(await self._array.serialize([values[i] for i in plain], [infos[i] for i in plain],
-                                               [args[i] for i in plain]) or []) if plain else []
+    futures = (
+      list(
+        await self._array.serialize([values[i] for i in plain], [infos[i] for i in plain], [args[i] for i in plain])
+        or []
+      )
+      if plain
+      else []
+    )
     if not mine:
       return futures
     values, infos, args = [values[i] for i in mine], [infos[i] for i in mine], [args[i] for i in mine]
@@ -157,8 +166,11 @@ class ConvertedHandler(ocp.type_handlers.TypeHandler):
     for v in values:
       for n, a in v.sources.items():
         if n not in shards:
-          shards[n] = [(tuple(s.indices(d)[:2] for s, d in zip(shard.index, a.shape)), shard.data)
-                       for shard in a.addressable_shards if shard.replica_id == 0]
+          shards[n] = [
+            (tuple(s.indices(d)[:2] for s, d in zip(shard.index, a.shape)), shard.data)
+            for shard in a.addressable_shards
+            if shard.replica_id == 0
+          ]
     # To the host as Orbax's ArrayHandler brings every array: all copies started, then each
     # awaited by np.asarray (a copy on an accelerator; on CPU the buffer itself, as Orbax has it).
     for boxes in shards.values():
@@ -166,19 +178,25 @@ class ConvertedHandler(ocp.type_handlers.TypeHandler):
         data.copy_to_host_async()
     host = {n: [(box, np.asarray(data)) for box, data in boxes] for n, boxes in shards.items()}
     del shards
-    pieces = [[(box, data) for n in v.sources for b, d in host[n] for box, data in ops.carried(v.expr, n, b, d)]
-              for v in values]
+    pieces = [
+      [(box, data) for n in v.sources for b, d in host[n] for box, data in ops.carried(v.expr, n, b, d)] for v in values
+    ]
     del host
-    specs = [write.write_spec(info, arg, v.shape, v.chunk, arg.dtype or v.dtype)
-             for v, info, arg in zip(values, infos, args)]
+    specs = [
+      write.write_spec(info, arg, v.shape, v.chunk, arg.dtype or v.dtype) for v, info, arg in zip(values, infos, args)
+    ]
     before = list(futures)
 
     async def commit():
       arrays = await write.open_arrays(specs, infos)
-      await write.write_within([(dest[tuple(slice(lo, hi) for lo, hi in box)],
-                                 data if arg.dtype is None else data.astype(arg.dtype))
-                                for dest, boxes, arg in zip(arrays, pieces, args) for box, data in boxes],
-                               SAVE_IN_FLIGHT_BYTES)
+      await write.write_within(
+        [
+          (dest[tuple(slice(lo, hi) for lo, hi in box)], data if arg.dtype is None else data.astype(arg.dtype))
+          for dest, boxes, arg in zip(arrays, pieces, args)
+          for box, data in boxes
+        ],
+        SAVE_IN_FLIGHT_BYTES,
+      )
       pieces.clear()
       for f in before:  # ArrayHandler's records first: both append to this process's one file
         await asyncio.to_thread(f.result)
@@ -230,15 +248,21 @@ class _NnxState:
     """Raises unless every leaf holds an array (a save needs values, its plan only shapes)."""
     abstract = [n for n, v in self.values.items() if not isinstance(v, (jax.Array, np.ndarray))]
     if abstract:
-      raise ValueError(f'LinenCompatSave needs the state\'s arrays, but {len(abstract)} leaves hold none (abstract'
-                       f' descriptions): {", ".join(abstract[:8])}{" ..." if len(abstract) > 8 else ""}. Save the'
-                       ' state of a real model (nnx.state(model)); to_linen(..., dry_run=True) plans an abstract one.')
+      raise ValueError(
+        f'LinenCompatSave needs the state\'s arrays, but {len(abstract)} leaves hold none (abstract'
+        f' descriptions): {", ".join(abstract[:8])}{" ..." if len(abstract) > 8 else ""}. Save the'
+        ' state of a real model (nnx.state(model)); to_linen(..., dry_run=True) plans an abstract one.'
+      )
 
 
 # The fields of a Linen-style train state (`flax.training.train_state.TrainState`, a port's own
 # `struct.dataclass`) holding NNX state, and where an NNX train state keeps each.
-_TRAIN_STATE_FIELDS = {'params': ('model',), 'batch_stats': ('model',), 'opt_state': ('optimizer', 'opt_state'),
-                       'step': ('optimizer', 'step')}
+_TRAIN_STATE_FIELDS = {
+  'params': ('model',),
+  'batch_stats': ('model',),
+  'opt_state': ('optimizer', 'opt_state'),
+  'step': ('optimizer', 'step'),
+}
 
 
 def _train_state_fields(top: set[str]) -> dict[str, Path]:
@@ -300,14 +324,26 @@ def _planned(state, rules, stacks, aux, target, plan=None):
   nnx_state = _NnxState(state)
   written = None if target is None else target_lib.flatten(target, layout_name=layout.LINEN)
   if plan is None:
-    plan = trees.build_save(nnx_state.sources, nnx_state.types, rules=rules, stacks=stacks, aux=aux,
-                            targets=None if written is None else written.targets,
-                            collection_level=nnx_state.collection_level)
+    plan = trees.build_save(
+      nnx_state.sources,
+      nnx_state.types,
+      rules=rules,
+      stacks=stacks,
+      aux=aux,
+      targets=None if written is None else written.targets,
+      collection_level=nnx_state.collection_level,
+    )
   return nnx_state, written, plan
 
 
-def plan_save(state: Any, *, rules: rules_lib.Rules = None, stacks: stacks_lib.StackAxes | None = None,
-              aux: str | None = layout.SIDECAR, target: Any = None) -> plan_lib.RestorePlan:
+def plan_save(
+  state: Any,
+  *,
+  rules: rules_lib.Rules = None,
+  stacks: stacks_lib.StackAxes | None = None,
+  aux: str | None = layout.SIDECAR,
+  target: Any = None,
+) -> plan_lib.RestorePlan:
   """The plan of saving `state` in the Linen layout; raises unless `state` holds arrays (see `to_linen`)."""
   nnx_state, _, plan = _planned(state, rules, stacks, aux, target)
   nnx_state.require_values()
@@ -321,18 +357,30 @@ def nnx_values(state: Any) -> dict[str, Any]:
 
 def save_cost(plan: plan_lib.RestorePlan, values: Mapping[str, Any], topology: Any = None) -> plan_lib.Cost:
   """What each process writes of the save `plan` and what its devices hold of conversions (`cost.save_estimate`)."""
-  shardings = {n: getattr(v, 'sharding', None) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-               for n, v in values.items()}  # host arrays: written by this process
-  on_device = {r.target.path for r in plan.reads
-               if (r.transform or isinstance(r.sources[0], ops.Derived))
-               and (r.target.key_impl or not write.moves_boxes(r.expression())
-                    or r.target.path[:1] == (layout.NNX_AUX,))}
+  shardings = {
+    n: getattr(v, 'sharding', None) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    for n, v in values.items()
+  }  # host arrays: written by this process
+  on_device = {
+    r.target.path
+    for r in plan.reads
+    if (r.transform or isinstance(r.sources[0], ops.Derived))
+    and (r.target.key_impl or not write.moves_boxes(r.expression()) or r.target.path[:1] == (layout.NNX_AUX,))
+  }
   return cost_lib.save_estimate(plan, shardings, on_device, topology=topology)
 
 
-def linen_trees(state: Any, *, rules: rules_lib.Rules = None, stacks: stacks_lib.StackAxes | None = None,
-                aux: str | None = layout.SIDECAR, target: Any = None, dry_run: bool = False,
-                plan: plan_lib.RestorePlan | None = None, carry: bool = False) -> Any:
+def linen_trees(
+  state: Any,
+  *,
+  rules: rules_lib.Rules = None,
+  stacks: stacks_lib.StackAxes | None = None,
+  aux: str | None = layout.SIDECAR,
+  target: Any = None,
+  dry_run: bool = False,
+  plan: plan_lib.RestorePlan | None = None,
+  carry: bool = False,
+) -> Any:
   """(the Linen tree, the NNX-only state written beside it or None): what `LinenCompatSave` writes.
 
   See `to_linen`; with `aux='sidecar'` the `nnx_aux` subtree (RNG streams,
@@ -348,8 +396,10 @@ def linen_trees(state: Any, *, rules: rules_lib.Rules = None, stacks: stacks_lib
   nnx_state.require_values()
   lost = [s.name for s in plan.skipped if trees.nnx_only_type(nnx_state.types.get(s.path))]
   if lost:
-    plan_lib.warn(f'{len(lost)} NNX-only arrays are not saved (aux=None): {", ".join(lost)}; a restore of this'
-                  " checkpoint starts them afresh. aux='sidecar' keeps them beside the Linen tree.")
+    plan_lib.warn(
+      f'{len(lost)} NNX-only arrays are not saved (aux=None): {", ".join(lost)}; a restore of this'
+      " checkpoint starts them afresh. aux='sidecar' keeps them beside the Linen tree."
+    )
   values, converted = {}, []
   for r in plan.reads:
     if r.transform or isinstance(r.sources[0], ops.Derived):
@@ -363,11 +413,13 @@ def linen_trees(state: Any, *, rules: rules_lib.Rules = None, stacks: stacks_lib
   if converted:
     exprs = tuple(r.expression() for r in converted)
     names = {x.name for e in exprs for x in ops.stored_leaves(e)}
-    inputs = {n: (jax.random.key_data(v) if jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key) else v)
-              for n in names for v in (nnx_state.values[n],)}
+    inputs = {
+      n: (jax.random.key_data(v) if jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key) else v)
+      for n in names
+      for v in (nnx_state.values[n],)
+    }
     for r, array in zip(converted, _converter(exprs)(inputs)):
-      values[r.target.path] = (jax.random.wrap_key_data(array, impl=r.target.key_impl)
-                               if r.target.key_impl else array)
+      values[r.target.path] = jax.random.wrap_key_data(array, impl=r.target.key_impl) if r.target.key_impl else array
   if written is not None:  # exactly the caller's tree (its type, lists, None entries); the rest beside it
     own = {t.path for t in written.targets}
     aside: dict = {}
@@ -386,14 +438,14 @@ def linen_trees(state: Any, *, rules: rules_lib.Rules = None, stacks: stacks_lib
 
 
 def to_linen(
-    state: Any,
-    *,
-    rules: rules_lib.Rules = None,
-    stacks: stacks_lib.StackAxes | None = None,
-    aux: str | None = layout.NNX_AUX,
-    target: Any = None,
-    dry_run: bool = False,
-    plan: plan_lib.RestorePlan | None = None,
+  state: Any,
+  *,
+  rules: rules_lib.Rules = None,
+  stacks: stacks_lib.StackAxes | None = None,
+  aux: str | None = layout.NNX_AUX,
+  target: Any = None,
+  dry_run: bool = False,
+  plan: plan_lib.RestorePlan | None = None,
 ) -> Any:
   """An NNX train state's arrays as the pytree a Linen run of the same model saves.
 
@@ -414,7 +466,9 @@ def to_linen(
       mngr.save(step, args=ocp.args.Composite(items=ocp.args.PyTreeSave(items)))
   """
   if aux == layout.SIDECAR:
-    raise ValueError("to_linen returns one tree: NNX-only state goes in it (aux='nnx_aux') or nowhere"
-                     " (aux=None); LinenCompatSave(..., aux='sidecar') writes it beside the Linen tree")
+    raise ValueError(
+      "to_linen returns one tree: NNX-only state goes in it (aux='nnx_aux') or nowhere"
+      " (aux=None); LinenCompatSave(..., aux='sidecar') writes it beside the Linen tree"
+    )
   out = linen_trees(state, rules=rules, stacks=stacks, aux=aux, target=target, dry_run=dry_run, plan=plan)
   return out if dry_run else out[0]

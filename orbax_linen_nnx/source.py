@@ -75,21 +75,30 @@ def check_storage(path: epath.PathLike, *, saving: bool = False) -> None:
     return
   scheme = text.split('://', 1)[0]
   named = re.sub(re.escape(ocp.path.step.TMP_DIR_SUFFIX) + r'[^/]*', '', text)  # as the save will name it
-  fix = (f'save to the mounted bucket\'s local path, or save to local disk and copy the checkpoint up (e.g.'
-         f' `aws s3 cp --recursive /local/dir {named}`)') if saving else (
-         f'pass the mounted local path, or copy the checkpoint to local disk (e.g. `aws s3 cp --recursive'
-         f' {named} /local/dir`) and pass that')
+  fix = (
+    (
+      f'save to the mounted bucket\'s local path, or save to local disk and copy the checkpoint up (e.g.'
+      f' `aws s3 cp --recursive /local/dir {named}`)'
+    )
+    if saving
+    else (
+      f'pass the mounted local path, or copy the checkpoint to local disk (e.g. `aws s3 cp --recursive'
+      f' {named} /local/dir`) and pass that'
+    )
+  )
   raise UnsupportedStorageError(
-      f'{named}: Orbax {ocp.__version__} cannot open checkpoints on {scheme}:// (asked for the TensorStore spec of'
-      f' an array there, {problem}); this package reads and writes through Orbax, so it cannot either. Mount the'
-      f' bucket (e.g. mountpoint-s3 or s3fs-fuse) and {fix}. gs:// is supported as it is')
+    f'{named}: Orbax {ocp.__version__} cannot open checkpoints on {scheme}:// (asked for the TensorStore spec of'
+    f' an array there, {problem}); this package reads and writes through Orbax, so it cannot either. Mount the'
+    f' bucket (e.g. mountpoint-s3 or s3fs-fuse) and {fix}. gs:// is supported as it is'
+  )
 
 
 def _drivers(spec) -> set[str]:
   """Every TensorStore driver named in a spec (nested kvstores included)."""
   if isinstance(spec, dict):
     return ({spec['driver']} if isinstance(spec.get('driver'), str) else set()).union(
-        *(_drivers(v) for v in spec.values()))
+      *(_drivers(v) for v in spec.values())
+    )
   if isinstance(spec, list):
     return set().union(*(_drivers(v) for v in spec))
   return set()
@@ -103,14 +112,16 @@ def _check_temporary(path: epath.Path) -> None:
   for d in (path, path.parent):
     if ocp.path.step.TMP_DIR_SUFFIX in d.name:
       raise DamagedCheckpointError(
-          f'{d} is a checkpoint Orbax has not finished writing (its temporary name ends in'
-          f' {ocp.path.step.TMP_DIR_SUFFIX}...): the save is still running or was interrupted; {_PICK_ANOTHER}')
+        f'{d} is a checkpoint Orbax has not finished writing (its temporary name ends in'
+        f' {ocp.path.step.TMP_DIR_SUFFIX}...): the save is still running or was interrupted; {_PICK_ANOTHER}'
+      )
 
 
 def _unfinished(d: epath.Path) -> DamagedCheckpointError:
   return DamagedCheckpointError(
-      f'{d} has no commit marker ({COMMIT_MARKER}): its save did not finish (on this storage Orbax writes in'
-      f' place and commits last, so an interrupted save leaves what it wrote); {_PICK_ANOTHER}')
+    f'{d} has no commit marker ({COMMIT_MARKER}): its save did not finish (on this storage Orbax writes in'
+    f' place and commits last, so an interrupted save leaves what it wrote); {_PICK_ANOTHER}'
+  )
 
 
 # The file Orbax writes last into each directory it saves on object stores
@@ -191,7 +202,8 @@ def _step_directory(run: epath.Path, step: int) -> epath.Path:
   except ValueError:
     steps = sorted(ocp.utils.checkpoint_steps(run))
     raise CheckpointNotFoundError(
-        f'{run} holds no finished step {step}; its finished steps are {steps or "none"}') from None
+      f'{run} holds no finished step {step}; its finished steps are {steps or "none"}'
+    ) from None
 
 
 def _items(directory: epath.Path) -> list[str]:
@@ -243,10 +255,10 @@ def item_directory(directory: epath.Path) -> epath.Path:
   if directory.is_dir() and any(True for _ in directory.iterdir()) and not is_finished(directory):
     raise _unfinished(directory)  # an object store: the save was interrupted before its _METADATA
   raise CheckpointNotFoundError(
-      f'{directory} is not an Orbax PyTree checkpoint item: it has no'
-      f' {ocp.path.format_utils.PYTREE_METADATA_FILE} file. Pass the item directory'
-      ' (e.g. <run>/<step>/default) of a checkpoint saved with'
-      ' ocp.args.StandardSave or PyTreeSave.'
+    f'{directory} is not an Orbax PyTree checkpoint item: it has no'
+    f' {ocp.path.format_utils.PYTREE_METADATA_FILE} file. Pass the item directory'
+    ' (e.g. <run>/<step>/default) of a checkpoint saved with'
+    ' ocp.args.StandardSave or PyTreeSave.'
   )
 
 
@@ -262,8 +274,9 @@ CHUNK_CACHE_BYTES = 4 * 2**20
 
 
 def _spec_template(directory: epath.Path, use_ocdbt: bool, use_zarr3: bool, context: ts.Context) -> dict[str, Any]:
-  info = ocp.type_handlers.ParamInfo(name=_NAME, parent_dir=directory, is_ocdbt_checkpoint=use_ocdbt,
-                                     use_zarr3=use_zarr3, ts_context=context)
+  info = ocp.type_handlers.ParamInfo(
+    name=_NAME, parent_dir=directory, is_ocdbt_checkpoint=use_ocdbt, use_zarr3=use_zarr3, ts_context=context
+  )
   return _internals.build_array_read_spec(info, use_ocdbt=use_ocdbt).json
 
 
@@ -300,7 +313,8 @@ def _key_impls(directory: epath.Path) -> dict[str, str]:
       found = [m for ms in (_internals.run_sync(store.read(directory)) or {}).values() for m in ms]
   except (ValueError, KeyError, TypeError, AttributeError) as e:
     raise DamagedCheckpointError(
-        f"{directory / 'array_metadatas'} is damaged ({type(e).__name__}: {e}); {_PICK_ANOTHER}") from e
+      f"{directory / 'array_metadatas'} is damaged ({type(e).__name__}: {e}); {_PICK_ANOTHER}"
+    ) from e
   impls = {}
   for m in found:
     impl = (m.ext_metadata or {}).get(_internals.RANDOM_KEY_IMPL)
@@ -323,9 +337,10 @@ def _check_confined(directory: epath.Path) -> None:
       path = os.path.join(base, name)
       if os.path.islink(path) and os.path.commonpath([root, os.path.realpath(path)]) != root:
         raise UntrustedCheckpointError(
-            f'{path} is a symlink to {os.path.realpath(path)}, outside the checkpoint {directory}; refused before'
-            ' any read (a checkpoint reads only its own files). Copy what it links to into the checkpoint'
-            ' (cp -rL), or open the checkpoint the file belongs to')
+          f'{path} is a symlink to {os.path.realpath(path)}, outside the checkpoint {directory}; refused before'
+          ' any read (a checkpoint reads only its own files). Copy what it links to into the checkpoint'
+          ' (cp -rL), or open the checkpoint the file belongs to'
+        )
 
 
 def _check_names(directory: epath.Path, names: Sequence[str], use_ocdbt: bool) -> None:
@@ -334,13 +349,15 @@ def _check_names(directory: epath.Path, names: Sequence[str], use_ocdbt: bool) -
   if use_ocdbt:
     return
   root = os.path.normpath(os.fspath(directory))
-  out = [n for n in names if os.path.isabs(n) or os.path.commonpath(
-      [root, os.path.normpath(os.path.join(root, n))]) != root]
+  out = [
+    n for n in names if os.path.isabs(n) or os.path.commonpath([root, os.path.normpath(os.path.join(root, n))]) != root
+  ]
   if out:
     raise UntrustedCheckpointError(
-        f'{directory / ocp.path.format_utils.PYTREE_METADATA_FILE} names arrays outside the checkpoint'
-        f' ({", ".join(map(repr, out[:5]))}); refused before any read: the metadata was not written by Orbax for'
-        ' this directory')
+      f'{directory / ocp.path.format_utils.PYTREE_METADATA_FILE} names arrays outside the checkpoint'
+      f' ({", ".join(map(repr, out[:5]))}); refused before any read: the metadata was not written by Orbax for'
+      ' this directory'
+    )
 
 
 def _open_tree(directory: epath.Path, under: layout.Path = ()) -> tuple[bool, bool, tuple, dict]:
@@ -350,8 +367,9 @@ def _open_tree(directory: epath.Path, under: layout.Path = ()) -> tuple[bool, bo
     tree = _internals.InternalTreeMetadata.from_json(json.loads(metadata_file.read_text()))
   except (ValueError, KeyError, TypeError, AttributeError) as e:
     raise DamagedCheckpointError(
-        f'{metadata_file} is damaged ({type(e).__name__}: {e}): it is not the tree metadata Orbax writes,'
-        f' so the save that wrote it did not finish or the file was changed since; {_PICK_ANOTHER}') from e
+      f'{metadata_file} is damaged ({type(e).__name__}: {e}): it is not the tree metadata Orbax writes,'
+      f' so the save that wrote it did not finish or the file was changed since; {_PICK_ANOTHER}'
+    ) from e
   use_ocdbt = tree.use_ocdbt if tree.use_ocdbt is not None else ocp.path.format_utils.is_ocdbt_checkpoint(directory)
   use_zarr3 = bool(tree.use_zarr3)
 
@@ -360,8 +378,10 @@ def _open_tree(directory: epath.Path, under: layout.Path = ()) -> tuple[bool, bo
     value = entry.value_metadata
     if value.value_type in _STORED_TYPES and not value.skip_deserialize:
       paths.append(tuple(k.nested_key_name for k in entry.key_metadata.nested_key_metadata_entries))
-  context = ts.Context(ts.Context.Spec({'cache_pool': {'total_bytes_limit': CHUNK_CACHE_BYTES}}),
-                       parent=ocp.type_handlers.get_ts_context(use_ocdbt=use_ocdbt))
+  context = ts.Context(
+    ts.Context.Spec({'cache_pool': {'total_bytes_limit': CHUNK_CACHE_BYTES}}),
+    parent=ocp.type_handlers.get_ts_context(use_ocdbt=use_ocdbt),
+  )
   template = _spec_template(directory, use_ocdbt, use_zarr3, context)
   names = ['.'.join(p) for p in paths]  # Orbax names each stored array by its joined key path
   _check_names(directory, names, use_ocdbt)
@@ -375,15 +395,22 @@ def _open_tree(directory: epath.Path, under: layout.Path = ()) -> tuple[bool, bo
       broken.append(f"'{'/'.join(p)}' ({str(e).splitlines()[0]})")
   if broken:
     raise DamagedCheckpointError(
-        f'{directory}: {len(broken)} stored array(s) listed in {ocp.path.format_utils.PYTREE_METADATA_FILE} cannot be'
-        f' opened: {"; ".join(broken[:10])}{" ..." if len(broken) > 10 else ""}. The array data is missing or'
-        f' damaged; {_PICK_ANOTHER}')
+      f'{directory}: {len(broken)} stored array(s) listed in {ocp.path.format_utils.PYTREE_METADATA_FILE} cannot be'
+      f' opened: {"; ".join(broken[:10])}{" ..." if len(broken) > 10 else ""}. The array data is missing or'
+      f' damaged; {_PICK_ANOTHER}'
+    )
   impls = _key_impls(directory)
   prefix = '/'.join(under) + '/' if under else ''  # keeps the names of two trees apart
   arrays = tuple(
-      SourceArray(path=under + p, name=prefix + n, shape=tuple(stores[n].shape),
-                  dtype=np.dtype(stores[n].dtype.numpy_dtype), key_impl=impls.get(n))
-      for p, n in zip(paths, names))
+    SourceArray(
+      path=under + p,
+      name=prefix + n,
+      shape=tuple(stores[n].shape),
+      dtype=np.dtype(stores[n].dtype.numpy_dtype),
+      key_impl=impls.get(n),
+    )
+    for p, n in zip(paths, names)
+  )
   return use_ocdbt, use_zarr3, arrays, {prefix + n: st for n, st in stores.items()}
 
 
@@ -394,8 +421,10 @@ def with_chunk_cache(ckpt: Checkpoint, names, nbytes: int) -> Checkpoint:
   chunk): the chunk stays decoded in the cache between them instead of being
   decoded again. The other stores keep their small cache.
   """
-  context = ts.Context(ts.Context.Spec({'cache_pool': {'total_bytes_limit': int(nbytes)}}),
-                       parent=ocp.type_handlers.get_ts_context(use_ocdbt=ckpt.use_ocdbt))
+  context = ts.Context(
+    ts.Context.Spec({'cache_pool': {'total_bytes_limit': int(nbytes)}}),
+    parent=ocp.type_handlers.get_ts_context(use_ocdbt=ckpt.use_ocdbt),
+  )
   opening = {n: ts.open(ckpt.stores[n].spec(), context=context, open=True, read=True) for n in names}
   return dataclasses.replace(ckpt, stores={**ckpt.stores, **{n: f.result() for n, f in opening.items()}})
 
@@ -414,5 +443,6 @@ def open_checkpoint(path: epath.PathLike, *, step: int | None = None, item: str 
   if sidecar:
     _, _, more, more_stores = _open_tree(directory / SIDECAR_DIR, under=(layout.NNX_AUX,))
     arrays, stores = arrays + more, {**stores, **more_stores}
-  return Checkpoint(directory=directory, arrays=arrays, use_ocdbt=use_ocdbt, use_zarr3=use_zarr3, stores=stores,
-                    sidecar=sidecar)
+  return Checkpoint(
+    directory=directory, arrays=arrays, use_ocdbt=use_ocdbt, use_zarr3=use_zarr3, stores=stores, sidecar=sidecar
+  )

@@ -42,7 +42,7 @@ def insert_axis(shape: Sequence[int], axis: int, n: int) -> tuple[int, ...]:
 
 
 def drop_axis(shape: Sequence[int], axis: int) -> tuple[int, ...]:
-  return tuple(shape[:axis]) + tuple(shape[axis + 1:])
+  return tuple(shape[:axis]) + tuple(shape[axis + 1 :])
 
 
 def move_axis(shape: Sequence[int], source: int, destination: int) -> tuple[int, ...]:
@@ -63,8 +63,12 @@ def move_candidates(source: Sequence[int], target: Sequence[int]) -> set[tuple[i
   """(source axis, target axis, layer count) that turn `source` into `target`."""
   if len(source) != len(target):
     return set()
-  return {(a, b, source[a]) for a in range(len(source)) for b in range(len(target))
-          if a != b and move_axis(source, a, b) == tuple(target)}
+  return {
+    (a, b, source[a])
+    for a in range(len(source))
+    for b in range(len(target))
+    if a != b and move_axis(source, a, b) == tuple(target)
+  }
 
 
 def root_of(name: str) -> Path:
@@ -127,8 +131,9 @@ class Stacks:
 
   def with_default(self, source: str, to: str) -> 'Stacks':
     """Where a stack names only the `to` side, the `source` layout's usual layer axis for the other."""
-    return Stacks([(name, ({source: DEFAULT_LAYER_AXIS[source], **axes} if to in axes else axes))
-                   for name, axes in self._entries])
+    return Stacks(
+      [(name, ({source: DEFAULT_LAYER_AXIS[source], **axes} if to in axes else axes)) for name, axes in self._entries]
+    )
 
   def with_source(self, guessed: Mapping[Path, int]) -> 'Stacks':
     """These stacks plus a source-side layer axis for each root in `guessed` (one inferred from shapes)."""
@@ -184,7 +189,7 @@ class LayerSources:
     for m, src in sources.items():
       for k, seg in enumerate(m.param):
         if k and seg.isdigit():
-          self._per_layer[(m.section, m.param[:k] + m.param[k + 1:], k)][int(seg)] = src
+          self._per_layer[(m.section, m.param[:k] + m.param[k + 1 :], k)][int(seg)] = src
 
   def to_stack(self, m):
     """(stack root, {layer index: source}) of the per-layer sources a stacked target `m` gathers."""
@@ -197,7 +202,7 @@ class LayerSources:
     """(stack root, stacked source, layer index) that a per-layer target `m` is one layer of."""
     for k in range(1, len(m.param)):
       if m.param[k].isdigit():
-        stacked = self._sources.get(layout.Meaning(m.section, m.param[:k] + m.param[k + 1:]))
+        stacked = self._sources.get(layout.Meaning(m.section, m.param[:k] + m.param[k + 1 :]))
         if stacked is not None:
           return m.param[:k], stacked, int(m.param[k])
     return None
@@ -224,8 +229,9 @@ def plan(direct, to_stack, to_unstack, stacks, source_layout, target_layout, pro
   return out
 
 
-def _choose(root: Path, entries, candidates: list[set], explicit, fix: str, problems: list[str],
-            conventional=lambda choice: False):
+def _choose(
+  root: Path, entries, candidates: list[set], explicit, fix: str, problems: list[str], conventional=lambda choice: False
+):
   """The one layer-axis choice that fits every leaf of a stack, or None (problem noted).
 
   Shapes decide; where several choices fit, the one that `conventional` accepts
@@ -239,8 +245,10 @@ def _choose(root: Path, entries, candidates: list[set], explicit, fix: str, prob
     return (common if len(common) == 1 else usual).pop()
   name = layout.render(root)
   if common:
-    problems.append(f"cannot tell the layer axis of stack '{name}': {sorted(common)} all fit"
-                    f' every leaf (a dimension equals the layer count); {fix}')
+    problems.append(
+      f"cannot tell the layer axis of stack '{name}': {sorted(common)} all fit"
+      f' every leaf (a dimension equals the layer count); {fix}'
+    )
   else:
     fits = '; '.join(f'{t} fits {sorted(c) or "none"}' for (t, *_), c in zip(entries, candidates))
     problems.append(f"no layer axis fits every leaf of stack '{name}' ({fits}); {fix}")
@@ -273,25 +281,35 @@ def _stack(entries, stacks, source_layout, target_layout, problems) -> dict:
       srcs = [layers[i] for i in sorted(layers)]
       odd = [x for x in srcs if (tuple(x.shape), x.dtype) != (tuple(srcs[0].shape), srcs[0].dtype)]
       if gaps:
-        problems.append(f"{t} stacks layers 0..{n - 1} of '{layout.render(root)}' but layer(s)"
-                        f' {gaps} have no source (next to {srcs[0]})')
+        problems.append(
+          f"{t} stacks layers 0..{n - 1} of '{layout.render(root)}' but layer(s)"
+          f' {gaps} have no source (next to {srcs[0]})'
+        )
       elif odd:
         problems.append(f'{t}: the layers to stack differ: {srcs[0]} but {odd[0]}')
       else:
-        wanted = [t.shape[a] for a in range(len(t.shape))
-                  if insert_axis(srcs[0].shape, a, t.shape[a]) == tuple(t.shape)]
+        wanted = [
+          t.shape[a] for a in range(len(t.shape)) if insert_axis(srcs[0].shape, a, t.shape[a]) == tuple(t.shape)
+        ]
         if wanted and n not in wanted:
-          problems.append(f"{t} holds {wanted[0]} layers of '{layout.render(root)}' but the"
-                          f' checkpoint has layers 0..{n - 1} only; layer(s)'
-                          f' {list(range(n, wanted[0]))} are missing')
+          problems.append(
+            f"{t} holds {wanted[0]} layers of '{layout.render(root)}' but the"
+            f' checkpoint has layers 0..{n - 1} only; layer(s)'
+            f' {list(range(n, wanted[0]))} are missing'
+          )
         else:
           ok.append((t, srcs))
     if not ok:
       continue
-    axis = _choose(root, ok, [stack_axes(srcs[0].shape, t.shape, n) for t, srcs in ok],
-                   stacks.axis(root, target_layout, 'target'),
-                   hint(root, source_layout, target_layout), problems,
-                   lambda b: target_layout == layout.NNX and b == NNX_LAYER_AXIS)
+    axis = _choose(
+      root,
+      ok,
+      [stack_axes(srcs[0].shape, t.shape, n) for t, srcs in ok],
+      stacks.axis(root, target_layout, 'target'),
+      hint(root, source_layout, target_layout),
+      problems,
+      lambda b: target_layout == layout.NNX and b == NNX_LAYER_AXIS,
+    )
     for t, srcs in ok if axis is not None else ():
       if insert_axis(srcs[0].shape, axis, n) != tuple(t.shape):
         problems.append(f'{t} cannot be stacked from {n} x {srcs[0]} at axis {axis}')
@@ -308,11 +326,19 @@ def _unstack(entries, stacks, source_layout, target_layout, problems) -> dict:
   out = {}
   for (root, _), group in groups.items():
     n = max(i for _, _, i in group) + 1
-    cands = [{a for a in range(len(s.shape)) if drop_axis(s.shape, a) == tuple(t.shape)
-              and s.shape[a] == n} for t, s, _ in group]
-    axis = _choose(root, group, cands, stacks.axis(root, source_layout, 'source'),
-                   hint(root, source_layout, target_layout), problems,
-                   lambda a: source_layout == layout.NNX and a == NNX_LAYER_AXIS)
+    cands = [
+      {a for a in range(len(s.shape)) if drop_axis(s.shape, a) == tuple(t.shape) and s.shape[a] == n}
+      for t, s, _ in group
+    ]
+    axis = _choose(
+      root,
+      group,
+      cands,
+      stacks.axis(root, source_layout, 'source'),
+      hint(root, source_layout, target_layout),
+      problems,
+      lambda a: source_layout == layout.NNX and a == NNX_LAYER_AXIS,
+    )
     for t, s, i in group if axis is not None else ():
       if drop_axis(s.shape, axis) != tuple(t.shape) or i >= s.shape[axis]:
         problems.append(f'{t} cannot be layer {i} of {s} along axis {axis}')
@@ -351,15 +377,26 @@ def _move(direct, stacks, source_layout, target_layout, problems, depth=None) ->
     if len(set(known)) == 1:
       cands = [{c for c in cs if c[2] == known[0]} for cs in cands]
     nnx_axis = NNX_LAYER_AXIS
-    choice = _choose(root, group, cands, None, hint(root, source_layout, target_layout), problems,
-                     lambda c: (source_layout != layout.NNX or c[0] == nnx_axis)
-                     and (target_layout != layout.NNX or c[1] == nnx_axis))
+    choice = _choose(
+      root,
+      group,
+      cands,
+      None,
+      hint(root, source_layout, target_layout),
+      problems,
+      lambda c: (source_layout != layout.NNX or c[0] == nnx_axis) and (target_layout != layout.NNX or c[1] == nnx_axis),
+    )
     if choice is None:
       continue
     a, b, n = choice
     for t, s, param in direct:  # same-shape leaves of the stack (square dims) move too
-      if (t.path not in out and param[: len(root)] == root and len(s.shape) > a
-          and s.shape[a] == n and move_axis(s.shape, a, b) == tuple(t.shape)):
+      if (
+        t.path not in out
+        and param[: len(root)] == root
+        and len(s.shape) > a
+        and s.shape[a] == n
+        and move_axis(s.shape, a, b) == tuple(t.shape)
+      ):
         out[t.path] = ((s,), (ops.MoveAxis(a, b),))
   return out
 
@@ -386,8 +423,13 @@ def one_layer(source: Any, param: Path, stacks: Stacks, source_layout: str) -> A
   norm = normalize(param)
   for _, root, _ in stacks.items():
     axis = stacks.axis(root, source_layout, 'source')
-    if (axis is not None and norm[: len(root)] == root and len(norm) > len(root) and not norm[len(root)].isdigit()
-        and 0 <= axis < len(source.shape)):
+    if (
+      axis is not None
+      and norm[: len(root)] == root
+      and len(norm) > len(root)
+      and not norm[len(root)].isdigit()
+      and 0 <= axis < len(source.shape)
+    ):
       return OneLayer(source, axis)
   return source
 
@@ -399,6 +441,7 @@ def with_layers(expr):
   axis, and the layer axis goes back where the source had it, so the planner's
   stack conversions see a stacked source as before.
   """
+
   def lift(e):
     if isinstance(e, OneLayer):
       return e.stacked if e.axis == 0 else ops.derive(ops.MoveAxis(e.axis, 0), [e.stacked], e.path)
@@ -431,8 +474,8 @@ def target_shapes(targets, tgt_leaves, stacks: Stacks, target_layout: str) -> di
     shapes[norm].append(tuple(t.shape))
     for k, seg in enumerate(norm[:-1]):
       if seg.isdigit():
-        shapes[norm[:k] + norm[k + 1:]].append(tuple(t.shape))
-      elif (axis := stacks.axis(norm[:k + 1], target_layout, 'target')) is not None and 0 <= axis < len(t.shape):
+        shapes[norm[:k] + norm[k + 1 :]].append(tuple(t.shape))
+      elif (axis := stacks.axis(norm[: k + 1], target_layout, 'target')) is not None and 0 <= axis < len(t.shape):
         shapes[norm].append(drop_axis(t.shape, axis))
   return {k: list(dict.fromkeys(v)) for k, v in shapes.items()}
 
@@ -493,15 +536,16 @@ def found_in(params: Mapping[Path, tuple[int, ...]], side: str = layout.LINEN) -
   claimed: list[Path] = list(per_layer)
   for k in range(1, max((len(p) for p in params), default=0)):
     for root in sorted({p[:k] for p in params if len(p) > k}):
-      if any(root[:len(c)] == c for c in claimed) or any(s.isdigit() for s in root):
+      if any(root[: len(c)] == c for c in claimed) or any(s.isdigit() for s in root):
         continue
       shapes = [s for p, s in params.items() if p[:k] == root and len(p) > k]
       if len(shapes) < 2 or any(len(s) < 2 for s in shapes):
         continue
       axes = layer_axes(shapes, outside=[s for p, s in params.items() if p[:k] != root])
       if axes:
-        found.append({'root': '/'.join(root), 'kind': 'stacked', 'layers': [shapes[0][a] for a in axes],
-                      'layer_axis': axes})
+        found.append(
+          {'root': '/'.join(root), 'kind': 'stacked', 'layers': [shapes[0][a] for a in axes], 'layer_axis': axes}
+        )
         claimed.append(root)
   return found
 
@@ -524,8 +568,9 @@ def depths(params: Sequence[Path], stacks: Stacks, side: str) -> dict[Path, int]
   return depth
 
 
-def placed(param: Path, shape: tuple[int, ...], stacks: Stacks, depth: Mapping[Path, int], to: str,
-           problems: list[str]) -> list[tuple[Path, tuple]]:
+def placed(
+  param: Path, shape: tuple[int, ...], stacks: Stacks, depth: Mapping[Path, int], to: str, problems: list[str]
+) -> list[tuple[Path, tuple]]:
   """Where a model variable (or its mirror) goes in layout `to`: [(its names there, shape)].
 
   Names stay as given, joined per layer for Linen (`layers/3` -> `layers_3`). Under a
@@ -549,13 +594,15 @@ def placed(param: Path, shape: tuple[int, ...], stacks: Stacks, depth: Mapping[P
       return [(names(param), shape)]
     if norm[len(root)] != '0':
       return []
-    return [(names(root) + names(norm[len(root) + 1:]), insert_axis(shape, int(axes[to]), depth[root]))]
+    return [(names(root) + names(norm[len(root) + 1 :]), insert_axis(shape, int(axes[to]), depth[root]))]
   source = axes.get(frm, DEFAULT_LAYER_AXIS[frm])
   if source is None or not 0 <= int(source) < len(shape):
-    problems.append(f"'{layout.render(param)}' {shape} cannot be a layer stack at axis {source}"
-                    f" (stacks={{{str(root[0])!r}: {axes!r}}}); give the {frm} layer axis as {frm!r}: axis")
+    problems.append(
+      f"'{layout.render(param)}' {shape} cannot be a layer stack at axis {source}"
+      f" (stacks={{{str(root[0])!r}: {axes!r}}}); give the {frm} layer axis as {frm!r}: axis"
+    )
     return [(names(param), shape)]
-  rest = names(norm[len(root):])
+  rest = names(norm[len(root) :])
   if axes[to] is None:
     return [(names(root + (str(i),)) + rest, drop_axis(shape, source)) for i in range(shape[source])]
   return [(names(param), move_axis(shape, source, int(axes[to])))]

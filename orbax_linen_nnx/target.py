@@ -38,7 +38,6 @@ def default_sharding() -> jax.sharding.Sharding:
   return _replicated_on(tuple(jax.devices()))
 
 
-
 # A target leaf above this size that gives no sharding is noted in the plan
 # (and warned of) when it is replicated on several devices: every device then
 # holds all of it (flax issue 5110: models that ran out of memory so).
@@ -84,12 +83,13 @@ class NotRestored(jax.ShapeDtypeStruct):
 
   def fail(self, *_, **__):
     raise NotRestoredError(
-        f"'{self.path}' {tuple(self.shape)} {self.dtype} was not restored: the checkpoint holds no source for"
-        ' it, so the restore kept it as the abstract description it was given. Give it a value first:'
-        ' restore into an nnx.State and nnx.update(model, restored) (the model keeps its own value there),'
-        ' restore into a state that holds values there (nnx.state(model) of an initialised model), use'
-        ' fill_nnx_only= for RNG state, or assign it; orbax_linen_nnx.not_restored(tree) lists every such'
-        ' leaf.')
+      f"'{self.path}' {tuple(self.shape)} {self.dtype} was not restored: the checkpoint holds no source for"
+      ' it, so the restore kept it as the abstract description it was given. Give it a value first:'
+      ' restore into an nnx.State and nnx.update(model, restored) (the model keeps its own value there),'
+      ' restore into a state that holds values there (nnx.state(model) of an initialised model), use'
+      ' fill_nnx_only= for RNG state, or assign it; orbax_linen_nnx.not_restored(tree) lists every such'
+      ' leaf.'
+    )
 
   __jax_array__ = __array__ = __getitem__ = __iter__ = __len__ = __bool__ = __float__ = __int__ = fail
   __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __matmul__ = __rmatmul__ = fail
@@ -144,8 +144,9 @@ def _key_data(value, sharding) -> tuple[tuple[int, ...], np.dtype, Any, str]:
   extra = len(data.shape) - len(value.shape)
   if isinstance(sharding, jax.sharding.NamedSharding):
     spec = tuple(sharding.spec) + (None,) * (len(value.shape) - len(sharding.spec))
-    sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec, *(None,) * extra),
-                                          memory_kind=sharding.memory_kind)
+    sharding = jax.sharding.NamedSharding(
+      sharding.mesh, jax.sharding.PartitionSpec(*spec, *(None,) * extra), memory_kind=sharding.memory_kind
+    )
   elif not isinstance(sharding, jax.sharding.SingleDeviceSharding):
     raise TypeError(f'a PRNG key sharded by {type(sharding).__name__} cannot be restored; use a NamedSharding')
   impl = _internals.key_impl_name(value.dtype)  # the name Orbax records
@@ -177,8 +178,12 @@ class AbstractState:
 
   def fill(self, values: Mapping[Path, Any]) -> Any:
     """The abstract state with `values[path]` as they are at every leaf (a save's tree: all are given)."""
-    return self._rebuild([leaf if t is None else (leaf.copy(values[t.path]) if _is_variable(leaf) else values[t.path])
-                          for t, leaf in zip(self._slots, self._leaves)])
+    return self._rebuild(
+      [
+        leaf if t is None else (leaf.copy(values[t.path]) if _is_variable(leaf) else values[t.path])
+        for t, leaf in zip(self._slots, self._leaves)
+      ]
+    )
 
   def rebuild(self, values: Mapping[Path, Any]) -> Any:
     """The abstract state with `values[path]` put in at each restored leaf.
@@ -214,8 +219,11 @@ class AbstractState:
     elif self.placeholders and not isinstance(rebuilt, nnx.Module):
       # An nnx.State inside another tree ({'model': nnx.state(model), 'optimizer': ...}) leaves them out
       # too: nnx.update(model, restored['model']) then keeps the model's own values there.
-      rebuilt = jax.tree.map(lambda x: nnx.filter_state(x, restored) if isinstance(x, nnx.State) else x, rebuilt,
-                             is_leaf=lambda x: isinstance(x, nnx.State))
+      rebuilt = jax.tree.map(
+        lambda x: nnx.filter_state(x, restored) if isinstance(x, nnx.State) else x,
+        rebuilt,
+        is_leaf=lambda x: isinstance(x, nnx.State),
+      )
       still = set(not_restored(rebuilt))
       self.left_out = [p for p in self.placeholders if p not in still]
       self.placeholders = [p for p in self.placeholders if p in still]
@@ -229,8 +237,11 @@ def _context_mesh() -> jax.sharding.Mesh | None:
 
 
 def _fits(mesh: jax.sharding.Mesh | None, abstract_mesh) -> bool:
-  return (mesh is not None and tuple(mesh.axis_names) == tuple(abstract_mesh.axis_names)
-          and tuple(mesh.axis_sizes) == tuple(abstract_mesh.axis_sizes))
+  return (
+    mesh is not None
+    and tuple(mesh.axis_names) == tuple(abstract_mesh.axis_names)
+    and tuple(mesh.axis_sizes) == tuple(abstract_mesh.axis_sizes)
+  )
 
 
 def _abstract(sharding) -> bool:
@@ -269,8 +280,11 @@ class _Shardings:
         axes = ', '.join(f'{a}={n}' for a, n in zip(sharding.mesh.axis_names, sharding.mesh.axis_sizes))
         self.unmeshed[f'an AbstractMesh ({axes})'].append(layout.render(path))
         return None
-      sharding = jax.sharding.NamedSharding(self.mesh, sharding.spec,  # type: ignore[arg-type]  # _fits: a mesh
-                                            memory_kind=sharding.memory_kind)
+      sharding = jax.sharding.NamedSharding(
+        self.mesh,  # type: ignore[arg-type]  # _fits: a mesh
+        sharding.spec,
+        memory_kind=sharding.memory_kind,
+      )
     self._check(path, tuple(value.shape), sharding)
     return sharding
 
@@ -281,14 +295,18 @@ class _Shardings:
     world = self._world
     outside = [] if _abstract(sharding) else sorted(d.id for d in sharding.device_set if d not in world)
     if outside:
-      self.problems.append(f'{where}: its sharding uses devices {outside}, which are not among this run\'s'
-                           ' devices (jax.devices()); build the mesh from jax.devices()')
+      self.problems.append(
+        f'{where}: its sharding uses devices {outside}, which are not among this run\'s'
+        ' devices (jax.devices()); build the mesh from jax.devices()'
+      )
     if not isinstance(sharding, jax.sharding.NamedSharding):
       return
     spec, mesh = tuple(sharding.spec), sharding.mesh
     if len(spec) > len(shape):
-      self.problems.append(f'{where}: its PartitionSpec {sharding.spec} has {len(spec)} entries for'
-                           f' {len(shape)} dimensions; drop the extra entries')
+      self.problems.append(
+        f'{where}: its PartitionSpec {sharding.spec} has {len(spec)} entries for'
+        f' {len(shape)} dimensions; drop the extra entries'
+      )
       return
     seen: collections.Counter = collections.Counter()
     for d, entry in enumerate(spec):
@@ -296,22 +314,28 @@ class _Shardings:
       seen.update(names)
       unknown = [a for a in names if a not in mesh.axis_names]
       if unknown:
-        self.problems.append(f'{where}: its PartitionSpec {sharding.spec} names mesh axis {unknown[0]!r},'
-                             f' which the mesh does not have (axes: {", ".join(map(repr, mesh.axis_names))})')
+        self.problems.append(
+          f'{where}: its PartitionSpec {sharding.spec} names mesh axis {unknown[0]!r},'
+          f' which the mesh does not have (axes: {", ".join(map(repr, mesh.axis_names))})'
+        )
         continue
       size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
       if shape[d] % size:
         self.problems.append(
-            f'{where}: dimension {d} ({shape[d]}) is not divisible by mesh axes {names} (size {size})'
-            f' of its PartitionSpec {sharding.spec}; shard that dimension along axes whose size divides'
-            f' {shape[d]}, or leave it unsharded (None)')
+          f'{where}: dimension {d} ({shape[d]}) is not divisible by mesh axes {names} (size {size})'
+          f' of its PartitionSpec {sharding.spec}; shard that dimension along axes whose size divides'
+          f' {shape[d]}, or leave it unsharded (None)'
+        )
     twice = [a for a, n in seen.items() if n > 1]
     if twice:
-      self.problems.append(f'{where}: its PartitionSpec {sharding.spec} uses mesh axis {twice[0]!r} for more'
-                           ' than one dimension; each mesh axis may shard one dimension')
+      self.problems.append(
+        f'{where}: its PartitionSpec {sharding.spec} uses mesh axis {twice[0]!r} for more'
+        ' than one dimension; each mesh axis may shard one dimension'
+      )
 
-  def for_unsharded(self, given: list[Any], unsharded: list[tuple[Path, int]], notes: list[str],
-                    large: list[str]) -> Any:
+  def for_unsharded(
+    self, given: list[Any], unsharded: list[tuple[Path, int]], notes: list[str], large: list[str]
+  ) -> Any:
     """Where the leaves that ask for no sharding go: replicated on the mesh the other leaves use.
 
     `given` are the other leaves' shardings, `unsharded` the (path, bytes) of
@@ -329,32 +353,45 @@ class _Shardings:
     elif meshes:
       shown = '; '.join(', '.join(f'{a}={n}' for a, n in m.shape.items()) for m in meshes)
       self.problems.append(
-          f'{len(unsharded)} target(s) give no sharding ({", ".join(repr(layout.render(p)) for p, _ in unsharded[:5])}'
-          f'{" ..." if len(unsharded) > 5 else ""}) and the others use {len(meshes)} meshes ({shown}): say which'
-          ' one they are replicated on with LinenCompatRestore(..., mesh=mesh), or give them shardings')
+        f'{len(unsharded)} target(s) give no sharding ({", ".join(repr(layout.render(p)) for p, _ in unsharded[:5])}'
+        f'{" ..." if len(unsharded) > 5 else ""}) and the others use {len(meshes)} meshes ({shown}): say which'
+        ' one they are replicated on with LinenCompatRestore(..., mesh=mesh), or give them shardings'
+      )
       return default_sharding()
     else:
       devices = {frozenset(s.device_set) for s in given}
       sharding = given[0] if given and len(devices) == 1 and len(given[0].device_set) == 1 else default_sharding()  # type: ignore[assignment]
-    where = (f"mesh ({', '.join(f'{a}={n}' for a, n in sharding.mesh.shape.items())})"
-             if isinstance(sharding, jax.sharding.NamedSharding) else f'{_device_count(sharding)} device(s)')
+    where = (
+      f"mesh ({', '.join(f'{a}={n}' for a, n in sharding.mesh.shape.items())})"
+      if isinstance(sharding, jax.sharding.NamedSharding)
+      else f'{_device_count(sharding)} device(s)'
+    )
     if given:  # beside sharded leaves: say where these went
-      notes.append(f'{len(unsharded)} target(s) give no sharding: replicated on the {where} the others use'
-                   if meshes else f'{len(unsharded)} target(s) give no sharding: replicated on the {where}')
+      notes.append(
+        f'{len(unsharded)} target(s) give no sharding: replicated on the {where} the others use'
+        if meshes
+        else f'{len(unsharded)} target(s) give no sharding: replicated on the {where}'
+      )
     n = _device_count(sharding)
     for path, nbytes in unsharded:
       if n > 1 and nbytes > UNSHARDED_NOTE_BYTES:
-        large.append(f"'{layout.render(path)}' ({_mib(nbytes)}) gives no sharding: replicated, every one of the"
-                     f' {n} devices holds all of it ({_mib(nbytes * n)} in all); give it a sharding to split it')
+        large.append(
+          f"'{layout.render(path)}' ({_mib(nbytes)}) gives no sharding: replicated, every one of the"
+          f' {n} devices holds all of it ({_mib(nbytes * n)} in all); give it a sharding to split it'
+        )
     notes += large
     return sharding
 
   def finish(self) -> list[str]:
     for what, paths in self.unmeshed.items():
-      self.problems.insert(0, (
+      self.problems.insert(
+        0,
+        (
           f'{len(paths)} target(s) are sharded over {what}, and no concrete mesh with those axes is'
           f' in context: {", ".join(repr(p) for p in paths)}. Restore inside `with jax.set_mesh(mesh):`'
-          ' (the mesh the abstract state was made under), or pass LinenCompatRestore(..., mesh=mesh)'))
+          ' (the mesh the abstract state was made under), or pass LinenCompatRestore(..., mesh=mesh)'
+        ),
+      )
     return self.problems
 
 
@@ -387,8 +424,9 @@ def module_order(module: nnx.Module) -> dict[Path, tuple[int | None, str]]:
   return out
 
 
-def flatten(abstract: Any, *, layout_name: str | None = None, mesh: jax.sharding.Mesh | None = None,
-            keep_abstract: bool = False) -> AbstractState:
+def flatten(
+  abstract: Any, *, layout_name: str | None = None, mesh: jax.sharding.Mesh | None = None, keep_abstract: bool = False
+) -> AbstractState:
   """Reads every leaf of `abstract` as a `Target` (path, shape, dtype, sharding).
 
   Shardings over an `AbstractMesh` (or bare `PartitionSpec`s) are made concrete
@@ -402,9 +440,16 @@ def flatten(abstract: Any, *, layout_name: str | None = None, mesh: jax.sharding
     graphdef, state = nnx.split(abstract)
     inner = flatten(state, layout_name=layout_name or layout.NNX, mesh=mesh, keep_abstract=keep_abstract)
     # A module needs every leaf: what the restore does not fill holds a placeholder.
-    return AbstractState(inner.layout, inner._slots, inner._leaves,
-                         lambda leaves: nnx.merge(graphdef, inner._rebuild(leaves)), inner.problems, inner.notes,
-                         inner.large_replicated, modules=module_order(abstract))
+    return AbstractState(
+      inner.layout,
+      inner._slots,
+      inner._leaves,
+      lambda leaves: nnx.merge(graphdef, inner._rebuild(leaves)),
+      inner.problems,
+      inner.notes,
+      inner.large_replicated,
+      modules=module_order(abstract),
+    )
   is_nnx = isinstance(abstract, nnx.State)
   flat, treedef = jax.tree_util.tree_flatten_with_path(abstract, is_leaf=_is_variable)
   found: list[Any] = []  # per leaf: (path, value, sharding) or None (no array)
@@ -428,8 +473,11 @@ def flatten(abstract: Any, *, layout_name: str | None = None, mesh: jax.sharding
   unsharded = [(path, _nbytes(value)) for path, value, _, none in filter(None, found) if none]
   notes: list[str] = []
   large: list[str] = []
-  default = shardings.for_unsharded([s for _, _, s, _ in filter(None, found) if s is not None], unsharded,
-                                    notes, large) if unsharded else None
+  default = (
+    shardings.for_unsharded([s for _, _, s, _ in filter(None, found) if s is not None], unsharded, notes, large)
+    if unsharded
+    else None
+  )
   slots: list[Target | None] = []
   for entry, leaf in zip(found, leaves):
     if entry is None:
@@ -440,14 +488,31 @@ def flatten(abstract: Any, *, layout_name: str | None = None, mesh: jax.sharding
     shape, dtype, key_impl = tuple(value.shape), value.dtype, None
     if _is_key(value):
       shape, dtype, sharding, key_impl = _key_data(value, sharding)
-    slots.append(Target(path=path, shape=shape, dtype=dtype, sharding=sharding,
-                        variable_type=type(leaf).__name__ if _is_variable(leaf) else None, key_impl=key_impl))
+    slots.append(
+      Target(
+        path=path,
+        shape=shape,
+        dtype=dtype,
+        sharding=sharding,
+        variable_type=type(leaf).__name__ if _is_variable(leaf) else None,
+        key_impl=key_impl,
+      )
+    )
   if not_arrays:
     raise PlanError(
-        f'{len(not_arrays)} abstract leaf/leaves are not array descriptions: {"; ".join(not_arrays)}.'
-        ' Fix: pass an abstract state whose leaves are jax.ShapeDtypeStruct (nnx.eval_shape /'
-        ' jax.eval_shape) or jax.Array; nothing was read.')
+      f'{len(not_arrays)} abstract leaf/leaves are not array descriptions: {"; ".join(not_arrays)}.'
+      ' Fix: pass an abstract state whose leaves are jax.ShapeDtypeStruct (nnx.eval_shape /'
+      ' jax.eval_shape) or jax.Array; nothing was read.'
+    )
   if layout_name is None:
     layout_name = layout.NNX if is_nnx else layout.detect(t.path for t in slots if t is not None)
-  return AbstractState(layout_name, slots, leaves, treedef.unflatten, shardings.finish(), notes, large,  # type: ignore[attr-defined]
-                       leaves_out_unfilled=is_nnx)
+  return AbstractState(
+    layout_name,
+    slots,
+    leaves,
+    treedef.unflatten,  # type: ignore[attr-defined]
+    shardings.finish(),
+    notes,
+    large,
+    leaves_out_unfilled=is_nnx,
+  )

@@ -39,8 +39,10 @@ def as_linen_lists(node: Any, under_opt_state: bool = False) -> Any:
   """Optax's chains (tuples: int-keyed in NNX) as the lists Linen's tree holds, None where empty."""
   if not isinstance(node, dict):
     return node
-  out = {k: (v if k == 'params' and under_opt_state else as_linen_lists(v, under_opt_state or k == 'opt_state'))
-         for k, v in node.items()}
+  out = {
+    k: (v if k == 'params' and under_opt_state else as_linen_lists(v, under_opt_state or k == 'opt_state'))
+    for k, v in node.items()
+  }
   if under_opt_state and out and all(k.isdigit() for k in out):
     chain = [None] * (max(int(k) for k in out) + 1)
     for k, v in out.items():
@@ -70,9 +72,11 @@ def _auto_without_target(rules: rules_lib.Rules, frm: str, to: str) -> list[str]
   """The problem with rules='auto' where the other layout's tree is derived from this one's (no target)."""
   if not rules_lib.split_auto(rules)[1]:
     return []
-  return [f"rules='auto' has nothing to pair with: with no target, the {to} names are derived from the {frm}"
-          ' ones. Fix: give the tree to pair with (a save: LinenCompatSave(..., target=jax.eval_shape(lambda:'
-          ' linen_state)); plan, convert: --target CKPT|MODULE:FUNCTION instead of --to), or state the renames']
+  return [
+    f"rules='auto' has nothing to pair with: with no target, the {to} names are derived from the {frm}"
+    ' ones. Fix: give the tree to pair with (a save: LinenCompatSave(..., target=jax.eval_shape(lambda:'
+    ' linen_state)); plan, convert: --target CKPT|MODULE:FUNCTION instead of --to), or state the renames'
+  ]
 
 
 def nnx_only_type(vtype: str | None) -> bool:
@@ -81,15 +85,15 @@ def nnx_only_type(vtype: str | None) -> bool:
 
 
 def build_save(
-    sources: Sequence[SourceArray],
-    variable_types: Mapping[Path, str | None],
-    *,
-    rules: rules_lib.Rules = None,
-    stacks: stacks_lib.StackAxes | None = None,
-    aux: str | None = layout.NNX_AUX,
-    targets: Sequence[Target] | None = None,
-    action: str = 'LinenCompatSave cannot write the NNX state in the Linen layout',
-    collection_level: bool | None = None,
+  sources: Sequence[SourceArray],
+  variable_types: Mapping[Path, str | None],
+  *,
+  rules: rules_lib.Rules = None,
+  stacks: stacks_lib.StackAxes | None = None,
+  aux: str | None = layout.NNX_AUX,
+  targets: Sequence[Target] | None = None,
+  action: str = 'LinenCompatSave cannot write the NNX state in the Linen layout',
+  collection_level: bool | None = None,
 ) -> RestorePlan:
   """The plan of writing an NNX state in the Linen layout: `build` with the Linen tree as target.
 
@@ -122,15 +126,21 @@ def build_save(
   """
   problems: list[str] = []  # build reports the rules' own problems
   if aux not in layout.AUX_PLACES:
-    problems.append(f'aux={aux!r}: NNX-only state goes in {layout.SIDECAR!r} (beside the Linen tree),'
-                    f' {layout.NNX_AUX!r} (in it, as MaxText writes it) or, with aux=None, nowhere')
+    problems.append(
+      f'aux={aux!r}: NNX-only state goes in {layout.SIDECAR!r} (beside the Linen tree),'
+      f' {layout.NNX_AUX!r} (in it, as MaxText writes it) or, with aux=None, nowhere'
+    )
     aux = layout.SIDECAR
   spec = stacks_lib.Stacks.parse(stacks, problems).with_default(layout.NNX, layout.LINEN)
   if targets is None:
     problems += _auto_without_target(rules, layout.NNX, layout.LINEN)
   described = list(zip(sources, layout.describe([s.path for s in sources], layout.NNX)))
-  skip = [s.path for s, leaf in described if variable_types.get(s.path) in EPHEMERAL_TYPES
-          or (aux is None and nnx_only_type(variable_types.get(s.path)) and leaf.meaning.section == ('model',))]
+  skip = [
+    s.path
+    for s, leaf in described
+    if variable_types.get(s.path) in EPHEMERAL_TYPES
+    or (aux is None and nnx_only_type(variable_types.get(s.path)) and leaf.meaning.section == ('model',))
+  ]
   described = [(s, leaf) for s, leaf in described if s.path not in skip]
   entries, depth, train_state = _rewritten(described, rules, spec, layout.NNX, layout.LINEN)
   original = {src.path: leaf.meaning.param for src, leaf in described}
@@ -150,13 +160,20 @@ def build_save(
       derived.append(Target((layout.NNX_AUX, 'model') + m.param, shape, dtype, None, key_impl=key_impl))
       continue
     if m.section == ('model',):
-      base = ('batch_stats',) if vtype == 'BatchStat' else ('params', 'params') if train_state and not single \
-          else ('params',)
+      base = (
+        ('batch_stats',)
+        if vtype == 'BatchStat'
+        else ('params', 'params')
+        if train_state and not single
+        else ('params',)
+      )
     elif m.section[0] == 'opt_state':
       base = m.section + (('params',) if m.param and not single else ())
     else:
-      problems.append(f"{first} is neither model, optimizer state nor step of an NNX train state"
-                      " ({'model': ..., 'optimizer': nnx.Optimizer}); save it with ocp.args.StandardSave")
+      problems.append(
+        f"{first} is neither model, optimizer state nor step of an NNX train state"
+        " ({'model': ..., 'optimizer': nnx.Optimizer}); save it with ocp.args.StandardSave"
+      )
       continue
     if not m.param:
       derived.append(Target(base, shape, dtype, None, key_impl=key_impl))
@@ -170,22 +187,37 @@ def build_save(
     extra = [t for t in derived if t.path[:1] == (layout.NNX_AUX,) and not aux_in_target and aux == layout.SIDECAR]
     derived = list(targets) + extra
   derived.sort(key=lambda t: t.path)
-  plan = planner.build(sources, derived, source_layout=layout.NNX, target_layout=layout.LINEN, rules=rules,
-               stacks=spec, where='the NNX state', problems=problems, skip=skip, action=action)
+  plan = planner.build(
+    sources,
+    derived,
+    source_layout=layout.NNX,
+    target_layout=layout.LINEN,
+    rules=rules,
+    stacks=spec,
+    where='the NNX state',
+    problems=problems,
+    skip=skip,
+    action=action,
+  )
   aside = [r for r in plan.reads if r.target.path[:1] == (layout.NNX_AUX,)] if aux == layout.SIDECAR else []
   if aside and not (targets is not None and any(t.path[:1] == (layout.NNX_AUX,) for t in targets)):
-    plan = dataclasses.replace(plan, notes=plan.notes + (
+    plan = dataclasses.replace(
+      plan,
+      notes=plan.notes
+      + (
         f'{len(aside)} nnx_aux/ arrays (RNG streams, custom Variables) are written beside the Linen tree, in the'
-        " item's nnx_aux/ directory: Linen readers never see them, LinenCompatRestore reads them back",))
+        " item's nnx_aux/ directory: Linen readers never see them, LinenCompatRestore reads them back",
+      ),
+    )
   return plan
 
 
 def build_nnx(
-    sources: Sequence[SourceArray],
-    *,
-    rules: rules_lib.Rules = None,
-    stacks: stacks_lib.StackAxes | None = None,
-    where: str = 'the checkpoint',
+  sources: Sequence[SourceArray],
+  *,
+  rules: rules_lib.Rules = None,
+  stacks: stacks_lib.StackAxes | None = None,
+  where: str = 'the checkpoint',
 ) -> RestorePlan:
   """The plan of reading a Linen checkpoint as the NNX layout, with no model: `build` with a derived target.
 
@@ -220,12 +252,22 @@ def build_nnx(
     elif m.section[0] == 'opt_state':
       base = ('optimizer',) + m.section
     else:
-      problems.append(f"{ops.stored_leaves(expr)[0]} is neither model variables, optimizer state nor step"
-                      " of a Linen TrainState; give the NNX tree it goes to (a target)")
+      problems.append(
+        f"{ops.stored_leaves(expr)[0]} is neither model variables, optimizer state nor step"
+        " of a Linen TrainState; give the NNX tree it goes to (a target)"
+      )
       continue
     placed = stacks_lib.placed(m.param, shape, spec, depth, layout.NNX, problems) if m.param else [((), shape)]
     for param, s in placed:
       targets.append(Target(base + param + ('value',), s, dtype, None, key_impl=key_impl))
   targets.sort(key=lambda t: t.path)
-  return planner.build(sources, targets, source_layout=layout.LINEN, target_layout=layout.NNX, rules=rules,
-               stacks=spec, where=where, problems=problems)
+  return planner.build(
+    sources,
+    targets,
+    source_layout=layout.LINEN,
+    target_layout=layout.NNX,
+    rules=rules,
+    stacks=spec,
+    where=where,
+    problems=problems,
+  )

@@ -56,8 +56,7 @@ class LinenCompatCheckpointableHandler:
 
     return both()
 
-  async def load(self, directory, abstract_checkpointable: args_lib.LinenCompatRestore | None = None
-                 ) -> Awaitable[Any]:
+  async def load(self, directory, abstract_checkpointable: args_lib.LinenCompatRestore | None = None) -> Awaitable[Any]:
     if abstract_checkpointable is None:
       return await self._pytree.load(directory, None)
     restored = self._v0.restore(directory, args=abstract_checkpointable)

@@ -117,8 +117,9 @@ def _divisor_at_most(n: int, limit: int) -> int:
   return max([d for d in range(1, min(n, max(limit, 1)) + 1) if n % d == 0] or [1])
 
 
-def _block_shape(step: Sequence[int], shape: Sequence[int], itemsize: int, block_bytes: int,
-                 merge: bool = True) -> tuple[int, ...]:
+def _block_shape(
+  step: Sequence[int], shape: Sequence[int], itemsize: int, block_bytes: int, merge: bool = True
+) -> tuple[int, ...]:
   """Blocks of the chunk-image grid: cells cut (outer axes first) to fit, or merged along the longest run."""
   block = [max(s, 1) for s in step]
   nbytes = lambda b: math.prod(b) * itemsize
@@ -169,8 +170,11 @@ def layout(read: plans.LeafRead, index: int, grids, block_bytes: int, merge: boo
   expr = read.expression()
   viewable = moves_boxes(expr)
   step = steps([b for b, _ in _leaves(expr, grids)], shape) if viewable else None
-  block = _block_shape(step, shape, itemsize, block_bytes, merge) if step is not None else _row_blocks(
-      shape, itemsize, block_bytes)
+  block = (
+    _block_shape(step, shape, itemsize, block_bytes, merge)
+    if step is not None
+    else _row_blocks(shape, itemsize, block_bytes)
+  )
   blocks = []
   for box in _boxes(shape, block):
     chunks = []
@@ -224,8 +228,9 @@ class Job:
   every: list[Block] = dataclasses.field(default_factory=list)  # every process's blocks, in order
 
   @classmethod
-  def make(cls, reads: Sequence[plans.LeafRead], ckpt: source_lib.Checkpoint, budget: int, *,
-           processes: int = 1, me: int = 0) -> 'Job':
+  def make(
+    cls, reads: Sequence[plans.LeafRead], ckpt: source_lib.Checkpoint, budget: int, *, processes: int = 1, me: int = 0
+  ) -> 'Job':
     """Lays out every target in blocks and orders them, from metadata alone.
 
     Blocks are about budget / BLOCKS_IN_FLIGHT, and small enough that every
@@ -260,8 +265,7 @@ class Job:
       mine = share(self.every, processes, p)
       chunks = {c for b in mine for c in b.chunks}
       grids = {n: grid_lib.Grid(self.ckpt.stores[n]) for n in {n for n, _ in chunks}}
-      out.append((len(mine), len(chunks), sum(grids[n].chunk_nbytes for n, _ in chunks),
-                  sum(b.nbytes for b in mine)))
+      out.append((len(mine), len(chunks), sum(grids[n].chunk_nbytes for n, _ in chunks), sum(b.nbytes for b in mine)))
     return out
 
   async def run(self, destinations: Sequence[Any], on_written: Callable[[Block], None] = lambda b: None) -> None:
@@ -305,8 +309,14 @@ async def within(items: Sequence[Any], cost: Callable[[Any], int], work: Callabl
   read_lib.trim_freed_memory()
 
 
-async def run(blocks: Sequence[Block], layouts: Sequence[Layout], ckpt: source_lib.Checkpoint,
-              destinations: Sequence[Any], budget: int, on_written: Callable[[Block], None]) -> None:
+async def run(
+  blocks: Sequence[Block],
+  layouts: Sequence[Layout],
+  ckpt: source_lib.Checkpoint,
+  destinations: Sequence[Any],
+  budget: int,
+  on_written: Callable[[Block], None],
+) -> None:
   """Reads and writes every block, oldest first, within `budget` bytes in flight (a costlier block alone)."""
   views: dict[int, Any] = {}
 
@@ -342,8 +352,11 @@ def _engine_read(read: plans.LeafRead, box: Box, ckpt: source_lib.Checkpoint) ->
   """A block of a target whose ops move no boxes (a reshape), through the read engine, on the host."""
   here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   slices = tuple(ops.Slice(d, lo, hi) for d, (lo, hi) in enumerate(box) if (lo, hi) != (0, read.target.shape[d]))
-  block = dataclasses.replace(read, target=dataclasses.replace(read.target, shape=ops.box_shape(box), sharding=here),
-                              transform=tuple(read.transform) + slices)
+  block = dataclasses.replace(
+    read,
+    target=dataclasses.replace(read.target, shape=ops.box_shape(box), sharding=here),
+    transform=tuple(read.transform) + slices,
+  )
   plan = plans.RestorePlan(source_layout='', target_layout='', reads=(block,))
   return np.asarray(read_lib.execute(plan, ckpt)[read.target.path])
 
@@ -354,25 +367,37 @@ def _engine_read(read: plans.LeafRead, box: Box, ckpt: source_lib.Checkpoint) ->
 def write_spec(info, arg, shape: Sequence[int], chunk: Sequence[int], dtype) -> Any:
   """Orbax's own write spec of an array stored in chunks of `chunk` (its OCDBT files: this process's)."""
   return _internals.build_array_write_spec(
-      info=info, arg=arg, global_shape=tuple(shape), local_shape=tuple(chunk), dtype=np.dtype(dtype),
-      use_ocdbt=info.is_ocdbt_checkpoint,
-      process_index=_internals.get_process_index_for_subdir(info.is_ocdbt_checkpoint))
+    info=info,
+    arg=arg,
+    global_shape=tuple(shape),
+    local_shape=tuple(chunk),
+    dtype=np.dtype(dtype),
+    use_ocdbt=info.is_ocdbt_checkpoint,
+    process_index=_internals.get_process_index_for_subdir(info.is_ocdbt_checkpoint),
+  )
 
 
 async def open_arrays(specs: Sequence[Any], infos: Sequence[Any]) -> list[Any]:
   """Creates each array once (process 0) and opens it on every process, after Orbax made the directory."""
   await infos[0].await_path_creation()
   if jax.process_index() == 0:  # each array's metadata, once (the others open assuming it, as Orbax does)
-    await asyncio.gather(*(ts.open(ts.Spec(s.json), create=True, open=True, context=i.ts_context)
-                           for s, i in zip(specs, infos)))
-  return list(await asyncio.gather(*(ts.open(ts.Spec(s.json), open=True, assume_metadata=True,
-                                             context=i.ts_context) for s, i in zip(specs, infos))))
+    await asyncio.gather(
+      *(ts.open(ts.Spec(s.json), create=True, open=True, context=i.ts_context) for s, i in zip(specs, infos))
+    )
+  return list(
+    await asyncio.gather(
+      *(ts.open(ts.Spec(s.json), open=True, assume_metadata=True, context=i.ts_context) for s, i in zip(specs, infos))
+    )
+  )
 
 
 async def record_arrays(specs: Sequence[Any], shardings: Sequence[Any], infos: Sequence[Any], array_handler) -> None:
   """The records Orbax's ArrayHandler keeps beside its arrays: their metadata and their shardings."""
   store = _internals.array_metadata_store(array_handler)
   if store is not None:
-    await store.write(checkpoint_dir=infos[0].parent_dir, array_metadatas=[s.metadata for s in specs],
-                      process_index=ocp.multihost.process_index())
+    await store.write(
+      checkpoint_dir=infos[0].parent_dir,
+      array_metadatas=[s.metadata for s in specs],
+      process_index=ocp.multihost.process_index(),
+    )
   await _internals.serialize_shardings(list(shardings), list(infos), primary_host=0)

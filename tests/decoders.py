@@ -43,8 +43,7 @@ class LinenScanDecoder(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = nn.Dense(D, name='embed')(x)
-    stack = nn.scan(LinenBlock, variable_axes={'params': LINEN_SCAN_AXIS},
-                    split_rngs={'params': True}, length=N)
+    stack = nn.scan(LinenBlock, variable_axes={'params': LINEN_SCAN_AXIS}, split_rngs={'params': True}, length=N)
     x, _ = stack(name='layers')(x, None)
     return nn.Dense(OUT, name='head')(x)
 

@@ -42,12 +42,12 @@ class NnxGemmaBlock(nnx.Module):
 
 
 GEMMA_RULES = [
-    rename({'q_einsum': 'q', 'linear': 'down_proj/kernel'}),
-    split('gating_einsum', ['gate_proj/kernel', 'up_proj/kernel'], axis=0),
-    transpose('gate_proj/kernel', (1, 0)),  # not down_proj: Linen's `linear` is already (F, D)
-    transpose('up_proj/kernel', (1, 0)),
-    reshape('q/kernel', (D, H, K), (D, H * K)),
-    cast('{any...}', 'float32'),
+  rename({'q_einsum': 'q', 'linear': 'down_proj/kernel'}),
+  split('gating_einsum', ['gate_proj/kernel', 'up_proj/kernel'], axis=0),
+  transpose('gate_proj/kernel', (1, 0)),  # not down_proj: Linen's `linear` is already (F, D)
+  transpose('up_proj/kernel', (1, 0)),
+  reshape('q/kernel', (D, H, K), (D, H * K)),
+  cast('{any...}', 'float32'),
 ]
 
 
@@ -65,9 +65,9 @@ def expected_nnx(linen_params):
   p = {k: np.asarray(v, np.float32) for k, v in models.flat(linen_params).items()}
   pre = 'params/' if any(k.startswith('params/') for k in p) else ''
   return {
-      'q/kernel': p[f'{pre}q_einsum/kernel'].reshape(D, H * K),
-      'o/kernel': p[f'{pre}o/kernel'],
-      'gate_proj/kernel': p[f'{pre}gating_einsum'][0].T,
-      'up_proj/kernel': p[f'{pre}gating_einsum'][1].T,
-      'down_proj/kernel': p[f'{pre}linear'],
+    'q/kernel': p[f'{pre}q_einsum/kernel'].reshape(D, H * K),
+    'o/kernel': p[f'{pre}o/kernel'],
+    'gate_proj/kernel': p[f'{pre}gating_einsum'][0].T,
+    'up_proj/kernel': p[f'{pre}gating_einsum'][1].T,
+    'down_proj/kernel': p[f'{pre}linear'],
   }

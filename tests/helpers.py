@@ -111,10 +111,17 @@ def make_bn_drop():
 
 def linen_pairs():
   """{NNX path: Linen path} of every leaf a Linen BNTrainState of LinenBNDrop holds."""
-  pairs = {'optimizer/step': 'step', 'optimizer/opt_state/0/count': 'opt_state/0/count',
-           'model/bn/mean': 'batch_stats/BatchNorm_0/mean', 'model/bn/var': 'batch_stats/BatchNorm_0/var'}
-  for nnx_name, linen_name, leaves in (('fc1', 'Dense_0', ('kernel', 'bias')), ('bn', 'BatchNorm_0', ('scale', 'bias')),
-                                       ('fc2', 'Dense_1', ('kernel', 'bias'))):
+  pairs = {
+    'optimizer/step': 'step',
+    'optimizer/opt_state/0/count': 'opt_state/0/count',
+    'model/bn/mean': 'batch_stats/BatchNorm_0/mean',
+    'model/bn/var': 'batch_stats/BatchNorm_0/var',
+  }
+  for nnx_name, linen_name, leaves in (
+    ('fc1', 'Dense_0', ('kernel', 'bias')),
+    ('bn', 'BatchNorm_0', ('scale', 'bias')),
+    ('fc2', 'Dense_1', ('kernel', 'bias')),
+  ):
     for leaf in leaves:
       pairs[f'model/{nnx_name}/{leaf}'] = f'params/{linen_name}/{leaf}'
       for m in ('mu', 'nu'):
@@ -124,8 +131,13 @@ def linen_pairs():
 
 def read_with_linen(jobs) -> dict:
   """Runs tests/linen_reader.py (plain Linen code) in a fresh process that never imports this package."""
-  done = subprocess.run([sys.executable, f'{TESTS}/linen_reader.py', json.dumps(jobs)], capture_output=True,
-                        text=True, timeout=300, cwd=TESTS)
+  done = subprocess.run(
+    [sys.executable, f'{TESTS}/linen_reader.py', json.dumps(jobs)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=TESTS,
+  )
   assert done.returncode == 0, done.stderr[-4000:]
   out = json.loads(done.stdout.strip().splitlines()[-1])
   assert out['imported_orbax_linen_nnx'] is False

@@ -28,13 +28,18 @@ def abstract(kind: str, mesh):
     state = jax.eval_shape(lambda: models.linen_bn_drop_state(optax.adam(1e-2), steps=0))
   elif kind == 'mlp_params':  # TrainState.create(params=variables['params']), as Flax's MNIST example does
     model = models.LinenMLP()
-    state = jax.eval_shape(lambda: train_state.TrainState.create(
-        apply_fn=model.apply, params=model.init(jax.random.key(0), np.ones((1, models.D_IN)))['params'],
-        tx=optax.adam(1e-2)))
+    state = jax.eval_shape(
+      lambda: train_state.TrainState.create(
+        apply_fn=model.apply,
+        params=model.init(jax.random.key(0), np.ones((1, models.D_IN)))['params'],
+        tx=optax.adam(1e-2),
+      )
+    )
   else:
     raise ValueError(kind)
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=models.sharding_for(
-      x.shape, mesh, 'two_axes')), state)
+  return jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=models.sharding_for(x.shape, mesh, 'two_axes')), state
+  )
 
 
 def path(keys) -> str:

@@ -69,8 +69,11 @@ def train_step(state, x, y):
 
 def _linen_opt_state(opt_state):
   """NNX's opt_state pure dict in the Linen layout: a chain list (None where empty) or a flat dict."""
-  wrap = lambda entry: {k: ({'params': v} if k in ('mu', 'nu') and isinstance(v, dict) else v)
-                        for k, v in entry.items()} if isinstance(entry, dict) else entry
+  wrap = lambda entry: (
+    {k: ({'params': v} if k in ('mu', 'nu') and isinstance(v, dict) else v) for k, v in entry.items()}
+    if isinstance(entry, dict)
+    else entry
+  )
   keys = list(opt_state)
   if keys and all(isinstance(k, int) or str(k).isdigit() for k in keys):
     chain = [None] * (max(int(k) for k in keys) + 1)
@@ -85,13 +88,20 @@ def to_items(state) -> dict:
   state = nnx.state(state) if not isinstance(state, nnx.State) else state
   in_optimizer = lambda path, _: path[0] == 'optimizer'
   params, rngs, stats, _caches, _intermediates, optimizer, custom = nnx.split_state(
-      state, nnx.Param, nnx.RngState, nnx.BatchStat, nnx.Cache, nnx.Intermediate, in_optimizer, ...)
+    state, nnx.Param, nnx.RngState, nnx.BatchStat, nnx.Cache, nnx.Intermediate, in_optimizer, ...
+  )
   linen = nnx.merge_state(params, optimizer).to_pure_dict()
   step = linen['optimizer']['step']
-  step = (jax.ShapeDtypeStruct(step.shape, jnp.int32, sharding=getattr(step, 'sharding', None))
-          if isinstance(step, jax.ShapeDtypeStruct) else jnp.asarray(step, jnp.int32))
-  items = {'params': {'params': linen['model']}, 'opt_state': _linen_opt_state(linen['optimizer']['opt_state']),
-           'step': step}
+  step = (
+    jax.ShapeDtypeStruct(step.shape, jnp.int32, sharding=getattr(step, 'sharding', None))
+    if isinstance(step, jax.ShapeDtypeStruct)
+    else jnp.asarray(step, jnp.int32)
+  )
+  items = {
+    'params': {'params': linen['model']},
+    'opt_state': _linen_opt_state(linen['optimizer']['opt_state']),
+    'step': step,
+  }
   aux = nnx.merge_state(rngs, stats, custom).to_pure_dict()
   if aux:
     items['nnx_aux'] = aux
@@ -113,8 +123,10 @@ def save(mngr: ocp.CheckpointManager, step: int, state) -> dict:
   """Saves as MaxText does (chunk and file-size options included); returns the saved `items` tree."""
   items = to_items(state)
   save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=2**30), items)
-  mngr.save(step, args=ocp.args.Composite(items=ocp.args.PyTreeSave(
-      items, save_args=save_args, ocdbt_target_data_file_size=2**30)),
-      custom_metadata={'scan_layers': False})
+  mngr.save(
+    step,
+    args=ocp.args.Composite(items=ocp.args.PyTreeSave(items, save_args=save_args, ocdbt_target_data_file_size=2**30)),
+    custom_metadata={'scan_layers': False},
+  )
   mngr.wait_until_finished()
   return items

@@ -95,8 +95,9 @@ class NnxBNDrop(nnx.Module):
 def linen_bn_drop_state(tx, steps: int = 2):
   """A Linen BNTrainState of LinenBNDrop trained `steps` steps, dropout on (Flax's BatchNorm guide)."""
   variables = LinenBNDrop().init(jax.random.key(2), jnp.ones((4, D_IN)), dropout=False)
-  state = BNTrainState.create(apply_fn=LinenBNDrop().apply, params=variables['params'], tx=tx,
-                              batch_stats=variables['batch_stats'])
+  state = BNTrainState.create(
+    apply_fn=LinenBNDrop().apply, params=variables['params'], tx=tx, batch_stats=variables['batch_stats']
+  )
   for i in range(steps):
     state, _ = linen_bn_drop_step(state, jax.random.key(100 + i), True)
   return state
@@ -107,8 +108,13 @@ def linen_bn_drop_step(state, dropout_key, dropout: bool):
   x, y = batch()
 
   def loss_fn(params):
-    pred, updates = state.apply_fn({'params': params, 'batch_stats': state.batch_stats}, x, dropout=dropout,
-                                   rngs={'dropout': dropout_key}, mutable=['batch_stats'])
+    pred, updates = state.apply_fn(
+      {'params': params, 'batch_stats': state.batch_stats},
+      x,
+      dropout=dropout,
+      rngs={'dropout': dropout_key},
+      mutable=['batch_stats'],
+    )
     return mse(pred, y), updates
 
   (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -165,8 +171,10 @@ def linen_bn_state(tx, steps: int = 2):
   model = LinenBN()
   variables = model.init(jax.random.key(2), jnp.ones((4, D_IN)))
   state = BNTrainState.create(
-      apply_fn=model.apply, params=variables['params'], tx=tx,
-      batch_stats=variables['batch_stats'],
+    apply_fn=model.apply,
+    params=variables['params'],
+    tx=tx,
+    batch_stats=variables['batch_stats'],
   )
   for _ in range(steps):
     state, _ = linen_bn_step(state)
@@ -178,9 +186,7 @@ def linen_bn_step(state):
   x, y = batch()
 
   def loss_fn(params):
-    pred, updates = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, x, mutable=['batch_stats']
-    )
+    pred, updates = state.apply_fn({'params': params, 'batch_stats': state.batch_stats}, x, mutable=['batch_stats'])
     return mse(pred, y), updates
 
   (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -237,6 +243,7 @@ def shard_abstract(tree, mesh, policy: str):
 
 def put_sharded(tree, mesh, policy: str):
   """A concrete state's arrays (Variables' values too) placed on the mesh by `policy`."""
+
   def put(x):
     return jax.device_put(x, sharding_for(x.shape, mesh, policy))
 
@@ -298,8 +305,7 @@ def assert_reductions_close(got, want, *, terms: int, err_msg: str = ''):
   tol = 2 * terms * F32_EPS
   want = np.asarray(want, np.float64)
   got = np.asarray(got, np.float64)
-  np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(np.max(np.abs(want), initial=0.0)),
-                             err_msg=err_msg)
+  np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(np.max(np.abs(want), initial=0.0)), err_msg=err_msg)
 
 
 # Terms summed in one training step of the test MLP (batch 32): the two Dense

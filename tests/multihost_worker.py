@@ -54,9 +54,12 @@ def parse_args(argv):
   p.add_argument('--dir', required=True)
   p.add_argument('--out', required=True)
   p.add_argument('--hang', action='store_true', help='never start (tests the harness timeout)')
-  p.add_argument('--fault', choices=['die', 'hang', 'corrupt'],
-                 help='after the save: process 1 dies (or hangs, alive) as it starts reading its shards, or its'
-                      ' stored data is garbled')
+  p.add_argument(
+    '--fault',
+    choices=['die', 'hang', 'corrupt'],
+    help='after the save: process 1 dies (or hangs, alive) as it starts reading its shards, or its'
+    ' stored data is garbled',
+  )
   return p.parse_args(argv)
 
 
@@ -103,12 +106,12 @@ def run(args, result, stage):
   jax.config.update('jax_num_cpu_devices', args.local_devices)
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(
-      coordinator_address=f'127.0.0.1:{args.port}',
-      coordinator_bind_address=f'127.0.0.1:{args.port}',  # loopback only (default: all interfaces)
-      num_processes=args.num_processes,
-      process_id=args.process_id,
-      initialization_timeout=60,
-      shutdown_timeout_seconds=30,
+    coordinator_address=f'127.0.0.1:{args.port}',
+    coordinator_bind_address=f'127.0.0.1:{args.port}',  # loopback only (default: all interfaces)
+    num_processes=args.num_processes,
+    process_id=args.process_id,
+    initialization_timeout=60,
+    shutdown_timeout_seconds=30,
   )
   loopback_gloo()
   stage('initialized')
@@ -146,7 +149,7 @@ def run(args, result, stage):
     @nn.compact
     def __call__(self, x):
       x = nn.relu(nn.Dense(D_HID)(x))  # Dense_0
-      return nn.Dense(D_OUT)(x)        # Dense_1
+      return nn.Dense(D_OUT)(x)  # Dense_1
 
   model = LinenMLP()
   variables = model.init(jax.random.key(0), jnp.ones((1, D_IN)))
@@ -182,8 +185,7 @@ def run(args, result, stage):
   item_dir = epath.Path(args.dir) / '1' / 'default'
   meta = ocp.PyTreeCheckpointHandler().metadata(item_dir).tree
   chunk = tuple(meta['params']['params']['Dense_0']['kernel'].storage.chunk_shape)
-  result['kernel'] = {'shape': [D_IN, D_HID], 'chunk_shape': list(chunk),
-                      'nbytes': D_IN * D_HID * 4}
+  result['kernel'] = {'shape': [D_IN, D_HID], 'chunk_shape': list(chunk), 'nbytes': D_IN * D_HID * 4}
 
   # --- The NNX side.
   class NnxMLP(nnx.Module):
@@ -199,6 +201,7 @@ def run(args, result, stage):
     def put(v):
       raw = v.get_raw_value()
       return v.copy(jax.ShapeDtypeStruct(raw.shape, raw.dtype, sharding=sharding_of(raw.shape)))
+
     return jax.tree_util.tree_map(put, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
   def abstract_train_state(hid=D_HID):
@@ -211,14 +214,16 @@ def run(args, result, stage):
     """Chunks loaded (each restore first opens every stored array: one metadata key each) and bytes read."""
     after = counters()
     opened = len(jax.tree.leaves(meta)) if arrays is None else arrays
-    return {'chunk_reads': after[CHUNK_LOADS] - before[CHUNK_LOADS] - opened,
-            'file_bytes': after[FILE_BYTES] - before[FILE_BYTES]}
+    return {
+      'chunk_reads': after[CHUNK_LOADS] - before[CHUNK_LOADS] - opened,
+      'file_bytes': after[FILE_BYTES] - before[FILE_BYTES],
+    }
 
   # --- 1. Bad restores: the same PlanError everywhere, before any read, and no hang.
   errors = {}
   for name, make_args in (
-      ('no_rules', lambda: LinenCompatRestore(abstract_train_state())),
-      ('shape_mismatch', lambda: LinenCompatRestore(abstract_train_state(hid=384), rules=RULES)),
+    ('no_rules', lambda: LinenCompatRestore(abstract_train_state())),
+    ('shape_mismatch', lambda: LinenCompatRestore(abstract_train_state(hid=384), rules=RULES)),
   ):
     restore_args = make_args()
     before = counters()
@@ -226,16 +231,16 @@ def run(args, result, stage):
       ocp.CheckpointManager(args.dir).restore(1, args=restore_args)
       errors[name] = {'raised': None}
     except Exception as e:  # noqa: BLE001 - recorded, and checked by the test
-      errors[name] = {'raised': type(e).__name__, 'is_plan_error': isinstance(e, PlanError),
-                      'message': str(e)}
+      errors[name] = {'raised': type(e).__name__, 'is_plan_error': isinstance(e, PlanError), 'message': str(e)}
     errors[name].update(delta(before))
   result['errors'] = errors
   stage('errors')
   if args.fault:
     # A dead peer is noticed within seconds, whatever timeout_s; one that hangs alive, at timeout_s.
     timeout_s = 10 if args.fault == 'hang' else 300
-    return inject_fault(args, result, stage,
-                        lambda: LinenCompatRestore(abstract_train_state(), rules=RULES, timeout_s=timeout_s))
+    return inject_fault(
+      args, result, stage, lambda: LinenCompatRestore(abstract_train_state(), rules=RULES, timeout_s=timeout_s)
+    )
 
   # --- 2. The full restore, checked shard by shard against this process's Linen state.
   abstract = abstract_train_state()
@@ -257,28 +262,40 @@ def run(args, result, stage):
     checked[path] = len(a.addressable_shards)
     # The chunks under this process's distinct slices, from the stored chunk shape.
     stored_chunk = tuple(metadata_at(meta, linen_path_of(path)).storage.chunk_shape)
-    slices = {tuple(s.indices(d)[:2] for s, d in zip(idx, w.shape)): idx
-              for idx in w.sharding.addressable_devices_indices_map(w.shape).values()}
+    slices = {
+      tuple(s.indices(d)[:2] for s, d in zip(idx, w.shape)): idx
+      for idx in w.sharding.addressable_devices_indices_map(w.shape).values()
+    }
     expected_chunks += chunks_under(slices.values(), w.shape, stored_chunk)
   assert not got['model/fc1/kernel'].is_fully_addressable
-  result['restored'] = {'leaves': len(checked), 'addressable_shards_checked': sum(checked.values()),
-                        'paths': sorted(checked), **full_reads, 'expected_chunk_reads': expected_chunks}
+  result['restored'] = {
+    'leaves': len(checked),
+    'addressable_shards_checked': sum(checked.values()),
+    'paths': sorted(checked),
+    **full_reads,
+    'expected_chunk_reads': expected_chunks,
+  }
   stage('restored')
 
   # --- 3. Reads of the big kernel alone, counted per process.
   reads = {}
   for spec in (P('data', 'model'), P('data')):
     sharding = NamedSharding(mesh, spec)
-    only_kernel = with_shardings(nnx.state(nnx.eval_shape(lambda: NnxMLP(nnx.Rngs(0)))),
-                                 lambda shape: sharding if len(shape) == 2 else sharding_for(shape))
+    only_kernel = with_shardings(
+      nnx.state(nnx.eval_shape(lambda: NnxMLP(nnx.Rngs(0)))),
+      lambda shape: sharding if len(shape) == 2 else sharding_for(shape),
+    )
     del only_kernel['fc2']
     del only_kernel['fc1']['bias']
     shape = (D_IN, D_HID)
-    slices = {tuple(s.indices(d)[:2] for s, d in zip(idx, shape)): idx
-              for idx in sharding.addressable_devices_indices_map(shape).values()}
+    slices = {
+      tuple(s.indices(d)[:2] for s, d in zip(idx, shape)): idx
+      for idx in sharding.addressable_devices_indices_map(shape).values()
+    }
     before = counters()
     out = ocp.CheckpointManager(args.dir).restore(
-        1, args=LinenCompatRestore(only_kernel, rules={'Dense_0': 'fc1'}, partial=True))
+      1, args=LinenCompatRestore(only_kernel, rules={'Dense_0': 'fc1'}, partial=True)
+    )
     measured = delta(before)
     a = out['fc1']['kernel'].get_raw_value()
     assert a.sharding == sharding
@@ -286,10 +303,10 @@ def run(args, result, stage):
     for shard in a.addressable_shards:
       np.testing.assert_array_equal(np.asarray(shard.data), src[shard.index])
     reads[str(spec)] = {
-        **measured,
-        'distinct_slices': len(slices),
-        'expected_chunk_reads': chunks_under(slices.values(), shape, chunk),
-        'addressable_elements': sum(int(np.prod([b - a for a, b in key])) for key in slices),
+      **measured,
+      'distinct_slices': len(slices),
+      'expected_chunk_reads': chunks_under(slices.values(), shape, chunk),
+      'addressable_elements': sum(int(np.prod([b - a for a, b in key])) for key in slices),
     }
   result['reads'] = reads
   stage('read')
@@ -297,22 +314,24 @@ def run(args, result, stage):
   # --- 4. A target replicated across processes (data parallel): every process
   # reads it, or (replica_axis='data') only replica 0 reads and broadcasts.
   replicated = NamedSharding(mesh, P(None, 'model'))
-  only_kernel = with_shardings(nnx.state(nnx.eval_shape(lambda: NnxMLP(nnx.Rngs(0)))),
-                               lambda shape: replicated if len(shape) == 2 else sharding_for(shape))
+  only_kernel = with_shardings(
+    nnx.state(nnx.eval_shape(lambda: NnxMLP(nnx.Rngs(0)))),
+    lambda shape: replicated if len(shape) == 2 else sharding_for(shape),
+  )
   del only_kernel['fc2']
   del only_kernel['fc1']['bias']
   modes = {}
   for mode, axis in (('every_replica_reads', None), ('replica_0_reads', 'data')):
     before = counters()
     out = ocp.CheckpointManager(args.dir).restore(
-        1, args=LinenCompatRestore(only_kernel, rules={'Dense_0': 'fc1'}, partial=True, replica_axis=axis))
+      1, args=LinenCompatRestore(only_kernel, rules={'Dense_0': 'fc1'}, partial=True, replica_axis=axis)
+    )
     measured = delta(before)
     a = out['fc1']['kernel'].get_raw_value()
     assert a.sharding == replicated
     for shard in a.addressable_shards:
       np.testing.assert_array_equal(np.asarray(shard.data), expected['params/params/Dense_0/kernel'][shard.index])
-    modes[mode] = {**measured, 'holds_replica_0': any(
-        d in set(mesh.devices[0].flat) for d in jax.local_devices())}
+    modes[mode] = {**measured, 'holds_replica_0': any(d in set(mesh.devices[0].flat) for d in jax.local_devices())}
   result['replicated'] = modes
   stage('replicated')
 
@@ -325,22 +344,39 @@ def run(args, result, stage):
   per_layer = [rng.normal(size=(F, Dm)).astype(np.float32) for _ in range(layers)]
   fused = rng.normal(size=(2, F, Dm)).astype(np.float32)
   store = lambda a, spec: jax.make_array_from_callback(a.shape, NamedSharding(mesh, spec), lambda idx: a[idx])
-  tree = {'params': {**{f'layers_{i}': {'kernel': store(w, P('data', 'model'))} for i, w in enumerate(per_layer)},
-                     'gating_einsum': store(fused, P(None, 'data', 'model'))}}
+  tree = {
+    'params': {
+      **{f'layers_{i}': {'kernel': store(w, P('data', 'model'))} for i, w in enumerate(per_layer)},
+      'gating_einsum': store(fused, P(None, 'data', 'model')),
+    }
+  }
   second = str(Path(args.dir) / 'stacks_and_rules')
   with ocp.CheckpointManager(second) as m:
     m.save(1, args=ocp.args.StandardSave(tree))
   meta2 = ocp.PyTreeCheckpointHandler().metadata(Path(second) / '1' / 'default').tree['params']
   cases = {
-      # Stacked target sharded over the layer axis across processes: each reads only its layers.
-      'stack': ({'layers': {'kernel': jax.ShapeDtypeStruct((layers, F, Dm), np.float32,
-                                                          sharding=NamedSharding(mesh, P('data', None, 'model')))}},
-                [], np.stack(per_layer)),
-      # gate_proj (Dm, F) = gating_einsum[0].T, sharded so each process holds 1/N of F.
-      'split': ({'gate_proj': {'kernel': jax.ShapeDtypeStruct((Dm, F), np.float32,
-                                                             sharding=NamedSharding(mesh, P('model', 'data')))}},
-                [split('gating_einsum', ['gate_proj/kernel', 'up_proj/kernel'], axis=0),
-                 transpose('{p}_proj/kernel', (1, 0))], fused[0].T),
+    # Stacked target sharded over the layer axis across processes: each reads only its layers.
+    'stack': (
+      {
+        'layers': {
+          'kernel': jax.ShapeDtypeStruct(
+            (layers, F, Dm), np.float32, sharding=NamedSharding(mesh, P('data', None, 'model'))
+          )
+        }
+      },
+      [],
+      np.stack(per_layer),
+    ),
+    # gate_proj (Dm, F) = gating_einsum[0].T, sharded so each process holds 1/N of F.
+    'split': (
+      {
+        'gate_proj': {
+          'kernel': jax.ShapeDtypeStruct((Dm, F), np.float32, sharding=NamedSharding(mesh, P('model', 'data')))
+        }
+      },
+      [split('gating_einsum', ['gate_proj/kernel', 'up_proj/kernel'], axis=0), transpose('{p}_proj/kernel', (1, 0))],
+      fused[0].T,
+    ),
   }
   stacked_reads = {}
   for name, (target, rules, want) in cases.items():
@@ -353,8 +389,10 @@ def run(args, result, stage):
     for shard in a.addressable_shards:
       np.testing.assert_array_equal(np.asarray(shard.data), want[shard.index])
     # Expected chunks: the source region under each distinct local slice.
-    slices = {tuple(s.indices(d)[:2] for s, d in zip(idx, want.shape)): idx
-              for idx in sharding.addressable_devices_indices_map(want.shape).values()}
+    slices = {
+      tuple(s.indices(d)[:2] for s, d in zip(idx, want.shape)): idx
+      for idx in sharding.addressable_devices_indices_map(want.shape).values()
+    }
     if name == 'stack':
       chunk = tuple(meta2['layers_0']['kernel'].storage.chunk_shape)
       per_layer = [set() for _ in range(layers)]
@@ -381,11 +419,18 @@ def run(args, result, stage):
     m.save(1, args=LinenCompatSave(nnx_state, rules=RULES))
     m.wait_until_finished()
   # The bytes of the shards this process is the first holder of (Orbax writes each replica once).
-  own = sum(int(np.prod(sh.data.shape)) * sh.data.dtype.itemsize for leaf in jax.tree.leaves(restored)
-            for sh in leaf.addressable_shards if sh.replica_id == 0)
+  own = sum(
+    int(np.prod(sh.data.shape)) * sh.data.dtype.itemsize
+    for leaf in jax.tree.leaves(restored)
+    for sh in leaf.addressable_shards
+    if sh.replica_id == 0
+  )
   total = sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize for leaf in jax.tree.leaves(restored))
-  result['saved'] = {'bytes_written': counter(FILE_BYTES_WRITTEN) - written, 'own_shard_bytes': own,
-                     'state_bytes': total}
+  result['saved'] = {
+    'bytes_written': counter(FILE_BYTES_WRITTEN) - written,
+    'own_shard_bytes': own,
+    'state_bytes': total,
+  }
   stage('saved_back')
 
 
@@ -439,7 +484,8 @@ def loopback_gloo():
 
   def make_client():
     collectives = _jax.make_gloo_tcp_collectives(
-        distributed_client=distributed.global_state.client, hostname='127.0.0.1')
+      distributed_client=distributed.global_state.client, hostname='127.0.0.1'
+    )
     return xla_bridge.make_cpu_client(collectives=collectives)
 
   xla_bridge.register_backend_factory('cpu', make_client, priority=0, fail_quietly=False)

@@ -28,9 +28,9 @@ BUCKET = 'bucket'
 # What each library reads to talk to an emulator instead of storage.googleapis.com.
 ENDPOINT_VARIABLES = ('TENSORSTORE_GCS_HTTP_URL', 'STORAGE_EMULATOR_HOST')
 FIXED_VARIABLES = {
-    'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'emulator',  # TensorStore: no credentials lookup
-    # gcsfs: the plain file system; the extended one asks a gRPC service for the bucket's type first.
-    'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false',
+  'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'emulator',  # TensorStore: no credentials lookup
+  # gcsfs: the plain file system; the extended one asks a gRPC service for the bucket's type first.
+  'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false',
 }
 
 
@@ -104,11 +104,29 @@ class GcsEmulator(_Emulator):
 
     self._data = tempfile.TemporaryDirectory()
     os.mkdir(os.path.join(self._data.name, BUCKET))  # a folder under -data: a bucket at start
-    self._start(log_path, [str(_server._get_binary_path()), '-scheme', 'http', '-host', '127.0.0.1', '-port',
-                           str(self.port), '-backend', 'memory', '-data', self._data.name, '-external-url', self.url,
-                           '-log-level', 'info' if log_requests else 'warn'],
-                lambda: socket.create_connection(('127.0.0.1', self.port), timeout=0.5).close(),
-                {**{k: self.url for k in ENDPOINT_VARIABLES}, **FIXED_VARIABLES}, start_timeout_s)
+    self._start(
+      log_path,
+      [
+        str(_server._get_binary_path()),
+        '-scheme',
+        'http',
+        '-host',
+        '127.0.0.1',
+        '-port',
+        str(self.port),
+        '-backend',
+        'memory',
+        '-data',
+        self._data.name,
+        '-external-url',
+        self.url,
+        '-log-level',
+        'info' if log_requests else 'warn',
+      ],
+      lambda: socket.create_connection(('127.0.0.1', self.port), timeout=0.5).close(),
+      {**{k: self.url for k in ENDPOINT_VARIABLES}, **FIXED_VARIABLES},
+      start_timeout_s,
+    )
 
   def stop(self) -> None:
     super().stop()
@@ -127,10 +145,13 @@ _REQUEST = re.compile(r'"([A-Z]+ \S+) HTTP/1\.1\\?" ')
 
 
 S3_VARIABLES = {
-    'AWS_ACCESS_KEY_ID': 'emulator', 'AWS_SECRET_ACCESS_KEY': 'emulator',  # signed requests, any key
-    'AWS_REGION': 'us-east-1', 'AWS_DEFAULT_REGION': 'us-east-1',
-    'AWS_EC2_METADATA_DISABLED': 'true',  # no credentials lookup on the network
-    'AWS_CONFIG_FILE': os.devnull, 'AWS_SHARED_CREDENTIALS_FILE': os.devnull,  # nor in the home directory
+  'AWS_ACCESS_KEY_ID': 'emulator',
+  'AWS_SECRET_ACCESS_KEY': 'emulator',  # signed requests, any key
+  'AWS_REGION': 'us-east-1',
+  'AWS_DEFAULT_REGION': 'us-east-1',
+  'AWS_EC2_METADATA_DISABLED': 'true',  # no credentials lookup on the network
+  'AWS_CONFIG_FILE': os.devnull,
+  'AWS_SHARED_CREDENTIALS_FILE': os.devnull,  # nor in the home directory
 }
 
 
@@ -142,7 +163,10 @@ class S3Emulator(_Emulator):
   def __init__(self, log_path: str, start_timeout_s: float = 60):
     self.port = _free_port()
     self.url = f'http://127.0.0.1:{self.port}'
-    self._start(log_path, [sys.executable, '-m', 'moto.server', '-H', '127.0.0.1', '-p', str(self.port)],
-                lambda: urllib.request.urlopen(urllib.request.Request(f'{self.url}/{BUCKET}', method='PUT'),
-                                               timeout=5).close(),
-                {'AWS_ENDPOINT_URL': self.url, **S3_VARIABLES}, start_timeout_s)
+    self._start(
+      log_path,
+      [sys.executable, '-m', 'moto.server', '-H', '127.0.0.1', '-p', str(self.port)],
+      lambda: urllib.request.urlopen(urllib.request.Request(f'{self.url}/{BUCKET}', method='PUT'), timeout=5).close(),
+      {'AWS_ENDPOINT_URL': self.url, **S3_VARIABLES},
+      start_timeout_s,
+    )

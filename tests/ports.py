@@ -22,8 +22,13 @@ D_IN, D, D_OUT, BLOCKS = 4, 8, 2, 3
 # The hand-written table for the setattr port: what 'auto' must infer.
 NET_RULES = {'Dense_0': 'inp', 'Dense_1': 'head'}
 for _i in range(BLOCKS):
-  NET_RULES.update({f'LBlock_{_i}/Dense_0': f'block_{_i}/up', f'LBlock_{_i}/LayerNorm_0': f'block_{_i}/norm',
-                    f'LBlock_{_i}/Dense_1': f'block_{_i}/down'})
+  NET_RULES.update(
+    {
+      f'LBlock_{_i}/Dense_0': f'block_{_i}/up',
+      f'LBlock_{_i}/LayerNorm_0': f'block_{_i}/norm',
+      f'LBlock_{_i}/Dense_1': f'block_{_i}/down',
+    }
+  )
 RES_RULES = {'Dense_0': 'fc1', 'LayerNorm_0': 'ln1', 'Dense_1': 'fc2', 'LayerNorm_1': 'ln2'}
 
 
@@ -151,8 +156,9 @@ RESNET_STAGES = ((64, False), (128, True), (256, True), (512, True))  # (feature
 
 class ResNetBlock(nnx.Module):
   def __init__(self, cin: int, cout: int, downsample: bool, rngs: nnx.Rngs):
-    conv = lambda i, o, k, s: nnx.Conv(i, o, (k, k), strides=(s, s), padding=((k // 2, k // 2),) * 2,
-                                       use_bias=False, rngs=rngs)
+    conv = lambda i, o, k, s: nnx.Conv(
+      i, o, (k, k), strides=(s, s), padding=((k // 2, k // 2),) * 2, use_bias=False, rngs=rngs
+    )
     bn = lambda n: nnx.BatchNorm(n, momentum=0.1, epsilon=1e-5, rngs=rngs)  # flaxmodels' running averages
     self.conv1 = conv(cin, cout, 3, 2 if downsample else 1)
     self.bn1 = bn(cout)
@@ -193,8 +199,14 @@ class ResNet18(nnx.Module):
 def resnet_rules() -> dict[str, str]:
   """The table a user writes from flaxmodels' Linen names to the port's."""
   table = {'Conv_0': 'conv1', 'BatchNorm_0': 'bn1', 'Dense_0': 'fc'}
-  inner = {'Conv_0': 'conv1', 'BatchNorm_0': 'bn1', 'Conv_1': 'conv2', 'BatchNorm_1': 'bn2',
-           'Conv_2': 'downsample_conv', 'BatchNorm_2': 'downsample_bn'}
+  inner = {
+    'Conv_0': 'conv1',
+    'BatchNorm_0': 'bn1',
+    'Conv_1': 'conv2',
+    'BatchNorm_1': 'bn2',
+    'Conv_2': 'downsample_conv',
+    'BatchNorm_2': 'downsample_bn',
+  }
   for k in range(8):
     stage, i = k // 2 + 1, k % 2
     for linen, port in inner.items():
@@ -204,6 +216,7 @@ def resnet_rules() -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- a small CNN, as a newcomer brings one
+
 
 class LCNN(nn.Module):
   """A Linen CNN with BatchNorm and Dropout: six modules named by class and order (Conv_0, BatchNorm_0, ...)."""
@@ -234,8 +247,14 @@ class CNN(nnx.Module):
     return self.fc2(self.drop(self.fc1(x.mean((1, 2)))))
 
 
-CNN_RULES = {'Conv_0': 'conv1', 'BatchNorm_0': 'bn1', 'Conv_1': 'conv2', 'BatchNorm_1': 'bn2', 'Dense_0': 'fc1',
-             'Dense_1': 'fc2'}
+CNN_RULES = {
+  'Conv_0': 'conv1',
+  'BatchNorm_0': 'bn1',
+  'Conv_1': 'conv2',
+  'BatchNorm_1': 'bn2',
+  'Dense_0': 'fc1',
+  'Dense_1': 'fc2',
+}
 
 
 class CNNTrainState(train_state.TrainState):
@@ -254,8 +273,13 @@ def linen_cnn_state(seed: int = 0) -> CNNTrainState:
   state = CNNTrainState.create(apply_fn=LCNN().apply, params=v['params'], batch_stats=v['batch_stats'], tx=tx())
 
   def loss(params):
-    logits, upd = state.apply_fn({'params': params, 'batch_stats': state.batch_stats}, x, train=True,
-                                 rngs={'dropout': jax.random.key(1)}, mutable=['batch_stats'])
+    logits, upd = state.apply_fn(
+      {'params': params, 'batch_stats': state.batch_stats},
+      x,
+      train=True,
+      rngs={'dropout': jax.random.key(1)},
+      mutable=['batch_stats'],
+    )
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
 
   grads, upd = jax.grad(loss, has_aux=True)(state.params)
@@ -270,5 +294,6 @@ def cnn_train_state(rngs_seed: int = 0, width: int = 8):
 
 def abstract_cnn(width: int = 8):
   """The abstract {'model', 'optimizer'} state (for `--target ports.py:abstract_cnn`)."""
-  return nnx.eval_shape(lambda: (lambda m, o: {'model': nnx.state(m), 'optimizer': nnx.state(o)})(
-      *cnn_train_state(0, width)))
+  return nnx.eval_shape(
+    lambda: (lambda m, o: {'model': nnx.state(m), 'optimizer': nnx.state(o)})(*cnn_train_state(0, width))
+  )

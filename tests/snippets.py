@@ -23,15 +23,18 @@ def run_page(text, folder, timeout=300):
   """Runs `text`'s blocks in `folder`; returns what the Python blocks printed."""
   script = pathlib.Path(folder) / 'page_snippets.py'
   script.write_text('\n'.join(python_blocks(text)))
-  env = {**os.environ, 'PATH': f'{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ["PATH"]}',
-         'JAX_PLATFORMS': 'cpu'}
-  done = subprocess.run([sys.executable, str(script)], cwd=folder, env=env, capture_output=True, text=True,
-                        timeout=timeout)
+  env = {
+    **os.environ,
+    'PATH': f'{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ["PATH"]}',
+    'JAX_PLATFORMS': 'cpu',
+  }
+  done = subprocess.run(
+    [sys.executable, str(script)], cwd=folder, env=env, capture_output=True, text=True, timeout=timeout
+  )
   assert done.returncode == 0, done.stderr[-4000:]
   for block in re.findall(r'^```console\n(.*?)^```', text, flags=re.S | re.M):
     for command, shown in re.findall(r'^\$ (.*)\n((?:(?!\$ ).*\n)*)', block, flags=re.M):
-      ran = subprocess.run(command, shell=True, cwd=folder, env=env, capture_output=True, text=True,
-                           timeout=timeout)
+      ran = subprocess.run(command, shell=True, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
       assert ran.returncode == 0, (command, ran.stderr[-3000:])
       for line in shown.splitlines():
         if line != '...':

@@ -52,6 +52,7 @@ def _same_output(nnx_out, linen_out):
 def _step_matches(model, linen_module, variables, x):
   """One SGD step on the loss mean(y**2) from the restored weights, in both frameworks: the loss after it
   agrees (normalisation layers in inference mode on both sides, so only the params move)."""
+
   def linen_loss(params):
     return jnp.mean(linen_module.apply({**variables, 'params': params}, x) ** 2)
 
@@ -68,6 +69,7 @@ def _step_matches(model, linen_module, variables, x):
 
 
 # -- 1. The MLP every NNX migration guide starts with.
+
 
 class LinenMLP(nn.Module):
   @nn.compact
@@ -102,6 +104,7 @@ def test_the_porting_guide_mlp(tmp_path):
 
 # -- 2. A CNN as in the Flax MNIST example, with BatchNorm, ported with other names.
 
+
 class LinenCNN(nn.Module):
   @nn.compact
   def __call__(self, x, train=False):
@@ -131,16 +134,25 @@ class NnxCNN(nnx.Module):
 def test_a_cnn_with_batchnorm(tmp_path):
   x = jax.random.normal(jax.random.key(1), (2, 28, 28, 1))
   variables = LinenCNN().init(jax.random.key(0), x)
-  variables = {'params': variables['params'],
-               'batch_stats': jax.tree.map(lambda v: v * 0.5 + 0.25, variables['batch_stats'])}
+  variables = {
+    'params': variables['params'],
+    'batch_stats': jax.tree.map(lambda v: v * 0.5 + 0.25, variables['batch_stats']),
+  }
   model = NnxCNN(nnx.Rngs(0))
   # nn.Dense(10)(nn.relu(nn.Dense(32)(x))): the outer Dense(10) is made first, so it is Dense_0.
-  table = {'BatchNorm_0': 'norm1', 'BatchNorm_1': 'norm2', 'Conv_0': 'conv1', 'Conv_1': 'conv2',
-           'Dense_0': 'logits', 'Dense_1': 'hidden'}
+  table = {
+    'BatchNorm_0': 'norm1',
+    'BatchNorm_1': 'norm2',
+    'Conv_0': 'conv1',
+    'Conv_1': 'conv2',
+    'Dense_0': 'logits',
+    'Dense_1': 'hidden',
+  }
   _ported(tmp_path, LinenCNN(), variables, model, table, x)
 
 
 # -- 3. A ResNet-style model: repeated blocks that look alike, paired by order.
+
 
 class LinenResNetBlock(nn.Module):
   @nn.compact
@@ -190,8 +202,9 @@ def _randomized(variables):
   """Every weight different, so that any swap of modules that look alike changes the output."""
   leaves, treedef = jax.tree.flatten(variables)
   keys = jax.random.split(jax.random.key(7), len(leaves))
-  return jax.tree.unflatten(treedef, [v + jax.random.uniform(k, v.shape, v.dtype, -0.1, 0.1)
-                                      for k, v in zip(keys, leaves)])
+  return jax.tree.unflatten(
+    treedef, [v + jax.random.uniform(k, v.shape, v.dtype, -0.1, 0.1) for k, v in zip(keys, leaves)]
+  )
 
 
 def test_a_resnet_with_repeated_blocks(tmp_path):
@@ -209,6 +222,7 @@ def test_a_resnet_with_repeated_blocks(tmp_path):
 
 
 # -- 4. A transformer block stack: a Linen loop of layers_N, into NNX with attn / mlp names.
+
 
 class LinenMlpBlock(nn.Module):
   @nn.compact
@@ -268,15 +282,21 @@ def test_a_transformer_block_stack(tmp_path):
   model = NnxTransformer(nnx.Rngs(0))
   table = {}
   for i in range(3):
-    table.update({f'layers_{i}/LayerNorm_0': f'layers/{i}/attn_norm', f'layers_{i}/LayerNorm_1': f'layers/{i}/mlp_norm',
-                  f'layers_{i}/SelfAttention_0': f'layers/{i}/attn',  # the MLP block: by its two Dense
-                  f'layers_{i}/LinenMlpBlock_0/Dense_0': f'layers/{i}/mlp/down',  # the outer Dense is made first
-                  f'layers_{i}/LinenMlpBlock_0/Dense_1': f'layers/{i}/mlp/up'})
+    table.update(
+      {
+        f'layers_{i}/LayerNorm_0': f'layers/{i}/attn_norm',
+        f'layers_{i}/LayerNorm_1': f'layers/{i}/mlp_norm',
+        f'layers_{i}/SelfAttention_0': f'layers/{i}/attn',  # the MLP block: by its two Dense
+        f'layers_{i}/LinenMlpBlock_0/Dense_0': f'layers/{i}/mlp/down',  # the outer Dense is made first
+        f'layers_{i}/LinenMlpBlock_0/Dense_1': f'layers/{i}/mlp/up',
+      }
+    )
   _ported(tmp_path, LinenTransformer(), variables, model, table, x)
 
 
 def _vmapped(block, rngs, layers=3):
   """`layers` of `block(rngs)` made by nnx.vmap: one stack, every leaf with the layer axis first."""
+
   @nnx.split_rngs(splits=layers)
   @nnx.vmap(in_axes=(0,), out_axes=0)
   def make(rngs):
@@ -287,6 +307,7 @@ def _vmapped(block, rngs, layers=3):
 
 def _scanned(layers, x, each=lambda y: y):
   """`x` through every layer of a stack in turn (nnx.scan), `each` applied after each layer."""
+
   @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
   def step(x, layer):
     return each(layer(x))
@@ -308,12 +329,18 @@ def test_a_linen_loop_into_an_nnx_stack(tmp_path):
   x = jax.random.normal(jax.random.key(1), (2, 5, 16))
   variables = _randomized(LinenTransformer().init(jax.random.key(0), x))
   model = NnxStackedTransformer(nnx.Rngs(0))
-  table = {'layers_{i}/LayerNorm_0': 'layers_{i}/attn_norm', 'layers_{i}/LayerNorm_1': 'layers_{i}/mlp_norm',
-           'layers_{i}/SelfAttention_0': 'layers_{i}/attn', 'layers_{i}/LinenMlpBlock_0/Dense_0': 'layers_{i}/mlp/down',
-           'layers_{i}/LinenMlpBlock_0/Dense_1': 'layers_{i}/mlp/up'}
+  table = {
+    'layers_{i}/LayerNorm_0': 'layers_{i}/attn_norm',
+    'layers_{i}/LayerNorm_1': 'layers_{i}/mlp_norm',
+    'layers_{i}/SelfAttention_0': 'layers_{i}/attn',
+    'layers_{i}/LinenMlpBlock_0/Dense_0': 'layers_{i}/mlp/down',
+    'layers_{i}/LinenMlpBlock_0/Dense_1': 'layers_{i}/mlp/up',
+  }
   auto, _ = _ported(tmp_path, LinenTransformer(), variables, model, table, x)
-  np.testing.assert_array_equal(np.asarray(auto.layers.mlp.up.kernel.get_value()[2]),
-                                np.asarray(variables['params']['layers_2']['LinenMlpBlock_0']['Dense_1']['kernel']))
+  np.testing.assert_array_equal(
+    np.asarray(auto.layers.mlp.up.kernel.get_value()[2]),
+    np.asarray(variables['params']['layers_2']['LinenMlpBlock_0']['Dense_1']['kernel']),
+  )
 
 
 class LinenScanBlock(LinenBlock):
@@ -329,8 +356,9 @@ class LinenScanned(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    scan = nn.scan(LinenScanBlock, variable_axes={'params': 1}, split_rngs={'params': True}, length=3,
-                   in_axes=(nn.broadcast,))
+    scan = nn.scan(
+      LinenScanBlock, variable_axes={'params': 1}, split_rngs={'params': True}, length=3, in_axes=(nn.broadcast,)
+    )
     return scan(name='layers')(x, None)[0]
 
 
@@ -340,13 +368,18 @@ def test_a_linen_scan_into_an_nnx_stack(tmp_path):
   x = jax.random.normal(jax.random.key(1), (2, 5, 16))
   variables = _randomized(LinenScanned().init(jax.random.key(0), x))
   model = NnxStackedTransformer(nnx.Rngs(0))
-  table = {'layers/LayerNorm_0': 'layers/attn_norm', 'layers/LayerNorm_1': 'layers/mlp_norm',
-           'layers/LinenMlpBlock_0/Dense_0': 'layers/mlp/down', 'layers/LinenMlpBlock_0/Dense_1': 'layers/mlp/up',
-           'layers/SelfAttention_0': 'layers/attn'}
+  table = {
+    'layers/LayerNorm_0': 'layers/attn_norm',
+    'layers/LayerNorm_1': 'layers/mlp_norm',
+    'layers/LinenMlpBlock_0/Dense_0': 'layers/mlp/down',
+    'layers/LinenMlpBlock_0/Dense_1': 'layers/mlp/up',
+    'layers/SelfAttention_0': 'layers/attn',
+  }
   _ported(tmp_path, LinenScanned(), variables, model, table, x)
 
 
 # -- 5. Truly ambiguous: two Dense layers of one shape, and no attribute order to tell them apart.
+
 
 class LinenTwins(nn.Module):
   @nn.compact
@@ -377,7 +410,8 @@ def test_an_ambiguous_pairing_raises_and_the_line_it_asks_for_restores(tmp_path)
   assert "It settled rename({'Dense_0': 'head'})." in message, message
   # The fix is written on these modules' own names; which is right only the model code tells.
   assert "rules=[rename({'Dense_1': 'inner'}), 'auto'] if Dense_1 is what inner holds (else give its partner" in (
-      message), message
+    message
+  ), message
   # The one line: Linen names modules as they are made, the callee before its argument, so in
   # nn.Dense(4)(nn.Dense(8)(nn.relu(nn.Dense(8)(x)))) the head is Dense_0 and the outer Dense(8) Dense_1.
   restored = orbax_linen_nnx.restore(tmp_path / 'run', state, rules=[rename({'Dense_1': 'outer'}), 'auto'])
@@ -440,16 +474,19 @@ def test_an_ambiguous_pairing_inside_a_stack_asks_for_one_line_per_layer(tmp_pat
     orbax_linen_nnx.plan(tmp_path / 'run', state, rules='auto')
   message = str(e.value)
   assert "It settled rename({'layers_{i}/Dense_0': 'layers_{i}/head'})." in message, message
-  assert "rules=[rename({'layers_{i}/Dense_1': 'layers_{i}/inner'}), 'auto'] if layers_{i}/Dense_1 is" in (
-      message), message
-  restored = orbax_linen_nnx.restore(tmp_path / 'run', state,
-                                     rules=[rename({'layers_{i}/Dense_1': 'layers_{i}/outer'}), 'auto'])
+  assert "rules=[rename({'layers_{i}/Dense_1': 'layers_{i}/inner'}), 'auto'] if layers_{i}/Dense_1 is" in (message), (
+    message
+  )
+  restored = orbax_linen_nnx.restore(
+    tmp_path / 'run', state, rules=[rename({'layers_{i}/Dense_1': 'layers_{i}/outer'}), 'auto']
+  )
   model = NnxTwinsStack(nnx.Rngs(0))
   nnx.update(model, restored)
   for i in range(3):  # every layer's slice is that layer's Linen weights, bit for bit
     for linen_name, nnx_name in (('Dense_0', 'head'), ('Dense_1', 'outer'), ('Dense_2', 'inner')):
-      np.testing.assert_array_equal(restored['layers'][nnx_name]['kernel'][...][i],
-                                    variables['params'][f'layers_{i}'][linen_name]['kernel'])
+      np.testing.assert_array_equal(
+        restored['layers'][nnx_name]['kernel'][...][i], variables['params'][f'layers_{i}'][linen_name]['kernel']
+      )
   _same_output(model(x), LinenTwinsLoop().apply(variables, x))
   _step_matches(model, LinenTwinsLoop(), variables, x)
 
@@ -461,19 +498,35 @@ def test_the_command_line_suggests_the_rules_and_converts_with_them(tmp_path, ca
   variables = LinenCNN().init(jax.random.key(0), x)
   save(tmp_path / 'linen', what=ocp.args.StandardSave(variables))
   target = tmp_path / 'target.py'
-  target.write_text('from flax import nnx\nfrom test_auto_rules import NnxCNN\n\n'
-                    'def abstract():\n  return nnx.state(NnxCNN(nnx.Rngs(0)))\n')
+  target.write_text(
+    'from flax import nnx\nfrom test_auto_rules import NnxCNN\n\n'
+    'def abstract():\n  return nnx.state(NnxCNN(nnx.Rngs(0)))\n'
+  )
   capsys.readouterr()
   assert cli.main(['plan', str(tmp_path / 'linen' / '1'), '--target', f'{target}:abstract', '--suggest-rules']) == 0
   suggested = capsys.readouterr().out
   (tmp_path / 'suggested.py').write_text(suggested)
   assert "'Conv_0': 'conv1'," in suggested and 'RULES = [rename({' in suggested, suggested
   for rules, dst in ((f'{tmp_path / "suggested.py"}:RULES', 'by_table'), ('auto', 'by_auto')):
-    assert cli.main(['convert', str(tmp_path / 'linen' / '1'), str(tmp_path / dst / '1'), '--target',
-                     f'{target}:abstract', '--rules', rules, '--quiet']) == 0, capsys.readouterr().err
+    assert (
+      cli.main(
+        [
+          'convert',
+          str(tmp_path / 'linen' / '1'),
+          str(tmp_path / dst / '1'),
+          '--target',
+          f'{target}:abstract',
+          '--rules',
+          rules,
+          '--quiet',
+        ]
+      )
+      == 0
+    ), capsys.readouterr().err
   capsys.readouterr()
-  assert cli.main(['compare', str(tmp_path / 'by_table' / '1'), str(tmp_path / 'by_auto' / '1')]) == 0, \
-      capsys.readouterr().out
+  assert cli.main(['compare', str(tmp_path / 'by_table' / '1'), str(tmp_path / 'by_auto' / '1')]) == 0, (
+    capsys.readouterr().out
+  )
 
 
 def test_the_command_line_takes_the_line_an_ambiguity_asks_for(tmp_path, capsys):
@@ -484,8 +537,10 @@ def test_the_command_line_takes_the_line_an_ambiguity_asks_for(tmp_path, capsys)
   variables = _randomized(LinenTwins().init(jax.random.key(0), x))
   save(tmp_path / 'linen', what=ocp.args.StandardSave(variables))
   target = tmp_path / 'target.py'
-  target.write_text('from flax import nnx\nfrom test_auto_rules import NnxTwins\n\n'
-                    'def abstract():\n  return nnx.state(NnxTwins(nnx.Rngs(0)))\n')
+  target.write_text(
+    'from flax import nnx\nfrom test_auto_rules import NnxTwins\n\n'
+    'def abstract():\n  return nnx.state(NnxTwins(nnx.Rngs(0)))\n'
+  )
   src, tgt = str(tmp_path / 'linen' / '1'), f'{target}:abstract'
   capsys.readouterr()
   assert cli.main(['plan', src, '--target', tgt, '--suggest-rules']) == cli.EXIT_PLAN
@@ -493,15 +548,30 @@ def test_the_command_line_takes_the_line_an_ambiguity_asks_for(tmp_path, capsys)
   assert "RULES = [rename({'Dense_1': 'inner'}), 'auto'] if Dense_1 is what inner holds" in err, err
   assert 'pass --rules rules.py:RULES (to plan --suggest-rules too)' in err and 'rules=' not in err, err
   (tmp_path / 'rules.py').write_text(
-      "from orbax_linen_nnx import rename\n\nRULES = [rename({'Dense_1': 'outer'}), 'auto']\n")
+    "from orbax_linen_nnx import rename\n\nRULES = [rename({'Dense_1': 'outer'}), 'auto']\n"
+  )
   assert cli.main(['plan', src, '--target', tgt, '--suggest-rules', '--rules', f'{tmp_path / "rules.py"}:RULES']) == 0
   suggested = capsys.readouterr().out
-  given_then_inferred = ("    rename({'Dense_1': 'outer'}),\n"
-                         "    rename({\n        'Dense_0': 'head',\n        'Dense_2': 'inner',\n")
+  given_then_inferred = (
+    "    rename({'Dense_1': 'outer'}),\n    rename({\n        'Dense_0': 'head',\n        'Dense_2': 'inner',\n"
+  )
   assert given_then_inferred in suggested, suggested
   (tmp_path / 'suggested.py').write_text(suggested)
-  assert cli.main(['convert', src, str(tmp_path / 'nnx' / '1'), '--target', tgt,
-                   '--rules', f'{tmp_path / "suggested.py"}:RULES', '--quiet']) == 0, capsys.readouterr().err
+  assert (
+    cli.main(
+      [
+        'convert',
+        src,
+        str(tmp_path / 'nnx' / '1'),
+        '--target',
+        tgt,
+        '--rules',
+        f'{tmp_path / "suggested.py"}:RULES',
+        '--quiet',
+      ]
+    )
+    == 0
+  ), capsys.readouterr().err
   with ocp.CheckpointManager(tmp_path / 'nnx') as mngr:
     written = mngr.restore(1)
   for linen_name, nnx_name in (('Dense_0', 'head'), ('Dense_1', 'outer'), ('Dense_2', 'inner')):
@@ -514,12 +584,20 @@ def test_the_printed_module_keeps_the_given_rules_or_says_why_it_cannot():
   the module gives those same rules. A rule made from a function has no text: the error says what to add."""
   from orbax_linen_nnx import rules as rules_lib
 
-  given = [rules_lib.split('attn/qkv/kernel', ['q/kernel', 'k/kernel', 'v/kernel'], axis=1),
-           rules_lib.transpose('out/kernel', (1, 0)), rules_lib.rename({'Embed_0': 'embed'}), 'auto']
+  given = [
+    rules_lib.split('attn/qkv/kernel', ['q/kernel', 'k/kernel', 'v/kernel'], axis=1),
+    rules_lib.transpose('out/kernel', (1, 0)),
+    rules_lib.rename({'Embed_0': 'embed'}),
+    'auto',
+  ]
   text = rules_lib.as_python({'Dense_0': 'fc1'}, given)
   namespace: dict = {}
   exec(compile(text, 'suggested.py', 'exec'), namespace)  # what --rules FILE:RULES would load
-  assert [repr(r) for r in namespace['RULES']] == [repr(given[0]), repr(given[1]), "rename({'Embed_0': 'embed'})",
-                                                   "rename({'Dense_0': 'fc1'})"], text
+  assert [repr(r) for r in namespace['RULES']] == [
+    repr(given[0]),
+    repr(given[1]),
+    "rename({'Embed_0': 'embed'})",
+    "rename({'Dense_0': 'fc1'})",
+  ], text
   with pytest.raises(rules_lib.RuleError, match=r"add rename\(\{'Dense_0': 'fc1'\}\) after them"):
     rules_lib.as_python({'Dense_0': 'fc1'}, [rules_lib.rename(lambda path: path), 'auto'])

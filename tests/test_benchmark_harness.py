@@ -11,10 +11,30 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_harness_runs_and_reports_every_mode(tmp_path):
   out = tmp_path / 'results.json'
   done = subprocess.run(
-      [sys.executable, 'benchmarks/restore_bench.py', '--size-mb', '3', '--runs', '1', '--cells', 'plain,stack',
-       '--chunkings', 'host,mesh', '--profile', '--skip-many', '--skip-multiprocess',
-       '--cache', str(tmp_path / 'cache'), '--json', str(out)],
-      cwd=ROOT, capture_output=True, text=True, timeout=900)
+    [
+      sys.executable,
+      'benchmarks/restore_bench.py',
+      '--size-mb',
+      '3',
+      '--runs',
+      '1',
+      '--cells',
+      'plain,stack',
+      '--chunkings',
+      'host,mesh',
+      '--profile',
+      '--skip-many',
+      '--skip-multiprocess',
+      '--cache',
+      str(tmp_path / 'cache'),
+      '--json',
+      str(out),
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   result = json.loads(out.read_text())
   assert set(result['cells']) == {f'decoder/{c}/{t}' for c in ('host', 'mesh') for t in ('plain', 'stack')}

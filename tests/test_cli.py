@@ -29,8 +29,14 @@ def run(*args, env=None, timeout=240) -> subprocess.CompletedProcess:
   """`python -m orbax_linen_nnx ARGS` in a fresh process (one CPU device, as on a workstation)."""
   base = {k: v for k, v in os.environ.items() if not k.startswith(('XLA_', 'JAX_'))}
   base.update(JAX_PLATFORMS='cpu', **(env or {}))
-  return subprocess.run([sys.executable, '-m', 'orbax_linen_nnx', *map(str, args)], cwd=REPO, env=base,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, '-m', 'orbax_linen_nnx', *map(str, args)],
+    cwd=REPO,
+    env=base,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def digest(directory: Path) -> str:
@@ -97,7 +103,9 @@ def test_convert_linen_to_nnx_is_what_the_restore_gives_and_nnx_code_reads_it(tm
   assert r.stdout.rstrip().endswith('MATCH')
 
 
-@pytest.mark.parametrize('nnx_kind,stacks', [('vmap', '{"layers": {"nnx": 0}}'), ('unrolled', '{"layers": {"nnx": null}}')])
+@pytest.mark.parametrize(
+  'nnx_kind,stacks', [('vmap', '{"layers": {"nnx": 0}}'), ('unrolled', '{"layers": {"nnx": null}}')]
+)
 def test_convert_linen_scan_stacked_or_unrolled_and_back_to_the_same_bits(tmp_path, nnx_kind, stacks):
   state = dec.linen_state(dec.LinenScanDecoder)
   save(tmp_path / 'scan', state)
@@ -106,11 +114,19 @@ def test_convert_linen_scan_stacked_or_unrolled_and_back_to_the_same_bits(tmp_pa
   module = {'vmap': dec.NnxStackedDecoder, 'unrolled': dec.NnxUnrolledDecoder}[nnx_kind]
   abstract = nnx_abstract(lambda: dec.nnx_state(module))
   want = restore(tmp_path / 'scan', args=LinenCompatRestore(abstract))
-  assert_same_leaves(without_value(restore(tmp_path / 'nnx', args=ocp.args.StandardRestore(abstract))),
-                     without_value(want))
+  assert_same_leaves(
+    without_value(restore(tmp_path / 'nnx', args=ocp.args.StandardRestore(abstract))), without_value(want)
+  )
   # Back into exactly the Linen checkpoint's tree (lists, None entries): the original, bit for bit.
-  r = run('convert', tmp_path / 'nnx' / '1', tmp_path / 'back' / '1', '--target', tmp_path / 'scan' / '1',
-          '--stacks', '{"layers": {"linen": 1, "nnx": 0}}' if nnx_kind == 'vmap' else '{"layers": {"linen": 1}}')
+  r = run(
+    'convert',
+    tmp_path / 'nnx' / '1',
+    tmp_path / 'back' / '1',
+    '--target',
+    tmp_path / 'scan' / '1',
+    '--stacks',
+    '{"layers": {"linen": 1, "nnx": 0}}' if nnx_kind == 'vmap' else '{"layers": {"linen": 1}}',
+  )
   assert r.returncode == 0, r.stderr
   back, original = restore(tmp_path / 'back'), restore(tmp_path / 'scan')
   assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(original)
@@ -123,25 +139,41 @@ def test_convert_with_rules_split_transpose_reshape_cast(tmp_path):
   save(tmp_path / 'gemma', state)
   rules = tmp_path / 'gemma_rules.py'
   rules.write_text('from gemma import GEMMA_RULES as RULES\n')
-  r = run('convert', tmp_path / 'gemma' / '1', tmp_path / 'nnx' / '1', '--to', 'nnx', '--rules', f'{rules}:RULES',
-          env={'PYTHONPATH': str(REPO / 'tests')})
+  r = run(
+    'convert',
+    tmp_path / 'gemma' / '1',
+    tmp_path / 'nnx' / '1',
+    '--to',
+    'nnx',
+    '--rules',
+    f'{rules}:RULES',
+    env={'PYTHONPATH': str(REPO / 'tests')},
+  )
   assert r.returncode == 0, r.stderr
-  abstract = nnx_abstract(lambda: {'model': NnxGemmaBlock(nnx.Rngs(0)),
-                                   'optimizer': nnx.Optimizer(NnxGemmaBlock(nnx.Rngs(0)), optax.adam(1e-2), wrt=nnx.Param)})
+  abstract = nnx_abstract(
+    lambda: {
+      'model': NnxGemmaBlock(nnx.Rngs(0)),
+      'optimizer': nnx.Optimizer(NnxGemmaBlock(nnx.Rngs(0)), optax.adam(1e-2), wrt=nnx.Param),
+    }
+  )
   want = restore(tmp_path / 'gemma', args=LinenCompatRestore(abstract, rules=GEMMA_RULES))
   got = without_value(restore(tmp_path / 'nnx'))
   # The model alone is compared: the derived tree keeps the Linen dtypes where no rule casts (bfloat16 moments).
-  assert_same_leaves({p: v for p, v in got.items() if p.startswith('model/')},
-                     {p: v for p, v in without_value(want).items() if p.startswith('model/')})
+  assert_same_leaves(
+    {p: v for p, v in got.items() if p.startswith('model/')},
+    {p: v for p, v in without_value(want).items() if p.startswith('model/')},
+  )
   assert LinenGemmaBlock  # the Linen side of the port, see test_rules
 
 
 def test_plan_with_a_model_target_and_its_errors(tmp_path, linen_mlp):
   src, rules = linen_mlp
   target = tmp_path / 'target.py'
-  target.write_text('import optax, models\nfrom flax import nnx\n'
-                    'def abstract():\n'
-                    '  return nnx.state(nnx.eval_shape(lambda: models.nnx_train_state(models.NnxMLP, optax.adam(1e-2))))\n')
+  target.write_text(
+    'import optax, models\nfrom flax import nnx\n'
+    'def abstract():\n'
+    '  return nnx.state(nnx.eval_shape(lambda: models.nnx_train_state(models.NnxMLP, optax.adam(1e-2))))\n'
+  )
   env = {'PYTHONPATH': str(REPO / 'tests')}
   r = run('plan', src, '--target', f'{target}:abstract', '--rules', rules, env=env)
   assert r.returncode == 0, r.stderr
@@ -152,8 +184,9 @@ def test_plan_with_a_model_target_and_its_errors(tmp_path, linen_mlp):
   assert r.returncode == 0, r.stderr
   abstract = nnx_abstract(lambda: models.nnx_train_state(models.NnxMLP, optax.adam(1e-2)))
   want = restore(src, args=LinenCompatRestore(abstract, rules={'Dense_0': 'fc1', 'Dense_1': 'fc2'}))
-  assert_same_leaves(without_value(restore(tmp_path / 'model', args=ocp.args.StandardRestore(abstract))),
-                     without_value(want))
+  assert_same_leaves(
+    without_value(restore(tmp_path / 'model', args=ocp.args.StandardRestore(abstract))), without_value(want)
+  )
   # Without the rules: exit 3, every problem named, and the fix.
   r = run('plan', src, '--target', f'{target}:abstract', env=env)
   assert r.returncode == cli.EXIT_PLAN, r.stderr
@@ -194,8 +227,9 @@ def test_compare_reports_differing_missing_and_extra_leaves(tmp_path, linen_mlp)
   src, rules = linen_mlp
   state = restore(src)
   kernel = np.asarray(state['params']['params']['Dense_0']['kernel'])
-  state['params']['params']['Dense_0']['kernel'] = kernel + np.where(np.arange(kernel.size).reshape(kernel.shape) < 3,
-                                                                     1e-3, 0).astype(np.float32)
+  state['params']['params']['Dense_0']['kernel'] = kernel + np.where(
+    np.arange(kernel.size).reshape(kernel.shape) < 3, 1e-3, 0
+  ).astype(np.float32)
   save(tmp_path / 'changed', state)
   r = run('compare', src, tmp_path / 'changed')
   assert r.returncode == cli.EXIT_DIFFER, r.stdout + r.stderr
@@ -217,16 +251,25 @@ def test_inspect_shows_layout_step_optimizer_stacks_and_arrays(tmp_path):
   r = run('inspect', tmp_path / 'scan')  # a run directory: its latest step
   assert r.returncode == 0, r.stderr
   lines = r.stdout.splitlines()
-  assert lines[1:5] == ['  layout     linen', '  step       2',
-                        '  optimizer  opt_state/0: count, mu (mirrors the params), nu (mirrors the params)',
-                        '  stack      layers: 4 layers, stacked at axis 1 (from shapes)'], lines[:6]
+  assert lines[1:5] == [
+    '  layout     linen',
+    '  step       2',
+    '  optimizer  opt_state/0: count, mu (mirrors the params), nu (mirrors the params)',
+    '  stack      layers: 4 layers, stacked at axis 1 (from shapes)',
+  ], lines[:6]
   assert '          kernel  (8, 4, 8) float32  chunk (8, 4, 8)  1.0 KiB' in lines, r.stdout
   info = json.loads(run('inspect', tmp_path / 'scan' / '1', '--json').stdout)
   assert info['layout'] == 'linen' and info['step'] == 2
   assert info['stacks'] == [{'root': 'layers', 'kind': 'stacked', 'layers': [4], 'layer_axis': [1]}]
   kernel = next(a for a in info['arrays'] if a['path'] == 'params/params/layers/mlp/kernel')
-  assert kernel == {'path': 'params/params/layers/mlp/kernel', 'shape': [8, 4, 8], 'dtype': 'float32',
-                    'chunk': [8, 4, 8], 'bytes': 1024, 'stored_as': 'params.params.layers.mlp.kernel'}
+  assert kernel == {
+    'path': 'params/params/layers/mlp/kernel',
+    'shape': [8, 4, 8],
+    'dtype': 'float32',
+    'chunk': [8, 4, 8],
+    'bytes': 1024,
+    'stored_as': 'params.params.layers.mlp.kernel',
+  }
 
 
 def test_progress_bars_on_a_terminal_only(tmp_path, linen_mlp):
@@ -234,8 +277,7 @@ def test_progress_bars_on_a_terminal_only(tmp_path, linen_mlp):
   # rich draws bars only on a terminal; TTY_COMPATIBLE=1 tells it stderr is one.
   r = run('convert', src, tmp_path / 'a' / '1', '--to', 'nnx', '--rules', rules, env={'TTY_COMPATIBLE': '1'})
   assert r.returncode == 0 and 'convert' in r.stderr and '14/14 arrays' in r.stderr, r.stderr
-  r = run('convert', src, tmp_path / 'b' / '1', '--to', 'nnx', '--rules', rules, '--quiet',
-          env={'TTY_COMPATIBLE': '1'})
+  r = run('convert', src, tmp_path / 'b' / '1', '--to', 'nnx', '--rules', rules, '--quiet', env={'TTY_COMPATIBLE': '1'})
   assert r.returncode == 0 and 'arrays' not in r.stderr, r.stderr
   r = run('convert', src, tmp_path / 'c' / '1', '--to', 'nnx', '--rules', rules)  # a pipe: no bars
   assert r.returncode == 0 and 'arrays' not in r.stderr, r.stderr
@@ -250,14 +292,29 @@ def test_arrays_are_written_in_blocks_of_their_stored_chunks_that_orbax_reads_ba
   kernel = rng.standard_normal((64, 512), dtype=np.float32)
   sharded = jax.device_put(kernel, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data', 'model')))
   save(tmp_path / 'linen', {'params': {'Dense_0': {'kernel': sharded}, 'Dense_1': {'bias': np.ones(4, np.float32)}}})
-  assert cli.main(['convert', str(tmp_path / 'linen' / '1'), str(tmp_path / 'nnx' / '1'), '--to', 'nnx',
-                   '--budget', '16KiB', '--quiet']) == 0
+  assert (
+    cli.main(
+      [
+        'convert',
+        str(tmp_path / 'linen' / '1'),
+        str(tmp_path / 'nnx' / '1'),
+        '--to',
+        'nnx',
+        '--budget',
+        '16KiB',
+        '--quiet',
+      ]
+    )
+    == 0
+  )
   info = json.loads(run('inspect', tmp_path / 'nnx', '--json').stdout)
   assert next(a['chunk'] for a in info['arrays'] if a['path'] == 'Dense_0/kernel/value') == [4, 256]
   plain = restore(tmp_path / 'nnx')
   np.testing.assert_array_equal(np.asarray(plain['Dense_0']['kernel']['value']), kernel)
-  abstract = {'Dense_0': {'kernel': {'value': jax.ShapeDtypeStruct((64, 512), np.float32, sharding=sharded.sharding)}},
-              'Dense_1': {'bias': {'value': jax.ShapeDtypeStruct((4,), np.float32)}}}
+  abstract = {
+    'Dense_0': {'kernel': {'value': jax.ShapeDtypeStruct((64, 512), np.float32, sharding=sharded.sharding)}},
+    'Dense_1': {'bias': {'value': jax.ShapeDtypeStruct((4,), np.float32)}},
+  }
   got = restore(tmp_path / 'nnx', args=ocp.args.StandardRestore(abstract))
   np.testing.assert_array_equal(np.asarray(got['Dense_0']['kernel']['value']), kernel)
   assert got['Dense_0']['kernel']['value'].sharding == sharded.sharding
@@ -272,8 +329,19 @@ def test_an_interrupted_convert_leaves_no_checkpoint(tmp_path):
   rng = np.random.default_rng(0)
   params = {f'Dense_{i}': {'kernel': rng.standard_normal((256, 256), dtype=np.float32)} for i in range(96)}
   save(tmp_path / 'big', {'params': params})  # 24 MiB, 96 arrays of 256 KiB
-  cmd = [sys.executable, '-m', 'orbax_linen_nnx', 'convert', str(tmp_path / 'big' / '1'), str(tmp_path / 'nnx' / '1'),
-         '--to', 'nnx', '--budget', '256KiB', '--quiet']  # one array per batch: 96 writes
+  cmd = [
+    sys.executable,
+    '-m',
+    'orbax_linen_nnx',
+    'convert',
+    str(tmp_path / 'big' / '1'),
+    str(tmp_path / 'nnx' / '1'),
+    '--to',
+    'nnx',
+    '--budget',
+    '256KiB',
+    '--quiet',
+  ]  # one array per batch: 96 writes
   env = {**{k: v for k, v in os.environ.items() if not k.startswith(('XLA_', 'JAX_'))}, 'JAX_PLATFORMS': 'cpu'}
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:

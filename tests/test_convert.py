@@ -32,20 +32,25 @@ def w(*shape):
 
 # transform -> (the Linen params tree, plan_to options)
 CASES = {
-    'plain': (lambda: {'Dense_0': {'kernel': w(D, F)}, 'Dense_1': {'bias': w(F)}}, {'rules': {'Dense_0': 'fc1'}}),
-    'move': (lambda: {'layers': {'mlp': {'kernel': w(D, L, F)}}}, {'stacks': {'layers': {'nnx': 0}}}),
-    'stack': (lambda: {f'layers_{i}': {'mlp': {'kernel': w(D, F)}} for i in range(L)},
-              {'stacks': {'layers': {'nnx': 0}}}),
-    'unstack': (lambda: {'layers': {'mlp': {'kernel': w(D, L, F)}}}, {'stacks': {'layers': {'nnx': None}}}),
-    'split': (lambda: {'mlp': {'gating': w(2, D, F)}},
-              {'rules': [split('mlp/gating', ['mlp/gate/kernel', 'mlp/up/kernel'], axis=0)]}),
-    'transpose': (lambda: {'mlp': {'kernel': w(F, D)}}, {'rules': [transpose('mlp/kernel', (1, 0))]}),
-    'reshape': (lambda: {'q': {'kernel': w(D, 4, F // 4)}}, {'rules': [reshape('q/kernel', (D, 4, F // 4), (D, F))]}),
+  'plain': (lambda: {'Dense_0': {'kernel': w(D, F)}, 'Dense_1': {'bias': w(F)}}, {'rules': {'Dense_0': 'fc1'}}),
+  'move': (lambda: {'layers': {'mlp': {'kernel': w(D, L, F)}}}, {'stacks': {'layers': {'nnx': 0}}}),
+  'stack': (
+    lambda: {f'layers_{i}': {'mlp': {'kernel': w(D, F)}} for i in range(L)},
+    {'stacks': {'layers': {'nnx': 0}}},
+  ),
+  'unstack': (lambda: {'layers': {'mlp': {'kernel': w(D, L, F)}}}, {'stacks': {'layers': {'nnx': None}}}),
+  'split': (
+    lambda: {'mlp': {'gating': w(2, D, F)}},
+    {'rules': [split('mlp/gating', ['mlp/gate/kernel', 'mlp/up/kernel'], axis=0)]},
+  ),
+  'transpose': (lambda: {'mlp': {'kernel': w(F, D)}}, {'rules': [transpose('mlp/kernel', (1, 0))]}),
+  'reshape': (lambda: {'q': {'kernel': w(D, 4, F // 4)}}, {'rules': [reshape('q/kernel', (D, 4, F // 4), (D, F))]}),
 }
 
 
 def placed(tree, mesh, chunking: str):
   """The arrays as the saving run held them: host numpy (one stored chunk each), row shards, or a 2-D grid."""
+
   def put(a):
     if chunking == 'host':
       return a
@@ -66,10 +71,21 @@ def stored_chunks(ckpt, names) -> int:
 
 def write_to_memory(job) -> list:
   """Runs the job into in-memory zarr arrays chunked as the job lays each target out."""
-  dests = [ts.open({'driver': 'zarr', 'kvstore': {'driver': 'memory'},
-                    'metadata': {'shape': list(lay.read.target.shape), 'chunks': list(lay.block_shape),
-                                 'dtype': np.dtype(lay.read.target.dtype).str}}, create=True).result()
-           for lay in job.layouts]
+  dests = [
+    ts.open(
+      {
+        'driver': 'zarr',
+        'kvstore': {'driver': 'memory'},
+        'metadata': {
+          'shape': list(lay.read.target.shape),
+          'chunks': list(lay.block_shape),
+          'dtype': np.dtype(lay.read.target.dtype).str,
+        },
+      },
+      create=True,
+    ).result()
+    for lay in job.layouts
+  ]
   asyncio.run(job.run(dests))
   return dests
 
@@ -93,8 +109,9 @@ def test_each_stored_chunk_is_decoded_once_whatever_the_blocks(tmp_path, mesh, c
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   want = read.execute(convert.with_shardings(plan, lambda t: one), source.open_checkpoint(tmp_path / 'linen'))
   for lay, dest in zip(job.layouts, dests):
-    np.testing.assert_array_equal(dest.read().result(), np.asarray(want[lay.read.target.path]),
-                                  err_msg=str(lay.read.target.path))
+    np.testing.assert_array_equal(
+      dest.read().result(), np.asarray(want[lay.read.target.path]), err_msg=str(lay.read.target.path)
+    )
 
 
 def test_a_chunk_larger_than_the_cache_is_decoded_once_and_held_for_its_blocks(tmp_path, capsys):
@@ -114,20 +131,35 @@ def test_a_chunk_larger_than_the_cache_is_decoded_once_and_held_for_its_blocks(t
   # The plan says so, before anything is read.
   assert cli.main(['plan', str(tmp_path / 'linen'), '--to', 'nnx', '--stacks', '{"layers": {"nnx": 0}}']) == 0
   assert 'convert: reads' not in capsys.readouterr().out  # the convert's cost where asked for
-  assert cli.main(['plan', str(tmp_path / 'linen'), '--to', 'nnx', '--stacks', '{"layers": {"nnx": 0}}',
-                   '--verbose']) == 0
+  assert (
+    cli.main(['plan', str(tmp_path / 'linen'), '--to', 'nnx', '--stacks', '{"layers": {"nnx": 0}}', '--verbose']) == 0
+  )
   out = capsys.readouterr().out
-  assert (f'note    convert: reads 6.0 MiB of stored chunks (1 chunk reads in all) and writes 6.0 MiB'
-          f' ({len(write.Job.make(plan.reads, ckpt, convert.DEFAULT_BATCH_BYTES).every)} blocks in all); host memory about the 32.0 MiB budget + 6.0 MiB of stored chunks that'
-          ' feed several blocks each') in out, out
+  assert (
+    f'note    convert: reads 6.0 MiB of stored chunks (1 chunk reads in all) and writes 6.0 MiB'
+    f' ({len(write.Job.make(plan.reads, ckpt, convert.DEFAULT_BATCH_BYTES).every)} blocks in all); host memory about the 32.0 MiB budget + 6.0 MiB of stored chunks that'
+    ' feed several blocks each'
+  ) in out, out
   # Shared out over 4 processes: each decodes the one chunk, each writes a quarter.
-  assert cli.main(['plan', str(tmp_path / 'linen'), '--to', 'nnx', '--stacks', '{"layers": {"nnx": 0}}',
-                   '--processes', '4']) == 0
+  assert (
+    cli.main(['plan', str(tmp_path / 'linen'), '--to', 'nnx', '--stacks', '{"layers": {"nnx": 0}}', '--processes', '4'])
+    == 0
+  )
   out = capsys.readouterr().out
-  assert 'convert: on 4 processes each reads 6.0 MiB of stored chunks (4 chunk reads in all) and writes 1.5 MiB' in out, out
+  assert (
+    'convert: on 4 processes each reads 6.0 MiB of stored chunks (4 chunk reads in all) and writes 1.5 MiB' in out
+  ), out
   # A host memory limit: a warning, an error with --strict-cost, and the budget it proposes then fits.
-  limit = ['plan', str(tmp_path / 'linen'), '--to', 'nnx', '--stacks', '{"layers": {"nnx": 0}}',
-           '--host-memory-limit', '10MiB']
+  limit = [
+    'plan',
+    str(tmp_path / 'linen'),
+    '--to',
+    'nnx',
+    '--stacks',
+    '{"layers": {"nnx": 0}}',
+    '--host-memory-limit',
+    '10MiB',
+  ]
   assert cli.main(limit) == cli.EXIT_OK
   assert 'warning: a convert of it holds about 38.0 MiB on the host' in capsys.readouterr().err
   assert cli.main(limit + ['--strict-cost']) == cli.EXIT_PLAN
@@ -148,6 +180,7 @@ def test_a_host_memory_limit_below_one_stored_chunk_proposes_no_budget_that_cann
   err = capsys.readouterr().err
   assert 'no --budget fits under it: one stored chunk is 512.0 KiB and is decoded whole' in err, err
   assert 'Fix: --budget' not in err
-  limit, budget = re.search(r'raise --host-memory-limit to at least [\d.]+ \w+ \((\d+) bytes\) with --budget (\d+)',
-                            err).groups()
+  limit, budget = re.search(
+    r'raise --host-memory-limit to at least [\d.]+ \w+ \((\d+) bytes\) with --budget (\d+)', err
+  ).groups()
   assert cli.main(plan + ['--host-memory-limit', limit, '--budget', budget]) == cli.EXIT_OK, capsys.readouterr().err

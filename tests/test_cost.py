@@ -18,8 +18,16 @@ from helpers import ChunkLoads, chunk_ids, make_bn_drop, save, tx
 from orbax_linen_nnx import LinenCompatRestore, cost as cost_lib, plans, save as save_lib
 
 
-SPECS = [P(), P('data'), P(None, 'model'), P('data', 'model'), P('model', 'data'), P(('data', 'model')),
-         P(('model', 'data'), None), P(None, ('data', 'model'))]
+SPECS = [
+  P(),
+  P('data'),
+  P(None, 'model'),
+  P('data', 'model'),
+  P('model', 'data'),
+  P(('data', 'model')),
+  P(('model', 'data'), None),
+  P(None, ('data', 'model')),
+]
 
 
 @pytest.mark.parametrize('shape', [(8, 16), (16, 8), (8, 8)])
@@ -44,10 +52,16 @@ def _kernel_checkpoint(tmp_path, mesh, shape, spec, dtype=np.float32):
   return tmp_path / 'run' / '1' / 'default', values
 
 
-@pytest.mark.parametrize('saved, wanted', [(P('data', 'model'), P('data', 'model')),
-                                           (P('data', 'model'), P('model', 'data')),
-                                           (P('data'), P(None, 'model')),
-                                           (P(), P('data', 'model'))], ids=str)
+@pytest.mark.parametrize(
+  'saved, wanted',
+  [
+    (P('data', 'model'), P('data', 'model')),
+    (P('data', 'model'), P('model', 'data')),
+    (P('data'), P(None, 'model')),
+    (P(), P('data', 'model')),
+  ],
+  ids=str,
+)
 def test_the_cost_is_what_the_restore_decodes(tmp_path, mesh, saved, wanted):
   item, values = _kernel_checkpoint(tmp_path, mesh, (64, 32), saved)
   target = NamedSharding(mesh, wanted)
@@ -115,7 +129,9 @@ def test_over_read_and_big_chunks_are_named(tmp_path, mesh):
   with ocp.Checkpointer(ocp.StandardCheckpointHandler(use_ocdbt=False)) as ckptr:
     ckptr.save(item, {'params': {'Dense_0': {'kernel': np.ones(shape, np.float32)}}})
   pod = AbstractMesh((4, 2), ('data', 'model'))
-  abstract = {'fc': {'kernel': jax.ShapeDtypeStruct(shape, np.float32, sharding=NamedSharding(pod, P('data', 'model')))}}
+  abstract = {
+    'fc': {'kernel': jax.ShapeDtypeStruct(shape, np.float32, sharding=NamedSharding(pod, P('data', 'model')))}
+  }
   plan = orbax_linen_nnx.plan(item, abstract, rules={'Dense_0': 'fc'}, processes=8)
   p = plan.cost.of(3)
   assert p.read_bytes == 16 * 2**20 and p.needed_bytes == 2 * 2**20 and p.over_read == 8
@@ -133,7 +149,8 @@ def test_a_restore_of_a_model_states_its_cost(tmp_path, mesh):
   abstract = models.shard_abstract(nnx.state(nnx.eval_shape(make_bn_drop)), mesh, 'two_axes')
   with ChunkLoads(tmp_path / 'run' / '1' / 'default') as loads:
     plan = ocp.CheckpointManager(tmp_path / 'run').restore(
-        1, args=LinenCompatRestore(abstract, rules=models.DROP_RULES, dry_run=True))
+      1, args=LinenCompatRestore(abstract, rules=models.DROP_RULES, dry_run=True)
+    )
   assert loads.count == 0  # a dry run reads no chunk
   cost = plan.cost.of(0)
   assert cost.devices == 8 and cost.chunks > 0 and cost.read_bytes >= cost.needed_bytes
@@ -147,14 +164,26 @@ def test_expensive_mistakes_warn_and_strict_cost_refuses_them_before_any_read(tm
   shape = (4096, 1024)  # 16 MiB, one stored chunk (no OCDBT)
   item = tmp_path / 'published'
   with ocp.Checkpointer(ocp.StandardCheckpointHandler(use_ocdbt=False)) as ckptr:
-    ckptr.save(item, {'params': {'Dense_0': {'kernel': np.ones(shape, np.float32)},
-                                 'Embed_0': {'embedding': np.ones((4096, 2048), np.float32)}}})
+    ckptr.save(
+      item,
+      {
+        'params': {
+          'Dense_0': {'kernel': np.ones(shape, np.float32)},
+          'Embed_0': {'embedding': np.ones((4096, 2048), np.float32)},
+        }
+      },
+    )
   pod = AbstractMesh((4, 2), ('data', 'model'))
-  abstract = {'fc': {'kernel': jax.ShapeDtypeStruct(shape, np.float32, sharding=NamedSharding(pod, P('data', 'model')))},
-              'embed': {'embedding': jax.ShapeDtypeStruct((4096, 2048), np.float32)}}  # no sharding: replicated
+  abstract = {
+    'fc': {'kernel': jax.ShapeDtypeStruct(shape, np.float32, sharding=NamedSharding(pod, P('data', 'model')))},
+    'embed': {'embedding': jax.ShapeDtypeStruct((4096, 2048), np.float32)},
+  }  # no sharding: replicated
   rules = {'Dense_0': 'fc', 'Embed_0': 'embed'}
   limit = 40 * 2**20
-  with pytest.warns(orbax_linen_nnx.LinenCompatWarning, match=r'above max_over_read=4 for fc/kernel \(16.0 MiB decoded for 2.0 MiB, 8.0x\)'):
+  with pytest.warns(
+    orbax_linen_nnx.LinenCompatWarning,
+    match=r'above max_over_read=4 for fc/kernel \(16.0 MiB decoded for 2.0 MiB, 8.0x\)',
+  ):
     orbax_linen_nnx.plan(item, abstract, rules=rules, processes=8)
   with pytest.raises(orbax_linen_nnx.PlanError) as e:
     orbax_linen_nnx.plan(item, abstract, rules=rules, processes=8, strict_cost=True, host_memory_limit_bytes=limit)
@@ -166,10 +195,19 @@ def test_expensive_mistakes_warn_and_strict_cost_refuses_them_before_any_read(tm
   # The fixes: a sharding for the replicated leaf; the budget the message proposes; the over-read accepted
   # (the checkpoint's one chunk is what it is; convert would rechunk it).
   budget = int(message.split('pass read_budget_bytes=')[1].split()[0])
-  abstract['embed']['embedding'] = jax.ShapeDtypeStruct((4096, 2048), np.float32,
-                                                        sharding=NamedSharding(pod, P('data', 'model')))
-  plan = orbax_linen_nnx.plan(item, abstract, rules=rules, processes=8, strict_cost=True, max_over_read=8,
-                              host_memory_limit_bytes=limit, read_budget_bytes=budget)
+  abstract['embed']['embedding'] = jax.ShapeDtypeStruct(
+    (4096, 2048), np.float32, sharding=NamedSharding(pod, P('data', 'model'))
+  )
+  plan = orbax_linen_nnx.plan(
+    item,
+    abstract,
+    rules=rules,
+    processes=8,
+    strict_cost=True,
+    max_over_read=8,
+    host_memory_limit_bytes=limit,
+    read_budget_bytes=budget,
+  )
   assert max(p.host_bound_bytes for p in plan.cost.processes) <= limit
 
 
@@ -185,8 +223,10 @@ def test_a_save_states_what_each_process_writes(mesh):
   assert mine.written_bytes == total and mine.devices == 8 and mine.device_extra_bytes == 0
   assert f'process 0 (8 devices): writes {plans.size_text(total)}' in str(args.plan)
   pod = AbstractMesh((4, 2), ('data', 'model'))
-  on_pod = {n: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(pod, v.sharding.spec))
-            for n, v in save_lib.nnx_values(placed).items()}
+  on_pod = {
+    n: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(pod, v.sharding.spec))
+    for n, v in save_lib.nnx_values(placed).items()
+  }
   four = save_lib.save_cost(args.plan, on_pod, cost_lib.Topology(4))
   assert sum(p.written_bytes for p in four.processes) == total
   assert len(four.processes) == 4 and {p.devices for p in four.processes} == {2}

@@ -28,11 +28,17 @@ def test_every_page_is_in_the_navigation_and_the_site_builds_without_a_warning(t
   config = (ROOT / 'mkdocs.yml').read_text()
   listed = set(re.findall(r'([\w-]+\.md)', config))
   assert listed == {p.name for p in PAGES}, listed ^ {p.name for p in PAGES}
-  done = subprocess.run([sys.executable, '-m', 'mkdocs', 'build', '--strict', '--site-dir', str(tmp_path / 'site')],
-                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  done = subprocess.run(
+    [sys.executable, '-m', 'mkdocs', 'build', '--strict', '--site-dir', str(tmp_path / 'site')],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert done.returncode == 0, done.stderr[-4000:]
   api = (tmp_path / 'site' / 'api' / 'index.html').read_text()
   import orbax_linen_nnx
+
   for name in orbax_linen_nnx.__all__:
     assert re.search(rf'id="orbax_linen_nnx\.{name}"', api), f'the API reference leaves out {name}'
   options = (tmp_path / 'site' / 'options' / 'index.html').read_text()

@@ -44,8 +44,10 @@ def test_missing_names_every_target_and_unused_source_with_the_fix(linen_run):
   assert "target module 'fc1' has no source: bias (32,), kernel (16, 32) (+4 optimizer leaves)" in text
   assert "source module 'Dense_0' is not used by any target: bias (32,), kernel (16, 32) (+4 optimizer leaves)" in text
   details = err.value.details
-  assert any(d.startswith("target 'model/fc1/kernel' (16, 32) float32 has no source (looked for 'model/fc1/kernel')")
-             for d in details)
+  assert any(
+    d.startswith("target 'model/fc1/kernel' (16, 32) float32 has no source (looked for 'model/fc1/kernel')")
+    for d in details
+  )
   assert any(d.startswith("target 'optimizer/opt_state/0/nu/fc2/bias' (8,) float32 has no source") for d in details)
   assert "source 'params/params/Dense_0/kernel' (16, 32) float32 is not used by any target" in details
   assert "rules={'Dense_0': 'fc1', 'Dense_1': 'fc2'}" in text
@@ -57,14 +59,17 @@ def test_shape_mismatch_names_path_and_both_shapes(linen_run, monkeypatch):
   monkeypatch.setattr(models, 'D_HID', 24)
   with pytest.raises(PlanError) as err:
     ocp.CheckpointManager(linen_run).restore(2, args=LinenCompatRestore(abstract_of(), rules=MLP_RULES))
-  assert ("target 'model/fc1/kernel' (16, 24) float32 cannot be read from source"
-          " 'params/params/Dense_0/kernel' (16, 32) float32: shapes differ") in str(err.value)
+  assert (
+    "target 'model/fc1/kernel' (16, 24) float32 cannot be read from source"
+    " 'params/params/Dense_0/kernel' (16, 32) float32: shapes differ"
+  ) in str(err.value)
 
 
 def test_rule_that_matches_nothing(linen_run):
   with pytest.raises(PlanError, match="rule 'Dense_7' matched no source leaf"):
     ocp.CheckpointManager(linen_run).restore(
-        2, args=LinenCompatRestore(abstract_of(), rules={**MLP_RULES, 'Dense_7': 'fc7'}))
+      2, args=LinenCompatRestore(abstract_of(), rules={**MLP_RULES, 'Dense_7': 'fc7'})
+    )
 
 
 def test_a_rule_an_earlier_rule_starved_names_it(tmp_path):
@@ -72,21 +77,33 @@ def test_a_rule_an_earlier_rule_starved_names_it(tmp_path):
   rename and the path's new name; the fix it gives (write the drop for the new name) then plans."""
   w = lambda *shape: np.ones(shape, np.float32)
   published = tmp_path / 'gemma'
-  ocp.PyTreeCheckpointer().save(published, {'transformer/embedder': {'input_embedding': w(8, 4),
-                                                                     'mm_input_projection': {'w': w(4, 4)}}})
+  ocp.PyTreeCheckpointer().save(
+    published, {'transformer/embedder': {'input_embedding': w(8, 4), 'mm_input_projection': {'w': w(4, 4)}}}
+  )
   target = {'embedder': {'input_embedding': jax.ShapeDtypeStruct((8, 4), np.float32)}}
   moved = orbax_linen_nnx.rename({'transformer/embedder': 'embedder'})
   with pytest.raises(PlanError) as e:
-    plan(published, target, target_layout='nnx',
-         rules=[moved, orbax_linen_nnx.drop('transformer/embedder/mm_input_projection')])
-  assert ("rule 'drop('transformer/embedder/mm_input_projection')' matched no source leaf: rename({'transformer/embedder':"
-          " 'embedder'}), earlier in the list, moved 'transformer/embedder/mm_input_projection/w' (which it matches)"
-          " to 'embedder/mm_input_projection/w'") in str(e.value)
-  fixed = plan(published, target, target_layout='nnx', rules=[moved, orbax_linen_nnx.drop('embedder/mm_input_projection')])
+    plan(
+      published,
+      target,
+      target_layout='nnx',
+      rules=[moved, orbax_linen_nnx.drop('transformer/embedder/mm_input_projection')],
+    )
+  assert (
+    "rule 'drop('transformer/embedder/mm_input_projection')' matched no source leaf: rename({'transformer/embedder':"
+    " 'embedder'}), earlier in the list, moved 'transformer/embedder/mm_input_projection/w' (which it matches)"
+    " to 'embedder/mm_input_projection/w'"
+  ) in str(e.value)
+  fixed = plan(
+    published, target, target_layout='nnx', rules=[moved, orbax_linen_nnx.drop('embedder/mm_input_projection')]
+  )
   assert [s.name for s, _ in fixed.dropped] == ['transformer/embedder.mm_input_projection.w']
   # A rule that matched nothing for no such reason: the closest paths it saw.
-  with pytest.raises(PlanError, match="rule 'drop..embeder/mm_input_proj..' matched no source leaf; the closest"
-                     " paths when it ran: 'embedder/mm_input_projection/w'"):
+  with pytest.raises(
+    PlanError,
+    match="rule 'drop..embeder/mm_input_proj..' matched no source leaf; the closest"
+    " paths when it ran: 'embedder/mm_input_projection/w'",
+  ):
     plan(published, target, target_layout='nnx', rules=[moved, orbax_linen_nnx.drop('embeder/mm_input_proj')])
 
 
@@ -104,21 +121,28 @@ def test_partial_restores_what_matches_and_reports_the_rest(linen_run):
 
 def test_missing_step(linen_run):
   # Through plan(): a clear error naming the missing directory, and the steps the run holds.
-  with pytest.raises(CheckpointNotFoundError, match=f"{linen_run}/99 does not exist; {linen_run} holds the"
-                     r" finished steps \[2\]"):
+  with pytest.raises(
+    CheckpointNotFoundError,
+    match=f"{linen_run}/99 does not exist; {linen_run} holds the"
+    r" finished steps \[2\]",
+  ):
     plan(linen_run / '99', abstract_of())
   with pytest.raises(CheckpointNotFoundError, match=f'{linen_run}/99/default does not exist; {linen_run} holds'):
     plan(linen_run / '99' / 'default', abstract_of())
   # restore() of a run directory: the step asked for, or by default the latest finished one.
-  with pytest.raises(CheckpointNotFoundError, match=rf'{linen_run} holds no finished step 99; its finished steps are'
-                     r' \[2\]'):
+  with pytest.raises(
+    CheckpointNotFoundError,
+    match=rf'{linen_run} holds no finished step 99; its finished steps are'
+    r' \[2\]',
+  ):
     orbax_linen_nnx.restore(linen_run, abstract_of(), step=99, rules=MLP_RULES)
   with pytest.raises(CheckpointNotFoundError, match='holds no finished step 99; its finished steps are \\[2\\]'):
     orbax_linen_nnx.restore(ocp.CheckpointManager(linen_run), abstract_of(), step=99, rules=MLP_RULES)
   latest = orbax_linen_nnx.restore(linen_run, abstract_of(), rules=MLP_RULES)
   assert int(latest['optimizer']['step'].get_value()) == 2
   assert orbax_linen_nnx.plan(linen_run, abstract_of(), rules=MLP_RULES) == orbax_linen_nnx.plan(
-      linen_run / '2' / 'default', abstract_of(), rules=MLP_RULES)
+    linen_run / '2' / 'default', abstract_of(), rules=MLP_RULES
+  )
   # A manager that has seen the run's layout names the missing step itself.
   mngr = ocp.CheckpointManager(linen_run)
   mngr.item_metadata(2)
@@ -136,7 +160,8 @@ def test_missing_item(tmp_path):
   mngr.wait_until_finished()
   with pytest.raises(KeyError, match='Item "state" was not found'):
     ocp.CheckpointManager(tmp_path).restore(
-        2, args=ocp.args.Composite(state=LinenCompatRestore(abstract_of(), rules=MLP_RULES)))
+      2, args=ocp.args.Composite(state=LinenCompatRestore(abstract_of(), rules=MLP_RULES))
+    )
 
 
 def test_directory_that_is_not_a_checkpoint(tmp_path):
@@ -152,7 +177,11 @@ def test_abstract_leaves_that_are_not_arrays_are_reported_together(linen_run):
   with pytest.raises(PlanError) as e:
     ocp.CheckpointManager(linen_run).restore(2, args=LinenCompatRestore(bad))
   msg = str(e.value)
-  for leaf in ("'params/Dense_0/kernel' is a str", "'params/Dense_0/bias' is a int", "'params/Dense_1/kernel' is a float"):
+  for leaf in (
+    "'params/Dense_0/kernel' is a str",
+    "'params/Dense_0/bias' is a int",
+    "'params/Dense_1/kernel' is a float",
+  ):
     assert leaf in msg
   assert 'jax.ShapeDtypeStruct' in msg and 'nothing was read' in msg
 
@@ -175,10 +204,12 @@ class PartitionedMLP(nnx.Module):
 
   def __init__(self, rngs: nnx.Rngs):
     init = nnx.initializers.lecun_normal()
-    self.fc1 = nnx.Linear(models.D_IN, models.D_HID, kernel_init=nnx.with_partitioning(init, ('data', 'model')),
-                          rngs=rngs)
-    self.fc2 = nnx.Linear(models.D_HID, models.D_OUT, kernel_init=nnx.with_partitioning(init, ('model', None)),
-                          rngs=rngs)
+    self.fc1 = nnx.Linear(
+      models.D_IN, models.D_HID, kernel_init=nnx.with_partitioning(init, ('data', 'model')), rngs=rngs
+    )
+    self.fc2 = nnx.Linear(
+      models.D_HID, models.D_OUT, kernel_init=nnx.with_partitioning(init, ('model', None)), rngs=rngs
+    )
 
 
 def partitioned_state():
@@ -208,7 +239,9 @@ def test_abstract_mesh_shardings_from_set_mesh(linen_run, mesh):
     kernel = restored['model']['fc1']['kernel'].get_raw_value()
     assert kernel.sharding == NamedSharding(mesh, P('data', 'model'))
     np.testing.assert_array_equal(np.asarray(kernel), linen['params/params/Dense_0/kernel'])
-    assert restored['optimizer']['opt_state'][0]['nu']['fc2']['kernel'].get_raw_value().sharding.spec == P('model', None)
+    assert restored['optimizer']['opt_state'][0]['nu']['fc2']['kernel'].get_raw_value().sharding.spec == P(
+      'model', None
+    )
 
 
 def test_sharding_problems_are_found_while_planning_all_together(linen_run, mesh, monkeypatch):
@@ -223,14 +256,18 @@ def test_sharding_problems_are_found_while_planning_all_together(linen_run, mesh
 
   abstract = jax.tree_util.tree_map_with_path(put, abstract_of(), is_leaf=lambda x: isinstance(x, nnx.Variable))
   before = models.tree_hash(linen_run)
-  for attempt in (lambda: plan(linen_run / '2', abstract, rules=MLP_RULES, replica_axis='dp'),
-                  lambda: ocp.CheckpointManager(linen_run).restore(
-                      2, args=LinenCompatRestore(abstract, rules=MLP_RULES, replica_axis='dp'))):
+  for attempt in (
+    lambda: plan(linen_run / '2', abstract, rules=MLP_RULES, replica_axis='dp'),
+    lambda: ocp.CheckpointManager(linen_run).restore(
+      2, args=LinenCompatRestore(abstract, rules=MLP_RULES, replica_axis='dp')
+    ),
+  ):
     with pytest.raises(PlanError) as e:
       attempt()
     msg = str(e.value)
-    assert ("target 'model/fc1/kernel' (16, 10): dimension 1 (10) is not divisible by mesh axes ('data',)"
-            " (size 4)") in msg
+    assert (
+      "target 'model/fc1/kernel' (16, 10): dimension 1 (10) is not divisible by mesh axes ('data',) (size 4)"
+    ) in msg
     assert "target 'model/fc2/kernel' (10, 8): dimension 0 (10) is not divisible" in msg
     assert "replica_axis='dp' is no axis of the target meshes (axes: 'data', 'model')" in msg
     assert 'shapes differ' in msg  # with the plan's own problems, in one error
@@ -248,8 +285,10 @@ def test_truncated_metadata_names_the_file(linen_run):
   meta = linen_run / '2' / 'default' / '_METADATA'
   text = meta.read_text()
   meta.write_text(text[: len(text) // 2])
-  for attempt in (lambda: plan(linen_run / '2', abstract_of(), rules=MLP_RULES),
-                  lambda: ocp.CheckpointManager(linen_run).restore(2, args=LinenCompatRestore(abstract_of(), rules=MLP_RULES))):
+  for attempt in (
+    lambda: plan(linen_run / '2', abstract_of(), rules=MLP_RULES),
+    lambda: ocp.CheckpointManager(linen_run).restore(2, args=LinenCompatRestore(abstract_of(), rules=MLP_RULES)),
+  ):
     with pytest.raises(DamagedCheckpointError) as e:
       attempt()
     assert str(meta) in str(e.value) and 'JSONDecodeError' in str(e.value) and 'all_steps()' in str(e.value)
@@ -301,8 +340,9 @@ def test_partial_leaves_what_it_did_not_fill_to_the_model(linen_run):
   fresh = np.asarray(ts['model'].fc3.kernel.get_value())
   nnx.update(ts, restored)
   np.testing.assert_array_equal(np.asarray(ts['model'].fc3.kernel.get_value()), fresh)
-  np.testing.assert_array_equal(np.asarray(ts['model'].fc1.kernel.get_value()),
-                                np.asarray(restored['model']['fc1']['kernel'].get_value()))
+  np.testing.assert_array_equal(
+    np.asarray(ts['model'].fc1.kernel.get_value()), np.asarray(restored['model']['fc1']['kernel'].get_value())
+  )
   assert ts['model'](np.ones((1, models.D_IN), np.float32)).shape == (1, models.D_OUT)
 
 
@@ -323,8 +363,14 @@ def test_a_placeholder_can_be_looked_at_but_not_used(linen_run, mesh):
   kernel = restored['model']['fc3']['kernel']
   assert isinstance(kernel, jax.ShapeDtypeStruct) and kernel.sharding == pure['model']['fc3']['kernel'].sharding
   x = np.ones((1, models.D_OUT), np.float32)
-  for use in (lambda: x @ kernel, lambda: jax.numpy.dot(x, kernel), lambda: jax.jit(lambda k: x @ k)(kernel),
-              lambda: jax.device_put(kernel), lambda: np.asarray(kernel), lambda: jax.eval_shape(jnp_sum, kernel)):
+  for use in (
+    lambda: x @ kernel,
+    lambda: jax.numpy.dot(x, kernel),
+    lambda: jax.jit(lambda k: x @ k)(kernel),
+    lambda: jax.device_put(kernel),
+    lambda: np.asarray(kernel),
+    lambda: jax.eval_shape(jnp_sum, kernel),
+  ):
     with pytest.raises(orbax_linen_nnx.NotRestoredError, match="'model/fc3/kernel' .* was not restored.*nnx.update"):
       use()
   # Filled by hand, the tree restores the model.
@@ -358,16 +404,21 @@ def test_leaves_without_a_sharding_join_the_mesh_the_others_use(tmp_path, mesh):
   """Replicated on the one mesh the other targets use; a large one noted in the plan and warned of (every
   device holds all of it); on several meshes, a problem naming mesh=, whose fix then restores."""
   big = np.arange(1024 * 4200, dtype=np.float32).reshape(1024, 4200)  # 16.4 MiB, above UNSHARDED_NOTE_BYTES
-  ocp.PyTreeCheckpointer().save(tmp_path / 'c', {'embed': big, 'w': np.ones((8, 8), np.float32),
-                                                 'v': np.ones((8,), np.float32)})
+  ocp.PyTreeCheckpointer().save(
+    tmp_path / 'c', {'embed': big, 'w': np.ones((8, 8), np.float32), 'v': np.ones((8,), np.float32)}
+  )
   other = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ('a', 'b'))
-  target = {'embed': jax.ShapeDtypeStruct(big.shape, np.float32),
-            'w': jax.ShapeDtypeStruct((8, 8), np.float32, sharding=NamedSharding(mesh, P('data', 'model'))),
-            'v': jax.ShapeDtypeStruct((8,), np.float32, sharding=NamedSharding(mesh, P('data')))}
+  target = {
+    'embed': jax.ShapeDtypeStruct(big.shape, np.float32),
+    'w': jax.ShapeDtypeStruct((8, 8), np.float32, sharding=NamedSharding(mesh, P('data', 'model'))),
+    'v': jax.ShapeDtypeStruct((8,), np.float32, sharding=NamedSharding(mesh, P('data'))),
+  }
   notes = plan(tmp_path / 'c', target).notes
-  assert notes == ('1 target(s) give no sharding: replicated on the mesh (data=4, model=2) the others use',
-                   "'embed' (16.4 MiB) gives no sharding: replicated, every one of the 8 devices holds all of it"
-                   ' (131.2 MiB in all); give it a sharding to split it')
+  assert notes == (
+    '1 target(s) give no sharding: replicated on the mesh (data=4, model=2) the others use',
+    "'embed' (16.4 MiB) gives no sharding: replicated, every one of the 8 devices holds all of it"
+    ' (131.2 MiB in all); give it a sharding to split it',
+  )
   with pytest.warns(orbax_linen_nnx.LinenCompatWarning, match="'embed' .16.4 MiB. gives no sharding"):
     restored = orbax_linen_nnx.restore(tmp_path / 'c', target)
   assert restored['embed'].sharding == NamedSharding(mesh, P())
@@ -380,9 +431,12 @@ def test_leaves_without_a_sharding_join_the_mesh_the_others_use(tmp_path, mesh):
   assert abs(total - exact) <= 2 * np.ceil(np.log2(big.size)) * np.finfo(np.float32).eps * exact
 
   target['v'] = jax.ShapeDtypeStruct((8,), np.float32, sharding=NamedSharding(other, P('b')))
-  with pytest.raises(PlanError, match=r"1 target\(s\) give no sharding \('embed'\) and the others use 2 meshes"
-                     r' \(a=2, b=4; data=4, model=2\): say which one they are replicated on with'
-                     r' LinenCompatRestore\(..., mesh=mesh\)'):
+  with pytest.raises(
+    PlanError,
+    match=r"1 target\(s\) give no sharding \('embed'\) and the others use 2 meshes"
+    r' \(a=2, b=4; data=4, model=2\): say which one they are replicated on with'
+    r' LinenCompatRestore\(..., mesh=mesh\)',
+  ):
     plan(tmp_path / 'c', target)
   with pytest.warns(orbax_linen_nnx.LinenCompatWarning):
     restored = orbax_linen_nnx.restore(tmp_path / 'c', target, mesh=other)

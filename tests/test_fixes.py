@@ -39,8 +39,10 @@ def cnn_run(tmp_path_factory):
 def target_file(tmp_path_factory):
   """`--target FILE:abstract` for the port (an absolute path: a printed command runs from anywhere)."""
   path = tmp_path_factory.mktemp('target') / 'target.py'
-  path.write_text(f'import sys\nsys.path.insert(0, {models.__file__.rsplit("/", 1)[0]!r})\n'
-                  'from ports import abstract_cnn as abstract\n')
+  path.write_text(
+    f'import sys\nsys.path.insert(0, {models.__file__.rsplit("/", 1)[0]!r})\n'
+    'from ports import abstract_cnn as abstract\n'
+  )
   return f'{path}:abstract'
 
 
@@ -95,9 +97,11 @@ def test_a_cnn_without_rules_fits_one_screen_fix_first_and_the_python_fix_works(
   for name in ports.CNN_RULES:
     assert sum(line.startswith(f"  source module '{name}' is not used by any target") for line in lines) == 1
   bn1 = next(line for line in lines if line.startswith("  target module 'bn1'"))
-  assert bn1 == ("  target module 'bn1' has no source: bias (8,), mean (8,), scale (8,), var (8,) (+4 optimizer"
-                 " leaves); closest unused: 'BatchNorm_0' (the same leaves and shapes), 'BatchNorm_1' (the same"
-                 " leaves, other shapes)")
+  assert bn1 == (
+    "  target module 'bn1' has no source: bias (8,), mean (8,), scale (8,), var (8,) (+4 optimizer"
+    " leaves); closest unused: 'BatchNorm_0' (the same leaves and shapes), 'BatchNorm_1' (the same"
+    " leaves, other shapes)"
+  )
   # Leaf by leaf behind `details`: 6 modules x (params + batch stats + Adam's two moments), each side.
   assert len(e.value.details) == 80
   assert "source 'batch_stats/BatchNorm_1/var' (16,) float32 is not used by any target" in e.value.details
@@ -135,15 +139,30 @@ def test_every_fix_the_command_line_proposes_works_as_printed(cnn_run, target_fi
   # 1. --rules auto.
   assert cli.main(['plan', src, '--target', target_file, '--rules', 'auto']) == cli.EXIT_OK
   # 2. The file, by the command printed, run as printed in a shell (the installed entry point).
-  command = re.search(r'to keep them as a file: (.*? --suggest-rules) > rules\.py, then --rules rules\.py:RULES', fix)[1]
+  command = re.search(r'to keep them as a file: (.*? --suggest-rules) > rules\.py, then --rules rules\.py:RULES', fix)[
+    1
+  ]
   bin_dir = os.path.dirname(sys.executable)
-  done = subprocess.run(['bash', '-c', f'{command} > rules.py'], cwd=tmp_path, capture_output=True, text=True,
-                        timeout=240, env={**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}',
-                                          'JAX_PLATFORMS': 'cpu'})
+  done = subprocess.run(
+    ['bash', '-c', f'{command} > rules.py'],
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    timeout=240,
+    env={**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'JAX_PLATFORMS': 'cpu'},
+  )
   assert done.returncode == 0, done.stderr
   capsys.readouterr()
-  convert = ['convert', src, str(tmp_path / 'nnx' / '1'), '--target', target_file, '--rules',
-             f'{tmp_path}/rules.py:RULES', '--quiet']
+  convert = [
+    'convert',
+    src,
+    str(tmp_path / 'nnx' / '1'),
+    '--target',
+    target_file,
+    '--rules',
+    f'{tmp_path}/rules.py:RULES',
+    '--quiet',
+  ]
   assert cli.main(convert) == cli.EXIT_OK, capsys.readouterr().err
   abstract = ports.abstract_cnn()  # plain Orbax reads what the fix made (the Dropout's RNG stream: none in Linen)
   abstract['model'] = abstract['model'].filter(nnx.Not(nnx.RngState))
@@ -168,12 +187,17 @@ def test_a_typo_is_dropped_from_the_fix_on_both_faces(cnn_run, target_file, tmp_
   # The command line: a rules file with the typo; the fix names the file to write, which then works.
   (tmp_path / 'mine.py').write_text(f'RULES = {typo!r}\n')
   capsys.readouterr()
-  assert cli.main(['plan', str(run / '1'), '--target', target_file, '--rules', f'{tmp_path}/mine.py:RULES']) == \
-      cli.EXIT_PLAN
+  assert (
+    cli.main(['plan', str(run / '1'), '--target', target_file, '--rules', f'{tmp_path}/mine.py:RULES']) == cli.EXIT_PLAN
+  )
   err = capsys.readouterr().err
-  table = re.search(r'Fix: write the renames in a file, rules\.py holding RULES = (\{.*?\}), and pass --rules'
-                    r' rules\.py:RULES', err)
+  table = re.search(
+    r'Fix: write the renames in a file, rules\.py holding RULES = (\{.*?\}), and pass --rules'
+    r' rules\.py:RULES',
+    err,
+  )
   assert table, err
   (tmp_path / 'rules.py').write_text(f'RULES = {table[1]}\n')
-  assert cli.main(['plan', str(run / '1'), '--target', target_file, '--rules', f'{tmp_path}/rules.py:RULES']) == \
-      cli.EXIT_OK
+  assert (
+    cli.main(['plan', str(run / '1'), '--target', target_file, '--rules', f'{tmp_path}/rules.py:RULES']) == cli.EXIT_OK
+  )

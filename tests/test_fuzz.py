@@ -42,16 +42,19 @@ from helpers import ChunkLoads
 EXAMPLES = int(os.environ.get('FUZZ_EXAMPLES', '6'))
 DTYPES = [np.dtype('float32'), np.dtype(ml_dtypes.bfloat16), np.dtype('int8'), np.dtype('bool')]
 OPTIMIZERS = {
-    'adam': lambda: optax.adam(1e-3),
-    'adamw_chain': lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)),
-    'sgd_momentum': lambda: optax.sgd(1e-2, momentum=0.9),
-    'lion': lambda: optax.lion(1e-4),
-    'inject': lambda: optax.inject_hyperparams(optax.adam)(learning_rate=1e-3),
+  'adam': lambda: optax.adam(1e-3),
+  'adamw_chain': lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)),
+  'sgd_momentum': lambda: optax.sgd(1e-2, momentum=0.9),
+  'lion': lambda: optax.lion(1e-4),
+  'inject': lambda: optax.inject_hyperparams(optax.adam)(learning_rate=1e-3),
 }
 
-names = st.builds(lambda head, tail, n: head + tail + (f'_{n}' if n is not None else ''),
-                  st.sampled_from(string.ascii_lowercase), st.text('abcxyz_', max_size=3),
-                  st.one_of(st.none(), st.integers(0, 12)))
+names = st.builds(
+  lambda head, tail, n: head + tail + (f'_{n}' if n is not None else ''),
+  st.sampled_from(string.ascii_lowercase),
+  st.text('abcxyz_', max_size=3),
+  st.one_of(st.none(), st.integers(0, 12)),
+)
 # Orbax refuses to save arrays of size 0 ('Cannot save arrays with zero size'), so no checkpoint holds one.
 shapes = st.one_of(st.just(()), st.lists(st.integers(1, 8), min_size=1, max_size=3).map(tuple))
 
@@ -92,9 +95,11 @@ def _values(spec, rng):
 
 def _randomize(tree, rng):
   """Every float leaf of an optimizer state random (its init is mostly zeros); counts as they are."""
+
   def f(a):
     a = np.asarray(a)
     return rng.normal(size=a.shape).astype(a.dtype) if a.dtype.kind == 'f' or a.dtype == ml_dtypes.bfloat16 else a
+
   return jax.tree.map(f, tree)
 
 
@@ -116,18 +121,30 @@ def _shard(abstract, mesh, draw):
       return leaf
     s = jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(mesh, _spec(v.shape, draw)))
     return leaf.copy(s) if is_var else s
+
   return jax.tree.map(put, abstract, is_leaf=lambda x: isinstance(x, (nnx.Variable, jax.ShapeDtypeStruct)))
 
 
 block = _tree(0)  # the leaves of one layer of a stack
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
-          phases=[Phase.explicit, Phase.generate])  # no shrinking: each example writes checkpoints
-@given(spec=_tree(2), opt=st.sampled_from(sorted(OPTIMIZERS)), seed=st.integers(0, 2**16),
-       rename=st.booleans(), break_it=st.sampled_from([None, None, 'shape', 'extra']),
-       layers=st.one_of(st.none(), st.tuples(block, st.integers(1, 4), st.sampled_from(['unrolled', 'stacked']))),
-       flip=st.booleans(), data=st.data())
+@settings(
+  max_examples=EXAMPLES,
+  deadline=None,
+  suppress_health_check=list(HealthCheck),
+  derandomize=True,
+  phases=[Phase.explicit, Phase.generate],
+)  # no shrinking: each example writes checkpoints
+@given(
+  spec=_tree(2),
+  opt=st.sampled_from(sorted(OPTIMIZERS)),
+  seed=st.integers(0, 2**16),
+  rename=st.booleans(),
+  break_it=st.sampled_from([None, None, 'shape', 'extra']),
+  layers=st.one_of(st.none(), st.tuples(block, st.integers(1, 4), st.sampled_from(['unrolled', 'stacked']))),
+  flip=st.booleans(),
+  data=st.data(),
+)
 def test_linen_nnx_linen_round_trip(mesh, spec, opt, seed, rename, break_it, layers, flip, data):
   rng = np.random.default_rng(seed)
   params = _values(spec, rng)
@@ -140,8 +157,7 @@ def test_linen_nnx_linen_round_trip(mesh, spec, opt, seed, rename, break_it, lay
     one, n, how = layers
     per_layer = [_values(one, rng) for _ in range(n)]
     params.update({f'blocks_{i}': b for i, b in enumerate(per_layer)})
-    nnx_params['blocks'] = (per_layer if how == 'unrolled'
-                            else jax.tree.map(lambda *a: np.stack(a), *per_layer))
+    nnx_params['blocks'] = per_layer if how == 'unrolled' else jax.tree.map(lambda *a: np.stack(a), *per_layer)
     stacks = {'blocks': {'linen': 0, 'nnx': 0}} if how == 'stacked' else None
   two_d = [k for k, v in params.items() if not isinstance(v, dict) and np.ndim(v) == 2 and not k.startswith('blocks')]
   if flip and two_d:  # a transposed leaf, and the rule that says so (inverted on the way back)
@@ -179,7 +195,9 @@ def test_linen_nnx_linen_round_trip(mesh, spec, opt, seed, rename, break_it, lay
         with pytest.raises(PlanError):
           ocp.CheckpointManager(tmp / 'linen').restore(1, args=LinenCompatRestore(abstract, rules=rules, stacks=stacks))
       else:
-        restored = ocp.CheckpointManager(tmp / 'linen').restore(1, args=LinenCompatRestore(abstract, rules=rules, stacks=stacks))
+        restored = ocp.CheckpointManager(tmp / 'linen').restore(
+          1, args=LinenCompatRestore(abstract, rules=rules, stacks=stacks)
+        )
     if break_it:
       assert loads.count == 0  # only metadata was read
       return
@@ -199,6 +217,8 @@ def test_linen_nnx_linen_round_trip(mesh, spec, opt, seed, rename, break_it, lay
     with ocp.CheckpointManager(tmp / 'nnx') as m:
       m.save(1, args=ocp.args.StandardSave(restored))
     linen_abstract = _shard(jax.eval_shape(lambda: linen), mesh, data.draw)
-    back = ocp.CheckpointManager(tmp / 'nnx').restore(1, args=LinenCompatRestore(linen_abstract, rules=rules, stacks=stacks))
+    back = ocp.CheckpointManager(tmp / 'nnx').restore(
+      1, args=LinenCompatRestore(linen_abstract, rules=rules, stacks=stacks)
+    )
     models.assert_all_equal(back, linen)
     models.assert_sharded_as(back, linen_abstract)

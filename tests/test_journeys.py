@@ -24,7 +24,6 @@ from models import DROP_RULES
 from orbax_linen_nnx import LinenCompatRestore, LinenCompatSave, LinenCompatWarning, PlanError
 
 
-
 def test_linen_run_with_dropout_and_batchnorm_resumes_in_nnx(tmp_path, mesh):
   """The README pattern on the most common model: abstract from nnx.eval_shape, restore, nnx.update into a
   fresh model, train. The Linen checkpoint holds no RNG stream: the fresh model keeps its own (it seeded
@@ -33,8 +32,7 @@ def test_linen_run_with_dropout_and_batchnorm_resumes_in_nnx(tmp_path, mesh):
   save(tmp_path, step=2, what=ocp.args.StandardSave(linen))
   abstract = models.shard_abstract(nnx.state(nnx.eval_shape(make_bn_drop)), mesh, 'two_axes')
 
-  plan = ocp.CheckpointManager(tmp_path).restore(2, args=LinenCompatRestore(abstract, rules=DROP_RULES,
-                                                                            dry_run=True))
+  plan = ocp.CheckpointManager(tmp_path).restore(2, args=LinenCompatRestore(abstract, rules=DROP_RULES, dry_run=True))
   assert {'/'.join(t.path) for t in plan.kept} == {'model/drop/rngs/key', 'model/drop/rngs/count'}
   with warnings.catch_warnings():  # keeping the model's RNG streams is the documented resume: a plan line, no warning
     warnings.simplefilter('error', LinenCompatWarning)
@@ -60,8 +58,9 @@ def test_linen_run_with_dropout_and_batchnorm_resumes_in_nnx(tmp_path, mesh):
     linen_losses.append(loss)
     nnx_losses.append(models.nnx_bn_drop_step(state['model'], state['optimizer'], False))
     if k == 0:
-      models.assert_reductions_close(state['model'].bn.mean.get_value(),
-                                     linen_next.batch_stats['BatchNorm_0']['mean'], terms=models.BN_STEP_TERMS)
+      models.assert_reductions_close(
+        state['model'].bn.mean.get_value(), linen_next.batch_stats['BatchNorm_0']['mean'], terms=models.BN_STEP_TERMS
+      )
   models.assert_reductions_close(np.array(nnx_losses), np.array(linen_losses), terms=2 * models.BN_STEP_TERMS)
   # ... and with dropout on, the fresh model's own stream draws the masks.
   count = int(state['model'].drop.rngs.count.get_value())
@@ -94,12 +93,17 @@ def test_bridge_model_restored_with_partial_flattens_and_trains(tmp_path, mesh):
     warnings.simplefilter('error', LinenCompatWarning)
     restored = ocp.CheckpointManager(tmp_path).restore(1, args=LinenCompatRestore(abstract, partial=True))
   shapes = jax.tree.map(lambda a: a.shape, restored.to_pure_dict())
-  assert shapes == {'Dense_0': {'bias': (models.D_HID,), 'kernel': (models.D_IN, models.D_HID)},
-                    'Dense_1': {'bias': (models.D_OUT,), 'kernel': (models.D_HID, models.D_OUT)}}
+  assert shapes == {
+    'Dense_0': {'bias': (models.D_HID,), 'kernel': (models.D_IN, models.D_HID)},
+    'Dense_1': {'bias': (models.D_OUT,), 'kernel': (models.D_HID, models.D_OUT)},
+  }
   model = make()
   nnx.update(model, restored)
-  models.assert_same(nnx.state(model), models.flat(variables),
-                     {f'{m}/{leaf}': f'params/{m}/{leaf}' for m in ('Dense_0', 'Dense_1') for leaf in ('kernel', 'bias')})
+  models.assert_same(
+    nnx.state(model),
+    models.flat(variables),
+    {f'{m}/{leaf}': f'params/{m}/{leaf}' for m in ('Dense_0', 'Dense_1') for leaf in ('kernel', 'bias')},
+  )
   optimizer = nnx.Optimizer(model, tx(), wrt=nnx.Param)
   x, y = models.batch()
   before = np.asarray(model.Dense_0['kernel'].get_value())
@@ -123,8 +127,13 @@ def test_pure_dict_with_unsharded_rng_keys_computes_in_one_jit(tmp_path, mesh):
 
   pure = nnx.to_pure_dict(nnx.state(nnx.eval_shape(make_bn_drop)))
   pure = jax.tree_util.tree_map_with_path(
-      lambda kp, x: x if 'rngs' in jax.tree_util.keystr(kp) else jax.ShapeDtypeStruct(
-          x.shape, x.dtype, sharding=models.sharding_for(x.shape, mesh, 'two_axes')), pure)
+    lambda kp, x: (
+      x
+      if 'rngs' in jax.tree_util.keystr(kp)
+      else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=models.sharding_for(x.shape, mesh, 'two_axes'))
+    ),
+    pure,
+  )
   plan = ocp.CheckpointManager(tmp_path).restore(2, args=LinenCompatRestore(pure, dry_run=True))
   assert '2 target(s) give no sharding: replicated on the mesh (data=4, model=2) the others use' in str(plan)
   restored = ocp.CheckpointManager(tmp_path).restore(2, args=LinenCompatRestore(pure))
@@ -156,20 +165,31 @@ def test_nnx_run_saved_as_linen_is_read_and_trained_by_plain_linen_code(tmp_path
   mlp = models.nnx_train_state(models.NnxMLP, tx())
   models.nnx_step(mlp['model'], mlp['optimizer'])
   linen_mlp = models.LinenMLP()
-  target = jax.eval_shape(lambda: models.train_state.TrainState.create(
-      apply_fn=linen_mlp.apply, params=linen_mlp.init(jax.random.key(0), jnp.ones((1, models.D_IN)))['params'],
-      tx=tx()))
+  target = jax.eval_shape(
+    lambda: models.train_state.TrainState.create(
+      apply_fn=linen_mlp.apply, params=linen_mlp.init(jax.random.key(0), jnp.ones((1, models.D_IN)))['params'], tx=tx()
+    )
+  )
   save(tmp_path / 'mlp', step=1, what=LinenCompatSave(mlp, rules=models.MLP_RULES, target=target))
 
-  out = read_with_linen([{'directory': str(tmp_path / 'bn'), 'step': 2, 'kind': 'bn_drop', 'steps': 2},
-                         {'directory': str(tmp_path / 'mlp'), 'step': 1, 'kind': 'mlp_params', 'steps': 2}])
+  out = read_with_linen(
+    [
+      {'directory': str(tmp_path / 'bn'), 'step': 2, 'kind': 'bn_drop', 'steps': 2},
+      {'directory': str(tmp_path / 'mlp'), 'step': 1, 'kind': 'mlp_params', 'steps': 2},
+    ]
+  )
   bn, mlp_read = out['results']
   assert bn['sharded_as_asked'] and mlp_read['sharded_as_asked']
   # Every value bit for bit, under the names Linen gives it.
   ours = models.host_values(nnx.state(state))
   for nnx_path, linen_path in linen_pairs().items():
-    np.testing.assert_array_equal(np.asarray(bn['values'][linen_path], ours[nnx_path].dtype).astype(
-        np.int64 if 'step' in nnx_path else ours[nnx_path].dtype), ours[nnx_path], err_msg=nnx_path)
+    np.testing.assert_array_equal(
+      np.asarray(bn['values'][linen_path], ours[nnx_path].dtype).astype(
+        np.int64 if 'step' in nnx_path else ours[nnx_path].dtype
+      ),
+      ours[nnx_path],
+      err_msg=nnx_path,
+    )
   assert bn['step'] == 2 + 2
 
   nnx_losses = [models.nnx_bn_drop_step(state['model'], state['optimizer'], False) for _ in range(2)]
@@ -255,14 +275,23 @@ def test_the_proposed_rules_are_a_one_to_one_pairing_that_restores(tmp_path, mes
   with pytest.raises(PlanError) as e:
     ocp.CheckpointManager(tmp_path).restore(1, args=LinenCompatRestore(abstract))
   rules = proposed_rules(e.value)
-  assert rules == {'Conv_0': 'conv', 'Dense_0': 'inp', 'Dense_1': 'proj', 'Dense_2': 'hidden', 'Dense_3': 'out',
-                   'LayerNorm_0': 'norm'}
+  assert rules == {
+    'Conv_0': 'conv',
+    'Dense_0': 'inp',
+    'Dense_1': 'proj',
+    'Dense_2': 'hidden',
+    'Dense_3': 'out',
+    'LayerNorm_0': 'norm',
+  }
   restored = ocp.CheckpointManager(tmp_path).restore(1, args=LinenCompatRestore(abstract, rules=rules))
   model = NnxSix(nnx.Rngs(1))
   nnx.update(model, restored)
-  models.assert_same(nnx.state(model), models.flat(variables),
-                     {f'{n}/{leaf}': f'params/{l}/{leaf}' for l, n in rules.items() for leaf in ('kernel', 'bias')
-                      if l != 'LayerNorm_0'} | {'norm/scale': 'params/LayerNorm_0/scale'})
+  models.assert_same(
+    nnx.state(model),
+    models.flat(variables),
+    {f'{n}/{leaf}': f'params/{l}/{leaf}' for l, n in rules.items() for leaf in ('kernel', 'bias') if l != 'LayerNorm_0'}
+    | {'norm/scale': 'params/LayerNorm_0/scale'},
+  )
   # The same forward pass: Linen's apply and NNX's call on the same bits, summed in other orders.
   models.assert_reductions_close(model(x), LinenSix().apply(variables, x), terms=16 + 32 + 32 + 32 + 12 + 128)
   optimizer = nnx.Optimizer(model, tx(), wrt=nnx.Param)
@@ -292,13 +321,17 @@ def test_modules_the_shapes_cannot_tell_apart_are_said_so(tmp_path):
   save(tmp_path, step=1, what=ocp.args.StandardSave(variables))
   abstract = nnx.eval_shape(lambda: NnxTwins(nnx.Rngs(0)))
   for sorted_keys in (abstract, nnx.state(abstract)):
-    with pytest.raises(PlanError, match=r'Dense_0, Dense_1 and first, second all hold bias \(32,\), kernel'
-                       r' \(32, 32\) \(no attribute order on the NNX side.*check them'):
+    with pytest.raises(
+      PlanError,
+      match=r'Dense_0, Dense_1 and first, second all hold bias \(32,\), kernel'
+      r' \(32, 32\) \(no attribute order on the NNX side.*check them',
+    ):
       orbax_linen_nnx.plan(tmp_path / '1', sorted_keys)
   module = NnxTwins(nnx.Rngs(0))
   with pytest.raises(PlanError, match='paired in creation and attribute order') as e:
     orbax_linen_nnx.plan(tmp_path / '1', module)
   assert proposed_rules(e.value) == {'Dense_0': 'second', 'Dense_1': 'first'}
   restored = orbax_linen_nnx.restore(tmp_path / '1', module, rules=proposed_rules(e.value))
-  np.testing.assert_array_equal(np.asarray(restored.second.kernel.get_value()),
-                                np.asarray(variables['params']['Dense_0']['kernel']))
+  np.testing.assert_array_equal(
+    np.asarray(restored.second.kernel.get_value()), np.asarray(variables['params']['Dense_0']['kernel'])
+  )

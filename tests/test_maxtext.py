@@ -94,7 +94,9 @@ def test_a_linen_run_without_nnx_aux_keeps_the_targets_rng_and_says_so(tmp_path,
   kept = {'/'.join(t.path) for t in plan.kept}
   assert {'model/drop/rngs/key', 'model/drop/rngs/count'} <= kept
   assert 'NNX-only state' in str(plan)
-  with pytest.raises(PlanError, match=r"target module 'bn' has no source: mean \(32,\), var \(32,\)"):  # no NNX-only state
+  with pytest.raises(
+    PlanError, match=r"target module 'bn' has no source: mean \(32,\), var \(32,\)"
+  ):  # no NNX-only state
     orbax_linen_nnx.plan(tmp_path / '2' / 'items', abstract)
 
 
@@ -136,6 +138,7 @@ def test_published_bare_directory_restores_with_one_call(tmp_path, mesh):
 # layer under params stacked at axis 1; `step` stays int32 and nothing under
 # `optimizer` is wrapped in {'value': ...}.
 
+
 def _per_layer_names(tree):
   """{'layers': {0: a, 1: b}} -> {'layers_0': a, 'layers_1': b}, wherever it occurs."""
   if not isinstance(tree, dict):
@@ -154,8 +157,9 @@ def _unstack_layers(tree, axis: int, n: int):
   out = {}
   for k, v in tree.items():
     if k == 'layers':
-      out.update({f'layers_{i}': jax.tree.map(lambda a, i=i: np.take(np.asarray(a), i, axis=axis), v)
-                  for i in range(n)})
+      out.update(
+        {f'layers_{i}': jax.tree.map(lambda a, i=i: np.take(np.asarray(a), i, axis=axis), v) for i in range(n)}
+      )
     else:
       out[k] = _unstack_layers(v, axis, n) if isinstance(v, dict) else v
   return out
@@ -171,8 +175,10 @@ def converter_output(state, *, stacked: bool):
   opt = dict(pure['optimizer']['opt_state'][0])
   for m in ('mu', 'nu'):
     opt[m] = _unstack_layers(opt[m], 0, dec.N) if stacked else _per_layer_names(opt[m])
-  return {'model': jax.tree.map(lambda a: {'value': a}, model),
-          'optimizer': {'opt_state': {'0': opt}, 'step': np.asarray(pure['optimizer']['step'], np.int32)}}
+  return {
+    'model': jax.tree.map(lambda a: {'value': a}, model),
+    'optimizer': {'opt_state': {'0': opt}, 'step': np.asarray(pure['optimizer']['step'], np.int32)},
+  }
 
 
 @pytest.mark.parametrize('stacked', [False, True], ids=['unrolled', 'stacked_axis1'])
@@ -227,17 +233,22 @@ def _scan_state(make):
 def maxtext_scanned_items(rng):
   """What a MaxText pure_nnx run with scan_layers writes: params (and moments) at axis 1, batch stats at 0."""
   pure = nnx.state(_scan_state(ScannedNet)).to_pure_dict()
-  fill = lambda a: np.asarray(rng.normal(size=a.shape), a.dtype) if np.issubdtype(a.dtype, np.floating) else np.asarray(a)
+  fill = lambda a: (
+    np.asarray(rng.normal(size=a.shape), a.dtype) if np.issubdtype(a.dtype, np.floating) else np.asarray(a)
+  )
   pure = jax.tree.map(fill, pure)
   to_axis1 = lambda tree: jax.tree.map(lambda a: np.moveaxis(a, 0, 1), tree)
   layers = pure['model']['layers']
   params = {'mlp': layers['mlp'], 'bn': {k: layers['bn'][k] for k in ('scale', 'bias')}}
   opt = pure['optimizer']['opt_state'][0]
-  return {'params': {'params': {'layers': to_axis1(params)}},
-          'opt_state': [{'count': opt['count'], 'mu': {'params': to_axis1(opt['mu'])},
-                         'nu': {'params': to_axis1(opt['nu'])}}],
-          'step': np.asarray(pure['optimizer']['step'], np.int32),
-          'nnx_aux': {'model': {'layers': {'bn': {k: layers['bn'][k] for k in ('mean', 'var')}}}}}
+  return {
+    'params': {'params': {'layers': to_axis1(params)}},
+    'opt_state': [
+      {'count': opt['count'], 'mu': {'params': to_axis1(opt['mu'])}, 'nu': {'params': to_axis1(opt['nu'])}}
+    ],
+    'step': np.asarray(pure['optimizer']['step'], np.int32),
+    'nnx_aux': {'model': {'layers': {'bn': {k: layers['bn'][k] for k in ('mean', 'var')}}}},
+  }
 
 
 @pytest.mark.parametrize('target', ['vmap_stack', 'unrolled'])
@@ -255,13 +266,14 @@ def test_maxtext_scan_layout_params_at_axis_1_state_at_axis_0(tmp_path, mesh, ta
   mu = items['opt_state'][0]['mu']['params']['layers']
   for i in range(N_SCAN):
     at = (lambda name: f'model/layers/{name}') if target == 'vmap_stack' else (lambda name: f'model/layers/{i}/{name}')
-    pick = (lambda a, axis: np.take(a, i, axis=axis))
+    pick = lambda a, axis: np.take(a, i, axis=axis)
     layer = (lambda a: a[i]) if target == 'vmap_stack' else (lambda a: a)
     np.testing.assert_array_equal(layer(np.asarray(got[at('mlp/kernel')])), pick(p['mlp']['kernel'], 1))
     np.testing.assert_array_equal(layer(np.asarray(got[at('bn/scale')])), pick(p['bn']['scale'], 1))
     np.testing.assert_array_equal(layer(np.asarray(got[at('bn/mean')])), pick(aux['bn']['mean'], 0))
-    np.testing.assert_array_equal(layer(np.asarray(got['optimizer/opt_state/0/mu/' + at('mlp/bias')[6:]])),
-                                  pick(mu['mlp']['bias'], 1))
+    np.testing.assert_array_equal(
+      layer(np.asarray(got['optimizer/opt_state/0/mu/' + at('mlp/bias')[6:]])), pick(mu['mlp']['bias'], 1)
+    )
   models.assert_sharded_as(restored, abstract)
 
 
@@ -269,8 +281,9 @@ def test_per_layer_checkpoint_into_maxtext_scan_layout(tmp_path, mesh):
   """The other way: unrolled NNX blocks stacked into params at axis 1 and batch stats at axis 0."""
   state = _scan_state(UnrolledNet)
   rng = np.random.default_rng(1)
-  nnx.update(state['model'], jax.tree.map(lambda a: np.asarray(rng.normal(size=a.shape), a.dtype),
-                                          nnx.state(state['model'])))
+  nnx.update(
+    state['model'], jax.tree.map(lambda a: np.asarray(rng.normal(size=a.shape), a.dtype), nnx.state(state['model']))
+  )
   with ocp.CheckpointManager(tmp_path) as m:
     m.save(2, args=ocp.args.StandardSave(nnx.state(state)))
 
@@ -281,22 +294,28 @@ def test_per_layer_checkpoint_into_maxtext_scan_layout(tmp_path, mesh):
     return v.copy(jax.ShapeDtypeStruct(value.shape[1:2] + value.shape[:1] + value.shape[2:], value.dtype))
 
   abstract = nnx.state(nnx.eval_shape(lambda: _scan_state(ScannedNet)))
-  abstract = jax.tree_util.tree_map_with_path(lambda p, v: axis1(v, jax.tree_util.keystr(p)), abstract,
-                                              is_leaf=lambda x: isinstance(x, nnx.Variable))
+  abstract = jax.tree_util.tree_map_with_path(
+    lambda p, v: axis1(v, jax.tree_util.keystr(p)), abstract, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )
   abstract = models.shard_abstract(abstract, mesh, 'replicated')
   restored = ocp.CheckpointManager(tmp_path).restore(2, args=LinenCompatRestore(abstract))
   got, want = models.flat(restored), models.flat(nnx.state(state))
   for i in range(N_SCAN):
-    np.testing.assert_array_equal(np.asarray(got['model/layers/mlp/kernel'])[:, i], want[f'model/layers/{i}/mlp/kernel'])
+    np.testing.assert_array_equal(
+      np.asarray(got['model/layers/mlp/kernel'])[:, i], want[f'model/layers/{i}/mlp/kernel']
+    )
     np.testing.assert_array_equal(np.asarray(got['model/layers/bn/scale'])[:, i], want[f'model/layers/{i}/bn/scale'])
     np.testing.assert_array_equal(np.asarray(got['model/layers/bn/mean'])[i], want[f'model/layers/{i}/bn/mean'])
-    np.testing.assert_array_equal(np.asarray(got['optimizer/opt_state/0/nu/layers/mlp/bias'])[:, i],
-                                  want[f'optimizer/opt_state/0/nu/layers/{i}/mlp/bias'])
+    np.testing.assert_array_equal(
+      np.asarray(got['optimizer/opt_state/0/nu/layers/mlp/bias'])[:, i],
+      want[f'optimizer/opt_state/0/nu/layers/{i}/mlp/bias'],
+    )
   models.assert_sharded_as(restored, abstract)
 
 
 def test_to_nnx_bridge_rng_state_restores_exactly(tmp_path, mesh):
   """NNX -> NNX through nnx.bridge.ToNNX: its to_nnx__rngs keys and counts come back as they were."""
+
   def make(seed):
     m = nnx.bridge.ToNNX(models.LinenMLP(), rngs=nnx.Rngs(seed, dropout=seed + 1))
     nnx.bridge.lazy_init(m, np.ones((1, models.D_IN), np.float32))

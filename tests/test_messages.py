@@ -33,8 +33,9 @@ def test_a_near_miss_of_auto_is_named_alone(tmp_path, rules):
 
 def test_a_near_miss_of_auto_on_the_command_line(tmp_path, capsys):
   save(tmp_path, ports.linen_variables(ports.LNet()))
-  (tmp_path / 't.py').write_text('import sys\nsys.path.insert(0, %r)\nfrom ports import abstract_net\n'
-                                 % str(ports.__file__.rsplit('/', 1)[0]))
+  (tmp_path / 't.py').write_text(
+    'import sys\nsys.path.insert(0, %r)\nfrom ports import abstract_net\n' % str(ports.__file__.rsplit('/', 1)[0])
+  )
   target = f'{tmp_path}/t.py:abstract_net'
   for typo in ('atuo', 'Auto'):
     assert cli.main(['plan', str(tmp_path), '--target', target, '--rules', typo]) == cli.EXIT_USAGE
@@ -44,8 +45,14 @@ def test_a_near_miss_of_auto_on_the_command_line(tmp_path, capsys):
 
 def run_cli(*args, **kw):
   """The command line in a fresh process, as users run it."""
-  return subprocess.run([sys.executable, '-m', 'orbax_linen_nnx', *map(str, args)], capture_output=True, text=True,
-                        timeout=240, env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, **kw)
+  return subprocess.run(
+    [sys.executable, '-m', 'orbax_linen_nnx', *map(str, args)],
+    capture_output=True,
+    text=True,
+    timeout=240,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+    **kw,
+  )
 
 
 def test_version():
@@ -56,19 +63,24 @@ def test_version():
 def test_a_closed_pipe_ends_quietly(tmp_path):
   """`inspect --json | head`: the reader stops early; no traceback, no error (1,500 arrays: past a pipe's buffer)."""
   ocp.PyTreeCheckpointer().save(tmp_path / 'c', {f'layer_{i}': {'w': np.zeros((2,), np.float32)} for i in range(1500)})
-  shell = (f'{sys.executable} -m orbax_linen_nnx inspect --json {tmp_path / "c"} 2>{tmp_path / "err"} | head -c 100;'
-           ' exit ${PIPESTATUS[0]}')
-  done = subprocess.run(['bash', '-c', shell], capture_output=True, text=True, timeout=240,
-                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  shell = (
+    f'{sys.executable} -m orbax_linen_nnx inspect --json {tmp_path / "c"} 2>{tmp_path / "err"} | head -c 100;'
+    ' exit ${PIPESTATUS[0]}'
+  )
+  done = subprocess.run(
+    ['bash', '-c', shell], capture_output=True, text=True, timeout=240, env={**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  )
   assert len(done.stdout) == 100
   assert (tmp_path / 'err').read_text() == '' and done.returncode == 0
 
 
 def test_a_target_that_needs_arguments_says_how_to_give_one(tmp_path, capsys):
   save(tmp_path, ports.linen_variables(ports.LNet()))
-  (tmp_path / 't.py').write_text('import sys\nsys.path.insert(0, %r)\nfrom ports import Net\n\nfrom flax import nnx\n\n'
-                                 'def abstract():\n  return nnx.state(nnx.eval_shape(lambda: Net(nnx.Rngs(0))))\n'
-                                 % str(ports.__file__.rsplit('/', 1)[0]))
+  (tmp_path / 't.py').write_text(
+    'import sys\nsys.path.insert(0, %r)\nfrom ports import Net\n\nfrom flax import nnx\n\n'
+    'def abstract():\n  return nnx.state(nnx.eval_shape(lambda: Net(nnx.Rngs(0))))\n'
+    % str(ports.__file__.rsplit('/', 1)[0])
+  )
   assert cli.main(['plan', str(tmp_path), '--target', f'{tmp_path}/t.py:Net', '--rules', 'auto']) == cli.EXIT_USAGE
   err = capsys.readouterr().err
   assert 'calling it with no arguments failed' in err and 'def abstract(): return nnx.state(nnx.eval_shape(' in err
@@ -80,8 +92,16 @@ def test_a_target_that_needs_arguments_says_how_to_give_one(tmp_path, capsys):
 def test_convert_is_quiet_unless_asked_and_never_notes_before_a_refusal(tmp_path, capsys):
   save(tmp_path / 'linen', ports.linen_variables(ports.LNet()))
   (tmp_path / 'rules.py').write_text(f'RULES = {ports.NET_RULES!r}\n')
-  convert = ['convert', str(tmp_path / 'linen'), str(tmp_path / 'nnx'), '--to', 'nnx', '--rules',
-             f'{tmp_path}/rules.py:RULES', '--quiet']
+  convert = [
+    'convert',
+    str(tmp_path / 'linen'),
+    str(tmp_path / 'nnx'),
+    '--to',
+    'nnx',
+    '--rules',
+    f'{tmp_path}/rules.py:RULES',
+    '--quiet',
+  ]
   assert cli.main(convert) == cli.EXIT_OK
   out = capsys.readouterr()
   assert 'note' not in out.err and 'MiB measured' not in out.err + out.out
@@ -101,8 +121,10 @@ def test_a_destination_that_cannot_be_written_is_a_runtime_failure(tmp_path, cap
   """Exit 6 (storage or runtime failure), not 2 (bad command line)."""
   big_checkpoint(tmp_path / 'c')
   (tmp_path / 'a_file').write_text('')
-  assert cli.main(['convert', str(tmp_path / 'c'), str(tmp_path / 'a_file' / 'out'), '--to', 'nnx', '--quiet']
-                  ) == cli.EXIT_RUNTIME
+  assert (
+    cli.main(['convert', str(tmp_path / 'c'), str(tmp_path / 'a_file' / 'out'), '--to', 'nnx', '--quiet'])
+    == cli.EXIT_RUNTIME
+  )
   err = capsys.readouterr().err
   assert 'the run failed in storage or at run time' in err and 'a_file' in err, err
 
@@ -125,11 +147,28 @@ def test_a_full_disk_is_a_runtime_failure_and_leaves_nothing(tmp_path):
 
 def test_a_second_convert_into_the_same_destination_is_refused_at_once_and_the_first_finishes(tmp_path, capsys):
   src, dst = tmp_path / 'src', tmp_path / 'out'
-  ocp.PyTreeCheckpointer().save(src, {f'w{i}': np.random.default_rng(i).random((1024, 2048), np.float32)
-                                      for i in range(8)})  # 64 MiB: seconds to write in 256 KiB blocks
-  first = subprocess.Popen([sys.executable, '-m', 'orbax_linen_nnx', 'convert', str(src), str(dst), '--to', 'nnx',
-                            '--quiet', '--budget', '256KiB'], env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  ocp.PyTreeCheckpointer().save(
+    src, {f'w{i}': np.random.default_rng(i).random((1024, 2048), np.float32) for i in range(8)}
+  )  # 64 MiB: seconds to write in 256 KiB blocks
+  first = subprocess.Popen(
+    [
+      sys.executable,
+      '-m',
+      'orbax_linen_nnx',
+      'convert',
+      str(src),
+      str(dst),
+      '--to',
+      'nnx',
+      '--quiet',
+      '--budget',
+      '256KiB',
+    ],
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   claim = tmp_path / '.out.orbax-linen-nnx-convert.claim'
   deadline = time.monotonic() + 120
   while not claim.exists():
@@ -158,18 +197,37 @@ def test_a_claim_whose_convert_is_gone_is_taken_over(tmp_path):
 
 def test_plan_json_is_a_documented_schema(tmp_path, capsys):
   save(tmp_path, ports.linen_variables(ports.LNet()))
-  (tmp_path / 't.py').write_text('import sys\nsys.path.insert(0, %r)\nfrom ports import abstract_net\n'
-                                 % str(ports.__file__.rsplit('/', 1)[0]))
-  assert cli.main(['plan', str(tmp_path), '--target', f'{tmp_path}/t.py:abstract_net', '--rules', 'auto',
-                   '--json']) == cli.EXIT_OK
+  (tmp_path / 't.py').write_text(
+    'import sys\nsys.path.insert(0, %r)\nfrom ports import abstract_net\n' % str(ports.__file__.rsplit('/', 1)[0])
+  )
+  assert (
+    cli.main(['plan', str(tmp_path), '--target', f'{tmp_path}/t.py:abstract_net', '--rules', 'auto', '--json'])
+    == cli.EXIT_OK
+  )
   got = json.loads(capsys.readouterr().out)
-  assert set(got) == {'source_layout', 'target_layout', 'reads', 'kept', 'unused', 'skipped', 'dropped', 'notes',
-                      'inferred_renames', 'cost'}
+  assert set(got) == {
+    'source_layout',
+    'target_layout',
+    'reads',
+    'kept',
+    'unused',
+    'skipped',
+    'dropped',
+    'notes',
+    'inferred_renames',
+    'cost',
+  }
   assert (got['source_layout'], got['target_layout']) == ('linen', 'nnx')
   assert got['inferred_renames'] == ports.NET_RULES
   read = next(r for r in got['reads'] if r['target'] == 'block_1/up/kernel')
-  assert read == {'target': 'block_1/up/kernel', 'shape': [ports.D, 2 * ports.D], 'dtype': 'float32',
-                  'sources': ['params.LBlock_1.Dense_0.kernel'], 'ops': [], 'rules': read['rules']}
+  assert read == {
+    'target': 'block_1/up/kernel',
+    'shape': [ports.D, 2 * ports.D],
+    'dtype': 'float32',
+    'sources': ['params.LBlock_1.Dense_0.kernel'],
+    'ops': [],
+    'rules': read['rules'],
+  }
   assert got['cost']['processes'] == 1 and got['cost']['summary']['read_bytes']['total'] > 0
 
 
@@ -182,10 +240,15 @@ def test_a_checkpoint_that_links_outside_itself_is_refused_on_every_face(tmp_pat
   link = tmp_path / 'run' / '1' / 'default' / 'notes'
   link.symlink_to(secret)
   src = str(tmp_path / 'run')
-  (tmp_path / 't.py').write_text('import sys\nsys.path.insert(0, %r)\nfrom ports import abstract_net\n'
-                                 % str(ports.__file__.rsplit('/', 1)[0]))
-  for command in (['inspect', src], ['plan', src, '--to', 'nnx'], ['convert', src, str(tmp_path / 'out'), '--to', 'nnx'],
-                  ['compare', src, src]):
+  (tmp_path / 't.py').write_text(
+    'import sys\nsys.path.insert(0, %r)\nfrom ports import abstract_net\n' % str(ports.__file__.rsplit('/', 1)[0])
+  )
+  for command in (
+    ['inspect', src],
+    ['plan', src, '--to', 'nnx'],
+    ['convert', src, str(tmp_path / 'out'), '--to', 'nnx'],
+    ['compare', src, src],
+  ):
     assert cli.main(command) == cli.EXIT_UNREADABLE, command
     assert f'{link} is a symlink to {secret}, outside the checkpoint' in capsys.readouterr().err, command
   assert not (tmp_path / 'out').exists()
@@ -236,11 +299,26 @@ def test_every_subcommand_help_has_a_description_examples_and_its_exit_codes(com
 def test_convert_json_summary(tmp_path, capsys):
   save(tmp_path / 'linen', ports.linen_variables(models.LinenMLP(), models.D_IN))
   (tmp_path / 'target.py').write_text(
-      'import sys\nsys.path.insert(0, %r)\nimport models\nfrom flax import nnx\n\n'
-      'def abstract():\n  return nnx.state(nnx.eval_shape(lambda: models.NnxMLPWithDropout(nnx.Rngs(0))))\n'
-      % str(ports.__file__.rsplit('/', 1)[0]))
-  assert cli.main(['convert', str(tmp_path / 'linen'), str(tmp_path / 'nnx'), '--target',
-                   f'{tmp_path}/target.py:abstract', '--rules', 'auto', '--quiet', '--json']) == cli.EXIT_OK
+    'import sys\nsys.path.insert(0, %r)\nimport models\nfrom flax import nnx\n\n'
+    'def abstract():\n  return nnx.state(nnx.eval_shape(lambda: models.NnxMLPWithDropout(nnx.Rngs(0))))\n'
+    % str(ports.__file__.rsplit('/', 1)[0])
+  )
+  assert (
+    cli.main(
+      [
+        'convert',
+        str(tmp_path / 'linen'),
+        str(tmp_path / 'nnx'),
+        '--target',
+        f'{tmp_path}/target.py:abstract',
+        '--rules',
+        'auto',
+        '--quiet',
+        '--json',
+      ]
+    )
+    == cli.EXIT_OK
+  )
   got = json.loads(capsys.readouterr().out)
   assert got['written'] == str(tmp_path / 'nnx' / 'default') and got['layout'] == 'nnx' and got['arrays'] == 4
   d_in, d_hid, d_out = models.D_IN, models.D_HID, models.D_OUT
@@ -260,15 +338,17 @@ def test_every_command_takes_quiet_and_verbose_and_they_say_less_and_more(tmp_pa
   rules = ['--rules', f'{tmp_path}/rules.py:RULES']
   assert cli.main(['convert', str(tmp_path / 'linen'), str(tmp_path / 'nnx'), '--to', 'nnx', *rules, '--quiet']) == 0
   said = {}
-  for command in (['inspect', str(tmp_path / 'linen')],
-                  ['plan', str(tmp_path / 'linen'), '--to', 'nnx', *rules],
-                  ['compare', str(tmp_path / 'linen'), str(tmp_path / 'nnx'), *rules]):
+  for command in (
+    ['inspect', str(tmp_path / 'linen')],
+    ['plan', str(tmp_path / 'linen'), '--to', 'nnx', *rules],
+    ['compare', str(tmp_path / 'linen'), str(tmp_path / 'nnx'), *rules],
+  ):
     capsys.readouterr()
     for level in ('--quiet', None, '--verbose'):
       assert cli.main(command + ([level] if level else [])) == cli.EXIT_OK
       said[command[0], level] = capsys.readouterr().out.splitlines()
   quiet, plain, verbose = (said['inspect', k] for k in ('--quiet', None, '--verbose'))
-  assert quiet == plain[:len(quiet)] and not any('chunk' in line for line in quiet)
+  assert quiet == plain[: len(quiet)] and not any('chunk' in line for line in quiet)
   assert len(plain) == len(verbose) and not any('stored as' in line for line in plain)
   assert "  stored as params.Dense_0.kernel" in '\n'.join(verbose)
   quiet, plain, verbose = (said['plan', k] for k in ('--quiet', None, '--verbose'))

@@ -24,11 +24,15 @@ REPO = WORKER.parent.parent
 TIMEOUT_S = 120  # hard limit for one configuration's processes, all together
 CONFIGS = [(2, 4), (4, 2)]  # (processes, CPU devices per process)
 EXPECTED_ERRORS = {
-    'no_rules': ["target module 'fc1' has no source: bias (512,), kernel (128, 512)",
-                 "source module 'Dense_0' is not used by any target: bias (512,), kernel (128, 512)",
-                 "rules={'Dense_0': 'fc1', 'Dense_1': 'fc2'}"],
-    'shape_mismatch': ["target 'model/fc1/kernel' (128, 384) float32 cannot be read from source"
-                       " 'params/params/Dense_0/kernel' (128, 512) float32: shapes differ"],
+  'no_rules': [
+    "target module 'fc1' has no source: bias (512,), kernel (128, 512)",
+    "source module 'Dense_0' is not used by any target: bias (512,), kernel (128, 512)",
+    "rules={'Dense_0': 'fc1', 'Dense_1': 'fc2'}",
+  ],
+  'shape_mismatch': [
+    "target 'model/fc1/kernel' (128, 384) float32 cannot be read from source"
+    " 'params/params/Dense_0/kernel' (128, 512) float32: shapes differ"
+  ],
 }
 
 
@@ -39,15 +43,14 @@ def free_port() -> int:
 
 
 def worker_env(process_id: int) -> dict[str, str]:
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(('XLA_', 'JAX_', 'TPU_', 'CUDA_', 'TF_'))}
+  env = {k: v for k, v in os.environ.items() if not k.startswith(('XLA_', 'JAX_', 'TPU_', 'CUDA_', 'TF_'))}
   env.update(
-      JAX_PLATFORMS='cpu',
-      # A different hash seed in each process: any decision that depends on
-      # set or dict-of-set iteration order would differ between them.
-      PYTHONHASHSEED=str(101 + process_id),
-      OMP_NUM_THREADS='1',
-      TF_CPP_MIN_LOG_LEVEL='1',
+    JAX_PLATFORMS='cpu',
+    # A different hash seed in each process: any decision that depends on
+    # set or dict-of-set iteration order would differ between them.
+    PYTHONHASHSEED=str(101 + process_id),
+    OMP_NUM_THREADS='1',
+    TF_CPP_MIN_LOG_LEVEL='1',
   )
   return env
 
@@ -59,9 +62,15 @@ def tail(path: Path, n: int = 3000) -> str:
     return '<none>'
 
 
-def launch(num_processes: int, local_devices: int, workdir: Path, timeout_s: float = TIMEOUT_S,
-           extra_args: dict[int, list[str]] | None = None, may_fail: tuple[int, ...] = (),
-           grace_s: float = 5):
+def launch(
+  num_processes: int,
+  local_devices: int,
+  workdir: Path,
+  timeout_s: float = TIMEOUT_S,
+  extra_args: dict[int, list[str]] | None = None,
+  may_fail: tuple[int, ...] = (),
+  grace_s: float = 5,
+):
   """Runs the worker in N processes; returns their JSON results, or fails with their output tails.
 
   Every process is killed when the time is up or when anything goes wrong here:
@@ -76,15 +85,31 @@ def launch(num_processes: int, local_devices: int, workdir: Path, timeout_s: flo
       stdout, stderr = open(f'{log}.out', 'wb'), open(f'{log}.err', 'wb')
       logs.append((Path(f'{log}.out'), Path(f'{log}.err')))
       outs.append(out)
-      cmd = [sys.executable, str(WORKER), '--port', str(port), '--num-processes', str(num_processes),
-             '--process-id', str(i), '--local-devices', str(local_devices),
-             '--dir', str(run_dir), '--out', str(out), *(extra_args or {}).get(i, [])]
+      cmd = [
+        sys.executable,
+        str(WORKER),
+        '--port',
+        str(port),
+        '--num-processes',
+        str(num_processes),
+        '--process-id',
+        str(i),
+        '--local-devices',
+        str(local_devices),
+        '--dir',
+        str(run_dir),
+        '--out',
+        str(out),
+        *(extra_args or {}).get(i, []),
+      ]
       with stdout, stderr:  # the child keeps its own copies of the descriptors
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=worker_env(i), stdin=subprocess.DEVNULL,
-                                      stdout=stdout, stderr=stderr))
+        procs.append(
+          subprocess.Popen(cmd, cwd=REPO, env=worker_env(i), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
+        )
     # Done when every process expected to finish has (one that may fail may also hang: it is killed then).
-    while any(p.poll() is None for i, p in enumerate(procs) if i not in may_fail) and \
-        time.monotonic() - start < timeout_s:
+    while (
+      any(p.poll() is None for i, p in enumerate(procs) if i not in may_fail) and time.monotonic() - start < timeout_s
+    ):
       # One failed process leaves the others waiting on it: stop them all.
       if any(p.poll() not in (None, 0) for p in procs):
         # Let the others fail on their own and report, if they do, then stop.
@@ -110,13 +135,21 @@ def launch(num_processes: int, local_devices: int, workdir: Path, timeout_s: flo
       results.append(None)
   codes = [p.returncode for p in procs]
   expected_ok = [i for i in range(num_processes) if i not in may_fail]
-  if any(i in expected_ok for i in hung) or any(codes[i] for i in expected_ok) or not all(results[i] and results[i]['ok'] for i in expected_ok):
-    report = [f'{num_processes} processes x {local_devices} devices (time limit {timeout_s}s):'
-              f' exit codes {codes}; still running after {wall:.1f}s, so killed: {hung}']
+  if (
+    any(i in expected_ok for i in hung)
+    or any(codes[i] for i in expected_ok)
+    or not all(results[i] and results[i]['ok'] for i in expected_ok)
+  ):
+    report = [
+      f'{num_processes} processes x {local_devices} devices (time limit {timeout_s}s):'
+      f' exit codes {codes}; still running after {wall:.1f}s, so killed: {hung}'
+    ]
     for i, ((o, e), r) in enumerate(zip(logs, results)):
       stage = r['stage'] if r else 'no result file'
-      report.append(f'--- process {i}: stage {stage!r}\n'
-                    f'{(r or {}).get("error", "")}\nstdout tail:\n{tail(o)}\nstderr tail:\n{tail(e)}')
+      report.append(
+        f'--- process {i}: stage {stage!r}\n'
+        f'{(r or {}).get("error", "")}\nstdout tail:\n{tail(o)}\nstderr tail:\n{tail(e)}'
+      )
     pytest.fail('\n'.join(report), pytrace=False)
   return results, wall, run_dir
 
@@ -151,8 +184,7 @@ def multihost(request, tmp_path_factory):
   n, k = request.param
   workdir = tmp_path_factory.mktemp(f'multihost_{n}x{k}')
   results, wall, run_dir = launch(n, k, workdir)
-  print(f'\n{n} processes x {k} devices: {wall:.1f}s wall;'
-        f' per-process stage times {[r["timings"] for r in results]}')
+  print(f'\n{n} processes x {k} devices: {wall:.1f}s wall; per-process stage times {[r["timings"] for r in results]}')
   return n, k, results, run_dir
 
 
@@ -161,9 +193,14 @@ def test_save_together_then_restore_every_addressable_shard(multihost):
   # A real multi-process Orbax save: one OCDBT store per process, one step.
   item = run_dir / '1' / 'default'
   assert sorted(p.name for p in item.glob('ocdbt.process_*')) == [f'ocdbt.process_{i}' for i in range(n)]
-  print('full restore, per process: ' + ', '.join(
+  print(
+    'full restore, per process: '
+    + ', '.join(
       f'{r["restored"]["chunk_reads"]} chunk reads (expected {r["restored"]["expected_chunk_reads"]}),'
-      f' {r["restored"]["file_bytes"]} bytes' for r in results))
+      f' {r["restored"]["file_bytes"]} bytes'
+      for r in results
+    )
+  )
   for r in results:
     restored = r['restored']
     # 2 kernels + 2 biases for the model, mu and nu; count; step.
@@ -180,9 +217,12 @@ def test_each_process_reads_only_the_chunks_under_its_own_shards(multihost):
   assert total_chunks >= 8, chunk  # stored as several chunks: one per device shard at save time
   for spec in results[0]['reads']:
     per_process = [r['reads'][spec] for r in results]
-    lines = [f'  process {r["process_id"]}: {m["chunk_reads"]} chunk reads (expected'
-             f' {m["expected_chunk_reads"]}, {m["distinct_slices"]} distinct slices),'
-             f' {m["file_bytes"]} bytes from disk' for r, m in zip(results, per_process)]
+    lines = [
+      f'  process {r["process_id"]}: {m["chunk_reads"]} chunk reads (expected'
+      f' {m["expected_chunk_reads"]}, {m["distinct_slices"]} distinct slices),'
+      f' {m["file_bytes"]} bytes from disk'
+      for r, m in zip(results, per_process)
+    ]
     print(f'{spec}: kernel {shape} in {total_chunks} chunks of {chunk}, {nbytes} bytes\n' + '\n'.join(lines))
     for m in per_process:
       assert m['chunk_reads'] == m['expected_chunk_reads'], (spec, m)
@@ -219,7 +259,7 @@ def test_the_plan_simulated_on_one_machine_reads_what_each_real_process_read(mul
     m = Mlp(nnx.Rngs(0))
     return {'model': m, 'optimizer': nnx.Optimizer(m, optax.adam(1e-2), wrt=nnx.Param)}
 
-  def sharded(v, spec_of=lambda shape: P(*('data', 'model')[:len(shape)])):
+  def sharded(v, spec_of=lambda shape: P(*('data', 'model')[: len(shape)])):
     raw = v.get_raw_value()
     return v.copy(jax.ShapeDtypeStruct(raw.shape, raw.dtype, sharding=NamedSharding(pod, spec_of(raw.shape))))
 
@@ -230,8 +270,9 @@ def test_the_plan_simulated_on_one_machine_reads_what_each_real_process_read(mul
   for r in results:
     assert plan.cost.of(r['process_id']).chunks == r['restored']['chunk_reads'], (r['process_id'], r['restored'])
   for spec in (P('data', 'model'), P('data')):
-    only = {'fc1': {'kernel': nnx.Param(jax.ShapeDtypeStruct((D_IN, D_HID), np.float32,
-                                                             sharding=NamedSharding(pod, spec)))}}
+    only = {
+      'fc1': {'kernel': nnx.Param(jax.ShapeDtypeStruct((D_IN, D_HID), np.float32, sharding=NamedSharding(pod, spec)))}
+    }
     kernel = orbax_linen_nnx.plan(run_dir / '1', only, rules={'Dense_0': 'fc1'}, partial=True, processes=n)
     for r in results:
       assert kernel.cost.of(r['process_id']).chunks == r['reads'][str(spec)]['chunk_reads'], (spec, r['reads'])
@@ -246,22 +287,23 @@ def test_bad_restore_fails_alike_everywhere_before_any_read(multihost, case):
   # files (under d/) may be touched, and no chunk read.
   metadata_bytes = sum(f.stat().st_size for f in run_dir.rglob('*') if f.is_file() and f.parent.name != 'd')
   errors = [r['errors'][case] for r in results]
-  print(f'{case}: bytes read per process {[e["file_bytes"] for e in errors]}'
-        f' (metadata files: {metadata_bytes} bytes)')
+  print(f'{case}: bytes read per process {[e["file_bytes"] for e in errors]} (metadata files: {metadata_bytes} bytes)')
   for e in errors:
     assert e['raised'] == 'PlanError' and e['is_plan_error'], e
     assert e['chunk_reads'] == 0 and e['file_bytes'] <= metadata_bytes, e
     for text in EXPECTED_ERRORS[case]:
       assert text in e['message'], (text, e['message'])
   assert len({e['message'] for e in errors}) == 1, '\n\n'.join(
-      f'process {i}:\n{e["message"]}' for i, e in enumerate(errors))
+    f'process {i}:\n{e["message"]}' for i, e in enumerate(errors)
+  )
 
 
 def test_a_process_that_dies_mid_restore_is_named_by_the_survivor_within_seconds(tmp_path):
   """Process 1 is gone (os._exit) as it starts reading its shards; the restore's timeout_s is 300 s."""
   n = 2
-  results, wall, _ = launch(n, 4, tmp_path, extra_args={i: ['--fault', 'die'] for i in range(n)}, may_fail=(1,),
-                            grace_s=60)
+  results, wall, _ = launch(
+    n, 4, tmp_path, extra_args={i: ['--fault', 'die'] for i in range(n)}, may_fail=(1,), grace_s=60
+  )
   assert results[1]["stage"] == "dying", results[1].get("fault")
   fault = results[0]['fault']
   print(f'survivor: {fault}; whole run {wall:.1f}s')
@@ -273,8 +315,9 @@ def test_a_process_that_dies_mid_restore_is_named_by_the_survivor_within_seconds
 def test_a_process_that_hangs_alive_is_named_at_the_timeout(tmp_path):
   """Process 1 sleeps where it would read (alive, saying so): the survivor waits timeout_s (10 s), then names it."""
   n = 2
-  results, wall, _ = launch(n, 4, tmp_path, timeout_s=90, extra_args={i: ['--fault', 'hang'] for i in range(n)},
-                            may_fail=(1,), grace_s=30)
+  results, wall, _ = launch(
+    n, 4, tmp_path, timeout_s=90, extra_args={i: ['--fault', 'hang'] for i in range(n)}, may_fail=(1,), grace_s=30
+  )
   assert results[1]['stage'] == 'hanging', results[1]
   fault = results[0]['fault']
   print(f'survivor: {fault}; whole run {wall:.1f}s')
@@ -301,8 +344,14 @@ def test_replicated_target_read_once_per_replica_group(multihost):
   n, _, results, _ = multihost
   nbytes = results[0]['kernel']['nbytes']
   for mode in ('every_replica_reads', 'replica_0_reads'):
-    print(f'{mode}: ' + ', '.join(f'process {r["process_id"]} {r["replicated"][mode]["file_bytes"]} bytes'
-                                   f' ({r["replicated"][mode]["chunk_reads"]} chunks)' for r in results))
+    print(
+      f'{mode}: '
+      + ', '.join(
+        f'process {r["process_id"]} {r["replicated"][mode]["file_bytes"]} bytes'
+        f' ({r["replicated"][mode]["chunk_reads"]} chunks)'
+        for r in results
+      )
+    )
   for r in results:
     every, once = r['replicated']['every_replica_reads'], r['replicated']['replica_0_reads']
     assert every['file_bytes'] > 0.9 * nbytes, every  # its own full copy
@@ -317,9 +366,15 @@ def test_stacked_layers_and_split_rules_read_per_process(multihost):
   n, _, results, _ = multihost
   for case in ('stack', 'split'):
     per = [r['stacks_and_rules'][case] for r in results]
-    print(f'{case}: ' + ', '.join(f'process {r["process_id"]} {m["chunk_reads"]} chunks (expected'
-                                  f' {m["expected_chunk_reads"]}), {m["file_bytes"]} bytes'
-                                  for r, m in zip(results, per)) + f'; target {per[0]["nbytes"]} bytes')
+    print(
+      f'{case}: '
+      + ', '.join(
+        f'process {r["process_id"]} {m["chunk_reads"]} chunks (expected'
+        f' {m["expected_chunk_reads"]}), {m["file_bytes"]} bytes'
+        for r, m in zip(results, per)
+      )
+      + f'; target {per[0]["nbytes"]} bytes'
+    )
     for m in per:
       assert m['chunk_reads'] == m['expected_chunk_reads'], (case, m)
       assert m['file_bytes'] < m['nbytes'] / n * 1.3 + 32 * 1024, (case, m)
@@ -334,9 +389,14 @@ def test_save_back_writes_only_own_shards_and_restores_on_another_process_count(
   n, _, results, run_dir = multihost
   saved = [r['saved'] for r in results]
   total_written = sum(s['bytes_written'] for s in saved)
-  print('LinenCompatSave, bytes written per process: ' + ', '.join(
+  print(
+    'LinenCompatSave, bytes written per process: '
+    + ', '.join(
       f'process {r["process_id"]} {s["bytes_written"]} (own shards {s["own_shard_bytes"]})'
-      for r, s in zip(results, saved)) + f'; state {saved[0]["state_bytes"]} bytes')
+      for r, s in zip(results, saved)
+    )
+    + f'; state {saved[0]["state_bytes"]} bytes'
+  )
   assert sum(s['own_shard_bytes'] for s in saved) == saved[0]['state_bytes']
   for s in saved:
     # Its own shards (1/N of the state: the kernels, biases and moments are sharded across
@@ -350,8 +410,10 @@ def test_save_back_writes_only_own_shards_and_restores_on_another_process_count(
   # One process (another count than the writers') reads both checkpoints: the same tree, the same bits.
   def read(step_dir):
     meta = ocp.PyTreeCheckpointHandler().metadata(step_dir).tree
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(
-        jax.devices()[0])), meta)
+    abstract = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+      meta,
+    )
     with ocp.StandardCheckpointer() as c:
       return jax.tree.map(lambda m: (tuple(m.shape), np.dtype(m.dtype)), meta), c.restore(step_dir, abstract)
 

@@ -30,15 +30,15 @@ def run(op, inputs, box):
 
 
 CASES = [
-    (ops.Reshape((4, 3, 5), (4, 15)), lambda x: x.reshape(4, 15)),
-    (ops.Reshape((4, 3, 5), (12, 5)), lambda x: x.reshape(12, 5)),
-    (ops.Reshape((4, 3, 5), (2, 2, 15)), lambda x: x.reshape(2, 2, 15)),
-    (ops.Reshape((4, 3, 5), (60,)), lambda x: x.reshape(60)),
-    (ops.Transpose((2, 0, 1)), lambda x: x.transpose(2, 0, 1)),
-    (ops.MoveAxis(2, 0), lambda x: np.moveaxis(x, 2, 0)),
-    (ops.Take(1, 2), lambda x: x[:, 2]),
-    (ops.Slice(2, 1, 4), lambda x: x[:, :, 1:4]),
-    (ops.Cast(np.float32, np.float16), lambda x: x.astype(np.float16)),
+  (ops.Reshape((4, 3, 5), (4, 15)), lambda x: x.reshape(4, 15)),
+  (ops.Reshape((4, 3, 5), (12, 5)), lambda x: x.reshape(12, 5)),
+  (ops.Reshape((4, 3, 5), (2, 2, 15)), lambda x: x.reshape(2, 2, 15)),
+  (ops.Reshape((4, 3, 5), (60,)), lambda x: x.reshape(60)),
+  (ops.Transpose((2, 0, 1)), lambda x: x.transpose(2, 0, 1)),
+  (ops.MoveAxis(2, 0), lambda x: np.moveaxis(x, 2, 0)),
+  (ops.Take(1, 2), lambda x: x[:, 2]),
+  (ops.Slice(2, 1, 4), lambda x: x[:, :, 1:4]),
+  (ops.Cast(np.float32, np.float16), lambda x: x.astype(np.float16)),
 ]
 
 
@@ -120,7 +120,7 @@ def _where_axes_go(op, shapes):
   went = {}
   for i, n in enumerate(shapes[0]):
     for k in range(n):  # an element the op uses (a slice or a take uses only some)
-      image = op.image(full[:i] + ((k, k + 1),) + full[i + 1:], 0, shapes)
+      image = op.image(full[:i] + ((k, k + 1),) + full[i + 1 :], 0, shapes)
       if image is not None:
         narrowed = [j for j, (a, b) in enumerate(zip(image, whole)) if a != b]
         went[i] = narrowed[0] if narrowed else None

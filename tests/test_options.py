@@ -44,12 +44,20 @@ def test_options_are_documented_once_and_the_docs_show_those_docstrings():
 
 def test_every_option_has_its_flag_or_says_why_not_and_the_command_line_builds_the_same_options(tmp_path):
   parser = cli._parser()
-  plan_flags = {o for a in next(a for a in parser._actions if a.dest == 'command').choices['plan']._actions
-                for o in a.option_strings}
-  given = {'--rules': ('auto', 'auto'), '--partial': (None, True), '--stacks': ('{"layers": {"nnx": 0}}',
-                                                                                {'layers': {'nnx': 0}}),
-           '--budget': ('8MiB', 8 * 2**20), '--max-over-read': ('2.5', 2.5),
-           '--host-memory-limit': ('1GiB', 2**30), '--strict-cost': (None, True)}
+  plan_flags = {
+    o
+    for a in next(a for a in parser._actions if a.dest == 'command').choices['plan']._actions
+    for o in a.option_strings
+  }
+  given = {
+    '--rules': ('auto', 'auto'),
+    '--partial': (None, True),
+    '--stacks': ('{"layers": {"nnx": 0}}', {'layers': {'nnx': 0}}),
+    '--budget': ('8MiB', 8 * 2**20),
+    '--max-over-read': ('2.5', 2.5),
+    '--host-memory-limit': ('1GiB', 2**30),
+    '--strict-cost': (None, True),
+  }
   for field in dataclasses.fields(RestoreOptions):
     flag = field.metadata['flag']
     if flag is None:
@@ -68,9 +76,11 @@ def test_every_face_plans_through_prepare_with_the_same_options(tmp_path, monkey
   """plan(), a manager's dry run and the command line hand prepare() equal RestoreOptions."""
   save(tmp_path, models.linen_mlp_state(optax.adam(1e-2)))
   target = tmp_path / 'target.py'
-  target.write_text('import optax, models\nfrom flax import nnx\n'
-                    'def abstract():\n'
-                    '  return nnx.state(nnx.eval_shape(lambda: models.nnx_train_state(models.NnxMLP, optax.adam(1e-2))))\n')
+  target.write_text(
+    'import optax, models\nfrom flax import nnx\n'
+    'def abstract():\n'
+    '  return nnx.state(nnx.eval_shape(lambda: models.nnx_train_state(models.NnxMLP, optax.adam(1e-2))))\n'
+  )
   abstract = nnx.state(nnx.eval_shape(lambda: models.nnx_train_state(models.NnxMLP, optax.adam(1e-2))))
   seen = []
   real = planner.prepare
@@ -85,6 +95,8 @@ def test_every_face_plans_through_prepare_with_the_same_options(tmp_path, monkey
   with ocp.CheckpointManager(tmp_path) as mngr:
     mngr.restore(1, args=LinenCompatRestore(abstract, rules='auto', max_over_read=2.0, dry_run=True))
   monkeypatch.syspath_prepend(models.__file__.rsplit('/', 1)[0])
-  assert cli.main(['plan', str(tmp_path), '--target', f'{target}:abstract', '--rules', 'auto',
-                   '--max-over-read', '2']) == cli.EXIT_OK
+  assert (
+    cli.main(['plan', str(tmp_path), '--target', f'{target}:abstract', '--rules', 'auto', '--max-over-read', '2'])
+    == cli.EXIT_OK
+  )
   assert seen == [RestoreOptions(rules='auto', max_over_read=2.0)] * 3

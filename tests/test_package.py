@@ -35,7 +35,7 @@ def test_modules_import_one_way():
   seen, stack = set(), []
 
   def visit(m):
-    assert m not in stack, ' -> '.join(stack[stack.index(m):] + [m])  # an import cycle
+    assert m not in stack, ' -> '.join(stack[stack.index(m) :] + [m])  # an import cycle
     if m in seen:
       return
     stack.append(m)
@@ -55,14 +55,27 @@ def test_modules_import_one_way():
 
 def test_only_the_internals_module_touches_private_names():
   private = re.compile(r'\b(orbax\.checkpoint\._src|jax\._src)\b|\._impl\b|\._array_metadata_store\b')
-  offenders = [f'{p.name}:{i}' for p in sorted(PACKAGE.glob('*.py')) if p.name != '_internals.py'
-               for i, line in enumerate(p.read_text().splitlines(), 1) if private.search(line)]
+  offenders = [
+    f'{p.name}:{i}'
+    for p in sorted(PACKAGE.glob('*.py'))
+    if p.name != '_internals.py'
+    for i, line in enumerate(p.read_text().splitlines(), 1)
+    if private.search(line)
+  ]
   assert not offenders, offenders
 
 
 def test_every_private_name_resolves():
-  for name in ('InternalTreeMetadata', 'build_array_read_spec', 'build_array_write_spec', 'RANDOM_KEY_IMPL',
-               'ArrayMetadataStore', 'run_sync', 'get_process_index_for_subdir', 'serialize_shardings'):
+  for name in (
+    'InternalTreeMetadata',
+    'build_array_read_spec',
+    'build_array_write_spec',
+    'RANDOM_KEY_IMPL',
+    'ArrayMetadataStore',
+    'run_sync',
+    'get_process_index_for_subdir',
+    'serialize_shardings',
+  ):
     assert getattr(_internals, name) is not None, name
   assert hasattr(_internals.InternalTreeMetadata, 'from_json')
   store = _internals.array_metadata_store(ocp.type_handlers.get_type_handler(jax.Array))
@@ -90,15 +103,24 @@ def test_the_built_wheel_and_sdist_are_ready_to_publish(tmp_path):
   import orbax_linen_nnx
 
   repo = PACKAGE.parent
-  done = subprocess.run([sys.executable, '-m', 'build', '--no-isolation', '--outdir', str(tmp_path), str(repo)],
-                        capture_output=True, text=True, timeout=280, cwd=tmp_path)
+  done = subprocess.run(
+    [sys.executable, '-m', 'build', '--no-isolation', '--outdir', str(tmp_path), str(repo)],
+    capture_output=True,
+    text=True,
+    timeout=280,
+    cwd=tmp_path,
+  )
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   version = orbax_linen_nnx.__version__
   wheel = tmp_path / f'orbax_linen_nnx-{version}-py3-none-any.whl'
   sdist = tmp_path / f'orbax_linen_nnx-{version}.tar.gz'
   assert wheel.exists() and sdist.exists(), sorted(p.name for p in tmp_path.iterdir())
-  done = subprocess.run([sys.executable, '-m', 'twine', 'check', '--strict', str(wheel), str(sdist)],
-                        capture_output=True, text=True, timeout=120)
+  done = subprocess.run(
+    [sys.executable, '-m', 'twine', 'check', '--strict', str(wheel), str(sdist)],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert done.returncode == 0, done.stdout + done.stderr
   names = zipfile.ZipFile(wheel).namelist()
   info = f'orbax_linen_nnx-{version}.dist-info'

@@ -19,7 +19,17 @@ from flax.training import train_state
 import models
 import ports
 from helpers import TESTS, save
-from orbax_linen_nnx import LinenCompatRestore, LinenCompatSave, PlanError, cli, compare, inspection, plan, rename, source
+from orbax_linen_nnx import (
+  LinenCompatRestore,
+  LinenCompatSave,
+  PlanError,
+  cli,
+  compare,
+  inspection,
+  plan,
+  rename,
+  source,
+)
 
 
 def linen_run(directory, module, d_in=ports.D_IN):
@@ -77,8 +87,9 @@ def test_numbered_names_pair_by_a_stated_guess_and_names_that_say_nothing_raise(
   p = plan(tmp_path, nnx.state(nnx.eval_shape(numbered)), rules='auto')
   assert p.inferred_renames == ports.RES_RULES
   assert any('paired as a guess' in n and 'Dense_0 -> fc1, Dense_1 -> fc2' in n for n in p.notes), p.notes
-  assert_computes_like_linen(restored_model(tmp_path, numbered, 'auto'), ports.LRes(), variables, d_in=ports.D,
-                             d_out=ports.D)
+  assert_computes_like_linen(
+    restored_model(tmp_path, numbered, 'auto'), ports.LRes(), variables, d_in=ports.D, d_out=ports.D
+  )
 
   lettered = lambda: ports.NResAB(nnx.Rngs(1))
   with pytest.raises(PlanError, match=r"Dense_0, Dense_1 and a, b all hold .*no attribute order") as e:
@@ -86,18 +97,36 @@ def test_numbered_names_pair_by_a_stated_guess_and_names_that_say_nothing_raise(
   assert "rules=[rename({'Dense_0': 'a'}), 'auto']" in str(e.value)
   # The line is stated in name order; here b is made first, so the user states its partner instead.
   fixed = [rename({'Dense_0': 'b', 'LayerNorm_0': 'ln_b'}), 'auto']
-  assert_computes_like_linen(restored_model(tmp_path, lettered, fixed), ports.LRes(), variables, d_in=ports.D,
-                             d_out=ports.D)
+  assert_computes_like_linen(
+    restored_model(tmp_path, lettered, fixed), ports.LRes(), variables, d_in=ports.D, d_out=ports.D
+  )
   # The initialised module's attribute order settles it with no rename.
   assert plan(tmp_path, lettered(), rules='auto').inferred_renames == {
-      'Dense_0': 'b', 'LayerNorm_0': 'ln_b', 'Dense_1': 'a', 'LayerNorm_1': 'ln_a'}
+    'Dense_0': 'b',
+    'LayerNorm_0': 'ln_b',
+    'Dense_1': 'a',
+    'LayerNorm_1': 'ln_a',
+  }
 
 
 def test_convert_to_nnx_keeps_the_names_rules_write_and_plain_orbax_reads_it(tmp_path):
   variables = linen_run(tmp_path / 'linen', ports.LNet())
   (tmp_path / 'rules.py').write_text(f'RULES = {ports.NET_RULES!r}\n')
-  assert cli.main(['convert', str(tmp_path / 'linen'), str(tmp_path / 'nnx'), '--to', 'nnx', '--rules',
-                   f'{tmp_path}/rules.py:RULES', '--quiet']) == cli.EXIT_OK
+  assert (
+    cli.main(
+      [
+        'convert',
+        str(tmp_path / 'linen'),
+        str(tmp_path / 'nnx'),
+        '--to',
+        'nnx',
+        '--rules',
+        f'{tmp_path}/rules.py:RULES',
+        '--quiet',
+      ]
+    )
+    == cli.EXIT_OK
+  )
   # The port's own nnx.state, restored by plain Orbax: block_0 is an attribute, as the port has it.
   restored = ocp.StandardCheckpointer().restore(tmp_path / 'nnx' / 'default', ports.abstract_net())
   model = ports.Net(nnx.Rngs(3))
@@ -176,8 +205,10 @@ def test_auto_that_pairs_nothing_is_an_error_or_a_loud_warning(tmp_path):
 
 def test_auto_with_no_target_to_pair_with_says_so_on_convert_and_save(tmp_path, capsys):
   linen_run(tmp_path / 'linen', ports.LNet())
-  assert cli.main(['convert', str(tmp_path / 'linen'), str(tmp_path / 'nnx'), '--to', 'nnx', '--rules', 'auto'
-                   ]) == cli.EXIT_PLAN
+  assert (
+    cli.main(['convert', str(tmp_path / 'linen'), str(tmp_path / 'nnx'), '--to', 'nnx', '--rules', 'auto'])
+    == cli.EXIT_PLAN
+  )
   assert "rules='auto' has nothing to pair with" in capsys.readouterr().err
   assert not (tmp_path / 'nnx').exists()
   model = ports.Net(nnx.Rngs(0))
@@ -187,8 +218,10 @@ def test_auto_with_no_target_to_pair_with_says_so_on_convert_and_save(tmp_path, 
   linen_abstract = jax.eval_shape(lambda: ports.linen_variables(ports.LNet()))
   save(tmp_path / 'saved', LinenCompatSave(model, rules='auto', target=linen_abstract))
   got = ocp.StandardCheckpointer().restore(tmp_path / 'saved' / '1' / 'default', linen_abstract)
-  models.assert_all_equal(got['params']['LBlock_2']['Dense_1'],
-                          {'kernel': model.block_2.down.kernel.get_value(), 'bias': model.block_2.down.bias.get_value()})
+  models.assert_all_equal(
+    got['params']['LBlock_2']['Dense_1'],
+    {'kernel': model.block_2.down.kernel.get_value(), 'bias': model.block_2.down.bias.get_value()},
+  )
 
 
 def test_compare_with_auto_matches_a_bit_exact_conversion(tmp_path, capsys):
@@ -196,8 +229,9 @@ def test_compare_with_auto_matches_a_bit_exact_conversion(tmp_path, capsys):
   model = restored_model(tmp_path / 'linen', lambda: ports.Net(nnx.Rngs(1)), ports.NET_RULES)
   save(tmp_path / 'nnx', nnx.state(model))  # NNX leaves as Orbax writes nnx.state: .../kernel/value
   for a, b in (('linen', 'nnx'), ('nnx', 'linen')):
-    found = compare.compare(source.open_checkpoint(tmp_path / a), source.open_checkpoint(tmp_path / b),
-                            rules=ports.NET_RULES)
+    found = compare.compare(
+      source.open_checkpoint(tmp_path / a), source.open_checkpoint(tmp_path / b), rules=ports.NET_RULES
+    )
     assert found.equal and found.compared == 22, (a, b, found)
     assert cli.main(['compare', str(tmp_path / a), str(tmp_path / b), '--rules', 'auto']) == cli.EXIT_OK
     assert 'MATCH' in capsys.readouterr().out
@@ -238,9 +272,13 @@ print(json.dumps({{'step': int(got.step), 'empty': got.opt_state[1] == optax.Emp
   done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=240)
   assert done.returncode == 0, done.stderr[-3000:]
   out = json.loads(done.stdout.strip().splitlines()[-1])
-  assert out == {'step': 5, 'empty': True, 'imported': False,
-                 'kernel': np.asarray(state.params['fc2']['kernel'].get_value()).tolist(),
-                 'mu': np.asarray(state.opt_state[0].mu['fc1']['bias'].get_value()).tolist()}
+  assert out == {
+    'step': 5,
+    'empty': True,
+    'imported': False,
+    'kernel': np.asarray(state.params['fc2']['kernel'].get_value()).tolist(),
+    'mu': np.asarray(state.opt_state[0].mu['fc1']['bias'].get_value()).tolist(),
+  }
 
 
 # ---------------------------------------------------------------- what a convert leaves out
@@ -249,10 +287,24 @@ print(json.dumps({{'step': int(got.step), 'empty': got.opt_state[1] == optax.Emp
 def test_convert_says_what_it_left_out_and_the_plain_restore_it_states_works(tmp_path, capsys):
   variables = linen_run(tmp_path / 'linen', models.LinenMLP(), d_in=models.D_IN)
   (tmp_path / 'target.py').write_text(
-      'import sys\nsys.path.insert(0, %r)\nimport models\nfrom flax import nnx\n\n'
-      'def abstract():\n  return nnx.state(nnx.eval_shape(lambda: models.NnxMLPWithDropout(nnx.Rngs(0))))\n' % TESTS)
-  assert cli.main(['convert', str(tmp_path / 'linen'), str(tmp_path / 'nnx'), '--target',
-                   f'{tmp_path}/target.py:abstract', '--rules', 'auto', '--quiet']) == cli.EXIT_OK
+    'import sys\nsys.path.insert(0, %r)\nimport models\nfrom flax import nnx\n\n'
+    'def abstract():\n  return nnx.state(nnx.eval_shape(lambda: models.NnxMLPWithDropout(nnx.Rngs(0))))\n' % TESTS
+  )
+  assert (
+    cli.main(
+      [
+        'convert',
+        str(tmp_path / 'linen'),
+        str(tmp_path / 'nnx'),
+        '--target',
+        f'{tmp_path}/target.py:abstract',
+        '--rules',
+        'auto',
+        '--quiet',
+      ]
+    )
+    == cli.EXIT_OK
+  )
   out = capsys.readouterr().out
   assert 'left out: 2 target leaves that no source holds (drop/rngs/count, drop/rngs/key)' in out, out
   assert 'nnx.state(abstract_model, nnx.Not(nnx.RngState))' in out
@@ -268,11 +320,21 @@ def test_convert_says_what_it_left_out_and_the_plain_restore_it_states_works(tmp
 def test_convert_fills_nnx_only_leaves_from_a_built_target_so_plain_orbax_reads_all(tmp_path, capsys):
   variables = linen_run(tmp_path / 'linen', models.LinenMLP(), d_in=models.D_IN)
   (tmp_path / 'target.py').write_text(
-      'import sys\nsys.path.insert(0, %r)\nimport models\nfrom flax import nnx\n\n'
-      'def built():\n  return nnx.state(models.NnxMLPWithDropout(nnx.Rngs(7)))\n\n'
-      'def abstract():\n  return nnx.state(nnx.eval_shape(lambda: models.NnxMLPWithDropout(nnx.Rngs(0))))\n' % TESTS)
-  convert = ['convert', str(tmp_path / 'linen'), str(tmp_path / 'nnx'), '--rules', 'auto', '--fill-nnx-only',
-             'from-target', '--quiet', '--target']
+    'import sys\nsys.path.insert(0, %r)\nimport models\nfrom flax import nnx\n\n'
+    'def built():\n  return nnx.state(models.NnxMLPWithDropout(nnx.Rngs(7)))\n\n'
+    'def abstract():\n  return nnx.state(nnx.eval_shape(lambda: models.NnxMLPWithDropout(nnx.Rngs(0))))\n' % TESTS
+  )
+  convert = [
+    'convert',
+    str(tmp_path / 'linen'),
+    str(tmp_path / 'nnx'),
+    '--rules',
+    'auto',
+    '--fill-nnx-only',
+    'from-target',
+    '--quiet',
+    '--target',
+  ]
   # An abstract target has no values to write: said before anything is written.
   assert cli.main(convert + [f'{tmp_path}/target.py:abstract']) == cli.EXIT_USAGE
   assert 'hold none (an abstract state, from nnx.eval_shape)' in capsys.readouterr().err

@@ -35,7 +35,7 @@ def saved(tmp_path_factory, mesh):
   variables = Wide().init(jax.random.key(0), jnp.ones((1, IN)))
   save_sharding = NamedSharding(mesh, P('data', 'model'))
   variables = jax.tree.map(
-      lambda a: jax.device_put(a, save_sharding if a.ndim == 2 else NamedSharding(mesh, P())), variables
+    lambda a: jax.device_put(a, save_sharding if a.ndim == 2 else NamedSharding(mesh, P())), variables
   )
   mngr = ocp.CheckpointManager(directory)
   mngr.save(0, args=ocp.args.StandardSave(variables))
@@ -50,14 +50,18 @@ def test_each_shard_reads_only_its_chunks(saved, mesh, spec):
   directory, variables, chunk = saved
   abstract = nnx.state(nnx.eval_shape(lambda: NnxWide(nnx.Rngs(0))))
   sharding = NamedSharding(mesh, spec)
-  abstract['fc']['kernel'] = abstract['fc']['kernel'].copy(jax.ShapeDtypeStruct((IN, OUT), jnp.float32, sharding=sharding))
+  abstract['fc']['kernel'] = abstract['fc']['kernel'].copy(
+    jax.ShapeDtypeStruct((IN, OUT), jnp.float32, sharding=sharding)
+  )
   # Only the kernel is read: the bias would add its own (single) chunk read.
   plan_args = dict(rules={'Dense_0': 'fc'}, partial=True)
   del abstract['fc']['bias']
 
   # What the target needs: the stored chunks under its device slices, each read once.
-  slices = {tuple(s.indices(n)[:2] for s, n in zip(idx, (IN, OUT))): idx
-            for idx in sharding.addressable_devices_indices_map((IN, OUT)).values()}
+  slices = {
+    tuple(s.indices(n)[:2] for s, n in zip(idx, (IN, OUT))): idx
+    for idx in sharding.addressable_devices_indices_map((IN, OUT)).values()
+  }
   expected_chunks = chunks_under(slices.values(), (IN, OUT), chunk)
   mngr = ocp.CheckpointManager(directory)
   before_bytes = counter('/tensorstore/kvstore/file/bytes_read')
@@ -85,15 +89,20 @@ def test_read_once_per_replica_then_broadcast_is_bit_exact(tmp_path, mesh):
   x = np.random.default_rng(0).normal(size=(16, 6)).astype(np.float32)
   x[0, :3] = [-0.0, np.nan, -np.inf]
   x.view(np.uint32)[1, 0] = 0x7FC00123  # a NaN with a payload
-  tree = {'w': x, 'step': np.uint32(7), 'mask': np.array([True, False, True]),
-          'h': np.arange(6, dtype=np.float16) - 3}
+  tree = {'w': x, 'step': np.uint32(7), 'mask': np.array([True, False, True]), 'h': np.arange(6, dtype=np.float16) - 3}
   with ocp.CheckpointManager(tmp_path) as m:
     m.save(0, args=ocp.args.StandardSave(tree))
-  shardings = {'w': NamedSharding(mesh, P(None, 'model')), 'step': NamedSharding(mesh, P()),
-               'mask': NamedSharding(mesh, P()), 'h': NamedSharding(mesh, P('model'))}
+  shardings = {
+    'w': NamedSharding(mesh, P(None, 'model')),
+    'step': NamedSharding(mesh, P()),
+    'mask': NamedSharding(mesh, P()),
+    'h': NamedSharding(mesh, P('model')),
+  }
   target = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=shardings[k]) for k, v in tree.items()}
-  out, reads = loads_during(tmp_path / '0' / 'default', lambda: ocp.CheckpointManager(tmp_path).restore(
-      0, args=LinenCompatRestore(target, replica_axis='data')))
+  out, reads = loads_during(
+    tmp_path / '0' / 'default',
+    lambda: ocp.CheckpointManager(tmp_path).restore(0, args=LinenCompatRestore(target, replica_axis='data')),
+  )
   for k, v in tree.items():
     a = out[k]
     assert a.sharding == shardings[k]
@@ -112,7 +121,10 @@ def test_every_orbax_storage_format(tmp_path, mesh, use_ocdbt, use_zarr3):
   w = np.arange(64 * 8, dtype=np.float32).reshape(64, 8)
   handler = ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt, use_zarr3=use_zarr3)
   with ocp.CheckpointManager(tmp_path, item_handlers=handler) as m:
-    m.save(1, args=ocp.args.PyTreeSave({'params': {'Dense_0': {'kernel': jax.device_put(w, NamedSharding(mesh, P('data')))}}}))
+    m.save(
+      1,
+      args=ocp.args.PyTreeSave({'params': {'Dense_0': {'kernel': jax.device_put(w, NamedSharding(mesh, P('data')))}}}),
+    )
   sharding = NamedSharding(mesh, P('data', 'model'))
   target = {'fc1': {'kernel': jax.ShapeDtypeStruct((64, 8), np.float32, sharding=sharding)}}
   out = ocp.CheckpointManager(tmp_path).restore(1, args=LinenCompatRestore(target, rules={'Dense_0': 'fc1'}))
@@ -146,11 +158,19 @@ def test_single_chunk_array_into_eight_slices_decodes_once(tmp_path, mesh, budge
   variables = Wide().init(jax.random.key(0), jnp.ones((1, IN)))
   host_saved(tmp_path, variables)
   sharding = NamedSharding(mesh, EIGHT_WAYS)
-  target = {'fc': {'kernel': jax.ShapeDtypeStruct((IN, OUT), jnp.float32, sharding=sharding),
-                   'bias': jax.ShapeDtypeStruct((OUT,), jnp.float32, sharding=NamedSharding(mesh, P('data')))}}
+  target = {
+    'fc': {
+      'kernel': jax.ShapeDtypeStruct((IN, OUT), jnp.float32, sharding=sharding),
+      'bias': jax.ShapeDtypeStruct((OUT,), jnp.float32, sharding=NamedSharding(mesh, P('data'))),
+    }
+  }
   assert len({str(i) for i in sharding.addressable_devices_indices_map((IN, OUT)).values()}) == 8
-  out, reads = loads_during(tmp_path / '0' / 'default', lambda: ocp.CheckpointManager(tmp_path).restore(
-      0, args=LinenCompatRestore(target, rules={'Dense_0': 'fc'}, read_budget_bytes=budget)))
+  out, reads = loads_during(
+    tmp_path / '0' / 'default',
+    lambda: ocp.CheckpointManager(tmp_path).restore(
+      0, args=LinenCompatRestore(target, rules={'Dense_0': 'fc'}, read_budget_bytes=budget)
+    ),
+  )
   np.testing.assert_array_equal(np.asarray(out['fc']['kernel']), variables['params']['Dense_0']['kernel'])
   np.testing.assert_array_equal(np.asarray(out['fc']['bias']), variables['params']['Dense_0']['bias'])
   assert out['fc']['kernel'].sharding == sharding
@@ -162,14 +182,22 @@ def test_row_chunks_into_column_shards_decode_each_chunk_once(tmp_path, mesh):
   variables = Wide().init(jax.random.key(0), jnp.ones((1, IN)))
   rows = NamedSharding(mesh, P('data'))
   with ocp.CheckpointManager(tmp_path) as m:
-    m.save(0, args=ocp.args.StandardSave(jax.tree.map(
-        lambda a: jax.device_put(a, rows if a.ndim == 2 else NamedSharding(mesh, P())), variables)))
+    m.save(
+      0,
+      args=ocp.args.StandardSave(
+        jax.tree.map(lambda a: jax.device_put(a, rows if a.ndim == 2 else NamedSharding(mesh, P())), variables)
+      ),
+    )
   chunk = stored_metadata(tmp_path)['params']['Dense_0']['kernel'].storage.chunk_shape
   assert chunk[1] == OUT and chunk[0] <= IN // 4  # row chunks (Orbax may cut a shard into several)
   columns = NamedSharding(mesh, P(None, ('data', 'model')))
   target = {'fc': {'kernel': jax.ShapeDtypeStruct((IN, OUT), jnp.float32, sharding=columns)}}
-  out, reads = loads_during(tmp_path / '0' / 'default', lambda: ocp.CheckpointManager(tmp_path).restore(
-      0, args=LinenCompatRestore(target, rules={'Dense_0': 'fc'}, partial=True)))
+  out, reads = loads_during(
+    tmp_path / '0' / 'default',
+    lambda: ocp.CheckpointManager(tmp_path).restore(
+      0, args=LinenCompatRestore(target, rules={'Dense_0': 'fc'}, partial=True)
+    ),
+  )
   np.testing.assert_array_equal(np.asarray(out['fc']['kernel']), variables['params']['Dense_0']['kernel'])
   for shard in out['fc']['kernel'].addressable_shards:
     assert shard.data.shape == (IN, OUT // 8)
@@ -192,7 +220,9 @@ def test_stack_of_single_chunk_layers_decodes_each_layer_once(tmp_path, mesh):
     return v.copy(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=NamedSharding(mesh, spec)))
 
   abstract = jax.tree.map(shard, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  out, reads = loads_during(tmp_path / '0' / 'default', lambda: ocp.CheckpointManager(tmp_path).restore(0, args=LinenCompatRestore(abstract)))
+  out, reads = loads_during(
+    tmp_path / '0' / 'default', lambda: ocp.CheckpointManager(tmp_path).restore(0, args=LinenCompatRestore(abstract))
+  )
   kernel = out['model']['layers']['mlp']['kernel'].get_raw_value()
   want = np.stack([np.asarray(state.params['params'][f'layers_{i}']['mlp']['kernel']) for i in range(dec.N)])
   np.testing.assert_array_equal(np.asarray(kernel), want)
@@ -214,8 +244,14 @@ def test_stack_of_sharded_layers_decodes_each_chunk_once(tmp_path, mesh, spec, b
   state = dec.linen_state(dec.LinenLoopDecoder)
   saved = NamedSharding(mesh, P('data', 'model'))
   with ocp.CheckpointManager(tmp_path) as m:
-    m.save(0, args=ocp.args.StandardSave(jax.tree.map(
-        lambda a: jax.device_put(a, saved if np.shape(a) == (dec.D, dec.D) else NamedSharding(mesh, P())), state)))
+    m.save(
+      0,
+      args=ocp.args.StandardSave(
+        jax.tree.map(
+          lambda a: jax.device_put(a, saved if np.shape(a) == (dec.D, dec.D) else NamedSharding(mesh, P())), state
+        )
+      ),
+    )
   abstract = nnx.state(nnx.eval_shape(lambda: dec.nnx_state(dec.NnxStackedDecoder)))
 
   def shard(v):
@@ -224,8 +260,10 @@ def test_stack_of_sharded_layers_decodes_each_chunk_once(tmp_path, mesh, spec, b
     return v.copy(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=NamedSharding(mesh, s)))
 
   abstract = jax.tree.map(shard, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  out, reads = loads_during(tmp_path / '0' / 'default', lambda: ocp.CheckpointManager(tmp_path).restore(
-      0, args=LinenCompatRestore(abstract, read_budget_bytes=budget)))
+  out, reads = loads_during(
+    tmp_path / '0' / 'default',
+    lambda: ocp.CheckpointManager(tmp_path).restore(0, args=LinenCompatRestore(abstract, read_budget_bytes=budget)),
+  )
   kernel = out['model']['layers']['mlp']['kernel'].get_raw_value()
   want = np.stack([np.asarray(state.params['params'][f'layers_{i}']['mlp']['kernel']) for i in range(dec.N)])
   np.testing.assert_array_equal(np.asarray(kernel), want)
@@ -242,12 +280,19 @@ def test_fused_array_split_into_two_targets_decodes_once(tmp_path, mesh):
   w = np.random.default_rng(0).normal(size=(2, 64, 16)).astype(np.float32)
   host_saved(tmp_path, {'params': {'mlp': {'gating_einsum': w}}})
   sharding = NamedSharding(mesh, EIGHT_WAYS)
-  target = {'mlp': {p: {'kernel': jax.ShapeDtypeStruct((16, 64), np.float32, sharding=sharding)}
-                    for p in ('gate_proj', 'up_proj')}}
-  rules = [split('{b}/gating_einsum', ['{b}/gate_proj/kernel', '{b}/up_proj/kernel'], axis=0),
-           transpose('{b}/{p}_proj/kernel', (1, 0))]
-  out, reads = loads_during(tmp_path / '0' / 'default', lambda: ocp.CheckpointManager(tmp_path).restore(
-      0, args=LinenCompatRestore(target, rules=rules)))
+  target = {
+    'mlp': {
+      p: {'kernel': jax.ShapeDtypeStruct((16, 64), np.float32, sharding=sharding)} for p in ('gate_proj', 'up_proj')
+    }
+  }
+  rules = [
+    split('{b}/gating_einsum', ['{b}/gate_proj/kernel', '{b}/up_proj/kernel'], axis=0),
+    transpose('{b}/{p}_proj/kernel', (1, 0)),
+  ]
+  out, reads = loads_during(
+    tmp_path / '0' / 'default',
+    lambda: ocp.CheckpointManager(tmp_path).restore(0, args=LinenCompatRestore(target, rules=rules)),
+  )
   np.testing.assert_array_equal(np.asarray(out['mlp']['gate_proj']['kernel']), w[0].T)
   np.testing.assert_array_equal(np.asarray(out['mlp']['up_proj']['kernel']), w[1].T)
   assert reads == 1  # 16 slices of two targets, one stored chunk

@@ -19,17 +19,23 @@ from orbax_linen_nnx import LinenCompatHandler, LinenCompatRestore, RestorePlan,
 
 # optimizer -> (factory, where optax puts ScaleByAdamState in opt_state, other leaves {nnx: linen})
 OPTIMIZERS = {
-    'adam': (lambda: optax.adam(1e-2), '0', {}),
-    'adamw': (lambda: optax.adamw(1e-2, weight_decay=0.1), '0', {}),
-    'chained_adamw': (lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2)), '1/0', {}),
-    'inject_hyperparams': (
-        lambda: optax.inject_hyperparams(optax.adam)(learning_rate=1e-2), 'inner_state/0',
-        {'optimizer/opt_state/count': 'opt_state/count'}
-        | {f'optimizer/opt_state/hyperparams/{h}': f'opt_state/hyperparams/{h}'
-           for h in ('learning_rate', 'b1', 'b2', 'eps', 'eps_root')}),
-    'scale_by_schedule': (
-        lambda: optax.chain(optax.scale_by_adam(), optax.scale_by_schedule(optax.linear_schedule(1e-2, 0.0, 10))),
-        '0', {'optimizer/opt_state/1/count': 'opt_state/1/count'}),
+  'adam': (lambda: optax.adam(1e-2), '0', {}),
+  'adamw': (lambda: optax.adamw(1e-2, weight_decay=0.1), '0', {}),
+  'chained_adamw': (lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2)), '1/0', {}),
+  'inject_hyperparams': (
+    lambda: optax.inject_hyperparams(optax.adam)(learning_rate=1e-2),
+    'inner_state/0',
+    {'optimizer/opt_state/count': 'opt_state/count'}
+    | {
+      f'optimizer/opt_state/hyperparams/{h}': f'opt_state/hyperparams/{h}'
+      for h in ('learning_rate', 'b1', 'b2', 'eps', 'eps_root')
+    },
+  ),
+  'scale_by_schedule': (
+    lambda: optax.chain(optax.scale_by_adam(), optax.scale_by_schedule(optax.linear_schedule(1e-2, 0.0, 10))),
+    '0',
+    {'optimizer/opt_state/1/count': 'opt_state/1/count'},
+  ),
 }
 
 
@@ -61,9 +67,7 @@ def test_linen_mlp_into_sharded_nnx(tmp_path, mesh, opt, policy):
   save(tmp_path, step=2, what=linen)
 
   abstract = nnx_abstract(models.NnxMLP, make_tx(), mesh, policy)
-  restored = ocp.CheckpointManager(tmp_path).restore(
-      2, args=LinenCompatRestore(abstract, rules=MLP_RULES)
-  )
+  restored = ocp.CheckpointManager(tmp_path).restore(2, args=LinenCompatRestore(abstract, rules=MLP_RULES))
 
   assert isinstance(restored, nnx.State)
   pairs = mlp_pairs(adam_at) | extra
@@ -103,10 +107,14 @@ def test_batch_stats_and_resume(tmp_path, mesh):
   abstract = nnx_abstract(models.NnxBN, tx(), mesh, 'one_axis')
   restored = ocp.CheckpointManager(tmp_path).restore(2, args=LinenCompatRestore(abstract, rules=BN_RULES))
 
-  pairs = {'model/bn/mean': 'batch_stats/BatchNorm_0/mean', 'model/bn/var': 'batch_stats/BatchNorm_0/var',
-           'model/bn/scale': 'params/BatchNorm_0/scale', 'model/fc1/kernel': 'params/Dense_0/kernel',
-           'optimizer/opt_state/0/mu/bn/scale': 'opt_state/0/mu/BatchNorm_0/scale',
-           'optimizer/opt_state/0/nu/fc2/bias': 'opt_state/0/nu/Dense_1/bias'}
+  pairs = {
+    'model/bn/mean': 'batch_stats/BatchNorm_0/mean',
+    'model/bn/var': 'batch_stats/BatchNorm_0/var',
+    'model/bn/scale': 'params/BatchNorm_0/scale',
+    'model/fc1/kernel': 'params/Dense_0/kernel',
+    'optimizer/opt_state/0/mu/bn/scale': 'opt_state/0/mu/BatchNorm_0/scale',
+    'optimizer/opt_state/0/nu/fc2/bias': 'opt_state/0/nu/Dense_1/bias',
+  }
   models.assert_same(restored, models.flat(linen), pairs)
   models.assert_sharded_as(restored, abstract)
   assert type(restored['model']['bn']['mean']) is nnx.BatchStat
@@ -117,8 +125,9 @@ def test_batch_stats_and_resume(tmp_path, mesh):
   nnx_loss = nnx.jit(models.nnx_step)(ts['model'], ts['optimizer'])
   # Linen ran this step unsharded, NNX sharded: float32 sums in another order.
   models.assert_reductions_close(nnx_loss, linen_loss, terms=3 * models.BN_STEP_TERMS)  # 2 + 1 steps
-  models.assert_reductions_close(ts['model'].bn.mean.get_value(), linen_next.batch_stats['BatchNorm_0']['mean'],
-                                 terms=3 * models.BN_STEP_TERMS)
+  models.assert_reductions_close(
+    ts['model'].bn.mean.get_value(), linen_next.batch_stats['BatchNorm_0']['mean'], terms=3 * models.BN_STEP_TERMS
+  )
 
 
 def test_model_only_targets(tmp_path, mesh):
@@ -153,7 +162,9 @@ def test_params_only_checkpoint(tmp_path, mesh):
   save(tmp_path, step=0, what=variables)
   abstract = models.shard_abstract(nnx.state(nnx.eval_shape(lambda: models.NnxMLP(nnx.Rngs(0)))), mesh, 'one_axis')
   restored = ocp.CheckpointManager(tmp_path).restore(0, args=LinenCompatRestore(abstract, rules=MLP_RULES))
-  models.assert_same(restored, models.flat(variables), {'fc1/kernel': 'params/Dense_0/kernel', 'fc2/kernel': 'params/Dense_1/kernel'})
+  models.assert_same(
+    restored, models.flat(variables), {'fc1/kernel': 'params/Dense_0/kernel', 'fc2/kernel': 'params/Dense_1/kernel'}
+  )
   models.assert_sharded_as(restored, abstract)
 
 
@@ -193,7 +204,9 @@ def test_forced_layouts(tmp_path):
   mngr = ocp.CheckpointManager(tmp_path)
   abstract = nnx.state(nnx.eval_shape(lambda: models.nnx_train_state(models.NnxMLP, optax.adam(1e-2))))
   pure = nnx.to_pure_dict(abstract)  # a plain dict in the NNX layout
-  plan = mngr.restore(2, args=LinenCompatRestore(pure, rules=MLP_RULES, source_layout='linen', target_layout='nnx', dry_run=True))
+  plan = mngr.restore(
+    2, args=LinenCompatRestore(pure, rules=MLP_RULES, source_layout='linen', target_layout='nnx', dry_run=True)
+  )
   assert (plan.source_layout, plan.target_layout) == ('linen', 'nnx')
   assert plan.read_for('optimizer/step').sources[0].name == 'step'
   # Forcing the wrong source layout is honoured, so nothing matches.
@@ -258,7 +271,7 @@ def test_composite_named_items(tmp_path, mesh):
   save(tmp_path, step=2, what=None, state=ocp.args.StandardSave(linen), meta=ocp.args.JsonSave({'run': 'linen'}))
   abstract = nnx_abstract(models.NnxMLP, tx(), mesh, 'two_axes')
   out = ocp.CheckpointManager(tmp_path).restore(
-      2, args=ocp.args.Composite(state=LinenCompatRestore(abstract, rules=MLP_RULES), meta=ocp.args.JsonRestore())
+    2, args=ocp.args.Composite(state=LinenCompatRestore(abstract, rules=MLP_RULES), meta=ocp.args.JsonRestore())
   )
   assert out.meta == {'run': 'linen'}
   models.assert_same(out.state, models.flat(linen), mlp_pairs('0'))
@@ -306,8 +319,9 @@ def test_dtype_cast_on_read(tmp_path, mesh):
   save(tmp_path, step=2, what=linen)
   module = nnx.eval_shape(lambda: models.NnxMLP(nnx.Rngs(0)))
   state = nnx.state(module)
-  state = jax.tree.map(lambda v: v.copy(jax.ShapeDtypeStruct(v.shape, jnp.bfloat16)), state,
-                       is_leaf=lambda x: isinstance(x, nnx.Variable))
+  state = jax.tree.map(
+    lambda v: v.copy(jax.ShapeDtypeStruct(v.shape, jnp.bfloat16)), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )
   state = models.shard_abstract(state, mesh, 'two_axes')
   restored = ocp.CheckpointManager(tmp_path).restore(2, args=LinenCompatRestore(state, rules=MLP_RULES))
   kernel = restored['fc1']['kernel'].get_raw_value()
@@ -322,10 +336,12 @@ class PartitionedMLP(nnx.Module):
 
   def __init__(self, rngs):
     init = nnx.initializers.lecun_normal()
-    self.fc1 = nnx.Linear(models.D_IN, models.D_HID, rngs=rngs,
-                          kernel_init=nnx.with_partitioning(init, ('data', 'model')))
-    self.fc2 = nnx.Linear(models.D_HID, models.D_OUT, rngs=rngs,
-                          kernel_init=nnx.with_partitioning(init, ('model', None)))
+    self.fc1 = nnx.Linear(
+      models.D_IN, models.D_HID, rngs=rngs, kernel_init=nnx.with_partitioning(init, ('data', 'model'))
+    )
+    self.fc2 = nnx.Linear(
+      models.D_HID, models.D_OUT, rngs=rngs, kernel_init=nnx.with_partitioning(init, ('model', None))
+    )
 
 
 def test_shardings_from_nnx_partitioning_metadata(tmp_path):
@@ -341,5 +357,8 @@ def test_shardings_from_nnx_partitioning_metadata(tmp_path):
   assert restored['fc1']['kernel'].get_value().sharding.spec == jax.sharding.PartitionSpec('data', 'model')
   assert restored['fc2']['kernel'].get_value().sharding.spec == jax.sharding.PartitionSpec('model', None)
   models.assert_sharded_as(restored, abstract)
-  models.assert_same(restored, models.flat(linen), {'fc1/kernel': 'params/params/Dense_0/kernel',
-                                                    'fc2/kernel': 'params/params/Dense_1/kernel'})
+  models.assert_same(
+    restored,
+    models.flat(linen),
+    {'fc1/kernel': 'params/params/Dense_0/kernel', 'fc2/kernel': 'params/params/Dense_1/kernel'},
+  )

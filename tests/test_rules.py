@@ -14,10 +14,23 @@ from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
-from orbax_linen_nnx import (LinenCompatRestore, LinenCompatSave, PlanError, drop, merge, plan, rearrange,
-                             rename, reshape, split, to_linen, transpose)
+from orbax_linen_nnx import (
+  LinenCompatRestore,
+  LinenCompatSave,
+  PlanError,
+  drop,
+  merge,
+  plan,
+  rearrange,
+  rename,
+  reshape,
+  split,
+  to_linen,
+  transpose,
+)
 from gemma import D, F, GEMMA_RULES, H, K, LinenGemmaBlock, NnxGemmaBlock, expected_nnx, linen_gemma_state
 from helpers import ChunkLoads, chunks_under, save
+
 
 def sharded_nnx_abstract(mesh, make):
   state = nnx.state(nnx.eval_shape(make))
@@ -49,13 +62,16 @@ def test_gemma_block_linen_to_nnx(tmp_path, mesh):
 
   ts = make()
   nnx.update(ts, restored)
-  np.testing.assert_allclose(np.asarray(ts['model'](x)), np.asarray(linen.apply_fn(linen.params, x), np.float32),
-                             rtol=2e-2, atol=2e-2)  # Linen computes in bf16 here, NNX in float32
+  np.testing.assert_allclose(
+    np.asarray(ts['model'](x)), np.asarray(linen.apply_fn(linen.params, x), np.float32), rtol=2e-2, atol=2e-2
+  )  # Linen computes in bf16 here, NNX in float32
   # The same math on the same (upcast) weights, in Linen's and NNX's summation orders:
   # contractions over D (q), H*K (o), D (gate, up) and F (down).
   models.assert_reductions_close(
-      ts['model'](x), LinenGemmaBlock().apply(jax.tree.map(lambda a: a.astype(jnp.float32), linen.params), x),
-      terms=D + H * K + 2 * D + F)
+    ts['model'](x),
+    LinenGemmaBlock().apply(jax.tree.map(lambda a: a.astype(jnp.float32), linen.params), x),
+    terms=D + H * K + 2 * D + F,
+  )
 
 
 def test_gemma_block_nnx_to_linen_with_the_same_rules(tmp_path, mesh):
@@ -68,7 +84,9 @@ def test_gemma_block_nnx_to_linen_with_the_same_rules(tmp_path, mesh):
   assert got['params/gating_einsum'].dtype == jnp.bfloat16
   src = {k: np.asarray(v) for k, v in models.flat(nnx.state(model)).items()}
   bf16 = lambda a: np.asarray(a).astype(jnp.bfloat16)
-  np.testing.assert_array_equal(got['params/gating_einsum'], bf16(np.stack([src['gate_proj/kernel'].T, src['up_proj/kernel'].T])))
+  np.testing.assert_array_equal(
+    got['params/gating_einsum'], bf16(np.stack([src['gate_proj/kernel'].T, src['up_proj/kernel'].T]))
+  )
   np.testing.assert_array_equal(got['params/q_einsum/kernel'], bf16(src['q/kernel'].reshape(D, H, K)))
   np.testing.assert_array_equal(got['params/linear'], bf16(src['down_proj/kernel']))
   models.assert_sharded_as(restored, abstract)
@@ -100,13 +118,17 @@ def test_split_with_sizes_and_stack_merge(tmp_path):
   w = rng.normal(size=(D, 12)).astype(np.float32)
   save(tmp_path, {'params': {'fused': w}})
   target = {'a': jax.ShapeDtypeStruct((D, 4), np.float32), 'b': jax.ShapeDtypeStruct((D, 8), np.float32)}
-  out = ocp.CheckpointManager(tmp_path).restore(1, args=LinenCompatRestore(target, rules=[split('fused', ['a', 'b'], axis=1, sizes=[4, 8])]))
+  out = ocp.CheckpointManager(tmp_path).restore(
+    1, args=LinenCompatRestore(target, rules=[split('fused', ['a', 'b'], axis=1, sizes=[4, 8])])
+  )
   np.testing.assert_array_equal(np.asarray(out['a']), w[:, :4])
   np.testing.assert_array_equal(np.asarray(out['b']), w[:, 4:])
 
   save(tmp_path / 'two', {'params': {'a': w[:, :6], 'b': w[:, 6:]}})
   target = {'ab': jax.ShapeDtypeStruct((2, D, 6), np.float32)}
-  out = ocp.CheckpointManager(tmp_path / 'two').restore(1, args=LinenCompatRestore(target, rules=[merge(['a', 'b'], 'ab', axis=0, stack=True)]))
+  out = ocp.CheckpointManager(tmp_path / 'two').restore(
+    1, args=LinenCompatRestore(target, rules=[merge(['a', 'b'], 'ab', axis=0, stack=True)])
+  )
   np.testing.assert_array_equal(np.asarray(out['ab']), np.stack([w[:, :6], w[:, 6:]]))
 
 
@@ -119,11 +141,18 @@ def test_regex_and_callable_renames(tmp_path):
   by_fn = rename(lambda path: re.sub(r'^Dense_(\d+)', lambda m: f'fc{int(m[1]) + 1}', path))
   for rule in (by_regex, by_fn):
     restored = mngr.restore(1, args=LinenCompatRestore(abstract, rules=[rule]))
-    models.assert_same(restored, models.flat(linen), {'model/fc1/kernel': 'params/Dense_0/kernel',
-                                                      'optimizer/opt_state/0/nu/fc2/bias': 'opt_state/0/nu/Dense_1/bias'})
+    models.assert_same(
+      restored,
+      models.flat(linen),
+      {'model/fc1/kernel': 'params/Dense_0/kernel', 'optimizer/opt_state/0/nu/fc2/bias': 'opt_state/0/nu/Dense_1/bias'},
+    )
   # Placeholders carry text across: Dense_0 -> fc_0 style names, and back.
-  p = plan(tmp_path / '1', {'fc_0': {'kernel': jax.ShapeDtypeStruct((16, 32), np.float32)}},
-           rules=[rename('Dense_{i}', 'fc_{i}')], partial=True)
+  p = plan(
+    tmp_path / '1',
+    {'fc_0': {'kernel': jax.ShapeDtypeStruct((16, 32), np.float32)}},
+    rules=[rename('Dense_{i}', 'fc_{i}')],
+    partial=True,
+  )
   assert p.read_for('fc_0/kernel').sources[0].name == 'params.Dense_0.kernel'
 
 
@@ -132,24 +161,36 @@ def test_one_way_rules_say_so_backwards(tmp_path):
   target = {'params': {'Dense_0': {'kernel': jax.ShapeDtypeStruct((3, 4), np.float32)}}}
   with pytest.raises(PlanError, match=r"rename\('Dense_\(\\\\d\+\)', 'fc\\\\1'\) has no inverse.*pass inverse="):
     plan(tmp_path / '1', target, rules=[rename(re.compile(r'Dense_(\d+)'), r'fc\1')])
-  ok = plan(tmp_path / '1', target, rules=[rename(re.compile(r'Dense_(\d+)'), r'fc\1',
-                                                  inverse=rename(re.compile(r'fc(\d+)'), r'Dense_\1'))])
+  ok = plan(
+    tmp_path / '1',
+    target,
+    rules=[rename(re.compile(r'Dense_(\d+)'), r'fc\1', inverse=rename(re.compile(r'fc(\d+)'), r'Dense_\1'))],
+  )
   assert ok.read_for('params/Dense_0/kernel').sources[0].name == 'model.fc0.kernel.value'
 
 
 def test_rule_errors_name_the_rule(tmp_path):
   w = np.zeros((2, F, D), np.float32)
   save(tmp_path, {'params': {'gating_einsum': w, 'q': np.zeros((D, H, K), np.float32)}})
-  target = {'gate': jax.ShapeDtypeStruct((F, D), np.float32), 'up': jax.ShapeDtypeStruct((F, D), np.float32),
-            'q': jax.ShapeDtypeStruct((D, H * K), np.float32)}
+  target = {
+    'gate': jax.ShapeDtypeStruct((F, D), np.float32),
+    'up': jax.ShapeDtypeStruct((F, D), np.float32),
+    'q': jax.ShapeDtypeStruct((D, H * K), np.float32),
+  }
   ok = [split('gating_einsum', ['gate', 'up'], axis=0), reshape('q', (D, H, K), (D, H * K))]
   assert len(plan(tmp_path / '1', target, rules=ok).reads) == 3
 
   with pytest.raises(PlanError, match=r"rule 'transpose\('nothing', \(1, 0\)\)' matched no source leaf"):
     plan(tmp_path / '1', target, rules=ok + [transpose('nothing', (1, 0))])
-  with pytest.raises(PlanError, match=r"split\('gating_einsum', \['gate', 'up'\], axis=0, sizes=\[1, 2\]\): parts \[1, 2\] do not add up to 'gating_einsum' \(2, 16, 8\) axis 0 \(2\)"):
+  with pytest.raises(
+    PlanError,
+    match=r"split\('gating_einsum', \['gate', 'up'\], axis=0, sizes=\[1, 2\]\): parts \[1, 2\] do not add up to 'gating_einsum' \(2, 16, 8\) axis 0 \(2\)",
+  ):
     plan(tmp_path / '1', target, rules=[split('gating_einsum', ['gate', 'up'], axis=0, sizes=[1, 2]), ok[1]])
-  with pytest.raises(PlanError, match=r"reshape\('q', \(8, 2, 4\), \(8, 9\)\): \(8, 2, 4\) and \(8, 9\) hold different numbers of elements"):
+  with pytest.raises(
+    PlanError,
+    match=r"reshape\('q', \(8, 2, 4\), \(8, 9\)\): \(8, 2, 4\) and \(8, 9\) hold different numbers of elements",
+  ):
     plan(tmp_path / '1', target, rules=[ok[0], reshape('q', (D, H, K), (D, 9))])
   with pytest.raises(PlanError, match=r"makes 'up', which split\(.*\) already made: two rules claim one target"):
     plan(tmp_path / '1', target, rules=ok + [rename('q', 'up')])
@@ -162,11 +203,19 @@ def test_rules_combined_with_layer_stacking(tmp_path, mesh):
   params = {f'layers_{i}': {'mlp': {'gating_einsum': rng.normal(size=(2, F, D)).astype(np.float32)}} for i in range(n)}
   save(tmp_path, {'params': params})
   sharding = NamedSharding(mesh, P('data', None, 'model'))
-  target = {'layers': {'mlp': {name: {'kernel': jax.ShapeDtypeStruct((n, D, F), np.float32, sharding=sharding)}
-                               for name in ('gate_proj', 'up_proj')}}}
+  target = {
+    'layers': {
+      'mlp': {
+        name: {'kernel': jax.ShapeDtypeStruct((n, D, F), np.float32, sharding=sharding)}
+        for name in ('gate_proj', 'up_proj')
+      }
+    }
+  }
   # `{b...}` spans 'layers_0/mlp'; `{p}` is one segment's text.
-  rules = [split('{b...}/gating_einsum', ['{b...}/gate_proj/kernel', '{b...}/up_proj/kernel'], axis=0),
-           transpose('{b...}/{p}_proj/kernel', (1, 0))]
+  rules = [
+    split('{b...}/gating_einsum', ['{b...}/gate_proj/kernel', '{b...}/up_proj/kernel'], axis=0),
+    transpose('{b...}/{p}_proj/kernel', (1, 0)),
+  ]
   p = plan(tmp_path / '1', target, rules=rules)
   assert str(p.read_for('layers/mlp/up_proj/kernel').transform[0]) == 'stack axis 0'
   restored = ocp.CheckpointManager(tmp_path).restore(1, args=LinenCompatRestore(target, rules=rules))
@@ -175,15 +224,28 @@ def test_rules_combined_with_layer_stacking(tmp_path, mesh):
   assert restored['layers']['mlp']['up_proj']['kernel'].sharding == sharding
 
   # And back: NNX unrolled blocks -> Linen loop, with the same rules inverted.
-  nnx_tree = {'model': {'layers': {str(i): {'mlp': {'gate_proj': {'kernel': {'value': params[f'layers_{i}']['mlp']['gating_einsum'][0].T}},
-                                                    'up_proj': {'kernel': {'value': params[f'layers_{i}']['mlp']['gating_einsum'][1].T}}}}
-                                   for i in range(n)}}}
+  nnx_tree = {
+    'model': {
+      'layers': {
+        str(i): {
+          'mlp': {
+            'gate_proj': {'kernel': {'value': params[f'layers_{i}']['mlp']['gating_einsum'][0].T}},
+            'up_proj': {'kernel': {'value': params[f'layers_{i}']['mlp']['gating_einsum'][1].T}},
+          }
+        }
+        for i in range(n)
+      }
+    }
+  }
   save(tmp_path / 'nnx', nnx_tree)
-  linen_target = {'params': {f'layers_{i}': {'mlp': {'gating_einsum': jax.ShapeDtypeStruct((2, F, D), np.float32)}} for i in range(n)}}
+  linen_target = {
+    'params': {f'layers_{i}': {'mlp': {'gating_einsum': jax.ShapeDtypeStruct((2, F, D), np.float32)}} for i in range(n)}
+  }
   back = ocp.CheckpointManager(tmp_path / 'nnx').restore(1, args=LinenCompatRestore(linen_target, rules=rules))
   for i in range(n):
-    np.testing.assert_array_equal(np.asarray(back['params'][f'layers_{i}']['mlp']['gating_einsum']),
-                                  params[f'layers_{i}']['mlp']['gating_einsum'])
+    np.testing.assert_array_equal(
+      np.asarray(back['params'][f'layers_{i}']['mlp']['gating_einsum']), params[f'layers_{i}']['mlp']['gating_einsum']
+    )
 
 
 def test_split_and_transpose_read_only_what_each_shard_needs(tmp_path, mesh):
@@ -206,7 +268,9 @@ def test_split_and_transpose_read_only_what_each_shard_needs(tmp_path, mesh):
   reads = loads.count
   np.testing.assert_array_equal(np.asarray(restored['gate_proj']['kernel']), w[0].T)
   assert restored['gate_proj']['kernel'].sharding == sharding
-  print(f'{len(slices)} slices, {reads} chunk reads, expected {expected}; whole array {np.prod([-(-a // c) for a, c in zip(w.shape, chunk)])} chunks')
+  print(
+    f'{len(slices)} slices, {reads} chunk reads, expected {expected}; whole array {np.prod([-(-a // c) for a, c in zip(w.shape, chunk)])} chunks'
+  )
   assert reads == expected
 
 
@@ -214,11 +278,15 @@ def test_reshape_reads_only_the_rows_a_shard_covers(tmp_path, mesh):
   """(D, H, K) -> (D, H*K), target sharded on D: each slice reads its own rows of the source."""
   w = np.random.default_rng(4).normal(size=(D, H, K)).astype(np.float32)
   save(tmp_path, {'params': {'q': jax.device_put(w, NamedSharding(mesh, P('data')))}})
-  chunk = tuple(ocp.PyTreeCheckpointHandler().metadata(tmp_path / '1' / 'default').tree['params']['q'].storage.chunk_shape)
+  chunk = tuple(
+    ocp.PyTreeCheckpointHandler().metadata(tmp_path / '1' / 'default').tree['params']['q'].storage.chunk_shape
+  )
   sharding = NamedSharding(mesh, P('data', 'model'))
   target = {'q': jax.ShapeDtypeStruct((D, H * K), np.float32, sharding=sharding)}
   with ChunkLoads(tmp_path / '1' / 'default') as loads:
-    out = ocp.CheckpointManager(tmp_path).restore(1, args=LinenCompatRestore(target, rules=[reshape('q', (D, H, K), (D, H * K))]))
+    out = ocp.CheckpointManager(tmp_path).restore(
+      1, args=LinenCompatRestore(target, rules=[reshape('q', (D, H, K), (D, H * K))])
+    )
   reads = loads.count
   np.testing.assert_array_equal(np.asarray(out['q']), w.reshape(D, H * K))
   assert out['q'].sharding == sharding
@@ -239,7 +307,7 @@ class LinenWithVision(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = nn.relu(nn.Dense(models.D_HID)(x))  # Dense_0
-    x = nn.Dense(models.D_OUT)(x)           # Dense_1
+    x = nn.Dense(models.D_OUT)(x)  # Dense_1
     v = nn.Dense(4, name='SigLiPFromPatches_0')(x)
     return x + nn.Dense(models.D_OUT, name='vision_proj')(v)
 
@@ -250,16 +318,25 @@ def test_drop_leaves_out_sources_and_keeps_targets_strict(tmp_path, mesh):
   linen = train_state.TrainState.create(apply_fn=model.apply, params=variables, tx=optax.adam(1e-2))
   save(tmp_path, linen)
   abstract = models.shard_abstract(
-      nnx.state(nnx.eval_shape(lambda: models.nnx_train_state(models.NnxMLP, optax.adam(1e-2)))), mesh, 'two_axes')
+    nnx.state(nnx.eval_shape(lambda: models.nnx_train_state(models.NnxMLP, optax.adam(1e-2)))), mesh, 'two_axes'
+  )
   rules = [rename(models.MLP_RULES), drop('SigLiPFromPatches_0'), drop('vision_proj')]
   p = plan(tmp_path / '1', abstract, rules=rules)
   dropped = sorted(s.name for s, _ in p.dropped)
   assert len(dropped) == 12 and all('SigLiPFromPatches_0' in n or 'vision_proj' in n for n in dropped), dropped
-  assert "  dropped params.params.SigLiPFromPatches_0.kernel (8, 4) float32 (by drop('SigLiPFromPatches_0'))" in str(p), str(p)
+  assert "  dropped params.params.SigLiPFromPatches_0.kernel (8, 4) float32 (by drop('SigLiPFromPatches_0'))" in str(
+    p
+  ), str(p)
   assert p.unused == () and str(p).splitlines()[0].endswith(', 12 dropped by rules')
   restored = ocp.CheckpointManager(tmp_path).restore(1, args=LinenCompatRestore(abstract, rules=rules))
-  models.assert_same(restored, models.flat(linen), {'model/fc1/kernel': 'params/params/Dense_0/kernel',
-                                                    'optimizer/opt_state/0/mu/fc2/bias': 'opt_state/0/mu/params/Dense_1/bias'})
+  models.assert_same(
+    restored,
+    models.flat(linen),
+    {
+      'model/fc1/kernel': 'params/params/Dense_0/kernel',
+      'optimizer/opt_state/0/mu/fc2/bias': 'opt_state/0/mu/params/Dense_1/bias',
+    },
+  )
   models.assert_sharded_as(restored, abstract)
 
   # Strict stays strict: a target with no source is an error, dropped sources or not.
@@ -279,14 +356,23 @@ def test_placeholders_one_segment_or_many_and_the_most_specific_entry_wins():
   # `{n}` is one segment: 'query/kernel' is not one name, so the kernel keeps its own level.
   sources = [src('blk/MultiHeadDotProductAttention_0/query/kernel'), src('blk/MultiHeadDotProductAttention_0/key/bias')]
   targets = [tgt('blk/attn/query_proj/kernel'), tgt('blk/attn/key_proj/bias')]
-  p = build(sources, targets, source_layout='linen', target_layout='nnx',
-            rules=[rename('{b}/MultiHeadDotProductAttention_0/{n}', '{b}/attn/{n}_proj')])
+  p = build(
+    sources,
+    targets,
+    source_layout='linen',
+    target_layout='nnx',
+    rules=[rename('{b}/MultiHeadDotProductAttention_0/{n}', '{b}/attn/{n}_proj')],
+  )
   assert p.read_for('blk/attn/query_proj/kernel').sources[0].name == 'blk.MultiHeadDotProductAttention_0.query.kernel'
 
   # `{path...}` spans segments; the entry with the longer literal head wins over it.
-  p = build([src('Dense_0/kernel'), src('enc/blocks/w/kernel')], [tgt('fc1/kernel'), tgt('enc/blocks/w/weight')],
-            source_layout='linen', target_layout='nnx',
-            rules=[rename({'Dense_0': 'fc1', '{path...}/kernel': '{path...}/weight'})])
+  p = build(
+    [src('Dense_0/kernel'), src('enc/blocks/w/kernel')],
+    [tgt('fc1/kernel'), tgt('enc/blocks/w/weight')],
+    source_layout='linen',
+    target_layout='nnx',
+    rules=[rename({'Dense_0': 'fc1', '{path...}/kernel': '{path...}/weight'})],
+  )
   assert p.read_for('enc/blocks/w/weight').sources[0].name == 'enc.blocks.w.kernel'
   assert p.read_for('fc1/kernel').sources[0].name == 'Dense_0.kernel'
 
@@ -296,9 +382,13 @@ def test_placeholders_one_segment_or_many_and_the_most_specific_entry_wins():
   targets = [tgt('layers/0/ffn/kernel'), tgt('layers/0/attn/kernel'), tgt('layers/1/ffn/kernel')]
   p = build(sources, targets, source_layout='linen', target_layout='nnx', rules=rules)
   assert [r.sources[0].name for r in p.reads] == ['blocks_0.mlp.kernel', 'blocks_0.attn.kernel', 'blocks_1.mlp.kernel']
-  back = build([src('layers/0/ffn/kernel'), src('layers/0/attn/kernel')],
-               [tgt('blocks_0/mlp/kernel'), tgt('blocks_0/attn/kernel')], source_layout='nnx', target_layout='linen',
-               rules=rules)
+  back = build(
+    [src('layers/0/ffn/kernel'), src('layers/0/attn/kernel')],
+    [tgt('blocks_0/mlp/kernel'), tgt('blocks_0/attn/kernel')],
+    source_layout='nnx',
+    target_layout='linen',
+    rules=rules,
+  )
   assert [r.sources[0].name for r in back.reads] == ['layers.0.ffn.kernel', 'layers.0.attn.kernel']
 
 
@@ -306,7 +396,7 @@ class LinenNormed(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = nn.LayerNorm()(nn.relu(nn.Dense(models.D_HID)(x)))  # Dense_0, LayerNorm_0
-    return nn.LayerNorm()(nn.Dense(models.D_OUT)(x))        # Dense_1, LayerNorm_1
+    return nn.LayerNorm()(nn.Dense(models.D_OUT)(x))  # Dense_1, LayerNorm_1
 
 
 class NnxNormed(nnx.Module):
@@ -321,16 +411,23 @@ class NnxNormed(nnx.Module):
 
 def test_index_arithmetic_is_written_once_and_inverts(tmp_path, mesh):
   model = LinenNormed()
-  linen = train_state.TrainState.create(apply_fn=model.apply, params=model.init(jax.random.key(0), jnp.ones((1, models.D_IN))),
-                                        tx=optax.adam(1e-2))
+  linen = train_state.TrainState.create(
+    apply_fn=model.apply, params=model.init(jax.random.key(0), jnp.ones((1, models.D_IN))), tx=optax.adam(1e-2)
+  )
   save(tmp_path / 'linen', linen)
   rules = {'Dense_{i}': 'layers_{i+1}', 'LayerNorm_{j}': 'ln{j+1}'}
   make = lambda: models.nnx_train_state(NnxNormed, optax.adam(1e-2))
   abstract = models.shard_abstract(nnx.state(nnx.eval_shape(make)), mesh, 'two_axes')
   restored = ocp.CheckpointManager(tmp_path / 'linen').restore(1, args=LinenCompatRestore(abstract, rules=rules))
-  models.assert_same(restored, models.flat(linen), {
-      'model/layers_1/kernel': 'params/params/Dense_0/kernel', 'model/ln2/scale': 'params/params/LayerNorm_1/scale',
-      'optimizer/opt_state/0/nu/layers_2/bias': 'opt_state/0/nu/params/Dense_1/bias'})
+  models.assert_same(
+    restored,
+    models.flat(linen),
+    {
+      'model/layers_1/kernel': 'params/params/Dense_0/kernel',
+      'model/ln2/scale': 'params/params/LayerNorm_1/scale',
+      'optimizer/opt_state/0/nu/layers_2/bias': 'opt_state/0/nu/params/Dense_1/bias',
+    },
+  )
   # The same rules, inverted: the NNX state saved back is the Linen checkpoint.
   state = make()
   nnx.update(state, restored)
@@ -344,42 +441,75 @@ def test_index_arithmetic_is_written_once_and_inverts(tmp_path, mesh):
 
 def test_a_wrong_rule_shows_next_to_the_target_it_missed(tmp_path):
   """The issue's trap, made visible: `{n}` written for a name that spans two segments."""
-  tree = {'params': {'blk': {'MultiHeadDotProductAttention_0': {
-      'query': {'kernel': np.ones((4, 4), np.float32)}, 'key': {'kernel': np.ones((4, 4), np.float32)}}}}}
+  tree = {
+    'params': {
+      'blk': {
+        'MultiHeadDotProductAttention_0': {
+          'query': {'kernel': np.ones((4, 4), np.float32)},
+          'key': {'kernel': np.ones((4, 4), np.float32)},
+        }
+      }
+    }
+  }
   save(tmp_path, tree)
-  target = {'blk': {'attn': {'query_proj': {'kernel': jax.ShapeDtypeStruct((4, 4), np.float32)},
-                             'key_proj': {'kernel': jax.ShapeDtypeStruct((4, 4), np.float32)}}}}
+  target = {
+    'blk': {
+      'attn': {
+        'query_proj': {'kernel': jax.ShapeDtypeStruct((4, 4), np.float32)},
+        'key_proj': {'kernel': jax.ShapeDtypeStruct((4, 4), np.float32)},
+      }
+    }
+  }
   wrong = [rename('{b}/MultiHeadDotProductAttention_0/{n...}', '{b}/attn/{n...}_proj')]
   with pytest.raises(PlanError) as e:
     plan(tmp_path / '1', target, rules=wrong)
-  assert ("target 'blk/attn/query_proj/kernel' (4, 4) float32 has no source (looked for"
-          " 'model/blk/attn/query_proj/kernel'); closest sources after the rules:"
-          " 'model/blk/attn/query/kernel_proj' (made by rename {b}/MultiHeadDotProductAttention_0/{n...})") in str(e.value)
+  assert (
+    "target 'blk/attn/query_proj/kernel' (4, 4) float32 has no source (looked for"
+    " 'model/blk/attn/query_proj/kernel'); closest sources after the rules:"
+    " 'model/blk/attn/query/kernel_proj' (made by rename {b}/MultiHeadDotProductAttention_0/{n...})"
+  ) in str(e.value)
   # Written right, the plan lists what each rule matched.
   right = [rename('{b}/MultiHeadDotProductAttention_0/{n}', '{b}/attn/{n}_proj')]
   p = plan(tmp_path / '1', target, rules=right)
-  assert ('  rule    {b}/MultiHeadDotProductAttention_0/{n} matched blk/MultiHeadDotProductAttention_0/key/kernel,'
-          ' blk/MultiHeadDotProductAttention_0/query/kernel') in str(p), str(p)
+  assert (
+    '  rule    {b}/MultiHeadDotProductAttention_0/{n} matched blk/MultiHeadDotProductAttention_0/key/kernel,'
+    ' blk/MultiHeadDotProductAttention_0/query/kernel'
+  ) in str(p), str(p)
 
 
 def test_rearrange_patterns_serve_leaves_of_any_size_both_ways(tmp_path):
   """Grouped-query attention: q has 4 heads, k 2; one pattern (with the head size) serves both, and back."""
   D, K, Hq, Hk, F = 8, 4, 4, 2, 16
   rng = np.random.default_rng(0)
-  linen = {'params': {'blk': {'q_einsum': {'kernel': rng.normal(size=(D, Hq, K)).astype(np.float32)},
-                              'k_einsum': {'kernel': rng.normal(size=(D, Hk, K)).astype(np.float32)},
-                              'out': {'kernel': rng.normal(size=(Hq, K, D)).astype(np.float32)},
-                              'gate': {'kernel': rng.normal(size=(F, D)).astype(np.float32)}}}}
+  linen = {
+    'params': {
+      'blk': {
+        'q_einsum': {'kernel': rng.normal(size=(D, Hq, K)).astype(np.float32)},
+        'k_einsum': {'kernel': rng.normal(size=(D, Hk, K)).astype(np.float32)},
+        'out': {'kernel': rng.normal(size=(Hq, K, D)).astype(np.float32)},
+        'gate': {'kernel': rng.normal(size=(F, D)).astype(np.float32)},
+      }
+    }
+  }
   save(tmp_path / 'linen', linen)
-  rules = [rearrange('{b}/{n}_einsum/kernel', 'd h k -> d (h k)', k=K), rename('{b}/{n}_einsum', '{b}/{n}_proj'),
-           rearrange('{b}/out/kernel', 'h k d -> (h k) d', k=K), rearrange('{b}/gate/kernel', 'f d -> d f')]
+  rules = [
+    rearrange('{b}/{n}_einsum/kernel', 'd h k -> d (h k)', k=K),
+    rename('{b}/{n}_einsum', '{b}/{n}_proj'),
+    rearrange('{b}/out/kernel', 'h k d -> (h k) d', k=K),
+    rearrange('{b}/gate/kernel', 'f d -> d f'),
+  ]
   sds = lambda *shape: {'kernel': jax.ShapeDtypeStruct(shape, np.float32)}
   target = {'blk': {'q_proj': sds(D, Hq * K), 'k_proj': sds(D, Hk * K), 'out': sds(Hq * K, D), 'gate': sds(D, F)}}
   ported = ocp.CheckpointManager(tmp_path / 'linen').restore(1, args=LinenCompatRestore(target, rules=rules))
   p = linen['params']['blk']
-  want = {'blk': {'q_proj': {'kernel': p['q_einsum']['kernel'].reshape(D, Hq * K)},
-                  'k_proj': {'kernel': p['k_einsum']['kernel'].reshape(D, Hk * K)},
-                  'out': {'kernel': p['out']['kernel'].reshape(Hq * K, D)}, 'gate': {'kernel': p['gate']['kernel'].T}}}
+  want = {
+    'blk': {
+      'q_proj': {'kernel': p['q_einsum']['kernel'].reshape(D, Hq * K)},
+      'k_proj': {'kernel': p['k_einsum']['kernel'].reshape(D, Hk * K)},
+      'out': {'kernel': p['out']['kernel'].reshape(Hq * K, D)},
+      'gate': {'kernel': p['gate']['kernel'].T},
+    }
+  }
   models.assert_all_equal(ported, want)
   # The way back: the same rules, inverted, give the Linen tree (shapes and bits).
   with ocp.CheckpointManager(tmp_path / 'back') as mngr:
@@ -387,24 +517,33 @@ def test_rearrange_patterns_serve_leaves_of_any_size_both_ways(tmp_path):
   with ocp.CheckpointManager(tmp_path / 'back') as mngr:
     models.assert_all_equal(mngr.restore(1, args=LinenCompatRestore()), linen)
   # A pattern that cannot fit a leaf says so with the leaf's shape.
-  with pytest.raises(PlanError, match=r"rearrange\('\{b\}/\{n\}_einsum/kernel', 'd h -> h d'\): 'blk/q_einsum/kernel'"
-                                      r" \(8, 4, 4\) has 3 axes, the pattern's left side 2"):
+  with pytest.raises(
+    PlanError,
+    match=r"rearrange\('\{b\}/\{n\}_einsum/kernel', 'd h -> h d'\): 'blk/q_einsum/kernel'"
+    r" \(8, 4, 4\) has 3 axes, the pattern's left side 2",
+  ):
     plan(tmp_path / 'linen' / '1', target, rules=[rearrange('{b}/{n}_einsum/kernel', 'd h -> h d')] + rules[1:])
   # Without the head size, a save cannot tell it (it has no target): said, with the fix.
-  unsized = [rearrange('{b}/{n}_einsum/kernel', 'd h k -> d (h k)'), rules[1],
-             rearrange('{b}/out/kernel', 'h k d -> (h k) d'), rules[3]]
+  unsized = [
+    rearrange('{b}/{n}_einsum/kernel', 'd h k -> d (h k)'),
+    rules[1],
+    rearrange('{b}/out/kernel', 'h k d -> (h k) d'),
+    rules[3],
+  ]
   with pytest.raises(PlanError, match=r"leaves h and k in \(h k\) = 16 open; give all but one of them as sizes"):
     to_linen(ported, rules=unsized, dry_run=True)
   # A restore has one: the Linen tree it restores into binds h and k, leaf by leaf.
   save(tmp_path / 'nnx', ported)
   linen_abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), linen)
-  back = ocp.CheckpointManager(tmp_path / 'nnx').restore(1, args=LinenCompatRestore(linen_abstract, rules=unsized,
-                                                                                 source_layout='nnx'))
+  back = ocp.CheckpointManager(tmp_path / 'nnx').restore(
+    1, args=LinenCompatRestore(linen_abstract, rules=unsized, source_layout='nnx')
+  )
   models.assert_all_equal(back, linen)
   # A target the pattern cannot make is reported with both shapes.
   linen_abstract['params']['blk']['q_einsum']['kernel'] = jax.ShapeDtypeStruct((D, 3, 5), np.float32)
-  with pytest.raises(PlanError, match=re.escape("'blk/q_einsum/kernel' (8, 16) cannot become the target's"
-                                                " (8, 3, 5): (h k) cannot be 16")):
+  with pytest.raises(
+    PlanError, match=re.escape("'blk/q_einsum/kernel' (8, 16) cannot become the target's (8, 3, 5): (h k) cannot be 16")
+  ):
     plan(tmp_path / 'nnx' / '1', linen_abstract, rules=unsized, source_layout='nnx')
 
 
@@ -414,20 +553,27 @@ def test_rules_written_for_one_layer_apply_to_declared_stacks(tmp_path, mesh):
   rng = np.random.default_rng(5)
   n = 4
   fused = rng.normal(size=(2, n, F, D)).astype(np.float32)  # nn.scan: per-layer (2, F, D), layer axis 1
-  q = rng.normal(size=(D, n, H, K)).astype(np.float32)      # per-layer (D, H, K)
+  q = rng.normal(size=(D, n, H, K)).astype(np.float32)  # per-layer (D, H, K)
   save(tmp_path / 'scan', {'params': {'layers': {'mlp': {'gating_einsum': fused}, 'q': {'kernel': q}}}})
   sharding = NamedSharding(mesh, P('data', None, 'model'))
   sds = lambda shape: {'kernel': jax.ShapeDtypeStruct(shape, np.float32, sharding=sharding)}
   target = {'layers': {'mlp': {'gate_proj': sds((n, D, F)), 'up_proj': sds((n, D, F))}, 'q': sds((n, D, H * K))}}
-  rules = [split('{b...}/gating_einsum', ['{b...}/gate_proj/kernel', '{b...}/up_proj/kernel'], axis=0),
-           transpose('{b...}/{p}_proj/kernel', (1, 0)), rearrange('{b...}/q/kernel', 'd h k -> d (h k)', k=K)]
+  rules = [
+    split('{b...}/gating_einsum', ['{b...}/gate_proj/kernel', '{b...}/up_proj/kernel'], axis=0),
+    transpose('{b...}/{p}_proj/kernel', (1, 0)),
+    rearrange('{b...}/q/kernel', 'd h k -> d (h k)', k=K),
+  ]
   stacks = {'layers': {'linen': 1, 'nnx': 0}}
   with ChunkLoads(tmp_path / 'scan' / '1' / 'default') as loads:
     restored = ocp.CheckpointManager(tmp_path / 'scan').restore(
-        1, args=LinenCompatRestore(target, rules=rules, stacks=stacks, target_layout='nnx'))
-  want = {'layers': {'mlp': {'gate_proj': {'kernel': fused[0].transpose(0, 2, 1)},
-                             'up_proj': {'kernel': fused[1].transpose(0, 2, 1)}},
-                     'q': {'kernel': np.moveaxis(q, 1, 0).reshape(n, D, H * K)}}}
+      1, args=LinenCompatRestore(target, rules=rules, stacks=stacks, target_layout='nnx')
+    )
+  want = {
+    'layers': {
+      'mlp': {'gate_proj': {'kernel': fused[0].transpose(0, 2, 1)}, 'up_proj': {'kernel': fused[1].transpose(0, 2, 1)}},
+      'q': {'kernel': np.moveaxis(q, 1, 0).reshape(n, D, H * K)},
+    }
+  }
   models.assert_all_equal(restored, want)
   assert restored['layers']['mlp']['up_proj']['kernel'].sharding == sharding
   stored_chunks = 2  # each array saved from host: one chunk each, decoded once for every slice that needs it
@@ -437,19 +583,31 @@ def test_rules_written_for_one_layer_apply_to_declared_stacks(tmp_path, mesh):
   with ocp.CheckpointManager(tmp_path / 'back') as mngr:
     mngr.save(1, args=LinenCompatSave(restored, rules=rules, stacks=stacks))
   with ocp.CheckpointManager(tmp_path / 'back') as mngr:
-    models.assert_all_equal(mngr.restore(1, args=LinenCompatRestore()),
-                            {'params': {'layers': {'mlp': {'gating_einsum': fused}, 'q': {'kernel': q}}}})
+    models.assert_all_equal(
+      mngr.restore(1, args=LinenCompatRestore()),
+      {'params': {'layers': {'mlp': {'gating_einsum': fused}, 'q': {'kernel': q}}}},
+    )
   # Restoring the NNX stack into Linen's tree: the target's one layer (D, H, K) binds the head sizes.
   save(tmp_path / 'nnx', restored)
   scan_tree = {'params': {'layers': {'mlp': {'gating_einsum': fused}, 'q': {'kernel': q}}}}
   unsized = rules[:2] + [rearrange('{b...}/q/kernel', 'd h k -> d (h k)')]
-  back = ocp.CheckpointManager(tmp_path / 'nnx').restore(1, args=LinenCompatRestore(
-      jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), scan_tree), rules=unsized, stacks=stacks,
-      source_layout='nnx'))
+  back = ocp.CheckpointManager(tmp_path / 'nnx').restore(
+    1,
+    args=LinenCompatRestore(
+      jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), scan_tree),
+      rules=unsized,
+      stacks=stacks,
+      source_layout='nnx',
+    ),
+  )
   models.assert_all_equal(back, scan_tree)
   # Without stacks=, the source's shapes tell the layer axis (1 is the only axis of one size in every array
   # under 'layers'): the planner infers it, says so, and reads the same values.
   p = plan(tmp_path / 'scan' / '1' / 'default', target, rules=rules, target_layout='nnx')
   assert "note    layer axis 1 of source stack 'layers' inferred from its shapes: rules see one layer" in str(p)
-  models.assert_all_equal(ocp.CheckpointManager(tmp_path / 'scan').restore(
-      1, args=LinenCompatRestore(target, rules=rules, target_layout='nnx')), want)
+  models.assert_all_equal(
+    ocp.CheckpointManager(tmp_path / 'scan').restore(
+      1, args=LinenCompatRestore(target, rules=rules, target_layout='nnx')
+    ),
+    want,
+  )

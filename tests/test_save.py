@@ -54,8 +54,9 @@ def test_save_writes_what_linen_writes_and_linen_resumes_it(tmp_path, mesh, tx):
   make_tx = {'adam': lambda: optax.adam(1e-2), 'adamw': lambda: optax.adamw(1e-2, weight_decay=0.1)}[tx]
   linen = models.linen_mlp_state(make_tx())
   save(tmp_path / 'linen', step=2, what=ocp.args.StandardSave(linen))
-  state = nnx_from_linen(tmp_path / 'linen', 2, lambda: models.nnx_train_state(models.NnxMLP, make_tx()), mesh,
-                         rules=MLP_RULES)
+  state = nnx_from_linen(
+    tmp_path / 'linen', 2, lambda: models.nnx_train_state(models.NnxMLP, make_tx()), mesh, rules=MLP_RULES
+  )
   save(tmp_path / 'nnx', step=2, what=LinenCompatSave(state, rules=MLP_RULES))
 
   # Same tree as Orbax records it (chain list, None for empty states, shapes, dtypes) and same bits.
@@ -65,8 +66,10 @@ def test_save_writes_what_linen_writes_and_linen_resumes_it(tmp_path, mesh, tx):
 
   # Linen code restores it with plain StandardRestore, sharded, and trains on with the same losses
   # (the same Linen computation on the same bits and shardings: equal, not close).
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=models.sharding_for(
-      x.shape, mesh, 'two_axes')), models.linen_mlp_state(make_tx(), steps=1))
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=models.sharding_for(x.shape, mesh, 'two_axes')),
+    models.linen_mlp_state(make_tx(), steps=1),
+  )
   resumed = {}
   for name in ('linen', 'nnx'):
     with ocp.CheckpointManager(tmp_path / name) as mngr:
@@ -96,8 +99,9 @@ def test_round_trip_is_bit_exact_rng_included(tmp_path, mesh):
   # agree to float32 summation order (models.assert_reductions_close).
   fresh = maxtext.train_state(seed=7)
   nnx.update(fresh, restored)
-  models.assert_reductions_close(maxtext.train_step(fresh, *maxtext.batch(2)),
-                                 maxtext.train_step(state, *maxtext.batch(2)), terms=maxtext.STEP_TERMS)
+  models.assert_reductions_close(
+    maxtext.train_step(fresh, *maxtext.batch(2)), maxtext.train_step(state, *maxtext.batch(2)), terms=maxtext.STEP_TERMS
+  )
 
 
 @pytest.mark.parametrize('registry', [False, True])
@@ -127,12 +131,18 @@ def test_optimizer_module_keeps_trailing_empty_states(tmp_path):
 
 # Linen run -> NNX (LinenCompatRestore) -> Linen (LinenCompatSave): the checkpoint comes back as it was.
 LAYER_CASES = {
-    'loop <- unrolled': (decoders.LinenLoopDecoder, decoders.NnxUnrolledDecoder, None),
-    'loop <- vmap stack': (decoders.LinenLoopDecoder, decoders.NnxStackedDecoder, {'layers': {'linen': None}}),
-    'scan <- vmap stack': (decoders.LinenScanDecoder, decoders.NnxStackedDecoder,
-                           {'layers': {'linen': decoders.LINEN_SCAN_AXIS, 'nnx': 0}}),
-    'scan <- unrolled': (decoders.LinenScanDecoder, decoders.NnxUnrolledDecoder,
-                         {'layers': {'linen': decoders.LINEN_SCAN_AXIS}}),
+  'loop <- unrolled': (decoders.LinenLoopDecoder, decoders.NnxUnrolledDecoder, None),
+  'loop <- vmap stack': (decoders.LinenLoopDecoder, decoders.NnxStackedDecoder, {'layers': {'linen': None}}),
+  'scan <- vmap stack': (
+    decoders.LinenScanDecoder,
+    decoders.NnxStackedDecoder,
+    {'layers': {'linen': decoders.LINEN_SCAN_AXIS, 'nnx': 0}},
+  ),
+  'scan <- unrolled': (
+    decoders.LinenScanDecoder,
+    decoders.NnxUnrolledDecoder,
+    {'layers': {'linen': decoders.LINEN_SCAN_AXIS}},
+  ),
 }
 
 
@@ -155,8 +165,10 @@ def test_rules_run_backward(tmp_path, mesh):
   holding the NNX values (float32: the save writes the state's dtype)."""
   linen, _ = linen_gemma_state()
   save(tmp_path / 'linen', step=1, what=ocp.args.StandardSave(linen))
-  make = lambda: {'model': NnxGemmaBlock(nnx.Rngs(0)),
-                  'optimizer': nnx.Optimizer(NnxGemmaBlock(nnx.Rngs(0)), optax.adam(1e-2), wrt=nnx.Param)}
+  make = lambda: {
+    'model': NnxGemmaBlock(nnx.Rngs(0)),
+    'optimizer': nnx.Optimizer(NnxGemmaBlock(nnx.Rngs(0)), optax.adam(1e-2), wrt=nnx.Param),
+  }
   state = nnx_from_linen(tmp_path / 'linen', 1, make, mesh, rules=GEMMA_RULES)
   save(tmp_path / 'nnx', step=1, what=LinenCompatSave(state, rules=GEMMA_RULES))
   want, got = saved_tree(tmp_path / 'linen', 1), saved_tree(tmp_path / 'nnx', 1)
@@ -183,8 +195,7 @@ def test_inside_composite_with_async_save(tmp_path):
     mngr.save(1, args=ocp.args.Composite(state=LinenCompatSave(state), meta=ocp.args.JsonSave({'run': 'x'})))
     mngr.wait_until_finished()
     abstract = nnx.state(nnx.eval_shape(lambda: maxtext.train_state(seed=3)))
-    restored = mngr.restore(1, args=ocp.args.Composite(state=LinenCompatRestore(abstract),
-                                                       meta=ocp.args.JsonRestore()))
+    restored = mngr.restore(1, args=ocp.args.Composite(state=LinenCompatRestore(abstract), meta=ocp.args.JsonRestore()))
   assert restored['meta'] == {'run': 'x'}
   models.assert_all_equal(restored['state'], nnx.state(state))
 
@@ -194,8 +205,9 @@ def test_plan_is_printed_and_problems_come_before_any_write(tmp_path):
   plan = to_linen(nnx.state(nnx.eval_shape(lambda: maxtext.train_state(seed=0))), aux=None, dry_run=True)
   text = str(plan)
   # aux=None: the batch statistics where Linen keeps them, the RNG stream and custom Variable nowhere.
-  assert text.startswith('nnx -> linen: 23 arrays to read, 0 kept as given, 0 unused sources, 3 NNX-only'
-                         ' sources skipped'), text
+  assert text.startswith(
+    'nnx -> linen: 23 arrays to read, 0 kept as given, 0 unused sources, 3 NNX-only sources skipped'
+  ), text
   assert '  step () int32  <-  optimizer/step  [cast uint32 -> uint32]' not in text
   assert '  step () int32  <-  optimizer/step  [cast uint32 -> int32]' in text
   assert '  skipped model/drop/rngs/key (2,) uint32 (NNX-only)' in text
@@ -209,8 +221,9 @@ def test_plan_is_printed_and_problems_come_before_any_write(tmp_path):
     with ocp.CheckpointManager(tmp_path) as mngr:
       mngr.save(1, args=LinenCompatSave(state, rules={'nowhere': 'fc9'}, stacks={'layers': {'linen': 1}}))
   message = str(e.value)
-  assert message.startswith('LinenCompatSave cannot write the NNX state in the Linen layout: 2 problem(s);'
-                            ' nothing was written.'), message
+  assert message.startswith(
+    'LinenCompatSave cannot write the NNX state in the Linen layout: 2 problem(s); nothing was written.'
+  ), message
   assert "rule 'fc9' matched no source leaf" in message  # the rename run backward looks for the NNX name
   assert "stacks= names 'layers', which is no model path" in message
   assert not any(tmp_path.iterdir()), list(tmp_path.iterdir())
@@ -275,8 +288,9 @@ def test_a_moved_or_unstacked_stack_is_written_from_its_own_shards(tmp_path, mes
   args = LinenCompatSave(state, stacks=stacks)
   main, _ = LinenCompatHandler().standard_args(args, carry=True)
   converted = [x for x in jax.tree.leaves(main.item) if isinstance(x, save_lib.Converted)]
-  own = {id(v) for v in jax.tree.leaves(nnx.state(state))} | {id(v.get_value()) for v in jax.tree.leaves(
-      nnx.state(state), is_leaf=lambda x: isinstance(x, nnx.Variable))}
+  own = {id(v) for v in jax.tree.leaves(nnx.state(state))} | {
+    id(v.get_value()) for v in jax.tree.leaves(nnx.state(state), is_leaf=lambda x: isinstance(x, nnx.Variable))
+  }
   assert converted and all(id(a) in own for c in converted for a in c.sources.values())
   assert not [x for x in jax.tree.leaves(main.item) if isinstance(x, jax.Array) and id(x) not in own]
   save(tmp_path / 'nnx', step=2, what=args)
@@ -284,7 +298,9 @@ def test_a_moved_or_unstacked_stack_is_written_from_its_own_shards(tmp_path, mes
   # Each converted array is stored in chunks of the box one NNX shard fills (a part of it, not all of it).
   from orbax_linen_nnx import inspection, source
 
-  stored = {a['path']: tuple(a['chunk']) for a in inspection.inspect(source.open_checkpoint(tmp_path / 'nnx'))['arrays']}
+  stored = {
+    a['path']: tuple(a['chunk']) for a in inspection.inspect(source.open_checkpoint(tmp_path / 'nnx'))['arrays']
+  }
   for c in converted:
     assert stored['/'.join(c.read.target.path)] == c.chunk
   assert any(math.prod(c.chunk) < math.prod(c.shape) for c in converted)
@@ -313,7 +329,7 @@ def test_the_sharding_recorded_for_a_moved_axis_is_where_each_shard_lands(tmp_pa
   assert converted
   moved_sharded_axis = False
   for c in converted:
-    (name, source), = c.sources.items()
+    ((name, source),) = c.sources.items()
     assert isinstance(c.sharding, jax.sharding.NamedSharding) and c.sharding.mesh == source.sharding.mesh
     lands = c.sharding.devices_indices_map(c.shape)
     for device, index in source.sharding.devices_indices_map(source.shape).items():

@@ -88,13 +88,25 @@ def test_bare_saves_in_a_numeric_directory_are_finished_checkpoints(storage, mes
     ckptr.save(storage / 'params_only' / '0' / 'items', params)
   model = lambda: models.NnxMLP(nnx.Rngs(0))  # noqa: E731
   abstract = models.shard_abstract(nnx.state(nnx.eval_shape(model)), mesh, 'two_axes')
-  for item in (storage / 'bare' / '1' / 'default', storage / 'params_only' / '0' / 'items',
-               storage / 'bare' / '1', storage / 'params_only' / '0'):
+  for item in (
+    storage / 'bare' / '1' / 'default',
+    storage / 'params_only' / '0' / 'items',
+    storage / 'bare' / '1',
+    storage / 'params_only' / '0',
+  ):
     plan = orbax_linen_nnx.plan(item, abstract, rules=MLP_RULES)
     assert len(plan.reads) == 4, plan
     restored = orbax_linen_nnx.restore(item, abstract, rules=MLP_RULES)
-    models.assert_same(restored, models.flat(params), {'fc1/kernel': 'Dense_0/kernel', 'fc1/bias': 'Dense_0/bias',
-                                                       'fc2/kernel': 'Dense_1/kernel', 'fc2/bias': 'Dense_1/bias'})
+    models.assert_same(
+      restored,
+      models.flat(params),
+      {
+        'fc1/kernel': 'Dense_0/kernel',
+        'fc1/bias': 'Dense_0/bias',
+        'fc2/kernel': 'Dense_1/kernel',
+        'fc2/bias': 'Dense_1/bias',
+      },
+    )
     models.assert_sharded_as(restored, abstract)
   for item in (storage / 'bare' / '1', storage / 'params_only' / '0' / 'items'):
     r = cli_run(capsys, 'inspect', item)
@@ -195,8 +207,14 @@ def test_an_interrupted_convert_is_redone_by_running_it_again(storage, capsys):
   save(storage / 'big', {'params': params})
   src, dst = storage / 'big' / '1', storage / 'nnx' / '1'
   env = {**{k: v for k, v in os.environ.items() if not k.startswith(('XLA_', 'JAX_'))}, 'JAX_PLATFORMS': 'cpu'}
-  died = subprocess.run([sys.executable, '-c', INTERRUPTED, os.fspath(src), os.fspath(dst)], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=240)
+  died = subprocess.run(
+    [sys.executable, '-c', INTERRUPTED, os.fspath(src), os.fspath(dst)],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=240,
+  )
   assert died.returncode == 9, died.stderr[-3000:]
   if os.fspath(storage).startswith('gs://'):  # written in place: there, unfinished
     r = cli_run(capsys, 'inspect', dst)
@@ -222,20 +240,48 @@ def test_convert_on_two_processes_each_writes_its_share(storage, capsys):
   import socket
 
   rng = np.random.default_rng(2)
-  save(storage / 'linen', {'params': {'Dense_0': {'kernel': rng.standard_normal((256, 512), dtype=np.float32)},
-                                      'Dense_1': {'kernel': rng.standard_normal((512, 8), dtype=np.float32)}}})
+  save(
+    storage / 'linen',
+    {
+      'params': {
+        'Dense_0': {'kernel': rng.standard_normal((256, 512), dtype=np.float32)},
+        'Dense_1': {'kernel': rng.standard_normal((512, 8), dtype=np.float32)},
+      }
+    },
+  )
   src = storage / 'linen'
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
   base = {k: v for k, v in os.environ.items() if not k.startswith(('XLA_', 'JAX_'))}
-  base.update(JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2',
-              PYTHONPATH=str(REPO / 'tests'))
-  procs = [subprocess.Popen([sys.executable, str(REPO / 'tests' / 'cli_loopback.py'), 'convert', os.fspath(src / '1'),
-                             os.fspath(storage / 'nnx' / '1'), '--to', 'nnx', '--quiet', '--distributed',
-                             '--coordinator', f'127.0.0.1:{port}', '--num-processes', '2', '--process-id', str(i)],
-                            cwd=REPO, env=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  base.update(JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2', PYTHONPATH=str(REPO / 'tests'))
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        str(REPO / 'tests' / 'cli_loopback.py'),
+        'convert',
+        os.fspath(src / '1'),
+        os.fspath(storage / 'nnx' / '1'),
+        '--to',
+        'nnx',
+        '--quiet',
+        '--distributed',
+        '--coordinator',
+        f'127.0.0.1:{port}',
+        '--num-processes',
+        '2',
+        '--process-id',
+        str(i),
+      ],
+      cwd=REPO,
+      env=base,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   try:
     outs = [p.communicate(timeout=180) for p in procs]  # a hang fails here instead of stalling CI
   finally:
@@ -279,11 +325,14 @@ def test_s3_is_refused_before_any_request_and_the_proposed_copy_works(s3, tmp_pa
       mngr.restore(2, args=ocp.args.StandardRestore())
     before = s3.requests()
     faces = {
-        'plan': lambda: orbax_linen_nnx.plan(run, abstract, rules=DROP_RULES),
-        'restore': lambda: orbax_linen_nnx.restore(run / '2', abstract, rules=DROP_RULES),
-        'open': lambda: source.open_checkpoint(run),
-        'convert into': lambda: convert.convert(source.open_checkpoint(tmp_path / 'run'), run / 'nnx',
-                                                convert.plan_to(source.open_checkpoint(tmp_path / 'run'), 'nnx')),
+      'plan': lambda: orbax_linen_nnx.plan(run, abstract, rules=DROP_RULES),
+      'restore': lambda: orbax_linen_nnx.restore(run / '2', abstract, rules=DROP_RULES),
+      'open': lambda: source.open_checkpoint(run),
+      'convert into': lambda: convert.convert(
+        source.open_checkpoint(tmp_path / 'run'),
+        run / 'nnx',
+        convert.plan_to(source.open_checkpoint(tmp_path / 'run'), 'nnx'),
+      ),
     }
     for face, call in faces.items():
       with pytest.raises(orbax_linen_nnx.UnsupportedStorageError) as e:
@@ -292,8 +341,11 @@ def test_s3_is_refused_before_any_request_and_the_proposed_copy_works(s3, tmp_pa
       assert 's3://' in message and 'Mount the bucket' in message and 'copy the checkpoint' in message, (face, message)
       assert TMP_DIR not in message, message
       assert f'Orbax {ocp.__version__}' in message, message
-    for args in (('inspect', run), ('plan', run / '2', '--to', 'nnx'),
-                 ('convert', tmp_path / 'run' / '2', run / 'x', '--to', 'nnx', '--quiet')):
+    for args in (
+      ('inspect', run),
+      ('plan', run / '2', '--to', 'nnx'),
+      ('convert', tmp_path / 'run' / '2', run / 'x', '--to', 'nnx', '--quiet'),
+    ):
       r = cli_run(capsys, *args)
       assert r.returncode == cli.EXIT_UNREADABLE and 'cannot open checkpoints on s3://' in r.stderr, (args, r.stderr)
     assert s3.requests() == before  # refused from the path alone

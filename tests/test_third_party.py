@@ -47,8 +47,13 @@ def restored(directory, make, rules, target='eval_shape'):
 def logits_by_their_own_code(model: str, run_dir, step: int) -> np.ndarray:
   """The Linen model's own code (third_party.py, `model` 'hf' or 'resnet') restores `step` of `run_dir` with
   plain Orbax in a fresh process that never imports this package, and computes its logits."""
-  done = subprocess.run([sys.executable, f'{TESTS}/third_party.py', model, str(run_dir), str(step)],
-                        capture_output=True, text=True, timeout=240, cwd=TESTS)
+  done = subprocess.run(
+    [sys.executable, f'{TESTS}/third_party.py', model, str(run_dir), str(step)],
+    capture_output=True,
+    text=True,
+    timeout=240,
+    cwd=TESTS,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   out = json.loads(done.stdout.strip().splitlines()[-1])
   assert out['imported_orbax_linen_nnx'] is False
@@ -65,8 +70,10 @@ def test_restore_into_tunix_computes_and_trains_like_hugging_face(hf_run):
   ids = tp.tokens()
   # The two frameworks' code sums in other orders (float32): a tolerance from the terms summed.
   models.assert_reductions_close(tp.tunix_logits(model, ids), tp.hf_logits(variables, ids), terms=tp.LOGIT_TERMS)
-  np.testing.assert_array_equal(model.layers[1].attn.q_proj.w.get_value(), variables['params']['model']['layers'][
-      '1']['self_attn']['q_proj']['kernel'].reshape(tp.D, tp.HEADS, tp.HEAD_DIM))
+  np.testing.assert_array_equal(
+    model.layers[1].attn.q_proj.w.get_value(),
+    variables['params']['model']['layers']['1']['self_attn']['q_proj']['kernel'].reshape(tp.D, tp.HEADS, tp.HEAD_DIM),
+  )
 
   # One SGD step of next-token cross-entropy in each, then the losses.
   def loss(logits):
@@ -76,8 +83,9 @@ def test_restore_into_tunix_computes_and_trains_like_hugging_face(hf_run):
   stepped = jax.tree.map(lambda p, g: p - 0.5 * g, variables, grads)
   nnx_grads = nnx.grad(lambda m: loss(tp.tunix_logits(m, ids)))(model)
   nnx.update(model, jax.tree.map(lambda p, g: p - 0.5 * g, nnx.state(model, nnx.Param), nnx_grads))
-  models.assert_reductions_close(loss(tp.tunix_logits(model, ids)), loss(tp.hf_logits(stepped, ids)),
-                                 terms=3 * tp.LOGIT_TERMS)
+  models.assert_reductions_close(
+    loss(tp.tunix_logits(model, ids)), loss(tp.hf_logits(stepped, ids)), terms=3 * tp.LOGIT_TERMS
+  )
 
 
 def test_auto_says_why_it_cannot_pair_these(hf_run):
@@ -95,15 +103,30 @@ def test_auto_says_why_it_cannot_pair_these(hf_run):
 def test_convert_then_plain_orbax_then_compare(hf_run, tmp_path, capsys):
   directory, variables = hf_run
   (tmp_path / 'target.py').write_text(
-      f'import sys\nsys.path.insert(0, {TESTS!r})\nimport third_party as tp\nfrom flax import nnx\n\n'
-      'def abstract():\n  return nnx.state(nnx.eval_shape(tp.tunix_llama))\n\nRULES = tp.llama_rules()\n')
+    f'import sys\nsys.path.insert(0, {TESTS!r})\nimport third_party as tp\nfrom flax import nnx\n\n'
+    'def abstract():\n  return nnx.state(nnx.eval_shape(tp.tunix_llama))\n\nRULES = tp.llama_rules()\n'
+  )
   target = f'{tmp_path}/target.py:abstract'
-  assert cli.main(['convert', str(directory), str(tmp_path / 'nnx'), '--target', target, '--rules',
-                   f'{tmp_path}/target.py:RULES', '--quiet']) == cli.EXIT_OK
+  assert (
+    cli.main(
+      [
+        'convert',
+        str(directory),
+        str(tmp_path / 'nnx'),
+        '--target',
+        target,
+        '--rules',
+        f'{tmp_path}/target.py:RULES',
+        '--quiet',
+      ]
+    )
+    == cli.EXIT_OK
+  )
   # Tunix's own model, restored by plain Orbax from what convert wrote.
   model = tp.tunix_llama(seed=9)
-  nnx.update(model, ocp.StandardCheckpointer().restore(tmp_path / 'nnx' / 'default',
-                                                       nnx.state(nnx.eval_shape(tp.tunix_llama))))
+  nnx.update(
+    model, ocp.StandardCheckpointer().restore(tmp_path / 'nnx' / 'default', nnx.state(nnx.eval_shape(tp.tunix_llama)))
+  )
   ids = tp.tokens()
   models.assert_reductions_close(tp.tunix_logits(model, ids), tp.hf_logits(variables, ids), terms=tp.LOGIT_TERMS)
   # compare, both ways, bit for bit.
@@ -111,8 +134,10 @@ def test_convert_then_plain_orbax_then_compare(hf_run, tmp_path, capsys):
     found = compare.compare(source.open_checkpoint(a), source.open_checkpoint(b), rules=tp.llama_rules())
     assert found.equal and found.compared == 21, found
   capsys.readouterr()
-  assert cli.main(['compare', str(directory), str(tmp_path / 'nnx'), '--rules', f'{tmp_path}/target.py:RULES']
-                  ) == cli.EXIT_OK
+  assert (
+    cli.main(['compare', str(directory), str(tmp_path / 'nnx'), '--rules', f'{tmp_path}/target.py:RULES'])
+    == cli.EXIT_OK
+  )
   assert 'MATCH' in capsys.readouterr().out
 
 
@@ -127,8 +152,9 @@ def test_linen_compat_save_of_tunix_is_read_by_hugging_face_code(hf_run, tmp_pat
       nnx.update(model, jax.tree.map(lambda p, g: p - 0.1 * g, nnx.state(model, nnx.Param), grads))
       mngr.save(step, args=LinenCompatSave(model, rules=tp.llama_rules()))
     mngr.wait_until_finished()
-  models.assert_reductions_close(logits_by_their_own_code('hf', tmp_path / 'run', 3),
-                                 tp.tunix_logits(model, tp.tokens()), terms=tp.LOGIT_TERMS)
+  models.assert_reductions_close(
+    logits_by_their_own_code('hf', tmp_path / 'run', 3), tp.tunix_logits(model, tp.tokens()), terms=tp.LOGIT_TERMS
+  )
 
 
 # ---------------------------------------------------------------- flaxmodels' ResNet18 and a port of it
@@ -150,14 +176,18 @@ def test_resnet_port_restores_computes_and_trains_like_flaxmodels(resnet_run):
   # 'auto' from the initialised port (its attribute order settles conv1/conv2, bn1/bn2/downsample_bn)
   # infers the same table and restores the same bits.
   with ocp.CheckpointManager(directory) as mngr:
-    found = mngr.restore(1, args=LinenCompatRestore(ports.ResNet18(tp.CLASSES, nnx.Rngs(3)), rules='auto',
-                                                    dry_run=True))
+    found = mngr.restore(
+      1, args=LinenCompatRestore(ports.ResNet18(tp.CLASSES, nnx.Rngs(3)), rules='auto', dry_run=True)
+    )
   assert found.inferred_renames == ports.resnet_rules()
   models.assert_all_equal(nnx.state(restored_port(directory, 'auto', target='module')), nnx.state(model))
   # From nnx.eval_shape three alike BatchNorms in a downsampling block (bn1, bn2, downsample_bn) are no
   # numbered family: it raises, naming them and the line that settles one.
-  with pytest.raises(PlanError, match=r'(?s)Fix: .*rules=\[rename\(.*BasicBlock_2/BatchNorm_0, BasicBlock_2/BatchNorm_1,'
-                     r' BasicBlock_2/BatchNorm_2 and block2_0/bn1, block2_0/bn2, block2_0/downsample_bn all hold '):
+  with pytest.raises(
+    PlanError,
+    match=r'(?s)Fix: .*rules=\[rename\(.*BasicBlock_2/BatchNorm_0, BasicBlock_2/BatchNorm_1,'
+    r' BasicBlock_2/BatchNorm_2 and block2_0/bn1, block2_0/bn2, block2_0/downsample_bn all hold ',
+  ):
     restored_port(directory, 'auto')
 
   x = tp.images()
@@ -168,8 +198,9 @@ def test_resnet_port_restores_computes_and_trains_like_flaxmodels(resnet_run):
   xent = lambda logits: -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
 
   def linen_loss(params):
-    logits, updates = tp.flaxmodels_resnet().apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
-                                                   train=True, mutable=['batch_stats'])
+    logits, updates = tp.flaxmodels_resnet().apply(
+      {'params': params, 'batch_stats': variables['batch_stats']}, x, train=True, mutable=['batch_stats']
+    )
     return xent(logits), updates
 
   (loss, updates), grads = jax.value_and_grad(linen_loss, has_aux=True)(variables['params'])
@@ -192,26 +223,47 @@ def test_resnet_port_saved_as_linen_is_read_by_flaxmodels_code(resnet_run, tmp_p
       mngr.save(step, args=LinenCompatSave(model, rules=ports.resnet_rules()))
     mngr.wait_until_finished()
   model.eval()
-  models.assert_reductions_close(logits_by_their_own_code('resnet', tmp_path / 'run', 3), model(tp.images()),
-                                 terms=tp.RESNET_TERMS)
+  models.assert_reductions_close(
+    logits_by_their_own_code('resnet', tmp_path / 'run', 3), model(tp.images()), terms=tp.RESNET_TERMS
+  )
 
 
 def test_resnet_convert_then_plain_orbax_then_compare(resnet_run, tmp_path, capsys):
   directory, variables = resnet_run
   (tmp_path / 'target.py').write_text(
-      f'import sys\nsys.path.insert(0, {TESTS!r})\nimport ports\nfrom flax import nnx\n\n'
-      'def abstract():\n  return nnx.state(nnx.eval_shape(lambda: ports.ResNet18(10, nnx.Rngs(0))))\n\n'
-      'RULES = ports.resnet_rules()\n')
-  assert cli.main(['convert', str(directory), str(tmp_path / 'nnx'), '--target', f'{tmp_path}/target.py:abstract',
-                   '--rules', f'{tmp_path}/target.py:RULES', '--quiet']) == cli.EXIT_OK
+    f'import sys\nsys.path.insert(0, {TESTS!r})\nimport ports\nfrom flax import nnx\n\n'
+    'def abstract():\n  return nnx.state(nnx.eval_shape(lambda: ports.ResNet18(10, nnx.Rngs(0))))\n\n'
+    'RULES = ports.resnet_rules()\n'
+  )
+  assert (
+    cli.main(
+      [
+        'convert',
+        str(directory),
+        str(tmp_path / 'nnx'),
+        '--target',
+        f'{tmp_path}/target.py:abstract',
+        '--rules',
+        f'{tmp_path}/target.py:RULES',
+        '--quiet',
+      ]
+    )
+    == cli.EXIT_OK
+  )
   model = ports.ResNet18(tp.CLASSES, nnx.Rngs(9))
-  nnx.update(model, ocp.StandardCheckpointer().restore(
-      tmp_path / 'nnx' / 'default', nnx.state(nnx.eval_shape(lambda: ports.ResNet18(tp.CLASSES, nnx.Rngs(0))))))
+  nnx.update(
+    model,
+    ocp.StandardCheckpointer().restore(
+      tmp_path / 'nnx' / 'default', nnx.state(nnx.eval_shape(lambda: ports.ResNet18(tp.CLASSES, nnx.Rngs(0))))
+    ),
+  )
   model.eval()
   models.assert_reductions_close(model(tp.images()), tp.resnet_logits(variables, tp.images()), terms=tp.RESNET_TERMS)
   capsys.readouterr()
-  assert cli.main(['compare', str(tmp_path / 'nnx'), str(directory), '--rules', f'{tmp_path}/target.py:RULES']
-                  ) == cli.EXIT_OK
+  assert (
+    cli.main(['compare', str(tmp_path / 'nnx'), str(directory), '--rules', f'{tmp_path}/target.py:RULES'])
+    == cli.EXIT_OK
+  )
   assert 'MATCH' in capsys.readouterr().out
   # inspect names no stack in either (BatchNorm vectors, per-block attributes).
   assert inspection.stacks_found(source.open_checkpoint(tmp_path / 'nnx')) == []

@@ -62,21 +62,31 @@ def test_resume_then_save_every_n_steps_through_one_manager(tmp_path, mesh, enab
   assert out['sharded_as_asked'] and out['step'] == LAST + 2
   ours = models.host_values(nnx.state(state))
   for nnx_path, linen_path in linen_pairs().items():
-    np.testing.assert_array_equal(np.asarray(out['values'][linen_path]).astype(ours[nnx_path].dtype), ours[nnx_path],
-                                  err_msg=nnx_path)
+    np.testing.assert_array_equal(
+      np.asarray(out['values'][linen_path]).astype(ours[nnx_path].dtype), ours[nnx_path], err_msg=nnx_path
+    )
   nnx_losses = [models.nnx_bn_drop_step(state['model'], state['optimizer'], False) for _ in range(2)]
   models.assert_reductions_close(np.array(out['losses']), np.array(nnx_losses), terms=2 * models.BN_STEP_TERMS)
 
 
 def test_save_loop_inside_composite(tmp_path, mesh):
   """The run's state beside another item (metrics as JSON), every save through one manager."""
-  save(tmp_path, step=2, state=ocp.args.StandardSave(models.linen_bn_drop_state(tx())),
-       metrics=ocp.args.JsonSave({'loss': 1.0}))
+  save(
+    tmp_path,
+    step=2,
+    state=ocp.args.StandardSave(models.linen_bn_drop_state(tx())),
+    metrics=ocp.args.JsonSave({'loss': 1.0}),
+  )
   abstract = models.shard_abstract(nnx.state(nnx.eval_shape(make_bn_drop)), mesh, 'two_axes')
   with ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(max_to_keep=3)) as mngr:
     state = resumed_state(mngr, abstract, 2, item='state')
-    train_and_save(state, lambda step, s: mngr.save(step, args=ocp.args.Composite(
-        state=LinenCompatSave(s, rules=DROP_RULES), metrics=ocp.args.JsonSave({'step': step}))))
+    train_and_save(
+      state,
+      lambda step, s: mngr.save(
+        step,
+        args=ocp.args.Composite(state=LinenCompatSave(s, rules=DROP_RULES), metrics=ocp.args.JsonSave({'step': step})),
+      ),
+    )
     mngr.wait_until_finished()
     assert mngr.all_steps() == [4, 6, LAST]
     assert_restores_to(mngr, LAST, abstract, state, item='state')
@@ -87,15 +97,19 @@ def test_save_loop_through_orbax_v1(tmp_path, mesh):
   save(tmp_path / 'linen', step=2, what=ocp.args.StandardSave(models.linen_bn_drop_state(tx())))
   abstract = models.shard_abstract(nnx.state(nnx.eval_shape(make_bn_drop)), mesh, 'two_axes')
   state = make_bn_drop()
-  loaded = ocp_v1.load_checkpointables(tmp_path / 'linen' / '2',
-                                       {'default': LinenCompatRestore(abstract, rules=DROP_RULES)})
+  loaded = ocp_v1.load_checkpointables(
+    tmp_path / 'linen' / '2', {'default': LinenCompatRestore(abstract, rules=DROP_RULES)}
+  )
   nnx.update(state, loaded['default'])
   with ocp_v1.training.Checkpointer(tmp_path / 'run') as ckptr:
-    train_and_save(state, lambda step, s: ckptr.save_checkpointables(
-        step, {'train_state': LinenCompatSave(s, rules=DROP_RULES)}))
+    train_and_save(
+      state, lambda step, s: ckptr.save_checkpointables(step, {'train_state': LinenCompatSave(s, rules=DROP_RULES)})
+    )
     ckptr.wait()
     assert [s.step for s in ckptr.checkpoints] == [4, 6, LAST]
     again = make_bn_drop()
-    nnx.update(again, ckptr.load_checkpointables(LAST, {'train_state': LinenCompatRestore(abstract, rules=DROP_RULES)})[
-        'train_state'])
+    nnx.update(
+      again,
+      ckptr.load_checkpointables(LAST, {'train_state': LinenCompatRestore(abstract, rules=DROP_RULES)})['train_state'],
+    )
   models.assert_all_equal(nnx.state(again), nnx.state(state))

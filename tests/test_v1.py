@@ -17,7 +17,8 @@ def test_v1_loads_a_linen_run_into_sharded_nnx(tmp_path, mesh):
     mngr.save(2, args=ocp.args.StandardSave(linen))
     mngr.wait_until_finished()
   abstract = models.shard_abstract(
-      nnx.state(nnx.eval_shape(lambda: models.nnx_train_state(models.NnxMLP, optax.adamw(1e-2)))), mesh, 'two_axes')
+    nnx.state(nnx.eval_shape(lambda: models.nnx_train_state(models.NnxMLP, optax.adamw(1e-2)))), mesh, 'two_axes'
+  )
   # A v0 step directory: its one item, 'default', is the checkpointable.
   got = ocp_v1.load_checkpointables(tmp_path / '2', {'default': LinenCompatRestore(abstract, rules=MLP_RULES)})
   with ocp.CheckpointManager(tmp_path) as mngr:

@@ -20,7 +20,9 @@ def test_ci_floors_are_the_declared_floors_and_nothing_is_capped():
     assert floors[name] == declared[name], (name, floors, declared)
   assert floors['jaxlib'] == floors['jax']
   text = (ROOT / 'pyproject.toml').read_text()
-  assert '<' not in re.search(r'dependencies = \[(.*?)\]', text, flags=re.S).group(1), 'an upper cap needs a documented break'
+  assert '<' not in re.search(r'dependencies = \[(.*?)\]', text, flags=re.S).group(1), (
+    'an upper cap needs a documented break'
+  )
 
 
 def test_installed_versions_satisfy_the_floors():

@@ -43,9 +43,18 @@ def hf_module():
   from transformers import LlamaConfig
   from transformers.models.llama.modeling_flax_llama import FlaxLlamaForCausalLMModule
 
-  config = LlamaConfig(vocab_size=VOCAB, hidden_size=D, intermediate_size=HIDDEN, num_hidden_layers=LAYERS,
-                       num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=4 * SEQ,
-                       rms_norm_eps=EPS, rope_theta=float(THETA), tie_word_embeddings=False)
+  config = LlamaConfig(
+    vocab_size=VOCAB,
+    hidden_size=D,
+    intermediate_size=HIDDEN,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=HEADS,
+    num_key_value_heads=KV_HEADS,
+    max_position_embeddings=4 * SEQ,
+    rms_norm_eps=EPS,
+    rope_theta=float(THETA),
+    tie_word_embeddings=False,
+  )
   return FlaxLlamaForCausalLMModule(config, dtype=jnp.float32)
 
 
@@ -70,8 +79,17 @@ def tunix_llama(seed: int = 0):
   from flax import nnx
 
   lib = tunix_module('models.llama3.model')
-  config = lib.ModelConfig(num_layers=LAYERS, vocab_size=VOCAB, embed_dim=D, hidden_dim=HIDDEN, num_heads=HEADS,
-                           head_dim=HEAD_DIM, num_kv_heads=KV_HEADS, rope_theta=THETA, norm_eps=EPS)
+  config = lib.ModelConfig(
+    num_layers=LAYERS,
+    vocab_size=VOCAB,
+    embed_dim=D,
+    hidden_dim=HIDDEN,
+    num_heads=HEADS,
+    head_dim=HEAD_DIM,
+    num_kv_heads=KV_HEADS,
+    rope_theta=THETA,
+    norm_eps=EPS,
+  )
   return lib.Llama3(config, rngs=nnx.Rngs(seed))
 
 
@@ -85,16 +103,21 @@ def llama_rules():
 
   layer = 'model/layers/{i}'
   return [
-      rearrange(f'{layer}/self_attn/q_proj/kernel', 'd (n h) -> d n h', h=HEAD_DIM),
-      rearrange(f'{layer}/self_attn/k_proj/kernel', 'd (n h) -> d n h', h=HEAD_DIM),
-      rearrange(f'{layer}/self_attn/v_proj/kernel', 'd (n h) -> d n h', h=HEAD_DIM),
-      rearrange(f'{layer}/self_attn/o_proj/kernel', '(n h) d -> n h d', h=HEAD_DIM),
-      rename({'model/embed_tokens/embedding': 'embedder/input_embedding',
-              **{f'{layer}/self_attn/{p}_proj/kernel': f'layers/{{i}}/attn/{p}_proj/w' for p in 'qkvo'},
-              f'{layer}/mlp': 'layers/{i}/mlp',
-              f'{layer}/input_layernorm/weight': 'layers/{i}/input_layernorm/w',
-              f'{layer}/post_attention_layernorm/weight': 'layers/{i}/post_attention_layernorm/w',
-              'model/norm/weight': 'final_norm/w', 'lm_head/kernel': 'lm_head/w'}),
+    rearrange(f'{layer}/self_attn/q_proj/kernel', 'd (n h) -> d n h', h=HEAD_DIM),
+    rearrange(f'{layer}/self_attn/k_proj/kernel', 'd (n h) -> d n h', h=HEAD_DIM),
+    rearrange(f'{layer}/self_attn/v_proj/kernel', 'd (n h) -> d n h', h=HEAD_DIM),
+    rearrange(f'{layer}/self_attn/o_proj/kernel', '(n h) d -> n h d', h=HEAD_DIM),
+    rename(
+      {
+        'model/embed_tokens/embedding': 'embedder/input_embedding',
+        **{f'{layer}/self_attn/{p}_proj/kernel': f'layers/{{i}}/attn/{p}_proj/w' for p in 'qkvo'},
+        f'{layer}/mlp': 'layers/{i}/mlp',
+        f'{layer}/input_layernorm/weight': 'layers/{i}/input_layernorm/w',
+        f'{layer}/post_attention_layernorm/weight': 'layers/{i}/post_attention_layernorm/w',
+        'model/norm/weight': 'final_norm/w',
+        'lm_head/kernel': 'lm_head/w',
+      }
+    ),
   ]
 
 
@@ -135,8 +158,14 @@ def resnet_logits_main(directory: str, step: int) -> None:
 
   with ocp.CheckpointManager(directory) as mngr:
     variables = mngr.restore(step, args=ocp.args.StandardRestore(jax.eval_shape(resnet_variables)))
-  print(json.dumps({'logits': np.asarray(resnet_logits(variables, images())).tolist(),
-                    'imported_orbax_linen_nnx': 'orbax_linen_nnx' in sys.modules}))
+  print(
+    json.dumps(
+      {
+        'logits': np.asarray(resnet_logits(variables, images())).tolist(),
+        'imported_orbax_linen_nnx': 'orbax_linen_nnx' in sys.modules,
+      }
+    )
+  )
 
 
 def hf_logits_main(directory: str, step: int) -> None:
@@ -146,8 +175,14 @@ def hf_logits_main(directory: str, step: int) -> None:
   abstract = jax.eval_shape(hf_variables)
   with ocp.CheckpointManager(directory) as mngr:
     variables = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
-  print(json.dumps({'logits': np.asarray(hf_logits(variables, tokens())).tolist(),
-                    'imported_orbax_linen_nnx': 'orbax_linen_nnx' in sys.modules}))
+  print(
+    json.dumps(
+      {
+        'logits': np.asarray(hf_logits(variables, tokens())).tolist(),
+        'imported_orbax_linen_nnx': 'orbax_linen_nnx' in sys.modules,
+      }
+    )
+  )
 
 
 if __name__ == '__main__':
