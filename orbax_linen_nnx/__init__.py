@@ -8,7 +8,7 @@ mngr.save(step, args=LinenCompatSave(nnx_train_state))        # Linen's layout, 
 """
 
 from orbax_linen_nnx.args import LinenCompatRestore, LinenCompatSave
-from orbax_linen_nnx.options import RestoreOptions
+from orbax_linen_nnx.options import RestoreOptions, SaveOptions
 from orbax_linen_nnx.handler import LinenCompatHandler, plan, restore
 from orbax_linen_nnx.rules import Rule, RuleError, cast, drop, merge, rearrange, rename, reshape, split, transpose
 from orbax_linen_nnx.outcome import RestoreFailedElsewhere
@@ -27,6 +27,7 @@ from orbax_linen_nnx.v1 import LinenCompatCheckpointableHandler  # registers it 
 
 __all__ = [
   'RestoreOptions',
+  'SaveOptions',
   'Rule',
   'RuleError',
   'cast',

@@ -92,31 +92,13 @@ class LinenCompatSave(ocp.args.CheckpointArgs):
       dict `{'model': model, 'optimizer': nnx.Optimizer(...)}` itself, which
       also tells which optax states are empty: Linen saves them as None entries
       (adam's `opt_state/1`), an `nnx.State` no longer holds them.
-    rules: the rules `LinenCompatRestore` restores this checkpoint with (written
-      Linen -> NNX); the save runs them backward.
-    stacks: per NNX layer stack, the Linen side's layer axis:
-      `{'layers': {'nnx': 0, 'linen': 1}}` writes Linen `nn.scan`'s stack,
-      `{'layers': {'linen': None}}` one array per layer (`layers_0`, ...);
-      stacks not named are written as they are.
-    aux: where persistent NNX state that Linen has no place for goes (RNG
-      streams, custom Variables): 'sidecar' (default) beside the Linen tree,
-      as a PyTree of its own in the item's `nnx_aux/` directory, which Linen
-      readers never see and `LinenCompatRestore` reads back; 'nnx_aux' in the
-      tree as MaxText writes it (`nnx_aux/model/...`, batch statistics too),
-      for MaxText's readers; or None to leave it out (listed in the plan as
-      skipped). Batch statistics otherwise go where Linen code keeps them: a
-      `batch_stats` field beside `params` (a model alone: the `batch_stats`
-      collection of its variables). Caches and intermediates are never saved.
-    target: a Linen abstract state (`jax.eval_shape(lambda: linen_state)`,
-      a variables dict of `jax.ShapeDtypeStruct`) to write exactly: its tree,
-      its type, its None entries; None (default) writes what a Linen run of
-      the same model saves (see above).
-    save_args: an `ocp.SaveArgs` applied to every array (`chunk_byte_size`,
-      `dtype`), or None.
-    custom_metadata: JSON-serialisable metadata stored with the item.
     plan: the plan of the save, made (and checked) when the args are made:
       `print(LinenCompatSave(state).plan)` shows what goes where; a problem
       raises `PlanError` here, before anything is written.
+
+  Every other field is the `SaveOptions` field of that name (documented
+  there, the one place `LinenCompatSave`, `to_linen` and `convert --to linen`
+  take them from); `options` gathers them.
   """
 
   state: Any
@@ -131,4 +113,9 @@ class LinenCompatSave(ocp.args.CheckpointArgs):
   def __post_init__(self):
     # Planned here, from shapes alone, so that every problem is raised before
     # the manager creates the step's directory.
-    self.plan = save_lib.plan_save(self.state, rules=self.rules, stacks=self.stacks, aux=self.aux, target=self.target)
+    self.plan = save_lib.plan_save(self.state, self.options)
+
+  @property
+  def options(self) -> options_lib.SaveOptions:
+    """This save's options, as every face passes them on to the planner."""
+    return options_lib.SaveOptions(**{name: getattr(self, name) for name in options_lib.SAVE_FIELDS})

@@ -360,24 +360,27 @@ def _target(spec: str):
 
 
 def _plan(args, src, rules: Any = None):
-  """The plan of SRC into --to or --target, with `rules` where given, else --rules."""
-  from orbax_linen_nnx import convert, planner
+  """The plan of SRC into --to or --target, with `rules` where given, else --rules (`planner.prepare`, as every
+  face plans). Returns (the plan, --target's checkpoint or None, --target's abstract state or None)."""
+  from orbax_linen_nnx import planner
+
+  if args.to:
+    # A tree in the other layout with no model: what that layout's training state saves (into Linen: an NNX
+    # state written as LinenCompatSave writes it, with the options it takes).
+    made = save_options(args, rules) if args.to == 'linen' else restore_options(args, rules)
+    return planner.prepare(src, args.to, made).plan, None, None
+  tgt, abstract = _target(args.target)
+  prepared = planner.prepare(src, abstract if tgt is None else tgt, restore_options(args, rules))
+  return prepared.plan, tgt, abstract
+
+
+def save_options(args, rules: Any = None):
+  """The `SaveOptions` a command's flags state (`rules`: these instead of --rules'), as `restore_options`; the
+  --target of a convert names the tree it writes, which `_plan` reads itself, so it is not loaded here."""
+  from orbax_linen_nnx import options as options_lib
 
   given, stacks = _mapping(args)
-  rules = given if rules is None else rules
-  if args.to:
-    return convert.plan_to(src, args.to, rules=rules, stacks=stacks), None, None
-  tgt, abstract = _target(args.target)
-  options = restore_options(args, rules)
-  if tgt is not None:
-    return (
-      convert.plan_into(
-        src, convert.abstract_of(tgt), tgt.layout, rules=options.rules, stacks=options.stacks, partial=options.partial
-      ),
-      tgt,
-      None,
-    )
-  return planner.prepare(src, abstract, options).plan, None, abstract
+  return options_lib.SaveOptions(rules=given if rules is None else rules, stacks=stacks)
 
 
 def restore_options(args, rules: Any = None):

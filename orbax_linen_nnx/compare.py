@@ -15,11 +15,12 @@ import numpy as np
 
 from orbax_linen_nnx import layout
 from orbax_linen_nnx import ops
+from orbax_linen_nnx import options as options_lib
 from orbax_linen_nnx import planner
 from orbax_linen_nnx import plans
 from orbax_linen_nnx import read as read_lib
 from orbax_linen_nnx import source as source_lib
-from orbax_linen_nnx.convert import DEFAULT_BATCH_BYTES, abstract_of, batches, plan_into, with_shardings
+from orbax_linen_nnx.convert import DEFAULT_BATCH_BYTES, batches, with_shardings
 
 
 @dataclasses.dataclass
@@ -55,9 +56,8 @@ def compare(
   (NaN matching NaN); with the defaults, bit for bit. Leaves are read onto one
   device, `batch_bytes` of them (from each side) at a time.
   """
-  targets = abstract_of(b)
-  plan = plan_into(a, targets, b.layout, rules=rules, stacks=stacks, partial=True)
-  own = planner.build(b.arrays, targets, source_layout=b.layout, target_layout=b.layout, where=str(b.directory))
+  plan = planner.prepare(a, b, options_lib.RestoreOptions(rules=rules, stacks=stacks, partial=True)).plan
+  own = planner.prepare(b, b).plan  # B read as itself
   one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   plan, own = with_shardings(plan, lambda t: one), with_shardings(own, lambda t: one)
   own_reads = {r.target.path: r for r in own.reads}

@@ -43,6 +43,7 @@ from flax import nnx
 from orbax_linen_nnx import grid as grid_lib
 from orbax_linen_nnx import layout
 from orbax_linen_nnx import ops
+from orbax_linen_nnx import options as options_lib
 from orbax_linen_nnx import planner
 from orbax_linen_nnx import plans as plan_lib
 from orbax_linen_nnx import trees
@@ -68,50 +69,10 @@ class ConvertInProgressError(DestinationExistsError):
 # ---------------------------------------------------------------- plans
 
 
-def abstract_of(ckpt: source_lib.Checkpoint) -> list[plan_lib.Target]:
-  """A checkpoint's own tree as restore targets (its paths, shapes and dtypes)."""
-  return [plan_lib.Target(a.path, tuple(a.shape), np.dtype(a.dtype), None, key_impl=a.key_impl) for a in ckpt.arrays]
-
-
-def plan_into(
-  src: source_lib.Checkpoint,
-  targets: Sequence[plan_lib.Target],
-  target_layout: str,
-  *,
-  rules=None,
-  stacks=None,
-  partial: bool = False,
-) -> plan_lib.RestorePlan:
-  """The plan of reading `src` as `targets` (another checkpoint's tree, or a model's)."""
-  return planner.build(
-    src.arrays,
-    targets,
-    source_layout=src.layout,
-    target_layout=target_layout,
-    rules=rules,
-    stacks=stacks,
-    partial=partial,
-    where=str(src.directory),
-  )
-
-
 def plan_to(src: source_lib.Checkpoint, to: str, *, rules=None, stacks=None) -> plan_lib.RestorePlan:
-  """The plan of reading `src` in the other layout with no model: the tree that layout's training state saves."""
-  if to not in layout.LAYOUTS:
-    raise ValueError(f'to must be one of {layout.LAYOUTS}, got {to!r}')
-  if src.layout == to:
-    raise ValueError(
-      f'{src.directory} is already in the {to} layout; to restack or rename it, give the'
-      ' tree it should become as a target (a checkpoint, or module:function returning an'
-      ' abstract state)'
-    )
-  if to == layout.NNX:
-    return trees.build_nnx(src.arrays, rules=rules, stacks=stacks, where=str(src.directory))
-  # NNX state Linen has no place for (RNG streams) goes under nnx_aux, as MaxText writes it.
-  types = {a.path: 'RngState' for a in src.arrays if layout.is_rng_path(a.path)}
-  return trees.build_save(
-    src.arrays, types, rules=rules, stacks=stacks, action=f'cannot convert {src.directory} to the linen layout'
-  )
+  """The plan of reading `src` in the other layout with no model: the tree that layout's training state saves
+  (`planner.prepare` with the layout as its target)."""
+  return planner.prepare(src, to, options_lib.RestoreOptions(rules=rules, stacks=stacks)).plan
 
 
 def with_cost_note(

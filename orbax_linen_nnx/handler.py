@@ -208,9 +208,7 @@ class LinenCompatHandler(ocp.AsyncCheckpointHandler):
         ' or ocp.args.StandardSave(state) (the state as it is)'
       )
     with _gc_paused():
-      tree, sidecar = save_lib.linen_trees(
-        args.state, rules=args.rules, stacks=args.stacks, aux=args.aux, target=args.target, plan=args.plan, carry=carry
-      )
+      tree, sidecar = save_lib.linen_trees(args.state, args.options, plan=args.plan, carry=carry)
     save_args = None if args.save_args is None else jax.tree.map(lambda _: args.save_args, tree)
     main = ocp.args.PyTreeSave(tree, save_args=save_args, custom_metadata=args.custom_metadata)
     return main, (None if sidecar is None else ocp.args.StandardSave(sidecar))

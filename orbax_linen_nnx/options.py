@@ -1,9 +1,11 @@
-"""`RestoreOptions`: every option of a restore, in one place, for every face.
+"""`RestoreOptions` and `SaveOptions`: every option of a restore and of a save, in one place, for every face.
 
 `LinenCompatRestore`, `orbax_linen_nnx.plan()` and `restore()`, Orbax v1 and
 the command line each build one; `planner.prepare(source, abstract, options)`
 plans with it. Each field says how the command line spells it (its `flag`),
 or why it has no flag; `tests/test_options.py` holds the faces to that.
+`LinenCompatSave`, `to_linen` and `convert --to linen` build a `SaveOptions`
+alike.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any, Callable
 
 import jax
 
+from orbax_linen_nnx import layout
 from orbax_linen_nnx import rules as rules_lib
 from orbax_linen_nnx import stacks as stacks_lib
 
@@ -129,10 +132,59 @@ class RestoreOptions:
     return found
 
 
+@dataclasses.dataclass(frozen=True)
+class SaveOptions:
+  """How an NNX state is written as the checkpoint a Linen run writes; the same for every face.
+
+  Attributes:
+    rules: the rules `LinenCompatRestore` restores this checkpoint with
+      (written Linen -> NNX); the save runs them backward.
+    stacks: per NNX layer stack, the Linen side's layer axis:
+      `{'layers': {'nnx': 0, 'linen': 1}}` writes Linen `nn.scan`'s stack,
+      `{'layers': {'linen': None}}` one array per layer (`layers_0`, ...);
+      stacks not named are written as they are.
+    aux: where persistent NNX state that Linen has no place for goes (RNG
+      streams, custom Variables): 'sidecar' (the default of
+      `LinenCompatSave`) beside the Linen tree, as a PyTree of its own in the
+      item's `nnx_aux/` directory, which Linen readers never see and
+      `LinenCompatRestore` reads back; 'nnx_aux' in the tree as MaxText
+      writes it (`nnx_aux/model/...`, batch statistics too), for MaxText's
+      readers (the default of `to_linen`, which returns one tree); or None to
+      leave it out (listed in the plan as skipped). Batch statistics otherwise
+      go where Linen code keeps them: a `batch_stats` field beside `params`
+      (a model alone: the `batch_stats` collection of its variables). Caches
+      and intermediates are never saved.
+    target: a Linen abstract state (`jax.eval_shape(lambda: linen_state)`, a
+      variables dict of `jax.ShapeDtypeStruct`) to write exactly: its tree,
+      its type, its None entries; None (default) writes what a Linen run of
+      the same model saves.
+    save_args: an `ocp.SaveArgs` applied to every array (`chunk_byte_size`,
+      `dtype`), or None.
+    custom_metadata: JSON-serialisable metadata stored with the item.
+  """
+
+  rules: rules_lib.Rules = _option(None, '--rules')
+  stacks: stacks_lib.StackAxes | None = _option(None, '--stacks')
+  aux: str | None = _option(
+    layout.SIDECAR,
+    None,
+    'convert writes one tree: NNX-only state goes under nnx_aux in it (as to_linen), or where --target puts it',
+  )
+  target: Any = _option(None, '--target')
+  save_args: Any = _option(
+    None, None, 'a Python ocp.SaveArgs: convert stores every array in chunks of the blocks it writes'
+  )
+  custom_metadata: dict[str, Any] | None = _option(
+    None, None, "a Python dict: convert writes an item's arrays, not the metadata of a run"
+  )
+
+
 DEFAULTS = RestoreOptions()
 FIELDS = tuple(f.name for f in dataclasses.fields(RestoreOptions))
+SAVE_DEFAULTS = SaveOptions()
+SAVE_FIELDS = tuple(f.name for f in dataclasses.fields(SaveOptions))
 
 
-def flag_of(name: str) -> str | None:
-  """The command line's flag for option `name` (None: it has none; see the field's `why`)."""
-  return next(f.metadata['flag'] for f in dataclasses.fields(RestoreOptions) if f.name == name)
+def flag_of(name: str, options: type = RestoreOptions) -> str | None:
+  """The command line's flag for option `name` of `options` (None: it has none; see the field's `why`)."""
+  return next(f.metadata['flag'] for f in dataclasses.fields(options) if f.name == name)

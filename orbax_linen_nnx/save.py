@@ -32,6 +32,7 @@ from orbax_linen_nnx import _internals
 from orbax_linen_nnx import cost as cost_lib
 from orbax_linen_nnx import layout
 from orbax_linen_nnx import ops
+from orbax_linen_nnx import options as options_lib
 from orbax_linen_nnx import plans as plan_lib
 from orbax_linen_nnx import trees
 from orbax_linen_nnx import write
@@ -319,33 +320,27 @@ def _empties(tree: Any, at: Path = ()) -> list[Path]:
   return [p for k, v in items for p in _empties(v, at + (str(k),))]
 
 
-def _planned(state, rules, stacks, aux, target, plan=None):
+def _planned(state, options: options_lib.SaveOptions, plan=None):
   """(the NNX state's leaves, the Linen tree to write exactly or None, the save's plan)."""
   nnx_state = _NnxState(state)
+  target = options.target
   written = None if target is None else target_lib.flatten(target, layout_name=layout.LINEN)
   if plan is None:
     plan = trees.build_save(
       nnx_state.sources,
       nnx_state.types,
-      rules=rules,
-      stacks=stacks,
-      aux=aux,
+      rules=options.rules,
+      stacks=options.stacks,
+      aux=options.aux,
       targets=None if written is None else written.targets,
       collection_level=nnx_state.collection_level,
     )
   return nnx_state, written, plan
 
 
-def plan_save(
-  state: Any,
-  *,
-  rules: rules_lib.Rules = None,
-  stacks: stacks_lib.StackAxes | None = None,
-  aux: str | None = layout.SIDECAR,
-  target: Any = None,
-) -> plan_lib.RestorePlan:
+def plan_save(state: Any, options: options_lib.SaveOptions = options_lib.SAVE_DEFAULTS) -> plan_lib.RestorePlan:
   """The plan of saving `state` in the Linen layout; raises unless `state` holds arrays (see `to_linen`)."""
-  nnx_state, _, plan = _planned(state, rules, stacks, aux, target)
+  nnx_state, _, plan = _planned(state, options)
   nnx_state.require_values()
   return dataclasses.replace(plan, cost=save_cost(plan, nnx_state.values))
 
@@ -372,11 +367,8 @@ def save_cost(plan: plan_lib.RestorePlan, values: Mapping[str, Any], topology: A
 
 def linen_trees(
   state: Any,
+  options: options_lib.SaveOptions = options_lib.SAVE_DEFAULTS,
   *,
-  rules: rules_lib.Rules = None,
-  stacks: stacks_lib.StackAxes | None = None,
-  aux: str | None = layout.SIDECAR,
-  target: Any = None,
   dry_run: bool = False,
   plan: plan_lib.RestorePlan | None = None,
   carry: bool = False,
@@ -390,7 +382,8 @@ def linen_trees(
   leaf (for `ConvertedHandler`: no converted copy on any device); the others
   are computed on their devices.
   """
-  nnx_state, written, plan = _planned(state, rules, stacks, aux, target, plan)
+  nnx_state, written, plan = _planned(state, options, plan)
+  aux = options.aux
   if dry_run:
     return plan
   nnx_state.require_values()
@@ -470,5 +463,6 @@ def to_linen(
       "to_linen returns one tree: NNX-only state goes in it (aux='nnx_aux') or nowhere"
       " (aux=None); LinenCompatSave(..., aux='sidecar') writes it beside the Linen tree"
     )
-  out = linen_trees(state, rules=rules, stacks=stacks, aux=aux, target=target, dry_run=dry_run, plan=plan)
+  options = options_lib.SaveOptions(rules=rules, stacks=stacks, aux=aux, target=target)
+  out = linen_trees(state, options, dry_run=dry_run, plan=plan)
   return out if dry_run else out[0]
