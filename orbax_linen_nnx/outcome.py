@@ -121,10 +121,15 @@ def _wait_for(client, key: str, p: int, deadline: float, timeout_s: float) -> st
       beat = None
     if beat != last:
       last, since = beat, now
-    elif now - since >= (_DEAD_AFTER_S if last is not None else 3 * _DEAD_AFTER_S):  # never heard: more grace
+    elif last is not None and now - since >= _DEAD_AFTER_S:
       return (
         f'process {p} died: it stopped saying it is alive {now - since:.0f} s before reporting its outcome'
         ' (killed, out of memory or crashed; its own log says why)'
+      )
+    elif last is None and now - since >= 3 * _DEAD_AFTER_S:  # never heard: more grace (it may start late)
+      return (
+        f'process {p} never said it is alive in {now - since:.0f} s: it died, or failed before this restore'
+        ' began (its own log says why)'
       )
     if now >= deadline:
       return f'process {p} did not report within {timeout_s:g} s (it died or hangs)'
