@@ -505,9 +505,9 @@ def _convert(args) -> int:
     filled = convert.target_values(plan.kept, abstract)
     plan = dataclasses.replace(plan, kept=())
   names = None
-  if abstract is not None:  # NNX Variables are saved as {'value': ...} nodes
+  if abstract is not None:  # where a model's NNX state stores each leaf
     names = {
-      t.path: t.path + (('value',) if t.variable_type else ()) for t in [r.target for r in plan.reads] + list(filled)
+      t.path: layout.stored(t.path, bool(t.variable_type)) for t in [r.target for r in plan.reads] + list(filled)
     }
   total = sum(plans.nbytes(r.target.shape, r.target.dtype) for r in plan.reads)
   budget = args.budget or convert.DEFAULT_BATCH_BYTES

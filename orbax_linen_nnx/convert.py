@@ -124,7 +124,7 @@ def target_values(kept: Sequence[plan_lib.Target], state: Any) -> dict[plan_lib.
   }
   out, missing = {}, []
   for t in kept:
-    leaf = by_path.get(t.path, by_path.get(t.path + ('value',)))
+    leaf = by_path.get(t.path, by_path.get(layout.stored(t.path)))
     value = leaf.get_raw_value() if isinstance(leaf, nnx.Variable) else leaf
     if isinstance(value, jax.Array):
       out[t] = value

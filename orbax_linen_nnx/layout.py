@@ -23,6 +23,7 @@ Path = tuple[str, ...]
 LINEN = 'linen'
 NNX = 'nnx'
 LAYOUTS = (LINEN, NNX)
+VALUE = 'value'  # an NNX Variable is stored as a {'value': ...} node
 
 # Where NNX runs that write the Linen layout (MaxText's pure_nnx) keep the
 # persistent NNX state Linen has no place for (RNG streams, batch stats, custom
@@ -108,13 +109,22 @@ def detect(paths: Iterable[Path]) -> str:
   top = {p[0] for p in paths if p}
   if 'model' in top and top <= {'model', 'optimizer'}:
     return NNX
-  if all(p and p[-1] == 'value' for p in paths):
+  if all(p and p[-1] == VALUE for p in paths):
     return NNX
   return LINEN
 
 
+def stored(path: Path, variable: bool = True) -> Path:
+  """Where an NNX checkpoint stores the leaf at `path`: a Variable's value in its {'value': ...} node.
+
+  >>> stored(('model', 'fc1', 'kernel'))
+  ('model', 'fc1', 'kernel', 'value')
+  """
+  return path + (VALUE,) if variable else path
+
+
 def _strip_value(path: Path) -> Path:
-  return path[:-1] if path and path[-1] == 'value' else path
+  return path[:-1] if path and path[-1] == VALUE else path
 
 
 def _has_collection_level(rel_paths: Sequence[Path]) -> bool:

@@ -228,16 +228,14 @@ class _NnxState:
       self.empties = _empty_states(state)
       state = nnx.state(state)
     flat = target_lib.flatten(state, layout_name=layout.NNX)
-    fields = _train_state_fields({t.path[0] for t in flat._slots if t is not None and t.path})
+    fields = _train_state_fields({t.path[0] for t in flat.targets if t.path})
     # A port's train state holds its params in `params` itself (TrainState.create(params=variables['params'])).
     self.collection_level = False if fields else None
     if fields:  # a port's own train state: read as {'model': ..., 'optimizer': ...}, as a restore reads it
       opt_state = state.get('opt_state') if isinstance(state, Mapping) else getattr(state, 'opt_state', None)
       self.empties = [fields['opt_state'] + p for p in _empties(opt_state)] if opt_state is not None else []
     self.sources, self.types, self.values = [], {}, {}
-    for t, leaf in zip(flat._slots, flat._leaves):
-      if t is None:
-        continue
+    for t, leaf in flat.arrays():
       if fields:
         t = dataclasses.replace(t, path=fields[t.path[0]] + t.path[1:])
       name = layout.render(t.path)

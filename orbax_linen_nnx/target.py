@@ -176,6 +176,10 @@ class AbstractState:
   def targets(self) -> list[Target]:
     return [t for t in self._slots if t is not None]
 
+  def arrays(self) -> list[tuple[Target, Any]]:
+    """Each leaf that describes an array, with its target: (target, the leaf as given, Variable or not)."""
+    return [(t, leaf) for t, leaf in zip(self._slots, self._leaves) if t is not None]
+
   def fill(self, values: Mapping[Path, Any]) -> Any:
     """The abstract state with `values[path]` as they are at every leaf (a save's tree: all are given)."""
     return self._rebuild(

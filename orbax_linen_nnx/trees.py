@@ -245,7 +245,7 @@ def build_nnx(
   for expr, m, _, _ in entries:
     shape, dtype, key_impl = tuple(expr.shape), expr.dtype, getattr(expr, 'key_impl', None)
     if m.section == ('step',):
-      targets.append(Target(('optimizer', 'step', 'value'), shape, np.dtype('uint32'), None))  # nnx.Optimizer's
+      targets.append(Target(layout.stored(('optimizer', 'step')), shape, np.dtype('uint32'), None))  # nnx.Optimizer's
       continue
     if m.section == ('model',):
       base = ('model',) if train_state else ()
@@ -259,7 +259,7 @@ def build_nnx(
       continue
     placed = stacks_lib.placed(m.param, shape, spec, depth, layout.NNX, problems) if m.param else [((), shape)]
     for param, s in placed:
-      targets.append(Target(base + param + ('value',), s, dtype, None, key_impl=key_impl))
+      targets.append(Target(layout.stored(base + param), s, dtype, None, key_impl=key_impl))
   targets.sort(key=lambda t: t.path)
   return planner.build(
     sources,
