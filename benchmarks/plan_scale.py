@@ -184,7 +184,7 @@ def one(item: str, mode: str, processes: int) -> dict:
   import tracemalloc
 
   import orbax_linen_nnx
-  from orbax_linen_nnx import args as args_lib, cost as cost_lib, planner
+  from orbax_linen_nnx import args as args_lib, cost as cost_lib, prepare as prepare_lib
 
   abstract = _abstract(processes)
 
@@ -192,7 +192,7 @@ def one(item: str, mode: str, processes: int) -> dict:
     if mode == 'all':
       return orbax_linen_nnx.plan(item, abstract, processes=processes, target_layout='nnx', max_over_read=None)
     args = args_lib.LinenCompatRestore(abstract, target_layout='nnx', max_over_read=None)
-    return planner.prepare(
+    return prepare_lib.prepare(
       item, args.abstract_state, args.options, topology=cost_lib.Topology(processes, only=processes // 2)
     ).plan
 

@@ -331,9 +331,11 @@ def measure(root: Path, chunking: str, cell: str, mode: str, profile: bool, budg
   if mode == 'native':
     out = ocp.CheckpointManager(nnx_dir).restore(STEP, args=ocp.args.StandardRestore(abstract))
   elif mode == 'ours' and profile:
-    from orbax_linen_nnx import RestoreOptions, planner, read
+    from orbax_linen_nnx import RestoreOptions, prepare as prepare_lib, read
 
-    prepared = planner.prepare(linen_dir / str(STEP) / 'default', abstract, RestoreOptions(rules=rules), phases=phases)
+    prepared = prepare_lib.prepare(
+      linen_dir / str(STEP) / 'default', abstract, RestoreOptions(rules=rules), phases=phases
+    )
     state = prepared.state
     t = time.perf_counter()
     values = read.execute(prepared.plan, prepared.checkpoint, budget_bytes=budget)

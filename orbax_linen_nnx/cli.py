@@ -360,17 +360,17 @@ def _target(spec: str):
 
 
 def _plan(args, src, rules: Any = None):
-  """The plan of SRC into --to or --target, with `rules` where given, else --rules (`planner.prepare`, as every
+  """The plan of SRC into --to or --target, with `rules` where given, else --rules (`prepare.prepare`, as every
   face plans). Returns (the plan, --target's checkpoint or None, --target's abstract state or None)."""
-  from orbax_linen_nnx import planner
+  from orbax_linen_nnx import prepare as prepare_lib
 
   if args.to:
     # A tree in the other layout with no model: what that layout's training state saves (into Linen: an NNX
     # state written as LinenCompatSave writes it, with the options it takes).
     made = save_options(args, rules) if args.to == 'linen' else restore_options(args, rules)
-    return planner.prepare(src, args.to, made).plan, None, None
+    return prepare_lib.prepare(src, args.to, made).plan, None, None
   tgt, abstract = _target(args.target)
-  prepared = planner.prepare(src, abstract if tgt is None else tgt, restore_options(args, rules))
+  prepared = prepare_lib.prepare(src, abstract if tgt is None else tgt, restore_options(args, rules))
   return prepared.plan, tgt, abstract
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from orbax_linen_nnx import layout
 from orbax_linen_nnx import ops
 from orbax_linen_nnx import options as options_lib
-from orbax_linen_nnx import planner
+from orbax_linen_nnx import prepare as prepare_lib
 from orbax_linen_nnx import plans
 from orbax_linen_nnx import read as read_lib
 from orbax_linen_nnx import source as source_lib
@@ -56,8 +56,8 @@ def compare(
   (NaN matching NaN); with the defaults, bit for bit. Leaves are read onto one
   device, `batch_bytes` of them (from each side) at a time.
   """
-  plan = planner.prepare(a, b, options_lib.RestoreOptions(rules=rules, stacks=stacks, partial=True)).plan
-  own = planner.prepare(b, b).plan  # B read as itself
+  plan = prepare_lib.prepare(a, b, options_lib.RestoreOptions(rules=rules, stacks=stacks, partial=True)).plan
+  own = prepare_lib.prepare(b, b).plan  # B read as itself
   one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   plan, own = with_shardings(plan, lambda t: one), with_shardings(own, lambda t: one)
   own_reads = {r.target.path: r for r in own.reads}

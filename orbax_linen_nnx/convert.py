@@ -44,7 +44,7 @@ from orbax_linen_nnx import grid as grid_lib
 from orbax_linen_nnx import layout
 from orbax_linen_nnx import ops
 from orbax_linen_nnx import options as options_lib
-from orbax_linen_nnx import planner
+from orbax_linen_nnx import prepare as prepare_lib
 from orbax_linen_nnx import plans as plan_lib
 from orbax_linen_nnx import trees
 from orbax_linen_nnx import write as write_lib
@@ -71,8 +71,8 @@ class ConvertInProgressError(DestinationExistsError):
 
 def plan_to(src: source_lib.Checkpoint, to: str, *, rules=None, stacks=None) -> plan_lib.RestorePlan:
   """The plan of reading `src` in the other layout with no model: the tree that layout's training state saves
-  (`planner.prepare` with the layout as its target)."""
-  return planner.prepare(src, to, options_lib.RestoreOptions(rules=rules, stacks=stacks)).plan
+  (`prepare.prepare` with the layout as its target)."""
+  return prepare_lib.prepare(src, to, options_lib.RestoreOptions(rules=rules, stacks=stacks)).plan
 
 
 def with_cost_note(

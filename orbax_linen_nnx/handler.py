@@ -17,7 +17,7 @@ from orbax_linen_nnx import cost as cost_lib
 from orbax_linen_nnx import layout
 from orbax_linen_nnx import options as options_lib
 from orbax_linen_nnx import outcome
-from orbax_linen_nnx import planner
+from orbax_linen_nnx import prepare as prepare_lib
 from orbax_linen_nnx import plans
 from orbax_linen_nnx import read
 from orbax_linen_nnx import save as save_lib
@@ -43,7 +43,7 @@ def _gc_paused():
       gc.enable()
 
 
-def check_cost(options: options_lib.RestoreOptions, prepared: planner.Prepared) -> None:
+def check_cost(options: options_lib.RestoreOptions, prepared: prepare_lib.Prepared) -> None:
   """Warns of the expensive mistakes the plan's cost shows; with `strict_cost`, raises `PlanError` instead
   (before any read, alike on every process: each sees every process's cost)."""
   assert prepared.plan.cost is not None  # prepare costs every plan it makes
@@ -85,7 +85,7 @@ def plan(
   topology = cost_lib.Topology(processes, device_process) if processes or device_process is not None else None
   args = args_lib.LinenCompatRestore(abstract_state, **options)
   with _gc_paused():
-    prepared = planner.prepare(directory, args.abstract_state, args.options, topology=topology)
+    prepared = prepare_lib.prepare(directory, args.abstract_state, args.options, topology=topology)
   check_cost(args.options, prepared)
   return prepared.plan
 
@@ -243,7 +243,7 @@ class LinenCompatHandler(ocp.AsyncCheckpointHandler):
     with outcome.shared(timeout_s=options.timeout_s), _gc_paused():
       # Its own process's cost, or every process's where strict_cost must fail alike on all.
       topology = cost_lib.Topology(only=None if options.strict_cost else jax.process_index())
-      prepared = planner.prepare(directory, args.abstract_state, options, topology=topology)
+      prepared = prepare_lib.prepare(directory, args.abstract_state, options, topology=topology)
       check_cost(options, prepared)
       restore_plan, state = prepared.plan, prepared.state
       if args.dry_run:

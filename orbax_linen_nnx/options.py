@@ -1,7 +1,7 @@
 """`RestoreOptions` and `SaveOptions`: every option of a restore and of a save, in one place, for every face.
 
 `LinenCompatRestore`, `orbax_linen_nnx.plan()` and `restore()`, Orbax v1 and
-the command line each build one; `planner.prepare(source, abstract, options)`
+the command line each build one; `prepare.prepare(source, target, options)`
 plans with it. Each field says how the command line spells it (its `flag`),
 or why it has no flag; `tests/test_options.py` holds the faces to that.
 `LinenCompatSave`, `to_linen` and `convert --to linen` build a `SaveOptions`

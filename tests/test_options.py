@@ -11,7 +11,8 @@ from flax import nnx
 
 import models
 from helpers import save
-from orbax_linen_nnx import LinenCompatRestore, RestoreOptions, cli, options as options_lib, plan, planner
+from orbax_linen_nnx import LinenCompatRestore, RestoreOptions, cli, options as options_lib, plan
+from orbax_linen_nnx import prepare as prepare_lib
 
 OPTIONS_PAGE = models.__file__.rsplit('/', 2)[0] + '/docs/options.md'
 OWN = {'abstract_state', 'dry_run'}  # what LinenCompatRestore holds besides the options
@@ -83,13 +84,13 @@ def test_every_face_plans_through_prepare_with_the_same_options(tmp_path, monkey
   )
   abstract = nnx.state(nnx.eval_shape(lambda: models.nnx_train_state(models.NnxMLP, optax.adam(1e-2))))
   seen = []
-  real = planner.prepare
+  real = prepare_lib.prepare
 
   def spy(checkpoint, abstract_state, options=options_lib.DEFAULTS, **kw):
     seen.append(options)
     return real(checkpoint, abstract_state, options, **kw)
 
-  monkeypatch.setattr(planner, 'prepare', spy)
+  monkeypatch.setattr(prepare_lib, 'prepare', spy)
   (tmp_path / 'rules.py').write_text("RULES = {'Dense_0': 'fc1', 'Dense_1': 'fc2'}\n")
   plan(tmp_path, abstract, rules='auto', max_over_read=2.0)
   with ocp.CheckpointManager(tmp_path) as mngr:
@@ -109,13 +110,13 @@ def test_convert_and_compare_plan_through_prepare_too(tmp_path, monkeypatch):
 
   save(tmp_path / 'linen', models.linen_mlp_state(optax.adam(1e-2)))
   seen = []
-  real = planner.prepare
+  real = prepare_lib.prepare
 
   def spy(checkpoint, target, options=options_lib.DEFAULTS, **kw):
     seen.append((target if isinstance(target, str) else type(target).__name__, options))
     return real(checkpoint, target, options, **kw)
 
-  monkeypatch.setattr(planner, 'prepare', spy)
+  monkeypatch.setattr(prepare_lib, 'prepare', spy)
   (tmp_path / 'rules.py').write_text("RULES = {'Dense_0': 'fc1', 'Dense_1': 'fc2'}\n")
   rules = ['--rules', f'{tmp_path}/rules.py:RULES']
   linen, nnx_dir, back = str(tmp_path / 'linen'), str(tmp_path / 'nnx'), str(tmp_path / 'back')

@@ -46,8 +46,9 @@ def test_modules_import_one_way():
 
   for m in sorted(modules):
     visit(m)
-  # The plan's data types and the pure layers import no engine and no face.
-  for pure in ('layout', 'plans', 'ops', 'rules', 'stacks', 'pairing', 'diagnose', 'grid', 'options'):
+  # The plan's data types and the pure layers (the planner too: `prepare` opens what it plans) import no engine
+  # and no face.
+  for pure in ('layout', 'plans', 'ops', 'rules', 'stacks', 'pairing', 'diagnose', 'grid', 'options', 'planner'):
     assert not graph[pure] & {'read', 'source', 'target', 'handler', 'args', 'save', 'convert', 'cli', 'v1'}, pure
   # The cost model plans without the read engine: the chunk grid and box arithmetic they share are `grid`'s.
   assert 'read' not in graph['cost'] and graph['grid'] == {'ops'}, (graph['cost'], graph['grid'])
