@@ -184,7 +184,9 @@ def one(item: str, mode: str, processes: int) -> dict:
   import tracemalloc
 
   import orbax_linen_nnx
-  from orbax_linen_nnx import args as args_lib, cost as cost_lib, prepare as prepare_lib
+  from orbax_linen_nnx.faces import args as args_lib
+  from orbax_linen_nnx.planning import cost as cost_lib
+  from orbax_linen_nnx.engine import prepare as prepare_lib
 
   abstract = _abstract(processes)
 
@@ -236,7 +238,8 @@ def check(item: str, processes: int) -> dict:
   import jax
 
   import orbax_linen_nnx
-  from orbax_linen_nnx import cost as cost_lib, source
+  from orbax_linen_nnx.planning import cost as cost_lib
+  from orbax_linen_nnx.engine import source
 
   abstract = _abstract(processes)
   plan = orbax_linen_nnx.plan(item, abstract, processes=processes, target_layout='nnx', max_over_read=None)

@@ -331,7 +331,8 @@ def measure(root: Path, chunking: str, cell: str, mode: str, profile: bool, budg
   if mode == 'native':
     out = ocp.CheckpointManager(nnx_dir).restore(STEP, args=ocp.args.StandardRestore(abstract))
   elif mode == 'ours' and profile:
-    from orbax_linen_nnx import RestoreOptions, prepare as prepare_lib, read
+    from orbax_linen_nnx import RestoreOptions
+    from orbax_linen_nnx.engine import prepare as prepare_lib, read
 
     prepared = prepare_lib.prepare(
       linen_dir / str(STEP) / 'default', abstract, RestoreOptions(rules=rules), phases=phases

@@ -101,7 +101,7 @@ def one(root: str, mode: str) -> dict:
   elif mode == 'plan':
     orbax_linen_nnx.plan(f'{root}/loop/{rb.STEP}', abstract)
   else:
-    from orbax_linen_nnx import cli
+    from orbax_linen_nnx.faces import cli
 
     assert (
       cli.main(['convert', f'{root}/loop/{rb.STEP}', f'{root}/converted-{time.time_ns()}', '--to', 'nnx', '--quiet'])

@@ -1,7 +1,7 @@
-"""`python -m orbax_linen_nnx ...`: the command line (see cli.py)."""
+"""`python -m orbax_linen_nnx ...`: the command line (see faces/cli.py)."""
 
 import sys
 
-from orbax_linen_nnx.cli import main
+from orbax_linen_nnx.faces.cli import main
 
 sys.exit(main())

@@ -15,7 +15,15 @@ import pytest
 
 from orbax_linen_nnx import NotRestored, NotRestoredError, _internals
 
-PACKAGE = pathlib.Path(_internals.__file__).parent
+PACKAGE = pathlib.Path(_internals.__file__).parents[1]
+LAYERS = ('planning', 'engine', 'faces')  # in the order they may import each other; layout.py below them all
+
+
+def _modules() -> dict[str, pathlib.Path]:
+  """Every module of the package by its name (names are unique across the layers)."""
+  found = {p.stem: p for p in PACKAGE.rglob('*.py') if p.stem not in ('__init__', '__main__')}
+  assert len(found) == len([p for p in PACKAGE.rglob('*.py') if p.stem not in ('__init__', '__main__')])
+  return found
 
 
 def _imports(path: pathlib.Path) -> set[str]:
@@ -23,15 +31,36 @@ def _imports(path: pathlib.Path) -> set[str]:
   names = set()
   for node in ast.walk(ast.parse(path.read_text())):
     if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith('orbax_linen_nnx'):
-      names |= {node.module.split('.')[1]} if '.' in node.module else {a.name for a in node.names}
+      parts = node.module.split('.')
+      if len(parts) > 2 or (len(parts) == 2 and parts[1] not in LAYERS):
+        names.add(parts[-1])
+      else:  # from orbax_linen_nnx[.layer] import module, ...
+        names |= {a.name for a in node.names}
     elif isinstance(node, ast.Import):
-      names |= {a.name.split('.')[1] for a in node.names if a.name.startswith('orbax_linen_nnx.')}
+      names |= {a.name.split('.')[-1] for a in node.names if a.name.startswith('orbax_linen_nnx.')}
   return names
 
 
+def test_the_file_list_shows_the_layers_and_they_import_one_way():
+  """layout.py (pure tree meanings), planning/ (no IO), engine/ (storage and devices), faces/ (thin): each
+  imports only from the layers before it."""
+  layer_of = {m: (p.parent.name if p.parent != PACKAGE else 'top') for m, p in _modules().items()}
+  assert {layer_of[m] for m in ('plans', 'planner', 'ops', 'rules', 'cost', 'options')} == {'planning'}
+  assert {layer_of[m] for m in ('source', 'target', 'read', 'write', 'prepare', '_internals')} == {'engine'}
+  assert {layer_of[m] for m in ('args', 'handler', 'v1', 'save', 'convert', 'compare', 'cli')} == {'faces'}
+  rank = {'top': -1, 'planning': 0, 'engine': 1, 'faces': 2}
+  for m, path in _modules().items():
+    if m == 'demo':
+      continue
+    above = [n for n in _imports(path) if n in layer_of and rank[layer_of[n]] > rank[layer_of[m]]]
+    assert not above, f'{layer_of[m]}/{m} imports {above} from a later layer'
+  assert not _imports(PACKAGE / 'layout.py') & set(layer_of), 'layout.py is the bottom layer'
+
+
 def test_modules_import_one_way():
-  modules = {p.stem for p in PACKAGE.glob('*.py')} - {'__init__', '__main__'}
-  graph = {m: _imports(PACKAGE / f'{m}.py') & modules - {m} for m in modules}
+  paths = _modules()
+  modules = set(paths)
+  graph = {m: _imports(paths[m]) & modules - {m} for m in modules}
   seen, stack = set(), []
 
   def visit(m):
@@ -58,7 +87,7 @@ def test_only_the_internals_module_touches_private_names():
   private = re.compile(r'\b(orbax\.checkpoint\._src|jax\._src)\b|\._impl\b|\._array_metadata_store\b')
   offenders = [
     f'{p.name}:{i}'
-    for p in sorted(PACKAGE.glob('*.py'))
+    for p in sorted(PACKAGE.rglob('*.py'))
     if p.name != '_internals.py'
     for i, line in enumerate(p.read_text().splitlines(), 1)
     if private.search(line)
@@ -125,10 +154,10 @@ def test_the_built_wheel_and_sdist_are_ready_to_publish(tmp_path):
   assert done.returncode == 0, done.stdout + done.stderr
   names = zipfile.ZipFile(wheel).namelist()
   info = f'orbax_linen_nnx-{version}.dist-info'
-  assert 'orbax_linen_nnx/py.typed' in names and 'orbax_linen_nnx/cli.py' in names
+  assert 'orbax_linen_nnx/py.typed' in names and 'orbax_linen_nnx/faces/cli.py' in names
   assert any(n.startswith(info) and n.endswith('LICENSE') for n in names), names
   assert not any(n.startswith('tests/') for n in names)
   metadata = zipfile.ZipFile(wheel).read(f'{info}/METADATA').decode()
   assert f'Version: {version}\n' in metadata and 'Requires-Python: >=3.11' in metadata
   entry_points = zipfile.ZipFile(wheel).read(f'{info}/entry_points.txt').decode()
-  assert 'orbax-linen-nnx = orbax_linen_nnx.cli:main' in entry_points
+  assert 'orbax-linen-nnx = orbax_linen_nnx.faces.cli:main' in entry_points

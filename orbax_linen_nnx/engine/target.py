@@ -16,9 +16,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from orbax_linen_nnx import _internals
+from orbax_linen_nnx.engine import _internals
 from orbax_linen_nnx import layout
-from orbax_linen_nnx.plans import PlanError, Target
+from orbax_linen_nnx.planning.plans import PlanError, Target
 
 Path = layout.Path
 

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 import numpy as np
 
 from orbax_linen_nnx import layout
-from orbax_linen_nnx import ops
+from orbax_linen_nnx.planning import ops
 
 Path = layout.Path
 

@@ -12,17 +12,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from orbax_linen_nnx import args as args_lib
-from orbax_linen_nnx import cost as cost_lib
+from orbax_linen_nnx.faces import args as args_lib
+from orbax_linen_nnx.planning import cost as cost_lib
 from orbax_linen_nnx import layout
-from orbax_linen_nnx import options as options_lib
-from orbax_linen_nnx import outcome
-from orbax_linen_nnx import prepare as prepare_lib
-from orbax_linen_nnx import plans
-from orbax_linen_nnx import read
-from orbax_linen_nnx import save as save_lib
-from orbax_linen_nnx import source as source_lib
-from orbax_linen_nnx import target
+from orbax_linen_nnx.planning import options as options_lib
+from orbax_linen_nnx.engine import outcome
+from orbax_linen_nnx.engine import prepare as prepare_lib
+from orbax_linen_nnx.planning import plans
+from orbax_linen_nnx.engine import read
+from orbax_linen_nnx.faces import save as save_lib
+from orbax_linen_nnx.engine import source as source_lib
+from orbax_linen_nnx.engine import target
 
 
 @contextlib.contextmanager

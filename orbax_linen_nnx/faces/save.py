@@ -28,17 +28,17 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint import future
 
-from orbax_linen_nnx import _internals
-from orbax_linen_nnx import cost as cost_lib
+from orbax_linen_nnx.engine import _internals
+from orbax_linen_nnx.planning import cost as cost_lib
 from orbax_linen_nnx import layout
-from orbax_linen_nnx import ops
-from orbax_linen_nnx import options as options_lib
-from orbax_linen_nnx import plans as plan_lib
-from orbax_linen_nnx import trees
-from orbax_linen_nnx import write
-from orbax_linen_nnx import rules as rules_lib
-from orbax_linen_nnx import stacks as stacks_lib
-from orbax_linen_nnx import target as target_lib
+from orbax_linen_nnx.planning import ops
+from orbax_linen_nnx.planning import options as options_lib
+from orbax_linen_nnx.planning import plans as plan_lib
+from orbax_linen_nnx.planning import trees
+from orbax_linen_nnx.engine import write
+from orbax_linen_nnx.planning import rules as rules_lib
+from orbax_linen_nnx.planning import stacks as stacks_lib
+from orbax_linen_nnx.engine import target as target_lib
 
 Path = layout.Path
 

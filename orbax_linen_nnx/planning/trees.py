@@ -16,11 +16,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from orbax_linen_nnx import layout
-from orbax_linen_nnx import ops
-from orbax_linen_nnx import planner
-from orbax_linen_nnx import rules as rules_lib
-from orbax_linen_nnx import stacks as stacks_lib
-from orbax_linen_nnx.plans import RestorePlan, SourceArray, Target
+from orbax_linen_nnx.planning import ops
+from orbax_linen_nnx.planning import planner
+from orbax_linen_nnx.planning import rules as rules_lib
+from orbax_linen_nnx.planning import stacks as stacks_lib
+from orbax_linen_nnx.planning.plans import RestorePlan, SourceArray, Target
 
 Path = layout.Path
 

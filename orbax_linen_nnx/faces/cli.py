@@ -97,7 +97,7 @@ def _stacks(text: str | None) -> Any:
 
 def _mapping(args) -> tuple[Any, Any]:
   """The --rules and --stacks a command was given (None where not); `--rules auto` infers the renames."""
-  from orbax_linen_nnx import rules as rules_lib
+  from orbax_linen_nnx.planning import rules as rules_lib
 
   if args.rules == rules_lib.AUTO:
     return rules_lib.AUTO, _stacks(args.stacks)
@@ -342,7 +342,7 @@ def _progress(description: str, total_bytes: int, arrays: int, quiet: bool):
 
 def _target(spec: str):
   """(checkpoint, None) for a checkpoint path; (None, abstract state) for module:function."""
-  from orbax_linen_nnx import source
+  from orbax_linen_nnx.engine import source
 
   if epath.Path(spec).exists():
     return source.open_checkpoint(_path(spec)), None
@@ -362,7 +362,7 @@ def _target(spec: str):
 def _plan(args, src, rules: Any = None):
   """The plan of SRC into --to or --target, with `rules` where given, else --rules (`prepare.prepare`, as every
   face plans). Returns (the plan, --target's checkpoint or None, --target's abstract state or None)."""
-  from orbax_linen_nnx import prepare as prepare_lib
+  from orbax_linen_nnx.engine import prepare as prepare_lib
 
   if args.to:
     # A tree in the other layout with no model: what that layout's training state saves (into Linen: an NNX
@@ -377,7 +377,7 @@ def _plan(args, src, rules: Any = None):
 def save_options(args, rules: Any = None):
   """The `SaveOptions` a command's flags state (`rules`: these instead of --rules'), as `restore_options`; the
   --target of a convert names the tree it writes, which `_plan` reads itself, so it is not loaded here."""
-  from orbax_linen_nnx import options as options_lib
+  from orbax_linen_nnx.planning import options as options_lib
 
   given, stacks = _mapping(args)
   return options_lib.SaveOptions(rules=given if rules is None else rules, stacks=stacks)
@@ -386,7 +386,7 @@ def save_options(args, rules: Any = None):
 def restore_options(args, rules: Any = None):
   """The `RestoreOptions` a command's flags state (`rules`: these instead of --rules'): each option's flag
   is the one its field names (`options.flag_of`), parsed as that flag parses."""
-  from orbax_linen_nnx import options as options_lib
+  from orbax_linen_nnx.planning import options as options_lib
 
   given, stacks = _mapping(args)
   values = {'rules': given if rules is None else rules, 'stacks': stacks}
@@ -399,7 +399,8 @@ def restore_options(args, rules: Any = None):
 
 
 def _inspect(args) -> int:
-  from orbax_linen_nnx import inspection, source
+  from orbax_linen_nnx.faces import inspection
+  from orbax_linen_nnx.engine import source
 
   info = inspection.inspect(source.open_checkpoint(args.ckpt))
   detail = 'header' if args.quiet else 'stored' if args.verbose else 'tree'
@@ -408,7 +409,9 @@ def _inspect(args) -> int:
 
 
 def _plan_command(args) -> int:
-  from orbax_linen_nnx import convert, cost as cost_lib, plans, source
+  from orbax_linen_nnx.faces import convert
+  from orbax_linen_nnx.planning import cost as cost_lib, plans
+  from orbax_linen_nnx.engine import source
 
   if args.processes < 1:
     raise UsageError(f'--processes must be at least 1, got {args.processes}')
@@ -456,7 +459,7 @@ def _plan_command(args) -> int:
 def _fitting_budget(src, plan, limit: int, candidates, processes: int) -> int | None:
   """The first candidate budget whose convert holds at most `limit` (what it holds changes with the budget:
   smaller blocks make more stored chunks feed several of them), or None."""
-  from orbax_linen_nnx import convert
+  from orbax_linen_nnx.faces import convert
 
   for b in candidates:
     if b >= 1 and convert.with_cost_note(src, plan, b, processes)[1] <= limit:
@@ -466,7 +469,7 @@ def _fitting_budget(src, plan, limit: int, candidates, processes: int) -> int | 
 
 def _suggest_rules(args, src) -> int:
   """The rules module of the renames inferred from SRC and --target."""
-  from orbax_linen_nnx import rules as rules_lib
+  from orbax_linen_nnx.planning import rules as rules_lib
 
   if args.to:
     raise UsageError('--suggest-rules pairs SRC with a target: give --target (a checkpoint or module:function)')
@@ -490,7 +493,10 @@ def _convert(args) -> int:
       # a coordinator on this machine's loopback listens there only
       coordinator_bind_address=args.coordinator if host in ('127.0.0.1', 'localhost') else None,
     )
-  from orbax_linen_nnx import convert, inspection, layout, plans, source
+  from orbax_linen_nnx.faces import convert, inspection
+  from orbax_linen_nnx import layout
+  from orbax_linen_nnx.planning import plans
+  from orbax_linen_nnx.engine import source
 
   src = source.open_checkpoint(args.src)
   plan, tgt, abstract = _plan(args, src)
@@ -562,7 +568,9 @@ def _convert(args) -> int:
 
 
 def _compare(args) -> int:
-  from orbax_linen_nnx import compare, convert, plans, source
+  from orbax_linen_nnx.faces import compare, convert
+  from orbax_linen_nnx.planning import plans
+  from orbax_linen_nnx.engine import source
 
   a, b = source.open_checkpoint(args.a), source.open_checkpoint(args.b)
   rules, stacks = _mapping(args)
@@ -677,7 +685,9 @@ def _fix_line(error, args) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs one command; returns the exit status (see the module docstring)."""
   args = _parser().parse_args(argv)
-  from orbax_linen_nnx import convert, plans, rules as rules_lib, source
+  from orbax_linen_nnx.faces import convert
+  from orbax_linen_nnx.planning import plans, rules as rules_lib
+  from orbax_linen_nnx.engine import source
 
   command = {'inspect': _inspect, 'plan': _plan_command, 'convert': _convert, 'compare': _compare}[args.command]
   try:

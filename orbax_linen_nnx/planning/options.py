@@ -16,8 +16,8 @@ from typing import Any, Callable
 import jax
 
 from orbax_linen_nnx import layout
-from orbax_linen_nnx import rules as rules_lib
-from orbax_linen_nnx import stacks as stacks_lib
+from orbax_linen_nnx.planning import rules as rules_lib
+from orbax_linen_nnx.planning import stacks as stacks_lib
 
 
 def _option(default: Any, flag: str | None, why: str = '') -> Any:

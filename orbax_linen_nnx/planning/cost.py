@@ -26,9 +26,9 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from orbax_linen_nnx import ops
-from orbax_linen_nnx import grid as grid_lib
-from orbax_linen_nnx import plans
+from orbax_linen_nnx.planning import ops
+from orbax_linen_nnx.planning import grid as grid_lib
+from orbax_linen_nnx.planning import plans
 
 Box = tuple[tuple[int, int], ...]
 

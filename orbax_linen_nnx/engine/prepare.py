@@ -15,14 +15,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from orbax_linen_nnx import cost as cost_lib
+from orbax_linen_nnx.planning import cost as cost_lib
 from orbax_linen_nnx import layout
-from orbax_linen_nnx import options as options_lib
-from orbax_linen_nnx import source as source_lib
-from orbax_linen_nnx import target as target_lib
-from orbax_linen_nnx import trees
-from orbax_linen_nnx.planner import build
-from orbax_linen_nnx.plans import RestorePlan, Target
+from orbax_linen_nnx.planning import options as options_lib
+from orbax_linen_nnx.engine import source as source_lib
+from orbax_linen_nnx.engine import target as target_lib
+from orbax_linen_nnx.planning import trees
+from orbax_linen_nnx.planning.planner import build
+from orbax_linen_nnx.planning.plans import RestorePlan, Target
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,10 +21,10 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
-from orbax_linen_nnx import _internals
+from orbax_linen_nnx.engine import _internals
 
 from orbax_linen_nnx import layout
-from orbax_linen_nnx.plans import SourceArray
+from orbax_linen_nnx.planning.plans import SourceArray
 
 
 # Where LinenCompatSave writes the NNX-only state a Linen tree has no place for

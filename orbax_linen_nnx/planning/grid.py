@@ -15,7 +15,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from orbax_linen_nnx import ops
+from orbax_linen_nnx.planning import ops
 
 Box = ops.Box
 

@@ -40,17 +40,17 @@ from orbax.checkpoint import future
 from etils import epath
 from flax import nnx
 
-from orbax_linen_nnx import grid as grid_lib
+from orbax_linen_nnx.planning import grid as grid_lib
 from orbax_linen_nnx import layout
-from orbax_linen_nnx import ops
-from orbax_linen_nnx import options as options_lib
-from orbax_linen_nnx import prepare as prepare_lib
-from orbax_linen_nnx import plans as plan_lib
-from orbax_linen_nnx import trees
-from orbax_linen_nnx import write as write_lib
-from orbax_linen_nnx import read as read_lib
-from orbax_linen_nnx import source as source_lib
-from orbax_linen_nnx.handler import SavedAsStandard
+from orbax_linen_nnx.planning import ops
+from orbax_linen_nnx.planning import options as options_lib
+from orbax_linen_nnx.engine import prepare as prepare_lib
+from orbax_linen_nnx.planning import plans as plan_lib
+from orbax_linen_nnx.planning import trees
+from orbax_linen_nnx.engine import write as write_lib
+from orbax_linen_nnx.engine import read as read_lib
+from orbax_linen_nnx.engine import source as source_lib
+from orbax_linen_nnx.faces.handler import SavedAsStandard
 
 Path = layout.Path
 

@@ -13,9 +13,9 @@ import collections
 import numpy as np
 
 from orbax_linen_nnx import layout
-from orbax_linen_nnx import plans
-from orbax_linen_nnx import source as source_lib
-from orbax_linen_nnx import stacks as stacks_lib
+from orbax_linen_nnx.planning import plans
+from orbax_linen_nnx.engine import source as source_lib
+from orbax_linen_nnx.planning import stacks as stacks_lib
 
 
 def step_of(ckpt: source_lib.Checkpoint) -> int | None:

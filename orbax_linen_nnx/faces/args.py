@@ -13,11 +13,11 @@ import jax
 import orbax.checkpoint as ocp
 
 from orbax_linen_nnx import layout
-from orbax_linen_nnx import options as options_lib
-from orbax_linen_nnx import plans as plan_lib
-from orbax_linen_nnx import save as save_lib
-from orbax_linen_nnx import rules as rules_lib
-from orbax_linen_nnx import stacks as stacks_lib
+from orbax_linen_nnx.planning import options as options_lib
+from orbax_linen_nnx.planning import plans as plan_lib
+from orbax_linen_nnx.faces import save as save_lib
+from orbax_linen_nnx.planning import rules as rules_lib
+from orbax_linen_nnx.planning import stacks as stacks_lib
 
 
 @dataclasses.dataclass

@@ -16,9 +16,9 @@ import math
 from typing import Any, Mapping, Sequence
 
 from orbax_linen_nnx import layout
-from orbax_linen_nnx import pairing
-from orbax_linen_nnx import rules as rules_lib
-from orbax_linen_nnx.plans import Fix, LeafProblem, PlanError, Target
+from orbax_linen_nnx.planning import pairing
+from orbax_linen_nnx.planning import rules as rules_lib
+from orbax_linen_nnx.planning.plans import Fix, LeafProblem, PlanError, Target
 
 Path = layout.Path
 

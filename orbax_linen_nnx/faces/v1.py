@@ -16,9 +16,9 @@ from typing import Any, Awaitable
 
 from orbax.checkpoint import v1 as ocp_v1
 
-from orbax_linen_nnx import args as args_lib
-from orbax_linen_nnx import handler as handler_lib
-from orbax_linen_nnx import source as source_lib
+from orbax_linen_nnx.faces import args as args_lib
+from orbax_linen_nnx.faces import handler as handler_lib
+from orbax_linen_nnx.engine import source as source_lib
 
 
 class LinenCompatCheckpointableHandler:

@@ -43,20 +43,20 @@ import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
-from orbax_linen_nnx import grid as grid_lib
+from orbax_linen_nnx.planning import grid as grid_lib
 
 # The chunk grid and box arithmetic live in `grid`, which the cost model uses without this engine.
-from orbax_linen_nnx.grid import (
+from orbax_linen_nnx.planning.grid import (
   Grid,
   box_of,
   box_size,
   primary_devices,
   union_count,
 )
-from orbax_linen_nnx.grid import meet as _meet
-from orbax_linen_nnx import ops
-from orbax_linen_nnx import plans as plan_lib
-from orbax_linen_nnx.source import Checkpoint
+from orbax_linen_nnx.planning.grid import meet as _meet
+from orbax_linen_nnx.planning import ops
+from orbax_linen_nnx.planning import plans as plan_lib
+from orbax_linen_nnx.engine.source import Checkpoint
 
 Box = ops.Box
 

@@ -29,7 +29,7 @@ import dataclasses
 from typing import Any, Mapping, Sequence
 
 from orbax_linen_nnx import layout
-from orbax_linen_nnx import ops
+from orbax_linen_nnx.planning import ops
 
 Path = layout.Path
 StackAxes = Mapping[str, Mapping[str, 'int | None']]  # stacks= as the user writes it

@@ -39,12 +39,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
-from orbax_linen_nnx import _internals
-from orbax_linen_nnx import grid as grid_lib
-from orbax_linen_nnx import ops
-from orbax_linen_nnx import plans
-from orbax_linen_nnx import read as read_lib
-from orbax_linen_nnx import source as source_lib
+from orbax_linen_nnx.engine import _internals
+from orbax_linen_nnx.planning import grid as grid_lib
+from orbax_linen_nnx.planning import ops
+from orbax_linen_nnx.planning import plans
+from orbax_linen_nnx.engine import read as read_lib
+from orbax_linen_nnx.engine import source as source_lib
 
 Box = ops.Box
 Chunk = tuple[str, tuple[int, ...]]  # a stored array's name and the grid index of one of its chunks

@@ -22,13 +22,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from orbax_linen_nnx import diagnose
+from orbax_linen_nnx.planning import diagnose
 from orbax_linen_nnx import layout
-from orbax_linen_nnx import ops
-from orbax_linen_nnx import plans
-from orbax_linen_nnx import rules as rules_lib
-from orbax_linen_nnx import stacks as stacks_lib
-from orbax_linen_nnx.plans import LeafRead, RestorePlan, SourceArray, Target
+from orbax_linen_nnx.planning import ops
+from orbax_linen_nnx.planning import plans
+from orbax_linen_nnx.planning import rules as rules_lib
+from orbax_linen_nnx.planning import stacks as stacks_lib
+from orbax_linen_nnx.planning.plans import LeafRead, RestorePlan, SourceArray, Target
 
 Path = layout.Path
 

@@ -14,13 +14,13 @@ import jax
 import numpy as np
 
 from orbax_linen_nnx import layout
-from orbax_linen_nnx import ops
-from orbax_linen_nnx import options as options_lib
-from orbax_linen_nnx import prepare as prepare_lib
-from orbax_linen_nnx import plans
-from orbax_linen_nnx import read as read_lib
-from orbax_linen_nnx import source as source_lib
-from orbax_linen_nnx.convert import DEFAULT_BATCH_BYTES, batches, with_shardings
+from orbax_linen_nnx.planning import ops
+from orbax_linen_nnx.planning import options as options_lib
+from orbax_linen_nnx.engine import prepare as prepare_lib
+from orbax_linen_nnx.planning import plans
+from orbax_linen_nnx.engine import read as read_lib
+from orbax_linen_nnx.engine import source as source_lib
+from orbax_linen_nnx.faces.convert import DEFAULT_BATCH_BYTES, batches, with_shardings
 
 
 @dataclasses.dataclass

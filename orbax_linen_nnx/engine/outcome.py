@@ -18,7 +18,7 @@ import time
 
 import jax
 
-from orbax_linen_nnx import _internals
+from orbax_linen_nnx.engine import _internals
 
 _restores = itertools.count()  # restores are collective, so every process counts alike
 _PREFIX = 'orbax_linen_nnx/restore'
