@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -21,6 +21,7 @@ from orbax_linen_nnx.planning import options as options_lib
 from orbax_linen_nnx.engine import source as source_lib
 from orbax_linen_nnx.engine import target as target_lib
 from orbax_linen_nnx.planning import trees
+from orbax_linen_nnx.planning import plans
 from orbax_linen_nnx.planning.planner import build
 from orbax_linen_nnx.planning.plans import RestorePlan, Target
 
@@ -149,3 +150,34 @@ def prepare(
     phases['plan'] = planned - opened
     phases['cost'] = time.perf_counter() - planned
   return Prepared(plan, ckpt, state)
+
+
+def check_cost(
+  options: options_lib.RestoreOptions,
+  prepared: Prepared,
+  *,
+  more: Sequence[str] = (),
+  strict_name: str = 'strict_cost=True',
+  warn: Callable[[str], None] = plans.warn,
+) -> None:
+  """Warns of the expensive mistakes the plan's cost shows; with `strict_cost`, raises `PlanError` instead
+  (before any read, alike on every process: each sees every process's cost).
+
+  The checks of every face: a restore's (`LinenCompatRestore`, `plan()`), and the command line's, which adds
+  a convert's own (`more`: what its write job holds above `--host-memory-limit`), names the option as its
+  flag (`strict_name`) and warns on stderr (`warn`).
+  """
+  found = []
+  if prepared.plan.cost is not None:  # a read into an abstract state (a checkpoint's tree carries no shardings)
+    found = cost_lib.problems(
+      prepared.plan.cost, max_over_read=options.max_over_read, host_memory_limit_bytes=options.host_memory_limit_bytes
+    )
+  found += list(more)
+  if options.strict_cost:
+    found = (list(prepared.state.large_replicated) if prepared.state is not None else []) + found
+    if found:
+      raise plans.PlanError(
+        f'{len(found)} cost problem(s) with {strict_name}; nothing was read.\n  ' + '\n  '.join(found)
+      )
+  for line in found:
+    warn(line)

@@ -362,16 +362,21 @@ def _target(spec: str):
 def _plan(args, src, rules: Any = None):
   """The plan of SRC into --to or --target, with `rules` where given, else --rules (`prepare.prepare`, as every
   face plans). Returns (the plan, --target's checkpoint or None, --target's abstract state or None)."""
+  prepared, tgt, abstract = _prepared(args, src, rules)
+  return prepared.plan, tgt, abstract
+
+
+def _prepared(args, src, rules: Any = None):
+  """`_plan`, with the whole `prepare.Prepared` in place of the plan."""
   from orbax_linen_nnx.engine import prepare as prepare_lib
 
   if args.to:
     # A tree in the other layout with no model: what that layout's training state saves (into Linen: an NNX
     # state written as LinenCompatSave writes it, with the options it takes).
     made = save_options(args, rules) if args.to == 'linen' else restore_options(args, rules)
-    return prepare_lib.prepare(src, args.to, made).plan, None, None
+    return prepare_lib.prepare(src, args.to, made), None, None
   tgt, abstract = _target(args.target)
-  prepared = prepare_lib.prepare(src, abstract if tgt is None else tgt, restore_options(args, rules))
-  return prepared.plan, tgt, abstract
+  return prepare_lib.prepare(src, abstract if tgt is None else tgt, restore_options(args, rules)), tgt, abstract
 
 
 def save_options(args, rules: Any = None):
@@ -410,15 +415,16 @@ def _inspect(args) -> int:
 
 def _plan_command(args) -> int:
   from orbax_linen_nnx.faces import convert
-  from orbax_linen_nnx.planning import cost as cost_lib, plans
-  from orbax_linen_nnx.engine import source
+  from orbax_linen_nnx.planning import plans
+  from orbax_linen_nnx.engine import prepare as prepare_lib, source
 
   if args.processes < 1:
     raise UsageError(f'--processes must be at least 1, got {args.processes}')
   src = source.open_checkpoint(args.src)
   if args.suggest_rules:
     return _suggest_rules(args, src)
-  plan, _, _ = _plan(args, src)
+  prepared, _, _ = _prepared(args, src)
+  plan = prepared.plan
   budget = args.budget or convert.DEFAULT_BATCH_BYTES
   # What a convert of it costs each process, too.
   noted, held = convert.with_cost_note(src, plan, budget, args.processes)
@@ -426,11 +432,7 @@ def _plan_command(args) -> int:
   shown = noted if args.verbose or args.processes > 1 or args.budget else plan
   print(json.dumps(shown.as_json(), indent=1) if args.json else str(shown).split('\n', 1)[0] if args.quiet else shown)
   limit = args.host_memory_limit
-  problems = (
-    []
-    if plan.cost is None
-    else cost_lib.problems(plan.cost, max_over_read=args.max_over_read, host_memory_limit_bytes=limit)
-  )
+  problems = []  # a convert's own, beside a restore's (prepare.check_cost)
   if limit is not None and held > limit:
     fits = _fitting_budget(
       src, plan, limit, [limit - (held - budget), limit - convert.largest_chunk_bytes(src, plan)], args.processes
@@ -449,10 +451,13 @@ def _plan_command(args) -> int:
       f'a convert of it holds about {plans.size_text(held)} on the host (budget + stored chunks held'
       f' for several blocks), above --host-memory-limit {plans.size_text(limit)}. Fix: {fix}'
     )
-  if problems and args.strict_cost:
-    raise plans.PlanError(f'{len(problems)} cost problem(s) with --strict-cost:\n  ' + '\n  '.join(problems))
-  for line in problems:
-    print(f'warning: {line}', file=sys.stderr)
+  prepare_lib.check_cost(
+    restore_options(args),
+    prepared,
+    more=problems,
+    strict_name='--strict-cost',
+    warn=lambda line: print(f'warning: {line}', file=sys.stderr),
+  )
   return EXIT_OK
 
 

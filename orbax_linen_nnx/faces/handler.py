@@ -15,7 +15,6 @@ from etils import epath
 from orbax_linen_nnx.faces import args as args_lib
 from orbax_linen_nnx.planning import cost as cost_lib
 from orbax_linen_nnx import layout
-from orbax_linen_nnx.planning import options as options_lib
 from orbax_linen_nnx.engine import outcome
 from orbax_linen_nnx.engine import prepare as prepare_lib
 from orbax_linen_nnx.planning import plans
@@ -41,23 +40,6 @@ def _gc_paused():
   finally:
     if enabled:
       gc.enable()
-
-
-def check_cost(options: options_lib.RestoreOptions, prepared: prepare_lib.Prepared) -> None:
-  """Warns of the expensive mistakes the plan's cost shows; with `strict_cost`, raises `PlanError` instead
-  (before any read, alike on every process: each sees every process's cost)."""
-  assert prepared.plan.cost is not None  # prepare costs every plan it makes
-  found = cost_lib.problems(
-    prepared.plan.cost, max_over_read=options.max_over_read, host_memory_limit_bytes=options.host_memory_limit_bytes
-  )
-  if options.strict_cost:
-    found = list(prepared.state.large_replicated) + found
-    if found:
-      raise plans.PlanError(
-        f'{len(found)} cost problem(s) with strict_cost=True; nothing was read.\n  ' + '\n  '.join(found)
-      )
-  for line in found:
-    plans.warn(line)
 
 
 def plan(
@@ -86,7 +68,7 @@ def plan(
   args = args_lib.LinenCompatRestore(abstract_state, **options)
   with _gc_paused():
     prepared = prepare_lib.prepare(directory, args.abstract_state, args.options, topology=topology)
-  check_cost(args.options, prepared)
+  prepare_lib.check_cost(args.options, prepared)
   return prepared.plan
 
 
@@ -244,7 +226,7 @@ class LinenCompatHandler(ocp.AsyncCheckpointHandler):
       # Its own process's cost, or every process's where strict_cost must fail alike on all.
       topology = cost_lib.Topology(only=None if options.strict_cost else jax.process_index())
       prepared = prepare_lib.prepare(directory, args.abstract_state, options, topology=topology)
-      check_cost(options, prepared)
+      prepare_lib.check_cost(options, prepared)
       restore_plan, state = prepared.plan, prepared.state
       if args.dry_run:
         return restore_plan
