@@ -36,23 +36,25 @@ from orbax_linen_nnx.planning.ops import Cast, MoveAxis, Stack, Take
 from orbax_linen_nnx.faces.save import to_linen
 from orbax_linen_nnx.faces.v1 import LinenCompatCheckpointableHandler  # registers it with Orbax v1
 
-# The package's modules by their names before they moved into layers (`orbax_linen_nnx.planner`, ...), so that
-# code importing them (`from orbax_linen_nnx import planner`) keeps working; the layers are the homes.
-from orbax_linen_nnx.engine import _internals, outcome, prepare, read, source, target, write  # noqa: E402, F401
-from orbax_linen_nnx.faces import args, cli, compare, convert, handler, inspection, save, v1  # noqa: E402, F401
-from orbax_linen_nnx.planning import (  # noqa: E402, F401
-  cost,
-  diagnose,
-  grid,
-  ops,
-  options,
-  pairing,
-  planner,
-  plans,
-  rules,
-  stacks,
-  trees,
-)
+# The package's modules by their names before they moved into layers, so that code importing them
+# (`from orbax_linen_nnx import planner`, `from orbax_linen_nnx.rules import rename`) keeps working; the
+# layers are their homes.
+import importlib as _importlib  # noqa: E402
+import sys as _sys  # noqa: E402
+
+for _layer, _names in (
+  (
+    'planning',
+    ('plans', 'ops', 'grid', 'stacks', 'rules', 'pairing', 'trees', 'planner', 'diagnose', 'cost', 'options'),
+  ),
+  ('engine', ('_internals', 'source', 'target', 'prepare', 'read', 'write', 'outcome')),
+  ('faces', ('args', 'handler', 'v1', 'save', 'convert', 'compare', 'inspection', 'cli')),
+):
+  for _name in _names:
+    _module = _importlib.import_module(f'{__name__}.{_layer}.{_name}')
+    globals()[_name] = _module
+    _sys.modules.setdefault(f'{__name__}.{_name}', _module)
+del _layer, _names, _name, _module
 
 __all__ = [
   'RestoreOptions',

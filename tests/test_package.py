@@ -161,3 +161,19 @@ def test_the_built_wheel_and_sdist_are_ready_to_publish(tmp_path):
   assert f'Version: {version}\n' in metadata and 'Requires-Python: >=3.11' in metadata
   entry_points = zipfile.ZipFile(wheel).read(f'{info}/entry_points.txt').decode()
   assert 'orbax-linen-nnx = orbax_linen_nnx.faces.cli:main' in entry_points
+
+
+def test_every_module_is_still_reachable_by_its_name_before_the_layers():
+  """Code written against the flat package keeps working: `from orbax_linen_nnx import planner` and
+  `from orbax_linen_nnx.rules import rename` give the modules' homes in the layers."""
+  import importlib
+
+  import orbax_linen_nnx
+
+  for name, path in _modules().items():
+    if path.parent == PACKAGE:
+      continue
+    home = importlib.import_module(f'orbax_linen_nnx.{path.parent.name}.{name}')
+    assert getattr(orbax_linen_nnx, name) is home, name
+    assert importlib.import_module(f'orbax_linen_nnx.{name}') is home, name
+  assert orbax_linen_nnx.plan is orbax_linen_nnx.faces.handler.plan  # public functions keep their names
