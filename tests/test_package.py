@@ -5,6 +5,7 @@ name, before it fails somewhere deep in a restore.
 """
 
 import ast
+import os
 import pathlib
 import re
 
@@ -161,6 +162,35 @@ def test_the_built_wheel_and_sdist_are_ready_to_publish(tmp_path):
   assert f'Version: {version}\n' in metadata and 'Requires-Python: >=3.11' in metadata
   entry_points = zipfile.ZipFile(wheel).read(f'{info}/entry_points.txt').decode()
   assert 'orbax-linen-nnx = orbax_linen_nnx.faces.cli:main' in entry_points
+  # Installed into a fresh virtual environment (the wheel alone; its dependencies come from this one's
+  # site-packages on PYTHONPATH, where the checkout's editable install is invisible), it imports from there,
+  # every layer with it, and its command line runs.
+  import site
+  import venv
+
+  fresh = tmp_path / 'fresh'
+  venv.create(fresh, with_pip=False)
+  python = fresh / 'bin' / 'python'
+  done = subprocess.run(
+    [sys.executable, '-m', 'pip', '--python', str(python), 'install', '--no-deps', '--no-index', '-q', str(wheel)],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert done.returncode == 0, done.stdout + done.stderr
+  env = {'PYTHONPATH': os.pathsep.join(site.getsitepackages()), 'PATH': os.environ['PATH'], 'JAX_PLATFORMS': 'cpu'}
+  check = (
+    'import orbax_linen_nnx as o, orbax_linen_nnx.faces.cli, orbax_linen_nnx.engine.read, orbax_linen_nnx.planning.ops;'
+    ' print(o.__file__, o.__version__, o.LinenCompatRestore.__module__)'
+  )
+  done = subprocess.run([str(python), '-c', check], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+  assert done.returncode == 0, done.stderr[-3000:]
+  where, shown, args_module = done.stdout.split()
+  assert where.startswith(str(fresh)) and shown == version and args_module == 'orbax_linen_nnx.faces.args', done.stdout
+  done = subprocess.run(
+    [str(fresh / 'bin' / 'orbax-linen-nnx'), '--version'], capture_output=True, text=True, timeout=120, env=env
+  )
+  assert done.returncode == 0 and version in done.stdout, done.stdout + done.stderr
 
 
 def test_every_module_is_still_reachable_by_its_name_before_the_layers():
