@@ -210,6 +210,46 @@ def _mirror_roots(rel_paths: Sequence[Path], model: set[Path]) -> dict[Path, int
   return result
 
 
+def base_of(
+  section: Path,
+  layout: str,
+  *,
+  train_state: bool = True,
+  collection_level: bool = True,
+  has_param: bool = True,
+  batch_stat: bool = False,
+  aside: bool = False,
+) -> Path | None:
+  """Where a training state saved in `layout` keeps the leaves of `section` (`Meaning.section`): the inverse
+  of `describe`, whose meaning's `param` is then appended (NNX: `stored` around it). None: no such section.
+
+  Linen (a `TrainState` saved whole): the model under `params/params` (`params` alone without the
+  collection level, or for a model saved alone: `train_state=False`), batch statistics beside it in
+  `batch_stats`, NNX-only state `aside` under `nnx_aux/model`, moments under their `opt_state` entry with a
+  `params` level, the step at `step`. NNX: `model/...`, `optimizer/opt_state/...`, `optimizer/step`.
+
+  >>> base_of(('model',), 'linen'), base_of(('opt_state', '0', 'mu'), 'linen'), base_of(('step',), 'nnx')
+  (('params', 'params'), ('opt_state', '0', 'mu', 'params'), ('optimizer', 'step'))
+  >>> [str(l.meaning) for l in describe([stored(base_of(('model',), 'nnx') + ('fc1', 'kernel'))], 'nnx')]
+  ['model/fc1/kernel']
+  """
+  if section == ('step',):
+    return ('step',) if layout == LINEN else ('optimizer', 'step')
+  if layout == NNX:
+    if section == ('model',):
+      return ('model',) if train_state else ()
+    return ('optimizer',) + section if section[:1] == ('opt_state',) else None
+  if section == ('model',):
+    if aside:
+      return (NNX_AUX, 'model')
+    if batch_stat:
+      return ('batch_stats',)
+    return ('params', 'params') if train_state and collection_level else ('params',)
+  if section[:1] == ('opt_state',):
+    return section + (('params',) if has_param and collection_level else ())
+  return None
+
+
 def describe(paths: Iterable[Path], layout: str) -> list[Leaf]:
   """Names every leaf of a tree given in `layout` by what it means.
 

@@ -156,20 +156,21 @@ def build_save(
     if m.section == ('step',):
       derived.append(Target(('step',), shape, np.dtype('int32'), None))  # Linen's TrainState.step
       continue
-    if m.section == ('model',) and (nnx_only_type(vtype) or (vtype == 'BatchStat' and not stats)):
-      derived.append(Target((layout.NNX_AUX, 'model') + m.param, shape, dtype, None, key_impl=key_impl))
-      continue
-    if m.section == ('model',):
-      base = (
-        ('batch_stats',)
-        if vtype == 'BatchStat'
-        else ('params', 'params')
-        if train_state and not single
-        else ('params',)
+    put_aside = nnx_only_type(vtype) or (vtype == 'BatchStat' and not stats)
+    if m.section == ('model',) and put_aside:  # where `aux` puts it; stacks and rules leave it as it is
+      derived.append(
+        Target(layout.base_of(m.section, layout.LINEN, aside=True) + m.param, shape, dtype, None, key_impl=key_impl)
       )
-    elif m.section[0] == 'opt_state':
-      base = m.section + (('params',) if m.param and not single else ())
-    else:
+      continue
+    base = layout.base_of(
+      m.section,
+      layout.LINEN,
+      train_state=train_state,
+      collection_level=not single,
+      has_param=bool(m.param),
+      batch_stat=vtype == 'BatchStat',
+    )
+    if base is None:
       problems.append(
         f"{first} is neither model, optimizer state nor step of an NNX train state"
         " ({'model': ..., 'optimizer': nnx.Optimizer}); save it with ocp.args.StandardSave"
@@ -244,18 +245,15 @@ def build_nnx(
   targets = []
   for expr, m, _, _ in entries:
     shape, dtype, key_impl = tuple(expr.shape), expr.dtype, getattr(expr, 'key_impl', None)
-    if m.section == ('step',):
-      targets.append(Target(layout.stored(('optimizer', 'step')), shape, np.dtype('uint32'), None))  # nnx.Optimizer's
-      continue
-    if m.section == ('model',):
-      base = ('model',) if train_state else ()
-    elif m.section[0] == 'opt_state':
-      base = ('optimizer',) + m.section
-    else:
+    base = layout.base_of(m.section, layout.NNX, train_state=train_state)
+    if base is None:
       problems.append(
         f"{ops.stored_leaves(expr)[0]} is neither model variables, optimizer state nor step"
         " of a Linen TrainState; give the NNX tree it goes to (a target)"
       )
+      continue
+    if m.section == ('step',):
+      targets.append(Target(layout.stored(base), shape, np.dtype('uint32'), None))  # nnx.Optimizer's
       continue
     placed = stacks_lib.placed(m.param, shape, spec, depth, layout.NNX, problems) if m.param else [((), shape)]
     for param, s in placed:
