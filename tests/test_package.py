@@ -171,11 +171,16 @@ def test_the_built_wheel_and_sdist_are_ready_to_publish(tmp_path):
   fresh = tmp_path / 'fresh'
   venv.create(fresh, with_pip=False)
   python = fresh / 'bin' / 'python'
+  # Run from elsewhere, with no PYTHONPATH: an egg-info beside the checkout must not pass for an installed copy.
+  quiet = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
   done = subprocess.run(
-    [sys.executable, '-m', 'pip', '--python', str(python), 'install', '--no-deps', '--no-index', '-q', str(wheel)],
+    [sys.executable, '-m', 'pip', '--python', str(python), 'install', '--no-deps', '--no-index', '--ignore-installed']
+    + ['-q', str(wheel)],
     capture_output=True,
     text=True,
     timeout=120,
+    cwd=tmp_path,
+    env=quiet,
   )
   assert done.returncode == 0, done.stdout + done.stderr
   env = {'PYTHONPATH': os.pathsep.join(site.getsitepackages()), 'PATH': os.environ['PATH'], 'JAX_PLATFORMS': 'cpu'}
