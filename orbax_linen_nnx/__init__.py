@@ -40,21 +40,15 @@ from orbax_linen_nnx.faces.v1 import LinenCompatCheckpointableHandler  # registe
 # (`from orbax_linen_nnx import planner`, `from orbax_linen_nnx.rules import rename`) keeps working; the
 # layers are their homes.
 import importlib as _importlib  # noqa: E402
+import pkgutil as _pkgutil  # noqa: E402
 import sys as _sys  # noqa: E402
 
-for _layer, _names in (
-  (
-    'planning',
-    ('plans', 'ops', 'grid', 'stacks', 'rules', 'pairing', 'trees', 'planner', 'diagnose', 'cost', 'options'),
-  ),
-  ('engine', ('_internals', 'source', 'target', 'prepare', 'read', 'write', 'outcome')),
-  ('faces', ('args', 'handler', 'v1', 'save', 'convert', 'compare', 'inspection', 'cli')),
-):
-  for _name in _names:
-    _module = _importlib.import_module(f'{__name__}.{_layer}.{_name}')
-    globals()[_name] = _module
-    _sys.modules.setdefault(f'{__name__}.{_name}', _module)
-del _layer, _names, _name, _module
+for _layer in ('planning', 'engine', 'faces'):  # every module each layer's folder holds
+  for _found in _pkgutil.iter_modules(_importlib.import_module(f'{__name__}.{_layer}').__path__):
+    _module = _importlib.import_module(f'{__name__}.{_layer}.{_found.name}')
+    globals()[_found.name] = _module
+    _sys.modules.setdefault(f'{__name__}.{_found.name}', _module)
+del _layer, _found, _module
 
 __all__ = [
   'RestoreOptions',
