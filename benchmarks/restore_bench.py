@@ -13,6 +13,8 @@ and NNX stacked (layer axis 0). Each layout is saved three ways:
            published checkpoints)
   shards   sharded as the target asks: stored chunks = target shards
   mesh     sharded as rows over an (8, 1) mesh: chunks from another topology
+  swapped  (built on request: gaps_bench.py) the target's (2, 4) mesh with the
+           model axes' names swapped: chunks from another sharding rule
 
 The target is always the NNX state sharded fsdp x tp on a (2, 4) mesh of 8 CPU
 devices. Cells (Linen source -> NNX target):
@@ -187,6 +189,14 @@ def spec_of(shape, layer_axis=None, fused=False):
   return P(*spec)
 
 
+def swapped_spec(shape, layer_axis=None, fused=False):
+  """The target's (2, 4) mesh with the two model axes' names swapped: a run saved under another sharding rule."""
+  from jax.sharding import PartitionSpec as P
+
+  swap = {'fsdp': 'tp', 'tp': 'fsdp'}
+  return P(*(swap.get(n, n) for n in spec_of(shape, layer_axis, fused)))
+
+
 def rows_spec(shape, layer_axis=None, fused=False):
   """Row shards over the (8, 1) 'rows' mesh: the first model axis."""
   from jax.sharding import PartitionSpec as P
@@ -259,8 +269,9 @@ def build(cache: Path, dm: dict, name: str, chunkings=CHUNKINGS, layouts=LAYOUTS
   import orbax.checkpoint as ocp
   from jax.sharding import NamedSharding
 
-  target = jax.make_mesh((2, 4), ('fsdp', 'tp'))
-  rows = jax.make_mesh((8, 1), ('rows', 'none'))
+  cpu = jax.devices('cpu')  # saved from 8 CPU devices on any machine (gpu_bench.py builds on a GPU host)
+  target = jax.make_mesh((2, 4), ('fsdp', 'tp'), devices=cpu)
+  rows = jax.make_mesh((8, 1), ('rows', 'none'), devices=cpu)
   values_of = random_values()
   for layout in layouts:
     tree = train_state_tree(dm, values_of, layout)
@@ -273,6 +284,8 @@ def build(cache: Path, dm: dict, name: str, chunkings=CHUNKINGS, layouts=LAYOUTS
         axis, fused = stack_axis_of(path, layout), 'gating' in path
         if chunking == 'shards':
           return jax.device_put(a, NamedSharding(target, spec_of(a.shape, axis, fused)))
+        if chunking == 'swapped':
+          return jax.device_put(a, NamedSharding(target, swapped_spec(a.shape, axis, fused)))
         return jax.device_put(a, NamedSharding(rows, rows_spec(a.shape, axis, fused)))
 
       with ocp.CheckpointManager(root / chunking / layout) as mngr:
@@ -289,6 +302,22 @@ def rss_now_and_peak() -> tuple[int, int]:
   status = Path('/proc/self/status').read_text().splitlines()
   get = lambda key: next(int(line.split()[1]) * 1024 for line in status if line.startswith(key))
   return get('VmRSS:'), get('VmHWM:')
+
+
+def target_mesh():
+  """The restore's fsdp x tp mesh: (2, 4) over 8 CPU devices, or `BENCH_MESH` (gpu_bench.py: its accelerators)."""
+  import jax
+
+  shape = tuple(int(n) for n in os.environ.get('BENCH_MESH', '2,4').split(','))
+  return jax.make_mesh(shape, ('fsdp', 'tp'))
+
+
+def device_peak_bytes() -> int | None:
+  """The accelerator's peak memory in use, where the backend reports it (not on CPU)."""
+  import jax
+
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get('peak_bytes_in_use')
 
 
 def counter(name: str) -> int:
@@ -309,7 +338,7 @@ def measure(root: Path, chunking: str, cell: str, mode: str, profile: bool, budg
 
   import orbax_linen_nnx
 
-  mesh = jax.make_mesh((2, 4), ('fsdp', 'tp'))
+  mesh = target_mesh()
   source, target = CELLS[cell]
   nnx_dir, linen_dir = root / chunking / target, root / chunking / source
   meta = ocp.PyTreeCheckpointHandler().metadata(nnx_dir / str(STEP) / 'default').tree
@@ -369,6 +398,7 @@ def measure(root: Path, chunking: str, cell: str, mode: str, profile: bool, budg
     'chunk_reads': counter('/tensorstore/cache/chunk_cache/reads') - chunks_before,
     'phases': phases,
     'budget_mb': budget_mb,
+    'device_peak_bytes': device_peak_bytes(),
   }
 
 

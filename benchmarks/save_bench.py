@@ -52,7 +52,7 @@ def measure(root: Path, cell: str, mode: str) -> dict:
   import orbax_linen_nnx
 
   layout, stacks = CELLS[cell]
-  mesh = jax.make_mesh((2, 4), ('fsdp', 'tp'))
+  mesh = rb.target_mesh()
   nnx_dir = root / 'shards' / layout
   meta = ocp.PyTreeCheckpointHandler().metadata(nnx_dir / str(rb.STEP) / 'default').tree
   abstract = rb.map_tree(
@@ -77,7 +77,14 @@ def measure(root: Path, cell: str, mode: str) -> dict:
   _, peak = rb.rss_now_and_peak()
   written = sum(f.stat().st_size for f in out.rglob('*') if f.is_file())
   shutil.rmtree(out)
-  return {'cell': cell, 'mode': mode, 'wall_s': wall, 'peak_over_state': peak - before, 'bytes_on_disk': written}
+  return {
+    'cell': cell,
+    'mode': mode,
+    'wall_s': wall,
+    'peak_over_state': peak - before,
+    'bytes_on_disk': written,
+    'device_peak_bytes': rb.device_peak_bytes(),
+  }
 
 
 def main(argv=None):

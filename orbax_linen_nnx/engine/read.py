@@ -36,6 +36,7 @@ import collections
 import ctypes
 import dataclasses
 import itertools
+import math
 from typing import Any, Sequence
 
 import jax
@@ -81,15 +82,38 @@ def _libc_malloc_trim():
 # resident while this thread allocates the shards elsewhere (native Orbax
 # shows the same: 400-600 MiB above the restored state in the benchmark).
 # Handing them back after every so many consumed bytes keeps peak RSS near
-# the state plus the budget; trimming is cheap next to the decodes it follows.
+# the state plus the budget. A trim walks the whole heap, so its cost grows
+# with the restored state: every 32 MiB it took 13% of a 1.1 GiB restore of
+# many small arrays (gaps_bench.py's `many` cell) for 160 MiB less peak; every
+# 128 MiB keeps most of that memory for about a quarter of the time.
 _MALLOC_TRIM = _libc_malloc_trim()
-_TRIM_EVERY_BYTES = 32 * 2**20
+_TRIM_EVERY_BYTES = 128 * 2**20
 
 
 def trim_freed_memory() -> None:
   """Hands the heap memory freed on other threads back to the OS (glibc; elsewhere nothing to do)."""
   if _MALLOC_TRIM is not None:
     _MALLOC_TRIM(0)
+
+
+# PJRT's CPU client takes a host array whose data starts on a 64-byte boundary
+# as the device buffer itself (`jax.device_put` aliases it) and copies any
+# other. A slice assembled on the host (from several reads, or computed by
+# ops) is built in such an array, so on CPU devices it is not copied again.
+# (TensorStore's reads return arrays 16 bytes past a boundary; reading into
+# aligned arrays through `ts.array(...).write(view)` instead was slower than
+# the copy it saved: 2.0-3.6 s against 2.0-2.2 s on gaps_bench.py's stacks.)
+# On accelerators the copy to the device is the transfer itself either way.
+_ALIGN = 64
+
+
+def aligned_empty(shape: Sequence[int], dtype) -> np.ndarray:
+  """An uninitialised C-order array whose data starts on a 64-byte boundary (see `_ALIGN`)."""
+  dtype = np.dtype(dtype)
+  nbytes = math.prod(shape) * dtype.itemsize
+  raw = np.empty(nbytes + _ALIGN, np.uint8)
+  start = -raw.ctypes.data % _ALIGN
+  return raw[start : start + nbytes].view(dtype).reshape(tuple(shape))
 
 
 @dataclasses.dataclass
@@ -237,7 +261,7 @@ def _copy_in(inp: _Input, box: Box, data: np.ndarray) -> None:
   if inp.place is not None:
     s = inp.owner
     if s.out is None:
-      s.out = np.empty(ops.box_shape(s.box), np.dtype(s.leaf.read.target.dtype))
+      s.out = aligned_empty(ops.box_shape(s.box), s.leaf.read.target.dtype)
     inp.place(s.out)[tuple(dst)] = data[tuple(src)]
     return
   if inp.buf is None:
