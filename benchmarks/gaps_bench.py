@@ -79,7 +79,8 @@ def roots(cache: Path, cells: list[str], gemma: str) -> dict:
     if cell == 'many':
       out[cell] = rb.build(cache, MANY, 'many_D384_L64x9', chunkings=('shards',), layouts=('loop', 'stacked'))
     elif cell == 'many-small':
-      out[cell] = rb.build(cache, rb.MANY, 'many_L64x9', chunkings=('host', 'shards'), layouts=('loop', 'unrolled', 'stacked'))
+      layouts = ('loop', 'unrolled', 'stacked')  # restore_bench.py builds the same name with these
+      out[cell] = rb.build(cache, rb.MANY, 'many_L64x9', chunkings=('host', 'shards'), layouts=layouts)
     elif cell.startswith('misaligned') or cell == 'unroll-save':
       chunkings, layouts = ('mesh', 'swapped', 'shards'), ('loop', 'unrolled', 'stacked')
       out[cell] = rb.build(cache, dm, decoder, chunkings=chunkings, layouts=layouts)
@@ -254,9 +255,8 @@ def profile_one(root: Path, cell: str, gemma: str) -> dict:
   by = lambda file, fn: lambda k: k[0].replace(os.sep, '/').endswith(file) and k[2] == fn
 
   def called_from(match, file: str) -> float:  # time in `match` under callers in `file`
-    return sum(
-      ct for k, v in stats.items() if match(k) for c, (_, _, _, ct) in v[4].items() if c[0].replace(os.sep, '/').endswith(file)
-    )
+    under = lambda caller: caller[0].replace(os.sep, '/').endswith(file)
+    return sum(ct for k, v in stats.items() if match(k) for c, (_, _, _, ct) in v[4].items() if under(c))
 
   restore_s = cumulative(by('checkpoint_manager.py', 'restore')) or cumulative(by('faces/handler.py', 'restore'))
   open_s = cumulative(by('engine/source.py', 'open_checkpoint'))
@@ -350,7 +350,9 @@ def summary(cell: str, ps: list) -> dict:
 
 def report(result: dict):
   print(f"\n{result['machine']}; {result['runs']} rounds, a fresh process per run, ratios are same-round pairs")
-  print('| cell | reference | reference s | ours s | ours/reference time | every pair | memory above state | target | met |')
+  print(
+    '| cell | reference | reference s | ours s | ours/reference time | every pair | memory above state | target | met |'
+  )
   print('| --- | --- | ---: | ---: | ---: | --- | ---: | --- | --- |')
   for c, s in result['cells'].items():
     target = f"<= {s['target']}x" + (f", memory <= {s['memory_target']}x" if s['memory_target'] else '')
