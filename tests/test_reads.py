@@ -296,3 +296,18 @@ def test_fused_array_split_into_two_targets_decodes_once(tmp_path, mesh):
   np.testing.assert_array_equal(np.asarray(out['mlp']['gate_proj']['kernel']), w[0].T)
   np.testing.assert_array_equal(np.asarray(out['mlp']['up_proj']['kernel']), w[1].T)
   assert reads == 1  # 16 slices of two targets, one stored chunk
+
+
+@pytest.mark.parametrize('shape, dtype', [((3, 5), np.float32), ((0, 4), np.int8), ((7,), jnp.bfloat16), ((2, 1, 4), np.int32)])
+def test_slices_built_on_the_host_are_aligned_so_cpu_devices_take_them_without_a_copy(shape, dtype):
+  from orbax_linen_nnx.engine.read import aligned_empty
+
+  a = aligned_empty(shape, dtype)
+  assert a.shape == shape and a.dtype == np.dtype(dtype) and a.flags['C_CONTIGUOUS'] and a.flags['WRITEABLE']
+  if a.size:  # an empty array has no data to align
+    assert a.ctypes.data % 64 == 0
+    a[...] = np.arange(a.size).reshape(shape).astype(dtype)
+    placed = jax.device_put(a, jax.devices()[3])
+    # PJRT's CPU client aliases a 64-byte-aligned host array: the device buffer is the array itself.
+    assert placed.unsafe_buffer_pointer() == a.ctypes.data
+    np.testing.assert_array_equal(np.asarray(placed), a)
