@@ -71,14 +71,15 @@ GEMMA = 'gemma3_1b_pt'  # 1.0 B parameters, 1.9 GiB in bfloat16; --gemma gemma3_
 # ------------------------------------------------------------------ what each cell reads
 
 
-def roots(cache: Path, cells: list[str], gemma: str) -> dict:
+def roots(cache: Path, cells: list[str], gemma: str, size_mb: float, many_d: int) -> dict:
   """Builds (once) what the chosen cells read; {cell: its root}."""
   out = {}
-  dm = rb.dims(1000)
+  dm = rb.dims(size_mb)
   decoder = f'decoder_D{dm["D"]}_L8_gaps'
   for cell in cells:
     if cell == 'many':
-      out[cell] = rb.build(cache, MANY, 'many_D384_L64x9', chunkings=('shards',), layouts=('loop', 'stacked'))
+      many = {**MANY, 'D': many_d, 'F': 2 * many_d, 'V': 4 * many_d}
+      out[cell] = rb.build(cache, many, f'many_D{many_d}_L64x9', chunkings=('shards',), layouts=('loop', 'stacked'))
     elif cell == 'many-small':
       layouts = ('loop', 'unrolled', 'stacked')  # restore_bench.py builds the same name with these
       out[cell] = rb.build(cache, rb.MANY, 'many_L64x9', chunkings=('host', 'shards'), layouts=layouts)
@@ -102,7 +103,12 @@ def tunix_gemma():
 
 
 def gemma_config(name: str):
+  """Tunix's config of that name, or 'tiny' (2 layers, width 128: tests/test_benchmark_harness.py)."""
   model, _ = tunix_gemma()
+  if name == 'tiny':
+    return model.ModelConfig(
+      num_layers=2, num_embed=512, embed_dim=128, hidden_dim=256, num_heads=4, head_dim=32, num_kv_heads=1
+    )
   return getattr(model.ModelConfig, name)()
 
 
@@ -285,6 +291,8 @@ def main(argv=None):
   ap.add_argument('--runs', type=int, default=5)
   ap.add_argument('--warmup', type=int, default=1, help='unmeasured runs of each side per cell (default: 1)')
   ap.add_argument('--cells', default=','.join(TARGETS), help='comma-separated cells (default: all)')
+  ap.add_argument('--size-mb', type=float, default=1000, help='the decoder of the misaligned and save cells')
+  ap.add_argument('--many-d', type=int, default=MANY['D'], help="the width of the `many` cell's layers")
   ap.add_argument('--gemma', default=GEMMA, help="Tunix's Gemma3 config for `published` (default: %(default)s)")
   ap.add_argument('--cache', type=Path, default=Path.home() / '.cache' / 'orbax_linen_nnx_bench')
   ap.add_argument('--json', type=Path, default=HERE / 'gaps_results.json')
@@ -305,7 +313,7 @@ def main(argv=None):
   unknown = set(cells) - set(TARGETS)
   if unknown:
     ap.error(f'unknown cells {sorted(unknown)}; known: {", ".join(TARGETS)}')
-  built = roots(a.cache, cells, a.gemma)
+  built = roots(a.cache, cells, a.gemma, a.size_mb, a.many_d)
   skipped = {c: 'Tunix Gemma3 is not installed' for c in cells if built.get(c) is None}
   cells = [c for c in cells if c not in skipped]
   for c in cells:  # one unmeasured run of each side first: the page cache then holds what both read
