@@ -107,7 +107,14 @@ def gemma_config(name: str):
   model, _ = tunix_gemma()
   if name == 'tiny':
     return model.ModelConfig(
-      num_layers=2, num_embed=512, embed_dim=128, hidden_dim=256, num_heads=4, head_dim=32, num_kv_heads=1
+      num_layers=2,
+      num_embed=512,
+      embed_dim=128,
+      hidden_dim=256,
+      num_heads=4,
+      head_dim=32,
+      num_kv_heads=1,
+      sliding_window_size=16,
     )
   return getattr(model.ModelConfig, name)()
 

@@ -50,3 +50,50 @@ def test_harness_runs_and_reports_every_mode(tmp_path):
   assert host['ours']['chunk_reads'] == stored < host['native']['chunk_reads']
   assert set(result['profile']['decoder/host/stack']) == {'open_and_list', 'plan', 'cost', 'read_and_place', 'rebuild'}
   assert done.stdout.rstrip().splitlines()[-1].startswith('profile decoder/shards/plain')
+
+
+def test_gaps_harness_pairs_every_cell_against_its_reference(tmp_path):
+  """benchmarks/gaps_bench.py at tiny sizes: each cell's pairs, ratios, and the same values on both sides."""
+  out = tmp_path / 'gaps.json'
+  cells = ['misaligned-rows', 'published', 'unroll-save']
+  done = subprocess.run(
+    [sys.executable, 'benchmarks/gaps_bench.py', '--cells', ','.join(cells), '--runs', '2', '--warmup', '0']
+    + ['--size-mb', '3', '--gemma', 'tiny', '--cache', str(tmp_path / 'cache'), '--json', str(out), '--profile'],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result['skipped'] == {}  # Tunix's Gemma3 is installed with the test extra
+  assert list(result['cells']) == cells
+  for name, cell in result['cells'].items():
+    assert [p['first'] for p in cell['pairs']] == [cell['reference'], 'ours']  # alternating
+    assert len(cell['time_ratios']) == 2 and all(r > 0 for r in cell['time_ratios'])
+    assert cell['same values'], name
+  # The published cell: ours and Tunix's own loader produced the same model (a checksum of every leaf).
+  sums = {p[side]['checksum'] for p in result['cells']['published']['pairs'] for side in ('reference', 'ours')}
+  assert len(sums) == 1 and sums != {0.0}
+  parts = result['profile']['published']
+  assert parts['restore'] > 0 and parts['read: waiting on TensorStore (read + decode)'] > 0
+  assert '| published | tunix |' in done.stdout
+
+
+def test_gpu_harness_runs_on_cpu_devices_when_allowed(tmp_path):
+  out = tmp_path / 'gpu.json'
+  command = [sys.executable, 'benchmarks/gpu_bench.py', '--size-mb', '3', '--runs', '1', '--cache', str(tmp_path)]
+  refused = subprocess.run(command + ['--json', str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert refused.returncode != 0 and 'no accelerator here' in refused.stderr and not out.exists()
+  cells = 'restore/stack,save/unstack,convert/stack'
+  done = subprocess.run(
+    command + ['--allow-cpu', '--cells', cells, '--json', str(out)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert set(result['cells']) == set(cells.split(','))
+  assert all(c['time_ratio'] > 0 for c in result['cells'].values())
