@@ -298,7 +298,9 @@ def test_fused_array_split_into_two_targets_decodes_once(tmp_path, mesh):
   assert reads == 1  # 16 slices of two targets, one stored chunk
 
 
-@pytest.mark.parametrize('shape, dtype', [((3, 5), np.float32), ((0, 4), np.int8), ((7,), jnp.bfloat16), ((2, 1, 4), np.int32)])
+@pytest.mark.parametrize(
+  'shape, dtype', [((3, 5), np.float32), ((0, 4), np.int8), ((7,), jnp.bfloat16), ((2, 1, 4), np.int32)]
+)
 def test_slices_built_on_the_host_are_aligned_so_cpu_devices_take_them_without_a_copy(shape, dtype):
   from orbax_linen_nnx.engine.read import aligned_empty
 
